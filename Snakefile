@@ -1,0 +1,27 @@
+# lensspace: the lens-aligned predictive space of tuned lenses, as a reproducible study.
+# This file only validates the config, includes the stages and names the targets;
+# the rules live in rules/, their code in scripts/ (thin) and src/lensspace/ (the library).
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/model.smk"
+include: "rules/activations.smk"
+include: "rules/lenses.smk"
+include: "rules/svd.smk"
+include: "rules/h0.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

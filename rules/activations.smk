@@ -1,0 +1,22 @@
+# The activation cache: every layer's residual for the run's tokens, written once.
+
+
+rule cache_activations:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        model=get_model_manifest,
+    output:
+        cache=directory(f"{RESULTS}/{{run}}/activations"),
+    params:
+        cache=config["cache"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/cache_activations/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cache_activations/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/cache_activations.py"

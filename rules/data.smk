@@ -1,0 +1,38 @@
+# Data: fetch and clean a corpus once, then tokenize it per run into fixed-length sequences.
+
+
+localrules:
+    prepare_corpus,
+
+
+rule prepare_corpus:
+    output:
+        text=f"{RESOURCES}/corpora/{{corpus}}.txt",
+    params:
+        spec=lambda wildcards: config["corpora"][wildcards.corpus],
+        download_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.corpus}",
+    log:
+        f"{RESULTS}/logs/prepare_corpus/{{corpus}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    script:
+        "../scripts/prepare_corpus.py"
+
+
+rule tokenize:
+    input:
+        corpus=get_corpus_text,
+        model=get_model_manifest,
+    output:
+        tokens=f"{RESULTS}/{{run}}/data/tokens.safetensors",
+        meta=f"{RESULTS}/{{run}}/data/tokens.json",
+    params:
+        split=lambda wildcards: {**config["data"], **get_run(wildcards.run).get("data", {})},
+    log:
+        f"{RESULTS}/logs/tokenize/{{run}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    script:
+        "../scripts/tokenize.py"

@@ -1,0 +1,76 @@
+# H0: ablate SVD subspaces in lens space, one job per layer, then merge, tabulate, plot.
+
+
+rule h0_layer:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        bases=rules.svd.output.bases,
+    output:
+        table=f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
+    params:
+        grid=config["h0"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/h0_layer/{{run}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h0_layer/{{run}}/{{layer}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    script:
+        "../scripts/h0_layer.py"
+
+
+rule h0_merge:
+    input:
+        tables=get_h0_layer_tables,
+    output:
+        table=f"{RESULTS}/{{run}}/h0/ablation.tsv",
+    log:
+        f"{RESULTS}/logs/h0_merge/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/merge_tables.py"
+
+
+rule h0_table:
+    input:
+        table=rules.h0_merge.output.table,
+        model=get_model_manifest,
+        reference=REFERENCE,
+    output:
+        markdown=f"{RESULTS}/tables/h0_{{run}}.md",
+    params:
+        run=lambda wildcards: wildcards.run,
+        reference_table=lambda wildcards: get_reference_table(wildcards.run, "h0"),
+    log:
+        f"{RESULTS}/logs/h0_table/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/h0_table.py"
+
+
+rule h0_figure:
+    input:
+        table=rules.h0_merge.output.table,
+    output:
+        figure=f"{RESULTS}/figures/h0_{{run}}.png",
+    params:
+        run=lambda wildcards: wildcards.run,
+    log:
+        f"{RESULTS}/logs/h0_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/h0_figure.py"

@@ -1,0 +1,88 @@
+# Lenses: trained here (least squares + KL) or loaded pretrained; written in tuned-lens format.
+
+
+localrules:
+    fetch_lens,
+
+
+rule train_lens:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+    output:
+        config=f"{RESULTS}/{{run}}/lens/config.json",
+        params=f"{RESULTS}/{{run}}/lens/params.pt",
+    wildcard_constraints:
+        run=get_runs_with_lens_source("train"),
+    params:
+        training=lambda wildcards: {**config["lens_training"], **get_run(wildcards.run)["lens"]},
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/train_lens/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_lens/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    script:
+        "../scripts/train_lens.py"
+
+
+rule fetch_lens:
+    input:
+        model=get_model_manifest,
+    output:
+        config=f"{RESULTS}/{{run}}/lens/config.json",
+        params=f"{RESULTS}/{{run}}/lens/params.pt",
+    wildcard_constraints:
+        run=get_runs_with_lens_source("pretrained"),
+    params:
+        lens_id=lambda wildcards: get_run(wildcards.run)["lens"]["id"],
+    log:
+        f"{RESULTS}/logs/fetch_lens/{{run}}.log",
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    script:
+        "../scripts/fetch_lens.py"
+
+
+rule eval_lens:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+    output:
+        table=f"{RESULTS}/{{run}}/lens_eval.tsv",
+    params:
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/eval_lens/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_lens/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    script:
+        "../scripts/eval_lens.py"
+
+
+rule lens_figure:
+    input:
+        table=rules.eval_lens.output.table,
+    output:
+        figure=f"{RESULTS}/figures/lens_{{run}}.png",
+    log:
+        f"{RESULTS}/logs/lens_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/lens_figure.py"

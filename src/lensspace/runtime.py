@@ -1,0 +1,95 @@
+"""What every workflow script needs: a log file, threads, seeds, a device, atomic outputs.
+
+Scripts are thin: ``runtime.main(snakemake, body)`` runs ``body(snakemake)`` with stderr in
+the rule's log, and turns a :class:`LensspaceError` into one clear line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from lensspace.errors import LensspaceError
+
+
+def resolve_device(setting: str) -> str:
+    """``auto`` -> cuda when a GPU is visible, else cpu; ``cuda`` without one is an error."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise LensspaceError("device: cuda, but no CUDA GPU is visible; use device: auto or cpu")
+    return setting
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_tsv(rows: list[dict] | pd.DataFrame, path: str | Path, float_format: str = "%.6g") -> None:
+    """Write a TSV with one header line, via a temporary file renamed into place."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    frame.to_csv(partial, sep="\t", index=False, float_format=float_format)
+    partial.replace(path)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
+def main(snakemake: Any, body: Callable[[Any], None]) -> None:
+    """Run one rule's script body with its log, threads and seed set up."""
+    log_path = snakemake.log[0] if len(snakemake.log) else None
+    console = sys.stderr
+    log = open(log_path, "w", buffering=1) if log_path else sys.stderr
+    sys.stderr = log
+    sys.stdout = log
+    try:
+        torch.set_num_threads(max(1, int(snakemake.threads)))
+        seed_everything(int(snakemake.config.get("seed", 0)))
+        print(f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
+              f"{torch.get_num_threads()} threads", file=log)
+        body(snakemake)
+    except LensspaceError as err:
+        message = f"lensspace error in rule {snakemake.rule}: {err}"
+        print(message, file=log)
+        print(message, file=console)
+        sys.exit(1)
+    except Exception:
+        traceback.print_exc(file=log)
+        print(f"rule {snakemake.rule} failed; traceback in {log_path}", file=console)
+        sys.exit(1)
+    finally:
+        log.flush()
+
+
+def open_model(manifest: str | Path, device_setting: str = "cpu"):
+    """The prepared model whose manifest is ``manifest``: (adapter, tokenizer)."""
+    from lensspace.adapter import Adapter
+    from lensspace.models import load_model
+
+    model, tokenizer = load_model(Path(manifest).parent, resolve_device(device_setting))
+    return Adapter(model), tokenizer
+
+
+def open_cache(folder: str | Path, tokens: str | Path):
+    """The activation cache, checked against the tokens file it must have been made from."""
+    from lensspace.activations import ActivationCache
+    from lensspace.sources import sha256_of
+
+    return ActivationCache(folder, tokens_sha256=sha256_of(Path(tokens)))

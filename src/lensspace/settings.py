@@ -1,0 +1,72 @@
+"""From the validated config (plain dicts) to the typed settings each stage takes.
+
+The JSON schema (``schemas/config.schema.yaml``) checks shapes and values and fills defaults;
+:func:`check_references` checks what a schema cannot: that names point at defined entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lensspace.corpus import TokenSplit
+from lensspace.errors import LensspaceError
+from lensspace.experiments.h0 import AblationGrid
+from lensspace.lenses import LensTraining
+
+
+def check_references(config: dict[str, Any]) -> None:
+    """Every run names a defined model and corpus; a run-level override names real keys."""
+    for run, spec in config["runs"].items():
+        for kind, table in (("model", "models"), ("corpus", "corpora")):
+            if spec[kind] not in config[table]:
+                raise LensspaceError(
+                    f"runs.{run}.{kind}: '{spec[kind]}' is not defined under {table}: "
+                    f"(defined: {', '.join(sorted(config[table])) or 'none'})"
+                )
+        n_layers = config["models"][spec["model"]]["n_layers"]
+        for layer in config["h0"]["layers"] if isinstance(config["h0"]["layers"], list) else []:
+            if not 0 <= layer < n_layers:
+                raise LensspaceError(
+                    f"h0.layers: layer {layer} does not exist in model '{spec['model']}' "
+                    f"of run '{run}' (layers 0..{n_layers - 1})"
+                )
+
+
+def run_spec(config: dict, run: str) -> dict:
+    if run not in config["runs"]:
+        raise LensspaceError(f"run '{run}' is not in runs: ({', '.join(config['runs'])})")
+    return config["runs"][run]
+
+
+def token_split(config: dict, run: str) -> TokenSplit:
+    data = {**config["data"], **run_spec(config, run).get("data", {})}
+    return TokenSplit(seq_len=data["seq_len"], train_sequences=data["train_sequences"],
+                      eval_sequences=data["eval_sequences"], seed=data["seed"])
+
+
+def lens_training(config: dict, run: str) -> LensTraining:
+    lens = run_spec(config, run)["lens"]
+    merged = {**config["lens_training"], **{k: v for k, v in lens.items() if k != "source"}}
+    return LensTraining(ridge=merged["ridge"], refine_steps=merged["refine_steps"],
+                        refine_batch_tokens=merged["refine_batch_tokens"],
+                        refine_tokens=merged["refine_tokens"], lr=merged["lr"],
+                        seed=config["seed"])
+
+
+def ablation_grid(config: dict) -> AblationGrid:
+    h0 = config["h0"]
+    return AblationGrid(subspaces=tuple(h0["subspaces"]), ks=tuple(h0["k"]),
+                        bases=tuple(h0["bases"]), modes=tuple(h0["modes"]),
+                        sites=tuple(h0["sites"]), seed=config["seed"],
+                        n_boot=config["bootstrap"]["n_resamples"])
+
+
+def h0_layers(config: dict, n_layers: int) -> list[int]:
+    """``all``, an explicit list, or ``{stride: s}`` (0, s, 2s, ... and always the last layer)."""
+    layers = config["h0"]["layers"]
+    if layers == "all":
+        return list(range(n_layers))
+    if isinstance(layers, dict):
+        picked = set(range(0, n_layers, layers["stride"])) | {n_layers - 1}
+        return sorted(picked)
+    return sorted(set(layers))

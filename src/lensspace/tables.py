@@ -1,0 +1,68 @@
+"""The original study's tables (H0.1, H0.2, H1.1 layout), rebuilt from the result TSVs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lensspace.errors import LensspaceError
+
+# The cell of the grid that the original tables used (k = d/2 is chosen by the caller).
+SEED_VARIANT = {"basis": "unembed", "mode": "zero", "site": "pre_norm"}
+
+
+def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table; floats to ``digits`` decimals, missing as blank."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "" if pd.isna(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---:" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def load_reference(path: str | Path, table: str) -> pd.DataFrame:
+    """One published table (``H0.1``, ``H0.2``, ``H1.1``) of the seed study, by layer."""
+    ref = pd.read_csv(path, sep="\t", comment="#")
+    picked = ref[ref["table"] == table]
+    if picked.empty:
+        raise LensspaceError(f"reference table '{table}' is not in {path} "
+                             f"(has: {', '.join(sorted(ref['table'].unique()))})")
+    return picked.set_index("layer")[["kl_ablate_internal", "kl_ablate_output"]]
+
+
+def seed_layout(ablation: pd.DataFrame, k: int, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``layer | KL ablate internal | KL ablate output`` for the seed's variant at ``k``.
+
+    Intervals follow as extra columns; with ``reference`` the published numbers and the
+    differences (reproduced - published) follow too.
+    """
+    cell = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
+                    & (ablation["mode"] == SEED_VARIANT["mode"]) & (ablation["site"] == SEED_VARIANT["site"])]
+    if cell.empty:
+        raise LensspaceError(
+            f"the ablation results have no cell k={k}, basis unembed, mode zero, site pre_norm: "
+            "keep those values in the experiment's grid to rebuild the original table"
+        )
+    wide = cell.pivot(index="layer", columns="subspace", values=["kl", "kl_lo", "kl_hi"])
+    out = pd.DataFrame({
+        "layer": wide.index,
+        "KL ablate internal": wide[("kl", "internal")].to_numpy(),
+        "KL ablate output": wide[("kl", "output")].to_numpy(),
+        "internal 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
+                            zip(wide[("kl_lo", "internal")], wide[("kl_hi", "internal")])],
+        "output 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
+                          zip(wide[("kl_lo", "output")], wide[("kl_hi", "output")])],
+    })
+    if reference is not None:
+        ref = reference.reindex(out["layer"])
+        out["published internal"] = ref["kl_ablate_internal"].to_numpy()
+        out["published output"] = ref["kl_ablate_output"].to_numpy()
+        out["Δ internal"] = out["KL ablate internal"] - out["published internal"]
+        out["Δ output"] = out["KL ablate output"] - out["published output"]
+    return out

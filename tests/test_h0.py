@@ -1,0 +1,83 @@
+"""H0 at one layer against an independent computation through the model's own modules."""
+
+import numpy as np
+import pytest
+import torch
+
+from lensspace.activations import ActivationCache, write_cache
+from lensspace.experiments.h0 import AblationGrid, run_layer
+from lensspace.lenses import empty_lens
+from lensspace.subspaces import unembedding_bases
+
+
+@pytest.fixture
+def setup(tiny, tmp_path):
+    adapter, _ = tiny
+    gen = torch.Generator().manual_seed(2)
+    tokens = {"train": torch.randint(0, 256, (6, 10), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (5, 10), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
+    lens = empty_lens(adapter, "tiny")
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * 0.1)
+            t.bias.copy_(torch.randn(t.bias.shape, generator=gen) * 0.1)
+    return adapter, lens, ActivationCache(tmp_path / "cache"), unembedding_bases(adapter)
+
+
+def _numpy_kl(p_logits, q_logits):
+    p = p_logits.double().numpy()
+    q = q_logits.double().numpy()
+    lp = p - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True)) - p.max(-1, keepdims=True)
+    lq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(-1, keepdims=True)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def test_grid_cells_and_independent_value(setup):
+    adapter, lens, cache, bases = setup
+    grid = AblationGrid(ks=("half", 3), n_boot=100)
+    rows = run_layer(adapter, lens, cache, bases, layer=1, grid=grid, chunk=2)
+    # output/internal x 2 bases + random, x 2 k x 2 modes x 2 sites
+    assert len(rows) == (2 * 2 + 1) * 2 * 2 * 2
+    assert all(r["kl"] >= 0 and r["kl_lo"] <= r["kl"] <= r["kl_hi"] for r in rows)
+    assert {r["n_tokens"] for r in rows} == {5 * 9}
+
+    # independent: the model's own final norm and lm_head on z with the top-16 raw directions removed
+    h = cache.load(1, "eval")[:, 1:]
+    t = lens.layer_translators[1]
+    with torch.no_grad():
+        z = h + h @ t.weight.T + t.bias
+    w = adapter.unembedding.detach().double().numpy()
+    v = np.linalg.svd(w, full_matrices=False)[2].T[:, :16]
+    z_abl = z.double().numpy() - (z.double().numpy() @ v) @ v.T
+    head = adapter.model.get_output_embeddings()
+    with torch.no_grad():
+        clean = head(adapter.final_norm(z))
+        ablated = head(adapter.final_norm(torch.from_numpy(z_abl).float()))
+    expected = _numpy_kl(clean, ablated).mean()
+    got = next(r for r in rows if (r["subspace"], r["k"], r["basis"], r["mode"], r["site"])
+               == ("output", 16, "unembed", "zero", "pre_norm"))
+    assert got["kl"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_removing_everything_leaves_the_norm_bias_prediction(setup):
+    adapter, lens, cache, bases = setup
+    # zero-ablating all d directions sends z to 0; the head then predicts softmax(W_U b)
+    # (uniform for RMSNorm, which has no bias): KL(clean || that) by hand
+    full = AblationGrid(subspaces=("output",), ks=(adapter.d_model,), bases=("unembed",),
+                        modes=("zero",), sites=("pre_norm", "post_norm"), n_boot=50)
+    rows = run_layer(adapter, lens, cache, bases, 0, full)
+    with torch.no_grad():
+        h = cache.load(0, "eval")[:, 1:]
+        clean = adapter.model.get_output_embeddings()(adapter.final_norm(h + lens.layer_translators[0](h)))
+        bias = adapter.norm_bias if adapter.norm_bias is not None else torch.zeros(adapter.d_model)
+        floor = (bias @ adapter.unembedding.T).expand_as(clean)
+    expected = _numpy_kl(clean, floor).mean()
+    for row in rows:
+        assert row["kl"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_random_control_is_reproducible(setup):
+    adapter, lens, cache, bases = setup
+    grid = AblationGrid(subspaces=("random",), modes=("zero",), sites=("pre_norm",), n_boot=50, seed=3)
+    assert run_layer(adapter, lens, cache, bases, 2, grid) == run_layer(adapter, lens, cache, bases, 2, grid)

@@ -1,0 +1,82 @@
+"""Lenses: zero translators are the logit lens; files interoperate with tuned-lens both ways."""
+
+import json
+
+import pytest
+import torch
+from tuned_lens.nn import LogitLens, TunedLens
+
+from lensspace.activations import ActivationCache, write_cache
+from lensspace.errors import LensspaceError
+from lensspace.lenses import (LensTraining, empty_lens, evaluate_lens, load_lens, save_lens,
+                              train_lens, translate)
+
+
+def _perturb(lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for translator in lens.layer_translators:
+            translator.weight.copy_(torch.randn(translator.weight.shape, generator=gen) * 0.05)
+            translator.bias.copy_(torch.randn(translator.bias.shape, generator=gen) * 0.05)
+    return lens
+
+
+def test_zero_translator_is_logit_lens(tiny):
+    adapter, _ = tiny
+    lens = empty_lens(adapter, "tiny")
+    logit_lens = LogitLens.from_model(adapter.model)
+    h = torch.randn(2, 6, adapter.d_model)
+    for layer in range(adapter.n_layers):
+        torch.testing.assert_close(translate(lens, h, layer), h)
+        torch.testing.assert_close(adapter.logits(translate(lens, h, layer)), logit_lens(h, layer),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_saved_lens_loads_in_tuned_lens_with_same_logits(tiny, tmp_path):
+    adapter, _ = tiny
+    lens = _perturb(empty_lens(adapter, "tiny"))
+    save_lens(lens, tmp_path / "lens")
+    assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["config.json", "params.pt"]
+    theirs = TunedLens.from_model_and_pretrained(adapter.model, str(tmp_path / "lens"))
+    h = torch.randn(3, 5, adapter.d_model)
+    for layer in range(adapter.n_layers):
+        ours = adapter.logits(translate(lens, h, layer))
+        torch.testing.assert_close(theirs(h, layer), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_tuned_lens_own_save_is_accepted_as_pretrained(tiny, tmp_path):
+    adapter, _ = tiny
+    theirs = _perturb(TunedLens.from_model(adapter.model), seed=1)
+    theirs.save(tmp_path / "theirs")
+    ours = load_lens(adapter, tmp_path / "theirs")
+    for a, b in zip(theirs.layer_translators, ours.layer_translators):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_mismatched_lens_is_refused(tiny, tmp_path):
+    adapter, _ = tiny
+    save_lens(empty_lens(adapter, "tiny"), tmp_path / "lens")
+    config = json.loads((tmp_path / "lens" / "config.json").read_text())
+    config["num_hidden_layers"] = 7
+    (tmp_path / "lens" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensspaceError, match="7 layers"):
+        load_lens(adapter, tmp_path / "lens")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LensspaceError, match="config.json and params.pt"):
+        load_lens(adapter, tmp_path / "empty")
+
+
+def test_trained_lens_beats_logit_lens(tiny, tmp_path):
+    adapter, _ = tiny
+    gen = torch.Generator().manual_seed(1)
+    tokens = {"train": torch.randint(0, 256, (32, 16), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (8, 16), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {"tokens_sha256": "x"})
+    cache = ActivationCache(tmp_path / "cache", tokens_sha256="x")
+    lens = train_lens(adapter, cache, LensTraining(refine_steps=5, refine_batch_tokens=32,
+                                                   refine_tokens=128), "tiny")
+    rows = evaluate_lens(adapter, lens, cache, n_boot=50, seed=0)
+    by = {(r["layer"], r["lens"]): r["kl"] for r in rows}
+    for layer in range(adapter.n_layers):
+        assert 0 <= by[(layer, "tuned")] < by[(layer, "logit")]
+    assert {r["n_tokens"] for r in rows} == {8 * 15}

@@ -10,7 +10,7 @@ min_version("9.0")
 # into it (merging would add the default's runs to every study).
 if not workflow.overwrite_configfiles:
 
-    configfile: "config.yaml"
+    configfile: f"{workflow.basedir}/config.yaml"
 
 
 validate(config, "schemas/config.schema.yaml")

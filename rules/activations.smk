@@ -18,5 +18,7 @@ rule cache_activations:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/cache_activations.py"

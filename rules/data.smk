@@ -16,6 +16,8 @@ rule prepare_corpus:
     resources:
         mem_mb=2000,
         runtime=20,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/prepare_corpus.py"
 
@@ -34,5 +36,7 @@ rule tokenize:
     resources:
         mem_mb=2000,
         runtime=20,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/tokenize.py"

@@ -23,6 +23,8 @@ rule h0_layer:
     resources:
         mem_mb=6000,
         runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/h0_layer.py"
 
@@ -37,6 +39,8 @@ rule h0_merge:
     resources:
         mem_mb=1000,
         runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/merge_tables.py"
 
@@ -56,6 +60,8 @@ rule h0_table:
     resources:
         mem_mb=1000,
         runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/h0_table.py"
 
@@ -72,5 +78,7 @@ rule h0_figure:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/h0_figure.py"

@@ -27,6 +27,8 @@ rule train_lens:
     resources:
         mem_mb=6000,
         runtime=60,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/train_lens.py"
 
@@ -46,6 +48,8 @@ rule fetch_lens:
     resources:
         mem_mb=4000,
         runtime=20,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/fetch_lens.py"
 
@@ -70,6 +74,8 @@ rule eval_lens:
     resources:
         mem_mb=6000,
         runtime=60,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/eval_lens.py"
 
@@ -84,5 +90,7 @@ rule lens_figure:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/lens_figure.py"

@@ -19,5 +19,7 @@ rule prepare_model:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/prepare_model.py"

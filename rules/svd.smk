@@ -15,5 +15,7 @@ rule svd:
     resources:
         mem_mb=4000,
         runtime=20,
+    conda:
+        "../envs/lensspace.yaml"
     script:
         "../scripts/svd.py"

@@ -1,0 +1,71 @@
+"""Config validation: the schema names the bad key and the allowed values; references resolve."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from lensspace.errors import LensspaceError
+from lensspace.settings import ablation_grid, check_references, h0_layers, lens_training, token_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")
+
+
+def _load(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "configs/paper-gpt2.yaml", "configs/tiny.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = _load(name)
+    validate(config, SCHEMA)
+    check_references(config)
+    for run in config["runs"]:
+        token_split(config, run)
+        if config["runs"][run]["lens"]["source"] == "train":
+            lens_training(config, run)
+    ablation_grid(config)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="trian"), r"'trian' is not one of \['train', 'pretrained'\]"),
+    (lambda c: c["h0"].update(modes=["zero", "mena"]), r"'mena' is not one of \['zero', 'mean'\]"),
+    (lambda c: c.update(lenz=1), r"'lenz' was unexpected"),
+    (lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="pretrained"), r"'id' is a required property"),
+    (lambda c: c["data"].update(seq_len=1), r"1 is less than the minimum of 2"),
+])
+def test_bad_values_name_the_key(mutate, message):
+    config = _load("config.yaml")
+    mutate(config)
+    with pytest.raises(Exception, match=message):
+        validate(config, SCHEMA)
+
+
+def test_defaults_are_filled():
+    config = copy.deepcopy(_load("configs/tiny.yaml"))
+    del config["bootstrap"], config["h0"]
+    validate(config, SCHEMA)
+    assert config["bootstrap"]["n_resamples"] == 1000
+    assert config["h0"]["layers"] == "all"
+    assert config["h0"]["modes"] == ["zero", "mean"]
+
+
+def test_unknown_model_reference_is_named():
+    config = _load("config.yaml")
+    config["runs"]["smollm2-bible"]["model"] = "smollm3"
+    with pytest.raises(LensspaceError, match=r"runs.smollm2-bible.model: 'smollm3' is not defined under models"):
+        check_references(config)
+
+
+def test_h0_layer_selection():
+    config = {"h0": {"layers": {"stride": 4}}}
+    assert h0_layers(config, 10) == [0, 4, 8, 9]
+    assert h0_layers({"h0": {"layers": "all"}}, 3) == [0, 1, 2]
+    assert h0_layers({"h0": {"layers": [5, 1, 5]}}, 9) == [1, 5]
+    bad = _load("config.yaml")
+    bad["h0"]["layers"] = [40]
+    with pytest.raises(LensspaceError, match="layer 40 does not exist"):
+        check_references(bad)

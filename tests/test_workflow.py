@@ -1,0 +1,132 @@
+"""The whole DAG, run for real by Snakemake on the tiny config in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tuned_lens.nn import TunedLens
+
+from lensspace.models import build_random_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config plus a run whose lens was written by tuned-lens itself (pretrained)."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["corpora"]["tiny-text"]["path"] = str(ROOT / "tests" / "data" / "tiny_corpus.txt")
+    model, _ = build_random_model(config["models"]["tiny-llama"])
+    theirs = TunedLens.from_model(model)
+    with torch.no_grad():
+        for translator in theirs.layer_translators:
+            translator.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    theirs.save(workdir / "their-lens")
+    config["runs"]["tiny-llama-pretrained"] = {
+        "model": "tiny-llama", "corpus": "tiny-text",
+        "lens": {"source": "pretrained", "id": str(workdir / "their-lens")}}
+    (workdir / "study.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, config
+
+
+def test_every_contract_output_is_well_formed(tiny_run):
+    workdir, config = tiny_run
+    results = workdir / "results"
+    for run, spec in config["runs"].items():
+        n_layers = config["models"][spec["model"]]["n_layers"]
+        tokens = load_file(results / run / "data" / "tokens.safetensors")
+        assert tokens["train"].dtype == torch.int32 and tokens["train"].shape == (24, 32)
+        assert tokens["eval"].shape == (8, 32)
+
+        lens_eval = pd.read_csv(results / run / "lens_eval.tsv", sep="\t")
+        assert list(lens_eval.columns) == ["layer", "lens", "kl", "kl_lo", "kl_hi", "n_tokens"]
+        assert len(lens_eval) == 2 * n_layers and (lens_eval["n_tokens"] == 8 * 31).all()
+        assert (lens_eval["kl_lo"] <= lens_eval["kl"]).all() and (lens_eval["kl"] <= lens_eval["kl_hi"]).all()
+
+        spectrum = pd.read_csv(results / run / "svd" / "spectrum.tsv", sep="\t")
+        assert list(spectrum.columns) == ["basis", "index", "singular_value"]
+        assert set(spectrum["basis"]) == {"unembed", "unembed_centered"}
+
+        h0 = pd.read_csv(results / run / "h0" / "ablation.tsv", sep="\t")
+        assert list(h0.columns) == ["layer", "subspace", "k", "basis", "mode", "site",
+                                    "kl", "kl_lo", "kl_hi", "n_tokens"]
+        assert sorted(h0["layer"].unique()) == list(range(n_layers))
+        assert set(h0["k"]) == {4, 16} and set(h0["subspace"]) == {"output", "internal", "random"}
+        assert (h0["kl"] >= 0).all() and h0["kl"].notna().all()
+        assert len(h0) == n_layers * 2 * 2 * 2 * (2 * 2 + 1)
+
+        table = (results / "tables" / f"h0_{run}.md").read_text()
+        assert "| layer | KL ablate internal | KL ablate output |" in table
+        assert len([line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]) == n_layers
+        for figure in (f"h0_{run}.png", f"lens_{run}.png"):
+            data = (results / "figures" / figure).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_written_lens_loads_in_tuned_lens(tiny_run):
+    workdir, config = tiny_run
+    model, _ = build_random_model(config["models"]["tiny-gpt2"])
+    lens = TunedLens.from_model_and_pretrained(model, str(workdir / "results" / "tiny-gpt2" / "lens"))
+    assert len(lens) == 3
+    assert any(t.weight.abs().sum() > 0 for t in lens.layer_translators)
+
+
+def test_pretrained_lens_is_copied_unchanged(tiny_run):
+    workdir, _ = tiny_run
+    theirs = torch.load(workdir / "their-lens" / "params.pt", weights_only=True)
+    ours = torch.load(workdir / "results" / "tiny-llama-pretrained" / "lens" / "params.pt", weights_only=True)
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    workdir, _ = tiny_run
+    again = snakemake(workdir, "--configfile", str(workdir / "study.yaml"), "-n")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    lint = snakemake(tmp_path, "--lint", timeout=300)
+    assert lint.returncode == 0
+    assert "Lints for" not in lint.stdout + lint.stderr
+
+
+def test_offline_hub_model_gives_one_clear_error(tmp_path):
+    target = "resources/models/gpt2/lensspace-model.json"
+    done = snakemake(tmp_path, target, "--configfile", str(ROOT / "configs" / "paper-gpt2.yaml"),
+                     timeout=300, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "model 'gpt2' (hub id 'gpt2') could not be fetched" in out
+    assert "config.yaml" in out
+    assert "Traceback" not in out
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["h0"]["sites"] = ["pre_norm", "postnorm"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", timeout=300)
+    assert done.returncode != 0
+    assert "'postnorm' is not one of ['pre_norm', 'post_norm']" in done.stdout + done.stderr
+    assert not (tmp_path / "results").exists()

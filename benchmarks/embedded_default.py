@@ -1,0 +1,61 @@
+"""Report the embedded default's targets from a finished run: per-rule time and memory
+(from the rules' benchmark: files), total wall time, peak memory, and lens quality.
+
+    .venv/bin/python benchmarks/embedded_default.py [--results results] [--wall SECONDS]
+
+--wall is the measured wall time of the whole `snakemake` command (e.g. from /usr/bin/time);
+without it the sum of the rules' times is shown (a lower bound with 2 cores in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+TARGET_WALL_S = 15 * 60
+TARGET_PEAK_MB = 8000
+TARGET_LAST_LAYER_KL = 0.3
+
+
+def rule_table(results: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted((results / "benchmarks").rglob("*.tsv")):
+        bench = pd.read_csv(path, sep="\t")
+        rule = path.relative_to(results / "benchmarks").parts[0]
+        rows.append({"rule": rule, "job": str(path.relative_to(results / "benchmarks")),
+                     "s": float(bench["s"].iloc[-1]), "max_rss_mb": float(bench["max_rss"].iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--wall", type=float, default=None)
+    args = parser.parse_args()
+    jobs = rule_table(args.results)
+    if jobs.empty:
+        raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
+    per_rule = jobs.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"),
+                                       peak_rss_mb=("max_rss_mb", "max")).sort_values("total_s", ascending=False)
+    print(per_rule.round(1).to_string())
+    total = jobs["s"].sum()
+    wall = args.wall if args.wall is not None else total
+    peak = jobs["max_rss_mb"].max()
+    print(f"\nsum of benchmarked rule times: {total:.0f} s"
+          + (f"; measured wall: {args.wall:.0f} s" if args.wall is not None else ""))
+    print(f"wall / target ({TARGET_WALL_S} s): {wall / TARGET_WALL_S:.2f}")
+    print(f"peak RSS of any job: {peak:.0f} MB; / target ({TARGET_PEAK_MB} MB): {peak / TARGET_PEAK_MB:.2f}")
+    for lens_eval in sorted(args.results.glob("*/lens_eval.tsv")):
+        frame = pd.read_csv(lens_eval, sep="\t")
+        wide = frame.pivot(index="layer", columns="lens", values="kl")
+        beats = (wide["tuned"] < wide["logit"]).all()
+        last = wide["tuned"].iloc[-1]
+        print(f"{lens_eval.parent.name}: tuned < logit at every layer: {beats}; "
+              f"last-layer tuned KL {last:.3f} nats (target <= {TARGET_LAST_LAYER_KL}); "
+              f"first-layer tuned {wide['tuned'].iloc[0]:.2f} vs logit {wide['logit'].iloc[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,22 @@
-"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models built in the test."""
+"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models built in the test, and
+one real Snakemake run of the tiny config (session-scoped: several test files read it)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from tuned_lens.nn import TunedLens
 
 from lensspace.adapter import Adapter
 from lensspace.models import build_random_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "gpt2": {"arch": "gpt2", "n_layers": 3, "d_model": 32, "n_heads": 4, "seed": 3},
@@ -25,3 +35,31 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_ids():
     return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config plus a run whose lens was written by tuned-lens itself (pretrained)."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["corpora"]["tiny-text"]["path"] = str(ROOT / "tests" / "data" / "tiny_corpus.txt")
+    model, _ = build_random_model(config["models"]["tiny-llama"])
+    theirs = TunedLens.from_model(model)
+    with torch.no_grad():
+        for translator in theirs.layer_translators:
+            translator.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    theirs.save(workdir / "their-lens")
+    config["runs"]["tiny-llama-pretrained"] = {
+        "model": "tiny-llama", "corpus": "tiny-text",
+        "lens": {"source": "pretrained", "id": str(workdir / "their-lens")}}
+    (workdir / "study.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, config

@@ -25,6 +25,10 @@ class Architecture:
     embed: str
     position_embed: str | None
     norm_kind: Literal["layernorm", "rmsnorm"]
+    attention: str  # inside a block
+    attention_out: str  # inside a block: the projection that writes the heads into the residual
+    attention_out_transposed: bool  # GPT-2's Conv1D stores [in, out]
+    mlp: str  # inside a block
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -34,6 +38,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         embed="transformer.wte",
         position_embed="transformer.wpe",
         norm_kind="layernorm",
+        attention="attn",
+        attention_out="attn.c_proj",
+        attention_out_transposed=True,
+        mlp="mlp",
     ),
     "llama": Architecture(
         blocks="model.layers",
@@ -41,6 +49,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         embed="model.embed_tokens",
         position_embed=None,
         norm_kind="rmsnorm",
+        attention="self_attn",
+        attention_out="self_attn.o_proj",
+        attention_out_transposed=False,
+        mlp="mlp",
     ),
 }
 
@@ -101,6 +113,25 @@ class Adapter:
     def norm_eps(self) -> float:
         norm = self.final_norm
         return float(norm.eps if hasattr(norm, "eps") else norm.variance_epsilon)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+    def attention(self, layer: int) -> nn.Module:
+        return _get_path(self.blocks[layer], self.arch.attention)
+
+    def attention_out(self, layer: int) -> nn.Module:
+        return _get_path(self.blocks[layer], self.arch.attention_out)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _get_path(self.blocks[layer], self.arch.mlp)
+
+    def head_out_weights(self, layer: int) -> torch.Tensor:
+        """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``."""
+        weight = self.attention_out(layer).weight
+        weight = weight if self.arch.attention_out_transposed else weight.T  # -> [in, out]
+        return weight.reshape(self.n_heads, -1, weight.shape[-1])
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """The final norm without its gain and bias: ``u`` with ``norm(z) = g * u + b``."""

@@ -98,3 +98,21 @@ def load_bases(path: str) -> dict[str, Basis]:
     tensors = load_file(path)
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     return {n: Basis(n, tensors[f"{n}.vectors"], tensors[f"{n}.singular_values"]) for n in names}
+
+
+def orthonormal_basis(vectors: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """An orthonormal basis [d, r] of the column span of ``vectors`` [d, m] (rank-revealing SVD)."""
+    u, s, _ = torch.linalg.svd(vectors.double(), full_matrices=False)
+    rank = int((s > rtol * s[0]).sum())
+    return u[:, :rank].float().contiguous()
+
+
+def pullback(translator_weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span((I + A)^T q): the residual directions that move ``z``'s
+    coordinates along span(q) under the translator ``z = (I + A) h + b``.
+
+    Only the component of ``h`` in this span reaches ``q^T z``: for any ``h``,
+    ``q^T (I + A) h = q^T (I + A) P h`` with ``P`` the projection onto the span.
+    """
+    m = torch.eye(q.shape[0], dtype=torch.float64) + translator_weight.double()
+    return orthonormal_basis(m.T @ q.double())

@@ -16,6 +16,9 @@ if not workflow.overwrite_configfiles:
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
@@ -23,6 +26,8 @@ include: "rules/activations.smk"
 include: "rules/lenses.smk"
 include: "rules/svd.smk"
 include: "rules/h0.smk"
+include: "rules/report.smk"
+include: "rules/h1.smk"
 
 
 rule all:

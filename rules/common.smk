@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import check_references, h0_layers
+from lensspace.settings import check_references, experiment_layers
 
 try:
     check_references(config)
@@ -42,16 +42,21 @@ def get_n_layers(run):
     return config["models"][get_run(run)["model"]]["n_layers"]
 
 
-def get_h0_layers(run):
-    return h0_layers(config, get_n_layers(run))
+def get_experiment_layers(run, section):
+    return experiment_layers(config, get_n_layers(run), section)
 
 
-def get_h0_layer_tables(wildcards):
-    return expand(
-        f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
-        run=wildcards.run,
-        layer=get_h0_layers(wildcards.run),
-    )
+def get_layer_tables(section):
+    """Input function: the per-layer TSVs of experiment ``section`` (h0 or h1) for a run."""
+
+    def layer_tables(wildcards):
+        return expand(
+            f"{RESULTS}/{{run}}/{section}/layers/{{layer}}.tsv",
+            run=wildcards.run,
+            layer=get_experiment_layers(wildcards.run, section),
+        )
+
+    return layer_tables
 
 
 def get_reference_table(run, hypothesis):
@@ -67,4 +72,35 @@ def get_final_outputs():
         *expand(f"{RESULTS}/tables/h0_{{run}}.md", run=runs),
         *expand(f"{RESULTS}/figures/h0_{{run}}.png", run=runs),
         *expand(f"{RESULTS}/figures/lens_{{run}}.png", run=runs),
+        f"{RESULTS}/report/index.html",
+        *expand(f"{RESULTS}/{{run}}/h1/ablation.tsv", run=runs),
+        *expand(f"{RESULTS}/tables/h1_{{run}}.md", run=runs),
+        *expand(f"{RESULTS}/figures/h1_{{run}}.png", run=runs),
+        *expand(f"{RESULTS}/{{run}}/h1/heads.tsv", run=runs),
+        *expand(f"{RESULTS}/figures/h1_heads_{{run}}.png", run=runs),
     ]
+
+
+# Ablation experiments (results/{run}/{name}/ablation.tsv) the report shows when their rules exist.
+REPORT_EXPERIMENTS = ["h0", "h1"]
+
+
+def get_producible(paths):
+    """The paths that some rule of the workflow can produce (stages not included are left out)."""
+    return [p for p in paths if any(rule.is_producer(p) for rule in workflow.rules)]
+
+
+def get_report_inputs(wildcards):
+    """Every file the report page shows, for every run, among those the DAG can produce."""
+    wanted = []
+    for run in config["runs"]:
+        wanted += [f"{RESULTS}/{run}/lens_eval.tsv", f"{RESULTS}/figures/lens_{run}.png",
+                   f"{RESOURCES}/models/{get_run(run)['model']}/lensspace-model.json"]
+        for name in REPORT_EXPERIMENTS:
+            if get_producible([f"{RESULTS}/{run}/{name}/ablation.tsv"]):
+                wanted.append(f"{RESULTS}/tables/robustness_{name}_{run}.md")
+            wanted += [f"{RESULTS}/{run}/{name}/ablation.tsv", f"{RESULTS}/tables/{name}_{run}.md",
+                       f"{RESULTS}/figures/{name}_{run}.png"]
+        wanted += [f"{RESULTS}/{run}/h1/heads.tsv", f"{RESULTS}/figures/h1_heads_{run}.png",
+                   f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
+    return get_producible(wanted)

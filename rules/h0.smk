@@ -31,7 +31,7 @@ rule h0_layer:
 
 rule h0_merge:
     input:
-        tables=get_h0_layer_tables,
+        tables=get_layer_tables("h0"),
     output:
         table=f"{RESULTS}/{{run}}/h0/ablation.tsv",
     log:
@@ -51,9 +51,17 @@ rule h0_table:
         model=get_model_manifest,
         reference=REFERENCE,
     output:
-        markdown=f"{RESULTS}/tables/h0_{{run}}.md",
+        markdown=report(
+            f"{RESULTS}/tables/h0_{{run}}.md",
+            caption="../report/h0_table.rst",
+            category="H0",
+            subcategory="{run}",
+            labels={"run": "{run}", "table": "H0 (original layout)"},
+        ),
     params:
-        run=lambda wildcards: wildcards.run,
+        title="H0",
+        description="KL(lens || ablated lens) in nats; lens space, ablated before the final norm",
+        site="pre_norm",
         reference_table=lambda wildcards: get_reference_table(wildcards.run, "h0"),
     log:
         f"{RESULTS}/logs/h0_table/{{run}}.log",
@@ -63,16 +71,23 @@ rule h0_table:
     conda:
         "../envs/lensspace.yaml"
     script:
-        "../scripts/h0_table.py"
+        "../scripts/ablation_table.py"
 
 
 rule h0_figure:
     input:
         table=rules.h0_merge.output.table,
     output:
-        figure=f"{RESULTS}/figures/h0_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/h0_{{run}}.png",
+            caption="../report/h0_figure.rst",
+            category="H0",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "H0 ablation grid"},
+        ),
     params:
-        run=lambda wildcards: wildcards.run,
+        title="H0",
+        description="KL(lens || ablated lens) in lens space",
     log:
         f"{RESULTS}/logs/h0_figure/{{run}}.log",
     resources:
@@ -81,4 +96,4 @@ rule h0_figure:
     conda:
         "../envs/lensspace.yaml"
     script:
-        "../scripts/h0_figure.py"
+        "../scripts/ablation_figure.py"

@@ -8,7 +8,7 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import ablation_grid, check_references, h0_layers, lens_training, token_split
+from lensspace.settings import ablation_grid, check_references, experiment_layers, lens_training, token_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")
@@ -62,9 +62,9 @@ def test_unknown_model_reference_is_named():
 
 def test_h0_layer_selection():
     config = {"h0": {"layers": {"stride": 4}}}
-    assert h0_layers(config, 10) == [0, 4, 8, 9]
-    assert h0_layers({"h0": {"layers": "all"}}, 3) == [0, 1, 2]
-    assert h0_layers({"h0": {"layers": [5, 1, 5]}}, 9) == [1, 5]
+    assert experiment_layers(config, 10) == [0, 4, 8, 9]
+    assert experiment_layers({"h0": {"layers": "all"}}, 3) == [0, 1, 2]
+    assert experiment_layers({"h0": {"layers": [5, 1, 5]}}, 9) == [1, 5]
     bad = _load("config.yaml")
     bad["h0"]["layers"] = [40]
     with pytest.raises(LensspaceError, match="layer 40 does not exist"):

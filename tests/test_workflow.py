@@ -41,10 +41,24 @@ def test_every_contract_output_is_well_formed(tiny_run):
         assert (h0["kl"] >= 0).all() and h0["kl"].notna().all()
         assert len(h0) == n_layers * 2 * 2 * 2 * (2 * 2 + 1)
 
+        h1 = pd.read_csv(results / run / "h1" / "ablation.tsv", sep="\t")
+        assert list(h1.columns) == list(h0.columns)
+        assert set(h1["basis"]) == {"unembed", "unembed_centered", "lens_pullback", "random"}
+        assert set(h1["site"]) == {"residual"} and (h1["kl"] >= 0).all()
+        heads = pd.read_csv(results / run / "h1" / "heads.tsv", sep="\t")
+        assert len(heads) == n_layers * 4
+        assert heads["induction_score"].between(0, 1).all() and heads["output_fraction"].between(0, 1).all()
+        test = pd.read_csv(results / run / "h1" / "heads_test.tsv", sep="\t")
+        assert {"statistic", "p_value", "n_induction"} <= set(test.columns)
+        assert len(pd.read_csv(results / run / "h1" / "mlp.tsv", sep="\t")) == n_layers
+
+        for hypothesis in ("h0", "h1"):
+            assert "| layer | KL ablate internal | KL ablate output |" in (
+                results / "tables" / f"{hypothesis}_{run}.md").read_text()
         table = (results / "tables" / f"h0_{run}.md").read_text()
         assert "| layer | KL ablate internal | KL ablate output |" in table
         assert len([line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]) == n_layers
-        for figure in (f"h0_{run}.png", f"lens_{run}.png"):
+        for figure in (f"h0_{run}.png", f"lens_{run}.png", f"h1_{run}.png", f"h1_heads_{run}.png"):
             data = (results / "figures" / figure).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

@@ -76,3 +76,20 @@ def lens_quality_figure(lens_eval: pd.DataFrame, title: str, path: str | Path) -
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save(fig, path)
+
+
+def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | Path) -> None:
+    """Induction score vs output fraction per head, coloured by layer, with the test result."""
+    style()
+    fig, ax = plt.subplots(figsize=(3.6, 2.8))
+    points = ax.scatter(heads["induction_score"], heads["output_fraction"], c=heads["layer"],
+                        cmap="viridis", s=12, edgecolors="none")
+    fig.colorbar(points, ax=ax, label="layer")
+    ax.axvline(test["threshold"], color="#7f8c8d", ls="--", lw=0.8)
+    ax.set_xlabel("induction score")
+    ax.set_ylabel(f"output fraction of write (k={int(heads['k'].iloc[0])})")
+    p = "n/a" if pd.isna(test["p_value"]) else f"{test['p_value']:.3g}"
+    ax.set_title(f"{title}\n{int(test['n_induction'])} induction heads; "
+                 f"within-depth difference {test['statistic']:.3f}, p = {p}", fontsize=8)
+    fig.tight_layout()
+    save(fig, path)

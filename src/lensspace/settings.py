@@ -10,6 +10,7 @@ from typing import Any
 
 from lensspace.corpus import TokenSplit
 from lensspace.errors import LensspaceError
+from lensspace.experiments.circuits import CircuitSettings
 from lensspace.experiments.h0 import AblationGrid
 from lensspace.lenses import LensTraining
 
@@ -24,12 +25,14 @@ def check_references(config: dict[str, Any]) -> None:
                     f"(defined: {', '.join(sorted(config[table])) or 'none'})"
                 )
         n_layers = config["models"][spec["model"]]["n_layers"]
-        for layer in config["h0"]["layers"] if isinstance(config["h0"]["layers"], list) else []:
-            if not 0 <= layer < n_layers:
-                raise LensspaceError(
-                    f"h0.layers: layer {layer} does not exist in model '{spec['model']}' "
-                    f"of run '{run}' (layers 0..{n_layers - 1})"
-                )
+        for section in ("h0", "h1"):
+            chosen = config.get(section, {}).get("layers")
+            for layer in chosen if isinstance(chosen, list) else []:
+                if not 0 <= layer < n_layers:
+                    raise LensspaceError(
+                        f"{section}.layers: layer {layer} does not exist in model '{spec['model']}' "
+                        f"of run '{run}' (layers 0..{n_layers - 1})"
+                    )
 
 
 def run_spec(config: dict, run: str) -> dict:
@@ -53,17 +56,24 @@ def lens_training(config: dict, run: str) -> LensTraining:
                         seed=config["seed"])
 
 
-def ablation_grid(config: dict) -> AblationGrid:
-    h0 = config["h0"]
-    return AblationGrid(subspaces=tuple(h0["subspaces"]), ks=tuple(h0["k"]),
-                        bases=tuple(h0["bases"]), modes=tuple(h0["modes"]),
-                        sites=tuple(h0["sites"]), seed=config["seed"],
+def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
+    """The grid of ``h0`` (lens space, sites pre/post norm) or ``h1`` (site ``residual``)."""
+    grid = config[section]
+    sites = tuple(grid["sites"]) if section == "h0" else ("residual",)
+    return AblationGrid(subspaces=tuple(grid["subspaces"]), ks=tuple(grid["k"]),
+                        bases=tuple(grid["bases"]), modes=tuple(grid["modes"]),
+                        sites=sites, seed=config["seed"],
                         n_boot=config["bootstrap"]["n_resamples"])
 
 
-def h0_layers(config: dict, n_layers: int) -> list[int]:
+def circuit_settings(config: dict, d_model: int) -> CircuitSettings:
+    heads = config["h1"]["heads"]
+    return CircuitSettings(k=d_model // 2, seed=config["seed"], **heads)
+
+
+def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[int]:
     """``all``, an explicit list, or ``{stride: s}`` (0, s, 2s, ... and always the last layer)."""
-    layers = config["h0"]["layers"]
+    layers = config[section]["layers"]
     if layers == "all":
         return list(range(n_layers))
     if isinstance(layers, dict):

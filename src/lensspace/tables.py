@@ -8,8 +8,8 @@ import pandas as pd
 
 from lensspace.errors import LensspaceError
 
-# The cell of the grid that the original tables used (k = d/2 is chosen by the caller).
-SEED_VARIANT = {"basis": "unembed", "mode": "zero", "site": "pre_norm"}
+# The cell of the grid that the original tables used (k = d/2 and the site are the caller's).
+SEED_VARIANT = {"basis": "unembed", "mode": "zero"}
 
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -36,17 +36,18 @@ def load_reference(path: str | Path, table: str) -> pd.DataFrame:
     return picked.set_index("layer")[["kl_ablate_internal", "kl_ablate_output"]]
 
 
-def seed_layout(ablation: pd.DataFrame, k: int, reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """``layer | KL ablate internal | KL ablate output`` for the seed's variant at ``k``.
+def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
+                reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``layer | KL ablate internal | KL ablate output`` for the seed's variant at ``k``, ``site``.
 
     Intervals follow as extra columns; with ``reference`` the published numbers and the
     differences (reproduced - published) follow too.
     """
     cell = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
-                    & (ablation["mode"] == SEED_VARIANT["mode"]) & (ablation["site"] == SEED_VARIANT["site"])]
+                    & (ablation["mode"] == SEED_VARIANT["mode"]) & (ablation["site"] == site)]
     if cell.empty:
         raise LensspaceError(
-            f"the ablation results have no cell k={k}, basis unembed, mode zero, site pre_norm: "
+            f"the ablation results have no cell k={k}, basis unembed, mode zero, site {site}: "
             "keep those values in the experiment's grid to rebuild the original table"
         )
     wide = cell.pivot(index="layer", columns="subspace", values=["kl", "kl_lo", "kl_hi"])

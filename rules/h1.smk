@@ -1,0 +1,135 @@
+# H1: the subspaces in the model's own residual stream, one job per layer (resumed from the
+# activation cache), then merge, tabulate, plot; and the circuit ends of every head.
+
+
+rule h1_layer:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        bases=rules.svd.output.bases,
+    output:
+        table=f"{RESULTS}/{{run}}/h1/layers/{{layer}}.tsv",
+    params:
+        grid=config["h1"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/h1_layer/{{run}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h1_layer/{{run}}/{{layer}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h1_layer.py"
+
+
+rule h1_merge:
+    input:
+        tables=get_layer_tables("h1"),
+    output:
+        table=f"{RESULTS}/{{run}}/h1/ablation.tsv",
+    log:
+        f"{RESULTS}/logs/h1_merge/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/merge_tables.py"
+
+
+rule h1_table:
+    input:
+        table=rules.h1_merge.output.table,
+        model=get_model_manifest,
+        reference=REFERENCE,
+    output:
+        markdown=f"{RESULTS}/tables/h1_{{run}}.md",
+    params:
+        title="H1",
+        description=(
+            "KL(model || ablated model) of the final output in nats; the subspace is removed "
+            "from the residual stream at the layer and the rest of the model runs"
+        ),
+        site="residual",
+        reference_table=lambda wildcards: get_reference_table(wildcards.run, "h1"),
+    log:
+        f"{RESULTS}/logs/h1_table/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/ablation_table.py"
+
+
+rule h1_figure:
+    input:
+        table=rules.h1_merge.output.table,
+    output:
+        figure=f"{RESULTS}/figures/h1_{{run}}.png",
+    params:
+        title="H1",
+        description="KL(model || ablated model), residual stream",
+    log:
+        f"{RESULTS}/logs/h1_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/ablation_figure.py"
+
+
+rule h1_heads:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        bases=rules.svd.output.bases,
+    output:
+        heads=f"{RESULTS}/{{run}}/h1/heads.tsv",
+        mlp=f"{RESULTS}/{{run}}/h1/mlp.tsv",
+        test=f"{RESULTS}/{{run}}/h1/heads_test.tsv",
+    params:
+        config=lambda wildcards: {"h1": config["h1"], "seed": config["seed"]},
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/h1_heads/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h1_heads/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h1_heads.py"
+
+
+rule h1_heads_figure:
+    input:
+        heads=rules.h1_heads.output.heads,
+        test=rules.h1_heads.output.test,
+    output:
+        figure=f"{RESULTS}/figures/h1_heads_{{run}}.png",
+    log:
+        f"{RESULTS}/logs/h1_heads_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h1_heads_figure.py"

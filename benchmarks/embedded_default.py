@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from lensspace.provenance import benchmark_jobs, per_rule
+
 TARGET_WALL_S = 15 * 60
 TARGET_PEAK_MB = 8000
 TARGET_LAST_LAYER_KL = 0.3
-
-
-def rule_table(results: Path) -> pd.DataFrame:
-    rows = []
-    for path in sorted((results / "benchmarks").rglob("*.tsv")):
-        bench = pd.read_csv(path, sep="\t")
-        rule = path.relative_to(results / "benchmarks").parts[0]
-        rows.append({"rule": rule, "job": str(path.relative_to(results / "benchmarks")),
-                     "s": float(bench["s"].iloc[-1]), "max_rss_mb": float(bench["max_rss"].iloc[-1])})
-    return pd.DataFrame(rows)
 
 
 def main() -> None:
@@ -34,12 +26,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--wall", type=float, default=None)
     args = parser.parse_args()
-    jobs = rule_table(args.results)
+    jobs = benchmark_jobs(args.results)
     if jobs.empty:
         raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
-    per_rule = jobs.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"),
-                                       peak_rss_mb=("max_rss_mb", "max")).sort_values("total_s", ascending=False)
-    print(per_rule.round(1).to_string())
+    print(per_rule(jobs).set_index("rule").round(1).to_string())
     total = jobs["s"].sum()
     wall = args.wall if args.wall is not None else total
     peak = jobs["max_rss_mb"].max()

@@ -84,7 +84,13 @@ rule lens_figure:
     input:
         table=rules.eval_lens.output.table,
     output:
-        figure=f"{RESULTS}/figures/lens_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/lens_{{run}}.png",
+            caption="../report/lens_quality.rst",
+            category="Lens quality",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "lens quality"},
+        ),
     log:
         f"{RESULTS}/logs/lens_figure/{{run}}.log",
     resources:

@@ -1,0 +1,47 @@
+# The report: robustness grids per ablation experiment, and one self-contained HTML page.
+
+
+rule robustness_table:
+    input:
+        table=f"{RESULTS}/{{run}}/{{experiment}}/ablation.tsv",
+    output:
+        markdown=report(
+            f"{RESULTS}/tables/robustness_{{experiment}}_{{run}}.md",
+            caption="../report/robustness.rst",
+            category="Robustness",
+            subcategory="{run}",
+            labels={"run": "{run}", "experiment": "{experiment}"},
+        ),
+    wildcard_constraints:
+        experiment=r"h\d+",
+    log:
+        f"{RESULTS}/logs/robustness_table/{{experiment}}_{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/robustness_table.py"
+
+
+rule html_report:
+    input:
+        shown=get_report_inputs,
+        reference=REFERENCE,
+    output:
+        html=report(
+            f"{RESULTS}/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+            labels={"page": "index.html"},
+        ),
+    log:
+        f"{RESULTS}/logs/html_report.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,464 @@
+"""The study's report: one self-contained HTML page built from a finished run's results.
+
+The page is data-driven. Each run gets the sections of :data:`SECTIONS` whose files exist;
+a section builder takes a :class:`RunContext` and returns a :class:`Section` (or ``None``
+when its files are absent). Ablation experiments (H0, H1, ...) share one builder,
+parametrised by an :class:`AblationExperiment`: the table in the original layout (with the
+published numbers where the run names a reference), the figure with a caption generated
+from the data, and the robustness grid. Every number on the page is read from the results.
+
+To add a section: write ``def my_section(ctx: RunContext) -> Section | None`` that reads
+``ctx.path(...)`` files and returns blocks (:class:`Figure`, :class:`Table`, :class:`Text`,
+:class:`Grid`), and append it to :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import yaml
+
+from lensspace import provenance, robustness, tables
+from lensspace.errors import LensspaceError
+
+# ---------------------------------------------------------------- words for the variants
+BASIS_TEXT = {
+    "unembed": "SVD of the raw unembedding W_U",
+    "unembed_centered": "SVD of W_U with its vocabulary mean removed and the final norm's gain folded in",
+    "lens_pullback": "the output subspace pulled back through the lens, span((I + A_i)^T U_k)",
+    "random": "a seeded random k-dimensional subspace (the control)",
+}
+MODE_TEXT = {"zero": "zero (the component is projected out)",
+             "mean": "mean (the component is replaced by its training-set mean)"}
+SITE_TEXT = {"pre_norm": "pre_norm (before the final norm)",
+             "post_norm": "post_norm (after the final norm, its scale frozen from the intact vector)"}
+SUBSPACE_TEXT = {"output": "output (top-k right singular vectors)",
+                 "internal": "internal (bottom-k right singular vectors)",
+                 "random": "random (seeded k-dim control)"}
+
+
+# ---------------------------------------------------------------- page blocks
+@dataclass
+class Text:
+    text: str
+    html: bool = False
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+    caption: str
+    markdown_path: Path | None = None  # where the same table is written as Markdown, if anywhere
+
+
+@dataclass
+class Grid:
+    """A robustness grid: verdicts per conclusion x variant x layer."""
+
+    verdicts: pd.DataFrame
+    caption: str
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    blocks: list = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    run: str
+    config: dict
+    results: Path
+    resources: Path = Path("resources")
+    reference: Path | None = None  # the published numbers (reference/seed_tables.tsv)
+
+    @property
+    def spec(self) -> dict:
+        return self.config["runs"][self.run]
+
+    @property
+    def model(self) -> dict:
+        return self.config["models"][self.spec["model"]]
+
+    def path(self, *parts: str) -> Path:
+        return self.results.joinpath(self.run, *parts)
+
+    def figure(self, name: str) -> Path:
+        return self.results / "figures" / f"{name}_{self.run}.png"
+
+    def table(self, name: str) -> Path:
+        return self.results / "tables" / f"{name}_{self.run}.md"
+
+    def reference_name(self, key: str) -> str:
+        return self.spec.get("reference", {}).get(key, "")
+
+    @property
+    def n_resamples(self) -> int:
+        return int(self.config.get("bootstrap", {}).get("n_resamples", 0))
+
+    @property
+    def d_model(self) -> int | None:
+        manifest = self.resources / "models" / self.spec["model"] / "lensspace-model.json"
+        if manifest.exists():
+            return int(json.loads(manifest.read_text())["d_model"])
+        return self.model.get("d_model")
+
+
+# ---------------------------------------------------------------- shared phrasing
+def number(value: float) -> str:
+    """KL values: three decimals, or three significant digits below 0.01 (tiny models)."""
+    if pd.isna(value):
+        return ""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+
+
+def _tokens(frame: pd.DataFrame) -> str:
+    counts = sorted(set(int(n) for n in frame["n_tokens"]))
+    return f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
+
+
+def _interval(ctx: RunContext) -> str:
+    return (f"95% percentile bootstrap interval over sequences ({ctx.n_resamples:,} resamples)"
+            if ctx.n_resamples else "95% percentile bootstrap interval over sequences")
+
+
+def _layers(values) -> str:
+    layers = sorted(set(int(v) for v in values))
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}–{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def _listing(values, words: dict) -> str:
+    return "; ".join(words.get(v, str(v)) for v in values)
+
+
+# ---------------------------------------------------------------- sections
+def lens_section(ctx: RunContext) -> Section | None:
+    path = ctx.path("lens_eval.tsv")
+    if not path.exists():
+        return None
+    frame = pd.read_csv(path, sep="\t")
+    wide = frame.pivot(index="layer", columns="lens", values="kl")
+    blocks: list = []
+    if {"tuned", "logit"} <= set(wide.columns):
+        better = int((wide["tuned"] < wide["logit"]).sum())
+        blocks.append(Text(
+            f"The tuned lens has a lower held-out KL than the logit lens at {better} of {len(wide)} "
+            f"layers; at the last layer ({wide.index[-1]}) tuned {number(wide['tuned'].iloc[-1])} vs logit "
+            f"{number(wide['logit'].iloc[-1])} nats."))
+    lens = ctx.spec["lens"]
+    origin = (f"pretrained ({lens.get('id', '')})" if lens.get("source") == "pretrained"
+              else "trained here (least squares, then KL refinement)")
+    caption = (f"Lens quality of {ctx.run}: held-out KL(p_final ‖ p_lens) per layer for the tuned lens "
+               f"({origin}) and the logit lens (the unembedding applied to h_i directly); "
+               f"nats, mean over {_tokens(frame)} held-out token positions; band: {_interval(ctx)}.")
+    if ctx.figure("lens").exists():
+        blocks.append(Figure(ctx.figure("lens"), caption))
+    blocks.append(Table(lens_quality_table(frame), "The same, as numbers: KL per layer and lens, "
+                        "with the 95% bootstrap interval."))
+    return Section("lens-quality", "Lens quality", blocks)
+
+
+def lens_quality_table(lens_eval: pd.DataFrame) -> pd.DataFrame:
+    """``layer | tuned KL | tuned 95% CI | logit KL | logit 95% CI`` from ``lens_eval.tsv``."""
+    out = pd.DataFrame({"layer": sorted(lens_eval["layer"].unique())})
+    for lens in dict.fromkeys(lens_eval["lens"]):
+        part = lens_eval[lens_eval["lens"] == lens].set_index("layer").reindex(out["layer"])
+        out[f"{lens} KL"] = part["kl"].to_numpy()
+        out[f"{lens} 95% CI"] = [f"[{number(lo)}, {number(hi)}]" for lo, hi in zip(part["kl_lo"], part["kl_hi"])]
+    return out
+
+
+@dataclass(frozen=True)
+class AblationExperiment:
+    """An experiment whose results follow the ablation columns of the output contract."""
+
+    key: str        # results/{run}/{key}/ablation.tsv, figures/{key}_{run}.png, tables/{key}_{run}.md
+    title: str
+    where: str      # where the ablation happens
+    measure: str    # what the KL compares
+    seed_site: str = "pre_norm"  # the site of the original table's cell
+    extra_tables: tuple = ()   # (file name under results/{run}/{key}/, caption)
+    extra_figures: tuple = ()  # (figure name: figures/{name}_{run}.png, caption)
+
+    def __call__(self, ctx: RunContext) -> Section | None:
+        path = ctx.path(self.key, "ablation.tsv")
+        if not path.exists():
+            return None
+        ablation = pd.read_csv(path, sep="\t")
+        section = Section(self.key, self.title)
+        section.blocks += self.seed_table(ctx, ablation)
+        if ctx.figure(self.key).exists():
+            section.blocks.append(Figure(ctx.figure(self.key), self.caption(ctx, ablation)))
+        verdicts = robustness.classify(ablation)
+        if not verdicts.empty:
+            section.blocks.append(Grid(verdicts, self.robustness_caption(ctx, ablation)))
+        for name, caption in self.extra_figures:
+            if ctx.figure(name).exists():
+                section.blocks.append(Figure(ctx.figure(name), f"{caption} Run {ctx.run}."))
+        for name, caption in self.extra_tables:
+            extra = ctx.path(self.key, name)
+            if extra.exists():
+                frame = pd.read_csv(extra, sep="\t")
+                section.blocks.append(Table(frame, f"{caption} Run {ctx.run}; {len(frame)} rows."))
+        return section
+
+    def caption(self, ctx: RunContext, ablation: pd.DataFrame) -> str:
+        subspaces = list(dict.fromkeys(ablation["subspace"]))
+        bases = [b for b in dict.fromkeys(ablation["basis"]) if b != "random"]
+        ks = sorted(set(int(k) for k in ablation["k"]), reverse=True)
+        return (f"{self.title}, {ctx.run}. Ablated: {_listing(subspaces, SUBSPACE_TEXT)}; "
+                f"k = {', '.join(map(str, ks))}; bases: {_listing(bases, BASIS_TEXT)}. "
+                f"Where: {self.where}, at {_layers(ablation['layer'])}; sites: "
+                f"{_listing(dict.fromkeys(ablation['site']), SITE_TEXT)}. "
+                f"How: {_listing(dict.fromkeys(ablation['mode']), MODE_TEXT)}. "
+                f"Measure: {self.measure}, nats, mean over {_tokens(ablation)} held-out token positions. "
+                f"Bands: {_interval(ctx)}. Panels: one per basis (columns) and k, mode, site (rows); "
+                "the random control is dashed.")
+
+    def robustness_caption(self, ctx: RunContext, ablation: pd.DataFrame) -> str:
+        return (f"Robustness of {self.title}, {ctx.run}: for each conclusion \"A > B\" (ablating A "
+                f"raises the KL more than ablating B) and each variant, per layer: ✓ holds (A's 95% "
+                "interval lies wholly above B's), ✗ reversed (B's lies above A's), · not separable "
+                "(the intervals overlap). The random control is compared with each basis at the same "
+                f"layer, k, mode and site. {_tokens(ablation)} held-out tokens; {_interval(ctx)}.")
+
+    def seed_table(self, ctx: RunContext, ablation: pd.DataFrame) -> list:
+        d_model = ctx.d_model
+        if d_model is None:
+            return [Text(f"The original table layout needs d_model of model '{ctx.spec['model']}'.")]
+        name = ctx.reference_name(self.key)
+        reference = tables.load_reference(ctx.reference, name) if name and ctx.reference else None
+        try:
+            site = {} if self.seed_site == "pre_norm" else {"site": self.seed_site}  # pre_norm: the default
+            frame = tables.seed_layout(ablation, k=d_model // 2, reference=reference, **site)
+        except LensspaceError as err:
+            return [Text(f"Original layout not available: {err}")]
+        caption = (f"{self.title} in the original layout, {ctx.run}: k = {d_model // 2} of {d_model} "
+                   f"(d/2), basis unembed, zero ablation, site {self.seed_site}. Measure: {self.measure}, nats, "
+                   f"mean over {_tokens(ablation)} held-out tokens; {_interval(ctx)}.")
+        if name:
+            caption += f" Published: the seed study's table {name}; Δ = reproduced − published."
+        markdown = ctx.table(self.key)
+        return [Table(frame, caption, markdown if markdown.exists() else None)]
+
+
+H0 = AblationExperiment(
+    "h0", "H0: SVD subspaces ablated in lens space",
+    where="in lens space, z = T_i(h_i), the tuned lens's output in front of the unembedding",
+    measure="KL(p_lens(z) ‖ p_lens(z ablated))")
+H1 = AblationExperiment(
+    "h1", "H1: SVD subspaces ablated in the residual stream",
+    where="in the model's own residual stream h_i, after which the remaining blocks run",
+    measure="KL(p_model ‖ p_model ablated) of the final output",
+    seed_site="residual",
+    extra_figures=(("h1_heads", "Circuit ends: each attention head's induction score against the "
+                    "fraction of its output written into the output subspace."),),
+    extra_tables=(("heads.tsv", "Attention heads: induction score and the fraction of each head's "
+                   "output written into the output and internal subspaces."),))
+
+
+def shuffle_section(ctx: RunContext) -> Section | None:
+    path = ctx.path("shuffle", "swaps.tsv")
+    if not path.exists():
+        return None
+    swaps = pd.read_csv(path, sep="\t")
+    section = Section("shuffle", "Layer shuffle")
+    caption = (f"Layer shuffle, {ctx.run}: blocks i and j swapped; KL(p_model ‖ p_swapped) of the "
+               f"final output, nats, mean over {_tokens(swaps)} held-out tokens; {_interval(ctx)}.")
+    if ctx.figure("shuffle").exists():
+        section.blocks.append(Figure(ctx.figure("shuffle"), caption))
+    for space, part in swaps.groupby("space", sort=False):
+        matrix = part.pivot(index="i", columns="j", values="kl").reset_index()
+        matrix.columns = ["i \\ j", *(str(c) for c in matrix.columns[1:])]
+        section.blocks.append(Table(matrix, f"Swap cost (KL, nats) in the {space} space; " + caption))
+    return section
+
+
+SECTIONS: list[Callable[[RunContext], Section | None]] = [lens_section, H0, H1, shuffle_section]
+
+
+# ---------------------------------------------------------------- HTML
+STYLE = """
+body{font-family:"DejaVu Sans",Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+ color:#1b1b1b;line-height:1.45;font-size:15px}
+h1{font-size:1.7em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.6em}nav{background:#f4f6f8;padding:.6em 1em;border-radius:4px}
+figure{margin:1.2em 0}figure img{max-width:100%;height:auto;display:block;border:1px solid #ddd}
+figcaption,.caption{font-size:.88em;color:#333;margin-top:.4em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#f0f0f0}
+td.text,th.text{text-align:left}.scroll{overflow-x:auto}
+table.grid{font-size:.78em}table.grid th.l,table.grid th.group{text-align:center;padding:.1em .2em}
+.v{text-align:center;font-weight:bold;padding:.1em .25em;min-width:1.2em}
+.holds{background:#c8e6c9;color:#1b5e20}.reversed{background:#ffcdd2;color:#b71c1c}
+.notsep{background:#eeeeee;color:#616161}.group{border-left:2px solid #555}
+.legend span{display:inline-block;padding:.1em .5em;margin-right:.5em;font-size:.85em}
+pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.82em}
+details{margin:.6em 0}summary{cursor:pointer;color:#1f5f99}
+"""
+
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return number(value)
+    return _esc(value)
+
+
+def html_table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    rows = []
+    for row in frame.itertuples(index=False):
+        cells = "".join(f'<td class="text">{_cell(v)}</td>' if isinstance(v, str) else f"<td>{_cell(v)}</td>"
+                        for v in row)
+        rows.append(f"<tr>{cells}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def html_grid(verdicts: pd.DataFrame) -> str:
+    """One row per variant (basis, mode, site, k); per conclusion a block of one cell per layer."""
+    wide = robustness.grid(verdicts)
+    layers = [c for c in wide.columns if c not in ("conclusion", *robustness.VARIANT)]
+    conclusions = list(dict.fromkeys(wide["conclusion"]))
+    css = {robustness.HOLDS: "holds", robustness.REVERSED: "reversed", robustness.NOT_SEPARABLE: "notsep"}
+    top = "<th class='text' colspan='4'>variant (rows); layer (columns)</th>" + "".join(
+        f"<th class='group' colspan='{len(layers)}'>{_esc(c)}</th>" for c in conclusions)
+    second = ("<th class='text'>basis</th><th class='text'>mode</th><th class='text'>site</th><th>k</th>"
+              + "".join(f"<th class='{'group' if n == 0 else 'l'}'>{layer}</th>"
+                        for _ in conclusions for n, layer in enumerate(layers)))
+    by_variant = {tuple(r[v] for v in robustness.VARIANT): {} for r in wide.to_dict("records")}
+    for r in wide.to_dict("records"):
+        by_variant[tuple(r[v] for v in robustness.VARIANT)][r["conclusion"]] = r
+    rows = []
+    for variant, per_conclusion in by_variant.items():
+        cells = []
+        for conclusion in conclusions:
+            row = per_conclusion.get(conclusion, {})
+            for n, layer in enumerate(layers):
+                value = row.get(layer)
+                edge = " group" if n == 0 else ""
+                if isinstance(value, str):
+                    cells.append(f'<td class="v {css[value]}{edge}" title="{_esc(conclusion)}, layer {layer}: '
+                                 f'{_esc(value)}">{robustness.SYMBOL[value]}</td>')
+                else:
+                    cells.append(f'<td class="v{edge}"></td>')
+        labels = "".join(f"<td class='text'>{_esc(v)}</td>" for v in variant[:3]) + f"<td>{_esc(variant[3])}</td>"
+        rows.append(f"<tr>{labels}{''.join(cells)}</tr>")
+    counts = robustness.summary(verdicts)
+    summary = "".join(
+        f"<li><b>{_esc(r['conclusion'])}</b>: holds in {r[robustness.HOLDS]} of {r['cells']} cells, "
+        f"reversed in {r[robustness.REVERSED]}, not separable in {r[robustness.NOT_SEPARABLE]}</li>"
+        for r in counts.to_dict("records"))
+    legend = (f"<span class='v holds'>{robustness.SYMBOL[robustness.HOLDS]} holds</span> "
+              f"<span class='v reversed'>{robustness.SYMBOL[robustness.REVERSED]} reversed</span> "
+              f"<span class='v notsep'>{robustness.SYMBOL[robustness.NOT_SEPARABLE]} not separable</span>")
+    return (f"<ul>{summary}</ul><p class='legend'>{legend}</p><div class='scroll'><table class='grid'>"
+            f"<thead><tr>{top}</tr><tr>{second}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _png_width(data: bytes) -> int | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return struct.unpack(">I", data[16:20])[0]
+    return None
+
+
+def html_figure(figure: Figure) -> str:
+    data = figure.path.read_bytes()
+    width = _png_width(data)
+    # Figures are saved at 200 dpi: show them at about half their pixel width (print size).
+    style = f' style="width:{width // 2}px"' if width else ""
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    return (f'<figure><img src="{uri}" alt="{_esc(figure.path.name)}"{style}>'
+            f"<figcaption>{_esc(figure.caption)}</figcaption></figure>")
+
+
+def html_block(block) -> str:
+    if isinstance(block, Figure):
+        return html_figure(block)
+    if isinstance(block, Table):
+        source = (f" Markdown: <code>{_esc(block.markdown_path)}</code>." if block.markdown_path else "")
+        return f"{html_table(block.frame)}<p class='caption'>{_esc(block.caption)}{source}</p>"
+    if isinstance(block, Grid):
+        return f"<div data-block='robustness'>{html_grid(block.verdicts)}<p class='caption'>{_esc(block.caption)}</p></div>"
+    if isinstance(block, Text):
+        return block.text if block.html else f"<p>{_esc(block.text)}</p>"
+    raise TypeError(f"unknown report block {type(block).__name__}")
+
+
+def _anchor(run: str, key: str) -> str:
+    return f"{run}--{key}".replace(" ", "-")
+
+
+def provenance_section(config: dict, results: Path, workflow_dir: Path) -> Section:
+    names = set(config["runs"]) | {spec["model"] for spec in config["runs"].values()}
+    jobs = provenance.benchmark_jobs(results, names)
+    rules = provenance.per_rule(jobs).rename(columns={"total_s": "total s", "max_s": "max s",
+                                                      "peak_rss_mb": "peak RSS MB"})
+    git = provenance.git_state(workflow_dir)
+    facts = pd.DataFrame([("config sha256", provenance.config_hash(config)),
+                          ("git commit", git["commit"]), ("uncommitted changes", git["dirty"]),
+                          *provenance.machine().items()], columns=["what", "value"])
+    versions = pd.DataFrame(sorted(provenance.package_versions().items()), columns=["package", "version"])
+    total = (f"{len(jobs)} benchmarked jobs, {jobs['s'].sum():.1f} s in all; the largest peak RSS "
+             f"{jobs['max_rss_mb'].max():.0f} MB." if not jobs.empty else "No benchmark files found.")
+    return Section("provenance", "Provenance", [
+        Table(facts, "The config's hash is the sha256 of the config as canonical JSON."),
+        Text(f"<details><summary>Config</summary><pre>{_esc(yaml.safe_dump(config, sort_keys=False))}"
+             "</pre></details>", html=True),
+        Table(rules, "Per-rule time and memory from the rules' benchmark: files "
+                     f"(results/benchmarks/): wall seconds summed over jobs, the longest job, and the "
+                     f"peak resident memory of any job. {total}"),
+        Table(versions, "Installed package versions (the project's pinned dependencies)."),
+    ])
+
+
+def build(config: dict, results: str | Path, reference: str | Path, resources: str | Path = "resources",
+          workflow_dir: str | Path = ".") -> str:
+    """The whole page as one HTML string."""
+    results, resources = Path(results), Path(resources)
+    body, toc = [], []
+    for run in config["runs"]:
+        ctx = RunContext(run, config, results, resources, Path(reference))
+        sections = [s for s in (builder(ctx) for builder in SECTIONS) if s is not None]
+        toc.append(f"<li><a href='#{_esc(run)}'>{_esc(run)}</a>: " + ", ".join(
+            f"<a href='#{_anchor(run, s.key)}'>{_esc(s.title)}</a>" for s in sections) + "</li>")
+        spec = ctx.spec
+        parts = [f"<section class='run' id='{_esc(run)}' data-run='{_esc(run)}'><h2>Run {_esc(run)}</h2>",
+                 f"<p>Model <b>{_esc(spec['model'])}</b>, corpus <b>{_esc(spec['corpus'])}</b>, lens "
+                 f"source <b>{_esc(spec['lens']['source'])}</b>.</p>"]
+        for section in sections:
+            parts.append(f"<section id='{_anchor(run, section.key)}' data-section='{_esc(section.key)}'>"
+                         f"<h3>{_esc(section.title)}</h3>{''.join(html_block(b) for b in section.blocks)}</section>")
+        body.append("".join(parts) + "</section>")
+    prov = provenance_section(config, results, Path(workflow_dir))
+    toc.append("<li><a href='#provenance'>Provenance</a></li>")
+    body.append(f"<section id='provenance' data-section='provenance'><h2>{prov.title}</h2>"
+                f"{''.join(html_block(b) for b in prov.blocks)}</section>")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>lensspace report</title><style>{STYLE}</style></head><body>"
+            "<h1>lensspace: the lens-aligned predictive space of tuned lenses</h1>"
+            f"<p>Runs: {', '.join(_esc(r) for r in config['runs'])}. All KL values are in nats, means "
+            "over held-out token positions (position 0 excluded), with 95% bootstrap intervals over "
+            "sequences. Every number and figure here is read from this run's results.</p>"
+            f"<nav><b>Contents</b><ul>{''.join(toc)}</ul></nav>{''.join(body)}</body></html>")

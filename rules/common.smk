@@ -18,6 +18,8 @@ REFERENCE = str(Path(workflow.basedir) / "reference" / "seed_tables.tsv")
 
 wildcard_constraints:
     layer=r"\d+",
+    # {run} is always a run of the config: keeps figures/h1_heads_{run}.png from matching h1_{run}.
+    run="|".join(re.escape(r) for r in config["runs"]),
 
 
 def get_run(run):

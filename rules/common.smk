@@ -3,7 +3,13 @@ import re
 from pathlib import Path
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import check_references, experiment_layers
+from lensspace.settings import (
+    ablation_grid,
+    check_references,
+    experiment_layers,
+    lens_training,
+    token_split,
+)
 
 try:
     check_references(config)
@@ -59,6 +65,18 @@ def get_layer_tables(section):
         )
 
     return layer_tables
+
+
+def get_lens_training(wildcards):
+    return lens_training(config, wildcards.run)
+
+
+def get_token_split(wildcards):
+    return token_split(config, wildcards.run)
+
+
+def get_ablation_grid(section):
+    return ablation_grid(config, section)
 
 
 def get_reference_table(run, hypothesis):

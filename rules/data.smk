@@ -30,7 +30,7 @@ rule tokenize:
         tokens=f"{RESULTS}/{{run}}/data/tokens.safetensors",
         meta=f"{RESULTS}/{{run}}/data/tokens.json",
     params:
-        split=lambda wildcards: {**config["data"], **get_run(wildcards.run).get("data", {})},
+        split=get_token_split,
     log:
         f"{RESULTS}/logs/tokenize/{{run}}.log",
     resources:

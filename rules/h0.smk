@@ -11,9 +11,7 @@ rule h0_layer:
     output:
         table=f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
     params:
-        grid=config["h0"],
-        n_boot=config["bootstrap"]["n_resamples"],
-        seed=config["seed"],
+        grid=get_ablation_grid("h0"),
         device=config["device"],
     log:
         f"{RESULTS}/logs/h0_layer/{{run}}/{{layer}}.log",

@@ -12,9 +12,7 @@ rule h1_layer:
     output:
         table=f"{RESULTS}/{{run}}/h1/layers/{{layer}}.tsv",
     params:
-        grid=config["h1"],
-        n_boot=config["bootstrap"]["n_resamples"],
-        seed=config["seed"],
+        grid=get_ablation_grid("h1"),
         device=config["device"],
     log:
         f"{RESULTS}/logs/h1_layer/{{run}}/{{layer}}.log",

@@ -16,8 +16,7 @@ rule train_lens:
     wildcard_constraints:
         run=get_runs_with_lens_source("train"),
     params:
-        training=lambda wildcards: {**config["lens_training"], **get_run(wildcards.run)["lens"]},
-        seed=config["seed"],
+        training=get_lens_training,
         device=config["device"],
     log:
         f"{RESULTS}/logs/train_lens/{{run}}.log",

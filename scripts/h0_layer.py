@@ -4,7 +4,6 @@ from pathlib import Path
 from lensspace import runtime
 from lensspace.experiments.h0 import run_layer
 from lensspace.lenses import load_lens
-from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
 
@@ -12,9 +11,7 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    grid = ablation_grid({"h0": sm.params.grid, "seed": sm.params.seed,
-                          "bootstrap": {"n_resamples": sm.params.n_boot}})
-    rows = run_layer(adapter, lens, cache, load_bases(sm.input.bases), int(sm.wildcards.layer), grid)
+    rows = run_layer(adapter, lens, cache, load_bases(sm.input.bases), int(sm.wildcards.layer), sm.params.grid)
     runtime.write_tsv(rows, sm.output.table)
 
 

@@ -5,7 +5,6 @@ from lensspace import runtime
 from lensspace.experiments.h1 import run_layer
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
-from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
 
@@ -13,10 +12,8 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    grid = ablation_grid({"h1": sm.params.grid, "seed": sm.params.seed,
-                          "bootstrap": {"n_resamples": sm.params.n_boot}}, "h1")
     rows = run_layer(BlockRunner(adapter), lens, cache, load_bases(sm.input.bases),
-                     int(sm.wildcards.layer), grid)
+                     int(sm.wildcards.layer), sm.params.grid)
     runtime.write_tsv(rows, sm.output.table)
 
 

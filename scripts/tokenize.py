@@ -6,12 +6,12 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from lensspace import runtime
-from lensspace.corpus import TokenSplit, read_documents, tokenize_documents
+from lensspace.corpus import read_documents, tokenize_documents
 from lensspace.sources import sha256_of
 
 
 def body(sm):
-    split = TokenSplit(**sm.params.split)
+    split = sm.params.split
     tokenizer = AutoTokenizer.from_pretrained(Path(sm.input.model).parent)
     tokens = tokenize_documents(read_documents(Path(sm.input.corpus)), tokenizer, split)
     save_file(tokens, sm.output.tokens)

@@ -29,10 +29,11 @@ class LensTraining:
     """Settings of ``source: train``: ridge of the closed form, then the KL refinement budget."""
 
     ridge: float = 1e-3
-    refine_steps: int = 20
+    refine_steps: int = 12
     refine_batch_tokens: int = 256
     refine_tokens: int = 2048
-    lr: float = 1e-3
+    check_tokens: int = 512
+    lr: float = 2e-4
     seed: int = 0
 
 
@@ -66,13 +67,20 @@ def empty_lens(adapter: Adapter, name: str) -> TunedLens:
 
 
 def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str) -> TunedLens:
-    """Fit every translator by ridge least squares to the last residual, then refine by KL."""
+    """Fit every translator by ridge least squares to the last residual, then refine by KL.
+
+    The refinement is kept only where it lowers the KL on training tokens it did not use,
+    so it can never leave a layer worse than its least-squares fit.
+    """
     lens = empty_lens(adapter, name)
     final = _positions(cache.final("train"))
     gen = torch.Generator().manual_seed(settings.seed)
-    refine_idx = torch.randperm(len(final), generator=gen)[: settings.refine_tokens]
+    order = torch.randperm(len(final), generator=gen)
+    refine_idx = order[: settings.refine_tokens]
+    check_idx = order[settings.refine_tokens: settings.refine_tokens + settings.check_tokens]
     with torch.no_grad():
         target = adapter.logits(final[refine_idx]).log_softmax(-1)
+        check_target = adapter.logits(final[check_idx]).log_softmax(-1)
     for layer in tqdm(range(adapter.n_layers), desc="lens", file=sys.stderr, mininterval=5):
         h = _positions(cache.load(layer, "train"))
         weight, bias = fit_affine(h, final, settings.ridge)
@@ -80,8 +88,17 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
         with torch.no_grad():
             translator.weight.copy_(weight)
             translator.bias.copy_(bias)
-        if settings.refine_steps:
+        if settings.refine_steps and len(check_idx):
+            before = _kl(adapter, translator, h[check_idx], check_target)
             _refine(adapter, translator, h[refine_idx], target, settings, gen)
+            after = _kl(adapter, translator, h[check_idx], check_target)
+            kept = after < before
+            if not kept:
+                with torch.no_grad():
+                    translator.weight.copy_(weight)
+                    translator.bias.copy_(bias)
+            print(f"layer {layer}: KL on unused training tokens {before:.4f} after least squares, "
+                  f"{after:.4f} after refinement ({'kept' if kept else 'reverted'})", file=sys.stderr)
     return lens
 
 
@@ -98,6 +115,11 @@ def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
         loss.backward()
         opt.step()
     translator.requires_grad_(False)
+
+
+@torch.no_grad()
+def _kl(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor, target: torch.Tensor) -> float:
+    return float(kl_from_logprobs(target, adapter.logits(h + translator(h)).log_softmax(-1)).mean())
 
 
 def save_lens(lens: TunedLens, folder: Path) -> None:

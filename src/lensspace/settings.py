@@ -52,7 +52,8 @@ def lens_training(config: dict, run: str) -> LensTraining:
     merged = {**config["lens_training"], **{k: v for k, v in lens.items() if k != "source"}}
     return LensTraining(ridge=merged["ridge"], refine_steps=merged["refine_steps"],
                         refine_batch_tokens=merged["refine_batch_tokens"],
-                        refine_tokens=merged["refine_tokens"], lr=merged["lr"],
+                        refine_tokens=merged["refine_tokens"],
+                        check_tokens=merged["check_tokens"], lr=merged["lr"],
                         seed=config["seed"])
 
 

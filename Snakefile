@@ -28,6 +28,8 @@ include: "rules/svd.smk"
 include: "rules/h0.smk"
 include: "rules/report.smk"
 include: "rules/h1.smk"
+include: "rules/h2.smk"
+include: "rules/shuffle.smk"
 
 
 rule all:

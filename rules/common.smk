@@ -6,8 +6,10 @@ from lensspace.errors import LensspaceError
 from lensspace.settings import (
     ablation_grid,
     check_references,
+    embedding_lens_settings,
     experiment_layers,
     lens_training,
+    shuffle_pair_chunks,
     token_split,
 )
 
@@ -54,17 +56,37 @@ def get_experiment_layers(run, section):
     return experiment_layers(config, get_n_layers(run), section)
 
 
-def get_layer_tables(section):
-    """Input function: the per-layer TSVs of experiment ``section`` (h0 or h1) for a run."""
+def get_layer_tables(section, folder="layers"):
+    """Input function: the per-layer TSVs of experiment ``section`` (h0, h1, h2) for a run."""
 
     def layer_tables(wildcards):
         return expand(
-            f"{RESULTS}/{{run}}/{section}/layers/{{layer}}.tsv",
+            f"{RESULTS}/{{run}}/{section}/{folder}/{{layer}}.tsv",
             run=wildcards.run,
             layer=get_experiment_layers(wildcards.run, section),
         )
 
     return layer_tables
+
+
+def get_embedding_lens_settings(wildcards):
+    return embedding_lens_settings(config)
+
+
+def get_shuffle_chunks(run):
+    return shuffle_pair_chunks(config, get_n_layers(run))
+
+
+def get_shuffle_pairs(wildcards):
+    return get_shuffle_chunks(wildcards.run)[int(wildcards.chunk)]
+
+
+def get_shuffle_tables(wildcards):
+    chunks = range(len(get_shuffle_chunks(wildcards.run)))
+    return [
+        *expand(f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv", run=wildcards.run, chunk=chunks),
+        f"{RESULTS}/{wildcards.run}/shuffle/windows.tsv",
+    ]
 
 
 def get_lens_training(wildcards):
@@ -98,11 +120,16 @@ def get_final_outputs():
         *expand(f"{RESULTS}/figures/h1_{{run}}.png", run=runs),
         *expand(f"{RESULTS}/{{run}}/h1/heads.tsv", run=runs),
         *expand(f"{RESULTS}/figures/h1_heads_{{run}}.png", run=runs),
+        *expand(f"{RESULTS}/{{run}}/h2/ablation.tsv", run=runs),
+        *expand(f"{RESULTS}/tables/h2_{{run}}.md", run=runs),
+        *expand(f"{RESULTS}/figures/h2_{{run}}.png", run=runs),
+        *expand(f"{RESULTS}/{{run}}/shuffle/swaps.tsv", run=runs),
+        *expand(f"{RESULTS}/figures/shuffle_{{run}}.png", run=runs),
     ]
 
 
 # Ablation experiments (results/{run}/{name}/ablation.tsv) the report shows when their rules exist.
-REPORT_EXPERIMENTS = ["h0", "h1"]
+REPORT_EXPERIMENTS = ["h0", "h1", "h2"]
 
 
 def get_producible(paths):
@@ -121,6 +148,7 @@ def get_report_inputs(wildcards):
                 wanted.append(f"{RESULTS}/tables/robustness_{name}_{run}.md")
             wanted += [f"{RESULTS}/{run}/{name}/ablation.tsv", f"{RESULTS}/tables/{name}_{run}.md",
                        f"{RESULTS}/figures/{name}_{run}.png"]
-        wanted += [f"{RESULTS}/{run}/h1/heads.tsv", f"{RESULTS}/figures/h1_heads_{run}.png",
+        wanted += [f"{RESULTS}/{run}/h1/{name}.tsv" for name in ("heads", "heads_test", "mlp")]
+        wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
                    f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
     return get_producible(wanted)

@@ -29,7 +29,7 @@ rule h0_layer:
 
 rule h0_merge:
     input:
-        tables=get_layer_tables("h0"),
+        table=get_layer_tables("h0"),
     output:
         table=f"{RESULTS}/{{run}}/h0/ablation.tsv",
     log:

@@ -30,7 +30,7 @@ rule h1_layer:
 
 rule h1_merge:
     input:
-        tables=get_layer_tables("h1"),
+        table=get_layer_tables("h1"),
     output:
         table=f"{RESULTS}/{{run}}/h1/ablation.tsv",
     log:

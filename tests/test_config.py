@@ -8,7 +8,8 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import ablation_grid, check_references, experiment_layers, lens_training, token_split
+from lensspace.settings import (ablation_grid, check_references, embedding_lens_settings,
+                                experiment_layers, lens_training, shuffle_pair_chunks, token_split)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")
@@ -27,7 +28,12 @@ def test_shipped_configs_are_valid(name):
         token_split(config, run)
         if config["runs"][run]["lens"]["source"] == "train":
             lens_training(config, run)
-    ablation_grid(config)
+    for section in ("h0", "h1", "h2"):
+        assert ablation_grid(config, section).variants(64)
+    embedding_lens_settings(config)
+    n_layers = next(iter(config["models"].values()))["n_layers"]
+    pairs = [pair for chunk in shuffle_pair_chunks(config, n_layers) for pair in chunk]
+    assert all(0 <= i < j < n_layers for i, j in pairs) and len(set(pairs)) == len(pairs)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -58,6 +64,14 @@ def test_unknown_model_reference_is_named():
     config["runs"]["smollm2-bible"]["model"] = "smollm3"
     with pytest.raises(LensspaceError, match=r"runs.smollm2-bible.model: 'smollm3' is not defined under models"):
         check_references(config)
+
+
+def test_shuffle_pairs():
+    config = {"shuffle": {"pairs": "all", "pairs_per_job": 4}}
+    chunks = shuffle_pair_chunks(config, 5)
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    config["shuffle"]["pairs"] = "adjacent"
+    assert shuffle_pair_chunks(config, 5) == [[(0, 1), (1, 2), (2, 3), (3, 4)]]
 
 
 def test_h0_layer_selection():

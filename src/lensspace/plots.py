@@ -93,3 +93,55 @@ def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | P
                  f"within-depth difference {test['statistic']:.3f}, p = {p}", fontsize=8)
     fig.tight_layout()
     save(fig, path)
+
+
+def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str, path: str | Path) -> None:
+    """Left: R² and route KLs of E_i by layer. Right: KL of ablating W_E's directions by layer."""
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6.8, 2.6))
+    fit = fit.sort_values("layer")
+    for route, color in (("lens", PALETTE["tuned"]), ("downstream", PALETTE["output"])):
+        band = fit.rename(columns={f"kl_{route}_route": "kl", f"kl_{route}_route_lo": "kl_lo",
+                                   f"kl_{route}_route_hi": "kl_hi"})
+        _band(left, band, f"KL, {route} route", color)
+    left.set_ylabel("KL(model || E_i route), nats")
+    left.set_xlabel("layer")
+    r2 = left.twinx()
+    r2.plot(fit["layer"], fit["r2"], color="black", ls=":", marker="s", ms=2.5, label="R²")
+    r2.set_ylabel("R² of E_i")
+    r2.set_ylim(0, 1.05)
+    r2.grid(False)
+    left.legend(fontsize=7, frameon=False, loc="upper left")
+    k = int(ablation["k"].min())
+    for subspace, label in (("output", "input (top-k)"), ("internal", "bottom-k"), ("random", "random")):
+        part = ablation[(ablation["subspace"] == subspace) & (ablation["k"] == k)]
+        if not part.empty:
+            _band(right, part, label, PALETTE[subspace], dashed=subspace == "random")
+    right.set_ylabel(f"KL of ablating k={k} W_E directions")
+    right.set_xlabel("layer")
+    right.legend(fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Path) -> None:
+    """KL of swapping blocks i and j, one heatmap per space, one shared colour scale."""
+    import numpy as np
+
+    style()
+    spaces = [s for s in ("native", "lens") if s in set(swaps["space"])]
+    vmax = float(swaps["kl"].max()) if len(swaps) else 1.0
+    fig, axes = plt.subplots(1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False)
+    for ax, space in zip(axes[0], spaces):
+        grid = np.full((n_layers, n_layers), np.nan)
+        for row in swaps[swaps["space"] == space].itertuples():
+            grid[row.i, row.j] = grid[row.j, row.i] = row.kl
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="magma_r", square=True,
+                    cbar_kws={"label": "KL (nats)"}, mask=np.isnan(grid))
+        ax.set_title(f"{space} space", fontsize=9)
+        ax.set_xlabel("block j")
+        ax.set_ylabel("block i")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)

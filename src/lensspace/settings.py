@@ -12,6 +12,7 @@ from lensspace.corpus import TokenSplit
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import CircuitSettings
 from lensspace.experiments.h0 import AblationGrid
+from lensspace.experiments.h2 import EmbeddingLensSettings
 from lensspace.lenses import LensTraining
 
 
@@ -25,7 +26,7 @@ def check_references(config: dict[str, Any]) -> None:
                     f"(defined: {', '.join(sorted(config[table])) or 'none'})"
                 )
         n_layers = config["models"][spec["model"]]["n_layers"]
-        for section in ("h0", "h1"):
+        for section in ("h0", "h1", "h2"):
             chosen = config.get(section, {}).get("layers")
             for layer in chosen if isinstance(chosen, list) else []:
                 if not 0 <= layer < n_layers:
@@ -57,14 +58,38 @@ def lens_training(config: dict, run: str) -> LensTraining:
                         seed=config["seed"])
 
 
+# Where each experiment ablates, and in which bases when the config does not choose.
+_SITES = {"h1": ("residual",), "h2": ("embedding",)}
+_BASES = {"h2": ("embed",)}
+
+
 def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
-    """The grid of ``h0`` (lens space, sites pre/post norm) or ``h1`` (site ``residual``)."""
+    """The grid of ``h0`` (lens space), ``h1`` (residual stream) or ``h2`` (embedding input)."""
     grid = config[section]
-    sites = tuple(grid["sites"]) if section == "h0" else ("residual",)
-    return AblationGrid(subspaces=tuple(grid["subspaces"]), ks=tuple(grid["k"]),
-                        bases=tuple(grid["bases"]), modes=tuple(grid["modes"]),
-                        sites=sites, seed=config["seed"],
+    sites = tuple(grid["sites"]) if "sites" in grid else _SITES[section]
+    bases = tuple(grid["bases"]) if "bases" in grid else _BASES[section]
+    return AblationGrid(subspaces=tuple(grid["subspaces"]), ks=tuple(grid["k"]), bases=bases,
+                        modes=tuple(grid["modes"]), sites=sites, seed=config["seed"],
                         n_boot=config["bootstrap"]["n_resamples"])
+
+
+def embedding_lens_settings(config: dict) -> EmbeddingLensSettings:
+    h2 = config["h2"]
+    return EmbeddingLensSettings(objective=h2["objective"], ridge=h2["ridge"],
+                                 refine_steps=h2["refine_steps"],
+                                 refine_sequences=h2["refine_sequences"], lr=h2["lr"],
+                                 seed=config["seed"])
+
+
+def shuffle_pair_chunks(config: dict, n_layers: int) -> list[list[tuple[int, int]]]:
+    """The swap pairs (i < j) of the config, cut into the batches that become jobs."""
+    shuffle = config["shuffle"]
+    if shuffle["pairs"] == "adjacent":
+        pairs = [(i, i + 1) for i in range(n_layers - 1)]
+    else:
+        pairs = [(i, j) for i in range(n_layers) for j in range(i + 1, n_layers)]
+    size = shuffle["pairs_per_job"]
+    return [pairs[start: start + size] for start in range(0, len(pairs), size)]
 
 
 def circuit_settings(config: dict, d_model: int) -> CircuitSettings:

@@ -67,3 +67,17 @@ def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
         out["Δ internal"] = out["KL ablate internal"] - out["published internal"]
         out["Δ output"] = out["KL ablate output"] - out["published output"]
     return out
+
+
+def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Per layer: R², route KLs, and the zero-ablation KLs at the smallest k; returns (table, k)."""
+    k = int(ablation["k"].min())
+    cell = ablation[(ablation["k"] == k) & (ablation["mode"] == ablation["mode"].iloc[0])]
+    wide = cell.pivot(index="layer", columns="subspace", values="kl")
+    out = fit.set_index("layer")[["r2", "kl_lens_route", "kl_downstream_route"]].rename(columns={
+        "r2": "R²", "kl_lens_route": "KL lens route", "kl_downstream_route": "KL downstream route"})
+    names = {"output": "KL ablate input (top-k)", "internal": "KL ablate bottom-k", "random": "KL ablate random"}
+    for subspace, label in names.items():
+        if subspace in wide:
+            out[label] = wide[subspace]
+    return out.reset_index(), k

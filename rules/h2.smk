@@ -1,0 +1,80 @@
+# H2: embedding lenses (circuit beginnings), one job per layer, then merge, tabulate, plot.
+
+
+rule h2_layer:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+    output:
+        table=f"{RESULTS}/{{run}}/h2/layers/{{layer}}.tsv",
+        fit=f"{RESULTS}/{{run}}/h2/fit_layers/{{layer}}.tsv",
+    params:
+        settings=get_embedding_lens_settings,
+        grid=get_ablation_grid("h2"),
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/h2_layer/{{run}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h2_layer/{{run}}/{{layer}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h2_layer.py"
+
+
+rule h2_merge:
+    input:
+        table=get_layer_tables("h2"),
+        fit=get_layer_tables("h2", "fit_layers"),
+    output:
+        table=f"{RESULTS}/{{run}}/h2/ablation.tsv",
+        fit=f"{RESULTS}/{{run}}/h2/fit.tsv",
+    log:
+        f"{RESULTS}/logs/h2_merge/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/merge_tables.py"
+
+
+rule h2_table:
+    input:
+        table=rules.h2_merge.output.table,
+        fit=rules.h2_merge.output.fit,
+    output:
+        markdown=f"{RESULTS}/tables/h2_{{run}}.md",
+    log:
+        f"{RESULTS}/logs/h2_table/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h2_table.py"
+
+
+rule h2_figure:
+    input:
+        table=rules.h2_merge.output.table,
+        fit=rules.h2_merge.output.fit,
+    output:
+        figure=f"{RESULTS}/figures/h2_{{run}}.png",
+    log:
+        f"{RESULTS}/logs/h2_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/h2_figure.py"

@@ -1,0 +1,94 @@
+# Layer-shuffle invariance: batches of swap pairs as parallel jobs, window permutations,
+# then one table of swaps and the heatmaps.
+
+
+rule shuffle_pairs:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+    output:
+        table=f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv",
+    wildcard_constraints:
+        chunk=r"\d+",
+    params:
+        pairs=get_shuffle_pairs,
+        shuffle=config["shuffle"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/shuffle_pairs/{{run}}/{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shuffle_pairs/{{run}}/{{chunk}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/shuffle.py"
+
+
+rule shuffle_windows:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+    output:
+        table=f"{RESULTS}/{{run}}/shuffle/windows.tsv",
+        conditions=f"{RESULTS}/{{run}}/shuffle/conditions.tsv",
+    params:
+        pairs=[],
+        shuffle=config["shuffle"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/shuffle_windows/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shuffle_windows/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/shuffle.py"
+
+
+rule shuffle_merge:
+    input:
+        table=get_shuffle_tables,
+    output:
+        table=f"{RESULTS}/{{run}}/shuffle/swaps.tsv",
+    log:
+        f"{RESULTS}/logs/shuffle_merge/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/merge_tables.py"
+
+
+rule shuffle_figure:
+    input:
+        table=rules.shuffle_merge.output.table,
+        model=get_model_manifest,
+    output:
+        figure=f"{RESULTS}/figures/shuffle_{{run}}.png",
+    log:
+        f"{RESULTS}/logs/shuffle_figure/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/shuffle_figure.py"

@@ -1,0 +1,22 @@
+"""H2 at one layer: fit the embedding lens E_i, its held-out quality, and the input ablations."""
+from pathlib import Path
+
+from lensspace import runtime
+from lensspace.experiments.h2 import embedding_basis, evaluate_layer, fit_embedding_lens
+from lensspace.lenses import load_lens
+from lensspace.runner import BlockRunner
+
+
+def body(sm):
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    lens = load_lens(adapter, Path(sm.input.lens).parent)
+    runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
+    emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
+    fit, rows = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid,
+                               n_boot=grid.n_boot, seed=grid.seed)
+    runtime.write_tsv([fit], sm.output.fit)
+    runtime.write_tsv(rows, sm.output.table)
+
+
+runtime.main(snakemake, body)  # noqa: F821

@@ -1,0 +1,33 @@
+"""Layer shuffle: a batch of swap pairs (params.pairs), or else the window permutations and
+the translators' condition numbers."""
+from pathlib import Path
+
+from lensspace import runtime
+from lensspace.experiments.shuffle import LensSpaceBlocks, measure, swap, window_permutations
+from lensspace.lenses import load_lens
+from lensspace.runner import BlockRunner
+
+
+def body(sm):
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    settings = sm.params.shuffle
+    runner = BlockRunner(adapter)
+    lens_blocks = None
+    if "lens" in settings["spaces"] or "conditions" in sm.output.keys():
+        lens_blocks = LensSpaceBlocks(runner, load_lens(adapter, Path(sm.input.lens).parent))
+    if sm.params.pairs:
+        perms, kind = [swap(adapter.n_layers, i, j) for i, j in sm.params.pairs], "swap"
+    else:
+        perms, kind = window_permutations(adapter.n_layers, settings["window"],
+                                          settings["window_samples"], sm.params.seed), "window"
+        runtime.write_tsv([{"layer": i, "condition_number": c}
+                           for i, c in enumerate(lens_blocks.conditions)], sm.output.conditions)
+    if "lens" not in settings["spaces"]:
+        lens_blocks = None
+    rows = measure(runner, cache, perms, lens_blocks, n_boot=sm.params.n_boot, seed=sm.params.seed,
+                   n_sequences=settings.get("eval_sequences"))
+    runtime.write_tsv([{**row, "kind": kind} for row in rows], sm.output.table)
+
+
+runtime.main(snakemake, body)  # noqa: F821

@@ -1,0 +1,110 @@
+"""H2 embedding lenses and layer-shuffle invariance against independent computations."""
+
+import pytest
+import torch
+
+from lensspace.activations import ActivationCache, write_cache
+from lensspace.errors import LensspaceError
+from lensspace.experiments.h0 import AblationGrid
+from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, evaluate_layer,
+                                      fit_embedding_lens, r_squared)
+from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, swap,
+                                           window_permutations)
+from lensspace.lenses import empty_lens
+from lensspace.runner import BlockRunner
+
+
+@pytest.fixture
+def cached(tiny, tmp_path):
+    adapter, _ = tiny
+    gen = torch.Generator().manual_seed(5)
+    tokens = {"train": torch.randint(0, 256, (8, 12), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (4, 12), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
+    lens = empty_lens(adapter, "tiny")
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * 0.05)
+            t.bias.copy_(torch.randn(t.bias.shape, generator=gen) * 0.05)
+    return BlockRunner(adapter), lens, ActivationCache(tmp_path / "cache")
+
+
+def test_swap_and_window_orders():
+    assert swap(5, 1, 3).order == (3, 2, 1, 4)
+    assert swap(5, 1, 3).start == 1
+    perms = window_permutations(6, 3, 4, seed=0)
+    assert perms == window_permutations(6, 3, 4, seed=0)
+    for p in perms:
+        assert sorted(p.order) == list(range(p.start, 6)) and p.j - p.i == 2
+
+
+def test_identity_order_gives_zero_kl_and_full_agreement(cached):
+    runner, lens, cache = cached
+    n = runner.adapter.n_layers
+    identity = Permutation(tuple(range(n)), 0, 0, 0)
+    rows = measure(runner, cache, [identity], LensSpaceBlocks(runner, lens), n_boot=20, seed=0)
+    for row in rows:
+        assert row["kl"] == pytest.approx(0, abs=1e-6) and row["top1_agreement"] == 1.0
+
+
+def test_swaps_change_the_output(cached):
+    runner, lens, cache = cached
+    rows = measure(runner, cache, [swap(runner.adapter.n_layers, 0, 2)], LensSpaceBlocks(runner, lens),
+                   n_boot=20, seed=0)
+    assert {r["space"] for r in rows} == {"native", "lens"}
+    assert all(r["kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in rows)
+
+
+def test_identity_lenses_make_lens_space_equal_native(cached):
+    runner, _, cache = cached
+    identity_lens = empty_lens(runner.adapter, "identity")
+    blocks = LensSpaceBlocks(runner, identity_lens)
+    h = cache.load(1, "eval")
+    perm = swap(runner.adapter.n_layers, 1, 2)
+    torch.testing.assert_close(blocks.run(h, perm), runner.run(h, 1, perm.order))
+
+
+def test_translator_inverse_round_trip(cached):
+    runner, lens, cache = cached
+    blocks = LensSpaceBlocks(runner, lens)
+    h = cache.load(1, "eval")
+    for layer in range(runner.adapter.n_layers):
+        torch.testing.assert_close(blocks.from_lens(blocks.to_lens(h, layer), layer), h,
+                                   atol=1e-4, rtol=1e-5)
+    assert all(c >= 1 for c in blocks.conditions)
+
+
+def test_singular_translator_is_refused(cached):
+    runner, lens, _ = cached
+    with torch.no_grad():
+        lens.layer_translators[1].weight.copy_(-torch.eye(runner.adapter.d_model))
+    with pytest.raises(LensspaceError, match="translator 1 is not safely invertible"):
+        LensSpaceBlocks(runner, lens)
+
+
+def test_least_squares_embedding_lens_recovers_planted_map(tiny):
+    adapter, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(500, adapter.d_model, generator=gen)
+    b, c = torch.randn(adapter.d_model, adapter.d_model, generator=gen) * 0.2, torch.randn(adapter.d_model, generator=gen)
+    h = e + e @ b.T + c
+    from lensspace.lenses import fit_affine
+    b_hat, c_hat = fit_affine(e, h, ridge=1e-10)
+    torch.testing.assert_close(b_hat, b, atol=1e-4, rtol=0)
+    assert r_squared(e + e @ b_hat.T + c_hat, h) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_r_squared_is_one_at_layer_zero_and_embedding_route_runs(cached):
+    runner, lens, cache = cached
+    # layer 0: h_0 is exactly the embedding, an affine function of itself
+    emb0 = fit_embedding_lens(runner, lens, cache, 0, EmbeddingLensSettings(refine_steps=0))
+    grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("embed",),
+                        modes=("zero",), sites=("embedding",), n_boot=20)
+    fit0, _ = evaluate_layer(runner, lens, cache, 0, emb0, embedding_basis(runner.adapter), grid, 20, 0)
+    assert fit0["r2"] == pytest.approx(1.0, abs=1e-4)
+    for objective in ("lens", "downstream"):
+        emb = fit_embedding_lens(runner, lens, cache, 2, EmbeddingLensSettings(
+            objective=objective, refine_steps=2, refine_sequences=2))
+        fit, rows = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid, 20, 0)
+        assert fit["r2"] <= 1 and fit["kl_lens_route"] >= 0 and fit["kl_downstream_route"] >= 0
+        assert len(rows) == 3 and all(r["kl"] >= 0 and r["site"] == "embedding" for r in rows)

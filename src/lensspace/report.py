@@ -62,6 +62,7 @@ class Table:
     frame: pd.DataFrame
     caption: str
     markdown_path: Path | None = None  # where the same table is written as Markdown, if anywhere
+    collapsed: bool = False            # long tables: shown on demand
 
 
 @dataclass
@@ -194,7 +195,7 @@ class AblationExperiment:
     where: str      # where the ablation happens
     measure: str    # what the KL compares
     seed_site: str = "pre_norm"  # the site of the original table's cell
-    extra_tables: tuple = ()   # (file name under results/{run}/{key}/, caption)
+    extra_tables: tuple = ()   # (file name under results/{run}/{key}/, caption, collapsed)
     extra_figures: tuple = ()  # (figure name: figures/{name}_{run}.png, caption)
 
     def __call__(self, ctx: RunContext) -> Section | None:
@@ -212,11 +213,12 @@ class AblationExperiment:
         for name, caption in self.extra_figures:
             if ctx.figure(name).exists():
                 section.blocks.append(Figure(ctx.figure(name), f"{caption} Run {ctx.run}."))
-        for name, caption in self.extra_tables:
+        for name, caption, collapsed in self.extra_tables:
             extra = ctx.path(self.key, name)
             if extra.exists():
                 frame = pd.read_csv(extra, sep="\t")
-                section.blocks.append(Table(frame, f"{caption} Run {ctx.run}; {len(frame)} rows."))
+                section.blocks.append(Table(frame, f"{caption} Run {ctx.run}; {len(frame)} rows "
+                                            f"(results/{ctx.run}/{self.key}/{name}).", collapsed=collapsed))
         return section
 
     def caption(self, ctx: RunContext, ablation: pd.DataFrame) -> str:
@@ -270,8 +272,14 @@ H1 = AblationExperiment(
     seed_site="residual",
     extra_figures=(("h1_heads", "Circuit ends: each attention head's induction score against the "
                     "fraction of its output written into the output subspace."),),
-    extra_tables=(("heads.tsv", "Attention heads: induction score and the fraction of each head's "
-                   "output written into the output and internal subspaces."),))
+    extra_tables=(
+        ("heads_test.tsv", "Circuit ends, permutation test: do induction heads write more into the "
+         "output subspace than other heads of the same depth?", False),
+        ("mlp.tsv", "MLPs: the fraction of each layer's MLP output written into the output and "
+         "internal subspaces.", True),
+        ("heads.tsv", "Attention heads: induction score and the fraction of each head's output "
+         "written into the output and internal subspaces.", True),
+    ))
 
 
 def shuffle_section(ctx: RunContext) -> Section | None:
@@ -397,7 +405,11 @@ def html_block(block) -> str:
         return html_figure(block)
     if isinstance(block, Table):
         source = (f" Markdown: <code>{_esc(block.markdown_path)}</code>." if block.markdown_path else "")
-        return f"{html_table(block.frame)}<p class='caption'>{_esc(block.caption)}{source}</p>"
+        caption = f"<p class='caption'>{_esc(block.caption)}{source}</p>"
+        if block.collapsed:
+            return (f"<details><summary>{_esc(block.caption.split(':')[0])} ({len(block.frame)} rows)"
+                    f"</summary>{html_table(block.frame)}</details>{caption}")
+        return f"{html_table(block.frame)}{caption}"
     if isinstance(block, Grid):
         return f"<div data-block='robustness'>{html_grid(block.verdicts)}<p class='caption'>{_esc(block.caption)}</p></div>"
     if isinstance(block, Text):

@@ -53,6 +53,7 @@ def test_slurm_profile_settings_and_their_reasons():
     assert profile["executor"] == "slurm"
     assert profile["retries"] >= 1 and profile["rerun-incomplete"] is True
     assert profile["latency-wait"] >= 30 and "slurm-init-seconds-before-status-checks" in profile
+    assert profile["slurm-status-command"] == "squeue"      # see the comment there: scancel
     resources = profile["default-resources"]
     assert {"slurm_partition", "slurm_account", "mem_mb", "runtime"} <= set(resources)
     # every entry carries a comment saying why: top-level settings and each rule's or

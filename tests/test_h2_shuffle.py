@@ -108,3 +108,27 @@ def test_r_squared_is_one_at_layer_zero_and_embedding_route_runs(cached):
         fit, rows = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid, 20, 0)
         assert fit["r2"] <= 1 and fit["kl_lens_route"] >= 0 and fit["kl_downstream_route"] >= 0
         assert len(rows) == 3 and all(r["kl"] >= 0 and r["site"] == "embedding" for r in rows)
+
+
+def test_r_squared_is_one_where_the_residual_is_affine_in_the_embedding(tmp_path):
+    """Silence block 0 (its attention and MLP write nothing): h_1 = h_0 = the embedding."""
+    from lensspace.adapter import Adapter
+    from lensspace.models import build_random_model
+
+    model, _ = build_random_model({"arch": "llama", "n_layers": 2, "d_model": 16, "n_heads": 2, "seed": 9})
+    adapter = Adapter(model.requires_grad_(False))
+    with torch.no_grad():
+        adapter.attention_out(0).weight.zero_()
+        adapter.blocks[0].mlp.down_proj.weight.zero_()
+    gen = torch.Generator().manual_seed(1)
+    tokens = {"train": torch.randint(0, 256, (6, 10), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (3, 10), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "c", {}, storage="float32")
+    cache = ActivationCache(tmp_path / "c")
+    runner, lens = BlockRunner(adapter), empty_lens(adapter, "z")
+    emb = fit_embedding_lens(runner, lens, cache, 1, EmbeddingLensSettings(refine_steps=0, ridge=1e-9))
+    grid = AblationGrid(subspaces=("output",), ks=(4,), bases=("embed",), modes=("zero",),
+                        sites=("embedding",), n_boot=20)
+    fit, _ = evaluate_layer(runner, lens, cache, 1, emb, embedding_basis(adapter), grid, 20, 0)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-6)
+    assert fit["kl_downstream_route"] == pytest.approx(0.0, abs=1e-5)

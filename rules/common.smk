@@ -149,6 +149,8 @@ def get_report_inputs(wildcards):
             wanted += [f"{RESULTS}/{run}/{name}/ablation.tsv", f"{RESULTS}/tables/{name}_{run}.md",
                        f"{RESULTS}/figures/{name}_{run}.png"]
         wanted += [f"{RESULTS}/{run}/h1/{name}.tsv" for name in ("heads", "heads_test", "mlp")]
+        wanted += [f"{RESULTS}/{run}/h2/fit.tsv", f"{RESULTS}/{run}/shuffle/windows.tsv",
+                   f"{RESULTS}/{run}/shuffle/conditions.tsv"]
         wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
                    f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
     return get_producible(wanted)

@@ -207,13 +207,25 @@ def test_sections_follow_the_files_that_exist(results):
     ablation.to_csv(res / "h1" / "ablation.tsv", sep="\t", index=False)
     pd.DataFrame({"layer": [0], "head": [1], "induction_score": [0.9], "output_fraction": [0.5],
                   "internal_fraction": [0.1]}).to_csv(res / "h1" / "heads.tsv", sep="\t", index=False)
+    shutil.copytree(res / "h0", res / "h2")
+    ablation = ablation[ablation["basis"] != "unembed_centered"].copy()  # H2 has one basis: W_E's
+    ablation["site"], ablation["basis"] = "embedding", ablation["basis"].where(ablation["subspace"] == "random", "embed")
+    ablation.to_csv(res / "h2" / "ablation.tsv", sep="\t", index=False)
+    pd.DataFrame({"layer": range(12), "r2": 0.5, "kl_lens_route": 1.0, "kl_downstream_route": 2.0,
+                  "n_tokens": 64}).to_csv(res / "h2" / "fit.tsv", sep="\t", index=False)
+    _png(res.parent / "figures" / "h2_paper.png")
     (res / "shuffle").mkdir()
-    pd.DataFrame({"i": [0, 0, 1], "j": [1, 2, 2], "space": ["native"] * 3, "kl": [0.1, 0.2, 0.3],
-                  "kl_lo": [0.0] * 3, "kl_hi": [0.5] * 3, "top1_agreement": [0.9] * 3,
-                  "n_tokens": [64] * 3}).to_csv(res / "shuffle" / "swaps.tsv", sep="\t", index=False)
+    pd.DataFrame({"i": [0, 0, 1, 0], "j": [1, 2, 2, 2], "space": ["native"] * 4, "kl": [0.1, 0.2, 0.3, 0.4],
+                  "kl_lo": [0.0] * 4, "kl_hi": [0.5] * 4, "top1_agreement": [0.9] * 4,
+                  "n_tokens": [64] * 4, "kind": ["swap"] * 3 + ["window"]}).to_csv(
+        res / "shuffle" / "swaps.tsv", sep="\t", index=False)
     page = _build(tmp_path, config)
-    assert re.findall(r"data-section='([^']+)'", page) == ["lens-quality", "h0", "h1", "shuffle", "provenance"]
+    assert re.findall(r"data-section='([^']+)'", page) == ["lens-quality", "h0", "h1", "h2", "shuffle",
+                                                            "provenance"]
     assert "site residual" in page and "induction_score" in page and "Swap cost" in page
+    assert "R²" in page and "input (top-k right singular vectors of W_E)" in page
+    assert "Permutations within windows" in page
+    assert page.count('src="data:image/png;base64,') == 3
 
 
 # ------------------------------------------------------------------ the tiny run's page in Chromium

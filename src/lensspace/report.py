@@ -34,11 +34,14 @@ BASIS_TEXT = {
     "unembed_centered": "SVD of W_U with its vocabulary mean removed and the final norm's gain folded in",
     "lens_pullback": "the output subspace pulled back through the lens, span((I + A_i)^T U_k)",
     "random": "a seeded random k-dimensional subspace (the control)",
+    "embed": "SVD of the token embedding W_E",
 }
 MODE_TEXT = {"zero": "zero (the component is projected out)",
              "mean": "mean (the component is replaced by its training-set mean)"}
 SITE_TEXT = {"pre_norm": "pre_norm (before the final norm)",
-             "post_norm": "post_norm (after the final norm, its scale frozen from the intact vector)"}
+             "post_norm": "post_norm (after the final norm, its scale frozen from the intact vector)",
+             "residual": "residual (the residual stream h_i itself)",
+             "embedding": "embedding (the token embedding, at the embedding lens's input)"}
 SUBSPACE_TEXT = {"output": "output (top-k right singular vectors)",
                  "internal": "internal (bottom-k right singular vectors)",
                  "random": "random (seeded k-dim control)"}
@@ -194,7 +197,9 @@ class AblationExperiment:
     title: str
     where: str      # where the ablation happens
     measure: str    # what the KL compares
-    seed_site: str = "pre_norm"  # the site of the original table's cell
+    seed_site: str | None = "pre_norm"  # the site of the original table's cell (None: no such table)
+    summary: Callable[["RunContext", pd.DataFrame], list] | None = None  # blocks instead of it
+    subspace_words: tuple = ()  # (subspace, words) where the SVD is not of W_U
     extra_tables: tuple = ()   # (file name under results/{run}/{key}/, caption, collapsed)
     extra_figures: tuple = ()  # (figure name: figures/{name}_{run}.png, caption)
 
@@ -204,7 +209,10 @@ class AblationExperiment:
             return None
         ablation = pd.read_csv(path, sep="\t")
         section = Section(self.key, self.title)
-        section.blocks += self.seed_table(ctx, ablation)
+        if self.seed_site is not None:
+            section.blocks += self.seed_table(ctx, ablation)
+        if self.summary is not None:
+            section.blocks += self.summary(ctx, ablation)
         if ctx.figure(self.key).exists():
             section.blocks.append(Figure(ctx.figure(self.key), self.caption(ctx, ablation)))
         verdicts = robustness.classify(ablation)
@@ -225,7 +233,8 @@ class AblationExperiment:
         subspaces = list(dict.fromkeys(ablation["subspace"]))
         bases = [b for b in dict.fromkeys(ablation["basis"]) if b != "random"]
         ks = sorted(set(int(k) for k in ablation["k"]), reverse=True)
-        return (f"{self.title}, {ctx.run}. Ablated: {_listing(subspaces, SUBSPACE_TEXT)}; "
+        words = {**SUBSPACE_TEXT, **dict(self.subspace_words)}
+        return (f"{self.title}, {ctx.run}. Ablated: {_listing(subspaces, words)}; "
                 f"k = {', '.join(map(str, ks))}; bases: {_listing(bases, BASIS_TEXT)}. "
                 f"Where: {self.where}, at {_layers(ablation['layer'])}; sites: "
                 f"{_listing(dict.fromkeys(ablation['site']), SITE_TEXT)}. "
@@ -282,24 +291,59 @@ H1 = AblationExperiment(
     ))
 
 
+def h2_summary(ctx: RunContext, ablation: pd.DataFrame) -> list:
+    fit_path = ctx.path("h2", "fit.tsv")
+    if not fit_path.exists():
+        return []
+    fit = pd.read_csv(fit_path, sep="\t")
+    table, k = tables.embedding_lens_table(fit, ablation)
+    return [Table(table, (
+        f"Embedding lenses E_i, {ctx.run}: R² = held-out share of h_i's variance that E_i explains; "
+        "route KLs = held-out KL(p_model ‖ p via E_i) in nats, through the tuned lens T_i (lens route) "
+        f"or by running the rest of the model (downstream route); ablation KLs at k = {k}: "
+        "KL(p via E_i ‖ p via E_i with k directions of W_E's SVD ablated at E_i's input) "
+        f"(input = top-k, bottom = bottom-k, random = seeded control); {_tokens(fit)} held-out tokens."),
+        ctx.table("h2") if ctx.table("h2").exists() else None)]
+
+
+H2 = AblationExperiment(
+    "h2", "H2: token-embedding directions ablated at the embedding lens's input",
+    where="at the input of the embedding lens E_i (token embedding -> layer i), read through T_i",
+    measure="KL(p via E_i ‖ p via E_i ablated)",
+    seed_site=None, summary=h2_summary,
+    subspace_words=(("output", "input (top-k right singular vectors of W_E)"),
+                    ("internal", "bottom-k right singular vectors of W_E")))
+
+
 def shuffle_section(ctx: RunContext) -> Section | None:
     path = ctx.path("shuffle", "swaps.tsv")
     if not path.exists():
         return None
-    swaps = pd.read_csv(path, sep="\t")
+    table = pd.read_csv(path, sep="\t")
+    kinds = table["kind"] if "kind" in table else pd.Series("swap", index=table.index)
+    swaps, windows = table[kinds == "swap"], table[kinds != "swap"]
     section = Section("shuffle", "Layer shuffle")
     caption = (f"Layer shuffle, {ctx.run}: blocks i and j swapped; KL(p_model ‖ p_swapped) of the "
                f"final output, nats, mean over {_tokens(swaps)} held-out tokens; {_interval(ctx)}.")
     if ctx.figure("shuffle").exists():
         section.blocks.append(Figure(ctx.figure("shuffle"), caption))
     for space, part in swaps.groupby("space", sort=False):
-        matrix = part.pivot(index="i", columns="j", values="kl").reset_index()
+        matrix = part.pivot_table(index="i", columns="j", values="kl", aggfunc="first").reset_index()
         matrix.columns = ["i \\ j", *(str(c) for c in matrix.columns[1:])]
         section.blocks.append(Table(matrix, f"Swap cost (KL, nats) in the {space} space; " + caption))
+    if not windows.empty:
+        section.blocks.append(Table(windows.reset_index(drop=True), (
+            "Permutations within windows of neighbouring blocks: KL(p_model ‖ p_permuted) in nats with "
+            f"95% intervals and top-1 agreement, {_tokens(windows)} held-out tokens."), collapsed=True))
+    conditions = ctx.path("shuffle", "conditions.tsv")
+    if conditions.exists():
+        section.blocks.append(Table(pd.read_csv(conditions, sep="\t"), (
+            "Condition numbers of the translators I + A_i (how far lens space distorts each layer)."),
+            collapsed=True))
     return section
 
 
-SECTIONS: list[Callable[[RunContext], Section | None]] = [lens_section, H0, H1, shuffle_section]
+SECTIONS: list[Callable[[RunContext], Section | None]] = [lens_section, H0, H1, H2, shuffle_section]
 
 
 # ---------------------------------------------------------------- HTML

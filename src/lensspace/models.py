@@ -114,7 +114,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_random_model(spec: dict):
-    """A seeded, randomly initialised GPT-2 or Llama over the byte tokenizer."""
+    """A seeded, randomly initialised GPT-2 or Llama over the byte tokenizer.
+
+    The weights' scale (``init_std``, default 0.2, ten times the families' own) makes the
+    predictions far from uniform, so that ablations of a tiny model have measurable effects.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -123,6 +127,7 @@ def build_random_model(spec: dict):
     if spec["arch"] == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=d, n_head=heads, n_layer=layers,
                             n_positions=spec.get("max_positions", 512),
+                            initializer_range=spec.get("init_std", 0.2),
                             bos_token_id=vocab - 1, eos_token_id=vocab - 1)
         model = GPT2LMHeadModel(config)
     elif spec["arch"] == "llama":
@@ -131,6 +136,7 @@ def build_random_model(spec: dict):
                              num_hidden_layers=layers, intermediate_size=4 * d,
                              max_position_embeddings=spec.get("max_positions", 512),
                              tie_word_embeddings=True,
+                             initializer_range=spec.get("init_std", 0.2),
                              bos_token_id=vocab - 1, eos_token_id=vocab - 1)
         model = LlamaForCausalLM(config)
     else:

@@ -72,7 +72,8 @@ def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
 def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Per layer: R², route KLs, and the zero-ablation KLs at the smallest k; returns (table, k)."""
     k = int(ablation["k"].min())
-    cell = ablation[(ablation["k"] == k) & (ablation["mode"] == ablation["mode"].iloc[0])]
+    mode = "zero" if "zero" in set(ablation["mode"]) else ablation["mode"].iloc[0]
+    cell = ablation[(ablation["k"] == k) & (ablation["mode"] == mode)]
     wide = cell.pivot(index="layer", columns="subspace", values="kl")
     out = fit.set_index("layer")[["r2", "kl_lens_route", "kl_downstream_route"]].rename(columns={
         "r2": "R²", "kl_lens_route": "KL lens route", "kl_downstream_route": "KL downstream route"})

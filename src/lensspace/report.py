@@ -66,6 +66,8 @@ class Table:
     caption: str
     markdown_path: Path | None = None  # where the same table is written as Markdown, if anywhere
     collapsed: bool = False            # long tables: shown on demand
+    digits: int | None = None          # fixed decimals (default: :func:`number`)
+    with_markdown: bool = True         # offer the table's Markdown under it
 
 
 @dataclass
@@ -363,7 +365,7 @@ table.grid{font-size:.78em}table.grid th.l,table.grid th.group{text-align:center
 .notsep{background:#eeeeee;color:#616161}.group{border-left:2px solid #555}
 .legend span{display:inline-block;padding:.1em .5em;margin-right:.5em;font-size:.85em}
 pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.82em}
-details{margin:.6em 0}summary{cursor:pointer;color:#1f5f99}
+details{margin:.6em 0}summary{cursor:pointer;color:#1f5f99}details.md summary{font-size:.8em}
 """
 
 
@@ -371,18 +373,19 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
-def _cell(value) -> str:
+def _cell(value, digits: int | None = None) -> str:
     if isinstance(value, float):
-        return number(value)
+        return number(value) if digits is None or pd.isna(value) else f"{value:.{digits}f}"
     return _esc(value)
 
 
-def html_table(frame: pd.DataFrame) -> str:
-    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+def html_table(frame: pd.DataFrame, digits: int | None = None) -> str:
+    text = [not pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    align = [' class="text"' if t else "" for t in text]
+    head = "".join(f"<th{a}>{_esc(c)}</th>" for c, a in zip(frame.columns, align))
     rows = []
     for row in frame.itertuples(index=False):
-        cells = "".join(f'<td class="text">{_cell(v)}</td>' if isinstance(v, str) else f"<td>{_cell(v)}</td>"
-                        for v in row)
+        cells = "".join(f"<td{a}>{_cell(v, digits)}</td>" for v, a in zip(row, align))
         rows.append(f"<tr>{cells}</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
@@ -444,18 +447,26 @@ def html_figure(figure: Figure) -> str:
             f"<figcaption>{_esc(figure.caption)}</figcaption></figure>")
 
 
+def _markdown(text: str) -> str:
+    return f"<details class='md'><summary>Markdown</summary><pre>{_esc(text)}</pre></details>"
+
+
 def html_block(block) -> str:
     if isinstance(block, Figure):
         return html_figure(block)
     if isinstance(block, Table):
         source = (f" Markdown: <code>{_esc(block.markdown_path)}</code>." if block.markdown_path else "")
         caption = f"<p class='caption'>{_esc(block.caption)}{source}</p>"
+        if block.with_markdown:
+            caption += _markdown(tables.markdown(block.frame))
+        table = html_table(block.frame, block.digits)
         if block.collapsed:
             return (f"<details><summary>{_esc(block.caption.split(':')[0])} ({len(block.frame)} rows)"
-                    f"</summary>{html_table(block.frame)}</details>{caption}")
-        return f"{html_table(block.frame)}{caption}"
+                    f"</summary>{table}</details>{caption}")
+        return f"{table}{caption}"
     if isinstance(block, Grid):
-        return f"<div data-block='robustness'>{html_grid(block.verdicts)}<p class='caption'>{_esc(block.caption)}</p></div>"
+        return (f"<div data-block='robustness'>{html_grid(block.verdicts)}<p class='caption'>{_esc(block.caption)}"
+                f"</p>{_markdown(robustness.markdown_grid(block.verdicts))}</div>")
     if isinstance(block, Text):
         return block.text if block.html else f"<p>{_esc(block.text)}</p>"
     raise TypeError(f"unknown report block {type(block).__name__}")
@@ -478,13 +489,13 @@ def provenance_section(config: dict, results: Path, workflow_dir: Path) -> Secti
     total = (f"{len(jobs)} benchmarked jobs, {jobs['s'].sum():.1f} s in all; the largest peak RSS "
              f"{jobs['max_rss_mb'].max():.0f} MB." if not jobs.empty else "No benchmark files found.")
     return Section("provenance", "Provenance", [
-        Table(facts, "The config's hash is the sha256 of the config as canonical JSON."),
+        Table(facts, "The config's hash is the sha256 of the config as canonical JSON.", with_markdown=False),
         Text(f"<details><summary>Config</summary><pre>{_esc(yaml.safe_dump(config, sort_keys=False))}"
              "</pre></details>", html=True),
         Table(rules, "Per-rule time and memory from the rules' benchmark: files "
                      f"(results/benchmarks/): wall seconds summed over jobs, the longest job, and the "
-                     f"peak resident memory of any job. {total}"),
-        Table(versions, "Installed package versions (the project's pinned dependencies)."),
+                     f"peak resident memory of any job. {total}", digits=1),
+        Table(versions, "Installed package versions (the project's pinned dependencies).", with_markdown=False),
     ])
 
 

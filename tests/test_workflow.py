@@ -52,13 +52,28 @@ def test_every_contract_output_is_well_formed(tiny_run):
         assert {"statistic", "p_value", "n_induction"} <= set(test.columns)
         assert len(pd.read_csv(results / run / "h1" / "mlp.tsv", sep="\t")) == n_layers
 
-        for hypothesis in ("h0", "h1"):
-            assert "| layer | KL ablate internal | KL ablate output |" in (
-                results / "tables" / f"{hypothesis}_{run}.md").read_text()
+        fit = pd.read_csv(results / run / "h2" / "fit.tsv", sep="\t")
+        assert sorted(fit["layer"]) == list(range(n_layers))
+        assert fit["r2"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # E_0 maps the embedding to itself
+        assert (fit[["kl_lens_route", "kl_downstream_route"]] >= 0).all().all()
+        h2 = pd.read_csv(results / run / "h2" / "ablation.tsv", sep="\t")
+        assert list(h2.columns) == list(h0.columns) and set(h2["site"]) == {"embedding"}
+        swaps = pd.read_csv(results / run / "shuffle" / "swaps.tsv", sep="\t")
+        assert {"i", "j", "space", "kl", "kl_lo", "kl_hi", "top1_agreement", "n_tokens"} <= set(swaps.columns)
+        pairs = swaps[swaps["kind"] == "swap"]
+        assert len(pairs) == 2 * n_layers * (n_layers - 1) // 2  # all pairs, both spaces
+        assert (pairs["kl"] > 0).all() and pairs["top1_agreement"].between(0, 1).all()
+        assert (swaps["kind"] == "window").sum() == 2 * 3
+        conditions = pd.read_csv(results / run / "shuffle" / "conditions.tsv", sep="\t")
+        assert len(conditions) == n_layers and (conditions["condition_number"] >= 1).all()
+
+        for hypothesis in ("h0", "h1", "h2"):
+            assert "| layer |" in (results / "tables" / f"{hypothesis}_{run}.md").read_text()
         table = (results / "tables" / f"h0_{run}.md").read_text()
         assert "| layer | KL ablate internal | KL ablate output |" in table
         assert len([line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]) == n_layers
-        for figure in (f"h0_{run}.png", f"lens_{run}.png", f"h1_{run}.png", f"h1_heads_{run}.png"):
+        for figure in (f"h0_{run}.png", f"lens_{run}.png", f"h1_{run}.png", f"h1_heads_{run}.png",
+                       f"h2_{run}.png", f"shuffle_{run}.png"):
             data = (results / "figures" / figure).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 

@@ -111,13 +111,14 @@ def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str,
     r2.set_ylabel("R² of E_i")
     r2.set_ylim(0, 1.05)
     r2.grid(False)
-    left.legend(fontsize=7, frameon=False, loc="upper left")
+    left.legend(fontsize=7, frameon=False, loc="center left")
     k = int(ablation["k"].min())
+    mode = "zero" if "zero" in set(ablation["mode"]) else ablation["mode"].iloc[0]
     for subspace, label in (("output", "input (top-k)"), ("internal", "bottom-k"), ("random", "random")):
-        part = ablation[(ablation["subspace"] == subspace) & (ablation["k"] == k)]
+        part = ablation[(ablation["subspace"] == subspace) & (ablation["k"] == k) & (ablation["mode"] == mode)]
         if not part.empty:
             _band(right, part, label, PALETTE[subspace], dashed=subspace == "random")
-    right.set_ylabel(f"KL of ablating k={k} W_E directions")
+    right.set_ylabel(f"KL, {mode}-ablating k={k} W_E directions")
     right.set_xlabel("layer")
     right.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
@@ -139,6 +140,7 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
             grid[row.i, row.j] = grid[row.j, row.i] = row.kl
         sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="magma_r", square=True,
                     cbar_kws={"label": "KL (nats)"}, mask=np.isnan(grid))
+        ax.grid(False)
         ax.set_title(f"{space} space", fontsize=9)
         ax.set_xlabel("block j")
         ax.set_ylabel("block i")

@@ -42,7 +42,8 @@ def ablation_figure(ablation: pd.DataFrame, title: str, path: str | Path) -> Non
     rows = sorted({(m, s) for m, s in zip(ablation["mode"], ablation["site"])})
     ks = sorted(ablation["k"].unique())
     fig, axes = plt.subplots(len(rows) * len(ks), max(1, len(bases)), squeeze=False, sharex=True,
-                             figsize=(3.3 * max(1, len(bases)), 2.3 * len(rows) * len(ks)))
+                             figsize=(3.3 * max(1, len(bases)), 2.3 * len(rows) * len(ks)),
+                             layout="constrained")
     for r, (k, (mode, site)) in enumerate((k, ms) for k in ks for ms in rows):
         cell = ablation[(ablation["k"] == k) & (ablation["mode"] == mode) & (ablation["site"] == site)]
         for c, basis in enumerate(bases or ["random"]):
@@ -59,14 +60,13 @@ def ablation_figure(ablation: pd.DataFrame, title: str, path: str | Path) -> Non
             ax.set_xlabel("layer")
     axes[0, 0].legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save(fig, path)
 
 
 def lens_quality_figure(lens_eval: pd.DataFrame, title: str, path: str | Path) -> None:
     """Held-out KL(final || lens) by layer, tuned vs logit lens, log scale."""
     style()
-    fig, ax = plt.subplots(figsize=(3.4, 2.4))
+    fig, ax = plt.subplots(figsize=(3.4, 2.4), layout="constrained")
     for lens in ("logit", "tuned"):
         _band(ax, lens_eval[lens_eval["lens"] == lens], f"{lens} lens", PALETTE[lens], dashed=lens == "logit")
     ax.set_yscale("log")
@@ -74,14 +74,13 @@ def lens_quality_figure(lens_eval: pd.DataFrame, title: str, path: str | Path) -
     ax.set_ylabel("KL(final || lens), nats")
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     save(fig, path)
 
 
 def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | Path) -> None:
     """Induction score vs output fraction per head, coloured by layer, with the test result."""
     style()
-    fig, ax = plt.subplots(figsize=(3.6, 2.8))
+    fig, ax = plt.subplots(figsize=(3.6, 2.8), layout="constrained")
     points = ax.scatter(heads["induction_score"], heads["output_fraction"], c=heads["layer"],
                         cmap="viridis", s=12, edgecolors="none")
     fig.colorbar(points, ax=ax, label="layer")
@@ -91,14 +90,13 @@ def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | P
     p = "n/a" if pd.isna(test["p_value"]) else f"{test['p_value']:.3g}"
     ax.set_title(f"{title}\n{int(test['n_induction'])} induction heads; "
                  f"within-depth difference {test['statistic']:.3f}, p = {p}", fontsize=8)
-    fig.tight_layout()
     save(fig, path)
 
 
 def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str, path: str | Path) -> None:
     """Left: R² and route KLs of E_i by layer. Right: KL of ablating W_E's directions by layer."""
     style()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(6.8, 2.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6.8, 2.6), layout="constrained")
     fit = fit.sort_values("layer")
     for route, color in (("lens", PALETTE["tuned"]), ("downstream", PALETTE["output"])):
         band = fit.rename(columns={f"kl_{route}_route": "kl", f"kl_{route}_route_lo": "kl_lo",
@@ -122,7 +120,6 @@ def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str,
     right.set_xlabel("layer")
     right.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save(fig, path)
 
 
@@ -133,7 +130,8 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     style()
     spaces = [s for s in ("native", "lens") if s in set(swaps["space"])]
     vmax = float(swaps["kl"].max()) if len(swaps) else 1.0
-    fig, axes = plt.subplots(1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False,
+                             layout="constrained")
     for ax, space in zip(axes[0], spaces):
         grid = np.full((n_layers, n_layers), np.nan)
         for row in swaps[swaps["space"] == space].itertuples():
@@ -145,5 +143,4 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
         ax.set_xlabel("block j")
         ax.set_ylabel("block i")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save(fig, path)

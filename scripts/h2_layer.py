@@ -13,8 +13,7 @@ def body(sm):
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
     emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
-    fit, rows = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid,
-                               n_boot=grid.n_boot, seed=grid.seed)
+    fit, rows = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid)
     runtime.write_tsv([fit], sm.output.fit)
     runtime.write_tsv(rows, sm.output.table)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 import yaml
 from tuned_lens.nn import TunedLens
 
+from lensspace.activations import ActivationCache, write_cache
 from lensspace.adapter import Adapter
+from lensspace.lenses import empty_lens
 from lensspace.models import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +38,30 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_ids():
     return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+@dataclass
+class Cached:
+    """A tiny model's activation cache on disk and a lens with small random translators."""
+
+    adapter: Adapter
+    lens: object
+    cache: ActivationCache
+    tokens: dict
+
+
+def make_cached(adapter: Adapter, folder: Path, seed: int, n_train: int, n_eval: int, seq_len: int,
+                scale: float = 0.1) -> Cached:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = {"train": torch.randint(0, 256, (n_train, seq_len), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (n_eval, seq_len), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, folder, {}, storage="float32")
+    lens = empty_lens(adapter, "tiny")
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * scale)
+            t.bias.copy_(torch.randn(t.bias.shape, generator=gen) * scale)
+    return Cached(adapter, lens, ActivationCache(folder), tokens)
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None):

@@ -4,25 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from lensspace.activations import ActivationCache, write_cache
+from conftest import make_cached
 from lensspace.experiments.h0 import AblationGrid, run_layer
-from lensspace.lenses import empty_lens
 from lensspace.subspaces import unembedding_bases
 
 
 @pytest.fixture
 def setup(tiny, tmp_path):
-    adapter, _ = tiny
-    gen = torch.Generator().manual_seed(2)
-    tokens = {"train": torch.randint(0, 256, (6, 10), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (5, 10), generator=gen, dtype=torch.int32)}
-    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
-    lens = empty_lens(adapter, "tiny")
-    with torch.no_grad():
-        for t in lens.layer_translators:
-            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * 0.1)
-            t.bias.copy_(torch.randn(t.bias.shape, generator=gen) * 0.1)
-    return adapter, lens, ActivationCache(tmp_path / "cache"), unembedding_bases(adapter)
+    c = make_cached(tiny[0], tmp_path / "cache", seed=2, n_train=6, n_eval=5, seq_len=10)
+    return c.adapter, c.lens, c.cache, unembedding_bases(c.adapter)
 
 
 def _numpy_kl(p_logits, q_logits):

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from lensspace.activations import ActivationCache, write_cache
+from conftest import make_cached
 from lensspace.experiments.circuits import (CircuitSettings, depth_bins, head_and_mlp_fractions,
                                             induction_pattern_score, induction_scores,
                                             permutation_test, writes)
 from lensspace.experiments.h0 import AblationGrid
 from lensspace.experiments.h1 import residual_basis, run_layer
-from lensspace.lenses import empty_lens
 from lensspace.runner import BlockRunner
 from lensspace.subspaces import ablate, project, pullback, select, unembedding_bases
 
@@ -48,16 +47,8 @@ def test_pullback_is_orthonormal_and_carries_exactly_the_output_coordinates():
 
 @pytest.fixture
 def cached(tiny, tmp_path):
-    adapter, _ = tiny
-    gen = torch.Generator().manual_seed(3)
-    tokens = {"train": torch.randint(0, 256, (4, 10), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (4, 10), generator=gen, dtype=torch.int32)}
-    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
-    lens = empty_lens(adapter, "tiny")
-    with torch.no_grad():
-        for t in lens.layer_translators:
-            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * 0.1)
-    return adapter, lens, ActivationCache(tmp_path / "cache"), unembedding_bases(adapter), tokens
+    c = make_cached(tiny[0], tmp_path / "cache", seed=3, n_train=4, n_eval=4, seq_len=10)
+    return c.adapter, c.lens, c.cache, unembedding_bases(c.adapter), c.tokens
 
 
 def test_residual_ablation_against_hooked_full_forward(cached):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import make_cached
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.errors import LensspaceError
 from lensspace.experiments.h0 import AblationGrid
@@ -16,17 +17,8 @@ from lensspace.runner import BlockRunner
 
 @pytest.fixture
 def cached(tiny, tmp_path):
-    adapter, _ = tiny
-    gen = torch.Generator().manual_seed(5)
-    tokens = {"train": torch.randint(0, 256, (8, 12), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (4, 12), generator=gen, dtype=torch.int32)}
-    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
-    lens = empty_lens(adapter, "tiny")
-    with torch.no_grad():
-        for t in lens.layer_translators:
-            t.weight.copy_(torch.randn(t.weight.shape, generator=gen) * 0.05)
-            t.bias.copy_(torch.randn(t.bias.shape, generator=gen) * 0.05)
-    return BlockRunner(adapter), lens, ActivationCache(tmp_path / "cache")
+    c = make_cached(tiny[0], tmp_path / "cache", seed=5, n_train=8, n_eval=4, seq_len=12, scale=0.05)
+    return BlockRunner(c.adapter), c.lens, c.cache
 
 
 def test_swap_and_window_orders():
@@ -100,12 +92,12 @@ def test_r_squared_is_one_at_layer_zero_and_embedding_route_runs(cached):
     emb0 = fit_embedding_lens(runner, lens, cache, 0, EmbeddingLensSettings(refine_steps=0))
     grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("embed",),
                         modes=("zero",), sites=("embedding",), n_boot=20)
-    fit0, _ = evaluate_layer(runner, lens, cache, 0, emb0, embedding_basis(runner.adapter), grid, 20, 0)
+    fit0, _ = evaluate_layer(runner, lens, cache, 0, emb0, embedding_basis(runner.adapter), grid)
     assert fit0["r2"] == pytest.approx(1.0, abs=1e-4)
     for objective in ("lens", "downstream"):
         emb = fit_embedding_lens(runner, lens, cache, 2, EmbeddingLensSettings(
             objective=objective, refine_steps=2, refine_sequences=2))
-        fit, rows = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid, 20, 0)
+        fit, rows = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid)
         assert fit["r2"] <= 1 and fit["kl_lens_route"] >= 0 and fit["kl_downstream_route"] >= 0
         assert len(rows) == 3 and all(r["kl"] >= 0 and r["site"] == "embedding" for r in rows)
 
@@ -129,6 +121,6 @@ def test_r_squared_is_one_where_the_residual_is_affine_in_the_embedding(tmp_path
     emb = fit_embedding_lens(runner, lens, cache, 1, EmbeddingLensSettings(refine_steps=0, ridge=1e-9))
     grid = AblationGrid(subspaces=("output",), ks=(4,), bases=("embed",), modes=("zero",),
                         sites=("embedding",), n_boot=20)
-    fit, _ = evaluate_layer(runner, lens, cache, 1, emb, embedding_basis(adapter), grid, 20, 0)
+    fit, _ = evaluate_layer(runner, lens, cache, 1, emb, embedding_basis(adapter), grid)
     assert fit["r2"] == pytest.approx(1.0, abs=1e-6)
     assert fit["kl_downstream_route"] == pytest.approx(0.0, abs=1e-5)

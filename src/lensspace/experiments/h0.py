@@ -74,9 +74,13 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
             else:  # post_norm: the norm's scale is frozen from the intact vector
                 logits = adapter.logits_from_normalized(ablate(u, q, mode, means[site]))
             kls[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
+    return cell_rows(layer, kls, grid)
+
+
+def cell_rows(layer: int, kls: dict[tuple, list[torch.Tensor]], grid: AblationGrid) -> list[dict]:
+    """One output row per grid cell: its token-level KLs [n_seq, n_pos] as mean and interval."""
     rows = []
-    for cell, parts in kls.items():
-        subspace, k, basis, mode, site = cell
+    for (subspace, k, basis, mode, site), parts in kls.items():
         est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
         keys = {"layer": layer, "subspace": subspace, "k": k, "basis": basis, "mode": mode, "site": site}
         rows.append(estimate_row(keys, est))

@@ -13,10 +13,9 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
-from lensspace.experiments.h0 import AblationGrid
-from lensspace.lenses import estimate_row
+from lensspace.experiments.h0 import AblationGrid, cell_rows
 from lensspace.runner import BlockRunner
-from lensspace.stats import bootstrap_mean, kl_from_logprobs
+from lensspace.stats import kl_from_logprobs
 from lensspace.subspaces import Basis, ablate, pullback, select
 
 PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into the residual
@@ -52,10 +51,4 @@ def run_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, base
             ablated[:, 1:] = ablate(hb[:, 1:], qs[(subspace, k, basis)], mode, mean)
             logits = runner.logits(ablated, start=layer)[:, 1:]
             kls[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
-    rows = []
-    for cell, parts in kls.items():
-        subspace, k, basis, mode, site = cell
-        est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
-        keys = {"layer": layer, "subspace": subspace, "k": k, "basis": basis, "mode": mode, "site": site}
-        rows.append(estimate_row(keys, est))
-    return rows
+    return cell_rows(layer, kls, grid)

@@ -20,8 +20,8 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
-from lensspace.experiments.h0 import AblationGrid
-from lensspace.lenses import estimate_row, fit_affine, translate
+from lensspace.experiments.h0 import AblationGrid, cell_rows
+from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
 from lensspace.stats import bootstrap_mean, kl_from_logprobs
 from lensspace.subspaces import Basis, ablate, select
@@ -120,8 +120,8 @@ def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> tor
 
 @torch.no_grad()
 def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layer: int,
-                   emb_lens: EmbeddingLens, basis: Basis, grid: AblationGrid, n_boot: int,
-                   seed: int, chunk: int = 4) -> tuple[dict, list[dict]]:
+                   emb_lens: EmbeddingLens, basis: Basis, grid: AblationGrid,
+                   chunk: int = 4) -> tuple[dict, list[dict]]:
     """Held-out R^2 and route KLs of ``E_layer``, and the input-direction ablation grid."""
     adapter = runner.adapter
     e, h, final = cache.load(0, "eval"), cache.load(layer, "eval"), cache.final("eval")
@@ -130,7 +130,7 @@ def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
     r2 = r_squared(mapped[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]))
     mean = cache.load(0, "train")[:, 1:].mean((0, 1))
     cells = grid.variants(adapter.d_model)
-    qs = {(s, k): select(basis.vectors, s, k, seed=seed * 1_000_003 + k) for s, k, *_ in cells}
+    qs = {(s, k): select(basis.vectors, s, k, seed=grid.seed * 1_000_003 + k) for s, k, *_ in cells}
     route_kl = {"lens": [], "downstream": []}
     cell_kl: dict[tuple, list[torch.Tensor]] = {cell: [] for cell in cells}
     for start in range(0, len(e), chunk):
@@ -147,14 +147,8 @@ def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
             cell_kl[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
     fit = {"layer": layer, "r2": r2}
     for objective, parts in route_kl.items():
-        est = bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed)
+        est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
         fit.update({f"kl_{objective}_route": est.mean, f"kl_{objective}_route_lo": est.lo,
                     f"kl_{objective}_route_hi": est.hi})
     fit["n_tokens"] = est.n_tokens
-    rows = []
-    for cell, parts in cell_kl.items():
-        subspace, k, basis, mode, site = cell
-        est = bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed)
-        keys = {"layer": layer, "subspace": subspace, "k": k, "basis": basis, "mode": mode, "site": site}
-        rows.append(estimate_row(keys, est))
-    return fit, rows
+    return fit, cell_rows(layer, cell_kl, grid)

@@ -50,7 +50,13 @@ rule h1_table:
         model=get_model_manifest,
         reference=REFERENCE,
     output:
-        markdown=f"{RESULTS}/tables/h1_{{run}}.md",
+        markdown=report(
+            f"{RESULTS}/tables/h1_{{run}}.md",
+            caption="../report/h1_table.rst",
+            category="H1",
+            subcategory="{run}",
+            labels={"run": "{run}", "table": "H1 (original layout)"},
+        ),
     params:
         title="H1",
         description=(
@@ -74,7 +80,13 @@ rule h1_figure:
     input:
         table=rules.h1_merge.output.table,
     output:
-        figure=f"{RESULTS}/figures/h1_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/h1_{{run}}.png",
+            caption="../report/h1_figure.rst",
+            category="H1",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "H1 ablation grid"},
+        ),
     params:
         title="H1",
         description="KL(model || ablated model), residual stream",
@@ -121,7 +133,13 @@ rule h1_heads_figure:
         heads=rules.h1_heads.output.heads,
         test=rules.h1_heads.output.test,
     output:
-        figure=f"{RESULTS}/figures/h1_heads_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/h1_heads_{{run}}.png",
+            caption="../report/h1_heads.rst",
+            category="H1",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "circuit ends"},
+        ),
     log:
         f"{RESULTS}/logs/h1_heads_figure/{{run}}.log",
     resources:

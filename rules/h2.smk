@@ -51,7 +51,13 @@ rule h2_table:
         table=rules.h2_merge.output.table,
         fit=rules.h2_merge.output.fit,
     output:
-        markdown=f"{RESULTS}/tables/h2_{{run}}.md",
+        markdown=report(
+            f"{RESULTS}/tables/h2_{{run}}.md",
+            caption="../report/h2_table.rst",
+            category="H2",
+            subcategory="{run}",
+            labels={"run": "{run}", "table": "embedding lenses"},
+        ),
     log:
         f"{RESULTS}/logs/h2_table/{{run}}.log",
     resources:
@@ -68,7 +74,13 @@ rule h2_figure:
         table=rules.h2_merge.output.table,
         fit=rules.h2_merge.output.fit,
     output:
-        figure=f"{RESULTS}/figures/h2_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/h2_{{run}}.png",
+            caption="../report/h2_figure.rst",
+            category="H2",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "embedding lenses"},
+        ),
     log:
         f"{RESULTS}/logs/h2_figure/{{run}}.log",
     resources:

@@ -82,7 +82,13 @@ rule shuffle_figure:
         table=rules.shuffle_merge.output.table,
         model=get_model_manifest,
     output:
-        figure=f"{RESULTS}/figures/shuffle_{{run}}.png",
+        figure=report(
+            f"{RESULTS}/figures/shuffle_{{run}}.png",
+            caption="../report/shuffle_figure.rst",
+            category="Layer shuffle",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "swap costs"},
+        ),
     log:
         f"{RESULTS}/logs/shuffle_figure/{{run}}.log",
     resources:

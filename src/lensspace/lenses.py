@@ -176,21 +176,23 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_boot: int,
                   seed: int, chunk: int = 4) -> list[dict]:
-    """Held-out KL(p_final || p_lens) per layer for the tuned lens and the logit lens."""
+    """Held-out KL(p_final || p_lens) per layer for the tuned lens and the logit lens.
+
+    Chunks of sequences run outside the layer loop, so the model's own distribution is
+    computed once per chunk rather than once per layer.
+    """
     final = cache.final("eval")
-    rows = []
-    for layer in tqdm(range(adapter.n_layers), desc="lens eval", file=sys.stderr, mininterval=5):
-        h = cache.load(layer, "eval")
-        kls = {"tuned": [], "logit": []}
-        for start in range(0, len(h), chunk):
-            hb, fb = h[start: start + chunk, 1:], final[start: start + chunk, 1:]
-            logp = adapter.logits(fb).log_softmax(-1)
-            kls["tuned"].append(kl_from_logprobs(logp, adapter.logits(translate(lens, hb, layer)).log_softmax(-1)))
-            kls["logit"].append(kl_from_logprobs(logp, adapter.logits(hb).log_softmax(-1)))
-        for name, parts in kls.items():
-            est = bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed)
-            rows.append(estimate_row({"layer": layer, "lens": name}, est))
-    return rows
+    hidden = [cache.load(layer, "eval") for layer in range(adapter.n_layers)]
+    kls = {(layer, name): [] for layer in range(adapter.n_layers) for name in ("tuned", "logit")}
+    for start in tqdm(range(0, len(final), chunk), desc="lens eval", file=sys.stderr, mininterval=5):
+        logp = adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1)
+        for layer, h in enumerate(hidden):
+            hb = h[start: start + chunk, 1:]
+            for name, z in (("tuned", translate(lens, hb, layer)), ("logit", hb)):
+                kls[(layer, name)].append(kl_from_logprobs(logp, adapter.logits(z).log_softmax(-1)))
+    return [estimate_row({"layer": layer, "lens": name},
+                         bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed))
+            for (layer, name), parts in kls.items()]
 
 
 def estimate_row(keys: dict, est: Estimate) -> dict:

@@ -18,7 +18,8 @@ from lensspace.errors import LensspaceError
 from lensspace.runner import BlockRunner
 from lensspace.stats import bootstrap_mean, kl_from_logprobs
 
-MAX_CONDITION = 1e6
+# T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
+MAX_CONDITION = 1e12
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,25 @@ class LensSpaceBlocks:
             if not condition < MAX_CONDITION:
                 raise LensspaceError(
                     f"translator {layer} is not safely invertible (condition number of I + A is "
-                    f"{condition:.3g} >= {MAX_CONDITION:g}); the lens-space shuffle needs T_i^-1. "
+                    f"{condition:.3g} >= {MAX_CONDITION:g}): the lens-space shuffle needs T_i^-1. "
                     "Retrain the lens with a larger lens_training.ridge or drop space 'lens'"
                 )
-            self.maps.append((m.float(), translator.bias.detach().float()))
-            self.inverses.append(torch.linalg.inv(m).float())
+            self.maps.append((m, translator.bias.detach().double()))
+            self.inverses.append(torch.linalg.inv(m))
 
     def to_lens(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """``T_layer(h)``, computed in float64 (translators can be ill-conditioned)."""
         if layer == self.runner.adapter.n_layers:
-            return h
+            return h.double()
         m, b = self.maps[layer]
-        return h @ m.T + b
+        return h.double() @ m.T + b
 
     def from_lens(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """``T_layer^-1(z)`` as a float32 residual for the block."""
         if layer == self.runner.adapter.n_layers:
-            return z
+            return z.float()
         _, b = self.maps[layer]
-        return (z - b) @ self.inverses[layer].T
+        return ((z.double() - b) @ self.inverses[layer].T).float()
 
     @torch.no_grad()
     def run(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
@@ -91,7 +94,7 @@ class LensSpaceBlocks:
         for block_index in perm.order:
             out = self.runner.adapter.blocks[block_index](self.from_lens(z, block_index), *args, **kwargs)
             z = self.to_lens(out[0] if isinstance(out, tuple) else out, block_index + 1)
-        return z  # T_L is the identity: this is the last residual
+        return z.float()  # T_L is the identity: this is the last residual
 
 
 @torch.no_grad()

@@ -13,19 +13,19 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
     settings = sm.params.shuffle
     runner = BlockRunner(adapter)
-    lens_blocks = None
-    if "lens" in settings["spaces"] or "conditions" in sm.output.keys():
-        lens_blocks = LensSpaceBlocks(runner, load_lens(adapter, Path(sm.input.lens).parent))
+    use_lens = "lens" in settings["spaces"]
+    blocks = None
+    if use_lens or not sm.params.pairs:  # lens space, or the condition numbers, need T_i^-1
+        blocks = LensSpaceBlocks(runner, load_lens(adapter, Path(sm.input.lens).parent))
     if sm.params.pairs:
         perms, kind = [swap(adapter.n_layers, i, j) for i, j in sm.params.pairs], "swap"
     else:
         perms, kind = window_permutations(adapter.n_layers, settings["window"],
                                           settings["window_samples"], sm.params.seed), "window"
         runtime.write_tsv([{"layer": i, "condition_number": c}
-                           for i, c in enumerate(lens_blocks.conditions)], sm.output.conditions)
-    if "lens" not in settings["spaces"]:
-        lens_blocks = None
-    rows = measure(runner, cache, perms, lens_blocks, n_boot=sm.params.n_boot, seed=sm.params.seed,
+                           for i, c in enumerate(blocks.conditions)],
+                          sm.output.conditions)
+    rows = measure(runner, cache, perms, blocks if use_lens else None, n_boot=sm.params.n_boot, seed=sm.params.seed,
                    n_sequences=settings.get("eval_sequences"))
     runtime.write_tsv([{**row, "kind": kind} for row in rows], sm.output.table)
 

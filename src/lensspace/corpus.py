@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,4 +149,4 @@ def _spread(n: int) -> list[int]:
 
 
 def read_documents(path: Path) -> list[str]:
-    return [line for line in io.open(path, encoding="utf-8").read().splitlines() if line]
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 from lensspace.errors import LensspaceError
+from lensspace.experiments.shuffle import ridge_lens_training, second_ridge
 from lensspace.settings import (
     ablation_grid,
     check_references,
@@ -93,6 +94,23 @@ def get_lens_training(wildcards):
     return lens_training(config, wildcards.run)
 
 
+def get_lens_ridge(wildcards):
+    """The ridge the run's lens was fitted with (None for a pretrained lens)."""
+    trained = get_run(wildcards.run)["lens"]["source"] == "train"
+    return lens_training(config, wildcards.run).ridge if trained else None
+
+
+def get_ridge_lens_training(wildcards):
+    return ridge_lens_training(config["shuffle"], config["seed"])
+
+
+def get_shuffle_ridge_lens(wildcards):
+    """The second lens of the lens_ridge space, where that space is on (else nothing)."""
+    if second_ridge(config["shuffle"]) is None:
+        return []
+    return [f"{RESULTS}/{wildcards.run}/shuffle/ridge_lens/params.pt"]
+
+
 def get_token_split(wildcards):
     return token_split(config, wildcards.run)
 
@@ -145,11 +163,12 @@ def get_report_inputs(wildcards):
                    f"{RESOURCES}/models/{get_run(run)['model']}/lensspace-model.json"]
         for name in REPORT_EXPERIMENTS:
             if get_producible([f"{RESULTS}/{run}/{name}/ablation.tsv"]):
-                wanted.append(f"{RESULTS}/tables/robustness_{name}_{run}.md")
+                wanted += [f"{RESULTS}/tables/robustness_{name}_{run}.md",
+                           f"{RESULTS}/{run}/{name}/comparisons.tsv"]
             wanted += [f"{RESULTS}/{run}/{name}/ablation.tsv", f"{RESULTS}/tables/{name}_{run}.md",
                        f"{RESULTS}/figures/{name}_{run}.png"]
         wanted += [f"{RESULTS}/{run}/h1/{name}.tsv" for name in ("heads", "heads_test", "mlp")]
-        wanted += [f"{RESULTS}/{run}/h2/fit.tsv", f"{RESULTS}/{run}/shuffle/windows.tsv",
+        wanted += [f"{RESULTS}/{run}/h0/shares.tsv", f"{RESULTS}/{run}/h2/fit.tsv", f"{RESULTS}/{run}/shuffle/windows.tsv",
                    f"{RESULTS}/{run}/shuffle/conditions.tsv"]
         wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
                    f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]

@@ -10,6 +10,8 @@ rule h0_layer:
         bases=rules.svd.output.bases,
     output:
         table=f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
+        sequences=f"{RESULTS}/{{run}}/h0/sequences/{{layer}}.tsv",
+        shares=f"{RESULTS}/{{run}}/h0/share_layers/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h0"),
         device=config["device"],
@@ -30,8 +32,12 @@ rule h0_layer:
 rule h0_merge:
     input:
         table=get_layer_tables("h0"),
+        sequences=get_layer_tables("h0", "sequences"),
+        shares=get_layer_tables("h0", "share_layers"),
     output:
         table=f"{RESULTS}/{{run}}/h0/ablation.tsv",
+        sequences=f"{RESULTS}/{{run}}/h0/per_sequence.tsv",
+        shares=f"{RESULTS}/{{run}}/h0/shares.tsv",
     log:
         f"{RESULTS}/logs/h0_merge/{{run}}.log",
     resources:

@@ -11,6 +11,7 @@ rule h1_layer:
         bases=rules.svd.output.bases,
     output:
         table=f"{RESULTS}/{{run}}/h1/layers/{{layer}}.tsv",
+        sequences=f"{RESULTS}/{{run}}/h1/sequences/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h1"),
         device=config["device"],
@@ -31,8 +32,10 @@ rule h1_layer:
 rule h1_merge:
     input:
         table=get_layer_tables("h1"),
+        sequences=get_layer_tables("h1", "sequences"),
     output:
         table=f"{RESULTS}/{{run}}/h1/ablation.tsv",
+        sequences=f"{RESULTS}/{{run}}/h1/per_sequence.tsv",
     log:
         f"{RESULTS}/logs/h1_merge/{{run}}.log",
     resources:
@@ -113,6 +116,7 @@ rule h1_heads:
         test=f"{RESULTS}/{{run}}/h1/heads_test.tsv",
     params:
         config=lambda wildcards: {"h1": config["h1"], "seed": config["seed"]},
+        n_boot=config["bootstrap"]["n_resamples"],
         device=config["device"],
     log:
         f"{RESULTS}/logs/h1_heads/{{run}}.log",

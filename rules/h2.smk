@@ -10,6 +10,7 @@ rule h2_layer:
     output:
         table=f"{RESULTS}/{{run}}/h2/layers/{{layer}}.tsv",
         fit=f"{RESULTS}/{{run}}/h2/fit_layers/{{layer}}.tsv",
+        sequences=f"{RESULTS}/{{run}}/h2/sequences/{{layer}}.tsv",
     params:
         settings=get_embedding_lens_settings,
         grid=get_ablation_grid("h2"),
@@ -32,9 +33,11 @@ rule h2_merge:
     input:
         table=get_layer_tables("h2"),
         fit=get_layer_tables("h2", "fit_layers"),
+        sequences=get_layer_tables("h2", "sequences"),
     output:
         table=f"{RESULTS}/{{run}}/h2/ablation.tsv",
         fit=f"{RESULTS}/{{run}}/h2/fit.tsv",
+        sequences=f"{RESULTS}/{{run}}/h2/per_sequence.tsv",
     log:
         f"{RESULTS}/logs/h2_merge/{{run}}.log",
     resources:

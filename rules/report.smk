@@ -4,7 +4,9 @@
 rule robustness_table:
     input:
         table=f"{RESULTS}/{{run}}/{{experiment}}/ablation.tsv",
+        sequences=f"{RESULTS}/{{run}}/{{experiment}}/per_sequence.tsv",
     output:
+        comparisons=f"{RESULTS}/{{run}}/{{experiment}}/comparisons.tsv",
         markdown=report(
             f"{RESULTS}/tables/robustness_{{experiment}}_{{run}}.md",
             caption="../report/robustness.rst",
@@ -14,6 +16,9 @@ rule robustness_table:
         ),
     wildcard_constraints:
         experiment=r"h\d+",
+    params:
+        n_boot=config["bootstrap"]["test_resamples"],
+        seed=config["seed"],
     log:
         f"{RESULTS}/logs/robustness_table/{{experiment}}_{{run}}.log",
     resources:

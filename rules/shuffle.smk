@@ -1,5 +1,31 @@
 # Layer-shuffle invariance: batches of swap pairs as parallel jobs, window permutations,
-# then one table of swaps and the heatmaps.
+# then one table of swaps and the heatmaps. A second least-squares lens at a larger ridge
+# (shuffle.second_ridge) gives the lens_ridge space.
+
+
+rule ridge_lens:
+    input:
+        tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+    output:
+        config=f"{RESULTS}/{{run}}/shuffle/ridge_lens/config.json",
+        params=f"{RESULTS}/{{run}}/shuffle/ridge_lens/params.pt",
+    params:
+        training=get_ridge_lens_training,
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/ridge_lens/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ridge_lens/{{run}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/train_lens.py"
 
 
 rule shuffle_pairs:
@@ -8,6 +34,7 @@ rule shuffle_pairs:
         cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        ridge_lens=get_shuffle_ridge_lens,
     output:
         table=f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv",
     wildcard_constraints:
@@ -15,6 +42,8 @@ rule shuffle_pairs:
     params:
         pairs=get_shuffle_pairs,
         shuffle=config["shuffle"],
+        lens_ridge=get_lens_ridge,
+        second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],
@@ -38,12 +67,15 @@ rule shuffle_windows:
         cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        ridge_lens=get_shuffle_ridge_lens,
     output:
         table=f"{RESULTS}/{{run}}/shuffle/windows.tsv",
         conditions=f"{RESULTS}/{{run}}/shuffle/conditions.tsv",
     params:
         pairs=[],
         shuffle=config["shuffle"],
+        lens_ridge=get_lens_ridge,
+        second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],

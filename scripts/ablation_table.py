@@ -15,7 +15,8 @@ def body(sm):
     ablation = pd.read_csv(sm.input.table, sep="\t")
     table = seed_layout(ablation, k=d_model // 2, site=sm.params.site, reference=reference)
     header = (f"# {sm.params.title} — {sm.wildcards.run}\n\n{sm.params.description}, "
-              f"k = {d_model // 2} of {d_model} (d/2), basis unembed (raw W_U), zero ablation; "
+              f"k = {d_model // 2} of {d_model} (d/2), basis unembed (raw W_U), zero ablation (the "
+              "seed's; mean ablation beside it where the grid has it); "
               f"mean over {int(ablation['n_tokens'].iloc[0])} held-out tokens, 95% bootstrap "
               "interval over sequences.")
     if ref_name:

@@ -1,8 +1,8 @@
-"""H0 at one layer: the whole ablation grid in lens space."""
+"""H0 at one layer: the whole ablation grid in lens space, per sequence, and the norm shares."""
 from pathlib import Path
 
 from lensspace import runtime
-from lensspace.experiments.h0 import run_layer
+from lensspace.experiments.h0 import norm_shares, run_layer
 from lensspace.lenses import load_lens
 from lensspace.subspaces import load_bases
 
@@ -11,8 +11,11 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    rows = run_layer(adapter, lens, cache, load_bases(sm.input.bases), int(sm.wildcards.layer), sm.params.grid)
-    runtime.write_tsv(rows, sm.output.table)
+    bases, layer, grid = load_bases(sm.input.bases), int(sm.wildcards.layer), sm.params.grid
+    results = run_layer(adapter, lens, cache, bases, layer, grid)
+    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
+    runtime.write_tsv(norm_shares(adapter, lens, cache, bases, layer, grid), sm.output.shares)
+    runtime.write_tsv(results.rows(), sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

@@ -12,9 +12,10 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    rows = run_layer(BlockRunner(adapter), lens, cache, load_bases(sm.input.bases),
-                     int(sm.wildcards.layer), sm.params.grid)
-    runtime.write_tsv(rows, sm.output.table)
+    results = run_layer(BlockRunner(adapter), lens, cache, load_bases(sm.input.bases),
+                        int(sm.wildcards.layer), sm.params.grid)
+    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
+    runtime.write_tsv(results.rows(), sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

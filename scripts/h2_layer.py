@@ -2,7 +2,8 @@
 from pathlib import Path
 
 from lensspace import runtime
-from lensspace.experiments.h2 import embedding_basis, evaluate_layer, fit_embedding_lens
+from lensspace.experiments.h2 import (embedding_basis, embeddings_tied, evaluate_layer,
+                                      fit_embedding_lens)
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 
@@ -13,9 +14,11 @@ def body(sm):
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
     emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
-    fit, rows = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid)
+    fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid)
+    fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
     runtime.write_tsv([fit], sm.output.fit)
-    runtime.write_tsv(rows, sm.output.table)
+    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
+    runtime.write_tsv(results.rows(), sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

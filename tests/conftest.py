@@ -90,3 +90,49 @@ def tiny_run(tmp_path_factory):
     done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"))
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, config
+
+
+@dataclass
+class Real:
+    """The embedded default's real model (SmolLM2-135M) on a few real bible sequences: its
+    activation cache and a least-squares tuned lens. The regime where the confounds live:
+    an attention sink at position 0, large lens biases, ill-conditioned translators."""
+
+    adapter: Adapter
+    tokenizer: object
+    lens: object
+    cache: ActivationCache
+    tokens: dict
+    model_folder: Path
+
+
+REAL_MODEL = "smollm2-135m"
+REAL_CORPUS = "web-bible"
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory):
+    """Prepared once: the model and corpus go where the workflow puts them (``resources/``,
+    shared with the README's main command), the cache and lens into a temporary folder."""
+    from lensspace.corpus import TokenSplit, prepare_corpus, read_documents, tokenize_documents
+    from lensspace.lenses import LensTraining, train_lens
+    from lensspace.models import MANIFEST, load_model, prepare_model
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    resources = ROOT / "resources"
+    folder = resources / "models" / REAL_MODEL
+    if not (folder / MANIFEST).exists():
+        prepare_model(REAL_MODEL, config["models"][REAL_MODEL], folder, resources / "downloads" / REAL_MODEL)
+    corpus = resources / "corpora" / f"{REAL_CORPUS}.txt"
+    if not corpus.exists():
+        prepare_corpus(REAL_CORPUS, config["corpora"][REAL_CORPUS], corpus,
+                       resources / "downloads" / REAL_CORPUS)
+    model, tokenizer = load_model(folder)
+    adapter = Adapter(model)
+    tokens = tokenize_documents(read_documents(corpus), tokenizer,
+                                TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0))
+    cache_dir = tmp_path_factory.mktemp("real") / "cache"
+    write_cache(adapter, tokens, cache_dir, {}, storage="float16")
+    cache = ActivationCache(cache_dir)
+    lens = train_lens(adapter, cache, LensTraining(refine_steps=0), REAL_MODEL)
+    return Real(adapter, tokenizer, lens, cache, tokens, folder)

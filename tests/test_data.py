@@ -1,16 +1,20 @@
-"""Corpus cleaning, tokenization into disjoint splits, and the activation cache on disk."""
+"""Corpus cleaning, tokenization into splits disjoint by document, and the activation cache on disk."""
 
 import csv
 import gzip
+from pathlib import Path
 
 import pytest
 import torch
 
 from lensspace.activations import ActivationCache, residuals, write_cache
 from lensspace.corpus import (TokenSplit, bible_documents, clean, prepare_corpus, read_documents,
-                              tokenize_documents)
+                              split_documents, tokenize_documents)
 from lensspace.errors import LensspaceError
 from lensspace.models import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CORPUS = ROOT / "tests" / "data" / "tiny_corpus.txt"
 
 
 def test_clean_drops_footnotes_and_spaces():
@@ -28,25 +32,87 @@ def test_bible_table_to_chapter_documents(tmp_path):
     assert bible_documents(path) == ["In the beginning God created.", "Next chapter."]
 
 
-def test_file_corpus_and_tokenized_splits(tmp_path):
-    text = tmp_path / "in.txt"
-    text.write_text("".join(f"document {i} begins\nand ends {i * i}\n\n" for i in range(40)))
+def _rebuilt(docs, tokenizer, indices):
+    """Each listed document tokenized on its own, end-of-text after it: the split's stream,
+    and where each document starts and ends in it."""
+    stream, spans = [], []
+    for index in indices:
+        ids = tokenizer(docs[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        spans.append((index, len(stream), len(stream) + len(ids)))
+        stream.extend(ids)
+    return stream, spans
+
+
+def _check_split_by_document(docs, tokenizer, settings):
+    """The recorded split is disjoint by document, minimal, and reproduces every sequence."""
+    result = split_documents(docs, tokenizer, settings)
+    assert not set(result.documents["train"]) & set(result.documents["eval"])
+    length = settings.seq_len
+    for split, n in (("train", settings.train_sequences), ("eval", settings.eval_sequences)):
+        tokens = result.tokens[split]
+        assert tokens.dtype == torch.int32 and tokens.shape == (n, length)
+        stream, spans = _rebuilt(docs, tokenizer, result.documents[split])
+        assert tokens.flatten().tolist() == stream[: n * length]
+        assert spans[-1][1] < n * length  # no document more than needed
+        for row, recorded in enumerate(result.sequence_documents[split]):
+            assert recorded == [d for d, start, end in spans
+                                if start < (row + 1) * length and end > row * length]
+    return result
+
+
+def test_tiny_corpus_split_by_document(tmp_path):
     out = tmp_path / "corpus.txt"
-    assert prepare_corpus("t", {"source": "file", "path": str(text)}, out, tmp_path) == 40
-    docs = read_documents(out)
-    settings = TokenSplit(seq_len=16, train_sequences=20, eval_sequences=6, seed=3)
-    tokens = tokenize_documents(docs, byte_tokenizer(), settings)
-    assert tokens["train"].shape == (20, 16) and tokens["eval"].shape == (6, 16)
-    assert tokens["train"].dtype == torch.int32
-    train_rows = {tuple(r.tolist()) for r in tokens["train"]}
-    eval_rows = {tuple(r.tolist()) for r in tokens["eval"]}
-    assert len(train_rows) == 20 and len(eval_rows) == 6 and not train_rows & eval_rows
-    again = tokenize_documents(docs, byte_tokenizer(), settings)
-    assert torch.equal(again["train"], tokens["train"])
-    other = tokenize_documents(docs, byte_tokenizer(), TokenSplit(16, 20, 6, seed=4))
-    assert not torch.equal(other["train"], tokens["train"])
+    prepare_corpus("t", {"source": "file", "path": str(TINY_CORPUS)}, out, tmp_path)
+    docs, tok = read_documents(out), byte_tokenizer()
+    settings = TokenSplit(seq_len=32, train_sequences=24, eval_sequences=8, seed=0)
+    result = _check_split_by_document(docs, tok, settings)
+    again = split_documents(docs, tok, settings)
+    assert again.documents == result.documents
+    assert all(torch.equal(again.tokens[k], result.tokens[k]) for k in ("train", "eval"))
+    other = _check_split_by_document(docs, tok, TokenSplit(32, 24, 8, seed=1))
+    assert other.documents != result.documents
+    with pytest.raises(LensspaceError, match="eval_sequences"):
+        split_documents(docs, tok, TokenSplit(32, 24, 5000))
+    assert torch.equal(tokenize_documents(docs, tok, settings)["eval"], result.tokens["eval"])
+
+
+def _documents_containing(row, doc_strings, eos):
+    """Documents whose tokens contain a piece (16+ tokens, between end-of-text) of ``row``."""
+    pieces, current = [], []
+    for token in row.tolist() + [eos]:
+        if token == eos:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    found = set()
+    for piece in pieces:
+        if len(piece) >= 16:
+            text = "".join(map(chr, piece))
+            found |= {i for i, doc in doc_strings.items() if text in doc}
+    assert found, "every sequence is found in some document"
+    return found
+
+
+def test_real_bible_split_by_chapter(real):
+    """The real fixture's tokens (24 train / 6 eval sequences of 128 on the WEB bible): every
+    sequence is located among the chapters by searching its tokens, and no chapter is found in
+    both splits; the recorded assignment says the same, and another seed splits differently."""
+    docs = read_documents(ROOT / "resources" / "corpora" / "web-bible.txt")
+    tok = real.tokenizer
+    settings = TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0)
+    result = _check_split_by_document(docs, tok, settings)
+    doc_strings = {i: "".join(map(chr, tok(d, add_special_tokens=False)["input_ids"]))
+                   for i, d in enumerate(docs)}
+    located = {split: set().union(*(_documents_containing(row, doc_strings, tok.eos_token_id)
+                                    for row in real.tokens[split]))
+               for split in ("train", "eval")}
+    assert not located["train"] & located["eval"]
+    assert located == {k: set(v) for k, v in result.documents.items()}
+    other = _check_split_by_document(docs, tok, TokenSplit(128, 24, 6, seed=1))
+    assert other.documents != result.documents
     with pytest.raises(LensspaceError, match="train_sequences"):
-        tokenize_documents(docs, byte_tokenizer(), TokenSplit(16, 5000, 6))
+        split_documents(docs[:3], tok, settings)
 
 
 def test_missing_corpus_file_names_the_key(tmp_path):

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import make_cached
-from lensspace.experiments.h0 import AblationGrid, run_layer
-from lensspace.subspaces import unembedding_bases
+from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.h0 import run_layer, subspace_basis
+from lensspace.lenses import translate
+from lensspace.subspaces import ablate, unembedding_bases
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def _numpy_kl(p_logits, q_logits):
 def test_grid_cells_and_independent_value(setup):
     adapter, lens, cache, bases = setup
     grid = AblationGrid(ks=("half", 3), n_boot=100)
-    rows = run_layer(adapter, lens, cache, bases, layer=1, grid=grid, chunk=2)
+    rows = run_layer(adapter, lens, cache, bases, layer=1, grid=grid, chunk=2).rows()
     # output/internal x 2 bases + random, x 2 k x 2 modes x 2 sites
     assert len(rows) == (2 * 2 + 1) * 2 * 2 * 2
     assert all(r["kl"] >= 0 and r["kl_lo"] <= r["kl"] <= r["kl_hi"] for r in rows)
@@ -56,7 +58,7 @@ def test_removing_everything_leaves_the_norm_bias_prediction(setup):
     # (uniform for RMSNorm, which has no bias): KL(clean || that) by hand
     full = AblationGrid(subspaces=("output",), ks=(adapter.d_model,), bases=("unembed",),
                         modes=("zero",), sites=("pre_norm", "post_norm"), n_boot=50)
-    rows = run_layer(adapter, lens, cache, bases, 0, full)
+    rows = run_layer(adapter, lens, cache, bases, 0, full).rows()
     with torch.no_grad():
         h = cache.load(0, "eval")[:, 1:]
         clean = adapter.model.get_output_embeddings()(adapter.final_norm(h + lens.layer_translators[0](h)))
@@ -70,4 +72,33 @@ def test_removing_everything_leaves_the_norm_bias_prediction(setup):
 def test_random_control_is_reproducible(setup):
     adapter, lens, cache, bases = setup
     grid = AblationGrid(subspaces=("random",), modes=("zero",), sites=("pre_norm",), n_boot=50, seed=3)
-    assert run_layer(adapter, lens, cache, bases, 2, grid) == run_layer(adapter, lens, cache, bases, 2, grid)
+    first = run_layer(adapter, lens, cache, bases, 2, grid)
+    assert first.rows() == run_layer(adapter, lens, cache, bases, 2, grid).rows()
+    assert first.per_sequence() == run_layer(adapter, lens, cache, bases, 2, grid).per_sequence()
+    # the draws are different subspaces, so their KLs differ
+    by_draw = {r["draw"]: r["kl"] for r in first.per_sequence() if r["sequence"] == 0}
+    assert len(by_draw) == grid.random_draws and len(set(by_draw.values())) == grid.random_draws
+
+
+def test_every_cell_equals_the_model_head_on_the_ablated_vector(setup):
+    """The linear-head shortcut against the model's own final norm and lm_head, for every cell
+    (GPT-2: LayerNorm with a bias; Llama: RMSNorm)."""
+    adapter, lens, cache, bases = setup
+    grid = AblationGrid(ks=("half", 3), random_draws=2, n_boot=20)
+    results = run_layer(adapter, lens, cache, bases, 1, grid)
+    seqs = results.per_sequence()
+    z_train = translate(lens, cache.load(1, "train")[:, 1:], 1)
+    means = {"pre_norm": z_train.mean((0, 1)), "post_norm": adapter.normalize(z_train).mean((0, 1))}
+    head, norm = adapter.model.get_output_embeddings(), adapter.final_norm
+    with torch.no_grad():
+        z = translate(lens, cache.load(1, "eval")[:, 1:], 1)
+        clean = head(norm(z))
+        for cell in grid.variants(adapter.d_model):
+            q = subspace_basis(bases, grid, 1, cell.subspace, cell.k, cell.basis, cell.draw)
+            if cell.site == "pre_norm":
+                ablated = head(norm(ablate(z, q, cell.mode, means["pre_norm"])))
+            else:  # the norm's scale frozen: ablate the normalised vector, then gain, bias, head
+                ablated = head(adapter.norm_affine(ablate(adapter.normalize(z), q, cell.mode, means["post_norm"])))
+            expected = _numpy_kl(clean, ablated).mean(-1)
+            got = [r["kl"] for r in seqs if all(r[f] == getattr(cell, f) for f in cell._fields)]
+            np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)

@@ -1,48 +1,60 @@
-"""H1 and circuit ends: the pull-back identity, residual ablations, induction score, head writes."""
+"""H1: the exact lens pull-back and residual ablations (circuit ends: tests/test_circuits.py)."""
 
 import pytest
 import torch
 
 from conftest import make_cached
-from lensspace.experiments.circuits import (CircuitSettings, depth_bins, head_and_mlp_fractions,
-                                            induction_pattern_score, induction_scores,
-                                            permutation_test, writes)
-from lensspace.experiments.h0 import AblationGrid
-from lensspace.experiments.h1 import residual_basis, run_layer
+from lensspace.experiments.grid import AblationGrid, Cell
+from lensspace.experiments.h1 import cell_edit, run_layer
+from lensspace.lenses import translate
 from lensspace.runner import BlockRunner
-from lensspace.subspaces import ablate, project, pullback, select, unembedding_bases
+from lensspace.subspaces import LensPullback, ablate, random_subspace, select, unembedding_bases
 
 D = 12
 
 
-def _translator(seed=0):
-    return torch.randn(D, D, generator=torch.Generator().manual_seed(seed)) * 0.3
+def _affine(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(D, D, generator=gen) * 0.3, torch.randn(D, generator=gen) * 3
 
 
-def test_pullback_of_identity_translator_is_the_basis_span():
-    q = select(torch.linalg.qr(torch.randn(D, D))[0], "output", 5)
-    p = pullback(torch.zeros(D, D), q)
-    torch.testing.assert_close(project(torch.eye(D), p), project(torch.eye(D), q), atol=1e-5, rtol=0)
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_pullback_is_the_lens_space_ablation(mode):
+    a, b = _affine()
+    q = random_subspace(D, 4, seed=1)
+    h = torch.randn(50, D, generator=torch.Generator().manual_seed(2)).double()
+    z = h @ (torch.eye(D, dtype=torch.float64) + a.double()).T + b.double()
+    z_mean = z.mean(0) + 1.0
+    edited = LensPullback(a, b, q).apply(h, mode, z_mean)
+    z_edited = edited @ (torch.eye(D, dtype=torch.float64) + a.double()).T + b.double()
+    torch.testing.assert_close(z_edited, ablate(z, q.double(), mode, z_mean), atol=1e-9, rtol=0)
 
 
-def test_pullback_is_orthonormal_and_carries_exactly_the_output_coordinates():
-    a, b = _translator(), torch.randn(D)
-    q = select(torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))[0], "output", 4)
-    p = pullback(a, q)
-    assert p.shape == (D, 4)
-    torch.testing.assert_close(p.T @ p, torch.eye(4), atol=1e-5, rtol=0)
-
-    def lens(h):
-        return h + h @ a.T + b
-
-    h = torch.randn(50, D)
-    # the output coordinates of T(h) depend on h only through its component in the pull-back
-    torch.testing.assert_close(lens(project(h, p)) @ q - b @ q, lens(h) @ q - b @ q, atol=1e-4, rtol=0)
-    # so projecting the pull-back out of h leaves only the bias in those coordinates ...
-    torch.testing.assert_close(lens(ablate(h, p, "zero")) @ q, (b @ q).expand(50, 4), atol=1e-4, rtol=0)
-    # ... while the other coordinates do move unless (I + A) is orthogonal
-    rest = select(torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))[0], "internal", D - 4)
-    assert not torch.allclose(lens(ablate(h, p, "zero")) @ rest, lens(h) @ rest, atol=1e-3)
+@pytest.mark.parametrize("layer", [3, 12, 24])
+@pytest.mark.parametrize("subspace", ["output", "internal"])
+def test_pullback_on_the_real_lens_gives_the_ablated_lens_vector(real, layer, subspace):
+    """T_i(h') = ablate(T_i(h)) with the real lens: large biases, ill-conditioned translators.
+    The old orthonormal pull-back left Q^T z = Q^T b (larger than before at some layers)."""
+    translator = real.lens.layer_translators[layer]
+    q = select(unembedding_bases(real.adapter)["unembed"].vectors, subspace, real.adapter.d_model // 2)
+    h = real.cache.load(layer, "eval")[:2, 1:]
+    z = translate(real.lens, h, layer).double()
+    z_mean = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer).double().mean((0, 1))
+    pulled = LensPullback(translator.weight, translator.bias, q)
+    for mode in ("zero", "mean"):
+        edited = pulled.apply(h.double(), mode, z_mean)
+        z_edited = edited @ pulled.m.T + pulled.b
+        expected = ablate(z, q.double(), mode, z_mean)
+        scale = z.norm(dim=-1, keepdim=True)
+        assert float(((z_edited - expected).norm(dim=-1, keepdim=True) / scale).max()) < 1e-8
+        # the ablated coordinates are gone (zero) or at their mean, the others untouched
+        coords = z_edited @ q.double()
+        target = torch.zeros_like(coords) if mode == "zero" else (z_mean @ q.double()).expand_as(coords)
+        assert float((coords - target).abs().max()) < 1e-6 * float(scale.max())
+    # in float32, as the experiment feeds the blocks, the identity holds to float tolerance
+    edited32 = pulled.apply(h, "zero")
+    z32 = translate(real.lens, edited32, layer).double()
+    assert float(((z32 - ablate(z, q.double(), "zero")).norm(dim=-1) / z.norm(dim=-1)).max()) < 1e-3
 
 
 @pytest.fixture
@@ -51,89 +63,45 @@ def cached(tiny, tmp_path):
     return c.adapter, c.lens, c.cache, unembedding_bases(c.adapter), c.tokens
 
 
+def test_grid_has_a_random_control_per_operation():
+    grid = AblationGrid(bases=("unembed", "lens_pullback"), modes=("zero",), sites=("residual",),
+                        random_draws=3)
+    cells = grid.variants(8)
+    assert {c.basis for c in cells if c.subspace == "random"} == {"random", "random_lens_pullback"}
+    assert len([c for c in cells if c.subspace == "random"]) == 2 * 3
+
+
 def test_residual_ablation_against_hooked_full_forward(cached):
     adapter, lens, cache, bases, tokens = cached
     runner = BlockRunner(adapter)
     grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",),
                         bases=("unembed", "lens_pullback"), modes=("zero", "mean"),
-                        sites=("residual",), n_boot=50)
-    rows = run_layer(runner, lens, cache, bases, layer=1, grid=grid, chunk=3)
-    assert len(rows) == (2 * 2 + 1) * 2
+                        sites=("residual",), n_boot=50, random_draws=2, experiment="h1")
+    results = run_layer(runner, lens, cache, bases, layer=1, grid=grid, chunk=3)
+    rows = results.rows()
+    assert len(rows) == (2 * 2 + 2) * 2
     assert all(r["kl"] >= 0 and r["site"] == "residual" and r["n_tokens"] == 4 * 9 for r in rows)
-    # independent: the model's own forward with the subspace removed at block 1's input
-    q = residual_basis(bases, lens, 1, "output", adapter.d_model // 2, "lens_pullback", 0)
     ids = tokens["eval"].long()
-
-    def hook(_m, args, kwargs):
-        h = args[0].clone()
-        h[:, 1:] = ablate(h[:, 1:], q, "zero")
-        return (h, *args[1:]), kwargs
-
-    handle = adapter.blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        ablated = adapter.model(ids).logits[:, 1:].log_softmax(-1)
-    finally:
-        handle.remove()
+    h_train = cache.load(1, "train")[:, 1:]
+    z_mean = translate(lens, h_train, 1).double().mean((0, 1))
     clean = adapter.model(ids).logits[:, 1:].log_softmax(-1)
-    expected = (clean.exp() * (clean - ablated)).sum(-1).mean()
-    got = next(r for r in rows if (r["subspace"], r["basis"], r["mode"]) == ("output", "lens_pullback", "zero"))
-    assert got["kl"] == pytest.approx(float(expected), rel=1e-3, abs=1e-7)
+    for cell in (Cell("output", adapter.d_model // 2, "lens_pullback", "mean", "residual"),
+                 Cell("random", adapter.d_model // 2, "random_lens_pullback", "zero", "residual", 1),
+                 Cell("internal", adapter.d_model // 2, "unembed", "mean", "residual")):
+        edit = cell_edit(cell, bases, lens, 1, grid, h_train.mean((0, 1)), z_mean)
 
+        def hook(_m, args, kwargs, edit=edit):
+            h = args[0].clone()
+            h[:, 1:] = edit(h[:, 1:])
+            return (h, *args[1:]), kwargs
 
-def test_induction_score_on_planted_and_uniform_patterns():
-    half, t = 6, 12
-    planted = torch.zeros(1, 2, t, t)
-    for i in range(t):
-        planted[0, :, i, 0] = 1.0  # before the second copy: attend to the first token
-    for i in range(half, t):
-        planted[0, 0, i] = 0
-        planted[0, 0, i, i - half + 1] = 1.0  # head 0 is an induction head
-    uniform = torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None]
-    scores = induction_pattern_score(planted, half)
-    assert scores[0] == 1.0 and scores[1] == 0.0
-    assert induction_pattern_score(uniform.expand(1, 1, t, t), half)[0] < 0.15
-
-
-def test_head_writes_sum_to_attention_output(tiny, tiny_ids):
-    adapter, _ = tiny
-    heads, mlps = writes(adapter, tiny_ids)
-    out_proj = adapter.attention_out(1)
-    captured = {}
-    handle = out_proj.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
-    try:
-        adapter.model(tiny_ids)
-    finally:
-        handle.remove()
-    bias = out_proj.bias if out_proj.bias is not None else 0
-    torch.testing.assert_close(heads[1].sum(dim=2) + bias, captured["out"], atol=1e-5, rtol=1e-5)
-    assert mlps[1].shape == (*tiny_ids.shape, adapter.d_model)
-
-
-def test_fractions_and_induction_scores_are_in_range(cached):
-    adapter, lens, _, bases, tokens = cached
-    (head_out, head_int), (mlp_out, mlp_int) = head_and_mlp_fractions(
-        adapter, lens, bases, tokens["eval"], k=adapter.d_model // 2)
-    for frac in (head_out, head_int, mlp_out, mlp_int):
-        assert ((frac >= 0) & (frac <= 1 + 1e-9)).all()
-    # after the last block the two halves of the unembedding basis are complements
-    torch.testing.assert_close(head_out[-1] + head_int[-1], torch.ones(adapter.n_heads, dtype=torch.float64))
-    scores = induction_scores(adapter, CircuitSettings(k=4, induction_sequences=2, induction_half_len=8), 256)
-    assert scores.shape == (adapter.n_layers, adapter.n_heads)
-    assert ((scores >= 0) & (scores <= 1)).all()
-
-
-def test_permutation_test():
-    bins = depth_bins(6, 3)
-    assert bins.tolist() == [0, 0, 1, 1, 2, 2]
-    layer_bins = bins[:, None].expand(6, 4)
-    flags = torch.zeros(6, 4, dtype=torch.bool)
-    flags[:, 0] = True
-    values = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) * 0.1
-    strong = values.clone()
-    strong[:, 0] += 1.0
-    result = permutation_test(strong, flags, layer_bins, n_permutations=500, seed=0)
-    assert result["statistic"] > 0.8 and result["p_value"] < 0.01
-    null = permutation_test(values, flags, layer_bins, n_permutations=500, seed=0)
-    assert null["p_value"] > 0.05
-    none = permutation_test(values, torch.zeros(6, 4, dtype=torch.bool), layer_bins, 10, 0)
-    assert none["n_compared"] == 0
+        handle = adapter.blocks[1].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            ablated = adapter.model(ids).logits[:, 1:].log_softmax(-1)
+        finally:
+            handle.remove()
+        expected = (clean.exp() * (clean - ablated)).sum(-1).mean(-1)
+        got = [r["kl"] for r in results.per_sequence() if all(r[f] == getattr(cell, f) for f in cell._fields)]
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected.double(), rtol=1e-3, atol=1e-6)
+    # the edit's size is reported beside its KL
+    assert all(r["edit_rel"] > 0 for r in rows)

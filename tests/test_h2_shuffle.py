@@ -1,17 +1,19 @@
 """H2 embedding lenses and layer-shuffle invariance against independent computations."""
 
+import pandas as pd
 import pytest
 import torch
 
 from conftest import make_cached
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.errors import LensspaceError
-from lensspace.experiments.h0 import AblationGrid
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, evaluate_layer,
                                       fit_embedding_lens, r_squared)
-from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, swap,
+from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, ridge_lens_training,
+                                           second_ridge, swap, translator_dominated,
                                            window_permutations)
-from lensspace.lenses import empty_lens
+from lensspace.lenses import LensTraining, empty_lens
 from lensspace.runner import BlockRunner
 
 
@@ -34,14 +36,21 @@ def test_identity_order_gives_zero_kl_and_full_agreement(cached):
     runner, lens, cache = cached
     n = runner.adapter.n_layers
     identity = Permutation(tuple(range(n)), 0, 0, 0)
-    rows = measure(runner, cache, [identity], LensSpaceBlocks(runner, lens), n_boot=20, seed=0)
+    lens_spaces = {"lens": LensSpaceBlocks(runner, lens, 1e-3),
+                   "lens_ridge": LensSpaceBlocks(runner, empty_lens(runner.adapter, "identity"), 10.0)}
+    rows = measure(runner, cache, [identity], lens_spaces, n_boot=20, seed=0)
+    assert [r["space"] for r in rows] == ["native", "lens", "lens_ridge"]
     for row in rows:
         assert row["kl"] == pytest.approx(0, abs=1e-6) and row["top1_agreement"] == 1.0
+    # the first block is the start's own: the wrapper gives it exactly h
+    assert [r["distortion"] for r in rows[1:]] == [pytest.approx(0, abs=1e-12)] * 2
+    assert rows[0]["distortion"] is None and rows[0]["ridge"] is None
+    assert [r["ridge"] for r in rows[1:]] == [1e-3, 10.0]
 
 
 def test_swaps_change_the_output(cached):
     runner, lens, cache = cached
-    rows = measure(runner, cache, [swap(runner.adapter.n_layers, 0, 2)], LensSpaceBlocks(runner, lens),
+    rows = measure(runner, cache, [swap(runner.adapter.n_layers, 0, 2)], {"lens": LensSpaceBlocks(runner, lens)},
                    n_boot=20, seed=0)
     assert {r["space"] for r in rows} == {"native", "lens"}
     assert all(r["kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in rows)
@@ -74,6 +83,59 @@ def test_singular_translator_is_refused(cached):
         LensSpaceBlocks(runner, lens)
 
 
+def test_position_zero_runs_natively_in_lens_space(cached):
+    """Position 0 attends only to itself: passed untranslated, it is the native permuted run's."""
+    runner, lens, cache = cached
+    h = cache.load(0, "eval")
+    perm = swap(runner.adapter.n_layers, 0, 2)
+    lens_run = LensSpaceBlocks(runner, lens).run(h, perm)
+    torch.testing.assert_close(lens_run[:, 0], runner.run(h, 0, perm.order)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_distortion_is_the_first_blocks_input_change(cached):
+    runner, lens, cache = cached
+    h = cache.load(0, "eval")
+    perm = swap(runner.adapter.n_layers, 0, 2)
+    blocks = LensSpaceBlocks(runner, lens)
+    t0, t2 = lens.layer_translators[0], lens.layer_translators[2]
+    eye = torch.eye(runner.adapter.d_model, dtype=torch.float64)
+    (m0, b0), (m2, b2) = [(eye + t.weight.detach().double(), t.bias.detach().double()) for t in (t0, t2)]
+    x = h[:, 1:].double()
+    moved = torch.linalg.solve(m2, (x @ m0.T + b0 - b2).unsqueeze(-1)).squeeze(-1)  # T_2^-1(T_0(h))
+    expected = (moved - x).norm(dim=-1) / x.norm(dim=-1)
+    torch.testing.assert_close(blocks.distortion(h, perm), expected)
+    assert float(expected.mean()) > 0.01
+
+
+def test_second_ridge_switches():
+    on = {"spaces": ["native", "lens", "lens_ridge"], "second_ridge": 10}
+    assert second_ridge(on) == 10.0
+    assert ridge_lens_training(on, seed=3) == LensTraining(ridge=10.0, refine_steps=0, seed=3)
+    for off in ({**on, "second_ridge": None}, {**on, "spaces": ["native", "lens"]}):
+        assert second_ridge(off) is None and ridge_lens_training(off, seed=3) is None
+
+
+def _swap_rows(lens_kl: float, distortion: float) -> pd.DataFrame:
+    rows = []
+    for i in range(4):
+        rows.append({"i": i, "j": i + 1, "space": "native", "kl": 0.2, "top1_agreement": 0.8,
+                     "distortion": None, "ridge": None, "kind": "swap"})
+        rows.append({"i": i, "j": i + 1, "space": "lens", "kl": lens_kl, "top1_agreement": 0.01,
+                     "distortion": distortion, "ridge": 0.001, "kind": "swap"})
+    rows.append({"i": 0, "j": 3, "space": "lens", "kl": 0.0, "top1_agreement": 1.0,
+                 "distortion": 0.0, "ridge": 0.001, "kind": "window"})
+    return pd.DataFrame(rows)
+
+
+def test_translator_dominated_statement():
+    statement = translator_dominated(_swap_rows(lens_kl=20.0, distortion=7.0))
+    assert statement is not None and "measure the translators" in statement
+    assert "20 nats (native 0.2" in statement and "7 times its own norm" in statement
+    assert "ridge 0.001" in statement
+    assert translator_dominated(_swap_rows(lens_kl=20.0, distortion=0.5)) is None
+    assert translator_dominated(_swap_rows(lens_kl=0.3, distortion=7.0)) is None
+
+
 def test_least_squares_embedding_lens_recovers_planted_map(tiny):
     adapter, _ = tiny
     gen = torch.Generator().manual_seed(0)
@@ -97,7 +159,8 @@ def test_r_squared_is_one_at_layer_zero_and_embedding_route_runs(cached):
     for objective in ("lens", "downstream"):
         emb = fit_embedding_lens(runner, lens, cache, 2, EmbeddingLensSettings(
             objective=objective, refine_steps=2, refine_sequences=2))
-        fit, rows = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid)
+        fit, results = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid)
+        rows = results.rows()
         assert fit["r2"] <= 1 and fit["kl_lens_route"] >= 0 and fit["kl_downstream_route"] >= 0
         assert len(rows) == 3 and all(r["kl"] >= 0 and r["site"] == "embedding" for r in rows)
 

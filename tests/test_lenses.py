@@ -8,8 +8,9 @@ from tuned_lens.nn import LogitLens, TunedLens
 
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.errors import LensspaceError
-from lensspace.lenses import (LensTraining, empty_lens, evaluate_lens, load_lens, save_lens,
-                              train_lens, translate)
+from lensspace import lenses
+from lensspace.lenses import (LensTraining, empty_lens, evaluate_lens, fit_affine, held_out_sequences,
+                              load_lens, save_lens, train_lens, translate)
 
 
 def _perturb(lens, seed=0):
@@ -80,3 +81,52 @@ def test_trained_lens_beats_logit_lens(tiny, tmp_path):
     for layer in range(adapter.n_layers):
         assert 0 <= by[(layer, "tuned")] < by[(layer, "logit")]
     assert {r["n_tokens"] for r in rows} == {8 * 15}
+
+
+def test_held_out_sequences_are_a_block_of_about_check_tokens():
+    settings = LensTraining(check_tokens=512)
+    assert held_out_sequences(64, 128, settings) == range(60, 64)  # 4 x 127 evaluated tokens
+    assert held_out_sequences(64, 128, LensTraining(check_tokens=1)) == range(63, 64)
+    assert held_out_sequences(8, 128, LensTraining(check_tokens=10**6)) == range(6, 8)  # a quarter
+    assert held_out_sequences(3, 128, settings) == range(2, 3)
+    assert len(held_out_sequences(64, 128, LensTraining(refine_steps=0))) == 0
+    assert len(held_out_sequences(64, 128, LensTraining(check_tokens=0))) == 0
+    assert len(held_out_sequences(1, 128, settings)) == 0
+
+
+def test_refinement_check_uses_sequences_the_fit_did_not_see(tiny, tmp_path, monkeypatch):
+    """With a zero learning rate the refinement changes nothing and is reverted, so each
+    translator is the least-squares fit: on the sequences outside the held-out block only.
+    The keep-or-revert check sees exactly the held-out block."""
+    adapter, _ = tiny
+    gen = torch.Generator().manual_seed(2)
+    tokens = {"train": torch.randint(0, 256, (12, 16), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (2, 16), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
+    cache = ActivationCache(tmp_path / "cache")
+    settings = LensTraining(refine_steps=2, refine_batch_tokens=16, refine_tokens=64,
+                            check_tokens=45, lr=0.0)
+    check = held_out_sequences(12, 16, settings)
+    assert check == range(9, 12)
+    seen, original_kl = [], lenses._kl
+
+    def recording_kl(adapter, translator, h, target):
+        seen.append(h)
+        return original_kl(adapter, translator, h, target)
+
+    monkeypatch.setattr(lenses, "_kl", recording_kl)
+    lens = train_lens(adapter, cache, settings, "tiny")
+    final = cache.final("train")
+
+    def positions(x):
+        return x[:, 1:].reshape(-1, x.shape[-1])
+
+    for layer in range(adapter.n_layers):
+        h = cache.load(layer, "train")
+        weight, bias = fit_affine(positions(h[:9]), positions(final[:9]), settings.ridge)
+        translator = lens.layer_translators[layer]
+        assert torch.equal(translator.weight, weight) and torch.equal(translator.bias, bias)
+        on_all, _ = fit_affine(positions(h), positions(final), settings.ridge)
+        assert not torch.allclose(translator.weight, on_all, atol=1e-4)
+        assert torch.equal(seen[2 * layer], positions(h[9:]))  # before the refinement
+        assert torch.equal(seen[2 * layer + 1], positions(h[9:]))  # after it

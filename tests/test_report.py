@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageStat
 
 from conftest import ROOT, snakemake
@@ -30,80 +31,100 @@ def ablation_tsv(tmp_path: Path, rows: list[tuple]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ robustness
-def test_verdict_compares_intervals():
-    assert robustness.verdict(2.0, 3.0, 0.5, 1.0) == "holds"
-    assert robustness.verdict(0.5, 1.0, 2.0, 3.0) == "reversed"
-    assert robustness.verdict(1.0, 2.0, 1.5, 2.5) == "not separable"
-    assert robustness.verdict(1.0, 2.0, 2.0, 3.0) == "not separable"  # touching intervals overlap
+SEQ_COLUMNS = ["layer", "subspace", "k", "basis", "mode", "site", "draw", "sequence", "kl"]
+BASE = [0.3, 2.5, 0.8, 4.0, 1.2, 0.5, 3.1, 0.9, 1.7, 0.6, 2.2, 1.0, 0.4, 5.0, 1.4, 0.7]  # skewed
+
+
+def per_sequence(cells: dict) -> pd.DataFrame:
+    """{(layer, subspace, basis): [draws x sequences] KLs} as a per-sequence table (k 4, zero, pre_norm)."""
+    rows = [(layer, subspace, 4, basis, "zero", "pre_norm", draw, seq, kl)
+            for (layer, subspace, basis), draws in cells.items()
+            for draw, values in enumerate(draws) for seq, kl in enumerate(values)]
+    return pd.DataFrame(rows, columns=SEQ_COLUMNS)
 
 
 @pytest.fixture
-def hand_made(tmp_path):
-    z, pre = "zero", "pre_norm"
-    return ablation_tsv(tmp_path, [
-        # layer 0: output clearly above internal in both bases; random in between
-        (0, "output", 4, "unembed", z, pre, 2.5, 2.0, 3.0),
-        (0, "internal", 4, "unembed", z, pre, 0.7, 0.5, 1.0),
-        (0, "output", 4, "unembed_centered", z, pre, 0.4, 0.3, 0.5),   # reversed vs internal
-        (0, "internal", 4, "unembed_centered", z, pre, 1.5, 1.2, 1.8),
-        (0, "random", 4, "random", z, pre, 1.5, 1.4, 1.6),
-        # layer 1: overlapping intervals everywhere
-        (1, "output", 4, "unembed", z, pre, 1.6, 1.0, 2.0),
-        (1, "internal", 4, "unembed", z, pre, 1.8, 1.5, 2.5),
-        (1, "output", 4, "unembed_centered", z, pre, 1.6, 1.0, 2.0),
-        (1, "internal", 4, "unembed_centered", z, pre, 1.8, 1.5, 2.5),
-        (1, "random", 4, "random", z, pre, 1.7, 1.1, 2.2),
-    ])
+def hand_made():
+    scaled = lambda f, shift=0.0: [b * f + shift for b in BASE]  # noqa: E731
+    return per_sequence({
+        # layer 0, unembed: output 3x internal; random draws in between
+        (0, "output", "unembed"): [scaled(3)], (0, "internal", "unembed"): [scaled(1)],
+        # unembed_centered: reversed; internal inside the random draws' range
+        (0, "output", "unembed_centered"): [scaled(0.5)], (0, "internal", "unembed_centered"): [scaled(1.6)],
+        (0, "random", "random"): [scaled(1.5), scaled(1.6), scaled(1.7), scaled(1.8)],
+        # layer 1: a small shift that is the same in every sequence: the marginal intervals overlap
+        # (sequences vary 0.3-5.0), the paired difference does not
+        (1, "output", "unembed"): [scaled(1, 0.05)], (1, "internal", "unembed"): [scaled(1)],
+        (1, "output", "unembed_centered"): [scaled(1)], (1, "internal", "unembed_centered"): [scaled(1)],
+        (1, "random", "random"): [scaled(1, 0.01), scaled(1, 0.02), scaled(1, 0.03), scaled(1, 0.04)],
+    })
 
 
-def test_classify_judges_every_conclusion_variant_and_layer(hand_made):
-    verdicts = robustness.classify(hand_made)
-    assert list(verdicts.columns) == ["conclusion", "basis", "mode", "site", "k", "layer", "verdict", "kl_a", "kl_b"]
-    # 3 conclusions x 2 bases x 2 layers: the random control is compared with each basis
-    assert len(verdicts) == 12
+def test_compare_judges_every_conclusion_variant_and_layer_by_paired_tests(hand_made):
+    verdicts = robustness.compare(hand_made, n_boot=4000)
+    assert list(verdicts.columns) == robustness.COLUMNS
+    assert len(verdicts) == 12  # 3 conclusions x 2 bases x 2 layers
     got = {(r.conclusion, r.basis, r.layer): r.verdict for r in verdicts.itertuples()}
     assert got[("output > internal", "unembed", 0)] == "holds"
     assert got[("output > internal", "unembed_centered", 0)] == "reversed"
     assert got[("output > random", "unembed", 0)] == "holds"
     assert got[("output > random", "unembed_centered", 0)] == "reversed"
     assert got[("random > internal", "unembed", 0)] == "holds"
+    # significant against the draws' mean, but inside their range: not beyond the control's spread
     assert got[("random > internal", "unembed_centered", 0)] == "not separable"
-    assert {v for (c, b, layer), v in got.items() if layer == 1} == {"not separable"}
-    row = verdicts[(verdicts["conclusion"] == "output > internal") & (verdicts["basis"] == "unembed")
-                   & (verdicts["layer"] == 0)].iloc[0]
-    assert (row["kl_a"], row["kl_b"]) == (2.5, 0.7)
+    # the paired test sees the consistent shift the overlapping marginal intervals hide
+    assert got[("output > internal", "unembed", 1)] == "holds"
+    assert got[("output > internal", "unembed_centered", 1)] == "not separable"
+    row = verdicts[(verdicts["conclusion"] == "output > internal") & (verdicts["layer"] == 1)
+                   & (verdicts["basis"] == "unembed")].iloc[0]
+    assert row["diff"] == pytest.approx(0.05) and row["diff_lo"] == pytest.approx(0.05)
+    # Holm over the whole family: adjusted p-values never below the raw ones
+    assert (verdicts["p_adjusted"] >= verdicts["p_value"] - 1e-12).all()
+    control = verdicts[verdicts["conclusion"] == "output > random"].iloc[0]
+    assert control["n_draws"] == 4 and control["draw_min"] < control["draw_max"]
 
 
-def test_summary_and_grid(hand_made):
-    verdicts = robustness.classify(hand_made)
+def test_holm_correction_turns_a_lone_small_effect_into_not_separable():
+    """One weak but consistent-looking effect is significant alone, not among 60 comparisons."""
+    gen = torch.Generator().manual_seed(0)
+    cells = {}
+    for layer in range(30):
+        noise = (torch.randn(16, generator=gen) * 0.5).tolist()
+        cells[(layer, "output", "unembed")] = [[b + n + (0.35 if layer == 0 else 0.0) for b, n in zip(BASE, noise)]]
+        cells[(layer, "internal", "unembed")] = [BASE]
+    verdicts = robustness.compare(per_sequence(cells), n_boot=4000)
+    first = verdicts[verdicts["layer"] == 0].iloc[0]
+    assert first["p_value"] < 0.05 and first["p_adjusted"] > 0.05 and first["verdict"] == "not separable"
+    alone = robustness.compare(per_sequence({k: v for k, v in cells.items() if k[0] == 0}), n_boot=4000)
+    assert alone.iloc[0]["verdict"] == "holds"
+
+
+def test_summary_grid_and_markdown(hand_made):
+    verdicts = robustness.compare(hand_made, n_boot=2000)
     counts = robustness.summary(verdicts).set_index("conclusion")
-    assert counts.loc["output > internal"].to_dict() == {"holds": 1, "reversed": 1, "not separable": 2, "cells": 4}
+    assert counts.loc["output > internal"].to_dict() == {"holds": 2, "reversed": 1, "not separable": 1, "cells": 4}
     wide = robustness.grid(verdicts)
     assert list(wide.columns) == ["conclusion", "basis", "mode", "site", "k", 0, 1]
     assert len(wide) == 6 and list(dict.fromkeys(wide["conclusion"])) == [c.label for c in robustness.CONCLUSIONS]
-
-
-def test_markdown_grid_layout(hand_made):
-    text = robustness.markdown_grid(robustness.classify(hand_made))
-    lines = text.splitlines()
+    lines = robustness.markdown_grid(verdicts).splitlines()
     assert lines[0] == "| conclusion | basis | mode | site | k | L0 | L1 |"
-    assert "| output > internal | unembed | zero | pre_norm | 4 | ✓ | · |" in lines
+    assert "| output > internal | unembed | zero | pre_norm | 4 | ✓ | ✓ |" in lines
     assert "| output > internal | unembed_centered | zero | pre_norm | 4 | ✗ | · |" in lines
-    assert "- output > internal: holds in 1 of 4 cells, reversed in 1, not separable in 2" in lines
+    assert "- output > internal: holds in 2 of 4 cells, reversed in 1, not separable in 1" in lines
+    assert any("Holm" in line and "the 12 comparisons" in line and "4 independent draws" in line for line in lines)
 
 
 def test_html_grid_has_one_row_per_variant(hand_made):
-    page = html_grid(robustness.classify(hand_made))
+    page = html_grid(robustness.compare(hand_made, n_boot=2000))
     assert page.count("<tr>") == 2 + 2  # two header rows, two variants (bases)
-    assert page.count('class="v holds') == 3 and page.count('class="v reversed') == 2
+    assert page.count('class="v reversed') == 3  # centred basis at layer 0 (x2), below the draws at layer 1
 
 
-def test_classify_without_control_or_with_missing_columns(tmp_path):
-    frame = ablation_tsv(tmp_path, [(0, "output", 4, "unembed", "zero", "pre_norm", 2.0, 1.5, 2.5),
-                                    (0, "internal", 4, "unembed", "zero", "pre_norm", 1.0, 0.5, 1.2)])
-    assert set(robustness.classify(frame)["conclusion"]) == {"output > internal"}
-    with pytest.raises(Exception, match="missing: \\['kl_hi'\\]"):
-        robustness.classify(frame.drop(columns="kl_hi"))
+def test_compare_without_control_or_with_missing_columns(hand_made):
+    frame = hand_made[hand_made["subspace"] != "random"]
+    assert set(robustness.compare(frame, n_boot=500)["conclusion"]) == {"output > internal"}
+    with pytest.raises(Exception, match="missing: \\['draw'\\]"):
+        robustness.compare(frame.drop(columns="draw"))
 
 
 # ------------------------------------------------------------------ tables and provenance
@@ -153,15 +174,20 @@ def results(tmp_path):
     (res / run).mkdir(parents=True)
     pd.DataFrame(lens, columns=["layer", "lens", "kl", "kl_lo", "kl_hi", "n_tokens"]).to_csv(
         res / run / "lens_eval.tsv", sep="\t", index=False)
-    rows = []
+    rows, cells = [], {}
     for layer in layers:
         for basis in ("unembed", "unembed_centered"):
             rows.append((layer, "output", 4, basis, "zero", "pre_norm", 10.0 + layer, 9.0 + layer, 11.0 + layer))
             rows.append((layer, "internal", 4, basis, "zero", "pre_norm", 1.0, 0.9, 1.1))
+            cells[(layer, "output", basis)] = [[b + 10.0 + layer for b in BASE]]
+            cells[(layer, "internal", basis)] = [BASE]
         rows.append((layer, "random", 4, "random", "zero", "pre_norm", 3.0, 2.5, 3.5))
+        cells[(layer, "random", "random")] = [[b + 2 for b in BASE], [b + 2.5 for b in BASE]]
     (res / run / "h0").mkdir()
     pd.DataFrame([(*r, 64) for r in rows], columns=ABLATION_COLUMNS).to_csv(
         res / run / "h0" / "ablation.tsv", sep="\t", index=False)
+    robustness.compare(per_sequence(cells), n_boot=2000).to_csv(
+        res / run / "h0" / "comparisons.tsv", sep="\t", index=False)
     _png(res / "figures" / f"lens_{run}.png")
     _png(res / "figures" / f"h0_{run}.png")
     manifest = tmp_path / "resources" / "models" / "gpt2" / "lensspace-model.json"

@@ -1,4 +1,4 @@
-"""Corpora: fetch, clean into documents, tokenize into fixed-length sequences, split.
+"""Corpora: fetch, clean into documents, split documents into train/eval, tokenize into sequences.
 
 A prepared corpus is a UTF-8 text file with one document per line.
 """
@@ -97,7 +97,8 @@ def _hub_documents(name: str, spec: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class TokenSplit:
-    """How the token stream is cut and split: sequences of ``seq_len``, disjoint by seed."""
+    """How documents are split and cut: whole documents to train or eval by seed, sequences of
+    ``seq_len`` from each split's own stream."""
 
     seq_len: int
     train_sequences: int
@@ -105,32 +106,69 @@ class TokenSplit:
     seed: int = 0
 
 
-def tokenize_documents(docs: list[str], tokenizer, settings: TokenSplit) -> dict[str, torch.Tensor]:
-    """Tokenize documents into one stream (end-of-text between them), cut, shuffle, split.
+SPLITS = ("train", "eval")
 
-    Only as many documents as needed are tokenized, in corpus order, so the result does not
-    depend on the corpus length beyond what is used.
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Each split's sequences and, for auditing, the documents (indices into the document list,
+    i.e. 0-based lines of a prepared corpus) its stream was made of, in stream order, and the
+    documents each sequence (row) spans."""
+
+    tokens: dict[str, torch.Tensor]
+    documents: dict[str, list[int]]
+    sequence_documents: dict[str, list[list[int]]]
+
+
+def split_documents(docs: list[str], tokenizer, settings: TokenSplit) -> Tokenized:
+    """Assign whole documents to train or eval, then cut each split's own stream into sequences.
+
+    Documents are visited in a fixed order spread through the corpus (``_spread``); each goes
+    to eval with probability eval / (train + eval) sequences (seeded) while both splits still
+    need tokens, else to the split that does, so only as many documents as needed are
+    tokenized. Each split's documents form one stream (end-of-text after each), cut into
+    consecutive sequences kept in stream order: a sequence may span documents of its own
+    split, never of both, and no document contributes to both splits.
     """
-    need = (settings.train_sequences + settings.eval_sequences) * settings.seq_len
+    length = settings.seq_len
+    wanted = {"train": settings.train_sequences, "eval": settings.eval_sequences}
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    # take whole documents spread through the corpus (every k-th), not just its beginning
-    order = _spread(len(docs))
-    for index in order:
-        stream.extend(tokenizer(docs[index], add_special_tokens=False)["input_ids"] + sep)
-        if len(stream) >= need:
+    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
+    spans: dict[str, list[tuple[int, int, int]]] = {split: [] for split in SPLITS}  # doc, start, end
+    p_eval = settings.eval_sequences / (settings.train_sequences + settings.eval_sequences)
+    gen = torch.Generator().manual_seed(settings.seed)
+    for index in _spread(len(docs)):
+        open_splits = [s for s in SPLITS if len(streams[s]) < wanted[s] * length]
+        if not open_splits:
             break
-    n_seq = len(stream) // settings.seq_len
-    wanted = settings.train_sequences + settings.eval_sequences
-    if n_seq < wanted:
+        draw = float(torch.rand((), generator=gen))  # one draw per visited document
+        split = open_splits[0] if len(open_splits) == 1 else ("eval" if draw < p_eval else "train")
+        start = len(streams[split])
+        streams[split].extend(tokenizer(docs[index], add_special_tokens=False)["input_ids"] + sep)
+        spans[split].append((index, start, len(streams[split])))
+    got = {split: len(streams[split]) // length for split in SPLITS}
+    if any(got[split] < wanted[split] for split in SPLITS):
         raise LensspaceError(
-            f"the corpus gives {n_seq} sequences of {settings.seq_len} tokens, the config asks for "
-            f"{wanted} (data.train_sequences + data.eval_sequences): lower them or use more text"
+            f"split by document, the corpus gives {got['train']} train and {got['eval']} eval "
+            f"sequences of {length} tokens, the config asks for {wanted['train']} and "
+            f"{wanted['eval']} (data.train_sequences, data.eval_sequences): lower them or use "
+            "more text"
         )
-    seqs = torch.tensor(stream[: n_seq * settings.seq_len], dtype=torch.int32).view(n_seq, -1)
-    perm = torch.randperm(n_seq, generator=torch.Generator().manual_seed(settings.seed))
-    return {"train": seqs[perm[: settings.train_sequences]].contiguous(),
-            "eval": seqs[perm[settings.train_sequences: wanted]].contiguous()}
+    tokens = {split: torch.tensor(streams[split][: wanted[split] * length], dtype=torch.int32)
+              .view(wanted[split], length) for split in SPLITS}
+    return Tokenized(tokens, {split: [doc for doc, _, _ in spans[split]] for split in SPLITS},
+                     {split: _row_documents(spans[split], wanted[split], length) for split in SPLITS})
+
+
+def _row_documents(spans: list[tuple[int, int, int]], n_rows: int, length: int) -> list[list[int]]:
+    """The documents (``(doc, start, end)`` in one stream) that each cut sequence overlaps."""
+    return [[doc for doc, start, end in spans if start < (row + 1) * length and end > row * length]
+            for row in range(n_rows)]
+
+
+def tokenize_documents(docs: list[str], tokenizer, settings: TokenSplit) -> dict[str, torch.Tensor]:
+    """The int32 ``train`` and ``eval`` sequences of ``split_documents``."""
+    return split_documents(docs, tokenizer, settings).tokens
 
 
 def _spread(n: int) -> list[int]:

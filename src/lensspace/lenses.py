@@ -26,7 +26,13 @@ from lensspace.stats import Estimate, bootstrap_mean, kl_from_logprobs
 
 @dataclass(frozen=True)
 class LensTraining:
-    """Settings of ``source: train``: ridge of the closed form, then the KL refinement budget."""
+    """Settings of ``source: train``: ridge of the closed form, then the KL refinement budget.
+
+    ``check_tokens``: about this many evaluated training tokens (``seq_len - 1`` per sequence)
+    are held out as whole sequences to decide whether a layer keeps its refinement; rounded to
+    whole sequences, at least one, at most a quarter of the training sequences (see
+    ``held_out_sequences``); 0 turns the refinement off.
+    """
 
     ridge: float = 1e-3
     refine_steps: int = 12
@@ -66,39 +72,57 @@ def empty_lens(adapter: Adapter, name: str) -> TunedLens:
     return TunedLens(Unembed(adapter.model), config).float()
 
 
+def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -> range:
+    """The training sequences held out for the refinement's keep-or-revert check: the rest fit.
+
+    A block at the end of the train split, about ``check_tokens / (seq_len - 1)`` sequences,
+    at least one and at most a quarter of the split (so the fit keeps most of it); empty when
+    there is no refinement to check or a single sequence. The train split is one document
+    stream in order (``corpus.split_documents``), so the block shares at most one document,
+    the one cut at its first sequence, with the fitted sequences.
+    """
+    if not (settings.refine_steps and settings.check_tokens) or n_sequences < 2:
+        return range(n_sequences, n_sequences)
+    n_check = min(max(1, round(settings.check_tokens / (seq_len - 1))), max(1, n_sequences // 4))
+    return range(n_sequences - n_check, n_sequences)
+
+
 def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str) -> TunedLens:
     """Fit every translator by ridge least squares to the last residual, then refine by KL.
 
-    The refinement is kept only where it lowers the KL on training tokens it did not use,
-    so it can never leave a layer worse than its least-squares fit.
+    The least-squares fit and the refinement use the training sequences outside
+    ``held_out_sequences``; the refinement is kept only where it lowers the KL on those held-out
+    sequences, which neither saw, so a kept refinement improved the lens beyond its fitting data.
     """
     lens = empty_lens(adapter, name)
-    final = _positions(cache.final("train"))
+    final_seqs = cache.final("train")
+    check = held_out_sequences(len(final_seqs), final_seqs.shape[1], settings)
+    final, check_final = _positions(final_seqs[: check.start]), _positions(final_seqs[check.start:])
     gen = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(len(final), generator=gen)
-    refine_idx = order[: settings.refine_tokens]
-    check_idx = order[settings.refine_tokens: settings.refine_tokens + settings.check_tokens]
+    refine_idx = torch.randperm(len(final), generator=gen)[: settings.refine_tokens]
     with torch.no_grad():
         target = adapter.logits(final[refine_idx]).log_softmax(-1)
-        check_target = adapter.logits(final[check_idx]).log_softmax(-1)
+        check_target = adapter.logits(check_final).log_softmax(-1)
     for layer in tqdm(range(adapter.n_layers), desc="lens", file=sys.stderr, mininterval=5):
-        h = _positions(cache.load(layer, "train"))
+        seqs = cache.load(layer, "train")
+        h, h_check = _positions(seqs[: check.start]), _positions(seqs[check.start:])
         weight, bias = fit_affine(h, final, settings.ridge)
         translator = lens.layer_translators[layer]
         with torch.no_grad():
             translator.weight.copy_(weight)
             translator.bias.copy_(bias)
-        if settings.refine_steps and len(check_idx):
-            before = _kl(adapter, translator, h[check_idx], check_target)
+        if len(check):
+            before = _kl(adapter, translator, h_check, check_target)
             _refine(adapter, translator, h[refine_idx], target, settings, gen)
-            after = _kl(adapter, translator, h[check_idx], check_target)
+            after = _kl(adapter, translator, h_check, check_target)
             kept = after < before
             if not kept:
                 with torch.no_grad():
                     translator.weight.copy_(weight)
                     translator.bias.copy_(bias)
-            print(f"layer {layer}: KL on unused training tokens {before:.4f} after least squares, "
-                  f"{after:.4f} after refinement ({'kept' if kept else 'reverted'})", file=sys.stderr)
+            print(f"layer {layer}: KL on {len(check)} held-out training sequences {before:.4f} after "
+                  f"least squares, {after:.4f} after refinement ({'kept' if kept else 'reverted'})",
+                  file=sys.stderr)
     return lens
 
 

@@ -32,8 +32,11 @@ from lensspace.errors import LensspaceError
 BASIS_TEXT = {
     "unembed": "SVD of the raw unembedding W_U",
     "unembed_centered": "SVD of W_U with its vocabulary mean removed and the final norm's gain folded in",
-    "lens_pullback": "the output subspace pulled back through the lens, span((I + A_i)^T U_k)",
-    "random": "a seeded random k-dimensional subspace (the control)",
+    "lens_pullback": ("the lens-space ablation of the unembed subspace carried exactly into the residual "
+                      "through translator i, h' = h − (I + A_i)^-1 Q Q^T (T_i(h) − c), so that "
+                      "T_i(h') = ablate(T_i(h))"),
+    "random": "seeded random k-dimensional subspaces (the control; independent draws per layer)",
+    "random_lens_pullback": "the lens_pullback operation on seeded random lens-space subspaces (its control)",
     "embed": "SVD of the token embedding W_E",
 }
 MODE_TEXT = {"zero": "zero (the component is projected out)",
@@ -139,8 +142,8 @@ def _tokens(frame: pd.DataFrame) -> str:
 
 
 def _interval(ctx: RunContext) -> str:
-    return (f"95% percentile bootstrap interval over sequences ({ctx.n_resamples:,} resamples)"
-            if ctx.n_resamples else "95% percentile bootstrap interval over sequences")
+    return (f"95% studentized bootstrap interval over sequences ({ctx.n_resamples:,} resamples)"
+            if ctx.n_resamples else "95% studentized bootstrap interval over sequences")
 
 
 def _layers(values) -> str:
@@ -217,9 +220,10 @@ class AblationExperiment:
             section.blocks += self.summary(ctx, ablation)
         if ctx.figure(self.key).exists():
             section.blocks.append(Figure(ctx.figure(self.key), self.caption(ctx, ablation)))
-        verdicts = robustness.classify(ablation)
+        comparisons = ctx.path(self.key, "comparisons.tsv")
+        verdicts = pd.read_csv(comparisons, sep="\t") if comparisons.exists() else pd.DataFrame()
         if not verdicts.empty:
-            section.blocks.append(Grid(verdicts, self.robustness_caption(ctx, ablation)))
+            section.blocks.append(Grid(verdicts, self.robustness_caption(ctx, verdicts)))
         for name, caption in self.extra_figures:
             if ctx.figure(name).exists():
                 section.blocks.append(Figure(ctx.figure(name), f"{caption} Run {ctx.run}."))
@@ -233,7 +237,8 @@ class AblationExperiment:
 
     def caption(self, ctx: RunContext, ablation: pd.DataFrame) -> str:
         subspaces = list(dict.fromkeys(ablation["subspace"]))
-        bases = [b for b in dict.fromkeys(ablation["basis"]) if b != "random"]
+        bases = [b for b in dict.fromkeys(ablation["basis"]) if not b.startswith("random")]
+        draws = int(ablation["n_draws"].max()) if "n_draws" in ablation else 1
         ks = sorted(set(int(k) for k in ablation["k"]), reverse=True)
         words = {**SUBSPACE_TEXT, **dict(self.subspace_words)}
         return (f"{self.title}, {ctx.run}. Ablated: {_listing(subspaces, words)}; "
@@ -243,14 +248,16 @@ class AblationExperiment:
                 f"How: {_listing(dict.fromkeys(ablation['mode']), MODE_TEXT)}. "
                 f"Measure: {self.measure}, nats, mean over {_tokens(ablation)} held-out token positions. "
                 f"Bands: {_interval(ctx)}. Panels: one per basis (columns) and k, mode, site (rows); "
-                "the random control is dashed.")
+                f"the random control (dashed) is the mean of {draws} independent draws, their range "
+                "in draw_min / draw_max of the TSV; edit_rel there is the ablation's mean relative "
+                "size ||x' − x|| / ||x||.")
 
-    def robustness_caption(self, ctx: RunContext, ablation: pd.DataFrame) -> str:
+    def robustness_caption(self, ctx: RunContext, verdicts: pd.DataFrame) -> str:
         return (f"Robustness of {self.title}, {ctx.run}: for each conclusion \"A > B\" (ablating A "
-                f"raises the KL more than ablating B) and each variant, per layer: ✓ holds (A's 95% "
-                "interval lies wholly above B's), ✗ reversed (B's lies above A's), · not separable "
-                "(the intervals overlap). The random control is compared with each basis at the same "
-                f"layer, k, mode and site. {_tokens(ablation)} held-out tokens; {_interval(ctx)}.")
+                "raises the KL more than ablating B) and each variant, per layer. "
+                f"{robustness.legend(verdicts)} Sequences per comparison: "
+                f"{int(verdicts['n_sequences'].max())}; every comparison with its difference, interval "
+                f"and p-values: results/{ctx.run}/{self.key}/comparisons.tsv.")
 
     def seed_table(self, ctx: RunContext, ablation: pd.DataFrame) -> list:
         d_model = ctx.d_model
@@ -264,7 +271,8 @@ class AblationExperiment:
         except LensspaceError as err:
             return [Text(f"Original layout not available: {err}")]
         caption = (f"{self.title} in the original layout, {ctx.run}: k = {d_model // 2} of {d_model} "
-                   f"(d/2), basis unembed, zero ablation, site {self.seed_site}. Measure: {self.measure}, nats, "
+                   f"(d/2), basis unembed, zero ablation (mean ablation of the same cells in the last "
+                   f"columns, where the grid has it), site {self.seed_site}. Measure: {self.measure}, nats, "
                    f"mean over {_tokens(ablation)} held-out tokens; {_interval(ctx)}.")
         if name:
             caption += f" Published: the seed study's table {name}; Δ = reproduced − published."
@@ -272,15 +280,70 @@ class AblationExperiment:
         return [Table(frame, caption, markdown if markdown.exists() else None)]
 
 
+def h0_summary(ctx: RunContext, ablation: pd.DataFrame) -> list:
+    """Why zero and mean ablation disagree: each subspace's share of the lens vectors' squared
+    norm, split into its constant and token-varying parts (shares.tsv)."""
+    path = ctx.path("h0", "shares.tsv")
+    if not path.exists():
+        return []
+    shares = pd.read_csv(path, sep="\t")
+    cell = shares[(shares["basis"] == "unembed") & (shares["site"] == "pre_norm")
+                  & (shares["k"] == shares["k"].max())]
+    if cell.empty:
+        return []
+    wide = cell.pivot(index="layer", columns="subspace", values=["constant_share", "varying_share"])
+    table = pd.DataFrame({"layer": wide.index})
+    for subspace in ("output", "internal"):
+        for part in ("constant", "varying"):
+            table[f"{subspace} {part} %"] = 100 * wide[(f"{part}_share", subspace)].to_numpy()
+    top = cell.loc[cell["constant_share"].idxmax()]
+    text = (f"Zero against mean ablation, {ctx.run}: zero ablation removes a subspace's whole component, "
+            "mean ablation only its token-varying part. At layer "
+            f"{int(top['layer'])} the {top['subspace']} subspace (basis unembed, k = {int(top['k'])}) holds "
+            f"{100 * top['share']:.0f}% of the lens vectors' squared norm before the final norm, "
+            f"{100 * top['constant_share']:.0f}% of it constant across tokens (|Q^T mean| = "
+            f"{top['constant_norm']:.0f} against a token-varying RMS of {top['varying_rms']:.0f}); "
+            "where the constant part dominates, zero ablation mostly measures the removal of a "
+            "constant vector (and the norm's rescaling), not of token information.")
+    return [Text(text), Table(table, (
+        f"Shares of the lens vectors' squared norm, {ctx.run}: per layer and subspace (basis unembed, "
+        f"before the final norm, k = {int(top['k'])}), the constant part (the held-out mean's "
+        "component) and the token-varying part, in percent of E||z||²; they add up exactly. "
+        f"Every basis, site and k: results/{ctx.run}/h0/shares.tsv."), digits=1)]
+
+
 H0 = AblationExperiment(
     "h0", "H0: SVD subspaces ablated in lens space",
     where="in lens space, z = T_i(h_i), the tuned lens's output in front of the unembedding",
-    measure="KL(p_lens(z) ‖ p_lens(z ablated))")
+    measure="KL(p_lens(z) ‖ p_lens(z ablated))", summary=h0_summary)
+def h1_summary(ctx: RunContext, ablation: pd.DataFrame) -> list:
+    """The lens pull-back's KL beside the size of the residual edit it needs."""
+    pulled = ablation[ablation["basis"].isin(["lens_pullback", "random_lens_pullback"])]
+    if pulled.empty or "edit_rel" not in pulled:
+        return []
+    mode = "zero" if "zero" in set(pulled["mode"]) else pulled["mode"].iloc[0]
+    k = int(pulled["k"].max())
+    cell = pulled[(pulled["mode"] == mode) & (pulled["k"] == k)]
+    wide = cell.pivot(index="layer", columns="subspace", values=["kl", "edit_rel"])
+    table = pd.DataFrame({"layer": wide.index})
+    for subspace in ("output", "internal", "random"):
+        if ("kl", subspace) in wide:
+            table[f"KL {subspace}"] = wide[("kl", subspace)].to_numpy()
+            table[f"edit {subspace}"] = wide[("edit_rel", subspace)].to_numpy()
+    return [Table(table, (
+        f"Lens-space ablation carried into the residual stream, {ctx.run} ({mode} mode, k = {k}): "
+        "KL(p_model ‖ p_ablated) of the final output beside the edit's relative size "
+        "||h' − h|| / ||h|| (mean over tokens). The edit satisfies T_i(h') = ablate(T_i(h)) exactly; "
+        "where I + A_i is ill-conditioned it can be much larger than h itself, and the KL then "
+        "measures a large residual edit as much as the lens-space removal. Random: the same "
+        "operation on random lens-space subspaces (mean of the draws)."))]
+
+
 H1 = AblationExperiment(
     "h1", "H1: SVD subspaces ablated in the residual stream",
     where="in the model's own residual stream h_i, after which the remaining blocks run",
     measure="KL(p_model ‖ p_model ablated) of the final output",
-    seed_site="residual",
+    seed_site="residual", summary=h1_summary,
     extra_figures=(("h1_heads", "Circuit ends: each attention head's induction score against the "
                     "fraction of its output written into the output subspace."),),
     extra_tables=(

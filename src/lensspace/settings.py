@@ -11,7 +11,7 @@ from typing import Any
 from lensspace.corpus import TokenSplit
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import CircuitSettings
-from lensspace.experiments.h0 import AblationGrid
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h2 import EmbeddingLensSettings
 from lensspace.lenses import LensTraining
 
@@ -70,7 +70,8 @@ def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
     bases = tuple(grid["bases"]) if "bases" in grid else _BASES[section]
     return AblationGrid(subspaces=tuple(grid["subspaces"]), ks=tuple(grid["k"]), bases=bases,
                         modes=tuple(grid["modes"]), sites=sites, seed=config["seed"],
-                        n_boot=config["bootstrap"]["n_resamples"])
+                        n_boot=config["bootstrap"]["n_resamples"],
+                        random_draws=config["random_draws"], experiment=section)
 
 
 def embedding_lens_settings(config: dict) -> EmbeddingLensSettings:

@@ -107,12 +107,29 @@ def orthonormal_basis(vectors: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor
     return u[:, :rank].float().contiguous()
 
 
-def pullback(translator_weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of span((I + A)^T q): the residual directions that move ``z``'s
-    coordinates along span(q) under the translator ``z = (I + A) h + b``.
+class LensPullback:
+    """A lens-space ablation carried exactly into the residual stream through translator ``i``.
 
-    Only the component of ``h`` in this span reaches ``q^T z``: for any ``h``,
-    ``q^T (I + A) h = q^T (I + A) P h`` with ``P`` the projection onto the span.
+    With ``z = T_i(h) = M h + b`` (``M = I + A_i``), the edit
+    ``h' = h - M^-1 Q Q^T (M h + b - c)`` gives ``T_i(h') = z - Q Q^T (z - c)``: exactly the
+    lens-space ablation of span(Q) (``c = 0``: zero; ``c`` = the training mean of ``z``: mean).
+    Computed in float64, since ``M`` can be ill-conditioned; the edit can then be large,
+    which is why callers report its size.
     """
-    m = torch.eye(q.shape[0], dtype=torch.float64) + translator_weight.double()
-    return orthonormal_basis(m.T @ q.double())
+
+    def __init__(self, translator_weight: torch.Tensor, translator_bias: torch.Tensor, q: torch.Tensor):
+        self.m = torch.eye(q.shape[0], dtype=torch.float64, device=q.device) + translator_weight.double()
+        self.b = translator_bias.double()
+        self.q = q.double()
+        self.m_inv_q = torch.linalg.solve(self.m, self.q)  # [d, k]
+
+    def apply(self, h: torch.Tensor, mode: Mode, z_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``h'`` for residuals ``h`` [..., d] (zero mode, or mean mode with ``z_mean``)."""
+        z = h.double() @ self.m.T + self.b
+        if mode == "mean":
+            if z_mean is None:
+                raise LensspaceError("mean ablation needs the dataset mean of z")
+            z = z - z_mean.double()
+        elif mode != "zero":
+            raise LensspaceError(f"unknown ablation mode '{mode}': use zero or mean")
+        return (h.double() - (z @ self.q) @ self.m_inv_q.T).to(h.dtype)

@@ -40,8 +40,9 @@ def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
                 reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """``layer | KL ablate internal | KL ablate output`` for the seed's variant at ``k``, ``site``.
 
-    Intervals follow as extra columns; with ``reference`` the published numbers and the
-    differences (reproduced - published) follow too.
+    Intervals follow as extra columns, then the same cells under mean ablation where the grid
+    has them; with ``reference`` the published numbers and the differences
+    (reproduced - published) follow too.
     """
     cell = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
                     & (ablation["mode"] == SEED_VARIANT["mode"]) & (ablation["site"] == site)]
@@ -60,6 +61,13 @@ def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
         "output 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
                           zip(wide[("kl_lo", "output")], wide[("kl_hi", "output")])],
     })
+    mean = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
+                    & (ablation["mode"] == "mean") & (ablation["site"] == site)]
+    if not mean.empty:  # zero ablation also removes the constant part: mean ablation beside it
+        by_layer = mean.pivot(index="layer", columns="subspace", values="kl").reindex(out["layer"])
+        for subspace in ("internal", "output"):
+            if subspace in by_layer:
+                out[f"{subspace}, mean ablation"] = by_layer[subspace].to_numpy()
     if reference is not None:
         ref = reference.reindex(out["layer"])
         out["published internal"] = ref["kl_ablate_internal"].to_numpy()

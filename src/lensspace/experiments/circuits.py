@@ -1,12 +1,13 @@
 """Circuit ends: do induction heads write into the output subspace more than other heads?
 
 Per attention head: an induction score (attention from each token of a repeated random
-sequence's second copy to the token after its first occurrence) and the fraction of the
-head's write into the residual stream (``o_h @ W_O[h]``, on real text) that lies in the
-output / internal subspace of the layer it writes to (the lens-space subspace pulled back
-through that layer's translator; the raw unembedding basis after the last block). The same
-fractions for each block's MLP write. A permutation test within depth bins answers the
-question with a statistic and a p-value.
+sequence's second copy to the token after its first occurrence) and the share of the head's
+write into the residual stream (``o_h @ W_O[h]``, on real text) that lies in the output /
+internal subspace in lens space: block ``i`` writes into residual ``i + 1``, whose translator
+maps a write ``w`` to ``M w`` with ``M = I + A_{i+1}`` (``M = I`` after the last block, whose
+residual goes straight to the final norm and unembedding). The same shares for each block's
+MLP write. A permutation test within layers (heads of one layer share one ``M``) answers the
+question with an effect size, its bootstrap interval and a p-value.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.adapter import Adapter
-from lensspace.experiments.h1 import PULLED_BACK
-from lensspace.subspaces import Basis, pullback, select
+from lensspace.subspaces import Basis, select
+
+LENS_BASIS = "unembed"  # the lens-space basis (SVD of raw W_U) whose halves are output/internal, as in H1
 
 
 @dataclass(frozen=True)
 class CircuitSettings:
-    """Induction probe size, subspace size, and the test's threshold, bins and permutations."""
+    """Induction probe size, subspace size, and the test's threshold and permutations."""
 
     k: int
     induction_sequences: int = 8
     induction_half_len: int = 48
     induction_threshold: float = 0.3
-    depth_bins: int = 3
     n_permutations: int = 10000
     seed: int = 0
 
@@ -71,8 +72,8 @@ def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: in
 
 
 @torch.no_grad()
-def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: head writes [batch, T, n_heads, d] and the MLP write [batch, T, d]."""
+def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: every head's input to ``W_O`` [batch, T, n_heads, head_dim] and the MLP write [batch, T, d]."""
     head_in: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
     handles = []
@@ -86,96 +87,147 @@ def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], lis
     finally:
         for handle in handles:
             handle.remove()
-    heads = []
-    for layer in range(adapter.n_layers):
-        w = adapter.head_out_weights(layer)  # [H, dh, d]
-        o = head_in[layer].reshape(*head_in[layer].shape[:2], adapter.n_heads, -1)
-        heads.append(torch.einsum("bthe,hed->bthd", o, w))
-    return heads, [mlp_out[i] for i in range(adapter.n_layers)]
+    return ([head_in[i].reshape(*head_in[i].shape[:2], adapter.n_heads, -1) for i in range(adapter.n_layers)],
+            [mlp_out[i] for i in range(adapter.n_layers)])
 
 
-def written_subspaces(adapter: Adapter, lens: TunedLens, bases: dict[str, Basis],
-                      k: int) -> list[dict[str, torch.Tensor]]:
-    """For block ``i``: output/internal bases of the residual it writes to (layer ``i + 1``)."""
-    spaces = []
-    for layer in range(adapter.n_layers):
-        target = layer + 1
-        space = {}
-        for subspace in ("output", "internal"):
-            lens_q = select(bases[PULLED_BACK].vectors, subspace, k)
-            if target < adapter.n_layers:
-                space[subspace] = pullback(lens.layer_translators[target].weight.detach(), lens_q)
-            else:  # the final residual goes straight to the unembedding
-                space[subspace] = lens_q
-        spaces.append(space)
-    return spaces
+@torch.no_grad()
+def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: head writes [batch, T, n_heads, d] (``o_h @ W_O[h]``) and the MLP write [batch, T, d]."""
+    head_in, mlps = block_outputs(adapter, ids)
+    return ([torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer)) for layer, o in enumerate(head_in)],
+            mlps)
+
+
+def write_maps(adapter: Adapter, lens: TunedLens) -> list[torch.Tensor]:
+    """For block ``i``: ``M`` [d, d] (float64) taking its write into lens space.
+
+    The write lands in residual ``i + 1``, so ``M = I + A_{i+1}``; after the last block the
+    residual goes straight to the final norm, so ``M = I``. A write is a difference of
+    residuals, so the translator's bias cancels.
+    """
+    eye = torch.eye(adapter.d_model, dtype=torch.float64)
+    return [eye + lens.layer_translators[block + 1].weight.detach().double().cpu()
+            if block + 1 < adapter.n_layers else eye for block in range(adapter.n_layers)]
+
+
+@dataclass(frozen=True)
+class WriteShares:
+    """Lens-space shares of writes ([L, H] for heads, [L] for MLPs) and their sizes.
+
+    ``output`` / ``internal``: sum over tokens of ``||Q^T M w||^2`` over the sum of
+    ``||M w||^2`` (a ratio of summed squared norms, so tokens with larger writes weigh more).
+    ``write_norm`` / ``lens_write_norm``: root mean square over tokens of ``||w||`` / ``||M w||``.
+    """
+
+    output: torch.Tensor
+    internal: torch.Tensor
+    write_norm: torch.Tensor
+    lens_write_norm: torch.Tensor
+
+
+def write_shares(moment: torch.Tensor, out_weight: torch.Tensor, m: torch.Tensor, q_out: torch.Tensor,
+                 q_int: torch.Tensor, n_tokens: int) -> WriteShares:
+    """Shares of writes ``w = x @ out_weight`` from the inputs' second moment ``sum_t x_t^T x_t``.
+
+    ``moment`` [..., e, e], ``out_weight`` [..., e, d]: summed over tokens, ``||x A||^2`` is
+    ``tr(A^T moment A)``, so no per-token write in lens space is ever formed.
+    """
+    lens_weight = out_weight @ m.T  # rows: M applied to each row of out_weight
+
+    def energy(a: torch.Tensor) -> torch.Tensor:
+        return ((moment @ a) * a).sum((-2, -1))
+
+    total = energy(lens_weight)
+    return WriteShares(output=energy(lens_weight @ q_out) / total, internal=energy(lens_weight @ q_int) / total,
+                       write_norm=(energy(out_weight) / n_tokens).sqrt(), lens_write_norm=(total / n_tokens).sqrt())
 
 
 @torch.no_grad()
 def head_and_mlp_fractions(adapter: Adapter, lens: TunedLens, bases: dict[str, Basis],
-                           ids: torch.Tensor, k: int, chunk: int = 4):
-    """Output/internal fractions [L, H] of head writes and [L] of MLP writes on real text."""
-    spaces = written_subspaces(adapter, lens, bases, k)
-    acc = {name: torch.zeros(adapter.n_layers, adapter.n_heads, dtype=torch.float64)
-           for name in ("head_out", "head_int", "head_all")}
-    acc.update({name: torch.zeros(adapter.n_layers, dtype=torch.float64)
-                for name in ("mlp_out", "mlp_int", "mlp_all")})
-    for start in range(0, len(ids), chunk):
-        heads, mlps = writes(adapter, ids[start: start + chunk].long())
-        for layer, (hw, mw) in enumerate(zip(heads, mlps)):
-            hw = hw[:, 1:].permute(2, 0, 1, 3).reshape(adapter.n_heads, -1, adapter.d_model).double()
-            mw = mw[:, 1:].reshape(-1, adapter.d_model).double()
-            q_out, q_int = spaces[layer]["output"].double(), spaces[layer]["internal"].double()
-            acc["head_out"][layer] += (hw @ q_out).pow(2).sum((1, 2))
-            acc["head_int"][layer] += (hw @ q_int).pow(2).sum((1, 2))
-            acc["head_all"][layer] += hw.pow(2).sum((1, 2))
-            acc["mlp_out"][layer] += (mw @ q_out).pow(2).sum()
-            acc["mlp_int"][layer] += (mw @ q_int).pow(2).sum()
-            acc["mlp_all"][layer] += mw.pow(2).sum()
-    heads = (acc["head_out"] / acc["head_all"], acc["head_int"] / acc["head_all"])
-    mlps = (acc["mlp_out"] / acc["mlp_all"], acc["mlp_int"] / acc["mlp_all"])
-    return heads, mlps
+                           ids: torch.Tensor, k: int, chunk: int = 4) -> tuple[WriteShares, WriteShares]:
+    """Lens-space output/internal shares of every head's and every MLP's write on real text.
 
-
-def depth_bins(n_layers: int, n_bins: int) -> torch.Tensor:
-    """Bin index [n_layers] splitting the layers into ``n_bins`` contiguous, near-equal ranges."""
-    return torch.div(torch.arange(n_layers) * n_bins, n_layers, rounding_mode="floor")
-
-
-def permutation_test(values: torch.Tensor, is_induction: torch.Tensor, bins: torch.Tensor,
-                     n_permutations: int, seed: int) -> dict:
-    """Do flagged heads have larger ``values`` than unflagged heads of the same depth bin?
-
-    Statistic: mean over flagged heads of (value - mean value of unflagged heads in its bin),
-    over bins holding both kinds. Null: flags permuted within bins. One-sided p-value.
+    Position 0 (the attention sink) is excluded, as everywhere else. A head's write is
+    ``o_h @ W_O[h]`` and an MLP's is its output (``out_weight = I``).
     """
-    values, flags, bins = values.flatten().double(), is_induction.flatten(), bins.flatten()
-    usable = torch.zeros_like(flags)
-    for b in bins.unique():
-        members = bins == b
-        if flags[members].any() and (~flags[members]).any():
-            usable |= members
-    n_flagged = int((flags & usable).sum())
+    n_layers, n_heads, d = adapter.n_layers, adapter.n_heads, adapter.d_model
+    head_dim = adapter.head_out_weights(0).shape[1]
+    head_moment = torch.zeros(n_layers, n_heads, head_dim, head_dim, dtype=torch.float64)
+    mlp_moment = torch.zeros(n_layers, d, d, dtype=torch.float64)
+    n_tokens = 0
+    for start in range(0, len(ids), chunk):
+        batch = ids[start: start + chunk].long()
+        head_in, mlps = block_outputs(adapter, batch)
+        n_tokens += batch[:, 1:].numel()
+        for layer in range(n_layers):
+            o = head_in[layer][:, 1:].reshape(-1, n_heads, head_dim).double().cpu()
+            head_moment[layer] += torch.einsum("nhe,nhf->hef", o, o)
+            w = mlps[layer][:, 1:].reshape(-1, d).double().cpu()
+            mlp_moment[layer] += w.T @ w
+    q_out = select(bases[LENS_BASIS].vectors, "output", k).double().cpu()
+    q_int = select(bases[LENS_BASIS].vectors, "internal", k).double().cpu()
+    eye = torch.eye(d, dtype=torch.float64)
+    heads, mlps = [], []
+    for layer, m in enumerate(write_maps(adapter, lens)):
+        w_o = adapter.head_out_weights(layer).detach().double().cpu()
+        heads.append(write_shares(head_moment[layer], w_o, m, q_out, q_int, n_tokens))
+        mlps.append(write_shares(mlp_moment[layer], eye, m, q_out, q_int, n_tokens))
+    return tuple(WriteShares(*(torch.stack([getattr(s, field) for s in per_layer])
+                               for field in ("output", "internal", "write_norm", "lens_write_norm")))
+                 for per_layer in (heads, mlps))
+
+
+def _within_layer_sum(values: torch.Tensor, chosen: torch.Tensor, n_chosen: int) -> torch.Tensor:
+    """Sum over chosen heads of (value - mean of the other heads of the layer), per draw.
+
+    ``values`` [H]; ``chosen`` [..., H] boolean masks with ``n_chosen`` heads set.
+    """
+    total = values.sum()
+    chosen_sum = (values * chosen).sum(-1)
+    return chosen_sum - n_chosen * (total - chosen_sum) / (len(values) - n_chosen)
+
+
+def layer_permutation_test(values: torch.Tensor, is_induction: torch.Tensor, n_permutations: int,
+                           n_boot: int, seed: int) -> dict:
+    """Do flagged heads have larger ``values`` [L, H] than the unflagged heads of their layer?
+
+    Only layers holding both kinds are compared. Statistic (the effect): mean over flagged
+    heads of (value - mean value of the unflagged heads of its layer). Null: flags permuted
+    among the heads of each layer; one-sided p-value. Interval: 95% percentile bootstrap in
+    which each layer's unflagged heads are resampled within that layer and the flagged heads
+    among all compared flagged heads (a layer often holds one induction head, which a
+    within-layer resample would never vary).
+    """
+    values, flags = values.double(), is_induction.bool()
+    layers = [layer for layer in range(len(values)) if flags[layer].any() and (~flags[layer]).any()]
+    n_flagged = int(flags[layers].sum()) if layers else 0
+    base = {"n_induction": int(flags.sum()), "n_compared": n_flagged, "n_layers": len(layers),
+            "stratified_by": "layer"}
     if n_flagged == 0:
-        return {"statistic": float("nan"), "p_value": float("nan"), "n_induction": int(flags.sum()),
-                "n_compared": 0, "n_permutations": 0}
-
-    def statistic(f: torch.Tensor) -> float:
-        total = 0.0
-        for b in bins[usable].unique():
-            members = usable & (bins == b)
-            others = values[members & ~f].mean()
-            total += float((values[members & f] - others).sum())
-        return total / n_flagged
-
-    observed = statistic(flags)
+        return {"statistic": float("nan"), "effect_lo": float("nan"), "effect_hi": float("nan"),
+                "p_value": float("nan"), **base, "n_permutations": 0}
     gen = torch.Generator().manual_seed(seed)
-    hits = 0
-    for _ in range(n_permutations):
-        permuted = flags.clone()
-        for b in bins[usable].unique():
-            idx = torch.nonzero(usable & (bins == b)).flatten()
-            permuted[idx] = flags[idx][torch.randperm(len(idx), generator=gen)]
-        hits += statistic(permuted) >= observed
-    return {"statistic": observed, "p_value": (1 + hits) / (1 + n_permutations),
-            "n_induction": int(flags.sum()), "n_compared": n_flagged, "n_permutations": n_permutations}
+    observed = sum(_within_layer_sum(values[layer], flags[layer], int(flags[layer].sum()))
+                   for layer in layers) / n_flagged
+    null = torch.zeros(n_permutations, dtype=torch.float64)
+    for layer in layers:
+        n_heads, m = values.shape[1], int(flags[layer].sum())
+        chosen = torch.rand(n_permutations, n_heads, generator=gen).argsort(-1).argsort(-1) < m
+        null += _within_layer_sum(values[layer], chosen, m)
+    null /= n_flagged
+    hits = int((null >= observed - 1e-12 * max(1.0, abs(float(observed)))).sum())
+    flagged_value, flagged_layer, baselines = [], [], []
+    for slot, layer in enumerate(layers):
+        others = values[layer][~flags[layer]]
+        pick = torch.randint(0, len(others), (n_boot, len(others)), generator=gen)
+        baselines.append(others[pick].mean(-1))
+        flagged_value.append(values[layer][flags[layer]])
+        flagged_layer += [slot] * int(flags[layer].sum())
+    baseline = torch.stack(baselines, dim=1)  # [n_boot, n_layers]
+    flagged_value, flagged_layer = torch.cat(flagged_value), torch.tensor(flagged_layer)
+    pick = torch.randint(0, n_flagged, (n_boot, n_flagged), generator=gen)
+    boot = (flagged_value[pick] - baseline.gather(1, flagged_layer[pick])).mean(-1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"statistic": float(observed), "effect_lo": lo, "effect_hi": hi,
+            "p_value": (1 + hits) / (1 + n_permutations), **base, "n_permutations": n_permutations}

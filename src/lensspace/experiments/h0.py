@@ -1,87 +1,162 @@
 """H0: does the SVD of the unembedding split lens space into output and internal subspaces?
 
 At one layer, remove a subspace from ``z = T_i(h_i)`` and measure
-KL(p_lens(z) || p_lens(z_ablated)) over held-out tokens, for every variant of the grid.
+KL(p_lens(z) || p_lens(z_ablated)) over held-out tokens, for every cell of the grid.
+
+The head after ``z`` is linear but for the norm's scale, so the logits of an ablated vector
+are the clean logits minus the head applied to the removed part: a ``[k, V]`` product per
+subspace and site, shared by the zero and mean modes (:class:`LinearHead`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import product
 
 import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
-from lensspace.lenses import estimate_row, translate
-from lensspace.stats import bootstrap_mean, kl_from_logprobs
-from lensspace.subspaces import Basis, ablate, select
+from lensspace.experiments.grid import AblationGrid, CellResults
+from lensspace.lenses import translate
+from lensspace.stats import kl_from_logprobs
+from lensspace.subspaces import Basis, random_subspace, select
+
+
+def subspace_basis(bases: dict[str, Basis], grid: AblationGrid, layer: int, subspace: str, k: int,
+                   basis: str, draw: int = 0) -> torch.Tensor:
+    """The [d, k] orthonormal basis of one cell (random: its own seeded draw)."""
+    if subspace == "random":
+        d = next(iter(bases.values())).vectors.shape[0]
+        return random_subspace(d, k, grid.random_seed(layer, k, basis, draw))
+    return select(bases[basis].vectors, subspace, k)
 
 
 @dataclass(frozen=True)
-class AblationGrid:
-    """The variants run at each layer; ``random`` is computed once per (k, mode, site)."""
+class _Prepared:
+    """One subspace's products with the head: ``q`` [d, k], ``c_q`` = C q, and [V, k] maps."""
 
-    subspaces: tuple[str, ...] = ("output", "internal", "random")
-    ks: tuple[int | str, ...] = ("half",)
-    bases: tuple[str, ...] = ("unembed", "unembed_centered")
-    modes: tuple[str, ...] = ("zero", "mean")
-    sites: tuple[str, ...] = ("pre_norm", "post_norm")
-    seed: int = 0
-    n_boot: int = 1000
-
-    def resolve_k(self, d_model: int) -> list[int]:
-        """Subspace sizes: integers as given, ``half`` = d_model // 2, ``quarter`` = d_model // 4."""
-        named = {"half": d_model // 2, "quarter": d_model // 4}
-        return sorted({named[k] if isinstance(k, str) else int(k) for k in self.ks})
-
-    def variants(self, d_model: int) -> list[tuple[str, int, str, str, str]]:
-        """(subspace, k, basis, mode, site) for every cell; random carries basis 'random'."""
-        cells = []
-        for subspace, k, mode, site in product(self.subspaces, self.resolve_k(d_model), self.modes, self.sites):
-            for basis in (("random",) if subspace == "random" else self.bases):
-                cells.append((subspace, k, basis, mode, site))
-        return cells
+    q: torch.Tensor
+    c_q: torch.Tensor
+    g_q: torch.Tensor
+    g_c_q: torch.Tensor
 
 
-def subspace_basis(bases: dict[str, Basis], subspace: str, k: int, basis: str, seed: int) -> torch.Tensor:
-    """The [d, k] orthonormal basis of one grid cell (random: seeded by ``seed`` and ``k``)."""
-    vectors = next(iter(bases.values())).vectors if subspace == "random" else bases[basis].vectors
-    return select(vectors, subspace, k, seed=seed * 1_000_003 + k)
+class LinearHead:
+    """The final norm and unembedding as ``logits = G u + c0`` with ``u = C z / s(C z)``.
+
+    ``G = W_U diag(g)``, ``c0 = W_U beta`` (zero without a norm bias), ``C`` centres (LayerNorm)
+    or is the identity (RMSNorm), ``s(x) = sqrt(mean(x^2) + eps)``.
+    """
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+        w = adapter.unembedding.detach().float()
+        self.g = w * adapter.norm_gain.detach().float()
+        bias = adapter.norm_bias
+        self.c0 = w @ bias.detach().float() if bias is not None else torch.zeros(w.shape[0])
+        self.centred = adapter.arch.norm_kind == "layernorm"
+
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(-1, keepdim=True) if self.centred else x
+
+    def scale(self, cz: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(cz.pow(2).mean(-1, keepdim=True) + self.adapter.norm_eps)
+
+    def prepare(self, q: torch.Tensor) -> _Prepared:
+        c_q = q - q.mean(0, keepdim=True) if self.centred else q
+        return _Prepared(q, c_q, self.g @ q, self.g @ c_q)
+
+    def clean(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of ``z`` and the norm's scale ``s(C z)`` [..., 1]."""
+        cz = self.centre(z)
+        s = self.scale(cz)
+        return (cz / s) @ self.g.T + self.c0, s
+
+    def ablated(self, z: torch.Tensor, clean: torch.Tensor, s: torch.Tensor, p: _Prepared,
+                site: str, means: dict[str, torch.Tensor], modes: tuple[str, ...]):
+        """Per mode: (logits, relative edit size) with span(q) ablated at ``site``.
+
+        pre_norm: ``z' = z - q q^T (z - m)``, renormalised; post_norm: ``u' = u - q q^T (u - m)``
+        with ``u = C z / s`` and the scale frozen (``m`` = 0 for zero, the training mean for mean).
+        """
+        x = z if site == "pre_norm" else self.centre(z) / s
+        linear = p.g_c_q if site == "pre_norm" else p.g_q
+        coeff = x @ p.q
+        removed = coeff @ linear.T
+        out = {}
+        for mode in modes:
+            a, r = coeff, removed
+            if mode == "mean":
+                shift = means[site] @ p.q
+                a, r = coeff - shift, removed - shift @ linear.T
+            edit = a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30)
+            if site == "pre_norm":
+                s_new = self.scale(self.centre(z) - a @ p.c_q.T)
+                logits = (s * (clean - self.c0) - r) / s_new + self.c0
+            else:
+                logits = clean - r
+            out[mode] = (logits, edit)
+        return out
 
 
 @torch.no_grad()
 def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-              layer: int, grid: AblationGrid, chunk: int = 4) -> list[dict]:
-    """All grid cells at one layer; one row per cell with the bootstrap interval."""
+              layer: int, grid: AblationGrid, chunk: int = 4) -> CellResults:
+    """Every grid cell at one layer, per held-out sequence."""
     cells = grid.variants(adapter.d_model)
-    qs = {(s, k, b): subspace_basis(bases, s, k, b, grid.seed) for s, k, b, _, _ in cells}
+    head = LinearHead(adapter)
+    prepared = {(c.subspace, c.k, c.basis, c.draw): head.prepare(
+        subspace_basis(bases, grid, layer, c.subspace, c.k, c.basis, c.draw)) for c in cells}
     z_train = translate(lens, cache.load(layer, "train")[:, 1:], layer)
     means = {"pre_norm": z_train.mean((0, 1)), "post_norm": adapter.normalize(z_train).mean((0, 1))}
     del z_train
+    by_subspace: dict[tuple, dict[str, list]] = {}
+    for cell in cells:
+        by_subspace.setdefault((cell.subspace, cell.k, cell.basis, cell.draw), {}).setdefault(cell.site, []).append(cell)
+    results = CellResults(layer, grid)
     h = cache.load(layer, "eval")
-    kls: dict[tuple, list[torch.Tensor]] = {cell: [] for cell in cells}
     for start in range(0, len(h), chunk):
-        z = translate(lens, h[start: start + chunk, 1:], layer)
-        u = adapter.normalize(z)
-        clean = adapter.logits_from_normalized(u).log_softmax(-1)
-        for cell in cells:
-            subspace, k, basis, mode, site = cell
-            q = qs[(subspace, k, basis)]
-            if site == "pre_norm":
-                logits = adapter.logits(ablate(z, q, mode, means[site]))
-            else:  # post_norm: the norm's scale is frozen from the intact vector
-                logits = adapter.logits_from_normalized(ablate(u, q, mode, means[site]))
-            kls[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
-    return cell_rows(layer, kls, grid)
+        z = translate(lens, h[start: start + chunk, 1:], layer).float()
+        clean, s = head.clean(z)
+        clean_logp = clean.log_softmax(-1)
+        for key, sites in by_subspace.items():
+            for site, site_cells in sites.items():
+                modes = tuple(c.mode for c in site_cells)
+                ablated = head.ablated(z, clean, s, prepared[key], site, means, modes)
+                for cell in site_cells:
+                    logits, edit = ablated[cell.mode]
+                    results.add(cell, kl_from_logprobs(clean_logp, logits.log_softmax(-1)), edit)
+    return results
 
 
-def cell_rows(layer: int, kls: dict[tuple, list[torch.Tensor]], grid: AblationGrid) -> list[dict]:
-    """One output row per grid cell: its token-level KLs [n_seq, n_pos] as mean and interval."""
+@torch.no_grad()
+def norm_shares(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
+                layer: int, grid: AblationGrid) -> list[dict]:
+    """Share of the lens vectors' squared norm in each subspace, split into the constant part
+    (the held-out mean's component) and the token-varying part; they add up exactly.
+
+    Zero ablation removes both parts, mean ablation only the varying one: where the constant
+    part dominates, the two modes measure different things.
+    """
+    h = cache.load(layer, "eval")[:, 1:]
+    z = translate(lens, h, layer).reshape(-1, adapter.d_model).double()
     rows = []
-    for (subspace, k, basis, mode, site), parts in kls.items():
-        est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
-        keys = {"layer": layer, "subspace": subspace, "k": k, "basis": basis, "mode": mode, "site": site}
-        rows.append(estimate_row(keys, est))
+    for site, x in (("pre_norm", z), ("post_norm", adapter.normalize(z.float()).double())):
+        mu = x.mean(0)
+        total = x.pow(2).sum(-1).mean()
+        for basis in grid.bases:
+            if basis not in bases:
+                continue
+            for subspace in ("output", "internal"):
+                for k in grid.resolve_k(adapter.d_model):
+                    q = select(bases[basis].vectors, subspace, k).double()
+                    constant = (mu @ q).pow(2).sum()
+                    varying = ((x - mu) @ q).pow(2).sum(-1).mean()
+                    rows.append({"layer": layer, "site": site, "basis": basis, "subspace": subspace,
+                                 "k": k, "share": float((constant + varying) / total),
+                                 "constant_share": float(constant / total),
+                                 "varying_share": float(varying / total),
+                                 "constant_norm": float(constant.sqrt()),
+                                 "varying_rms": float(varying.sqrt()), "n_tokens": len(x)})
     return rows

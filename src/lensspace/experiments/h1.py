@@ -1,54 +1,67 @@
 """H1: the SVD subspaces in the model's own residual stream.
 
-At layer ``i``, remove a subspace from ``h_i`` (every position but the first), run the rest
-of the model from the cached residual with the block runner, and measure
-KL(p_model || p_ablated) of the final output. Bases: the unembedding's (``unembed``,
-``unembed_centered``) applied to ``h_i`` directly, and ``lens_pullback``: the lens-space
-subspace of the ``unembed`` basis pulled back through translator ``i``.
+At layer ``i``, ablate a subspace at every position but the first, run the rest of the model
+from the cached residual with the block runner, and measure KL(p_model || p_ablated) of the
+final output. Bases: the unembedding's (``unembed``, ``unembed_centered``), projected out of
+``h_i`` directly; and ``lens_pullback``, the lens-space ablation of the ``unembed`` subspace
+carried exactly into the residual through translator ``i`` (:class:`LensPullback`:
+``T_i(h') = ablate(T_i(h))``). Its control, ``random_lens_pullback``, is the same operation
+on a random lens-space subspace.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
-from lensspace.experiments.h0 import AblationGrid, cell_rows
+from lensspace.experiments.grid import AblationGrid, Cell, CellResults, relative_edit
+from lensspace.experiments.h0 import subspace_basis
+from lensspace.lenses import translate
 from lensspace.runner import BlockRunner
 from lensspace.stats import kl_from_logprobs
-from lensspace.subspaces import Basis, ablate, pullback, select
+from lensspace.subspaces import Basis, LensPullback, ablate
 
 PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into the residual
 
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
-def residual_basis(bases: dict[str, Basis], lens: TunedLens, layer: int, subspace: str, k: int,
-                   basis: str, seed: int) -> torch.Tensor:
-    """The [d, k'] orthonormal residual-stream basis of one cell (k' < k only if rank-deficient)."""
-    if basis == "lens_pullback" and subspace != "random":
-        lens_q = select(bases[PULLED_BACK].vectors, subspace, k)
-        return pullback(lens.layer_translators[layer].weight.detach(), lens_q)
-    vectors = bases[PULLED_BACK if basis in ("lens_pullback", "random") else basis].vectors
-    return select(vectors, subspace, k, seed=seed * 1_000_003 + k)
+
+def cell_edit(cell: Cell, bases: dict[str, Basis], lens: TunedLens, layer: int, grid: AblationGrid,
+              h_mean: torch.Tensor, z_mean: torch.Tensor) -> Edit:
+    """The residual edit ``h -> h'`` of one cell."""
+    if cell.basis in ("lens_pullback", "random_lens_pullback"):
+        lens_basis = PULLED_BACK if cell.basis == "lens_pullback" else cell.basis
+        q = subspace_basis(bases, grid, layer, cell.subspace, cell.k, lens_basis, cell.draw)
+        translator = lens.layer_translators[layer]
+        pulled = LensPullback(translator.weight.detach(), translator.bias.detach(), q)
+        return lambda h: pulled.apply(h, cell.mode, z_mean)
+    q = subspace_basis(bases, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+    return lambda h: ablate(h, q, cell.mode, h_mean)
 
 
 @torch.no_grad()
 def run_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-              layer: int, grid: AblationGrid, chunk: int = 4) -> list[dict]:
-    """All grid cells at one layer, resuming from the cache; one row per cell."""
-    adapter = runner.adapter
-    cells = grid.variants(adapter.d_model)
-    qs = {(s, k, b): residual_basis(bases, lens, layer, s, k, b, grid.seed) for s, k, b, _, _ in cells}
-    mean = cache.load(layer, "train")[:, 1:].mean((0, 1))
+              layer: int, grid: AblationGrid, chunk: int = 4) -> CellResults:
+    """Every grid cell at one layer, resuming from the cache, per held-out sequence."""
+    h_train = cache.load(layer, "train")[:, 1:]
+    h_mean = h_train.mean((0, 1))
+    z_mean = translate(lens, h_train, layer).double().mean((0, 1))
+    del h_train
+    edits = {cell: cell_edit(cell, bases, lens, layer, grid, h_mean, z_mean)
+             for cell in grid.variants(runner.adapter.d_model)}
+    results = CellResults(layer, grid)
     h = cache.load(layer, "eval")
-    kls: dict[tuple, list[torch.Tensor]] = {cell: [] for cell in cells}
     for start in range(0, len(h), chunk):
         hb = h[start: start + chunk]
         # the reference runs the same path without the ablation, so storage rounding cancels
         clean = runner.logits(hb, start=layer)[:, 1:].log_softmax(-1)
-        for cell in cells:
-            subspace, k, basis, mode, _ = cell
+        for cell, edit in edits.items():
             ablated = hb.clone()
-            ablated[:, 1:] = ablate(hb[:, 1:], qs[(subspace, k, basis)], mode, mean)
+            ablated[:, 1:] = edit(hb[:, 1:])
             logits = runner.logits(ablated, start=layer)[:, 1:]
-            kls[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
-    return cell_rows(layer, kls, grid)
+            results.add(cell, kl_from_logprobs(clean, logits.log_softmax(-1)),
+                        relative_edit(hb[:, 1:], ablated[:, 1:]))
+    return results

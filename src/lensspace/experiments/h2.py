@@ -4,7 +4,8 @@ For layer ``i`` an affine map ``E_i(e) = e + B_i e + c_i`` from the current toke
 ``e`` (token plus position embedding: exactly the residual at layer 0) to layer ``i``'s
 residual, fitted by least squares and refined against the model's own predictions through
 one of two routes: ``lens`` (the frozen tuned lens ``T_i`` and the unembedding) or
-``downstream`` (``E_i(e)`` replaces ``h_i`` at every position and the rest of the model runs).
+``downstream`` (``E_i(e)`` replaces ``h_i`` at every position but 0, which keeps the model's
+own residual, and the rest of the model runs).
 Then directions of ``W_E``'s SVD are ablated at the input of ``E_i``: where do token-input
 directions still decide the prediction?
 """
@@ -13,18 +14,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
-from lensspace.experiments.h0 import AblationGrid, cell_rows
+from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
+from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
 from lensspace.stats import bootstrap_mean, kl_from_logprobs
-from lensspace.subspaces import Basis, ablate, select
+from lensspace.subspaces import Basis, ablate
 
 Objective = Literal["lens", "downstream"]
 
@@ -69,6 +71,23 @@ class EmbeddingLens(torch.nn.Module):
         return e + self.linear(e)
 
 
+def mapped_residual(emb_lens: Callable[[torch.Tensor], torch.Tensor], e: torch.Tensor,
+                    h: torch.Tensor) -> torch.Tensor:
+    """The layer-``i`` residual that blocks run from: ``E_i(e)`` at positions ``1..``, and at
+    position 0 the model's own cached ``h`` (the attention sink, whose residual the embedding
+    cannot stand in for and which ``E_i`` is not fitted on)."""
+    return torch.cat([h[:, :1], emb_lens(e[:, 1:])], dim=1)
+
+
+TIED_NOTE = ("W_E is tied to W_U: the embedding basis is H0's unembedding basis, "
+             "not an independent basis.")
+
+
+def embeddings_tied(adapter: Adapter) -> bool:
+    """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding basis."""
+    return torch.equal(adapter.embed.weight, adapter.unembedding)
+
+
 def route_logits(runner: BlockRunner, lens: TunedLens, layer: int, h: torch.Tensor,
                  objective: Objective) -> torch.Tensor:
     """Logits of a layer-``layer`` residual ``h`` [n, T, d] by the chosen route."""
@@ -93,8 +112,7 @@ def fit_embedding_lens(runner: BlockRunner, lens: TunedLens, cache: ActivationCa
         pick = torch.randint(0, len(e), (settings.refine_sequences,), generator=gen)
         with torch.no_grad():
             target = runner.adapter.logits(final[pick, 1:]).log_softmax(-1)
-        mapped = e[pick].clone()
-        mapped[:, 1:] = emb_lens(e[pick, 1:])
+        mapped = mapped_residual(emb_lens, e[pick], h[pick])
         if settings.objective == "lens":
             logits = runner.adapter.logits(translate(lens, mapped[:, 1:], layer))
         else:
@@ -121,18 +139,18 @@ def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> tor
 @torch.no_grad()
 def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layer: int,
                    emb_lens: EmbeddingLens, basis: Basis, grid: AblationGrid,
-                   chunk: int = 4) -> tuple[dict, list[dict]]:
+                   chunk: int = 4) -> tuple[dict, CellResults]:
     """Held-out R^2 and route KLs of ``E_layer``, and the input-direction ablation grid."""
     adapter = runner.adapter
     e, h, final = cache.load(0, "eval"), cache.load(layer, "eval"), cache.final("eval")
-    mapped = e.clone()
-    mapped[:, 1:] = emb_lens(e[:, 1:])
+    mapped = mapped_residual(emb_lens, e, h)
     r2 = r_squared(mapped[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]))
     mean = cache.load(0, "train")[:, 1:].mean((0, 1))
     cells = grid.variants(adapter.d_model)
-    qs = {(s, k): select(basis.vectors, s, k, seed=grid.seed * 1_000_003 + k) for s, k, *_ in cells}
+    qs = {cell: subspace_basis({basis.name: basis}, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+          for cell in cells}
     route_kl = {"lens": [], "downstream": []}
-    cell_kl: dict[tuple, list[torch.Tensor]] = {cell: [] for cell in cells}
+    results = CellResults(layer, grid)
     for start in range(0, len(e), chunk):
         sl = slice(start, start + chunk)
         target = adapter.logits(final[sl, 1:]).log_softmax(-1)
@@ -141,14 +159,14 @@ def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
             route_kl[objective].append(kl_from_logprobs(target, logits.log_softmax(-1)))
         clean = adapter.logits(translate(lens, mapped[sl, 1:], layer)).log_softmax(-1)
         for cell in cells:
-            subspace, k, _, mode, _ = cell
-            ablated = emb_lens(ablate(e[sl, 1:], qs[(subspace, k)], mode, mean))
-            logits = adapter.logits(translate(lens, ablated, layer))
-            cell_kl[cell].append(kl_from_logprobs(clean, logits.log_softmax(-1)))
+            edited = ablate(e[sl, 1:], qs[cell], cell.mode, mean)
+            logits = adapter.logits(translate(lens, emb_lens(edited), layer))
+            results.add(cell, kl_from_logprobs(clean, logits.log_softmax(-1)),
+                        relative_edit(e[sl, 1:], edited))
     fit = {"layer": layer, "r2": r2}
     for objective, parts in route_kl.items():
         est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
         fit.update({f"kl_{objective}_route": est.mean, f"kl_{objective}_route_lo": est.lo,
                     f"kl_{objective}_route_hi": est.hi})
     fit["n_tokens"] = est.n_tokens
-    return fit, cell_rows(layer, cell_kl, grid)
+    return fit, results

@@ -3,23 +3,41 @@
 ``native``: run the blocks in a permuted order. ``lens``: wrap every block as a map of lens
 space, ``g_i(z) = T_{i+1}(f_i(T_i^{-1}(z)))`` with ``f_i(h) = h + block_i(h)`` and ``T_L`` the
 identity, and compose the wrapped blocks in the permuted order (the "modularised layers").
-In the native order both give the model's own output exactly.
+Position 0 is never translated (the translators were fitted without it): it runs through the
+same permuted blocks in the native residual stream, and the other positions attend to it there.
+``lens_ridge``: the same with a second lens fitted by least squares at a larger ridge, to show
+how much the lens-space result is a property of the translators' conditioning.
+In the native order every space gives the model's own output exactly.
+
+The *distortion* of an order in a lens space is what the wrapper does to the input of the first
+block it runs, ``b = order[0]``, resuming from the residual ``h`` at layer ``s = start``: the
+mean over evaluated tokens of ``||T_b^{-1}(T_s(h)) - h|| / ||h||``. Natively block ``b``
+would receive ``h`` itself; a distortion above 1 means the lens-space wrapper moves the block's
+input by more than its own norm.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
+import pandas as pd
 import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.errors import LensspaceError
+from lensspace.lenses import LensTraining
 from lensspace.runner import BlockRunner
 from lensspace.stats import bootstrap_mean, kl_from_logprobs
 
 # T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
 MAX_CONDITION = 1e12
+
+# translator_dominated: a lens-space swap "measures the translators" when the wrapper moves the
+# first block's input by more than its norm and the swap costs this many times the native one.
+DOMINATED_DISTORTION = 1.0
+DOMINATED_KL_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,11 +69,26 @@ def window_permutations(n_layers: int, window: int, samples: int, seed: int) -> 
     return perms
 
 
-class LensSpaceBlocks:
-    """Blocks as maps of lens space; checks every translator is safely invertible."""
+def second_ridge(settings: Mapping) -> float | None:
+    """The ridge of the ``lens_ridge`` space's lens, or None where that space is switched off."""
+    ridge = settings.get("second_ridge")
+    return float(ridge) if ridge is not None and "lens_ridge" in settings["spaces"] else None
 
-    def __init__(self, runner: BlockRunner, lens: TunedLens):
-        self.runner, self.lens = runner, lens
+
+def ridge_lens_training(settings: Mapping, seed: int) -> LensTraining | None:
+    """The least-squares fit (no KL refinement) of the second lens, or None when switched off."""
+    ridge = second_ridge(settings)
+    return None if ridge is None else LensTraining(ridge=ridge, refine_steps=0, seed=seed)
+
+
+class LensSpaceBlocks:
+    """Blocks as maps of lens space; checks every translator is safely invertible.
+
+    ``ridge`` is only a label for the tables: the ridge the lens was fitted with, if known.
+    """
+
+    def __init__(self, runner: BlockRunner, lens: TunedLens, ridge: float | None = None):
+        self.runner, self.lens, self.ridge = runner, lens, ridge
         n, d = runner.adapter.n_layers, runner.adapter.d_model
         self.maps, self.inverses, self.conditions = [], [], []
         for layer in range(n):
@@ -81,42 +114,56 @@ class LensSpaceBlocks:
 
     def from_lens(self, z: torch.Tensor, layer: int) -> torch.Tensor:
         """``T_layer^-1(z)`` as a float32 residual for the block."""
+        return self._inverse(z, layer).float()
+
+    def _inverse(self, z: torch.Tensor, layer: int) -> torch.Tensor:
         if layer == self.runner.adapter.n_layers:
-            return z.float()
+            return z.double()
         _, b = self.maps[layer]
-        return ((z.double() - b) @ self.inverses[layer].T).float()
+        return (z.double() - b) @ self.inverses[layer].T
+
+    def distortion(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
+        """Per evaluated token, ``||T_b^-1(T_s(h)) - h|| / ||h||`` for the first block ``b`` of
+        the order and its start ``s``: how far the wrapper moves that block's input ([batch, pos-1])."""
+        h = h[:, 1:].double()
+        moved = self._inverse(self.to_lens(h, perm.start), perm.order[0])
+        return (moved - h).norm(dim=-1) / h.norm(dim=-1)
 
     @torch.no_grad()
     def run(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
-        """The last residual after composing ``g_{order[k]}`` from ``z = T_start(h)``."""
+        """The last residual after composing ``g_{order[k]}`` from ``z = T_start(h)`` at
+        positions ``1:``; position 0 runs the same blocks natively, untranslated."""
         args, kwargs = self.runner.block_context(h.shape[0], h.shape[1])
-        z = self.to_lens(h, perm.start)
+        first, z = h[:, :1], self.to_lens(h[:, 1:], perm.start)
         for block_index in perm.order:
-            out = self.runner.adapter.blocks[block_index](self.from_lens(z, block_index), *args, **kwargs)
-            z = self.to_lens(out[0] if isinstance(out, tuple) else out, block_index + 1)
-        return z.float()  # T_L is the identity: this is the last residual
+            x = torch.cat([first, self.from_lens(z, block_index)], dim=1)
+            out = self.runner.adapter.blocks[block_index](x, *args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            first, z = out[:, :1], self.to_lens(out[:, 1:], block_index + 1)
+        return torch.cat([first, z.float()], dim=1)  # T_L is the identity: the last residual
 
 
 @torch.no_grad()
 def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation],
-            lens_blocks: LensSpaceBlocks | None, n_boot: int, seed: int, chunk: int = 4,
+            lens_spaces: Mapping[str, LensSpaceBlocks], n_boot: int, seed: int, chunk: int = 4,
             n_sequences: int | None = None) -> list[dict]:
-    """KL(p_model || p_permuted) and top-1 agreement for every order, in each space
-    (on the first ``n_sequences`` held-out sequences; all by default).
+    """KL(p_model || p_permuted) and top-1 agreement for every order, natively and in each
+    lens space of ``lens_spaces`` (name -> blocks), with each lens space's ``distortion`` and
+    ``ridge`` (on the first ``n_sequences`` held-out sequences; all by default).
 
     The reference is the model run from the same cached residual in its own order, so
     storage rounding of the cache cancels.
     """
     adapter = runner.adapter
     spaces = {"native": lambda h, perm: runner.run(h, perm.start, perm.order)}
-    if lens_blocks is not None:
-        spaces["lens"] = lens_blocks.run
+    spaces.update({name: blocks.run for name, blocks in lens_spaces.items()})
     residual_at = {start: cache.load(start, "eval")[:n_sequences] for start in {p.start for p in perms}}
     rows = []
     for perm in perms:
         h = residual_at[perm.start]
         kls = {space: [] for space in spaces}
         agree = {space: [] for space in spaces}
+        distortion = {space: [] for space in lens_spaces}
         for first in range(0, len(h), chunk):
             hb = h[first: first + chunk]
             clean = adapter.logits(runner.run(hb, perm.start)[:, 1:]).log_softmax(-1)
@@ -124,9 +171,57 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
                 permuted = adapter.logits(run(hb, perm)[:, 1:]).log_softmax(-1)
                 kls[space].append(kl_from_logprobs(clean, permuted))
                 agree[space].append((clean.argmax(-1) == permuted.argmax(-1)).double())
+            for space, blocks in lens_spaces.items():
+                distortion[space].append(blocks.distortion(hb, perm))
         for space in spaces:
             est = bootstrap_mean(torch.cat(kls[space]), n_boot=n_boot, seed=seed)
+            blocks = lens_spaces.get(space)
             rows.append({"i": perm.i, "j": perm.j, "space": space, "kl": est.mean, "kl_lo": est.lo,
                          "kl_hi": est.hi, "top1_agreement": float(torch.cat(agree[space]).mean()),
-                         "n_tokens": est.n_tokens, "order": " ".join(map(str, perm.order))})
+                         "n_tokens": est.n_tokens, "order": " ".join(map(str, perm.order)),
+                         "distortion": float(torch.cat(distortion[space]).mean()) if blocks else None,
+                         "ridge": blocks.ridge if blocks else None})
     return rows
+
+
+def translator_dominated(swaps: pd.DataFrame) -> str | None:
+    """A plain statement for the report where lens-space swaps measure the translators rather
+    than the model, from the adjacent swaps of ``swaps.tsv``; None where no lens space does.
+
+    A lens space is dominated when, over the adjacent pairs measured in it and natively, the
+    median distortion exceeds DOMINATED_DISTORTION (the wrapper moves the first block's input
+    by more than its norm) and the median swap KL exceeds the native one DOMINATED_KL_RATIO times.
+    """
+    kinds = swaps["kind"] if "kind" in swaps else pd.Series("swap", index=swaps.index)
+    adjacent = swaps[(kinds == "swap") & (swaps["j"] == swaps["i"] + 1)]
+    native = adjacent[adjacent["space"] == "native"].set_index("i")
+    if native.empty or "distortion" not in adjacent:
+        return None
+    findings, dominated = [], False
+    for space, part in adjacent[adjacent["space"] != "native"].groupby("space", sort=False):
+        part = part.set_index("i")
+        pairs = part.index.intersection(native.index)
+        if pairs.empty:
+            continue
+        kl, native_kl = part.loc[pairs, "kl"].median(), native.loc[pairs, "kl"].median()
+        distortion = part.loc[pairs, "distortion"].median()
+        ratio = kl / native_kl if native_kl > 0 else float("inf")
+        hit = distortion > DOMINATED_DISTORTION and ratio > DOMINATED_KL_RATIO
+        dominated |= hit
+        ridge = part["ridge"].iloc[0] if "ridge" in part else float("nan")
+        lens = f"the {space} lens" + (f" (ridge {ridge:g})" if pd.notna(ridge) else "")
+        findings.append(
+            f"with {lens} the median adjacent swap costs {kl:.3g} nats (native {native_kl:.3g}; "
+            f"{ratio:.3g} times as much) and keeps the top-1 token {part.loc[pairs, 'top1_agreement'].median():.2f} "
+            f"of the time (native {native.loc[pairs, 'top1_agreement'].median():.2f}), while the "
+            f"wrapper moves the first swapped block's input by a median {distortion:.3g} times its "
+            f"own norm ({'dominated' if hit else 'not dominated'})")
+    if not dominated:
+        return None
+    return ("Lens-space swaps here measure the translators rather than the model. Over "
+            f"{len(native)} adjacent pairs: " + "; ".join(findings) + ". Natively an adjacent "
+            "swap hands block j the residual h that block i would have read; in lens space it "
+            "hands it T_j^-1(T_i(h)), and where that differs from h by more than h itself the "
+            "swap cost is the cost of feeding a block a residual it never sees, set by how "
+            "ill-conditioned the translators I + A are, not by how much the blocks depend on "
+            "their order. Read the native swap costs as the model's layer-order dependence.")

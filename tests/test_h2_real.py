@@ -1,0 +1,112 @@
+"""H2 on the real default model (SmolLM2-135M), where position 0 is an attention sink whose
+residual is hundreds to tens of thousands of times the embedding's norm, and W_E is tied to W_U."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY
+from lensspace.adapter import Adapter
+from lensspace.experiments import h2
+from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
+                                      evaluate_layer, fit_embedding_lens, mapped_residual,
+                                      route_logits)
+from lensspace.models import build_random_model
+from lensspace.runner import BlockRunner, hooked
+from lensspace.stats import kl_from_logprobs
+from lensspace.subspaces import unembedding_bases
+
+GRID = AblationGrid(subspaces=("output",), ks=(8,), bases=("embed",), modes=("zero",),
+                    sites=("embedding",), n_boot=20)
+
+
+def _kl(target_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(target || logits) over positions 1.. of every sequence."""
+    return float(kl_from_logprobs(target_logits[:, 1:].log_softmax(-1), logits[:, 1:].log_softmax(-1)).mean())
+
+
+@pytest.mark.parametrize("layer", [6, 12])
+def test_exact_map_runs_downstream_to_the_models_own_output(real, layer):
+    """With E_i replaced by the exact map (the mapped residual equals the cached h_i everywhere),
+    the downstream route reproduces the model's final output: KL about 0. Putting the layer-0
+    embedding at position 0 instead costs over a nat at these layers."""
+    runner = BlockRunner(real.adapter)
+    e, h = real.cache.load(0, "eval")[:3], real.cache.load(layer, "eval")[:3]
+    target = real.adapter.logits(real.cache.final("eval")[:3])
+    mapped = mapped_residual(lambda _: h[:, 1:], e, h)
+    torch.testing.assert_close(mapped, h, rtol=0, atol=0)
+    logits = route_logits(runner, real.lens, layer, mapped, "downstream")
+    assert _kl(target, logits) < 0.02
+    embedding_at_zero = torch.cat([e[:, :1], h[:, 1:]], dim=1)
+    assert _kl(target, route_logits(runner, real.lens, layer, embedding_at_zero, "downstream")) > 0.5
+
+
+def test_fit_and_evaluation_run_blocks_from_the_cached_residual_at_position_zero(real, monkeypatch):
+    """Both the downstream refinement and the evaluation build their block input with
+    ``mapped_residual``, and it carries h_i[:, 0] (the sink), not the embedding, at position 0."""
+    layer, runner = 6, BlockRunner(real.adapter)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(emb_lens, e, h):
+        out = mapped_residual(emb_lens, e, h)
+        calls.append((out.detach(), h))
+        return out
+
+    monkeypatch.setattr(h2, "mapped_residual", spy)
+    emb = fit_embedding_lens(runner, real.lens, real.cache, layer, EmbeddingLensSettings(
+        objective="downstream", refine_steps=1, refine_sequences=2))
+    train = real.cache.load(layer, "train")
+    assert len(calls) == 1
+    out, h = calls[0]
+    assert len(h) == 2 and all(any(torch.equal(row, seq) for seq in train) for row in h)
+    evaluate_layer(runner, real.lens, real.cache, layer, emb, embedding_basis(real.adapter), GRID)
+    assert len(calls) == 2
+    out, h = calls[1]
+    torch.testing.assert_close(h, real.cache.load(layer, "eval"), rtol=0, atol=0)
+    for out, h in calls:
+        torch.testing.assert_close(out[:, 0], h[:, 0], rtol=0, atol=0)
+        assert out[:, 0].norm(dim=-1).min() > 100 * real.cache.load(0, "eval")[:, 0].norm(dim=-1).max()
+
+
+def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_in(real):
+    """Independent recomputation: the model's own forward pass with positions 1.. of the
+    residual entering block i replaced by E_i(e) (position 0 computed by the model itself)
+    gives the downstream-route KL of ``evaluate_layer``."""
+    adapter, layer = real.adapter, 6
+    runner = BlockRunner(adapter)
+    emb = fit_embedding_lens(runner, real.lens, real.cache, layer, EmbeddingLensSettings(refine_steps=0))
+    fit, _ = evaluate_layer(runner, real.lens, real.cache, layer, emb, embedding_basis(adapter), GRID)
+    ids = real.tokens["eval"].long()
+    with torch.no_grad():
+        e = adapter.embed_tokens(ids)
+        clean = adapter.model(ids).logits
+        with hooked(adapter, layer, lambda x: torch.cat([x[:, :1], emb(e[:, 1:])], dim=1)):
+            patched = adapter.model(ids).logits
+    assert fit["kl_downstream_route"] == pytest.approx(_kl(clean, patched), rel=0.02)
+
+
+def test_tied_embeddings_are_detected_by_value(real):
+    """SmolLM2 and both tiny families tie W_E and W_U (so H2's embedding basis is H0's unembedding
+    basis, direction for direction); an untied copy is reported as untied."""
+    assert embeddings_tied(real.adapter)
+    torch.testing.assert_close(embedding_basis(real.adapter).vectors,
+                               unembedding_bases(real.adapter)["unembed"].vectors, rtol=0, atol=0)
+    for spec in TINY.values():
+        model, _ = build_random_model(spec)
+        assert embeddings_tied(Adapter(model))
+        untied = model.get_output_embeddings()
+        untied.weight = torch.nn.Parameter(untied.weight.detach() + 1e-3)
+        assert not embeddings_tied(Adapter(model))
+
+
+@pytest.mark.workflow
+def test_fit_rows_and_table_say_when_the_embedding_is_tied(tiny_run):
+    """Both tiny families tie W_E and W_U: every H2 fit row says so and the table's header too."""
+    workdir, config = tiny_run
+    for run in config["runs"]:
+        fit = pd.read_csv(workdir / "results" / run / "h2" / "fit.tsv", sep="\t")
+        assert fit["embed_tied_to_unembed"].dtype == bool and fit["embed_tied_to_unembed"].all()
+        assert h2.TIED_NOTE in (workdir / "results" / "tables" / f"h2_{run}.md").read_text()

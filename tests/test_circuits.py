@@ -1,9 +1,12 @@
 """Circuit ends: induction score, head writes, their lens-space shares, the within-layer test."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from snakemake.utils import validate
 
 from conftest import make_cached
 from lensspace.experiments.circuits import (LENS_BASIS, CircuitSettings, head_and_mlp_fractions,
@@ -83,8 +86,9 @@ def test_shares_are_lens_space_shares_under_planted_translators(tiny, tmp_path):
             x_out = scale * x_out
         out, internal = x_out.pow(2).sum(), x_int.pow(2).sum()
         shares, layer, head = got
-        assert float(shares.output[layer, head]) == pytest.approx(float(out / (out + internal)), rel=1e-6)
-        assert float(shares.internal[layer, head]) == pytest.approx(float(internal / (out + internal)), rel=1e-6)
+        total = out + internal
+        assert float(shares.output[layer, head]) == pytest.approx(float(out / total), rel=1e-6)
+        assert float(shares.internal[layer, head]) == pytest.approx(float(internal / total), rel=1e-6)
         rms = float(w.pow(2).sum(-1).mean().sqrt())
         assert float(shares.write_norm[layer, head]) == pytest.approx(rms, rel=1e-6)
     # complementary halves of an orthonormal lens-space basis: the shares sum to one
@@ -138,7 +142,8 @@ def test_real_share_equals_the_share_of_the_translated_difference(real, real_sha
     assert abs(float(residual_share - expected)) > 1e-3
     last = adapter.n_layers - 1
     w = mlp_w[last][:, 1:].double()
-    assert float(mlps.output[last]) == pytest.approx(float((w @ q_out).pow(2).sum() / w.pow(2).sum()), rel=1e-6)
+    expected = (w @ q_out).pow(2).sum() / w.pow(2).sum()  # M = I after the last block
+    assert float(mlps.output[last]) == pytest.approx(float(expected), rel=1e-6)
     torch.testing.assert_close(heads.output + heads.internal, torch.ones_like(heads.output))
 
 
@@ -208,3 +213,11 @@ def test_no_comparable_layer_gives_no_verdict():
     result = layer_permutation_test(values, flags, 100, 100, seed=0)
     assert result["n_compared"] == 0 and result["n_layers"] == 0 and result["n_induction"] == 3
     assert result["p_value"] != result["p_value"]  # nan
+
+
+def test_config_refuses_the_retired_depth_bins():
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["h1"]["heads"]["depth_bins"] = 3
+    with pytest.raises(Exception, match=r"'depth_bins' was unexpected"):
+        validate(config, str(root / "schemas" / "config.schema.yaml"))

@@ -131,7 +131,7 @@ def test_translator_dominated_statement():
     statement = translator_dominated(_swap_rows(lens_kl=20.0, distortion=7.0))
     assert statement is not None and "measure the translators" in statement
     assert "20 nats (native 0.2" in statement and "7 times its own norm" in statement
-    assert "ridge 0.001" in statement
+    assert "the lens space (lens ridge 0.001)" in statement
     assert translator_dominated(_swap_rows(lens_kl=20.0, distortion=0.5)) is None
     assert translator_dominated(_swap_rows(lens_kl=0.3, distortion=7.0)) is None
 

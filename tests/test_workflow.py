@@ -34,8 +34,11 @@ def test_every_contract_output_is_well_formed(tiny_run):
         assert set(spectrum["basis"]) == {"unembed", "unembed_centered"}
 
         h0 = pd.read_csv(results / run / "h0" / "ablation.tsv", sep="\t")
-        assert list(h0.columns) == ["layer", "subspace", "k", "basis", "mode", "site",
-                                    "kl", "kl_lo", "kl_hi", "n_tokens"]
+        contract = ["layer", "subspace", "k", "basis", "mode", "site", "kl", "kl_lo", "kl_hi", "n_tokens"]
+        assert list(h0.columns) == [*contract, "n_draws", "draw_sd", "draw_min", "draw_max", "edit_rel"]
+        random = h0[h0["subspace"] == "random"]
+        assert (random["n_draws"] == config["random_draws"]).all()
+        assert (random["draw_min"] <= random["kl"]).all() and (random["kl"] <= random["draw_max"]).all()
         assert sorted(h0["layer"].unique()) == list(range(n_layers))
         assert set(h0["k"]) == {4, 16} and set(h0["subspace"]) == {"output", "internal", "random"}
         assert (h0["kl"] >= 0).all() and h0["kl"].notna().all()
@@ -43,7 +46,17 @@ def test_every_contract_output_is_well_formed(tiny_run):
 
         h1 = pd.read_csv(results / run / "h1" / "ablation.tsv", sep="\t")
         assert list(h1.columns) == list(h0.columns)
-        assert set(h1["basis"]) == {"unembed", "unembed_centered", "lens_pullback", "random"}
+        assert set(h1["basis"]) == {"unembed", "unembed_centered", "lens_pullback", "random",
+                                    "random_lens_pullback"}
+        for hypothesis, table in (("h0", h0), ("h1", h1)):
+            seqs = pd.read_csv(results / run / hypothesis / "per_sequence.tsv", sep="\t")
+            assert len(seqs) == 8 * ((table["subspace"] != "random").sum()
+                                     + config["random_draws"] * (table["subspace"] == "random").sum())
+            comparisons = pd.read_csv(results / run / hypothesis / "comparisons.tsv", sep="\t")
+            assert set(comparisons["verdict"]) <= {"holds", "reversed", "not separable"}
+            assert (comparisons["p_adjusted"] >= comparisons["p_value"] - 1e-12).all()
+        shares = pd.read_csv(results / run / "h0" / "shares.tsv", sep="\t")
+        assert (shares["share"] - shares["constant_share"] - shares["varying_share"]).abs().max() < 1e-9
         assert set(h1["site"]) == {"residual"} and (h1["kl"] >= 0).all()
         heads = pd.read_csv(results / run / "h1" / "heads.tsv", sep="\t")
         assert len(heads) == n_layers * 4

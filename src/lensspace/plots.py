@@ -86,11 +86,12 @@ def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | P
     fig.colorbar(points, ax=ax, label="layer")
     ax.axvline(test["threshold"], color="#7f8c8d", ls="--", lw=0.8)
     ax.set_xlabel("induction score")
-    ax.set_ylabel(f"lens-space output share of write (k={int(heads['k'].iloc[0])})")
+    ax.set_ylabel(f"lens-space output share (k={int(heads['k'].iloc[0])})")
     p = "n/a" if pd.isna(test["p_value"]) else f"{test['p_value']:.3g}"
+    effect = ("n/a" if pd.isna(test["statistic"]) else
+              f"{test['statistic']:.3f} [{test['effect_lo']:.3f}, {test['effect_hi']:.3f}]")
     ax.set_title(f"{title}\n{int(test['n_induction'])} induction heads; within-layer difference "
-                 f"{test['statistic']:.3f} [{test['effect_lo']:.3f}, {test['effect_hi']:.3f}], p = {p}",
-                 fontsize=8)
+                 f"{effect}, p = {p}", fontsize=8)
     save(fig, path)
 
 

@@ -345,14 +345,22 @@ H1 = AblationExperiment(
     measure="KL(p_model ‖ p_model ablated) of the final output",
     seed_site="residual", summary=h1_summary,
     extra_figures=(("h1_heads", "Circuit ends: each attention head's induction score against the "
-                    "fraction of its output written into the output subspace."),),
+                    "lens-space share of its write in the output subspace: the write w of block i is "
+                    "carried by the translator of the residual it lands in, M = I + A_{i+1} (M = I after "
+                    "the last block), and the share is Σ‖Qᵀ M w‖² / Σ‖M w‖² over held-out tokens."),),
     extra_tables=(
-        ("heads_test.tsv", "Circuit ends, permutation test: do induction heads write more into the "
-         "output subspace than other heads of the same depth?", False),
-        ("mlp.tsv", "MLPs: the fraction of each layer's MLP output written into the output and "
-         "internal subspaces.", True),
-        ("heads.tsv", "Attention heads: induction score and the fraction of each head's output "
-         "written into the output and internal subspaces.", True),
+        ("heads_test.tsv", "Circuit ends, permutation test within layers: do induction heads write a "
+         "larger lens-space share into the output subspace than the other heads of their own layer? "
+         "Effect (statistic): mean over induction heads of (share − mean share of the other heads of "
+         "their layer), with a 95% bootstrap interval (effect_lo, effect_hi); p-value from permuting "
+         "the induction flags among the heads of each layer, over the n_layers layers that hold both "
+         "kinds.", False),
+        ("mlp.tsv", "MLPs: the lens-space share of each block's MLP write in the output and internal "
+         "subspaces; write_norm and lens_write_norm give its RMS size before and after the "
+         "translator.", True),
+        ("heads.tsv", "Attention heads: induction score and the lens-space share of each head's write "
+         "in the output and internal subspaces (with the write's RMS size before and after the "
+         "translator).", True),
     ))
 
 
@@ -408,7 +416,73 @@ def shuffle_section(ctx: RunContext) -> Section | None:
     return section
 
 
-SECTIONS: list[Callable[[RunContext], Section | None]] = [lens_section, H0, H1, H2, shuffle_section]
+def _verdict_counts(verdicts: pd.DataFrame, conclusion: str) -> str:
+    part = verdicts[verdicts["conclusion"] == conclusion]
+    counts = part["verdict"].value_counts()
+    return (f"holds in {counts.get(robustness.HOLDS, 0)}, reversed in {counts.get(robustness.REVERSED, 0)}, "
+            f"not separable in {counts.get(robustness.NOT_SEPARABLE, 0)} of {len(part)} cells")
+
+
+def _seed_cell(verdicts: pd.DataFrame, site: str) -> str:
+    """The verdict of "output > internal" in the seed's own cell (unembed, zero), by layer."""
+    cell = verdicts[(verdicts["conclusion"] == "output > internal") & (verdicts["basis"] == "unembed")
+                    & (verdicts["mode"] == "zero") & (verdicts["site"] == site)]
+    cell = cell[cell["k"] == cell["k"].max()] if not cell.empty else cell
+    if cell.empty:
+        return ""
+    by_verdict = {v: sorted(int(x) for x in cell.loc[cell["verdict"] == v, "layer"]) for v in robustness.VERDICTS}
+    parts = [f"{v} at {_layers(layers)}" for v, layers in by_verdict.items() if layers]
+    return f" In the seed's own cell (basis unembed, zero ablation, {site}): " + "; ".join(parts) + "."
+
+
+def findings_section(ctx: RunContext) -> Section | None:
+    """The run's conclusions in a few sentences, each with its procedure, read from the results."""
+    lines = []
+    for experiment, site in ((H0, "pre_norm"), (H1, "residual"), (H2, "embedding")):
+        path = ctx.path(experiment.key, "comparisons.tsv")
+        if not path.exists():
+            continue
+        verdicts = pd.read_csv(path, sep="\t")
+        if verdicts.empty:
+            continue
+        said = "; ".join(f"\"{c}\" {_verdict_counts(verdicts, c)}"
+                         for c in dict.fromkeys(verdicts["conclusion"]))
+        lines.append(f"{experiment.title}: {said}.{_seed_cell(verdicts, site)} Each verdict: "
+                     f"{robustness.PROCEDURE} (family: the {len(verdicts)} comparisons of this experiment).")
+    test_path = ctx.path("h1", "heads_test.tsv")
+    if test_path.exists():
+        test = pd.read_csv(test_path, sep="\t").iloc[0]
+        if pd.notna(test.get("statistic")):
+            interval = (f" (95% interval {number(test['effect_lo'])} to {number(test['effect_hi'])})"
+                        if "effect_lo" in test and pd.notna(test["effect_lo"]) else "")
+            lines.append(f"Circuit ends: induction heads' lens-space output share minus that of other heads "
+                         f"of the same layer {number(test['statistic'])}{interval}, permutation p = "
+                         f"{number(test['p_value'])} over {int(test['n_compared'])} induction heads.")
+    fit_path = ctx.path("h2", "fit.tsv")
+    if fit_path.exists():
+        fit = pd.read_csv(fit_path, sep="\t")
+        if "embed_tied_to_unembed" in fit and bool(fit["embed_tied_to_unembed"].astype(bool).all()):
+            lines.append("H2: this model ties W_E to W_U, so the embedding basis of H2 is H0's unembedding "
+                         "basis: its \"circuit beginnings\" are not measured in an independent basis.")
+    statement = shuffle_statement(ctx)
+    if statement:
+        lines.append(statement)
+    if not lines:
+        return None
+    return Section("findings", "Findings", [Text("<ul>" + "".join(f"<li>{_esc(line)}</li>" for line in lines)
+                                                 + "</ul>", html=True)])
+
+
+def shuffle_statement(ctx: RunContext) -> str | None:
+    """The plain statement of when lens-space swaps measure the translators (shuffle.py decides)."""
+    from lensspace.experiments.shuffle import translator_dominated
+
+    path = ctx.path("shuffle", "swaps.tsv")
+    return translator_dominated(pd.read_csv(path, sep="\t")) if path.exists() else None
+
+
+SECTIONS: list[Callable[[RunContext], Section | None]] = [findings_section, lens_section, H0, H1, H2,
+                                                          shuffle_section]
 
 
 # ---------------------------------------------------------------- HTML

@@ -20,9 +20,9 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.adapter import Adapter
+from lensspace.experiments.h1 import PULLED_BACK
 from lensspace.subspaces import Basis, select
 
-LENS_BASIS = "unembed"  # the lens-space basis (SVD of raw W_U) whose halves are output/internal, as in H1
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: in
 
 @torch.no_grad()
 def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: every head's input to ``W_O`` [batch, T, n_heads, head_dim] and the MLP write [batch, T, d]."""
+    """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T, d]."""
     head_in: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
     handles = []
@@ -95,8 +95,9 @@ def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tenso
 def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: head writes [batch, T, n_heads, d] (``o_h @ W_O[h]``) and the MLP write [batch, T, d]."""
     head_in, mlps = block_outputs(adapter, ids)
-    return ([torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer)) for layer, o in enumerate(head_in)],
-            mlps)
+    heads = [torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer))
+             for layer, o in enumerate(head_in)]
+    return heads, mlps
 
 
 def write_maps(adapter: Adapter, lens: TunedLens) -> list[torch.Tensor]:
@@ -139,8 +140,10 @@ def write_shares(moment: torch.Tensor, out_weight: torch.Tensor, m: torch.Tensor
         return ((moment @ a) * a).sum((-2, -1))
 
     total = energy(lens_weight)
-    return WriteShares(output=energy(lens_weight @ q_out) / total, internal=energy(lens_weight @ q_int) / total,
-                       write_norm=(energy(out_weight) / n_tokens).sqrt(), lens_write_norm=(total / n_tokens).sqrt())
+    return WriteShares(output=energy(lens_weight @ q_out) / total,
+                       internal=energy(lens_weight @ q_int) / total,
+                       write_norm=(energy(out_weight) / n_tokens).sqrt(),
+                       lens_write_norm=(total / n_tokens).sqrt())
 
 
 @torch.no_grad()
@@ -165,8 +168,8 @@ def head_and_mlp_fractions(adapter: Adapter, lens: TunedLens, bases: dict[str, B
             head_moment[layer] += torch.einsum("nhe,nhf->hef", o, o)
             w = mlps[layer][:, 1:].reshape(-1, d).double().cpu()
             mlp_moment[layer] += w.T @ w
-    q_out = select(bases[LENS_BASIS].vectors, "output", k).double().cpu()
-    q_int = select(bases[LENS_BASIS].vectors, "internal", k).double().cpu()
+    q_out = select(bases[PULLED_BACK].vectors, "output", k).double().cpu()
+    q_int = select(bases[PULLED_BACK].vectors, "internal", k).double().cpu()
     eye = torch.eye(d, dtype=torch.float64)
     heads, mlps = [], []
     for layer, m in enumerate(write_maps(adapter, lens)):

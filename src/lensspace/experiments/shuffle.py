@@ -209,9 +209,9 @@ def translator_dominated(swaps: pd.DataFrame) -> str | None:
         hit = distortion > DOMINATED_DISTORTION and ratio > DOMINATED_KL_RATIO
         dominated |= hit
         ridge = part["ridge"].iloc[0] if "ridge" in part else float("nan")
-        lens = f"the {space} lens" + (f" (ridge {ridge:g})" if pd.notna(ridge) else "")
+        lens = f"the {space} space" + (f" (lens ridge {ridge:g})" if pd.notna(ridge) else "")
         findings.append(
-            f"with {lens} the median adjacent swap costs {kl:.3g} nats (native {native_kl:.3g}; "
+            f"in {lens} the median adjacent swap costs {kl:.3g} nats (native {native_kl:.3g}; "
             f"{ratio:.3g} times as much) and keeps the top-1 token {part.loc[pairs, 'top1_agreement'].median():.2f} "
             f"of the time (native {native.loc[pairs, 'top1_agreement'].median():.2f}), while the "
             f"wrapper moves the first swapped block's input by a median {distortion:.3g} times its "

@@ -1,0 +1,76 @@
+"""Lens-space layer shuffle on the real default model (SmolLM2-135M): the regime of issue 9,
+where position 0 is an attention sink and the translators are ill-conditioned."""
+
+import pandas as pd
+import pytest
+import torch
+
+from lensspace.experiments.shuffle import LensSpaceBlocks, Permutation, measure, swap, translator_dominated
+from lensspace.lenses import empty_lens, fit_affine
+from lensspace.runner import BlockRunner
+
+RUN_RIDGE = 1e-3  # the real fixture's lens: least squares at the run's default ridge
+SECOND_RIDGE = 10.0
+PAIRS = (3, 12, 20)  # adjacent swaps (i, i + 1), as measured in the issue
+
+
+@pytest.fixture(scope="module")
+def runner(real):
+    return BlockRunner(real.adapter)
+
+
+@pytest.fixture(scope="module")
+def ridge_blocks(real, runner):
+    """The second lens, fitted by least squares at SECOND_RIDGE on the layers that swap (12, 13)
+    reads (12, 13, 14); the other translators stay the identity, which the swap never inverts."""
+    lens = empty_lens(real.adapter, "ridge")
+    final = real.cache.final("train")[:, 1:].flatten(0, 1).float()
+    with torch.no_grad():
+        for layer in (12, 13, 14):
+            h = real.cache.load(layer, "train")[:, 1:].flatten(0, 1).float()
+            weight, bias = fit_affine(h, final, SECOND_RIDGE)
+            lens.layer_translators[layer].weight.copy_(weight)
+            lens.layer_translators[layer].bias.copy_(bias)
+    return LensSpaceBlocks(runner, lens, SECOND_RIDGE)
+
+
+def test_position_zero_is_the_native_permuted_run(real, runner):
+    """Position 0 (the attention sink) attends only to itself, and the translators were never
+    fitted on it: passed natively, it is exactly the native run of the same permuted order."""
+    blocks = LensSpaceBlocks(runner, real.lens, RUN_RIDGE)
+    h = real.cache.load(12, "eval")[:2].float()
+    perm = swap(real.adapter.n_layers, 12, 13)
+    native = runner.run(h, 12, perm.order)
+    assert float(native[:, 0].norm(dim=-1).min()) > 100  # the sink: far above the other tokens
+    torch.testing.assert_close(blocks.run(h, perm)[:, 0], native[:, 0], rtol=1e-4, atol=1e-3)
+    # in the model's own order lens space is the model itself, at every position
+    identity = Permutation(tuple(range(12, real.adapter.n_layers)), 12, 12, 12)
+    torch.testing.assert_close(blocks.run(h, identity), runner.run(h, 12), rtol=1e-4, atol=1e-2)
+
+
+def test_run_lens_moves_adjacent_blocks_inputs_by_more_than_their_norm(real, runner):
+    """At the run's ridge the wrapper hands the first swapped block T_{i+1}^-1(T_i(h)), which
+    differs from h by several times its norm (the issue measured 35x / 6x / 7x on the refined lens)."""
+    blocks = LensSpaceBlocks(runner, real.lens, RUN_RIDGE)
+    n_layers = real.adapter.n_layers
+    for i in PAIRS:
+        h = real.cache.load(i, "eval")[:2].float()
+        assert float(blocks.distortion(h, swap(n_layers, i, i + 1)).mean()) > 1, i
+    assert min(blocks.conditions) > 1e3
+
+
+def test_lens_space_swap_measures_the_translators(real, runner, ridge_blocks):
+    """Swap (12, 13): at the run's ridge the lens-space cost dwarfs the native one; under the
+    second ridge the distortion falls below 1 and the cost comes back to the native scale."""
+    spaces = {"lens": LensSpaceBlocks(runner, real.lens, RUN_RIDGE), "lens_ridge": ridge_blocks}
+    rows = measure(runner, real.cache, [swap(real.adapter.n_layers, 12, 13)], spaces, n_boot=50,
+                   seed=0, n_sequences=2)
+    by_space = {r["space"]: r for r in rows}
+    native, lens, ridge = by_space["native"], by_space["lens"], by_space["lens_ridge"]
+    assert lens["kl"] > 10 * native["kl"] and lens["distortion"] > 1
+    assert ridge["distortion"] < 1 and ridge["kl"] < 3 * native["kl"]
+    assert ridge["ridge"] == SECOND_RIDGE and native["ridge"] is None
+    statement = translator_dominated(pd.DataFrame([{**r, "kind": "swap"} for r in rows]))
+    assert statement is not None and "measure the translators rather than the model" in statement
+    assert "the lens space (lens ridge 0.001)" in statement and "(dominated)" in statement
+    assert "the lens_ridge space (lens ridge 10)" in statement and "(not dominated)" in statement

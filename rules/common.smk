@@ -108,7 +108,7 @@ def get_shuffle_ridge_lens(wildcards):
     """The second lens of the lens_ridge space, where that space is on (else nothing)."""
     if second_ridge(config["shuffle"]) is None:
         return []
-    return [f"{RESULTS}/{wildcards.run}/shuffle/ridge_lens/params.pt"]
+    return f"{RESULTS}/{wildcards.run}/shuffle/ridge_lens/params.pt"
 
 
 def get_token_split(wildcards):

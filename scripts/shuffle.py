@@ -19,7 +19,7 @@ def body(sm):
                                          sm.params.lens_ridge)
     if sm.params.second_ridge is not None:
         lenses["lens_ridge"] = LensSpaceBlocks(
-            runner, load_lens(adapter, Path(sm.input.ridge_lens[0]).parent), sm.params.second_ridge)
+            runner, load_lens(adapter, Path(sm.input.ridge_lens).parent), sm.params.second_ridge)
     if sm.params.pairs:
         perms, kind = [swap(adapter.n_layers, i, j) for i, j in sm.params.pairs], "swap"
     else:

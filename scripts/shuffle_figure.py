@@ -1,4 +1,4 @@
-"""Swap-cost heatmaps: native and lens space side by side on one colour scale."""
+"""Swap-cost heatmaps: native and the lens spaces side by side on one colour scale."""
 import json
 from pathlib import Path
 

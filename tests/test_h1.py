@@ -38,9 +38,10 @@ def test_pullback_on_the_real_lens_gives_the_ablated_lens_vector(real, layer, su
     translator = real.lens.layer_translators[layer]
     q = select(unembedding_bases(real.adapter)["unembed"].vectors, subspace, real.adapter.d_model // 2)
     h = real.cache.load(layer, "eval")[:2, 1:]
-    z = translate(real.lens, h, layer).double()
-    z_mean = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer).double().mean((0, 1))
-    pulled = LensPullback(translator.weight, translator.bias, q)
+    pulled = LensPullback(translator.weight.detach(), translator.bias.detach(), q)
+    z = h.double() @ pulled.m.T + pulled.b  # T_i(h) in float64
+    with torch.no_grad():
+        z_mean = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer).double().mean((0, 1))
     for mode in ("zero", "mean"):
         edited = pulled.apply(h.double(), mode, z_mean)
         z_edited = edited @ pulled.m.T + pulled.b
@@ -53,7 +54,8 @@ def test_pullback_on_the_real_lens_gives_the_ablated_lens_vector(real, layer, su
         assert float((coords - target).abs().max()) < 1e-6 * float(scale.max())
     # in float32, as the experiment feeds the blocks, the identity holds to float tolerance
     edited32 = pulled.apply(h, "zero")
-    z32 = translate(real.lens, edited32, layer).double()
+    with torch.no_grad():
+        z32 = translate(real.lens, edited32, layer).double()
     assert float(((z32 - ablate(z, q.double(), "zero")).norm(dim=-1) / z.norm(dim=-1)).max()) < 1e-3
 
 

@@ -209,7 +209,9 @@ def test_page_has_every_section_with_published_numbers_and_generated_captions(re
     tmp_path, config = results
     page = _build(tmp_path, config)
     sections = re.findall(r"data-section='([^']+)'", page)
-    assert sections == ["lens-quality", "h0", "provenance"]
+    assert sections == ["findings", "lens-quality", "h0", "provenance"]
+    # the findings state each verdict with its procedure, from comparisons.tsv
+    assert '"output > internal" holds in 24' in html.unescape(page) and "Holm" in page
     assert page.count('src="data:image/png;base64,') == 2
     # the original layout at k = d/2 = 4, the published H0.2 beside it, with the difference
     assert "published output" in page and "Δ output" in page
@@ -246,8 +248,8 @@ def test_sections_follow_the_files_that_exist(results):
                   "n_tokens": [64] * 4, "kind": ["swap"] * 3 + ["window"]}).to_csv(
         res / "shuffle" / "swaps.tsv", sep="\t", index=False)
     page = _build(tmp_path, config)
-    assert re.findall(r"data-section='([^']+)'", page) == ["lens-quality", "h0", "h1", "h2", "shuffle",
-                                                            "provenance"]
+    assert re.findall(r"data-section='([^']+)'", page) == ["findings", "lens-quality", "h0", "h1", "h2",
+                                                            "shuffle", "provenance"]
     assert "site residual" in page and "induction_score" in page and "Swap cost" in page
     assert "R²" in page and "input (top-k right singular vectors of W_E)" in page
     assert "Permutations within windows" in page

@@ -20,6 +20,11 @@ def runner(real):
 
 
 @pytest.fixture(scope="module")
+def run_blocks(real, runner):
+    return LensSpaceBlocks(runner, real.lens, RUN_RIDGE)
+
+
+@pytest.fixture(scope="module")
 def ridge_blocks(real, runner):
     """The second lens, fitted by least squares at SECOND_RIDGE on the layers that swap (12, 13)
     reads (12, 13, 14); the other translators stay the identity, which the swap never inverts."""
@@ -34,35 +39,33 @@ def ridge_blocks(real, runner):
     return LensSpaceBlocks(runner, lens, SECOND_RIDGE)
 
 
-def test_position_zero_is_the_native_permuted_run(real, runner):
+def test_position_zero_is_the_native_permuted_run(real, runner, run_blocks):
     """Position 0 (the attention sink) attends only to itself, and the translators were never
     fitted on it: passed natively, it is exactly the native run of the same permuted order."""
-    blocks = LensSpaceBlocks(runner, real.lens, RUN_RIDGE)
     h = real.cache.load(12, "eval")[:2].float()
     perm = swap(real.adapter.n_layers, 12, 13)
     native = runner.run(h, 12, perm.order)
     assert float(native[:, 0].norm(dim=-1).min()) > 100  # the sink: far above the other tokens
-    torch.testing.assert_close(blocks.run(h, perm)[:, 0], native[:, 0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(run_blocks.run(h, perm)[:, 0], native[:, 0], rtol=1e-4, atol=1e-3)
     # in the model's own order lens space is the model itself, at every position
     identity = Permutation(tuple(range(12, real.adapter.n_layers)), 12, 12, 12)
-    torch.testing.assert_close(blocks.run(h, identity), runner.run(h, 12), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(run_blocks.run(h, identity), runner.run(h, 12), rtol=1e-4, atol=1e-2)
 
 
-def test_run_lens_moves_adjacent_blocks_inputs_by_more_than_their_norm(real, runner):
+def test_run_lens_moves_adjacent_blocks_inputs_by_more_than_their_norm(real, run_blocks):
     """At the run's ridge the wrapper hands the first swapped block T_{i+1}^-1(T_i(h)), which
     differs from h by several times its norm (the issue measured 35x / 6x / 7x on the refined lens)."""
-    blocks = LensSpaceBlocks(runner, real.lens, RUN_RIDGE)
     n_layers = real.adapter.n_layers
     for i in PAIRS:
         h = real.cache.load(i, "eval")[:2].float()
-        assert float(blocks.distortion(h, swap(n_layers, i, i + 1)).mean()) > 1, i
-    assert min(blocks.conditions) > 1e3
+        assert float(run_blocks.distortion(h, swap(n_layers, i, i + 1)).mean()) > 1, i
+    assert min(run_blocks.conditions) > 1e3
 
 
-def test_lens_space_swap_measures_the_translators(real, runner, ridge_blocks):
+def test_lens_space_swap_measures_the_translators(real, runner, run_blocks, ridge_blocks):
     """Swap (12, 13): at the run's ridge the lens-space cost dwarfs the native one; under the
     second ridge the distortion falls below 1 and the cost comes back to the native scale."""
-    spaces = {"lens": LensSpaceBlocks(runner, real.lens, RUN_RIDGE), "lens_ridge": ridge_blocks}
+    spaces = {"lens": run_blocks, "lens_ridge": ridge_blocks}
     rows = measure(runner, real.cache, [swap(real.adapter.n_layers, 12, 13)], spaces, n_boot=50,
                    seed=0, n_sequences=2)
     by_space = {r["space"]: r for r in rows}

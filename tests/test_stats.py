@@ -103,7 +103,7 @@ def test_paired_difference_reduces_and_pairs():
     assert (cmp.mean_a, cmp.mean_b) == pytest.approx((float(a.mean()), float(b.mean())))
     # pairing removes the shared sequence effect: the difference is clear, the marginals overlap
     assert 0 < cmp.lo < 0.3 < cmp.hi < 0.6 and cmp.p_value == pytest.approx(cmp.min_p)
-    ea, eb = bootstrap_mean(a, 4000, 0), bootstrap_mean(b, 4000, 0)
+    ea, eb = bootstrap_mean(a, 4000, 0, floor=None), bootstrap_mean(b, 4000, 0, floor=None)
     assert ea.lo < eb.hi
     assert paired_difference(a, a, n_boot=100).p_value == 1.0
     with pytest.raises(LensspaceError):
@@ -141,12 +141,19 @@ def test_draw_spread():
 
 # ---------------------------------------------------------------- coverage, size and power by simulation
 #
-# REAL_SHAPE: per-sequence mean KLs of H0-style lens-space ablations on the real default model
-# (SmolLM2-135M, WEB bible, 128 held-out sequences of 128 tokens, least-squares lens; measured
-# with `benchmarks/coverage.py real`). LOG_SD is the sd of log(per-sequence mean KL) that the
-# lognormal family below takes, DIFF_SKEW the skewness the difference family is matched to.
-LOG_SD = 0.5
-DIFF_SKEW = 1.75
+# The real shape (benchmarks/coverage.py real): per-sequence mean KLs of H0-style lens-space
+# ablations (top / bottom / random 288 directions of W_U, zero and mean, pre-norm) on the real
+# default model (SmolLM2-135M, WEB bible, 128 held-out sequences of 128 tokens, least-squares
+# lens fitted on 64 others), layers 3, 6, 12, 18, 24. Per-ablation values: coefficient of
+# variation 0.06-0.24, sd of the log 0.06-0.23, skewness up to 2.36 (random, mean ablation,
+# layer 6; mean ablations 1.0-2.4, zero ablations -0.3-0.9), kurtosis 9-10 in the most skewed
+# cells (a few outlying sequences). Paired differences of two ablations: |skewness| up to 1.84 (random -
+# internal, mean, layer 18). The families below match the largest skewness: a lognormal with
+# sigma 0.62 (skewness 2.36) for per-sequence values, a centred lognormal with skewness 1.84 for
+# differences. (Drawing sequences from the 128 real values themselves is harsher, because the
+# skew sits in a few outliers: see the report of issue 9 / benchmarks/coverage.py simulate.)
+LOG_SD = 0.62
+DIFF_SKEW = 1.84
 
 
 def _lognormal(shape: tuple[int, ...], sigma: float, gen: torch.Generator) -> torch.Tensor:

@@ -74,11 +74,16 @@ def test_every_contract_output_is_well_formed(tiny_run):
         swaps = pd.read_csv(results / run / "shuffle" / "swaps.tsv", sep="\t")
         assert {"i", "j", "space", "kl", "kl_lo", "kl_hi", "top1_agreement", "n_tokens"} <= set(swaps.columns)
         pairs = swaps[swaps["kind"] == "swap"]
-        assert len(pairs) == 2 * n_layers * (n_layers - 1) // 2  # all pairs, both spaces
+        assert len(pairs) == 3 * n_layers * (n_layers - 1) // 2  # all pairs, three spaces
         assert (pairs["kl"] > 0).all() and pairs["top1_agreement"].between(0, 1).all()
-        assert (swaps["kind"] == "window").sum() == 2 * 3
+        assert set(swaps["space"]) == {"native", "lens", "lens_ridge"}
+        assert swaps["distortion"].isna().eq(swaps["space"] == "native").all()
+        assert (swaps.loc[swaps["space"] == "lens_ridge", "ridge"] == 10).all()
+        assert (swaps["kind"] == "window").sum() == 3 * 3
         conditions = pd.read_csv(results / run / "shuffle" / "conditions.tsv", sep="\t")
-        assert len(conditions) == n_layers and (conditions["condition_number"] >= 1).all()
+        assert len(conditions) == 2 * n_layers and (conditions["condition_number"] >= 1).all()
+        assert set(conditions["lens"]) == {"lens", "lens_ridge"}
+        assert (results / run / "shuffle" / "ridge_lens" / "params.pt").exists()
 
         for hypothesis in ("h0", "h1", "h2"):
             assert "| layer |" in (results / "tables" / f"{hypothesis}_{run}.md").read_text()

@@ -130,7 +130,7 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     import numpy as np
 
     style()
-    spaces = [s for s in ("native", "lens") if s in set(swaps["space"])]
+    spaces = [s for s in ("native", "lens", "lens_ridge") if s in set(swaps["space"])]
     vmax = float(swaps["kl"].max()) if len(swaps) else 1.0
     fig, axes = plt.subplots(1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False,
                              layout="constrained")

@@ -370,10 +370,19 @@ def h2_summary(ctx: RunContext, ablation: pd.DataFrame) -> list:
         return []
     fit = pd.read_csv(fit_path, sep="\t")
     table, k = tables.embedding_lens_table(fit, ablation)
-    return [Table(table, (
+    blocks = []
+    if "embed_tied_to_unembed" in fit and bool(fit["embed_tied_to_unembed"].astype(bool).all()):
+        blocks.append(Text(
+            f"Model '{ctx.spec['model']}' ties its token embedding to its unembedding (W_E = W_U; "
+            "embed_tied_to_unembed in h2/fit.tsv). H2's embedding basis, the right singular vectors of "
+            "W_E, is therefore exactly H0's unembed basis: the input (top-k) and bottom-k ablations "
+            "remove H0's output and internal directions, applied at E_i's input rather than at the "
+            "lens output. They are a second view of the same basis, not evidence from an independent one."))
+    return blocks + [Table(table, (
         f"Embedding lenses E_i, {ctx.run}: R² = held-out share of h_i's variance that E_i explains; "
         "route KLs = held-out KL(p_model ‖ p via E_i) in nats, through the tuned lens T_i (lens route) "
-        f"or by running the rest of the model (downstream route); ablation KLs at k = {k}: "
+        "or by running the rest of the model from E_i(e), with the model's own layer-i residual at "
+        f"position 0 (the attention sink, which E_i cannot stand in for) (downstream route); ablation KLs at k = {k}: "
         "KL(p via E_i ‖ p via E_i with k directions of W_E's SVD ablated at E_i's input) "
         f"(input = top-k, bottom = bottom-k, random = seeded control); {_tokens(fit)} held-out tokens."),
         ctx.table("h2") if ctx.table("h2").exists() else None)]

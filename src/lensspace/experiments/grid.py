@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from lensspace.stats import bootstrap_mean
+from lensspace.stats import draw_spread
 
 
 class Cell(NamedTuple):
@@ -111,16 +111,15 @@ class CellResults:
         rows = []
         for key, cells in grouped.items():
             values = torch.stack([torch.cat(self.kl[c]) for c in cells])  # [draws, n_seq, T]
-            est = bootstrap_mean(values.mean(0), n_boot=self.grid.n_boot, seed=self.grid.seed)
-            draw_means = values.mean((1, 2))
+            spread = draw_spread(values, n_boot=self.grid.n_boot, seed=self.grid.seed)
+            est = spread.estimate
             edit = float(torch.stack([torch.cat(self.edit[c]) for c in cells]).mean())
             subspace, k, basis, mode, site = key
             rows.append({"layer": self.layer, "subspace": subspace, "k": k, "basis": basis,
                          "mode": mode, "site": site, "kl": est.mean, "kl_lo": est.lo,
-                         "kl_hi": est.hi, "n_tokens": est.n_tokens, "n_draws": len(cells),
-                         "draw_sd": float(draw_means.std()) if len(cells) > 1 else float("nan"),
-                         "draw_min": float(draw_means.min()), "draw_max": float(draw_means.max()),
-                         "edit_rel": edit})
+                         "kl_hi": est.hi, "n_tokens": est.n_tokens, "n_draws": spread.n_draws,
+                         "draw_sd": spread.draw_sd, "draw_min": spread.draw_min,
+                         "draw_max": spread.draw_max, "edit_rel": edit})
         return rows
 
 

@@ -23,7 +23,7 @@ STAGES = {
     "through H0": (15 * 60, {"prepare_model", "prepare_corpus", "tokenize", "cache_activations",
                              "train_lens", "fetch_lens", "eval_lens", "svd", "h0_layer"}),
     "H0 and H1": (20 * 60, {"h1_layer", "h1_heads"}),
-    "everything": (25 * 60, {"h2_layer", "shuffle_pairs", "shuffle_windows"}),
+    "everything": (25 * 60, {"h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows"}),
 }
 TARGET_LAST_LAYER_KL = 0.3
 

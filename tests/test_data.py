@@ -48,15 +48,22 @@ def _check_split_by_document(docs, tokenizer, settings):
     result = split_documents(docs, tokenizer, settings)
     assert not set(result.documents["train"]) & set(result.documents["eval"])
     length = settings.seq_len
-    for split, n in (("train", settings.train_sequences), ("eval", settings.eval_sequences)):
-        tokens = result.tokens[split]
-        assert tokens.dtype == torch.int32 and tokens.shape == (n, length)
-        stream, spans = _rebuilt(docs, tokenizer, result.documents[split])
-        assert tokens.flatten().tolist() == stream[: n * length]
-        assert spans[-1][1] < n * length  # no document more than needed
-        for row, recorded in enumerate(result.sequence_documents[split]):
-            assert recorded == [d for d, start, end in spans
-                                if start < (row + 1) * length and end > row * length]
+    n = settings.train_sequences
+    tokens = result.tokens["train"]
+    assert tokens.dtype == torch.int32 and tokens.shape == (n, length)
+    stream, spans = _rebuilt(docs, tokenizer, result.documents["train"])
+    assert tokens.flatten().tolist() == stream[: n * length]
+    assert spans[-1][1] < n * length  # no document more than needed
+    for row, recorded in enumerate(result.sequence_documents["train"]):
+        assert recorded == [d for d, start, end in spans
+                            if start < (row + 1) * length and end > row * length]
+    # eval: one sequence per document, its first seq_len tokens: every sequence another document
+    evaluated = result.tokens["eval"]
+    assert evaluated.dtype == torch.int32 and evaluated.shape == (settings.eval_sequences, length)
+    assert len(set(result.documents["eval"])) == settings.eval_sequences
+    for row, doc in zip(evaluated, result.documents["eval"]):
+        assert row.tolist() == tokenizer(docs[doc], add_special_tokens=False)["input_ids"][:length]
+    assert result.sequence_documents["eval"] == [[doc] for doc in result.documents["eval"]]
     return result
 
 

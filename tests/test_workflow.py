@@ -56,7 +56,7 @@ def test_every_contract_output_is_well_formed(tiny_run):
             assert set(comparisons["verdict"]) <= {"holds", "reversed", "not separable"}
             assert (comparisons["p_adjusted"] >= comparisons["p_value"] - 1e-12).all()
         shares = pd.read_csv(results / run / "h0" / "shares.tsv", sep="\t")
-        assert (shares["share"] - shares["constant_share"] - shares["varying_share"]).abs().max() < 1e-9
+        assert (shares["share"] - shares["constant_share"] - shares["varying_share"]).abs().max() < 1e-5  # 6 digits in the TSV
         assert set(h1["site"]) == {"residual"} and (h1["kl"] >= 0).all()
         heads = pd.read_csv(results / run / "h1" / "heads.tsv", sep="\t")
         assert len(heads) == n_layers * 4

@@ -121,43 +121,57 @@ class Tokenized:
 
 
 def split_documents(docs: list[str], tokenizer, settings: TokenSplit) -> Tokenized:
-    """Assign whole documents to train or eval, then cut each split's own stream into sequences.
+    """Assign whole documents to train or eval; no document contributes to both.
 
     Documents are visited in a fixed order spread through the corpus (``_spread``); each goes
     to eval with probability eval / (train + eval) sequences (seeded) while both splits still
     need tokens, else to the split that does, so only as many documents as needed are
-    tokenized. Each split's documents form one stream (end-of-text after each), cut into
-    consecutive sequences kept in stream order: a sequence may span documents of its own
-    split, never of both, and no document contributes to both splits.
+    tokenized. Train: the documents form one stream (end-of-text after each), cut into
+    consecutive sequences. Eval: one sequence per document, its first ``seq_len`` tokens
+    (documents shorter than that go to train), so the held-out sequences, the units every
+    interval resamples, come from as many different documents as there are sequences.
     """
     length = settings.seq_len
     wanted = {"train": settings.train_sequences, "eval": settings.eval_sequences}
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
-    spans: dict[str, list[tuple[int, int, int]]] = {split: [] for split in SPLITS}  # doc, start, end
+    stream: list[int] = []
+    spans: list[tuple[int, int, int]] = []  # train: doc, start, end in the stream
+    eval_rows: list[list[int]] = []
+    documents: dict[str, list[int]] = {split: [] for split in SPLITS}
     p_eval = settings.eval_sequences / (settings.train_sequences + settings.eval_sequences)
     gen = torch.Generator().manual_seed(settings.seed)
     for index in _spread(len(docs)):
-        open_splits = [s for s in SPLITS if len(streams[s]) < wanted[s] * length]
+        have = {"train": len(stream) // length, "eval": len(eval_rows)}
+        open_splits = [s for s in SPLITS if have[s] < wanted[s]]
         if not open_splits:
             break
         draw = float(torch.rand((), generator=gen))  # one draw per visited document
         split = open_splits[0] if len(open_splits) == 1 else ("eval" if draw < p_eval else "train")
-        start = len(streams[split])
-        streams[split].extend(tokenizer(docs[index], add_special_tokens=False)["input_ids"] + sep)
-        spans[split].append((index, start, len(streams[split])))
-    got = {split: len(streams[split]) // length for split in SPLITS}
+        ids = tokenizer(docs[index], add_special_tokens=False)["input_ids"] + sep
+        if split == "eval" and len(ids) - len(sep) < length:
+            if "train" not in open_splits:
+                continue
+            split = "train"
+        documents[split].append(index)
+        if split == "eval":
+            eval_rows.append(ids[:length])
+        else:
+            spans.append((index, len(stream), len(stream) + len(ids)))
+            stream.extend(ids)
+    got = {"train": len(stream) // length, "eval": len(eval_rows)}
     if any(got[split] < wanted[split] for split in SPLITS):
         raise LensspaceError(
             f"split by document, the corpus gives {got['train']} train and {got['eval']} eval "
-            f"sequences of {length} tokens, the config asks for {wanted['train']} and "
-            f"{wanted['eval']} (data.train_sequences, data.eval_sequences): lower them or use "
-            "more text"
+            f"sequences of {length} tokens (eval: one per document of at least {length} tokens), "
+            f"the config asks for {wanted['train']} and {wanted['eval']} (data.train_sequences, "
+            "data.eval_sequences): lower them or use more text"
         )
-    tokens = {split: torch.tensor(streams[split][: wanted[split] * length], dtype=torch.int32)
-              .view(wanted[split], length) for split in SPLITS}
-    return Tokenized(tokens, {split: [doc for doc, _, _ in spans[split]] for split in SPLITS},
-                     {split: _row_documents(spans[split], wanted[split], length) for split in SPLITS})
+    tokens = {"train": torch.tensor(stream[: wanted["train"] * length], dtype=torch.int32)
+              .view(wanted["train"], length),
+              "eval": torch.tensor(eval_rows, dtype=torch.int32).view(wanted["eval"], length)}
+    rows = {"train": _row_documents(spans, wanted["train"], length),
+            "eval": [[doc] for doc in documents["eval"]]}
+    return Tokenized(tokens, documents, rows)
 
 
 def _row_documents(spans: list[tuple[int, int, int]], n_rows: int, length: int) -> list[list[int]]:

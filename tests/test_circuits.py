@@ -9,9 +9,10 @@ import yaml
 from snakemake.utils import validate
 
 from conftest import make_cached
-from lensspace.experiments.circuits import (LENS_BASIS, CircuitSettings, head_and_mlp_fractions,
+from lensspace.experiments.circuits import (CircuitSettings, head_and_mlp_fractions,
                                             induction_pattern_score, induction_scores,
                                             layer_permutation_test, writes)
+from lensspace.experiments.h1 import PULLED_BACK
 from lensspace.lenses import translate
 from lensspace.subspaces import select, unembedding_bases
 
@@ -66,8 +67,8 @@ def test_shares_are_lens_space_shares_under_planted_translators(tiny, tmp_path):
     c = make_cached(adapter, tmp_path / "cache", seed=5, n_train=2, n_eval=3, seq_len=9)
     bases = unembedding_bases(adapter)
     k = adapter.d_model // 2
-    q_out = select(bases[LENS_BASIS].vectors, "output", k).double()
-    q_int = select(bases[LENS_BASIS].vectors, "internal", k).double()
+    q_out = select(bases[PULLED_BACK].vectors, "output", k).double()
+    q_int = select(bases[PULLED_BACK].vectors, "internal", k).double()
     rotation = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(0),
                                            dtype=torch.float64))[0]
     shear, scale = 2.0, 3.0
@@ -131,7 +132,7 @@ def test_real_share_equals_the_share_of_the_translated_difference(real, real_sha
     step = residual[1] - residual[0]
     assert float((added[:, 1:].double() - step).norm() / step.norm()) < 2e-2  # fp16 cache
     lens = copy.deepcopy(real.lens).double()
-    q_out = select(bases[LENS_BASIS].vectors, "output", k).double()
+    q_out = select(bases[PULLED_BACK].vectors, "output", k).double()
     w = head_w[block][:, 1:, head].double()
     with torch.no_grad():
         delta = translate(lens, residual[1] + w, block + 1) - translate(lens, residual[1], block + 1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from tuned_lens.model_surgery import get_final_norm
 from tuned_lens.nn import TunedLens
 
 STORAGE = {"float16": torch.float16, "float32": torch.float32}
@@ -43,7 +44,8 @@ def recompute(run_dir: Path, model_dir: Path, storage: str, batch: int = 4) -> t
     out_q = torch.from_numpy(vt[: d // 2].T.copy()).float()
     int_q = torch.from_numpy(vt[d - d // 2:].T.copy()).float()
     captured = {}
-    hook = lens.unembed.final_norm.register_forward_pre_hook(lambda _m, args: captured.__setitem__("last", args[0]))
+    # the model's own final norm (tuned-lens's Unembed holds a copy): its input is the last residual
+    hook = get_final_norm(model).register_forward_pre_hook(lambda _m, args: captured.__setitem__("last", args[0]))
     kl = {(layer, name): [] for layer in range(n_layers) for name in ("tuned", "logit", "output", "internal")}
     try:
         for start in range(0, len(ids), batch):

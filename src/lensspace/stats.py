@@ -24,9 +24,10 @@ METHODS: tuple[Method, ...] = ("studentized", "bca", "percentile")
 DEFAULT_METHOD: Method = "studentized"
 
 
-def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) in nats along the last axis, from log-probabilities."""
-    return torch.sum(logp.exp() * (logp - logq), dim=-1)
+def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) in nats along the last axis, from log-probabilities (``p = exp(logp)`` may be
+    passed in when many ``q`` are compared with one ``p``: it saves a pass over the vocabulary)."""
+    return torch.sum((logp.exp() if p is None else p) * (logp - logq), dim=-1)
 
 
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

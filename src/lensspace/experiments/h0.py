@@ -120,13 +120,14 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
         z = translate(lens, h[start: start + chunk, 1:], layer).float()
         clean, s = head.clean(z)
         clean_logp = clean.log_softmax(-1)
+        clean_p = clean_logp.exp()
         for key, sites in by_subspace.items():
             for site, site_cells in sites.items():
                 modes = tuple(c.mode for c in site_cells)
                 ablated = head.ablated(z, clean, s, prepared[key], site, means, modes)
                 for cell in site_cells:
                     logits, edit = ablated[cell.mode]
-                    results.add(cell, kl_from_logprobs(clean_logp, logits.log_softmax(-1)), edit)
+                    results.add(cell, kl_from_logprobs(clean_logp, logits.log_softmax(-1), clean_p), edit)
     return results
 
 

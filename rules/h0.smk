@@ -14,6 +14,8 @@ rule h0_layer:
         shares=f"{RESULTS}/{{run}}/h0/share_layers/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h0"),
+        # the grid as plain values: Snakemake's params trigger does not see a dataclass
+        grid_values=vars(get_ablation_grid("h0")),
         device=config["device"],
     log:
         f"{RESULTS}/logs/h0_layer/{{run}}/{{layer}}.log",

@@ -14,6 +14,8 @@ rule h1_layer:
         sequences=f"{RESULTS}/{{run}}/h1/sequences/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h1"),
+        # the grid as plain values: Snakemake's params trigger does not see a dataclass
+        grid_values=vars(get_ablation_grid("h1")),
         device=config["device"],
     log:
         f"{RESULTS}/logs/h1_layer/{{run}}/{{layer}}.log",

@@ -14,6 +14,8 @@ rule h2_layer:
     params:
         settings=get_embedding_lens_settings,
         grid=get_ablation_grid("h2"),
+        # the grid as plain values: Snakemake's params trigger does not see a dataclass
+        grid_values=vars(get_ablation_grid("h2")),
         device=config["device"],
     log:
         f"{RESULTS}/logs/h2_layer/{{run}}/{{layer}}.log",

@@ -13,6 +13,7 @@ rule ridge_lens:
         params=f"{RESULTS}/{{run}}/shuffle/ridge_lens/params.pt",
     params:
         training=get_ridge_lens_training,
+        second_ridge=config["shuffle"]["second_ridge"],  # seen by the params trigger
         device=config["device"],
     log:
         f"{RESULTS}/logs/ridge_lens/{{run}}.log",

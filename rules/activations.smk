@@ -10,6 +10,7 @@ rule cache_activations:
     params:
         cache=config["cache"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/cache_activations/{{run}}.log",
     benchmark:

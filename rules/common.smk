@@ -1,5 +1,6 @@
 # Helpers shared by every stage: config look-ups and target lists (get_* names only).
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from lensspace.errors import LensspaceError
@@ -7,6 +8,7 @@ from lensspace.experiments.shuffle import ridge_lens_training, second_ridge
 from lensspace.settings import (
     ablation_grid,
     check_references,
+    compute_settings,
     embedding_lens_settings,
     experiment_layers,
     lens_training,
@@ -88,6 +90,11 @@ def get_shuffle_tables(wildcards):
         *expand(f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv", run=wildcards.run, chunk=chunks),
         f"{RESULTS}/{wildcards.run}/shuffle/windows.tsv",
     ]
+
+
+def get_compute():
+    """Batch sizes per device and the TF32 switch, as plain values (seen by the params trigger)."""
+    return asdict(compute_settings(config))
 
 
 def get_lens_training(wildcards):

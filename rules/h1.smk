@@ -17,6 +17,7 @@ rule h1_layer:
         # the grid as plain values: Snakemake's params trigger does not see a dataclass
         grid_values=vars(get_ablation_grid("h1")),
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/h1_layer/{{run}}/{{layer}}.log",
     benchmark:
@@ -120,6 +121,7 @@ rule h1_heads:
         config=lambda wildcards: {"h1": config["h1"], "seed": config["seed"]},
         n_boot=config["bootstrap"]["n_resamples"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/h1_heads/{{run}}.log",
     benchmark:

@@ -17,6 +17,7 @@ rule h2_layer:
         # the grid as plain values: Snakemake's params trigger does not see a dataclass
         grid_values=vars(get_ablation_grid("h2")),
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/h2_layer/{{run}}/{{layer}}.log",
     benchmark:

@@ -18,6 +18,7 @@ rule train_lens:
     params:
         training=get_lens_training,
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/train_lens/{{run}}.log",
     benchmark:
@@ -65,6 +66,7 @@ rule eval_lens:
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/eval_lens/{{run}}.log",
     benchmark:

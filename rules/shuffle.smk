@@ -15,6 +15,7 @@ rule ridge_lens:
         training=get_ridge_lens_training,
         second_ridge=config["shuffle"]["second_ridge"],  # seen by the params trigger
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/ridge_lens/{{run}}.log",
     benchmark:
@@ -48,6 +49,7 @@ rule shuffle_pairs:
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/shuffle_pairs/{{run}}/{{chunk}}.log",
     benchmark:
@@ -80,6 +82,7 @@ rule shuffle_windows:
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/shuffle_windows/{{run}}.log",
     benchmark:

@@ -11,11 +11,12 @@ from lensspace.subspaces import load_bases
 
 
 def body(sm):
-    adapter, tokenizer = runtime.open_model(sm.input.model, sm.params.device)
+    adapter, tokenizer = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     settings = circuit_settings(sm.params.config, adapter.d_model)
-    ids = load_file(sm.input.tokens)["eval"].to(adapter.embed.weight.device)
-    heads, mlps = head_and_mlp_fractions(adapter, lens, load_bases(sm.input.bases), ids, settings.k)
+    ids = adapter.to_device(load_file(sm.input.tokens)["eval"])
+    heads, mlps = head_and_mlp_fractions(adapter, lens, load_bases(sm.input.bases, adapter.device), ids, settings.k,
+                                         chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     scores = induction_scores(adapter, settings, len(tokenizer))
     flags = scores > settings.induction_threshold
     runtime.write_tsv([{"layer": layer, "head": head, "induction_score": float(scores[layer, head]),

@@ -9,12 +9,13 @@ from lensspace.runner import BlockRunner
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
-    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
     emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
-    fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid)
+    fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid,
+                                 chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
     runtime.write_tsv([fit], sm.output.fit)
     runtime.write_tsv(results.per_sequence(), sm.output.sequences)

@@ -9,8 +9,8 @@ from lensspace.runner import BlockRunner
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
-    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     settings = sm.params.shuffle
     runner = BlockRunner(adapter)
     lenses = {}
@@ -30,7 +30,8 @@ def body(sm):
                           sm.output.conditions)
     spaces = {name: blocks for name, blocks in lenses.items() if name in settings["spaces"]}
     rows = measure(runner, cache, perms, spaces, n_boot=sm.params.n_boot, seed=sm.params.seed,
-                   n_sequences=settings.get("eval_sequences"))
+                   n_sequences=settings.get("eval_sequences"),
+                   chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     runtime.write_tsv([{**row, "kind": kind} for row in rows], sm.output.table)
 
 

@@ -6,8 +6,8 @@ from lensspace.lenses import save_lens, train_lens
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
-    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = train_lens(adapter, cache, sm.params.training, name=sm.wildcards.run)
     save_lens(lens, Path(sm.output.params).parent)
 

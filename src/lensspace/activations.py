@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lensspace.adapter import Adapter
+from lensspace.devices import move
 from lensspace.errors import LensspaceError
 
 FP16_MAX = 65504.0
@@ -40,11 +41,12 @@ def residuals(adapter: Adapter, ids: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path, meta: dict,
-                batch_size: int = 8, storage: str = "float16", device: str = "cpu") -> dict:
+                batch_size: int = 8, storage: str = "float16") -> dict:
     """Run the model over every split, keep all residuals, write them; return ``meta``.
 
     The cache is assembled in a sibling ``.partial`` folder and renamed into place, so an
-    interrupted run never leaves a cache that looks complete.
+    interrupted run never leaves a cache that looks complete. The forward passes run on the
+    adapter's device; the residuals are gathered on the CPU.
     """
     folder = Path(folder)
     n_layers, d = adapter.n_layers, adapter.d_model
@@ -55,7 +57,7 @@ def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path,
     with tqdm(total=total, unit="seq", file=sys.stderr, mininterval=5, desc="caching") as bar:
         for split, ids in tokens.items():
             for start in range(0, len(ids), batch_size):
-                batch = ids[start: start + batch_size].long().to(device)
+                batch = adapter.to_device(ids[start: start + batch_size].long())
                 for layer, h in enumerate(residuals(adapter, batch)):
                     buffers[split][layer, start: start + len(batch)] = h.float().cpu()
                 bar.update(len(batch))
@@ -80,10 +82,16 @@ def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path,
 
 
 class ActivationCache:
-    """Read access to a cache folder, refusing one made from other tokens than expected."""
+    """Read access to a cache folder, refusing one made from other tokens than expected.
 
-    def __init__(self, folder: str | Path, tokens_sha256: str | None = None):
+    Tensors are returned on ``device`` (the adapter's): a layer is read once and moved whole,
+    in its storage dtype, and the experiments slice their batches from it there.
+    """
+
+    def __init__(self, folder: str | Path, tokens_sha256: str | None = None,
+                 device: torch.device | str = "cpu"):
         self.folder = Path(folder)
+        self.device = torch.device(device)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
             raise LensspaceError(f"{self.folder} is not an activation cache (no meta.json); "
@@ -104,7 +112,7 @@ class ActivationCache:
         if not 0 <= layer <= self.n_layers:
             raise LensspaceError(f"layer {layer} is outside 0..{self.n_layers} of {self.folder}")
         with safe_open(str(layer_file(self.folder, layer)), framework="pt") as handle:
-            return handle.get_tensor(split).float()
+            return move(handle.get_tensor(split), self.device).float()
 
     def final(self, split: str) -> torch.Tensor:
         return self.load(self.n_layers, split)

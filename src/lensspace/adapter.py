@@ -13,6 +13,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from lensspace.devices import move
 from lensspace.errors import LensspaceError
 
 
@@ -91,6 +92,15 @@ class Adapter:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: every tensor the study computes with follows it."""
+        return self.embed.weight.device
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the model's device (see :func:`lensspace.devices.move`)."""
+        return move(t, self.device)
 
     @property
     def d_model(self) -> int:

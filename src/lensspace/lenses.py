@@ -20,6 +20,7 @@ from tuned_lens.nn.unembed import Unembed
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
+from lensspace.devices import move, move_module
 from lensspace.errors import LensspaceError
 from lensspace.stats import Estimate, bootstrap_mean, kl_from_logprobs
 
@@ -66,10 +67,11 @@ def translate(lens: TunedLens, h: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def empty_lens(adapter: Adapter, name: str) -> TunedLens:
-    """A tuned-lens ``TunedLens`` with zero translators (equal to the logit lens)."""
+    """A tuned-lens ``TunedLens`` with zero translators (equal to the logit lens), on the
+    adapter's device (tuned-lens builds its translators on the CPU)."""
     config = TunedLensConfig(base_model_name_or_path=name, d_model=adapter.d_model,
                              num_hidden_layers=adapter.n_layers)
-    return TunedLens(Unembed(adapter.model), config).float()
+    return move_module(TunedLens(Unembed(adapter.model), config).float(), adapter.device)
 
 
 def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -> range:
@@ -99,7 +101,7 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     check = held_out_sequences(len(final_seqs), final_seqs.shape[1], settings)
     final, check_final = _positions(final_seqs[: check.start]), _positions(final_seqs[check.start:])
     gen = torch.Generator().manual_seed(settings.seed)
-    refine_idx = torch.randperm(len(final), generator=gen)[: settings.refine_tokens]
+    refine_idx = move(torch.randperm(len(final), generator=gen)[: settings.refine_tokens], final.device)
     with torch.no_grad():
         target = adapter.logits(final[refine_idx]).log_softmax(-1)
         check_target = adapter.logits(check_final).log_softmax(-1)
@@ -132,7 +134,7 @@ def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
     translator.requires_grad_(True)
     opt = torch.optim.Adam(translator.parameters(), lr=settings.lr)
     for _ in range(settings.refine_steps):
-        batch = torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen)
+        batch = move(torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen), h.device)
         z = h[batch] + translator(h[batch])
         loss = kl_from_logprobs(target[batch], adapter.logits(z).log_softmax(-1)).mean()
         opt.zero_grad()
@@ -147,10 +149,16 @@ def _kl(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor, target: 
 
 
 def save_lens(lens: TunedLens, folder: Path) -> None:
-    """Write ``config.json`` + ``params.pt`` (tuned-lens's format, via its own ``save``)."""
+    """Write ``config.json`` + ``params.pt`` (tuned-lens's format, via its own ``save``), with
+    the translators' tensors on the CPU wherever the lens lives."""
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
-    lens.save(partial)
+    device = lens.layer_translators[0].weight.device
+    try:
+        lens.layer_translators.cpu()
+        lens.save(partial)
+    finally:
+        move_module(lens.layer_translators, device)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "params.pt"):
         (partial / name).replace(folder / name)
@@ -178,7 +186,7 @@ def resolve_pretrained(resource: str) -> Path:
 
 
 def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
-    """Load a tuned-lens lens for this model; parameters with ``weights_only=True``."""
+    """Load a tuned-lens lens for this model, on its device; parameters with ``weights_only=True``."""
     folder = resolve_pretrained(str(resource))
     config = TunedLensConfig.from_dict(json.loads((folder / "config.json").read_text()))
     if (config.d_model, config.num_hidden_layers) != (adapter.d_model, adapter.n_layers):
@@ -189,7 +197,7 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
     lens = TunedLens(Unembed(adapter.model), config).float()
     state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
     lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
-    return lens
+    return move_module(lens, adapter.device)
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:

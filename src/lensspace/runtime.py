@@ -78,18 +78,34 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
         log.flush()
 
 
-def open_model(manifest: str | Path, device_setting: str = "cpu"):
-    """The prepared model whose manifest is ``manifest``: (adapter, tokenizer)."""
+def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict | None = None):
+    """The prepared model whose manifest is ``manifest``: (adapter, tokenizer).
+
+    ``compute`` (the ``compute`` settings as a dict) sets the fp32 policy before any work;
+    the device, GPU and policy go into the rule's log.
+    """
     from lensspace.adapter import Adapter
+    from lensspace.devices import configure_numerics, describe
     from lensspace.models import load_model
 
+    configure_numerics(bool((compute or {}).get("allow_tf32", False)))
     model, tokenizer = load_model(Path(manifest).parent, resolve_device(device_setting))
-    return Adapter(model), tokenizer
+    adapter = Adapter(model)
+    print(f"[lensspace] compute: {describe(adapter.device)}", file=sys.stderr)
+    return adapter, tokenizer
 
 
-def open_cache(folder: str | Path, tokens: str | Path):
-    """The activation cache, checked against the tokens file it must have been made from."""
+def compute_settings(compute: dict | None):
+    """The rule's ``compute`` param (plain values) as :class:`~lensspace.devices.ComputeSettings`."""
+    from lensspace.devices import ComputeSettings
+
+    return ComputeSettings(**(compute or {}))
+
+
+def open_cache(folder: str | Path, tokens: str | Path, device="cpu"):
+    """The activation cache, checked against the tokens file it must have been made from;
+    its tensors are returned on ``device``."""
     from lensspace.activations import ActivationCache
     from lensspace.sources import sha256_of
 
-    return ActivationCache(folder, tokens_sha256=sha256_of(Path(tokens)))
+    return ActivationCache(folder, tokens_sha256=sha256_of(Path(tokens)), device=device)

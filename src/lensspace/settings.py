@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lensspace.corpus import TokenSplit
+from lensspace.devices import ComputeSettings
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import CircuitSettings
 from lensspace.experiments.grid import AblationGrid
@@ -46,6 +47,17 @@ def token_split(config: dict, run: str) -> TokenSplit:
     data = {**config["data"], **run_spec(config, run).get("data", {})}
     return TokenSplit(seq_len=data["seq_len"], train_sequences=data["train_sequences"],
                       eval_sequences=data["eval_sequences"], seed=data["seed"])
+
+
+def compute_settings(config: dict) -> ComputeSettings:
+    """Batch sizes per device kind (``compute``, and ``cache.batch_size`` / ``gpu_batch_size``)
+    and the TF32 switch."""
+    compute, cache = config["compute"], config["cache"]
+    return ComputeSettings(chunk_sequences=compute["chunk_sequences"],
+                           gpu_chunk_sequences=compute["gpu_chunk_sequences"],
+                           cache_batch_size=cache["batch_size"],
+                           gpu_cache_batch_size=cache["gpu_batch_size"],
+                           allow_tf32=compute["allow_tf32"])
 
 
 def lens_training(config: dict, run: str) -> LensTraining:

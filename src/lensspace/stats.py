@@ -48,8 +48,9 @@ class Estimate:
 
 
 def sequence_means(values: torch.Tensor) -> torch.Tensor:
-    """Per-sequence means in float64: [n_seq, n_pos] -> [n_seq]; [n_seq] is taken as given."""
-    values = torch.as_tensor(values).double()
+    """Per-sequence means in float64, on the CPU (where the resampling runs, from CPU
+    generators): [n_seq, n_pos] -> [n_seq]; [n_seq] is taken as given."""
+    values = torch.as_tensor(values).double().cpu()
     if values.dim() == 1:
         return values
     if values.dim() == 2:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from lensspace.adapter import Adapter
+from lensspace.devices import move
 from lensspace.errors import LensspaceError
 
 Subspace = Literal["output", "internal", "random"]
@@ -57,12 +58,13 @@ def select(basis: torch.Tensor, subspace: Subspace, k: int, seed: int = 0) -> to
     raise LensspaceError(f"unknown subspace '{subspace}': use output, internal or random")
 
 
-def random_subspace(d: int, k: int, seed: int) -> torch.Tensor:
-    """A seeded, uniformly random k-dim subspace (QR of a Gaussian matrix, sign-fixed)."""
+def random_subspace(d: int, k: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A seeded, uniformly random k-dim subspace (QR of a Gaussian matrix, sign-fixed), drawn
+    on the CPU and then moved to ``device``: every device gets the same subspace."""
     gen = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))
-    return q.float().contiguous()
+    return move(q.float().contiguous(), device)
 
 
 def project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -92,10 +94,11 @@ def save_bases(bases: dict[str, Basis], path: str) -> None:
     save_file(tensors, path)
 
 
-def load_bases(path: str) -> dict[str, Basis]:
+def load_bases(path: str, device: torch.device | str = "cpu") -> dict[str, Basis]:
+    """The bases :func:`save_bases` wrote, on ``device``."""
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    tensors = {key: move(t, device) for key, t in load_file(path).items()}
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     return {n: Basis(n, tensors[f"{n}.vectors"], tensors[f"{n}.singular_values"]) for n in names}
 

@@ -64,7 +64,7 @@ def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: in
     gen = torch.Generator().manual_seed(settings.seed)
     half = torch.randint(0, vocab_size, (settings.induction_sequences, settings.induction_half_len),
                          generator=gen)
-    ids = torch.cat([half, half], dim=1).to(adapter.embed.weight.device)
+    ids = adapter.to_device(torch.cat([half, half], dim=1))
     with eager_attention(adapter):
         out = adapter.model(ids, output_attentions=True, use_cache=False)
     return torch.stack([induction_pattern_score(a.float().cpu(), settings.induction_half_len)

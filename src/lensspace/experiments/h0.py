@@ -27,8 +27,8 @@ def subspace_basis(bases: dict[str, Basis], grid: AblationGrid, layer: int, subs
                    basis: str, draw: int = 0) -> torch.Tensor:
     """The [d, k] orthonormal basis of one cell (random: its own seeded draw)."""
     if subspace == "random":
-        d = next(iter(bases.values())).vectors.shape[0]
-        return random_subspace(d, k, grid.random_seed(layer, k, basis, draw))
+        vectors = next(iter(bases.values())).vectors
+        return random_subspace(vectors.shape[0], k, grid.random_seed(layer, k, basis, draw), vectors.device)
     return select(bases[basis].vectors, subspace, k)
 
 
@@ -54,7 +54,7 @@ class LinearHead:
         w = adapter.unembedding.detach().float()
         self.g = w * adapter.norm_gain.detach().float()
         bias = adapter.norm_bias
-        self.c0 = w @ bias.detach().float() if bias is not None else torch.zeros(w.shape[0])
+        self.c0 = w @ bias.detach().float() if bias is not None else torch.zeros(w.shape[0], device=w.device)
         self.centred = adapter.arch.norm_kind == "layernorm"
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
+from lensspace.devices import move
 from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
 from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import fit_affine, translate
@@ -44,9 +45,10 @@ class EmbeddingLensSettings:
 
 
 def embedding_basis(adapter: Adapter) -> Basis:
-    """Right singular vectors of ``W_E`` (token embedding matrix), descending."""
-    _, s, vh = torch.linalg.svd(adapter.embed.weight.detach().double(), full_matrices=False)
-    return Basis("embed", vh.T.float().contiguous(), s.float())
+    """Right singular vectors of ``W_E`` (token embedding matrix), descending; computed on the
+    CPU (as the unembedding's bases are), so every device gets the same basis, then moved."""
+    _, s, vh = torch.linalg.svd(adapter.embed.weight.detach().double().cpu(), full_matrices=False)
+    return Basis("embed", adapter.to_device(vh.T.float().contiguous()), adapter.to_device(s.float()))
 
 
 def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:
@@ -62,7 +64,7 @@ class EmbeddingLens(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
         with torch.no_grad():
             self.linear.weight.copy_(weight)
             self.linear.bias.copy_(bias)
@@ -109,7 +111,7 @@ def fit_embedding_lens(runner: BlockRunner, lens: TunedLens, cache: ActivationCa
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(emb_lens.parameters(), lr=settings.lr)
     for _ in range(settings.refine_steps):
-        pick = torch.randint(0, len(e), (settings.refine_sequences,), generator=gen)
+        pick = move(torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device)
         with torch.no_grad():
             target = runner.adapter.logits(final[pick, 1:]).log_softmax(-1)
         mapped = mapped_residual(emb_lens, e[pick], h[pick])

@@ -93,7 +93,7 @@ class LensSpaceBlocks:
         self.maps, self.inverses, self.conditions = [], [], []
         for layer in range(n):
             translator = lens.layer_translators[layer]
-            m = torch.eye(d, dtype=torch.float64) + translator.weight.detach().double()
+            m = torch.eye(d, dtype=torch.float64, device=translator.weight.device) + translator.weight.detach().double()
             condition = float(torch.linalg.cond(m))
             self.conditions.append(condition)
             if not condition < MAX_CONDITION:

@@ -28,8 +28,20 @@ def move(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def move_module(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Every parameter and buffer of ``module`` moved by :func:`move` (in place); returns it."""
-    return module._apply(lambda t: move(t, device))
+    """``module`` with every parameter and buffer moved by :func:`move` (in place; tied
+    parameters stay tied, and those already on ``device`` are left as they are)."""
+    device = torch.device(device)
+    moved: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for table, wrap in ((sub._parameters, True), (sub._buffers, False)):
+            for name, t in table.items():
+                if t is None or t.device == device:
+                    continue
+                if id(t) not in moved:
+                    data = move(t.detach(), device)
+                    moved[id(t)] = nn.Parameter(data, t.requires_grad) if wrap else data
+                table[name] = moved[id(t)]
+    return module
 
 
 @dataclass(frozen=True)

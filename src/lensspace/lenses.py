@@ -71,7 +71,7 @@ def empty_lens(adapter: Adapter, name: str) -> TunedLens:
     adapter's device (tuned-lens builds its translators on the CPU)."""
     config = TunedLensConfig(base_model_name_or_path=name, d_model=adapter.d_model,
                              num_hidden_layers=adapter.n_layers)
-    return move_module(TunedLens(Unembed(adapter.model), config).float(), adapter.device)
+    return move_module(TunedLens(Unembed(adapter.model), config), adapter.device)
 
 
 def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -> range:
@@ -155,7 +155,7 @@ def save_lens(lens: TunedLens, folder: Path) -> None:
     partial = folder.with_name(folder.name + ".partial")
     device = lens.layer_translators[0].weight.device
     try:
-        lens.layer_translators.cpu()
+        move_module(lens.layer_translators, "cpu")
         lens.save(partial)
     finally:
         move_module(lens.layer_translators, device)
@@ -194,7 +194,7 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
             f"lens {folder} is for d_model={config.d_model}, {config.num_hidden_layers} layers; "
             f"the model has d_model={adapter.d_model}, {adapter.n_layers} layers"
         )
-    lens = TunedLens(Unembed(adapter.model), config).float()
+    lens = TunedLens(Unembed(adapter.model), config)
     state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
     lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
     return move_module(lens, adapter.device)

@@ -1,0 +1,184 @@
+"""The device policy, checked without a GPU: every torch rule's code runs with the model on a
+stand-in accelerator, where any tensor left on the CPU stops the run.
+
+Under ``FakeTensorMode`` an operation that mixes devices raises ``FakeTensorDeviceMismatchError``
+instead of computing. The stand-in is a fake ``meta`` device, not a fake ``cuda`` one: this
+CPU-only torch build can create fake cuda tensors but cannot index them (``x[:, 1:]`` needs a
+CUDA device guard) nor copy to them, while fake meta tensors index, copy and refuse to mix with
+CPU tensors exactly as CUDA tensors do. Fake tensors carry no values, so the scalars read off
+them (``float``, ``item``, ``tolist``) are ones here, and tuned-lens's unembedding hash (taken
+with ``.numpy()``) is replaced: only where each tensor lives is checked, not what it holds
+(``benchmarks/gpu_run.sh`` compares the values of a real GPU run with the CPU's).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+import safetensors
+import safetensors.torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from tuned_lens.nn.unembed import Unembed
+
+from lensspace import activations
+from lensspace.activations import ActivationCache, write_cache
+from lensspace.adapter import Adapter
+from lensspace.experiments import circuits, h0, h1, h2, shuffle
+from lensspace.experiments.grid import AblationGrid
+from lensspace.lenses import LensTraining, empty_lens, evaluate_lens, load_lens, save_lens, train_lens
+from lensspace.models import build_random_model
+from lensspace.runner import BlockRunner
+from lensspace.subspaces import load_bases, save_bases, unembedding_bases
+from conftest import TINY
+
+STAND_IN = torch.device("meta")
+
+
+def _real_io(fn):
+    """``fn`` run outside the fake mode: files are read into real CPU tensors, as on a GPU node."""
+
+    def call(*args, **kwargs):
+        with unset_fake_temporarily():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+class _RealSafeOpen:
+    """``safetensors.safe_open`` reading real CPU tensors while the fake mode is on."""
+
+    def __init__(self, *args, **kwargs):
+        self.handle = _real_io(safetensors.safe_open)(*args, **kwargs)
+
+    def __enter__(self):
+        _real_io(self.handle.__enter__)()
+        return self
+
+    def __exit__(self, *exc):
+        return _real_io(self.handle.__exit__)(*exc)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return _real_io(lambda: self.handle.get_tensor(name).clone())()
+
+
+def _ones(t: torch.Tensor) -> np.ndarray:
+    return np.ones(tuple(t.shape), dtype=float if t.dtype.is_floating_point else int)
+
+
+@pytest.fixture(params=sorted(TINY))
+def world(request, tmp_path, monkeypatch):
+    """A tiny model's cache, lens and bases written for real on the CPU, then the model moved to
+    the stand-in device inside ``FakeTensorMode``: yields (adapter, cache folder, tokens, lens
+    folder, bases file, tmp folder)."""
+    model, _ = build_random_model(TINY[request.param])
+    model.requires_grad_(False)
+    adapter = Adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    tokens = {"train": torch.randint(0, 256, (8, 12), generator=gen, dtype=torch.int32),
+              "eval": torch.randint(0, 256, (4, 12), generator=gen, dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float16")
+    lens = empty_lens(adapter, "tiny")
+    with torch.no_grad():
+        for translator in lens.layer_translators:
+            translator.weight.normal_(0, 0.1, generator=gen)
+    save_lens(lens, tmp_path / "lens")
+    save_bases(unembedding_bases(adapter), str(tmp_path / "bases.safetensors"))
+    for name, value in (("item", lambda self: _ones(self).item()), ("tolist", lambda self: _ones(self).tolist()),
+                        ("__float__", lambda self: 1.0), ("__int__", lambda self: 1),
+                        ("__bool__", lambda self: False)):
+        monkeypatch.setattr(FakeTensor, name, value, raising=False)
+    monkeypatch.setattr(Unembed, "unembedding_hash", lambda self: "fake")
+    monkeypatch.setattr(activations, "safe_open", _RealSafeOpen)
+    monkeypatch.setattr(safetensors.torch, "load_file", _real_io(safetensors.torch.load_file))
+    monkeypatch.setattr(torch, "load", _real_io(torch.load))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to(STAND_IN)  # what load_model does with the configured device
+        yield adapter, tmp_path / "cache", tokens, tmp_path / "lens", str(tmp_path / "bases.safetensors"), tmp_path
+        del adapter, model
+        gc.collect()  # fake tensors must not outlive their mode (a later mode then crashes)
+
+
+GRID = dict(subspaces=("output", "internal", "random"), ks=(4,), modes=("zero", "mean"), random_draws=2, n_boot=10)
+
+
+def on_device(t: torch.Tensor) -> bool:
+    return t.device == STAND_IN
+
+
+def test_the_adapter_owns_the_device_and_moves_tensors(world):
+    adapter, folder, *_ = world
+    assert on_device(adapter.device) if isinstance(adapter.device, torch.Tensor) else adapter.device == STAND_IN
+    assert on_device(adapter.to_device(torch.ones(3)))
+    cache = ActivationCache(folder, device=adapter.device)
+    assert on_device(cache.load(1, "eval")) and cache.load(1, "eval").dtype == torch.float32
+
+
+def test_cache_activations_runs_on_the_device(world, monkeypatch):
+    adapter, _, tokens, _, _, tmp = world
+    written = {}
+    monkeypatch.setattr(activations, "save_file", lambda tensors, path: written.update(tensors))
+    write_cache(adapter, tokens, tmp / "again", {}, batch_size=3)
+    assert written and all(t.device.type == "cpu" for t in written.values())
+
+
+def test_lens_training_and_evaluation_run_on_the_device(world):
+    adapter, folder, _, lens_folder, _, _ = world
+    cache = ActivationCache(folder, device=adapter.device)
+    ridge = train_lens(adapter, cache, LensTraining(ridge=10.0, refine_steps=0), "tiny")
+    assert all(on_device(p) for p in ridge.layer_translators.parameters())
+    loaded = load_lens(adapter, lens_folder)
+    assert all(on_device(p) for p in loaded.parameters())
+    assert len(evaluate_lens(adapter, loaded, cache, n_boot=10, seed=0)) == 2 * adapter.n_layers
+
+
+def test_h0_runs_on_the_device(world):
+    adapter, folder, _, lens_folder, bases_file, _ = world
+    cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
+    bases = load_bases(bases_file, adapter.device)
+    grid = AblationGrid(**GRID)
+    results = h0.run_layer(adapter, lens, cache, bases, 1, grid)
+    assert results.kl and all(part.device.type == "cpu" for parts in results.kl.values() for part in parts)
+    assert h0.norm_shares(adapter, lens, cache, bases, 1, grid)
+
+
+def test_h1_and_its_circuits_run_on_the_device(world):
+    adapter, folder, tokens, lens_folder, bases_file, _ = world
+    cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
+    bases = load_bases(bases_file, adapter.device)
+    grid = AblationGrid(**{**GRID, "bases": ("unembed", "unembed_centered", "lens_pullback"),
+                           "sites": ("residual",), "experiment": "h1"})
+    assert h1.run_layer(BlockRunner(adapter), lens, cache, bases, 1, grid).kl
+    settings = circuits.CircuitSettings(k=adapter.d_model // 2, induction_sequences=2, induction_half_len=4,
+                                        n_permutations=100)
+    heads, mlps = circuits.head_and_mlp_fractions(adapter, lens, bases, adapter.to_device(tokens["eval"]),
+                                                  settings.k)
+    scores = circuits.induction_scores(adapter, settings, 256)
+    circuits.layer_permutation_test(heads.output, scores > 0.3, 100, 10, 0)
+
+
+@pytest.mark.parametrize("objective", ["lens", "downstream"])
+def test_h2_runs_on_the_device(world, objective):
+    adapter, folder, _, lens_folder, _, _ = world
+    cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
+    runner = BlockRunner(adapter)
+    settings = h2.EmbeddingLensSettings(objective=objective, refine_steps=2, refine_sequences=2)
+    emb_lens = h2.fit_embedding_lens(runner, lens, cache, 2, settings)
+    assert on_device(emb_lens.linear.weight)
+    grid = AblationGrid(**{**GRID, "bases": ("embed",), "sites": ("embedding",), "experiment": "h2"})
+    basis = h2.embedding_basis(adapter)
+    assert on_device(basis.vectors)
+    fit, results = h2.evaluate_layer(runner, lens, cache, 2, emb_lens, basis, grid)
+    assert results.kl and "r2" in fit
+
+
+def test_shuffle_runs_on_the_device(world):
+    adapter, folder, _, lens_folder, _, _ = world
+    cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
+    runner = BlockRunner(adapter)
+    blocks = shuffle.LensSpaceBlocks(runner, lens, 0.001)
+    perms = [shuffle.swap(adapter.n_layers, 0, 2), *shuffle.window_permutations(adapter.n_layers, 2, 2, 0)]
+    rows = shuffle.measure(runner, cache, perms, {"lens": blocks}, n_boot=10, seed=0, n_sequences=2)
+    assert len(rows) == 2 * len(perms)

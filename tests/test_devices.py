@@ -182,3 +182,27 @@ def test_shuffle_runs_on_the_device(world):
     perms = [shuffle.swap(adapter.n_layers, 0, 2), *shuffle.window_permutations(adapter.n_layers, 2, 2, 0)]
     rows = shuffle.measure(runner, cache, perms, {"lens": blocks}, n_boot=10, seed=0, n_sequences=2)
     assert len(rows) == 2 * len(perms)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_run.sh runs it)")
+def test_a_real_gpu_gives_the_cpu_results(tmp_path):
+    """H0 and H1 at one layer, on the CPU and on the GPU from the same cache, lens and bases."""
+    model, _ = build_random_model(TINY["llama"])
+    model.requires_grad_(False)
+    adapter = Adapter(model)
+    tokens = {"train": torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int32),
+              "eval": torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1), dtype=torch.int32)}
+    write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
+    save_lens(train_lens(adapter, ActivationCache(tmp_path / "cache"), LensTraining(refine_steps=0), "t"), tmp_path / "lens")
+    save_bases(unembedding_bases(adapter), str(tmp_path / "bases.safetensors"))
+    grid = AblationGrid(**GRID)
+    kls = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        cache = ActivationCache(tmp_path / "cache", device=adapter.device)
+        lens, bases = load_lens(adapter, tmp_path / "lens"), load_bases(str(tmp_path / "bases.safetensors"), adapter.device)
+        h0_kl = h0.run_layer(adapter, lens, cache, bases, 1, grid).per_sequence()
+        h1_kl = h1.run_layer(BlockRunner(adapter), lens, cache, bases, 1,
+                             AblationGrid(**{**GRID, "sites": ("residual",), "experiment": "h1"})).per_sequence()
+        kls[device] = torch.tensor([row["kl"] for row in h0_kl + h1_kl])
+    assert torch.allclose(kls["cuda"], kls["cpu"], rtol=1e-4, atol=1e-7)

@@ -116,19 +116,26 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def build_random_model(spec: dict):
     """A seeded, randomly initialised GPT-2 or Llama over the byte tokenizer.
 
+    ``vocab_size`` (default: the tokenizer's 257) sizes the embedding and unembedding beyond
+    the tokens the tokenizer emits, so a stand-in for a real model pays its unembedding's cost.
+
     The weights' scale (``init_std``, default 0.2, ten times the families' own) makes the
     predictions far from uniform, so that ablations of a tiny model have measurable effects.
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
-    vocab, d, heads, layers = len(tokenizer), spec["d_model"], spec["n_heads"], spec["n_layers"]
+    vocab = spec.get("vocab_size", len(tokenizer))
+    if vocab < len(tokenizer):
+        raise LensspaceError(f"random model vocab_size {vocab} is below the byte tokenizer's "
+                             f"{len(tokenizer)} tokens; use at least {len(tokenizer)}")
+    d, heads, layers = spec["d_model"], spec["n_heads"], spec["n_layers"]
     torch.manual_seed(spec.get("seed", 0))
     if spec["arch"] == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=d, n_head=heads, n_layer=layers,
                             n_positions=spec.get("max_positions", 512),
                             initializer_range=spec.get("init_std", 0.2),
-                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+                            bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)
         model = GPT2LMHeadModel(config)
     elif spec["arch"] == "llama":
         config = LlamaConfig(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
@@ -137,7 +144,7 @@ def build_random_model(spec: dict):
                              max_position_embeddings=spec.get("max_positions", 512),
                              tie_word_embeddings=True,
                              initializer_range=spec.get("init_std", 0.2),
-                             bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+                             bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)
         model = LlamaForCausalLM(config)
     else:
         raise LensspaceError(f"random model arch '{spec['arch']}': use gpt2 or llama")

@@ -8,7 +8,7 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import (ablation_grid, check_references, embedding_lens_settings,
+from lensspace.settings import (ablation_grid, check_references, compute_settings, embedding_lens_settings,
                                 experiment_layers, lens_training, shuffle_pair_chunks, token_split)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,8 @@ def _load(name):
     return yaml.safe_load((ROOT / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "configs/paper-gpt2.yaml", "configs/tiny.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "configs/paper-gpt2.yaml", "configs/tiny.yaml",
+                                  "configs/paper-scale-random.yaml"])
 def test_shipped_configs_are_valid(name):
     config = _load(name)
     validate(config, SCHEMA)
@@ -31,6 +32,11 @@ def test_shipped_configs_are_valid(name):
     for section in ("h0", "h1", "h2"):
         assert ablation_grid(config, section).variants(64)
     embedding_lens_settings(config)
+    compute = compute_settings(config)
+    # the CPU sizes are the ones the study always used; a GPU takes larger batches
+    assert (compute.chunk("cpu"), compute.cache_batch("cpu")) == (4, config["cache"]["batch_size"])
+    assert compute.chunk("cuda") > 4 and compute.cache_batch("cuda") >= compute.cache_batch("cpu")
+    assert not compute.allow_tf32
     n_layers = next(iter(config["models"].values()))["n_layers"]
     pairs = [pair for chunk in shuffle_pair_chunks(config, n_layers) for pair in chunk]
     assert all(0 <= i < j < n_layers for i, j in pairs) and len(set(pairs)) == len(pairs)

@@ -26,6 +26,8 @@ from tuned_lens.nn.unembed import Unembed
 from lensspace import activations
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.adapter import Adapter
+from lensspace.devices import ComputeSettings, move, move_module
+from lensspace.errors import LensspaceError
 from lensspace.experiments import circuits, h0, h1, h2, shuffle
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import LensTraining, empty_lens, evaluate_lens, load_lens, save_lens, train_lens
@@ -110,7 +112,7 @@ def on_device(t: torch.Tensor) -> bool:
 
 def test_the_adapter_owns_the_device_and_moves_tensors(world):
     adapter, folder, *_ = world
-    assert on_device(adapter.device) if isinstance(adapter.device, torch.Tensor) else adapter.device == STAND_IN
+    assert adapter.device == STAND_IN
     assert on_device(adapter.to_device(torch.ones(3)))
     cache = ActivationCache(folder, device=adapter.device)
     assert on_device(cache.load(1, "eval")) and cache.load(1, "eval").dtype == torch.float32
@@ -206,3 +208,40 @@ def test_a_real_gpu_gives_the_cpu_results(tmp_path):
                              AblationGrid(**{**GRID, "sites": ("residual",), "experiment": "h1"})).per_sequence()
         kls[device] = torch.tensor([row["kl"] for row in h0_kl + h1_kl])
     assert torch.allclose(kls["cuda"], kls["cpu"], rtol=1e-4, atol=1e-7)
+
+
+def test_move_module_keeps_tied_weights_tied_and_moves_buffers():
+    """Llama ties W_E and W_U: one parameter, moved once; the rotary buffers move too."""
+    model, _ = build_random_model(TINY["llama"])
+    adapter = Adapter(model)
+    assert adapter.embed.weight is model.lm_head.weight
+    move_module(model, STAND_IN)
+    assert adapter.device == STAND_IN and adapter.embed.weight is model.lm_head.weight
+    assert all(t.device == STAND_IN for t in [*model.parameters(), *model.buffers()])
+    assert move(adapter.unembedding, STAND_IN) is adapter.unembedding  # already there: no copy
+
+
+def test_batch_sizes_follow_the_device_kind():
+    settings = ComputeSettings(chunk_sequences=4, gpu_chunk_sequences=16, cache_batch_size=8, gpu_cache_batch_size=32)
+    assert (settings.chunk("cpu"), settings.chunk("cuda:0"), settings.chunk(torch.device("cuda"))) == (4, 16, 16)
+    assert (settings.cache_batch("cpu"), settings.cache_batch("cuda")) == (8, 32)
+
+
+def test_random_model_vocab_size_sets_the_unembedding_rows():
+    model, tokenizer = build_random_model({**TINY["gpt2"], "vocab_size": 300})
+    assert Adapter(model).unembedding.shape == (300, TINY["gpt2"]["d_model"]) and len(tokenizer) == 257
+    with pytest.raises(LensspaceError, match="vocab_size 100"):
+        build_random_model({**TINY["gpt2"], "vocab_size": 100})
+
+
+def test_the_cache_records_where_it_was_computed_and_the_report_says_so(tmp_path, tiny_ids):
+    from lensspace.devices import configure_numerics, describe
+    from lensspace.provenance import compute_records
+
+    model, _ = build_random_model(TINY["gpt2"])
+    adapter = Adapter(model)
+    configure_numerics(allow_tf32=False)
+    write_cache(adapter, {"eval": tiny_ids.int()}, tmp_path / "run-a" / "activations",
+                {"compute": describe(adapter.device)})
+    assert compute_records(tmp_path, ["run-a", "run-b"]) == {
+        "compute (run-a)": "cpu; TF32 off, fp32 matmul precision highest"}

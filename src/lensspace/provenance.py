@@ -50,6 +50,20 @@ def per_rule(jobs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("total_s", ascending=False).reset_index()
 
 
+def compute_records(results: str | Path, runs: Iterable[str]) -> dict[str, str]:
+    """Per run, where its activation cache was computed (device, GPU, TF32), as its
+    ``meta.json`` recorded it; runs whose cache has no record are left out."""
+    records = {}
+    for run in runs:
+        meta_path = Path(results) / run / "activations" / "meta.json"
+        record = json.loads(meta_path.read_text()).get("compute") if meta_path.exists() else None
+        if record:
+            where = record["device"] + (f" ({record['gpu']}, CUDA {record.get('cuda')})" if "gpu" in record else "")
+            records[f"compute ({run})"] = (f"{where}; TF32 {'on' if record['allow_tf32'] else 'off'}, "
+                                           f"fp32 matmul precision {record['float32_matmul_precision']}")
+    return records
+
+
 def config_hash(config: dict) -> str:
     """sha256 of the config as canonical JSON (sorted keys): equal configs, equal hashes."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)

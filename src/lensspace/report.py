@@ -630,7 +630,8 @@ def provenance_section(config: dict, results: Path, workflow_dir: Path) -> Secti
     git = provenance.git_state(workflow_dir)
     facts = pd.DataFrame([("config sha256", provenance.config_hash(config)),
                           ("git commit", git["commit"]), ("uncommitted changes", git["dirty"]),
-                          *provenance.machine().items()], columns=["what", "value"])
+                          *provenance.machine().items(),
+                          *provenance.compute_records(results, config["runs"]).items()], columns=["what", "value"])
     versions = pd.DataFrame(sorted(provenance.package_versions().items()), columns=["package", "version"])
     total = (f"{len(jobs)} benchmarked jobs, {jobs['s'].sum():.1f} s in all; the largest peak RSS "
              f"{jobs['max_rss_mb'].max():.0f} MB." if not jobs.empty else "No benchmark files found.")

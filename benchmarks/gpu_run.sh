@@ -34,8 +34,14 @@ $PY benchmarks/compare_runs.py --devices cpu cuda --cores "$CORES" --keep "$OUT/
 
 step "paper-size stand-in, one GPU, sequential"
 start=$(date +%s)
+# one job at a time (every job takes the one "gpu" slot), each torch rule with all the cores
+threads=""
+for rule in cache_activations train_lens ridge_lens eval_lens svd h0_layer h1_layer h1_heads h2_layer \
+    shuffle_pairs shuffle_windows; do threads="$threads $rule=$CORES"; done
+# shellcheck disable=SC2086
 $PY -m snakemake --configfile configs/paper-scale-random.yaml --directory "$OUT/paper" \
-    --cores "$CORES" --jobs 1 --config device=cuda > "$OUT/paper_snakemake.log" 2>&1 || status=1
+    --cores "$CORES" --default-resources gpu=1 --resources gpu=1 --set-threads $threads \
+    --config device=cuda > "$OUT/paper_snakemake.log" 2>&1 || status=1
 echo "wall: $(( $(date +%s) - start )) s (target: 900 s on one H100)" | tee "$OUT/paper_wall.txt"
 $PY - "$OUT/paper/results" <<'PYEOF' | tee "$OUT/paper_rules.txt"
 import sys

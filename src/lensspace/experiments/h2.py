@@ -45,10 +45,9 @@ class EmbeddingLensSettings:
 
 
 def embedding_basis(adapter: Adapter) -> Basis:
-    """Right singular vectors of ``W_E`` (token embedding matrix), descending; computed on the
-    CPU (as the unembedding's bases are), so every device gets the same basis, then moved."""
-    _, s, vh = torch.linalg.svd(adapter.embed.weight.detach().double().cpu(), full_matrices=False)
-    return Basis("embed", adapter.to_device(vh.T.float().contiguous()), adapter.to_device(s.float()))
+    """Right singular vectors of ``W_E`` (token embedding matrix), descending."""
+    _, s, vh = torch.linalg.svd(adapter.embed.weight.detach().double(), full_matrices=False)
+    return Basis("embed", vh.T.float().contiguous(), s.float())
 
 
 def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:

@@ -102,7 +102,7 @@ def compute_settings(compute: dict | None):
     return ComputeSettings(**(compute or {}))
 
 
-def open_cache(folder: str | Path, tokens: str | Path, device="cpu"):
+def open_cache(folder: str | Path, tokens: str | Path, device: torch.device | str = "cpu"):
     """The activation cache, checked against the tokens file it must have been made from;
     its tensors are returned on ``device``."""
     from lensspace.activations import ActivationCache

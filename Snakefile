@@ -30,6 +30,8 @@ include: "rules/report.smk"
 include: "rules/h1.smk"
 include: "rules/h2.smk"
 include: "rules/shuffle.smk"
+include: "rules/lens_quality.smk"
+include: "rules/neurons.smk"
 
 
 rule all:

@@ -126,6 +126,21 @@ def get_ablation_grid(section):
     return ablation_grid(config, section)
 
 
+def get_lens_quality_config():
+    """The config keys the lens-quality sweep reads, as plain values (seen by the params trigger)."""
+    return {key: config[key] for key in ("lens_quality", "h0", "random_draws", "bootstrap", "seed")}
+
+
+def get_lens_training_values(wildcards):
+    """The run's lens training settings as a plain dict."""
+    return vars(lens_training(config, wildcards.run))
+
+
+def get_neuron_config():
+    """The config keys the neuron experiment reads, as plain values (seen by the params trigger)."""
+    return {key: config[key] for key in ("neurons", "random_draws", "bootstrap", "seed")}
+
+
 def get_reference_table(run, hypothesis):
     return get_run(run).get("reference", {}).get(hypothesis, "")
 
@@ -150,6 +165,12 @@ def get_final_outputs():
         *expand(f"{RESULTS}/figures/h2_{{run}}.png", run=runs),
         *expand(f"{RESULTS}/{{run}}/shuffle/swaps.tsv", run=runs),
         *expand(f"{RESULTS}/figures/shuffle_{{run}}.png", run=runs),
+        *expand(f"{RESULTS}/{{run}}/lens_quality/sweep.tsv", run=runs),
+        *expand(f"{RESULTS}/tables/lens_quality_{{run}}.md", run=runs),
+        *expand(f"{RESULTS}/figures/lens_quality_{{run}}.png", run=runs),
+        *expand(f"{RESULTS}/{{run}}/neurons/candidates.tsv", run=runs),
+        *expand(f"{RESULTS}/tables/neurons_{{run}}.md", run=runs),
+        *expand(f"{RESULTS}/figures/neurons_{{run}}.png", run=runs),
     ]
 
 
@@ -179,4 +200,8 @@ def get_report_inputs(wildcards):
                    f"{RESULTS}/{run}/shuffle/conditions.tsv"]
         wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
                    f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
+        wanted += [f"{RESULTS}/{run}/lens_quality/sweep.tsv", f"{RESULTS}/tables/lens_quality_{run}.md",
+                   f"{RESULTS}/figures/lens_quality_{run}.png"]
+        wanted += [f"{RESULTS}/{run}/neurons/{name}.tsv" for name in ("neurons", "candidates", "joint", "reference")]
+        wanted += [f"{RESULTS}/tables/neurons_{run}.md", f"{RESULTS}/figures/neurons_{run}.png"]
     return get_producible(wanted)

@@ -30,6 +30,8 @@ class Architecture:
     attention_out: str  # inside a block: the projection that writes the heads into the residual
     attention_out_transposed: bool  # GPT-2's Conv1D stores [in, out]
     mlp: str  # inside a block
+    mlp_out: str  # inside a block: the down projection; its input is the MLP's neuron activations
+    mlp_out_transposed: bool  # GPT-2's Conv1D stores [in, out]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -43,6 +45,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         attention_out="attn.c_proj",
         attention_out_transposed=True,
         mlp="mlp",
+        mlp_out="mlp.c_proj",
+        mlp_out_transposed=True,
     ),
     "llama": Architecture(
         blocks="model.layers",
@@ -54,6 +58,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         attention_out="self_attn.o_proj",
         attention_out_transposed=False,
         mlp="mlp",
+        mlp_out="mlp.down_proj",
+        mlp_out_transposed=False,
     ),
 }
 
@@ -137,11 +143,24 @@ class Adapter:
     def mlp(self, layer: int) -> nn.Module:
         return _get_path(self.blocks[layer], self.arch.mlp)
 
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The MLP's down projection: its input holds one activation per neuron."""
+        return _get_path(self.blocks[layer], self.arch.mlp_out)
+
+    def neuron_out_weights(self, layer: int) -> torch.Tensor:
+        """Every MLP neuron's output weight as [n_neurons, d_model]: neuron ``j`` writes ``a_j * W[j]``."""
+        weight = self.mlp_out(layer).weight
+        return weight if self.arch.mlp_out_transposed else weight.T
+
     def head_out_weights(self, layer: int) -> torch.Tensor:
         """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``."""
         weight = self.attention_out(layer).weight
         weight = weight if self.arch.attention_out_transposed else weight.T  # -> [in, out]
         return weight.reshape(self.n_heads, -1, weight.shape[-1])
+
+    def norm_center(self, z: torch.Tensor) -> torch.Tensor:
+        """The final norm's linear step before its scale: centring (LayerNorm) or nothing (RMSNorm)."""
+        return z - z.mean(-1, keepdim=True) if self.arch.norm_kind == "layernorm" else z
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """The final norm without its gain and bias: ``u`` with ``norm(z) = g * u + b``."""

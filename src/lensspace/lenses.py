@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -89,8 +90,10 @@ def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -
     return range(n_sequences - n_check, n_sequences)
 
 
-def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str) -> TunedLens:
-    """Fit every translator by ridge least squares to the last residual, then refine by KL.
+def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str,
+               layers: Sequence[int] | None = None) -> TunedLens:
+    """Fit every translator (or those of ``layers``; the others stay zero) by ridge least squares
+    to the last residual, then refine by KL.
 
     The least-squares fit and the refinement use the training sequences outside
     ``held_out_sequences``; the refinement is kept only where it lowers the KL on those held-out
@@ -105,7 +108,8 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     with torch.no_grad():
         target = adapter.logits(final[refine_idx]).log_softmax(-1)
         check_target = adapter.logits(check_final).log_softmax(-1)
-    for layer in tqdm(range(adapter.n_layers), desc="lens", file=sys.stderr, mininterval=5):
+    for layer in tqdm(range(adapter.n_layers) if layers is None else layers, desc="lens", file=sys.stderr,
+                      mininterval=5):
         seqs = cache.load(layer, "train")
         h, h_check = _positions(seqs[: check.start]), _positions(seqs[check.start:])
         weight, bias = fit_affine(h, final, settings.ridge)

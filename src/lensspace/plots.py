@@ -146,3 +146,54 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
         ax.set_ylabel("block i")
     fig.suptitle(title, fontsize=9)
     save(fig, path)
+
+
+def neurons_figure(neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str | Path) -> None:
+    """Internal share against norm for every MLP neuron; candidates and reference neurons marked."""
+    style()
+    fig, ax = plt.subplots(figsize=(3.8, 2.9), layout="constrained")
+    points = ax.scatter(neurons["norm"], neurons["internal_fraction"], c=neurons["layer"], cmap="viridis",
+                        s=3, alpha=0.35, edgecolors="none", rasterized=True)
+    fig.colorbar(points, ax=ax, label="layer")
+    chosen = neurons[neurons["is_candidate"]]
+    ax.scatter(chosen["norm"], chosen["internal_fraction"], s=26, facecolors="none",
+               edgecolors=PALETTE["output"], lw=1.0, label=f"candidates ({len(chosen)})")
+    if not reference.empty:
+        ref = neurons.merge(reference[["layer", "neuron"]], on=["layer", "neuron"])
+        ax.scatter(ref["norm"], ref["internal_fraction"], marker="x", s=30, color="black", lw=1.0,
+                   label="published entropy neurons")
+        for _, row in ref.iterrows():
+            ax.annotate(f"{int(row['layer'])}.{int(row['neuron'])}", (row["norm"], row["internal_fraction"]),
+                        fontsize=6, xytext=(3, -6), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("output weight norm ||w||")
+    ax.set_ylabel(f"lens-space internal share (k={int(neurons['k'].iloc[0])})")
+    ax.legend(fontsize=6, loc="lower left")
+    ax.set_title(title, fontsize=8)
+    save(fig, path)
+
+
+def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Path) -> None:
+    """Output − internal KL (with its interval) against lens KL; colour: layer; filled: refined."""
+    style()
+    modes = list(dict.fromkeys(sweep["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(3.4 * len(modes), 2.8), layout="constrained", squeeze=False)
+    norm = matplotlib.colors.Normalize(sweep["layer"].min(), max(sweep["layer"].max(), sweep["layer"].min() + 1))
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, mode in zip(axes[0], modes):
+        part = sweep[sweep["mode"] == mode]
+        for (layer, refine), group in part.groupby(["layer", "refine"]):
+            group = group.sort_values("lens_kl")
+            color = cmap(norm(layer))
+            ax.errorbar(group["lens_kl"], group["diff"], yerr=[group["diff"] - group["diff_lo"],
+                                                              group["diff_hi"] - group["diff"]],
+                        color=color, lw=0.8, marker="o", ms=3.5, capsize=1.5,
+                        mfc=color if refine else "white", ls="-" if refine else "--")
+        ax.axhline(0, color="#7f8c8d", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("lens KL, held out (nats)")
+        ax.set_ylabel("KL(output) − KL(internal)")
+        ax.set_title(f"mode {mode}", fontsize=8)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0, -1], label="layer")
+    fig.suptitle(f"{title}\nfilled / solid: with KL refinement; open / dashed: least squares only", fontsize=8)
+    save(fig, path)

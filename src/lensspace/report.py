@@ -425,6 +425,139 @@ def shuffle_section(ctx: RunContext) -> Section | None:
     return section
 
 
+def lens_budget_section(ctx: RunContext) -> Section | None:
+    """Lens quality against the H0 verdict: the budget sweep's table, figure and what it says."""
+    path = ctx.path("lens_quality", "sweep.tsv")
+    if not path.exists():
+        return None
+    sweep = pd.read_csv(path, sep="\t")
+    budgets = list(dict.fromkeys(sweep["budget"]))
+    by_budget = sweep.groupby("budget", sort=False)["lens_kl"].mean()
+    lines = [f"The run's lens retrained at {len(budgets)} budgets ({', '.join(budgets)}; least squares on the first "
+             f"{', '.join(f'{int(t):,}' for t in sorted(sweep['train_tokens'].unique()))} training tokens, "
+             f"lstsq+kl adding the run's KL refinement) at {_layers(sweep['layer'])}; held-out lens KL averaged over "
+             f"these layers: " + ", ".join(f"{b} {number(v)}" for b, v in by_budget.items()) + " nats."]
+    for mode, part in sweep.groupby("mode", sort=False):
+        counts = part["verdict"].value_counts()
+        best = part.loc[part.groupby("layer")["lens_kl"].idxmin()]
+        worst = part.loc[part.groupby("layer")["lens_kl"].idxmax()]
+        holds = lambda frame: int((frame["verdict"] == "output > internal").sum())  # noqa: E731
+        corr = part["lens_kl"].rank().corr(part["diff"].rank())
+        lines.append(
+            f"Mode {mode}: output > internal at {counts.get('output > internal', 0)} of {len(part)} (budget, layer) "
+            f"points, internal > output at {counts.get('internal > output', 0)}, not separable at "
+            f"{counts.get('not separable', 0)}; with each layer's best lens it holds at {holds(best)} of {len(best)} "
+            f"layers, with its worst at {holds(worst)}; rank correlation of lens KL with output − internal "
+            f"{corr:.2f}.")
+    lines.append("Each verdict: paired bootstrap-t interval of KL(ablate output) − KL(ablate internal) over "
+                 f"{_tokens(sweep)} held-out tokens' sequences (95%, not corrected for multiplicity).")
+    blocks: list = [Text(" ".join(lines))]
+    if ctx.figure("lens_quality").exists():
+        blocks.append(Figure(ctx.figure("lens_quality"), (
+            f"H0 verdict against lens quality, {ctx.run}: output − internal KL (unembed basis, k = "
+            f"{int(sweep['k'].iloc[0])}, pre_norm) with its 95% paired interval against the lens's held-out KL, "
+            f"one point per budget and layer ({len(budgets)} budgets, {sweep['layer'].nunique()} layers); "
+            f"panels: {', '.join(dict.fromkeys(sweep['mode']))} mode.")))
+    blocks.append(Table(tables.lens_quality_table(sweep), (
+        "Per budget, layer and mode: held-out lens KL, the ablation KLs (random: mean of "
+        f"{int(sweep['n_draws'].iloc[0])} draws) and output − internal; [ ]: {_interval(ctx)}."),
+        markdown_path=ctx.table("lens_quality"), collapsed=True))
+    return Section("lens-budget", "Lens quality against the H0 verdict", blocks)
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """A TSV that may hold a header only (or nothing at all, when a stage had no rows)."""
+    try:
+        return pd.read_csv(path, sep="\t")
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _separated(frame: pd.DataFrame, name: str) -> tuple[int, int]:
+    """How many rows have the paired difference ``diff_{name}`` above 0 / below 0 (95% interval)."""
+    return int((frame[f"diff_{name}_lo"] > 0).sum()), int((frame[f"diff_{name}_hi"] < 0).sum())
+
+
+def neurons_section(ctx: RunContext) -> Section | None:
+    """Single MLP neurons: geometry, entropy-neuron candidates, their causal test, the published list."""
+    path = ctx.path("neurons", "neurons.tsv")
+    if not path.exists():
+        return None
+    neurons = pd.read_csv(path, sep="\t")
+    candidates = _read_tsv(ctx.path("neurons", "candidates.tsv"))
+    joint = _read_tsv(ctx.path("neurons", "joint.tsv"))
+    settings = ctx.config.get("neurons", {})
+    threshold = settings.get("min_internal_share", 0.9)
+    k = int(neurons["k"].iloc[0])
+    n_layers = neurons["layer"].nunique()
+    pool = neurons[neurons["in_candidate_layers"].astype(bool)]
+    passing = pool[pool["internal_fraction"] >= threshold]
+    blocks: list = []
+    lines = [f"{len(neurons):,} MLP neurons ({n_layers} blocks × {len(neurons) // n_layers:,}); the lens-space "
+             f"share of each neuron's output weight w is ||Qᵀ M w||² / ||M w||² in the unembed basis, k = {k} "
+             f"(M = I + A_(l+1) of the residual block l writes into; I after the last block). Median internal "
+             f"share {neurons['internal_fraction'].median():.3f}; {len(passing):,} of the {len(pool):,} neurons of "
+             f"the candidate {_layers(pool['layer'])} reach {threshold:g} or more."]
+    if candidates.empty:
+        lines.append("No neuron passes the threshold: there are no candidates to ablate.")
+    else:
+        n = len(candidates)
+        lines.append(f"Candidates: the {n} largest-norm of them ({_layers(candidates['layer'])}; norms "
+                     f"{candidates['norm'].min():.2f}–{candidates['norm'].max():.2f} against a median of "
+                     f"{neurons['norm'].median():.2f}).")
+        if "diff_abs_d_entropy" in candidates:
+            up_h, down_h = _separated(candidates, "abs_d_entropy")
+            up_k, _ = _separated(candidates, "kl")
+            up_t, down_t = _separated(candidates, "top1_change")
+            n_tokens = int(candidates["n_tokens"].iloc[0])
+            lines.append(
+                f"Each candidate mean-ablated alone ({n_tokens:,} held-out tokens, against "
+                f"{int(candidates['n_draws'].iloc[0])} random neurons of its layer and matched norm): the output's "
+                f"entropy changes more than for the matched neurons at {up_h} of {n} candidates (less at {down_h}), "
+                f"the KL is larger at {up_k}, the top-1 token changes more often at {up_t} (less at {down_t}); "
+                f"paired 95% bootstrap-t intervals over sequences. Mean |ΔH| / KL: candidates "
+                f"{candidates['entropy_per_kl'].mean():.2f}, matched random "
+                f"{candidates['random_entropy_per_kl'].mean():.2f}.")
+            entropy_like = candidates[(candidates["diff_abs_d_entropy_lo"] > 0)
+                                      & (candidates["entropy_per_kl"] > candidates["random_entropy_per_kl"])]
+            lines.append(
+                f"The entropy-neuron account (a large change in entropy for its change in the distribution) fits "
+                f"{len(entropy_like)} of {n}: " + (", ".join(f"{int(r.layer)}.{int(r.neuron)}"
+                                                             for r in entropy_like.itertuples()) or "none") + ".")
+        if not joint.empty:
+            row = joint.iloc[0]
+            lines.append(
+                f"All {int(row['n_neurons'])} together: |ΔH| {row['abs_d_entropy']:.4f} "
+                f"[{row['abs_d_entropy_lo']:.4f}, {row['abs_d_entropy_hi']:.4f}] vs random sets "
+                f"{row['random_abs_d_entropy']:.4f}; KL {number(row['kl'])} vs {number(row['random_kl'])}; "
+                f"top-1 changed {row['top1_change']:.4f} vs {row['random_top1_change']:.4f}.")
+    reference_path = ctx.path("neurons", "reference.tsv")
+    reference = _read_tsv(reference_path) if reference_path.exists() else pd.DataFrame()
+    if not reference.empty:
+        hits = reference[reference["is_candidate"].astype(bool)]
+        named = "; ".join(f"{int(r.layer)}.{int(r.neuron)}: {'a candidate' if r.is_candidate else 'not a candidate'} "
+                          f"(internal share {r.internal_fraction:.3f}, norm rank {int(r.norm_rank_in_layer)} in its "
+                          f"layer)" for r in reference.itertuples())
+        lines.append(f"Published entropy neurons ({reference['reference'].iloc[0]}): ours include "
+                     f"{len(hits)} of {len(reference)}. {named}.")
+    blocks.append(Text(" ".join(lines)))
+    if ctx.figure("neurons").exists():
+        blocks.append(Figure(ctx.figure("neurons"), (
+            f"MLP neurons of {ctx.run}: output weight norm ||w|| (log scale) against the internal share of the "
+            f"lens-space write, k = {k}; colour: block; circles: the {len(candidates)} candidates (share ≥ "
+            f"{threshold:g}, largest norms)" + ("; crosses: the published entropy neurons." if not reference.empty
+                                               else ".")))
+        )
+    if not candidates.empty:
+        blocks.append(Table(tables.neuron_candidates_table(candidates), (
+            "Candidates, each mean-ablated alone: abs ΔH = mean absolute change of the output's entropy (nats), "
+            "KL(model ‖ ablated), share of positions whose top-1 token changes; 'random': random neurons of "
+            "the same layer and matched norm (mean over draws); 'diff': paired difference; "
+            f"[ ]: {_interval(ctx)} (BCa for the top-1 share, whose per-sequence values are discrete)."),
+            markdown_path=ctx.table("neurons")))
+    return Section("neurons", "Single neurons (entropy-neuron candidates)", blocks)
+
+
 def _verdict_counts(verdicts: pd.DataFrame, conclusion: str) -> str:
     part = verdicts[verdicts["conclusion"] == conclusion]
     counts = part["verdict"].value_counts()
@@ -491,7 +624,7 @@ def shuffle_statement(ctx: RunContext) -> str | None:
 
 
 SECTIONS: list[Callable[[RunContext], Section | None]] = [findings_section, lens_section, H0, H1, H2,
-                                                          shuffle_section]
+                                                          shuffle_section, lens_budget_section, neurons_section]
 
 
 # ---------------------------------------------------------------- HTML

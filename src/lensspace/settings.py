@@ -14,6 +14,8 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import CircuitSettings
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h2 import EmbeddingLensSettings
+from lensspace.experiments.lens_quality import LensQualitySettings
+from lensspace.experiments.neurons import NeuronSettings
 from lensspace.lenses import LensTraining
 
 
@@ -119,3 +121,36 @@ def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[
         picked = set(range(0, n_layers, layers["stride"])) | {n_layers - 1}
         return sorted(picked)
     return sorted(set(layers))
+
+
+def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings:
+    """The neuron experiment's settings; ``candidate_layers`` ``last``, ``all`` or a list."""
+    section = config["neurons"]
+    chosen = section["candidate_layers"]
+    layers = ([n_layers - 1] if chosen == "last" else list(range(n_layers)) if chosen == "all"
+              else sorted(set(chosen)))
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise LensspaceError(f"neurons.candidate_layers: {chosen} names a layer outside 0..{n_layers - 1}")
+    return NeuronSettings(k=d_model // 2, candidate_layers=tuple(layers),
+                          n_candidates=section["n_candidates"],
+                          min_internal_share=section["min_internal_share"],
+                          random_draws=config["random_draws"], match_pool=section["match_pool"],
+                          eval_sequences=section["eval_sequences"],
+                          mean_sequences=section["mean_sequences"],
+                          n_boot=config["bootstrap"]["n_resamples"],
+                          test_resamples=config["bootstrap"]["test_resamples"], seed=config["seed"])
+
+
+def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
+    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default: H0's)."""
+    section = config["lens_quality"]
+    layers = experiment_layers({"h": {"layers": section.get("layers") or config["h0"]["layers"]}}, n_layers, "h")
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise LensspaceError(f"lens_quality.layers: {layers} names a layer outside 0..{n_layers - 1}")
+    grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("unembed",),
+                        modes=tuple(section["modes"]), sites=("pre_norm",), seed=config["seed"],
+                        n_boot=config["bootstrap"]["n_resamples"], random_draws=config["random_draws"],
+                        experiment="lens_quality")
+    return LensQualitySettings(fractions=tuple(section["fractions"]), refine=tuple(section["refine"]),
+                               layers=tuple(layers), grid=grid,
+                               test_resamples=config["bootstrap"]["test_resamples"])

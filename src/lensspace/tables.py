@@ -90,3 +90,33 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
         if subspace in wide:
             out[label] = wide[subspace]
     return out.reset_index(), k
+
+
+def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate: geometry, then each ablation effect with its interval beside matched random neurons."""
+    def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
+        return frame.apply(lambda r: f"{r[name]:.4f} [{r[name + '_lo']:.4f}, {r[name + '_hi']:.4f}]", axis=1)
+
+    out = pd.DataFrame({"neuron": candidates.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
+                        "norm": candidates["norm"], "internal share": candidates["internal_fraction"],
+                        "logit effect / ‖Mw‖": candidates["logit_effect_rel"]})
+    if "abs_d_entropy" not in candidates:
+        return out
+    for name, label in (("abs_d_entropy", "abs ΔH"), ("kl", "KL"), ("top1_change", "top-1 changed")):
+        out[label] = with_interval(candidates, name)
+        out[f"{label} random"] = with_interval(candidates, f"random_{name}")
+        out[f"{label} diff"] = with_interval(candidates, f"diff_{name}")
+    return out
+
+
+def lens_quality_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval, verdict."""
+    def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
+        return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)
+
+    return pd.DataFrame({"budget": sweep["budget"], "train tokens": sweep["train_tokens"], "layer": sweep["layer"],
+                         "mode": sweep["mode"], "lens KL": interval(sweep, "lens_kl", "lens_kl_lo", "lens_kl_hi"),
+                         "KL output": sweep["kl_output"], "KL internal": sweep["kl_internal"],
+                         "KL random": sweep["kl_random"],
+                         "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
+                         "verdict": sweep["verdict"]})

@@ -1,0 +1,121 @@
+"""Lens quality against the H0 verdict: does output > internal appear only above some lens quality?
+
+The run's lens is retrained at several budgets (least squares on the first fraction of the
+training sequences, with and without the KL refinement), only at the H0 layers. Each lens is
+evaluated on the held-out tokens (KL(p_final || p_lens)) and runs the seed-layout H0 cells
+(output and internal subspace of the raw unembedding, k = d/2, pre_norm, zero and mean modes)
+and the random control; the verdict is the paired output-minus-internal difference over the
+held-out sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from tuned_lens.nn import TunedLens
+
+from lensspace.activations import ActivationCache
+from lensspace.adapter import Adapter
+from lensspace.experiments import h0
+from lensspace.experiments.grid import AblationGrid
+from lensspace.lenses import LensTraining, translate, train_lens
+from lensspace.stats import bootstrap_mean, kl_from_logprobs, paired_difference
+from lensspace.subspaces import Basis
+
+
+@dataclass(frozen=True)
+class LensQualitySettings:
+    """Budgets (fractions of the training sequences; refinement off / on) and the H0 cells run."""
+
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    refine: tuple[bool, ...] = (False, True)
+    layers: tuple[int, ...] = (0,)
+    grid: AblationGrid = AblationGrid(bases=("unembed",), sites=("pre_norm",), experiment="lens_quality")
+    test_resamples: int = 20000
+
+
+class TrainSubset:
+    """An activation cache seen through its first ``n_train`` training sequences (eval unchanged)."""
+
+    def __init__(self, cache: ActivationCache, n_train: int):
+        self.cache, self.n_train = cache, n_train
+        self.n_layers = cache.n_layers
+
+    def load(self, layer: int, split: str) -> torch.Tensor:
+        x = self.cache.load(layer, split)
+        return x[: self.n_train] if split == "train" else x
+
+    def final(self, split: str) -> torch.Tensor:
+        return self.load(self.n_layers, split)
+
+
+def budget_label(fraction: float, refine: bool) -> str:
+    """``1/8 lstsq``, ``all lstsq+kl``, ..."""
+    share = "all" if fraction == 1 else str(Fraction(fraction).limit_denominator(64))
+    return f"{share} {'lstsq+kl' if refine else 'lstsq'}"
+
+
+@torch.no_grad()
+def held_out_kl(adapter: Adapter, lens: TunedLens, cache: ActivationCache, layer: int,
+                chunk: int = 4) -> torch.Tensor:
+    """Per held-out sequence: mean KL(p_final || p_lens) at ``layer`` over positions 1.. [n_seq]."""
+    final, h = cache.final("eval"), cache.load(layer, "eval")
+    parts = []
+    for start in range(0, len(h), chunk):
+        logp = adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1)
+        z = translate(lens, h[start: start + chunk, 1:], layer)
+        parts.append(kl_from_logprobs(logp, adapter.logits(z).log_softmax(-1)).double().mean(1))
+    return torch.cat(parts)
+
+
+def _per_sequence(results, subspace: str, mode: str) -> torch.Tensor:
+    """[n_seq] mean KL of one H0 cell (random: averaged over its draws)."""
+    cells = [c for c in results.kl if c.subspace == subspace and c.mode == mode]
+    return torch.stack([torch.cat(results.kl[c]).mean(1) for c in cells]).mean(0)
+
+
+def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], training: LensTraining,
+          settings: LensQualitySettings) -> tuple[list[dict], list[dict]]:
+    """Rows of sweep.tsv (budget x layer x mode) and of per_sequence.tsv."""
+    grid = settings.grid
+    n_train = len(cache.load(0, "train"))
+    k = grid.resolve_k(adapter.d_model)[0]
+    n_tokens = int(cache.load(0, "eval")[:, 1:].numel())
+    rows, sequences = [], []
+    for fraction in settings.fractions:
+        n = max(2, round(fraction * n_train))
+        for refine in settings.refine:
+            label = budget_label(fraction, refine)
+            lens_settings = dataclasses.replace(training, refine_steps=training.refine_steps if refine else 0)
+            print(f"budget {label}: {n} of {n_train} training sequences", flush=True)
+            lens = train_lens(adapter, TrainSubset(cache, n), lens_settings, label, layers=settings.layers)
+            keys = {"budget": label, "fraction": fraction, "refine": refine,
+                    "train_tokens": n * (cache.load(0, "train").shape[1] - 1)}
+            for layer in settings.layers:
+                lens_kl = held_out_kl(adapter, lens, cache, layer)
+                est = bootstrap_mean(lens_kl, grid.n_boot, grid.seed)
+                results = h0.run_layer(adapter, lens, cache, bases, layer, grid)
+                for mode in grid.modes:
+                    out, internal = _per_sequence(results, "output", mode), _per_sequence(results, "internal", mode)
+                    random = _per_sequence(results, "random", mode)
+                    comp = paired_difference(out, internal, settings.test_resamples, grid.seed)
+                    rand = paired_difference(random, internal, settings.test_resamples, grid.seed)
+                    verdict = ("output > internal" if comp.lo > 0 else "internal > output" if comp.hi < 0
+                               else "not separable")
+                    rows.append({**keys, "layer": layer, "mode": mode, "k": k, "basis": "unembed",
+                                 "site": "pre_norm", "lens_kl": est.mean, "lens_kl_lo": est.lo,
+                                 "lens_kl_hi": est.hi, "kl_output": comp.mean_a, "kl_internal": comp.mean_b,
+                                 "kl_random": rand.mean_a, "diff": comp.diff, "diff_lo": comp.lo,
+                                 "diff_hi": comp.hi, "p_value": comp.p_value,
+                                 "random_minus_internal": rand.diff, "random_minus_internal_lo": rand.lo,
+                                 "random_minus_internal_hi": rand.hi, "verdict": verdict,
+                                 "n_draws": grid.random_draws, "n_tokens": n_tokens})
+                    for s, values in enumerate(zip(lens_kl.tolist(), out.tolist(), internal.tolist(),
+                                                   random.tolist())):
+                        sequences.append({**keys, "layer": layer, "mode": mode, "sequence": s,
+                                          "lens_kl": values[0], "kl_output": values[1],
+                                          "kl_internal": values[2], "kl_random": values[3]})
+    return rows, sequences

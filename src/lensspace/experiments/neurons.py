@@ -1,0 +1,322 @@
+"""Circuit ends down to single MLP neurons, and a causal test of the entropy-neuron account.
+
+Neuron ``j`` of block ``l`` writes ``a_j * w_j`` into residual ``l + 1`` (``w_j`` a row of
+:meth:`~lensspace.adapter.Adapter.neuron_out_weights`). In lens space that write is
+``M w_j`` with ``M`` the translator map of :func:`~lensspace.experiments.circuits.write_maps`
+(``I + A_{l+1}``; ``I`` for the last block). Per neuron: ``||w||``, the shares
+``||Q^T M w||^2 / ||M w||^2`` of the output (top-k) and internal (bottom-k) subspaces, and its
+direct effect on the logits through the lens: the spread over the vocabulary of
+``W_U (g * center(M w))``, the logit change per unit activation with the final norm's scale held
+fixed (a constant added to every logit changes nothing, so the spread is what can re-rank).
+
+Entropy neurons (Stolfo et al. 2024) write large vectors the unembedding almost ignores: they
+act through the final norm's scale, so they move the output's entropy but not its ranking.
+Candidates here are the largest-norm neurons whose internal share passes a threshold; each is
+mean-ablated (its activation replaced by its training mean at every position but the first)
+and compared, on the same held-out sequences, with random neurons of the same layer and
+nearly the same norm.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Mapping
+
+import pandas as pd
+import torch
+from tuned_lens.nn import TunedLens
+
+from lensspace.activations import ActivationCache
+from lensspace.adapter import Adapter
+from lensspace.errors import LensspaceError
+from lensspace.experiments.circuits import write_maps
+from lensspace.runner import BlockRunner
+from lensspace.stats import bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference
+from lensspace.subspaces import select
+
+# Per-token effects of an ablation; the signed entropy change may be negative.
+METRICS = ("abs_d_entropy", "d_entropy", "kl", "top1_change", "d_log_scale")
+NONNEGATIVE = {"abs_d_entropy", "kl", "top1_change", "d_log_scale"}
+COMPARED = ("abs_d_entropy", "kl", "top1_change")  # paired candidate-minus-random differences
+# Per-sequence shares of flipped tokens are discrete and often tied: a bootstrap-t interval
+# degenerates on them (resamples with no spread), so their intervals are BCa.
+DISCRETE = {"top1_change"}
+
+
+@dataclass(frozen=True)
+class NeuronSettings:
+    """Which neurons are candidates and how the causal test is sized.
+
+    ``candidate_layers``: the blocks whose neurons may be candidates; ``match_pool``: a random
+    control neuron is drawn from the non-candidate neurons of the same layer nearest in norm.
+    """
+
+    k: int
+    candidate_layers: tuple[int, ...]
+    n_candidates: int = 8
+    min_internal_share: float = 0.9
+    random_draws: int = 4
+    match_pool: int = 16
+    eval_sequences: int = 8
+    mean_sequences: int = 16
+    n_boot: int = 1000
+    test_resamples: int = 20000
+    seed: int = 0
+
+
+def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int) -> pd.DataFrame:
+    """One row per MLP neuron: norm, lens-space norm, output / internal share, logit effect."""
+    q_out = select(basis, "output", k).double().cpu()
+    q_int = select(basis, "internal", k).double().cpu()
+    w_u = adapter.unembedding.detach().double().cpu()
+    centred = w_u - w_u.mean(0)
+    logit_cov = centred.T @ centred / (len(w_u) - 1)  # spread over the vocabulary of W_U x is sqrt(x^T C x)
+    gain = adapter.norm_gain.detach().double().cpu()
+    frames = []
+    for layer, m in enumerate(write_maps(adapter, lens)):
+        w = adapter.neuron_out_weights(layer).detach().double().cpu()  # [n, d]
+        lens_w = w @ m.T
+        total = lens_w.square().sum(1)
+        x = adapter.norm_center(lens_w) * gain
+        spread = ((x @ logit_cov) * x).sum(1).clamp_min(0).sqrt()
+        lens_norm = total.sqrt()
+        frames.append(pd.DataFrame({
+            "layer": layer, "neuron": range(len(w)), "norm": w.norm(dim=1).numpy(),
+            "lens_norm": lens_norm.numpy(),
+            "output_fraction": ((lens_w @ q_out).square().sum(1) / total).numpy(),
+            "internal_fraction": ((lens_w @ q_int).square().sum(1) / total).numpy(),
+            "logit_effect": spread.numpy(),
+            "logit_effect_rel": (spread / lens_norm.clamp_min(1e-30)).numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+@torch.no_grad()
+def activation_stats(adapter: Adapter, ids: torch.Tensor, chunk: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of ``ids``."""
+    sums: dict[int, torch.Tensor] = {}
+    squares: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            a = args[0][:, 1:].double()
+            sums[layer] = sums.get(layer, 0) + a.sum((0, 1)).cpu()
+            squares[layer] = squares.get(layer, 0) + a.square().sum((0, 1)).cpu()
+        return hook
+
+    with ExitStack() as stack:
+        for layer in range(adapter.n_layers):
+            handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
+            stack.callback(handle.remove)
+        for start in range(0, len(ids), chunk):
+            adapter.model(ids[start: start + chunk].long(), use_cache=False)
+    n = ids[:, 1:].numel()
+    return ([sums[i] / n for i in range(adapter.n_layers)],
+            [(squares[i] / n).sqrt() for i in range(adapter.n_layers)])
+
+
+def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFrame:
+    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share threshold."""
+    pool = table[table["layer"].isin(settings.candidate_layers)
+                 & (table["internal_fraction"] >= settings.min_internal_share)]
+    return pool.sort_values(["norm", "layer", "neuron"], ascending=[False, True, True]).head(settings.n_candidates)
+
+
+def matched_neurons(table: pd.DataFrame, candidates: pd.DataFrame, settings: NeuronSettings) -> list[list[int]]:
+    """For each random draw, one control neuron per candidate: same layer, nearest norms, seeded."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    chosen = set(zip(candidates["layer"], candidates["neuron"]))
+    draws: list[list[int]] = [[] for _ in range(settings.random_draws)]
+    for layer, norm in zip(candidates["layer"], candidates["norm"]):
+        others = table[(table["layer"] == layer)
+                       & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in chosen)]
+        if others.empty:
+            raise LensspaceError(f"neurons: layer {layer} has no neuron left to match a candidate with")
+        nearest = others.iloc[(others["norm"] - norm).abs().argsort()[: settings.match_pool]]
+        picks = torch.randint(0, len(nearest), (settings.random_draws,), generator=gen)
+        for draw, pick in enumerate(picks.tolist()):
+            draws[draw].append(int(nearest["neuron"].iloc[pick]))
+    return draws
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _log_scale(adapter: Adapter, z: torch.Tensor) -> torch.Tensor:
+    """Log of the final norm's per-token scale (root mean square of the centred residual)."""
+    return adapter.norm_center(z.float()).square().mean(-1).add(adapter.norm_eps).log().mul(0.5)
+
+
+class NeuronAblation:
+    """Mean-ablates sets of neurons (resuming from the cached residual) and measures the output.
+
+    Each effect is per held-out sequence (mean over positions 1..): ``abs_d_entropy`` /
+    ``d_entropy`` = (absolute / signed) change of the output's entropy, ``kl`` =
+    KL(p_model || p_ablated), ``top1_change`` = share of positions whose top-1 token changes,
+    ``d_log_scale`` = absolute change of the log of the final norm's scale.
+    """
+
+    def __init__(self, runner: BlockRunner, cache: ActivationCache, means: list[torch.Tensor],
+                 n_sequences: int, chunk: int = 4):
+        self.runner, self.cache, self.means, self.chunk = runner, cache, means, chunk
+        self.n_sequences = n_sequences
+        self._clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _residual(self, layer: int) -> torch.Tensor:
+        return self.cache.load(layer, "eval")[: self.n_sequences]
+
+    def _clean_outputs(self, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per chunk: the unablated run's log-probabilities and final residual (same path as the ablated)."""
+        if start not in self._clean:
+            h = self._residual(start)
+            outs = []
+            for i in range(0, len(h), self.chunk):
+                z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
+                outs.append((self.runner.adapter.logits(z).log_softmax(-1), z))
+            self._clean[start] = outs
+        return self._clean[start]
+
+    @torch.no_grad()
+    def effects(self, neurons: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
+        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]}) together."""
+        adapter = self.runner.adapter
+        start = min(neurons)
+        h = self._residual(start)
+        reference = self._clean_outputs(start)  # before the hooks go on
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
+
+        def hook_for(layer: int):
+            idx = torch.tensor(sorted(set(neurons[layer])), dtype=torch.long)
+            value = self.means[layer][idx]
+
+            def hook(_module, args):
+                a = args[0].clone()
+                a[:, 1:, idx.to(a.device)] = value.to(a.device, a.dtype)
+                return (a, *args[1:])
+            return hook
+
+        with ExitStack() as stack:
+            for layer in neurons:
+                handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
+                stack.callback(handle.remove)
+            for (clean, z_clean), i in zip(reference, range(0, len(h), self.chunk)):
+                z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
+                logp = adapter.logits(z).log_softmax(-1)
+                d_entropy = _entropy(logp) - _entropy(clean)
+                per_token = {"abs_d_entropy": d_entropy.abs(), "d_entropy": d_entropy,
+                             "kl": (clean.exp() * (clean - logp)).sum(-1),
+                             "top1_change": (logp.argmax(-1) != clean.argmax(-1)).double(),
+                             "d_log_scale": (_log_scale(adapter, z) - _log_scale(adapter, z_clean)).abs()}
+                for name, values in per_token.items():
+                    parts[name].append(values.double().mean(1).cpu())
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _estimate(prefix: str, name: str, values: torch.Tensor, settings: NeuronSettings) -> dict:
+    floor = 0.0 if name in NONNEGATIVE else None
+    method = "bca" if name in DISCRETE else "studentized"
+    if values.dim() == 2:  # [draws, n_seq]: the draws' mean, with their spread
+        spread = draw_spread(values, settings.n_boot, settings.seed, method=method)
+        est = spread.estimate
+        extra = {f"{prefix}{name}_draw_min": spread.draw_min, f"{prefix}{name}_draw_max": spread.draw_max}
+        lo = max(est.lo, floor) if floor is not None else est.lo
+    else:
+        est = bootstrap_mean(values, settings.n_boot, settings.seed, method=method, floor=floor)
+        extra, lo = {}, est.lo
+    return {f"{prefix}{name}": est.mean, f"{prefix}{name}_lo": lo, f"{prefix}{name}_hi": est.hi, **extra}
+
+
+def _paired(name: str, a: torch.Tensor, b: torch.Tensor, settings: NeuronSettings) -> dict:
+    """Mean of ``a - b`` over sequences, its interval (BCa for discrete metrics) and bootstrap-t p-value."""
+    comp = paired_difference(a, b, settings.test_resamples, settings.seed)
+    lo, hi = comp.lo, comp.hi
+    if name in DISCRETE:
+        bca = bootstrap_intervals((a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca")
+        lo, hi = float(bca[0][0]), float(bca[1][0])
+    return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi, f"p_{name}": comp.p_value}
+
+
+def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Tensor]],
+            settings: NeuronSettings) -> dict:
+    """Every metric for the candidate(s) and the matched random draws, and their paired differences."""
+    row: dict = {}
+    for name in METRICS:
+        row.update(_estimate("", name, candidate[name], settings))
+    for name in METRICS:
+        row.update(_estimate("random_", name, torch.stack([r[name] for r in random]), settings))
+    for name in COMPARED:
+        row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]).mean(0), settings))
+    row["entropy_per_kl"] = row["abs_d_entropy"] / row["kl"] if row["kl"] > 0 else float("nan")
+    row["random_entropy_per_kl"] = (row["random_abs_d_entropy"] / row["random_kl"]
+                                    if row["random_kl"] > 0 else float("nan"))
+    return row
+
+
+def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.DataFrame,
+                settings: NeuronSettings) -> tuple[list[dict], list[dict]]:
+    """Rows of candidates.tsv (each candidate alone) and joint.tsv (all candidates together)."""
+    draws = matched_neurons(table, candidates, settings)
+    n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
+    base = {"n_draws": settings.random_draws, "n_sequences": ablation.n_sequences, "n_tokens": n_tokens}
+    rows = []
+    for index, (layer, neuron) in enumerate(zip(candidates["layer"], candidates["neuron"])):
+        mine = ablation.effects({int(layer): [int(neuron)]})
+        random = [ablation.effects({int(layer): [draw[index]]}) for draw in draws]
+        rows.append({"layer": int(layer), "neuron": int(neuron), "rank": index + 1,
+                     "matched": ",".join(str(draw[index]) for draw in draws),
+                     **compare(mine, random, settings), **base})
+    if candidates.empty:
+        return rows, []
+
+    def grouped(neurons: list[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, neuron in zip(candidates["layer"], neurons):
+            out.setdefault(int(layer), []).append(int(neuron))
+        return out
+
+    mine = ablation.effects(grouped(list(candidates["neuron"])))
+    random = [ablation.effects(grouped(draw)) for draw in draws]
+    joint = [{"set": "candidates", "n_neurons": len(candidates), **compare(mine, random, settings), **base}]
+    return rows, joint
+
+
+def reference_matches(candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its layer."""
+    rows = []
+    chosen = set(zip(candidates["layer"], candidates["neuron"]))
+    for layer, neuron in zip(reference["layer"], reference["neuron"]):
+        part = table[table["layer"] == layer]
+        hit = part[part["neuron"] == neuron]
+        if hit.empty:
+            raise LensspaceError(f"reference neuron {layer}.{neuron} does not exist in this model")
+        norm_rank = int((part["norm"] > float(hit["norm"].iloc[0])).sum()) + 1
+        rows.append({"layer": int(layer), "neuron": int(neuron), "is_candidate": (layer, neuron) in chosen,
+                     "norm": float(hit["norm"].iloc[0]), "norm_rank_in_layer": norm_rank,
+                     "internal_fraction": float(hit["internal_fraction"].iloc[0])})
+    return pd.DataFrame(rows, columns=["layer", "neuron", "is_candidate", "norm", "norm_rank_in_layer",
+                                       "internal_fraction"])
+
+
+def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis: torch.Tensor,
+                tokens: dict[str, torch.Tensor], settings: NeuronSettings) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """neurons.tsv (every neuron, with its activation statistics), candidates.tsv, joint.tsv."""
+    table = neuron_geometry(adapter, lens, basis, settings.k)
+    device = adapter.embed.weight.device
+    means, _ = activation_stats(adapter, tokens["train"][: settings.mean_sequences].to(device))
+    eval_ids = tokens["eval"][: settings.eval_sequences].to(device)
+    _, rms = activation_stats(adapter, eval_ids)
+    table["mean_activation"] = torch.cat(means).numpy()
+    table["rms_activation"] = torch.cat(rms).numpy()
+    table["k"] = settings.k
+    table["in_candidate_layers"] = table["layer"].isin(settings.candidate_layers)
+    candidates = pick_candidates(table, settings)
+    table["is_candidate"] = table.index.isin(candidates.index)
+    print(f"{len(candidates)} candidates among {int(table['layer'].isin(settings.candidate_layers).sum())} "
+          f"neurons of layers {list(settings.candidate_layers)}", flush=True)
+    ablation = NeuronAblation(BlockRunner(adapter), cache, means, len(eval_ids))
+    rows, joint = causal_test(ablation, table, candidates, settings)
+    geometry = candidates.drop(columns=["in_candidate_layers"]).reset_index(drop=True)
+    merged = geometry.merge(pd.DataFrame(rows), on=["layer", "neuron"]) if rows else geometry
+    return table, merged, pd.DataFrame(joint)

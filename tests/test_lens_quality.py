@@ -1,0 +1,64 @@
+"""Lens quality sweep: more training tokens give a lens no worse on held-out tokens (real model),
+and the sweep's rows hold the H0 cells' paired verdicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_cached
+from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.lens_quality import LensQualitySettings, TrainSubset, budget_label, held_out_kl, sweep
+from lensspace.lenses import LensTraining, train_lens
+from lensspace.subspaces import unembedding_bases
+
+
+def test_more_training_tokens_is_not_worse_on_held_out_tokens(real):
+    adapter, cache = real.adapter, real.cache
+    layers = [4, 14, 24]
+    settings = LensTraining(refine_steps=0)
+    small = train_lens(adapter, TrainSubset(cache, 6), settings, "small", layers=layers)
+    full = train_lens(adapter, cache, settings, "full", layers=layers)
+    final = cache.final("eval")[:, 1:]
+    logp = adapter.logits(final).log_softmax(-1)
+    for layer in layers:
+        kl_small = held_out_kl(adapter, small, cache, layer)
+        kl_full = held_out_kl(adapter, full, cache, layer)
+        assert float(kl_full.mean()) <= float(kl_small.mean())
+        # the per-sequence KL against a direct computation over all held-out positions
+        h = cache.load(layer, "eval")[:, 1:]
+        translator = full.layer_translators[layer]
+        with torch.no_grad():
+            direct = (logp.exp() * (logp - adapter.logits(h + translator(h)).log_softmax(-1))).sum(-1).mean(1)
+        assert torch.allclose(kl_full, direct.double(), rtol=1e-4, atol=1e-5)
+    # the layers outside the list were left untrained (the logit lens)
+    assert float(full.layer_translators[0].weight.detach().abs().max()) == 0
+
+
+def test_train_subset_sees_only_the_first_training_sequences(tiny, tmp_path):
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=2, n_train=8, n_eval=3, seq_len=10)
+    subset = TrainSubset(cached.cache, 3)
+    assert torch.equal(subset.load(1, "train"), cached.cache.load(1, "train")[:3])
+    assert torch.equal(subset.final("eval"), cached.cache.final("eval"))
+    assert budget_label(0.125, False) == "1/8 lstsq" and budget_label(1.0, True) == "all lstsq+kl"
+
+
+def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=4, n_train=8, n_eval=4, seq_len=16)
+    grid = AblationGrid(bases=("unembed",), sites=("pre_norm",), n_boot=200, random_draws=2,
+                        experiment="lens_quality")
+    settings = LensQualitySettings(fractions=(0.5, 1.0), refine=(False, True), layers=(0, 2), grid=grid,
+                                   test_resamples=200)
+    rows, sequences = sweep(adapter, cached.cache, unembedding_bases(adapter), LensTraining(refine_steps=2,
+                            refine_batch_tokens=16, refine_tokens=64, check_tokens=15), settings)
+    assert len(rows) == 2 * 2 * 2 * 2 and len(sequences) == len(rows) * 4
+    for row in rows:
+        assert row["diff"] == pytest.approx(row["kl_output"] - row["kl_internal"], abs=1e-9)
+        assert row["diff_lo"] <= row["diff"] <= row["diff_hi"]
+        assert row["lens_kl_lo"] <= row["lens_kl"] <= row["lens_kl_hi"]
+        expected = ("output > internal" if row["diff_lo"] > 0 else "internal > output" if row["diff_hi"] < 0
+                    else "not separable")
+        assert row["verdict"] == expected
+    assert {r["train_tokens"] for r in rows} == {4 * 15, 8 * 15}

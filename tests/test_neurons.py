@@ -1,0 +1,158 @@
+"""Single MLP neurons: geometry against independent computations, a planted bottom-subspace
+neuron found, and the ablation's effects against a full forward pass of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lensspace.experiments.neurons import (NeuronAblation, NeuronSettings, matched_neurons, neuron_geometry,
+                                           pick_candidates, run_neurons)
+from lensspace.runner import BlockRunner
+from lensspace.subspaces import unembedding_bases
+from conftest import make_cached
+
+
+def _svd_right(adapter) -> torch.Tensor:
+    """Right singular vectors of W_U (columns, descending), computed here independently."""
+    _, _, vh = torch.linalg.svd(adapter.unembedding.detach().double(), full_matrices=True)
+    return vh.T
+
+
+@pytest.fixture
+def planted(tiny, tmp_path):
+    """A tiny model with a lens of random translators, and neuron 5 of block 0 rewritten to write
+    (through translator 1) only into the bottom half of W_U's right singular vectors, with a large norm."""
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=7, n_train=6, n_eval=4, seq_len=16)
+    v = _svd_right(adapter)
+    d = adapter.d_model
+    bottom = v[:, d - d // 2:]
+    coef = torch.randn(d // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = bottom @ coef  # in lens space: only the bottom subspace
+    m = torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[1].weight.detach().double()
+    w = torch.linalg.solve(m, target)
+    weights = adapter.neuron_out_weights(0)
+    w = w / w.norm() * float(weights.norm(dim=1).max()) * 3
+    original = weights[5].clone()
+    with torch.no_grad():
+        weights[5] = w.float()
+    yield adapter, cached
+    with torch.no_grad():
+        weights[5] = original
+
+
+def test_planted_bottom_subspace_neuron_is_found(planted):
+    adapter, cached = planted
+    d = adapter.d_model
+    basis = unembedding_bases(adapter)["unembed"].vectors
+    table = neuron_geometry(adapter, cached.lens, basis, d // 2)
+    layer0 = table[table["layer"] == 0].set_index("neuron")
+    assert layer0.loc[5, "internal_fraction"] == pytest.approx(1.0, abs=1e-4)
+    assert layer0.loc[5, "output_fraction"] == pytest.approx(0.0, abs=1e-4)
+    settings = NeuronSettings(k=d // 2, candidate_layers=tuple(range(adapter.n_layers)), n_candidates=1,
+                              min_internal_share=0.95)
+    found = pick_candidates(table, settings)
+    assert list(zip(found["layer"], found["neuron"])) == [(0, 5)]
+    # the other neurons do not pass: random directions split about evenly
+    assert (table["internal_fraction"] >= 0.95).sum() == 1
+
+
+def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=3, n_train=4, n_eval=2, seq_len=8)
+    d, k, last = adapter.d_model, adapter.d_model // 2, adapter.n_layers - 1
+    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, k)
+    v = _svd_right(adapter)
+    for layer in (0, last):
+        m = (torch.eye(d, dtype=torch.float64) if layer == last
+             else torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[layer + 1].weight.detach().double())
+        rows = table[table["layer"] == layer].set_index("neuron")
+        for j in (0, 7):
+            w = adapter.neuron_out_weights(layer)[j].detach().double()
+            mw = m @ w
+            share_in = float((v[:, d - k:].T @ mw).square().sum() / mw.square().sum())
+            assert rows.loc[j, "internal_fraction"] == pytest.approx(share_in, rel=1e-6)
+            assert rows.loc[j, "norm"] == pytest.approx(float(w.norm()), rel=1e-6)
+            # a small step along M w after the final norm's normalisation, its scale frozen:
+            # the logits move by (step) x the direct effect; only their spread can re-rank
+            u = adapter.normalize(torch.randn(d, generator=torch.Generator().manual_seed(j))).double()
+            step = 1e-3
+            centred = mw - mw.mean() if adapter.arch.norm_kind == "layernorm" else mw
+            before = adapter.logits_from_normalized(u.float()).double()
+            after = adapter.logits_from_normalized((u + step * centred).float()).double()
+            assert rows.loc[j, "logit_effect"] == pytest.approx(float((after - before).std() / step), rel=2e-2)
+
+
+def test_ablation_effects_match_a_full_forward_pass(tiny, tmp_path):
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=5, n_train=4, n_eval=3, seq_len=12)
+    layer, neurons = 1, [2, 9]
+    n_neurons = adapter.neuron_out_weights(layer).shape[0]
+    means = [torch.linspace(-0.5, 0.5, n_neurons) for _ in range(adapter.n_layers)]
+    ablation = NeuronAblation(BlockRunner(adapter), cached.cache, means, n_sequences=3, chunk=2)
+    got = ablation.effects({layer: neurons})
+
+    ids = cached.tokens["eval"].long()
+    clean = adapter.logits(_final(adapter, ids))[:, 1:].double().log_softmax(-1)
+
+    def hook(_module, args):
+        a = args[0].clone()
+        a[:, 1:, neurons] = means[layer][neurons]
+        return (a,)
+
+    handle = adapter.mlp_out(layer).register_forward_pre_hook(hook)
+    try:
+        ablated = adapter.logits(_final(adapter, ids))[:, 1:].double().log_softmax(-1)
+    finally:
+        handle.remove()
+    entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+    d_entropy = entropy(ablated) - entropy(clean)
+    kl = (clean.exp() * (clean - ablated)).sum(-1)
+    top1 = (clean.argmax(-1) != ablated.argmax(-1)).double()
+    assert torch.allclose(got["d_entropy"], d_entropy.mean(1), atol=2e-4)
+    assert torch.allclose(got["abs_d_entropy"], d_entropy.abs().mean(1), atol=2e-4)
+    assert torch.allclose(got["kl"], kl.mean(1), atol=2e-4)
+    assert torch.allclose(got["top1_change"], top1.mean(1), atol=1e-9)
+    assert float(got["kl"].sum()) > 1e-4  # the ablation does something on this model
+
+
+def _final(adapter, ids):
+    store: dict = {}
+    with torch.no_grad(), adapter.capture_residuals(store):
+        adapter.model(ids, use_cache=False)
+    return store[adapter.n_layers]
+
+
+def test_matched_neurons_are_same_layer_near_norm_and_not_candidates(planted):
+    adapter, cached = planted
+    d = adapter.d_model
+    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, d // 2)
+    settings = NeuronSettings(k=d // 2, candidate_layers=(1,), n_candidates=3, min_internal_share=0.0,
+                              random_draws=5, match_pool=4)
+    candidates = pick_candidates(table, settings)
+    draws = matched_neurons(table, candidates, settings)
+    layer1 = table[table["layer"] == 1].set_index("neuron")
+    assert len(draws) == 5 and all(len(draw) == 3 for draw in draws)
+    for index, norm in enumerate(candidates["norm"]):
+        nearest = (layer1.drop(index=list(candidates["neuron"]))["norm"] - norm).abs().nsmallest(4).index
+        assert {draw[index] for draw in draws} <= set(nearest)
+
+
+def test_run_on_real_model_finds_last_layer_candidates(real):
+    """SmolLM2: candidates of the last block, each ablated with its matched random neurons."""
+    adapter = real.adapter
+    settings = NeuronSettings(k=adapter.d_model // 2, candidate_layers=(adapter.n_layers - 1,), n_candidates=2,
+                              min_internal_share=0.5, random_draws=2, match_pool=8, eval_sequences=3,
+                              mean_sequences=4, n_boot=200, test_resamples=200)
+    table, candidates, joint = run_neurons(adapter, real.lens, real.cache,
+                                           unembedding_bases(adapter)["unembed"].vectors, real.tokens, settings)
+    assert len(table) == adapter.n_layers * adapter.neuron_out_weights(0).shape[0]
+    assert table["internal_fraction"].between(0, 1).all() and table["output_fraction"].between(0, 1).all()
+    assert (table["output_fraction"] + table["internal_fraction"]).sub(1).abs().max() < 1e-6
+    assert len(candidates) == 2 and (candidates["layer"] == adapter.n_layers - 1).all()
+    for name in ("abs_d_entropy", "kl", "top1_change"):
+        assert (candidates[f"{name}_lo"] <= candidates[name]).all()
+        assert (candidates[name] <= candidates[f"{name}_hi"]).all()
+    assert (candidates["kl"] > 0).all()
+    assert len(joint) == 1 and joint["n_neurons"].iloc[0] == 2

@@ -31,6 +31,7 @@ include: "rules/h1.smk"
 include: "rules/h2.smk"
 include: "rules/shuffle.smk"
 include: "rules/lens_quality.smk"
+include: "rules/ood.smk"
 include: "rules/neurons.smk"
 
 

@@ -136,6 +136,24 @@ def get_lens_training_values(wildcards):
     return vars(lens_training(config, wildcards.run))
 
 
+def get_ood_config():
+    """The config keys the out-of-distribution evaluation reads, as plain values."""
+    return {key: config[key] for key in ("ood", "h0", "random_draws", "bootstrap", "seed")}
+
+
+def get_eval_corpora(run):
+    return list(get_run(run).get("eval_corpora", []))
+
+
+def get_ood_tables(name):
+    """Input function: ``name``.tsv of every eval corpus of the run."""
+
+    def tables(wildcards):
+        return [f"{RESULTS}/{wildcards.run}/ood/{corpus}/{name}.tsv" for corpus in get_eval_corpora(wildcards.run)]
+
+    return tables
+
+
 def get_neuron_config():
     """The config keys the neuron experiment reads, as plain values (seen by the params trigger)."""
     return {key: config[key] for key in ("neurons", "random_draws", "bootstrap", "seed")}
@@ -165,6 +183,8 @@ def get_final_outputs():
         *expand(f"{RESULTS}/figures/h2_{{run}}.png", run=runs),
         *expand(f"{RESULTS}/{{run}}/shuffle/swaps.tsv", run=runs),
         *expand(f"{RESULTS}/figures/shuffle_{{run}}.png", run=runs),
+        *[f"{RESULTS}/{kind}/ood_{run}.{ext}" for run in runs if get_eval_corpora(run)
+          for kind, ext in (("tables", "md"), ("figures", "png"))],
         *expand(f"{RESULTS}/{{run}}/lens_quality/sweep.tsv", run=runs),
         *expand(f"{RESULTS}/tables/lens_quality_{{run}}.md", run=runs),
         *expand(f"{RESULTS}/figures/lens_quality_{{run}}.png", run=runs),
@@ -200,6 +220,10 @@ def get_report_inputs(wildcards):
                    f"{RESULTS}/{run}/shuffle/conditions.tsv"]
         wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
                    f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
+        for corpus in get_eval_corpora(run):
+            wanted += [f"{RESULTS}/{run}/ood/{corpus}/{name}.tsv" for name in ("lens_eval", "ablation")]
+        if get_eval_corpora(run):
+            wanted += [f"{RESULTS}/tables/ood_{run}.md", f"{RESULTS}/figures/ood_{run}.png"]
         wanted += [f"{RESULTS}/{run}/lens_quality/sweep.tsv", f"{RESULTS}/tables/lens_quality_{run}.md",
                    f"{RESULTS}/figures/lens_quality_{run}.png"]
         wanted += [f"{RESULTS}/{run}/neurons/{name}.tsv" for name in ("neurons", "candidates", "joint", "reference")]

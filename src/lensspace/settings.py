@@ -28,6 +28,13 @@ def check_references(config: dict[str, Any]) -> None:
                     f"runs.{run}.{kind}: '{spec[kind]}' is not defined under {table}: "
                     f"(defined: {', '.join(sorted(config[table])) or 'none'})"
                 )
+        for corpus in spec.get("eval_corpora", []):
+            if corpus not in config["corpora"]:
+                raise LensspaceError(f"runs.{run}.eval_corpora: '{corpus}' is not defined under corpora: "
+                                     f"(defined: {', '.join(sorted(config['corpora']))})")
+            if corpus == spec["corpus"]:
+                raise LensspaceError(f"runs.{run}.eval_corpora: '{corpus}' is the run's training corpus; "
+                                     "an eval corpus must be another one")
         n_layers = config["models"][spec["model"]]["n_layers"]
         for section in ("h0", "h1", "h2"):
             chosen = config.get(section, {}).get("layers")
@@ -144,13 +151,25 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
     """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default: H0's)."""
     section = config["lens_quality"]
-    layers = experiment_layers({"h": {"layers": section.get("layers") or config["h0"]["layers"]}}, n_layers, "h")
-    if any(not 0 <= layer < n_layers for layer in layers):
-        raise LensspaceError(f"lens_quality.layers: {layers} names a layer outside 0..{n_layers - 1}")
-    grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("unembed",),
-                        modes=tuple(section["modes"]), sites=("pre_norm",), seed=config["seed"],
-                        n_boot=config["bootstrap"]["n_resamples"], random_draws=config["random_draws"],
-                        experiment="lens_quality")
+    layers = seed_layout_layers(config, "lens_quality", n_layers)
+    grid = seed_layout_grid(config, "lens_quality")
     return LensQualitySettings(fractions=tuple(section["fractions"]), refine=tuple(section["refine"]),
                                layers=tuple(layers), grid=grid,
                                test_resamples=config["bootstrap"]["test_resamples"])
+
+
+def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:
+    """The layers of ``section`` (``layers: null`` = those of h0)."""
+    chosen = config[section].get("layers") or config["h0"]["layers"]
+    layers = experiment_layers({"h": {"layers": chosen}}, n_layers, "h")
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise LensspaceError(f"{section}.layers: {layers} names a layer outside 0..{n_layers - 1}")
+    return layers
+
+
+def seed_layout_grid(config: dict, section: str) -> AblationGrid:
+    """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in ``section``'s modes."""
+    return AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("unembed",),
+                        modes=tuple(config[section]["modes"]), sites=("pre_norm",), seed=config["seed"],
+                        n_boot=config["bootstrap"]["n_resamples"], random_draws=config["random_draws"],
+                        experiment=section)

@@ -120,3 +120,28 @@ def lens_quality_table(sweep: pd.DataFrame) -> pd.DataFrame:
                          "KL random": sweep["kl_random"],
                          "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
                          "verdict": sweep["verdict"]})
+
+
+def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+    """Per corpus, layer and mode: tuned / logit lens KL and the seed-layout H0 cells.
+
+    ``frames``: corpus -> (lens_eval, ablation); in-distribution first. The paired interval of
+    output − internal is shown where the ablation table carries it (the eval corpora's).
+    """
+    out = []
+    for corpus, (lens_eval, ablation) in frames.items():
+        lens = lens_eval.pivot(index="layer", columns="lens", values="kl")
+        cells = ablation[(ablation["basis"].isin(["unembed", "random"])) & (ablation["site"] == "pre_norm")
+                         & (ablation["k"] == ablation["k"].max())]
+        for (layer, mode), part in cells.groupby(["layer", "mode"], sort=True):
+            kl = part.set_index("subspace")["kl"]
+            row = part[part["subspace"] == "output"].iloc[0]
+            diff = kl.get("output", float("nan")) - kl.get("internal", float("nan"))
+            shown = (f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, {row['output_minus_internal_hi']:.3f}]"
+                     if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
+                     else f"{diff:.3f}")
+            out.append({"corpus": corpus, "layer": int(layer), "mode": mode,
+                        "tuned lens KL": lens["tuned"].get(layer), "logit lens KL": lens["logit"].get(layer),
+                        "KL output": kl.get("output"), "KL internal": kl.get("internal"),
+                        "KL random": kl.get("random"), "output − internal": shown})
+    return pd.DataFrame(out)

@@ -1,0 +1,90 @@
+# Out of distribution: each run's eval_corpora, tokenized with the run's tokenizer (never trained
+# on), then the lens's KL per layer and the seed-layout H0 cells on them; one table and figure per run.
+
+
+rule ood_tokenize:
+    input:
+        corpus=lambda wildcards: f"{RESOURCES}/corpora/{wildcards.corpus}.txt",
+        model=get_model_manifest,
+        train=rules.tokenize.output.tokens,
+    output:
+        tokens=f"{RESULTS}/{{run}}/ood/{{corpus}}/tokens.safetensors",
+    params:
+        seq_len=lambda wildcards: get_token_split(wildcards).seq_len,
+        seed=config["seed"],
+        ood=config["ood"],
+    log:
+        f"{RESULTS}/logs/ood_tokenize/{{run}}/{{corpus}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/ood_tokenize.py"
+
+
+rule ood:
+    input:
+        tokens=rules.ood_tokenize.output.tokens,
+        run_tokens=rules.tokenize.output.tokens,
+        cache=rules.cache_activations.output.cache,
+        model=get_model_manifest,
+        lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        bases=rules.svd.output.bases,
+    output:
+        lens_eval=f"{RESULTS}/{{run}}/ood/{{corpus}}/lens_eval.tsv",
+        ablation=f"{RESULTS}/{{run}}/ood/{{corpus}}/ablation.tsv",
+        sequences=f"{RESULTS}/{{run}}/ood/{{corpus}}/per_sequence.tsv",
+    params:
+        config=lambda wildcards: get_ood_config(),
+        n_layers=lambda wildcards: get_n_layers(wildcards.run),
+        storage=config["cache"]["storage"],
+        device=config["device"],
+    log:
+        f"{RESULTS}/logs/ood/{{run}}/{{corpus}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ood/{{run}}/{{corpus}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/ood.py"
+
+
+rule ood_table:
+    input:
+        lens_eval=rules.eval_lens.output.table,
+        h0=rules.h0_merge.output.table,
+        ood_lens=get_ood_tables("lens_eval"),
+        ood_ablation=get_ood_tables("ablation"),
+    output:
+        markdown=report(
+            f"{RESULTS}/tables/ood_{{run}}.md",
+            caption="../report/ood_table.rst",
+            category="Out of distribution",
+            subcategory="{run}",
+            labels={"run": "{run}", "table": "out of distribution"},
+        ),
+        figure=report(
+            f"{RESULTS}/figures/ood_{{run}}.png",
+            caption="../report/ood_figure.rst",
+            category="Out of distribution",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "lens KL and H0 out of distribution"},
+        ),
+    params:
+        corpora=lambda wildcards: get_eval_corpora(wildcards.run),
+        train_corpus=lambda wildcards: get_run(wildcards.run)["corpus"],
+    log:
+        f"{RESULTS}/logs/ood_table/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/ood_table.py"

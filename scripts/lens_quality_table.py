@@ -10,7 +10,7 @@ def body(sm):
             "Held-out KL(p_final ‖ p_lens) of lenses trained at each budget, and the seed-layout H0 cell "
             "(unembed basis, k = d/2, pre_norm): KL of ablating the output and internal subspace, their paired "
             "difference output − internal over held-out sequences, 95% bootstrap-t intervals.\n\n")
-    runtime.write_text(text + tables.markdown(tables.lens_quality_table(sweep), digits=3) + "\n",
+    runtime.write_text(text + tables.markdown(tables.lens_budget_table(sweep), digits=3) + "\n",
                        sm.output.markdown)
 
 

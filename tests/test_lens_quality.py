@@ -62,3 +62,4 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
                     else "not separable")
         assert row["verdict"] == expected
     assert {r["train_tokens"] for r in rows} == {4 * 15, 8 * 15}
+    assert {r["n_tokens"] for r in rows} == {4 * 15}

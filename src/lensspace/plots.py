@@ -191,6 +191,7 @@ def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Pat
                         mfc=color if refine else "white", ls="-" if refine else "--")
         ax.axhline(0, color="#7f8c8d", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("lens KL, held out (nats)")
         ax.set_ylabel("KL(output) − KL(internal)")
         ax.set_title(f"mode {mode}", fontsize=8)

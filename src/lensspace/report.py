@@ -508,7 +508,7 @@ def lens_budget_section(ctx: RunContext) -> Section | None:
             f"{int(sweep['k'].iloc[0])}, pre_norm) with its 95% paired interval against the lens's held-out KL, "
             f"one point per budget and layer ({len(budgets)} budgets, {sweep['layer'].nunique()} layers); "
             f"panels: {', '.join(dict.fromkeys(sweep['mode']))} mode.")))
-    blocks.append(Table(tables.lens_quality_table(sweep), (
+    blocks.append(Table(tables.lens_budget_table(sweep), (
         "Per budget, layer and mode: held-out lens KL, the ablation KLs (random: mean of "
         f"{int(sweep['n_draws'].iloc[0])} draws) and output − internal; [ ]: {_interval(ctx)}."),
         markdown_path=ctx.table("lens_quality"), collapsed=True))

@@ -109,7 +109,7 @@ def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def lens_quality_table(sweep: pd.DataFrame) -> pd.DataFrame:
+def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval, verdict."""
     def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
         return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)

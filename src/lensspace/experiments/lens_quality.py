@@ -83,7 +83,8 @@ def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], tra
     grid = settings.grid
     n_train = len(cache.load(0, "train"))
     k = grid.resolve_k(adapter.d_model)[0]
-    n_tokens = int(cache.load(0, "eval")[:, 1:].numel())
+    n_eval, seq_len = cache.load(0, "eval").shape[:2]
+    n_tokens = n_eval * (seq_len - 1)
     rows, sequences = [], []
     for fraction in settings.fractions:
         n = max(2, round(fraction * n_train))

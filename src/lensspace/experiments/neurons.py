@@ -264,6 +264,8 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
     for index, (layer, neuron) in enumerate(zip(candidates["layer"], candidates["neuron"])):
         mine = ablation.effects({int(layer): [int(neuron)]})
         random = [ablation.effects({int(layer): [draw[index]]}) for draw in draws]
+        print(f"candidate {index + 1}/{len(candidates)}: {int(layer)}.{int(neuron)} ablated with "
+              f"{len(draws)} matched random neurons", flush=True)
         rows.append({"layer": int(layer), "neuron": int(neuron), "rank": index + 1,
                      "matched": ",".join(str(draw[index]) for draw in draws),
                      **compare(mine, random, settings), **base})

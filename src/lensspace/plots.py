@@ -166,6 +166,7 @@ def neurons_figure(neurons: pd.DataFrame, reference: pd.DataFrame, title: str, p
             ax.annotate(f"{int(row['layer'])}.{int(row['neuron'])}", (row["norm"], row["internal_fraction"]),
                         fontsize=6, xytext=(3, -6), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("output weight norm ||w||")
     ax.set_ylabel(f"lens-space internal share (k={int(neurons['k'].iloc[0])})")
     ax.legend(fontsize=6, loc="lower left")

@@ -148,6 +148,8 @@ def _interval(ctx: RunContext) -> str:
 
 def _layers(values) -> str:
     layers = sorted(set(int(v) for v in values))
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
     if layers == list(range(layers[0], layers[-1] + 1)):
         return f"layers {layers[0]}–{layers[-1]}"
     return "layers " + ", ".join(map(str, layers))
@@ -547,7 +549,7 @@ def neurons_section(ctx: RunContext) -> Section | None:
              f"share of each neuron's output weight w is ||Qᵀ M w||² / ||M w||² in the unembed basis, k = {k} "
              f"(M = I + A_(l+1) of the residual block l writes into; I after the last block). Median internal "
              f"share {neurons['internal_fraction'].median():.3f}; {len(passing):,} of the {len(pool):,} neurons of "
-             f"the candidate {_layers(pool['layer'])} reach {threshold:g} or more."]
+             f"{_layers(pool['layer'])} reach {threshold:g} or more."]
     if candidates.empty:
         lines.append("No neuron passes the threshold: there are no candidates to ablate.")
     else:

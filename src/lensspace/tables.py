@@ -95,7 +95,7 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
 def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
     """Per candidate: geometry, then each ablation effect with its interval beside matched random neurons."""
     def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
-        return frame.apply(lambda r: f"{r[name]:.4f} [{r[name + '_lo']:.4f}, {r[name + '_hi']:.4f}]", axis=1)
+        return frame.apply(lambda r: f"{r[name]:.3g} [{r[name + '_lo']:.3g}, {r[name + '_hi']:.3g}]", axis=1)
 
     out = pd.DataFrame({"neuron": candidates.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
                         "norm": candidates["norm"], "internal share": candidates["internal_fraction"],

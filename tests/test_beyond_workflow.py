@@ -35,7 +35,7 @@ def test_lens_quality_ood_and_neurons_outputs(tiny_run):
         corpora = spec.get("eval_corpora", [])
         for corpus in corpora:
             lens_eval = pd.read_csv(results / run / "ood" / corpus / "lens_eval.tsv", sep="\t")
-            assert len(lens_eval) == 2 * n_layers
+            assert len(lens_eval) == 2 * n_layers  # the tiny config's h0 (and so ood) layers are all
             ablation = pd.read_csv(results / run / "ood" / corpus / "ablation.tsv", sep="\t")
             assert set(ablation["subspace"]) == {"output", "internal", "random"}
         assert (results / "tables" / f"ood_{run}.md").exists() == bool(corpora)

@@ -211,18 +211,19 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_boot: int,
-                  seed: int, chunk: int = 4) -> list[dict]:
-    """Held-out KL(p_final || p_lens) per layer for the tuned lens and the logit lens.
+                  seed: int, chunk: int = 4, layers: Sequence[int] | None = None) -> list[dict]:
+    """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and the logit lens.
 
     Chunks of sequences run outside the layer loop, so the model's own distribution is
     computed once per chunk rather than once per layer.
     """
     final = cache.final("eval")
-    hidden = [cache.load(layer, "eval") for layer in range(adapter.n_layers)]
-    kls = {(layer, name): [] for layer in range(adapter.n_layers) for name in ("tuned", "logit")}
+    layers = list(range(adapter.n_layers)) if layers is None else list(layers)
+    hidden = {layer: cache.load(layer, "eval") for layer in layers}
+    kls = {(layer, name): [] for layer in layers for name in ("tuned", "logit")}
     for start in tqdm(range(0, len(final), chunk), desc="lens eval", file=sys.stderr, mininterval=5):
         logp = adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1)
-        for layer, h in enumerate(hidden):
+        for layer, h in hidden.items():
             hb = h[start: start + chunk, 1:]
             for name, z in (("tuned", translate(lens, hb, layer)), ("logit", hb)):
                 kls[(layer, name)].append(kl_from_logprobs(logp, adapter.logits(z).log_softmax(-1)))

@@ -3,7 +3,7 @@
 Each eval corpus is tokenized with the run's tokenizer into held-out sequences (one per
 document, the first ``seq_len`` tokens); a corpus sharing a long token n-gram with the run's
 training tokens is refused (:func:`check_disjoint`). On those sequences: the tuned and the logit
-lens's KL(p_final || p_lens) at every layer, and the H0 cells (unembed basis, k = d/2,
+lens's KL(p_final || p_lens) and the H0 cells (unembed basis, k = d/2,
 pre_norm) with the random control, whose mean-mode means stay the in-distribution training means.
 """
 
@@ -65,12 +65,12 @@ class SplitCache:
 def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids: torch.Tensor,
              bases: dict[str, Basis], layers: list[int], grid: AblationGrid, test_resamples: int,
              storage: str = "float16") -> tuple[list[dict], list[dict], list[dict]]:
-    """lens_eval.tsv rows (every layer), ablation.tsv rows and per_sequence.tsv rows on ``ids``."""
+    """lens_eval.tsv rows, ablation.tsv rows and per_sequence.tsv rows on ``ids``, at ``layers``."""
     with tempfile.TemporaryDirectory() as folder:
         write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage,
                     device=str(adapter.embed.weight.device))
         cache = SplitCache(run_cache, ActivationCache(Path(folder) / "cache"))
-        lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed)
+        lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed, layers=layers)
         ablation, sequences = [], []
         for layer in layers:
             results = h0.run_layer(adapter, lens, cache, bases, layer, grid)

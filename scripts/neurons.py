@@ -14,7 +14,7 @@ from lensspace.subspaces import load_bases
 
 def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
-    cache = runtime.open_cache(sm.input.cache, sm.input.tokens)
+    cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     settings = neuron_settings(sm.params.config, adapter.n_layers, adapter.d_model)
     table, candidates, joint = run_neurons(adapter, lens, cache, load_bases(sm.input.bases)[PULLED_BACK].vectors,

@@ -67,9 +67,8 @@ def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids:
              storage: str = "float16") -> tuple[list[dict], list[dict], list[dict]]:
     """lens_eval.tsv rows, ablation.tsv rows and per_sequence.tsv rows on ``ids``, at ``layers``."""
     with tempfile.TemporaryDirectory() as folder:
-        write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage,
-                    device=str(adapter.embed.weight.device))
-        cache = SplitCache(run_cache, ActivationCache(Path(folder) / "cache"))
+        write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage)
+        cache = SplitCache(run_cache, ActivationCache(Path(folder) / "cache", device=adapter.device))
         lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed, layers=layers)
         ablation, sequences = [], []
         for layer in layers:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models built in the test, and
+"""Shared fixtures: tiny randomly initialised models of every supported family, built in the test, and
 one real Snakemake run of the tiny config (session-scoped: several test files read it)."""
 
 from __future__ import annotations
@@ -21,9 +21,33 @@ from lensspace.models import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_SHAPE = {"n_layers": 3, "d_model": 32, "n_heads": 4}
+_SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+# One tiny random model per family of the adapter (and per variant with its own code path).
+# Every family perturbs its norms (norm_std) so that gains and biases are not the identity;
+# sliding windows are shorter than the test sequences, so layers get different masks.
 TINY = {
-    "gpt2": {"arch": "gpt2", "n_layers": 3, "d_model": 32, "n_heads": 4, "seed": 3},
-    "llama": {"arch": "llama", "n_layers": 3, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "seed": 4},
+    "gpt2": {"arch": "gpt2", **_SHAPE, "seed": 3},
+    "llama": {"arch": "llama", **_SHAPE, "n_kv_heads": 2, "seed": 4},
+    # Pythia: parallel attention and MLP, rotary on a quarter of each head, untied unembedding
+    "gpt_neox": {"arch": "gpt_neox", **_SHAPE, "seed": 5, "norm_std": 0.1,
+                 "config": {"tie_word_embeddings": False, "use_parallel_residual": True}},
+    # OPT with a final norm and project_in / project_out around a narrower embedding
+    "opt": {"arch": "opt", **_SHAPE, "seed": 6, "norm_std": 0.1,
+            "config": {"ffn_dim": 128, "word_embed_proj_dim": 16}},
+    # OPT-350m's shape: norms after each block, no final norm, project_out
+    "opt_post_ln": {"arch": "opt", **_SHAPE, "seed": 7, "norm_std": 0.1,
+                    "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False}},
+    "mistral": {"arch": "mistral", **_SHAPE, "n_kv_heads": 2, "seed": 8, "norm_std": 0.1,
+                "config": {"sliding_window": 5}},
+    "qwen2": {"arch": "qwen2", **_SHAPE, "n_kv_heads": 2, "seed": 9, "norm_std": 0.1},
+    "qwen3": {"arch": "qwen3", **_SHAPE, "n_kv_heads": 2, "seed": 10, "norm_std": 0.1},
+    "gemma": {"arch": "gemma", **_SHAPE, "n_kv_heads": 1, "seed": 11, "norm_std": 0.1},
+    # soft-cap small enough to bend the tiny model's logits
+    "gemma2": {"arch": "gemma2", **_SHAPE, "n_kv_heads": 2, "seed": 12, "norm_std": 0.1,
+               "config": {"sliding_window": 5, "final_logit_softcapping": 2.0}},
+    "gemma3_text": {"arch": "gemma3_text", **_SHAPE, "n_kv_heads": 2, "seed": 13, "norm_std": 0.1,
+                    "config": {"sliding_window": 5, "layer_types": _SLIDING, "final_logit_softcapping": 2.0}},
 }
 
 

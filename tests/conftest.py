@@ -32,12 +32,12 @@ TINY = {
     # Pythia: parallel attention and MLP, rotary on a quarter of each head, untied unembedding
     "gpt_neox": {"arch": "gpt_neox", **_SHAPE, "seed": 5, "norm_std": 0.1,
                  "config": {"tie_word_embeddings": False, "use_parallel_residual": True}},
-    # OPT with a final norm and project_in / project_out around a narrower embedding
-    "opt": {"arch": "opt", **_SHAPE, "seed": 6, "norm_std": 0.1,
-            "config": {"ffn_dim": 128, "word_embed_proj_dim": 16}},
-    # OPT-350m's shape: norms after each block, no final norm, project_out
-    "opt_post_ln": {"arch": "opt", **_SHAPE, "seed": 7, "norm_std": 0.1,
-                    "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False}},
+    # OPT-125m's shape (and every OPT but 350m): norms before the blocks' parts, a final norm
+    "opt": {"arch": "opt", **_SHAPE, "seed": 6, "norm_std": 0.1, "config": {"ffn_dim": 128}},
+    # OPT-350m's shape: norms after each block's parts, no final norm, project_in / project_out
+    # around a narrower embedding
+    "opt_350m": {"arch": "opt", **_SHAPE, "seed": 7, "norm_std": 0.1,
+                 "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False}},
     "mistral": {"arch": "mistral", **_SHAPE, "n_kv_heads": 2, "seed": 8, "norm_std": 0.1,
                 "config": {"sliding_window": 5}},
     "qwen2": {"arch": "qwen2", **_SHAPE, "n_kv_heads": 2, "seed": 9, "norm_std": 0.1},

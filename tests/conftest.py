@@ -64,6 +64,19 @@ def tiny_ids():
     return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
+@torch.no_grad()
+def model_head(adapter: Adapter, x: torch.Tensor, after_norm: bool = False) -> torch.Tensor:
+    """The model's own logits for a last residual ``x`` [n, T, d] (or, ``after_norm``, for the
+    final norm's output): its forward on dummy tokens with that tensor patched in, so the final
+    norm, any projection, the unembedding and any soft-cap are the model's, not the adapter's."""
+    patch_at = adapter.final_norm if after_norm and adapter.final_norm is not None else adapter.blocks[-1]
+    handle = patch_at.register_forward_hook(lambda _m, _a, _out: x)
+    try:
+        return adapter.model(torch.zeros(x.shape[:2], dtype=torch.long), use_cache=False).logits
+    finally:
+        handle.remove()
+
+
 @dataclass
 class Cached:
     """A tiny model's activation cache on disk and a lens with small random translators."""

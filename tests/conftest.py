@@ -124,7 +124,8 @@ def tiny_run(tmp_path_factory):
         "model": "tiny-llama", "corpus": "tiny-text",
         "lens": {"source": "pretrained", "id": str(workdir / "their-lens")}}
     (workdir / "study.yaml").write_text(yaml.safe_dump(config))
-    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"))
+    # six runs of about 35 jobs each: allow for a loaded machine
+    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"), timeout=2400)
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, config
 

@@ -180,7 +180,8 @@ class Adapter:
         weight = self.output_embedding.weight
         if self.head_projection is None:
             return weight
-        if self._projected_unembedding is None:
+        cached = self._projected_unembedding
+        if cached is None or cached.device != weight.device:  # computed again after a move
             with torch.no_grad():
                 self._projected_unembedding = (weight.float() @ self.head_projection.weight.float()).contiguous()
         return self._projected_unembedding

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised GPT-2 and Llama models built in the test, and
+"""Shared fixtures: tiny randomly initialised models of every supported family, built in the test, and
 one real Snakemake run of the tiny config (session-scoped: several test files read it)."""
 
 from __future__ import annotations
@@ -21,9 +21,33 @@ from lensspace.models import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
+_SHAPE = {"n_layers": 3, "d_model": 32, "n_heads": 4}
+_SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+# One tiny random model per family of the adapter (and per variant with its own code path).
+# Every family perturbs its norms (norm_std) so that gains and biases are not the identity;
+# sliding windows are shorter than the test sequences, so layers get different masks.
 TINY = {
-    "gpt2": {"arch": "gpt2", "n_layers": 3, "d_model": 32, "n_heads": 4, "seed": 3},
-    "llama": {"arch": "llama", "n_layers": 3, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "seed": 4},
+    "gpt2": {"arch": "gpt2", **_SHAPE, "seed": 3},
+    "llama": {"arch": "llama", **_SHAPE, "n_kv_heads": 2, "seed": 4},
+    # Pythia: parallel attention and MLP, rotary on a quarter of each head, untied unembedding
+    "gpt_neox": {"arch": "gpt_neox", **_SHAPE, "seed": 5, "norm_std": 0.1,
+                 "config": {"tie_word_embeddings": False, "use_parallel_residual": True}},
+    # OPT-125m's shape (and every OPT but 350m): norms before the blocks' parts, a final norm
+    "opt": {"arch": "opt", **_SHAPE, "seed": 6, "norm_std": 0.1, "config": {"ffn_dim": 128}},
+    # OPT-350m's shape: norms after each block's parts, no final norm, project_in / project_out
+    # around a narrower embedding
+    "opt_350m": {"arch": "opt", **_SHAPE, "seed": 7, "norm_std": 0.1,
+                 "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False}},
+    "mistral": {"arch": "mistral", **_SHAPE, "n_kv_heads": 2, "seed": 8, "norm_std": 0.1,
+                "config": {"sliding_window": 5}},
+    "qwen2": {"arch": "qwen2", **_SHAPE, "n_kv_heads": 2, "seed": 9, "norm_std": 0.1},
+    "qwen3": {"arch": "qwen3", **_SHAPE, "n_kv_heads": 2, "seed": 10, "norm_std": 0.1},
+    "gemma": {"arch": "gemma", **_SHAPE, "n_kv_heads": 1, "seed": 11, "norm_std": 0.1},
+    # soft-cap small enough to bend the tiny model's logits
+    "gemma2": {"arch": "gemma2", **_SHAPE, "n_kv_heads": 2, "seed": 12, "norm_std": 0.1,
+               "config": {"sliding_window": 5, "final_logit_softcapping": 2.0}},
+    "gemma3_text": {"arch": "gemma3_text", **_SHAPE, "n_kv_heads": 2, "seed": 13, "norm_std": 0.1,
+                    "config": {"sliding_window": 5, "layer_types": _SLIDING, "final_logit_softcapping": 2.0}},
 }
 
 
@@ -38,6 +62,19 @@ def tiny(request):
 @pytest.fixture(scope="session")
 def tiny_ids():
     return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def model_head(adapter: Adapter, x: torch.Tensor, after_norm: bool = False) -> torch.Tensor:
+    """The model's own logits for a last residual ``x`` [n, T, d] (or, ``after_norm``, for the
+    final norm's output): its forward on dummy tokens with that tensor patched in, so the final
+    norm, any projection, the unembedding and any soft-cap are the model's, not the adapter's."""
+    patch_at = adapter.final_norm if after_norm and adapter.final_norm is not None else adapter.blocks[-1]
+    handle = patch_at.register_forward_hook(lambda _m, _a, _out: x)
+    try:
+        return adapter.model(torch.zeros(x.shape[:2], dtype=torch.long), use_cache=False).logits
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -87,7 +124,8 @@ def tiny_run(tmp_path_factory):
         "model": "tiny-llama", "corpus": "tiny-text",
         "lens": {"source": "pretrained", "id": str(workdir / "their-lens")}}
     (workdir / "study.yaml").write_text(yaml.safe_dump(config))
-    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"))
+    # six runs of about 35 jobs each: allow for a loaded machine
+    done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"), timeout=2400)
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, config
 

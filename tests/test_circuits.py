@@ -41,18 +41,24 @@ def test_induction_score_on_planted_and_uniform_patterns():
 
 
 def test_head_writes_sum_to_attention_output(tiny, tiny_ids):
+    """The heads' writes plus the output bias are the attention's write into the residual: the
+    output projection's output, or where a norm follows it (Gemma 2/3) that norm's output."""
     adapter, _ = tiny
     heads, mlps = writes(adapter, tiny_ids)
     out_proj = adapter.attention_out(1)
+    write_norm = adapter.attention_write_norm(1)
     captured = {}
-    handle = out_proj.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+    handles = [(write_norm or out_proj).register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out)),
+               adapter.mlp(1).register_forward_hook(lambda _m, _a, out: captured.setdefault("mlp", out))]
     try:
         adapter.model(tiny_ids)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     bias = out_proj.bias if out_proj.bias is not None else 0
     torch.testing.assert_close(heads[1].sum(dim=2) + bias, captured["out"], atol=1e-5, rtol=1e-5)
     assert mlps[1].shape == (*tiny_ids.shape, adapter.d_model)
+    torch.testing.assert_close(mlps[1].reshape(-1, adapter.d_model), captured["mlp"].reshape(-1, adapter.d_model))
 
 
 def _plant(translator: torch.nn.Linear, a: torch.Tensor) -> None:

@@ -20,7 +20,8 @@ def _load(name):
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "configs/paper-gpt2.yaml", "configs/tiny.yaml",
-                                  "configs/paper-scale-random.yaml"])
+                                  "configs/paper-scale-random.yaml", "configs/pythia-160m.yaml",
+                                  "configs/qwen2.5-0.5b.yaml"])
 def test_shipped_configs_are_valid(name):
     config = _load(name)
     validate(config, SCHEMA)
@@ -89,3 +90,15 @@ def test_h0_layer_selection():
     bad["h0"]["layers"] = [40]
     with pytest.raises(LensspaceError, match="layer 40 does not exist"):
         check_references(bad)
+
+
+def test_unknown_random_arch_is_refused_at_parse_time():
+    """A random model of a family the adapter lacks stops at the config check, naming the key,
+    the supported families and the one file to edit."""
+    config = copy.deepcopy(_load("configs/tiny.yaml"))
+    config["models"]["tiny-llama"]["arch"] = "mamba"
+    validate(config, SCHEMA)
+    with pytest.raises(LensspaceError, match=r"models\.tiny-llama\.arch: model_type 'mamba'") as err:
+        check_references(config)
+    message = str(err.value)
+    assert "gemma2" in message and "gpt_neox" in message and "src/lensspace/adapter.py" in message

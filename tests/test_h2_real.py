@@ -89,14 +89,22 @@ def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_
 
 
 def test_tied_embeddings_are_detected_by_value(real):
-    """SmolLM2 and both tiny families tie W_E and W_U (so H2's embedding basis is H0's unembedding
-    basis, direction for direction); an untied copy is reported as untied."""
+    """SmolLM2 and the tiny families that tie W_E and W_U are reported tied (H2's embedding basis
+    is then H0's unembedding basis, direction for direction, Gemma's sqrt(d) scale included); an
+    untied copy is reported as untied, and so are Pythia's untied matrices and OPT-350m, whose
+    tied matrices sit behind project_in / project_out."""
     assert embeddings_tied(real.adapter)
     torch.testing.assert_close(embedding_basis(real.adapter).vectors,
                                unembedding_bases(real.adapter)["unembed"].vectors, rtol=0, atol=0)
     for spec in TINY.values():
         model, _ = build_random_model(spec)
-        assert embeddings_tied(Adapter(model))
+        extra = spec.get("config", {})
+        expected = extra.get("tie_word_embeddings", True) and "word_embed_proj_dim" not in extra
+        adapter = Adapter(model)
+        assert embeddings_tied(adapter) == expected, spec["arch"]
+        if expected:
+            torch.testing.assert_close(embedding_basis(adapter).vectors.abs(),
+                                       unembedding_bases(adapter)["unembed"].vectors.abs(), rtol=1e-4, atol=1e-4)
         untied = model.get_output_embeddings()
         untied.weight = torch.nn.Parameter(untied.weight.detach() + 1e-3)
         assert not embeddings_tied(Adapter(model))
@@ -104,9 +112,13 @@ def test_tied_embeddings_are_detected_by_value(real):
 
 @pytest.mark.workflow
 def test_fit_rows_and_table_say_when_the_embedding_is_tied(tiny_run):
-    """Both tiny families tie W_E and W_U: every H2 fit row says so and the table's header too."""
+    """The tiny models tie W_E and W_U but the Pythia-shaped one: every H2 fit row says which,
+    and the table's header carries the note only where they are tied."""
     workdir, config = tiny_run
-    for run in config["runs"]:
+    for run, spec in config["runs"].items():
+        tied = config["models"][spec["model"]].get("config", {}).get("tie_word_embeddings", True)
         fit = pd.read_csv(workdir / "results" / run / "h2" / "fit.tsv", sep="\t")
-        assert fit["embed_tied_to_unembed"].dtype == bool and fit["embed_tied_to_unembed"].all()
-        assert h2.TIED_NOTE in (workdir / "results" / "tables" / f"h2_{run}.md").read_text()
+        assert fit["embed_tied_to_unembed"].dtype == bool
+        assert (fit["embed_tied_to_unembed"] == tied).all(), run
+        assert (h2.TIED_NOTE in (workdir / "results" / "tables" / f"h2_{run}.md").read_text()) == tied
+    assert any(not spec.get("config", {}).get("tie_word_embeddings", True) for spec in config["models"].values())

@@ -78,9 +78,12 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
             # the logits move by (step) x the direct effect; only their spread can re-rank
             u = adapter.normalize(torch.randn(d, generator=torch.Generator().manual_seed(j))).double()
             step = 1e-3
-            centred = mw - mw.mean() if adapter.arch.norm_kind == "layernorm" else mw
+            centred = mw - mw.mean() if adapter.norm_kind == "layernorm" else mw
+            # the direct effect is linear: before any final-logit soft-cap (Gemma 2)
+            cap, adapter.logit_softcap = adapter.logit_softcap, None
             before = adapter.logits_from_normalized(u.float()).double()
             after = adapter.logits_from_normalized((u + step * centred).float()).double()
+            adapter.logit_softcap = cap
             assert rows.loc[j, "logit_effect"] == pytest.approx(float((after - before).std() / step), rel=2e-2)
 
 
@@ -98,7 +101,7 @@ def test_ablation_effects_match_a_full_forward_pass(tiny, tmp_path):
 
     def hook(_module, args):
         a = args[0].clone()
-        a[:, 1:, neurons] = means[layer][neurons]
+        a.view(len(ids), ids.shape[1], -1)[:, 1:, neurons] = means[layer][neurons]  # OPT: flat tokens
         return (a,)
 
     handle = adapter.mlp_out(layer).register_forward_pre_hook(hook)

@@ -136,6 +136,33 @@ def test_offline_hub_model_gives_one_clear_error(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("name, model, hub_id", [
+    ("pythia-160m.yaml", "pythia-160m", "EleutherAI/pythia-160m-deduped"),
+    ("qwen2.5-0.5b.yaml", "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"),
+])
+def test_family_examples_offline_give_one_clear_error(tmp_path, name, model, hub_id):
+    target = f"resources/models/{model}/lensspace-model.json"
+    done = snakemake(tmp_path, target, "--configfile", str(ROOT / "configs" / name),
+                     timeout=300, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert f"model '{model}' (hub id '{hub_id}') could not be fetched" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "resources" / "models" / model / "model.safetensors").exists()
+
+
+def test_unknown_family_stops_before_any_job(tmp_path):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["models"]["tiny-gpt2"]["arch"] = "mamba"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", timeout=300)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "models.tiny-gpt2.arch: model_type 'mamba' has no architecture adapter" in out
+    assert "src/lensspace/adapter.py" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["h0"]["sites"] = ["pre_norm", "postnorm"]

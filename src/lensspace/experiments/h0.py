@@ -45,23 +45,30 @@ class _Prepared:
 class LinearHead:
     """The final norm and unembedding as ``logits = G u + c0`` with ``u = C z / s(C z)``.
 
-    ``G = W_U diag(g)``, ``c0 = W_U beta`` (zero without a norm bias), ``C`` centres (LayerNorm)
-    or is the identity (RMSNorm), ``s(x) = sqrt(mean(x^2) + eps)``.
+    ``G = W_U diag(g)``, ``c0 = W_U beta + b_U`` (zero without biases), ``C`` centres (LayerNorm)
+    or is the identity (RMSNorm), ``s(x) = sqrt(mean(x^2) + eps)`` (1 without a final norm).
+    These are the logits before the family's soft-cap; :meth:`output` applies it.
     """
 
     def __init__(self, adapter: Adapter):
         self.adapter = adapter
         w = adapter.unembedding.detach().float()
         self.g = w * adapter.norm_gain.detach().float()
-        bias = adapter.norm_bias
+        bias, out_bias = adapter.norm_bias, adapter.unembedding_bias
         self.c0 = w @ bias.detach().float() if bias is not None else torch.zeros(w.shape[0], device=w.device)
-        self.centred = adapter.arch.norm_kind == "layernorm"
+        if out_bias is not None:
+            self.c0 = self.c0 + out_bias.detach().float()
+        self.centred = adapter.norm_kind == "layernorm"
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
-        return x - x.mean(-1, keepdim=True) if self.centred else x
+        return self.adapter.centre(x)
 
     def scale(self, cz: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(cz.pow(2).mean(-1, keepdim=True) + self.adapter.norm_eps)
+        return self.adapter.norm_scale(cz)
+
+    def output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the linear ones: the family's soft-cap (identity for most)."""
+        return self.adapter.cap_logits(logits)
 
     def prepare(self, q: torch.Tensor) -> _Prepared:
         c_q = q - q.mean(0, keepdim=True) if self.centred else q
@@ -119,7 +126,7 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
     for start in range(0, len(h), chunk):
         z = translate(lens, h[start: start + chunk, 1:], layer).float()
         clean, s = head.clean(z)
-        clean_logp = clean.log_softmax(-1)
+        clean_logp = head.output(clean).log_softmax(-1)
         clean_p = clean_logp.exp()
         for key, sites in by_subspace.items():
             for site, site_cells in sites.items():
@@ -127,7 +134,7 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
                 ablated = head.ablated(z, clean, s, prepared[key], site, means, modes)
                 for cell in site_cells:
                     logits, edit = ablated[cell.mode]
-                    results.add(cell, kl_from_logprobs(clean_logp, logits.log_softmax(-1), clean_p), edit)
+                    results.add(cell, kl_from_logprobs(clean_logp, head.output(logits).log_softmax(-1), clean_p), edit)
     return results
 
 

@@ -45,8 +45,8 @@ class EmbeddingLensSettings:
 
 
 def embedding_basis(adapter: Adapter) -> Basis:
-    """Right singular vectors of ``W_E`` (token embedding matrix), descending."""
-    _, s, vh = torch.linalg.svd(adapter.embed.weight.detach().double(), full_matrices=False)
+    """Right singular vectors of ``W_E`` as the residual sees it (any scale or projection), descending."""
+    _, s, vh = torch.linalg.svd(adapter.embedding_matrix.detach().double(), full_matrices=False)
     return Basis("embed", vh.T.float().contiguous(), s.float())
 
 
@@ -86,7 +86,7 @@ TIED_NOTE = ("W_E is tied to W_U: the embedding basis is H0's unembedding basis,
 
 def embeddings_tied(adapter: Adapter) -> bool:
     """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding basis."""
-    return torch.equal(adapter.embed.weight, adapter.unembedding)
+    return adapter.embeddings_tied()
 
 
 def route_logits(runner: BlockRunner, lens: TunedLens, layer: int, h: torch.Tensor,
@@ -130,10 +130,8 @@ def fit_embedding_lens(runner: BlockRunner, lens: TunedLens, cache: ActivationCa
 
 def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> torch.Tensor:
     """The runner's forward with gradients (the model's weights stay frozen)."""
-    args, kwargs = runner.block_context(h.shape[0], h.shape[1])
     for index in range(start, runner.adapter.n_layers):
-        out = runner.adapter.blocks[index](h, *args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out
+        h = runner.call_block(index, h)
     return runner.adapter.logits(h)
 
 

@@ -78,7 +78,7 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
         w = adapter.neuron_out_weights(layer).detach().double().cpu()  # [n, d]
         lens_w = w @ m.T
         total = lens_w.square().sum(1)
-        x = adapter.norm_center(lens_w) * gain
+        x = adapter.centre(lens_w) * gain
         spread = ((x @ logit_cov) * x).sum(1).clamp_min(0).sqrt()
         lens_norm = total.sqrt()
         frames.append(pd.DataFrame({
@@ -92,15 +92,22 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
     return pd.concat(frames, ignore_index=True)
 
 
+def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The MLP activations as a [batch, position, neuron] view (OPT runs its MLP on flattened tokens)."""
+    return a.view(-1, seq_len, a.shape[-1])
+
+
 @torch.no_grad()
 def activation_stats(adapter: Adapter, ids: torch.Tensor, chunk: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of ``ids``."""
     sums: dict[int, torch.Tensor] = {}
     squares: dict[int, torch.Tensor] = {}
 
+    seq_len = ids.shape[1]
+
     def hook_for(layer: int):
         def hook(_module, args):
-            a = args[0][:, 1:].double()
+            a = by_position(args[0], seq_len)[:, 1:].double()
             sums[layer] = sums.get(layer, 0) + a.sum((0, 1)).cpu()
             squares[layer] = squares.get(layer, 0) + a.square().sum((0, 1)).cpu()
         return hook
@@ -146,7 +153,7 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 
 def _log_scale(adapter: Adapter, z: torch.Tensor) -> torch.Tensor:
     """Log of the final norm's per-token scale (root mean square of the centred residual)."""
-    return adapter.norm_center(z.float()).square().mean(-1).add(adapter.norm_eps).log().mul(0.5)
+    return adapter.centre(z.float()).square().mean(-1).add(adapter.norm_eps).log().mul(0.5)
 
 
 class NeuronAblation:
@@ -193,7 +200,7 @@ class NeuronAblation:
 
             def hook(_module, args):
                 a = args[0].clone()
-                a[:, 1:, idx.to(a.device)] = value.to(a.device, a.dtype)
+                by_position(a, h.shape[1])[:, 1:, idx.to(a.device)] = value.to(a.device, a.dtype)
                 return (a, *args[1:])
             return hook
 

@@ -133,12 +133,10 @@ class LensSpaceBlocks:
     def run(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
         """The last residual after composing ``g_{order[k]}`` from ``z = T_start(h)`` at
         positions ``1:``; position 0 runs the same blocks natively, untranslated."""
-        args, kwargs = self.runner.block_context(h.shape[0], h.shape[1])
         first, z = h[:, :1], self.to_lens(h[:, 1:], perm.start)
         for block_index in perm.order:
             x = torch.cat([first, self.from_lens(z, block_index)], dim=1)
-            out = self.runner.adapter.blocks[block_index](x, *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = self.runner.call_block(block_index, x)
             first, z = out[:, :1], self.to_lens(out[:, 1:], block_index + 1)
         return torch.cat([first, z.float()], dim=1)  # T_L is the identity: the last residual
 

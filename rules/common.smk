@@ -11,6 +11,7 @@ from lensspace.settings import (
     compute_settings,
     embedding_lens_settings,
     experiment_layers,
+    layer_jobs,
     lens_training,
     shuffle_pair_chunks,
     token_split,
@@ -28,7 +29,8 @@ REFERENCE = str(Path(workflow.basedir) / "reference" / "seed_tables.tsv")
 
 
 wildcard_constraints:
-    layer=r"\d+",
+    # a per-layer job's layers: one layer, or several joined by _ (layers_per_job)
+    layer=r"\d+(_\d+)*",
     # {run} is always a run of the config: keeps figures/h1_heads_{run}.png from matching h1_{run}.
     run="|".join(re.escape(r) for r in config["runs"]),
 
@@ -59,14 +61,19 @@ def get_experiment_layers(run, section):
     return experiment_layers(config, get_n_layers(run), section)
 
 
+def get_layer_jobs(run, section):
+    """The names of experiment ``section``'s per-layer jobs: its layers, ``layers_per_job`` a job."""
+    return layer_jobs(get_experiment_layers(run, section), config["layers_per_job"])
+
+
 def get_layer_tables(section, folder="layers"):
-    """Input function: the per-layer TSVs of experiment ``section`` (h0, h1, h2) for a run."""
+    """Input function: the per-job TSVs of experiment ``section`` (h0, h1, h2) for a run."""
 
     def layer_tables(wildcards):
         return expand(
             f"{RESULTS}/{{run}}/{section}/{folder}/{{layer}}.tsv",
             run=wildcards.run,
-            layer=get_experiment_layers(wildcards.run, section),
+            layer=get_layer_jobs(wildcards.run, section),
         )
 
     return layer_tables

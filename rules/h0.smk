@@ -1,4 +1,4 @@
-# H0: ablate SVD subspaces in lens space, one job per layer, then merge, tabulate, plot.
+# H0: ablate SVD subspaces in lens space, one job per `layers_per_job` layers, then merge, tabulate, plot.
 
 
 rule h0_layer:

@@ -1,5 +1,5 @@
-# H1: the subspaces in the model's own residual stream, one job per layer (resumed from the
-# activation cache), then merge, tabulate, plot; and the circuit ends of every head.
+# H1: the subspaces in the model's own residual stream, one job per `layers_per_job` layers
+# (resumed from the activation cache), then merge, tabulate, plot; and the circuit ends of every head.
 
 
 rule h1_layer:

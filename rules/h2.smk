@@ -1,4 +1,4 @@
-# H2: embedding lenses (circuit beginnings), one job per layer, then merge, tabulate, plot.
+# H2: embedding lenses (circuit beginnings), one job per `layers_per_job` layers, then merge, tabulate, plot.
 
 
 rule h2_layer:

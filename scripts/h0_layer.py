@@ -1,9 +1,11 @@
-"""H0 at one layer: the whole ablation grid in lens space, per sequence, and the norm shares."""
+"""H0 at a job's layers: the whole ablation grid in lens space, per sequence, and the norm shares."""
+import sys
 from pathlib import Path
 
 from lensspace import runtime
 from lensspace.experiments.h0 import norm_shares, run_layer
 from lensspace.lenses import load_lens
+from lensspace.settings import job_layers
 from lensspace.subspaces import load_bases
 
 
@@ -11,12 +13,18 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    bases, layer, grid = load_bases(sm.input.bases, adapter.device), int(sm.wildcards.layer), sm.params.grid
-    results = run_layer(adapter, lens, cache, bases, layer, grid,
-                        chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
-    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
-    runtime.write_tsv(norm_shares(adapter, lens, cache, bases, layer, grid), sm.output.shares)
-    runtime.write_tsv(results.rows(), sm.output.table)
+    bases, grid = load_bases(sm.input.bases, adapter.device), sm.params.grid
+    chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
+    rows, sequences, shares = [], [], []
+    for layer in job_layers(sm.wildcards.layer):
+        results = run_layer(adapter, lens, cache, bases, layer, grid, chunk=chunk)
+        rows += results.rows()
+        sequences += results.per_sequence()
+        shares += norm_shares(adapter, lens, cache, bases, layer, grid)
+        print(f"layer {layer} done", file=sys.stderr)
+    runtime.write_tsv(sequences, sm.output.sequences)
+    runtime.write_tsv(shares, sm.output.shares)
+    runtime.write_tsv(rows, sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

@@ -1,10 +1,12 @@
-"""H1 at one layer: the ablation grid in the residual stream, resumed from the cache."""
+"""H1 at a job's layers: the ablation grid in the residual stream, resumed from the cache."""
+import sys
 from pathlib import Path
 
 from lensspace import runtime
 from lensspace.experiments.h1 import run_layer
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
+from lensspace.settings import job_layers
 from lensspace.subspaces import load_bases
 
 
@@ -12,11 +14,16 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    results = run_layer(BlockRunner(adapter), lens, cache, load_bases(sm.input.bases, adapter.device),
-                        int(sm.wildcards.layer), sm.params.grid,
-                        chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
-    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
-    runtime.write_tsv(results.rows(), sm.output.table)
+    runner, bases = BlockRunner(adapter), load_bases(sm.input.bases, adapter.device)
+    chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
+    rows, sequences = [], []
+    for layer in job_layers(sm.wildcards.layer):
+        results = run_layer(runner, lens, cache, bases, layer, sm.params.grid, chunk=chunk)
+        rows += results.rows()
+        sequences += results.per_sequence()
+        print(f"layer {layer} done", file=sys.stderr)
+    runtime.write_tsv(sequences, sm.output.sequences)
+    runtime.write_tsv(rows, sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

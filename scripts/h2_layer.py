@@ -1,4 +1,5 @@
-"""H2 at one layer: fit the embedding lens E_i, its held-out quality, and the input ablations."""
+"""H2 at a job's layers: fit the embedding lens E_i, its held-out quality, and the input ablations."""
+import sys
 from pathlib import Path
 
 from lensspace import runtime
@@ -6,20 +7,27 @@ from lensspace.experiments.h2 import (embedding_basis, embeddings_tied, evaluate
                                       fit_embedding_lens)
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
+from lensspace.settings import job_layers
 
 
 def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
-    emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
-    fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid,
-                                 chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
-    fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
-    runtime.write_tsv([fit], sm.output.fit)
-    runtime.write_tsv(results.per_sequence(), sm.output.sequences)
-    runtime.write_tsv(results.rows(), sm.output.table)
+    runner, grid, basis = BlockRunner(adapter), sm.params.grid, embedding_basis(adapter)
+    chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
+    fits, rows, sequences = [], [], []
+    for layer in job_layers(sm.wildcards.layer):
+        emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
+        fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, basis, grid, chunk=chunk)
+        fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
+        fits.append(fit)
+        rows += results.rows()
+        sequences += results.per_sequence()
+        print(f"layer {layer} done", file=sys.stderr)
+    runtime.write_tsv(fits, sm.output.fit)
+    runtime.write_tsv(sequences, sm.output.sequences)
+    runtime.write_tsv(rows, sm.output.table)
 
 
 runtime.main(snakemake, body)  # noqa: F821

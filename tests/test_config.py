@@ -9,7 +9,8 @@ from snakemake.utils import validate
 
 from lensspace.errors import LensspaceError
 from lensspace.settings import (ablation_grid, check_references, compute_settings, embedding_lens_settings,
-                                experiment_layers, lens_training, shuffle_pair_chunks, token_split)
+                                experiment_layers, job_layers, layer_jobs, lens_training,
+                                shuffle_pair_chunks, token_split)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")
@@ -102,3 +103,12 @@ def test_unknown_random_arch_is_refused_at_parse_time():
         check_references(config)
     message = str(err.value)
     assert "gemma2" in message and "gpt_neox" in message and "src/lensspace/adapter.py" in message
+
+
+def test_layer_jobs_cover_every_layer_once_in_order():
+    layers = [0, 5, 10, 15, 20, 25, 29]
+    assert layer_jobs(layers, 1) == ["0", "5", "10", "15", "20", "25", "29"]  # the per-layer names
+    jobs = layer_jobs(layers, 3)
+    assert jobs == ["0_5_10", "15_20_25", "29"]
+    assert [layer for job in jobs for layer in job_layers(job)] == layers
+    assert layer_jobs(layers, 100) == ["0_5_10_15_20_25_29"]

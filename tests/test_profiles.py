@@ -86,6 +86,34 @@ def test_slurm_profile_parses_and_resolves_names_from_the_environment(tmp_path):
     assert "Using profile" in out and "profiles/slurm" in out
 
 
+def _planned_jobs(out: str, rule: str) -> int:
+    """How many jobs of ``rule`` a dry run's job-stats table plans (0 if none)."""
+    found = re.search(rf"^{rule}\s+(\d+)$", out, re.M)
+    return int(found[1]) if found else 0
+
+
+def test_laptop_batches_an_experiments_layers_and_slurm_runs_one_job_per_layer(tmp_path):
+    """layers_per_job: the schema's default batches the tiny model's 3 H0 layers into one job
+    (start-up paid once); the SLURM profile passes layers_per_job=1, so the cluster gets one
+    job per layer, named by the layer as before."""
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["corpora"]["tiny-text"]["path"] = str(ROOT / "tests" / "data" / "tiny_corpus.txt")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    target = "results/tiny-llama/h0/ablation.tsv"
+    args = ("--configfile", str(tmp_path / "study.yaml"), "-n", target)
+    laptop = snakemake(tmp_path, *args, timeout=300)
+    two = snakemake(tmp_path, *args, "--config", "layers_per_job=2", timeout=300)
+    cluster = snakemake(tmp_path, "--profile", str(SLURM.parent), *args, timeout=300)
+    for done in (laptop, two, cluster):
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert _planned_jobs(laptop.stdout, "h0_layer") == 1
+    assert "results/tiny-llama/h0/layers/0_1_2.tsv" in laptop.stdout
+    assert _planned_jobs(two.stdout, "h0_layer") == 2
+    assert "results/tiny-llama/h0/layers/0_1.tsv" in two.stdout
+    assert _planned_jobs(cluster.stdout, "h0_layer") == 3
+    assert all(f"results/tiny-llama/h0/layers/{layer}.tsv" in cluster.stdout for layer in range(3))
+
+
 def test_readme_gives_the_cluster_command_for_the_paper_config():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Running on a SLURM cluster", 1)[1].split("\n## ", 1)[0]

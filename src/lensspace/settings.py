@@ -124,6 +124,17 @@ def circuit_settings(config: dict, d_model: int) -> CircuitSettings:
     return CircuitSettings(k=d_model // 2, seed=config["seed"], **heads)
 
 
+def layer_jobs(layers: list[int], per_job: int) -> list[str]:
+    """The layers cut into jobs of at most ``per_job`` consecutive entries, each job named by its
+    layers joined by ``_`` (``0_5_10``; one layer per job: just the layer, ``5``)."""
+    return ["_".join(map(str, layers[start: start + per_job])) for start in range(0, len(layers), per_job)]
+
+
+def job_layers(name: str) -> list[int]:
+    """The layers of a job named by :func:`layer_jobs`."""
+    return [int(part) for part in name.split("_")]
+
+
 def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[int]:
     """``all``, an explicit list, or ``{stride: s}`` (0, s, 2s, ... and always the last layer)."""
     layers = config[section]["layers"]

@@ -1,0 +1,98 @@
+"""H0 at one layer: this checkout's run_layer against the implementation of an earlier commit
+(default: the last one before issue 11's changes), alternating in one process, on the embedded
+default's cache and lens (target: >= 3x faster at the same grid; the values must agree).
+
+    .venv/bin/python benchmarks/h0_speed.py [--layer 15] [--repeats 3] [--before a3aa689]
+
+Needs a finished `results/{run}/lens/params.pt` (e.g. `snakemake results/smollm2-bible/lens/params.pt`)
+and git (the earlier implementation is read with `git show`). Both sides get the same grid (the
+config's h0 grid) and the same inputs; the per-sequence KLs of every cell are compared. Each
+side runs with the C library's memory setting of its own job (runtime.keep_freed_memory now,
+glibc's default before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from snakemake.utils import validate
+
+from lensspace.activations import ActivationCache
+from lensspace.adapter import Adapter
+from lensspace.experiments import h0
+from lensspace.lenses import load_lens
+from lensspace.models import load_model
+from lensspace.runtime import keep_freed_memory
+from lensspace.settings import ablation_grid
+from lensspace.subspaces import load_bases
+
+BEFORE = "a3aa689"  # main before issue 11: the first linear-head shortcut
+
+
+def earlier_module(revision: str):
+    """experiments/h0.py as it was at ``revision``, imported under another name."""
+    text = subprocess.run(["git", "show", f"{revision}:src/lensspace/experiments/h0.py"],
+                          capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "h0_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("h0_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--run", default="smollm2-bible")
+    parser.add_argument("--model", type=Path, default=Path("resources/models/smollm2-135m"))
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--before", default=BEFORE, help="git revision of the implementation to compare with")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    config = yaml.safe_load(args.config.read_text())
+    validate(config, "schemas/config.schema.yaml")
+    grid = ablation_grid(config, "h0")
+    model, _ = load_model(args.model)
+    adapter = Adapter(model)
+    run_dir = args.results / args.run
+    cache = ActivationCache(run_dir / "activations")
+    lens = load_lens(adapter, run_dir / "lens")
+    bases = load_bases(str(run_dir / "svd" / "bases.safetensors"))
+    before = earlier_module(args.before)
+    # each side as its job runs it: now with runtime.main's keep_freed_memory, before without
+    sides = {"before": (before.run_layer, False), "now": (h0.run_layer, True)}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    out = {}
+    for _ in range(args.repeats):
+        for name, (run_layer, keep) in sides.items():
+            keep_freed_memory(keep)
+            started = time.perf_counter()
+            out[name] = run_layer(adapter, lens, cache, bases, args.layer, grid)
+            times[name].append(time.perf_counter() - started)
+            print(f"{name}: {times[name][-1]:.2f} s", file=sys.stderr)
+    n_cells = len(grid.variants(adapter.d_model))
+    worst = 0.0
+    for cell in out["before"].kl:
+        a, b = torch.cat(out["before"].kl[cell]).mean(-1), torch.cat(out["now"].kl[cell]).mean(-1)
+        worst = max(worst, float(((a - b).abs() / a.abs().clamp_min(1e-3)).max()))
+    t_before, t_now = statistics.median(times["before"]), statistics.median(times["now"])
+    print(f"H0 layer {args.layer}, {n_cells} cells, {len(cache.load(args.layer, 'eval'))} sequences: "
+          f"before ({args.before}) {t_before:.2f} s, now {t_now:.2f} s (medians of {args.repeats}); "
+          f"speed-up {t_before / t_now:.2f}x (target >= 3); largest relative difference of a "
+          f"per-sequence KL {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""How close to this machine's limit each heavy rule of a finished run ran.
+
+    .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall SECONDS]
+
+In one run it measures the fp32 matrix-multiply rate (torch, the rules' thread count) on the
+unembedding's shape and on a square product, and the start-up of one job (a fresh Python that
+imports the package and loads the run's model). From the config's settings it counts each
+heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
+the implementation; H0 counted with the head's linearity: one rank-k product per independent
+subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
+per rule: seconds, minimal GFLOP, achieved rate / measured peak, start-up share, and why a rule
+sits far below the peak where the reason is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from snakemake.utils import validate
+
+from lensspace.provenance import benchmark_jobs
+from lensspace.settings import ablation_grid, experiment_layers, shuffle_pair_chunks, token_split
+
+# Where a rule cannot reach the matrix-multiply rate, and why.
+WHY = {
+    "h0_layer": "one log-sum-exp over the vocabulary per cell (exp-bound, not in the FLOPs)",
+    "cache_activations": "attention and norms at 128 tokens; writes every residual",
+    "train_lens": "float64 least squares; Adam steps of 256 tokens with a softmax each",
+}
+
+
+def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
+    """Median GFLOP/s of fp32 products: the unembedding's shape and 2048^3."""
+    torch.set_num_threads(threads)
+    shapes = {"[1024x576]x[576x49152]": (1024, 576, 49152), "2048^3": (2048, 2048, 2048)}
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        torch.mm(a, b, out=out)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b, out=out)
+            times.append(time.perf_counter() - started)
+        rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
+    return rates
+
+
+def startup_seconds(model: Path, repeats: int = 3) -> float:
+    """Median wall time of a fresh interpreter that imports lensspace and loads the model."""
+    code = ("from lensspace import runtime; import lensspace.experiments.h0, lensspace.lenses; "
+            f"runtime.open_model({str(model / 'lensspace-model.json')!r}, 'cpu')")
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+class Shape:
+    """The model's sizes, from its config.json: what the FLOP counts need."""
+
+    def __init__(self, folder: Path):
+        import json
+
+        c = json.loads((folder / "config.json").read_text())
+        self.d = c.get("hidden_size", c.get("n_embd"))
+        self.layers = c.get("num_hidden_layers", c.get("n_layer"))
+        self.vocab = c["vocab_size"]
+        heads = c.get("num_attention_heads", c.get("n_head"))
+        kv = c.get("num_key_value_heads", heads)
+        ff = c.get("intermediate_size") or c.get("n_inner") or 4 * self.d
+        gated = c.get("model_type") != "gpt2"  # Llama's MLP has three matrices
+        self.layernorm = c.get("model_type") == "gpt2"  # centring: H0 needs a product per site
+        self.block_params = self.d * (2 * self.d + 2 * self.d * kv // heads) + (3 if gated else 2) * self.d * ff
+
+    def block(self, seq_len: int) -> float:
+        """FLOPs of one block for one token (weights, plus causal attention at ``seq_len``)."""
+        return 2 * self.block_params + 2 * seq_len * self.d
+
+    @property
+    def head(self) -> float:
+        return 2 * self.d * self.vocab
+
+
+def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
+    """Minimal FLOPs per heavy rule from the run's settings."""
+    split = token_split(config, run)
+    t = split.seq_len
+    n_train, n_eval = split.train_sequences * t, split.eval_sequences * t
+    evaluated = split.eval_sequences * (t - 1)
+    d, big_l, head = shape.d, shape.layers, shape.head
+    flops: dict[str, float] = {}
+    flops["cache_activations"] = (n_train + n_eval) * big_l * shape.block(t)
+    lens = {**config["lens_training"], **{k: v for k, v in config["runs"][run]["lens"].items() if k != "source"}}
+    n_check = max(1, round(lens["check_tokens"] / (t - 1))) * (t - 1) if lens["refine_steps"] else 0
+    fit_tokens = split.train_sequences * (t - 1) - n_check
+    flops["train_lens"] = (big_l * (2 * fit_tokens * d * d  # the Gram matrix
+                                    + lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head  # forward + input gradient
+                                    + 2 * n_check * head)  # the keep-or-revert check, before and after
+                           + (lens["refine_tokens"] + n_check) * head)  # the targets, once
+    flops["eval_lens"] = evaluated * (head + big_l * (2 * head + 2 * d * d))
+    flops["ridge_lens"] = big_l * 2 * split.train_sequences * (t - 1) * d * d
+    g0 = ablation_grid(config, "h0")
+    half = [k for k in g0.resolve_k(d) if 2 * k == d]
+    per_layer = 0.0
+    for k in g0.resolve_k(d):
+        subspaces = [s for s in g0.subspaces if s != "random"]
+        pairs = len(g0.bases) if ("output" in subspaces and "internal" in subspaces and k in half) else len(g0.bases) * len(subspaces)
+        sites = len(g0.sites) if shape.layernorm else 1  # RMSNorm: one product serves both sites
+        randoms = g0.random_draws if "random" in g0.subspaces else 0
+        per_layer += (pairs + randoms) * sites * evaluated * 2 * k * shape.vocab
+    flops["h0_layer"] = len(experiment_layers(config, big_l, "h0")) * (evaluated * head + per_layer)
+    g1 = ablation_grid(config, "h1")
+    passes = len(g1.variants(d)) + 1  # every cell and the clean reference
+    flops["h1_layer"] = sum(passes * n_eval * ((big_l - layer) * shape.block(t) + head)
+                            for layer in experiment_layers(config, big_l, "h1"))
+    g2 = ablation_grid(config, "h2")
+    h2 = config["h2"]
+    flops["h2_layer"] = sum(2 * split.train_sequences * (t - 1) * d * d
+                            + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
+                            + evaluated * (len(g2.variants(d)) + 3) * head  # target, clean, lens route, cells
+                            + n_eval * (big_l - layer) * shape.block(t)  # downstream route
+                            for layer in experiment_layers(config, big_l, "h2"))
+    shuffle = config["shuffle"]
+    n_shuffle = (shuffle.get("eval_sequences") or split.eval_sequences) * t
+    runs = 1 + len(shuffle["spaces"])
+    pairs = [p for chunk in shuffle_pair_chunks(config, big_l) for p in chunk]
+    flops["shuffle_pairs"] = sum(runs * n_shuffle * ((big_l - i) * shape.block(t) + head) for i, _ in pairs)
+    flops["shuffle_windows"] = shuffle["window_samples"] * runs * n_shuffle * (big_l / 2 * shape.block(t) + head)
+    return flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--wall", type=float, default=None, help="measured wall time of the whole run (s)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the heavy rules (their `threads:`)")
+    args = parser.parse_args()
+    config = yaml.safe_load(args.config.read_text())
+    validate(config, "schemas/config.schema.yaml")
+    rates = matmul_rate(args.threads)
+    peak = max(rates.values())
+    print("fp32 matrix multiply, measured now: " + ", ".join(f"{n} {r:.0f} GFLOP/s" for n, r in rates.items()))
+    jobs = benchmark_jobs(args.results)
+    if jobs.empty:
+        raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
+    rows = []
+    for run in config["runs"]:
+        model = Path("resources/models") / config["runs"][run]["model"]
+        startup = startup_seconds(model)
+        print(f"{run}: start-up of one job (imports + model load), measured now: {startup:.1f} s")
+        mine = jobs[jobs["job"].str.split("/").map(lambda parts: run in parts)]
+        for rule, flops in minimal_flops(config, run, Shape(model)).items():
+            part = mine[mine["rule"] == rule]
+            if part.empty:
+                continue
+            seconds, n_jobs = part["s"].sum(), len(part)
+            rows.append({"run": run, "rule": rule, "jobs": n_jobs, "s": round(seconds, 1),
+                         "gflop": round(flops / 1e9), "gflop_per_s": round(flops / 1e9 / seconds, 1),
+                         "of_peak": round(flops / 1e9 / seconds / peak, 2),
+                         "startup_share": round(n_jobs * startup / seconds, 2), "why": WHY.get(rule, "")})
+    print(pd.DataFrame(rows).to_string(index=False))
+    torch_jobs = jobs[jobs["rule"].isin({"cache_activations", "train_lens", "eval_lens", "svd", "h0_layer", "h1_layer",
+                                         "h1_heads", "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows"})]
+    wall = args.wall if args.wall is not None else jobs["s"].sum()
+    print(f"torch jobs: {len(torch_jobs)}; their start-up about {len(torch_jobs) * startup:.0f} s of "
+          f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'} = "
+          f"{len(torch_jobs) * startup / wall:.2f} (target <= 0.10)")
+
+
+if __name__ == "__main__":
+    main()

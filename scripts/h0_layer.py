@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from lensspace import runtime
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h0 import norm_shares, run_layer
 from lensspace.lenses import load_lens
 from lensspace.subspaces import load_bases
@@ -11,7 +12,8 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    bases, layer, grid = load_bases(sm.input.bases, adapter.device), int(sm.wildcards.layer), sm.params.grid
+    bases, layer = load_bases(sm.input.bases, adapter.device), int(sm.wildcards.layer)
+    grid = AblationGrid(**sm.params.grid)
     results = run_layer(adapter, lens, cache, bases, layer, grid,
                         chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     runtime.write_tsv(results.per_sequence(), sm.output.sequences)

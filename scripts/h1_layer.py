@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from lensspace import runtime
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h1 import run_layer
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
@@ -13,7 +14,7 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     results = run_layer(BlockRunner(adapter), lens, cache, load_bases(sm.input.bases, adapter.device),
-                        int(sm.wildcards.layer), sm.params.grid,
+                        int(sm.wildcards.layer), AblationGrid(**sm.params.grid),
                         chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     runtime.write_tsv(results.per_sequence(), sm.output.sequences)
     runtime.write_tsv(results.rows(), sm.output.table)

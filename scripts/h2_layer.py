@@ -2,8 +2,9 @@
 from pathlib import Path
 
 from lensspace import runtime
-from lensspace.experiments.h2 import (embedding_basis, embeddings_tied, evaluate_layer,
-                                      fit_embedding_lens)
+from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
+                                      evaluate_layer, fit_embedding_lens)
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 
@@ -12,8 +13,8 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), sm.params.grid
-    emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
+    runner, layer, grid = BlockRunner(adapter), int(sm.wildcards.layer), AblationGrid(**sm.params.grid)
+    emb_lens = fit_embedding_lens(runner, lens, cache, layer, EmbeddingLensSettings(**sm.params.settings))
     fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, embedding_basis(adapter), grid,
                                  chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))
     fit["embed_tied_to_unembed"] = embeddings_tied(adapter)

@@ -17,6 +17,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lensspace.errors import LensspaceError
+from lensspace.settings import RANDOM_MAX_POSITIONS
 from lensspace.sources import check_sha256, extract_member, pip_download
 
 MANIFEST = "lensspace-model.json"
@@ -53,7 +54,8 @@ def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: P
     save_prepared(model, tokenizer, folder)
     manifest = {"name": name, "spec": spec, "model_type": model.config.model_type,
                 "n_layers": n_layers, "d_model": model.config.hidden_size,
-                "vocab_size": model.config.vocab_size}
+                "vocab_size": model.config.vocab_size,
+                "context_length": model.config.max_position_embeddings}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -133,7 +135,7 @@ def build_random_model(spec: dict):
     torch.manual_seed(spec.get("seed", 0))
     if spec["arch"] == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=d, n_head=heads, n_layer=layers,
-                            n_positions=spec.get("max_positions", 512),
+                            n_positions=spec.get("max_positions", RANDOM_MAX_POSITIONS),
                             initializer_range=spec.get("init_std", 0.2),
                             bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)
         model = GPT2LMHeadModel(config)
@@ -141,7 +143,7 @@ def build_random_model(spec: dict):
         config = LlamaConfig(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
                              num_key_value_heads=spec.get("n_kv_heads", heads),
                              num_hidden_layers=layers, intermediate_size=4 * d,
-                             max_position_embeddings=spec.get("max_positions", 512),
+                             max_position_embeddings=spec.get("max_positions", RANDOM_MAX_POSITIONS),
                              tie_word_embeddings=True,
                              initializer_range=spec.get("init_std", 0.2),
                              bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1)

@@ -5,7 +5,6 @@ model, a lens made for another model, a damaged activation cache, a corrupt para
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -139,7 +139,7 @@ def test_bad_settings_stop_the_workflow_before_any_job_in_a_few_lines(tmp_path):
     assert len(out.strip().splitlines()) <= 4, out
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
-    duplicated = (tmp_path / "bad.yaml").read_text().replace("seed: 0\n", "seed: 0\nseed: 1\n", 1)
+    duplicated = (tmp_path / "bad.yaml").read_text().replace("\nseed: 0\n", "\nseed: 0\nseed: 1\n", 1)
     (tmp_path / "dup.yaml").write_text(duplicated)
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "dup.yaml"), "-n", timeout=300)
     out = done.stdout + done.stderr
@@ -148,9 +148,13 @@ def test_bad_settings_stop_the_workflow_before_any_job_in_a_few_lines(tmp_path):
 
 
 @pytest.mark.workflow
-def test_real_model_context_is_checked_before_any_job(tmp_path, real):
-    (tmp_path / "resources").symlink_to(ROOT / "resources")
+def test_real_model_context_is_checked_before_any_job(tmp_path):
     config = _default()
+    folder = ROOT / "resources" / "models" / "smollm2-135m"
+    if not (folder / "lensspace-model.json").exists():  # as the fixture `real` prepares it
+        prepare_model("smollm2-135m", config["models"]["smollm2-135m"], folder,
+                      ROOT / "resources" / "downloads" / "smollm2-135m")
+    (tmp_path / "resources").symlink_to(ROOT / "resources")
     config["data"]["seq_len"] = 100_000
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(config))
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "long.yaml"), "-n", timeout=300)

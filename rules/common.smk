@@ -14,7 +14,6 @@ from lensspace.settings import (
     experiment_layers,
     known_model_facts,
     lens_training_params,
-    model_checks,
     ridge_lens_params,
     second_ridge,
     shuffle_pair_chunks,
@@ -37,10 +36,6 @@ def get_model_facts(model):
     """What is known of a model before any job runs (None until a pretrained one is prepared)."""
     manifest = f"{RESOURCES}/models/{model}/lensspace-model.json"
     return known_model_facts(model, config["models"][model], manifest)
-
-
-def get_model_checks(wildcards):
-    return model_checks(config, wildcards.run)
 
 
 # Refused at parse time: bad references, and settings that do not fit a model already known

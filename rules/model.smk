@@ -27,15 +27,16 @@ rule prepare_model:
         "../scripts/prepare_model.py"
 
 
-# The heavy rules take its output as ancient() input: they wait for the check, and a re-check
-# after a settings edit reruns only the rules the edit feeds.
+# The heavy rules (cache_activations, the layer rules, h1_heads) take its output as ancient()
+# input: they wait for it. No params on purpose: a params change would rerun it, and Snakemake skips
+# the params check of jobs downstream of one it reruns (expecting them to rerun anyway), so a
+# rerun check would hide an edit from the heavy rule it feeds. The script reads the settings
+# from the config; once the model is prepared, later edits are checked at parse time.
 rule check_run:
     input:
         model=get_model_manifest,
     output:
         checked=f"{RESULTS}/{{run}}/checked.json",
-    params:
-        checks=get_model_checks,
     log:
         f"{RESULTS}/logs/check_run/{{run}}.log",
     resources:

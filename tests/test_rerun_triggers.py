@@ -20,7 +20,8 @@ from conftest import ROOT, snakemake
 pytestmark = pytest.mark.workflow
 
 # Who reads whose outputs (written from the rules' inputs, independently of Snakemake). check_run
-# is an ancient() input: its consumers wait for it, but a re-check replans nothing else.
+# is an ancient() input: its consumers wait for it, but a re-check replans nothing else; it has
+# no params (settings edits are checked at parse time), so it is planned only with the model.
 LENS_USERS = {"eval_lens", "h0_layer", "h1_layer", "h1_heads", "h2_layer", "shuffle_pairs", "shuffle_windows"}
 CONSUMERS = {
     "prepare_corpus": {"tokenize"},
@@ -86,7 +87,7 @@ EDITS = {
     **{f"runs.*.lens.{key}": ([(("runs", "tiny-gpt2", "lens", key), value)], {"train_lens"})
        for key, value in (("ridge", 0.01), ("refine_steps", 2), ("refine_batch_tokens", 32),
                           ("refine_tokens", 128), ("check_tokens", 64), ("lr", 0.001))},
-    "runs.*.data.seq_len": ([(("runs", "tiny-gpt2", "data"), {"seq_len": 16})], {"tokenize", "check_run"}),
+    "runs.*.data.seq_len": ([(("runs", "tiny-gpt2", "data"), {"seq_len": 16})], {"tokenize"}),
     **{f"runs.*.data.{key}": ([(("runs", "tiny-gpt2", "data"), {key: value})], {"tokenize"})
        for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))},
     "runs.*.reference.h0": ([(("runs", "tiny-gpt2", "reference"), {"h0": "H0.1"})], {"h0_table"}),
@@ -104,7 +105,7 @@ EDITS = {
     **{f"corpora.*.{key}": ([((*TEXT, key), value)], CORPUS)
        for key, value in (("package", "x==1"), ("sha256", "0" * 64), ("member", "x.csv"), ("id", "x"),
                           ("name", "x"), ("split", "train"), ("text_column", "body"))},
-    "data.seq_len": ([(("data", "seq_len"), 16)], {"tokenize", "check_run"}),
+    "data.seq_len": ([(("data", "seq_len"), 16)], {"tokenize"}),
     **{f"data.{key}": ([(("data", key), value)], {"tokenize"})
        for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))},
     # the cache's batch sizes are also part of every torch rule's compute param
@@ -121,12 +122,12 @@ EDITS = {
     **{f"h0.{key}": ([(("h0", key), value)], {"h0_layer"})
        for key, value in (("subspaces", ["output", "random"]), ("bases", ["unembed"]), ("modes", ["zero"]),
                           ("sites", ["pre_norm"]))},
-    **{f"{h}.k": ([((h, "k"), ["half", 8])], {f"{h}_layer", "check_run"}) for h in ("h0", "h1", "h2")},
+    **{f"{h}.k": ([((h, "k"), ["half", 8])], {f"{h}_layer"}) for h in ("h0", "h1", "h2")},
     **{f"h1.{key}": ([(("h1", key), value)], {"h1_layer"})
        for key, value in (("subspaces", ["output", "random"]), ("bases", ["unembed"]), ("modes", ["zero"]))},
     **{f"h1.heads.{key}": ([(("h1", "heads", key), value)], {"h1_heads"})
        for key, value in (("induction_sequences", 3), ("induction_threshold", 0.5), ("n_permutations", 300))},
-    "h1.heads.induction_half_len": ([(("h1", "heads", "induction_half_len"), 6)], {"h1_heads", "check_run"}),
+    "h1.heads.induction_half_len": ([(("h1", "heads", "induction_half_len"), 6)], {"h1_heads"}),
     **{f"h2.{key}": ([(("h2", key), value)], {"h2_layer"})
        for key, value in (("objective", "downstream"), ("ridge", 0.01), ("refine_steps", 2),
                           ("refine_sequences", 2), ("lr", 0.001), ("subspaces", ["output", "random"]),

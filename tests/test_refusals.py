@@ -35,7 +35,7 @@ def _default() -> dict:
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c["h0"].update(sites=["pre_norm", "postnorm"]),
      "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']"),
-    (lambda c: c.update(lenz=1), "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, corpora, data, "
+    (lambda c: c.update(lenz=1), "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, data, "
                                  "device, h0, h1, h2, lens_training, models, random_draws, runs, seed, shuffle"),
     (lambda c: c["h0"].update(layers="al"),
      "h0.layers: 'al' is not allowed; use 'all' or a list, each an integer >= 0 or a mapping of stride"),

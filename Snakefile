@@ -1,7 +1,10 @@
 # lensspace: the lens-aligned predictive space of tuned lenses, as a reproducible study.
 # This file only validates the config, includes the stages and names the targets;
 # the rules live in rules/, their code in scripts/ (thin) and src/lensspace/ (the library).
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from lensspace.configfile import check_duplicate_keys, validate_config
+from lensspace.errors import LensspaceError
 
 min_version("9.0")
 
@@ -13,7 +16,13 @@ if not workflow.overwrite_configfiles:
     configfile: f"{workflow.basedir}/config.yaml"
 
 
-validate(config, "schemas/config.schema.yaml")
+# Before any job: no key given twice in a config file, and the schema (defaults filled in).
+try:
+    for path in workflow.configfiles:
+        check_duplicate_keys(path)
+    validate_config(config, f"{workflow.basedir}/schemas/config.schema.yaml")
+except LensspaceError as err:
+    raise WorkflowError(f"config: {err}")
 
 
 report: "report/workflow.rst"

@@ -5,6 +5,7 @@ rule cache_activations:
     input:
         tokens=rules.tokenize.output.tokens,
         model=get_model_manifest,
+        checked=ancient(rules.check_run.output.checked),
     output:
         cache=directory(f"{RESULTS}/{{run}}/activations"),
     params:

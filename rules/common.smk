@@ -1,27 +1,26 @@
 # Helpers shared by every stage: config look-ups and target lists (get_* names only).
+# Every settings value passed as params is a plain dict or builtin (settings.*_params):
+# Snakemake's params rerun-trigger sees only those, so a config edit replans what it feeds.
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from lensspace.errors import LensspaceError
-from lensspace.experiments.shuffle import ridge_lens_training, second_ridge
 from lensspace.settings import (
-    ablation_grid,
-    check_references,
-    compute_settings,
-    embedding_lens_settings,
+    ablation_grid_params,
+    check_config,
+    circuit_params,
+    compute_params,
+    embedding_lens_params,
     experiment_layers,
     layer_jobs,
-    lens_training,
+    known_model_facts,
+    lens_training_params,
+    ridge_lens_params,
+    second_ridge,
     shuffle_pair_chunks,
-    token_split,
+    shuffle_params,
+    token_split_params,
 )
-
-try:
-    check_references(config)
-except LensspaceError as err:
-    raise WorkflowError(f"config: {err}")
-
 
 RESULTS = "results"
 RESOURCES = "resources"
@@ -33,6 +32,20 @@ wildcard_constraints:
     layer=r"\d+(_\d+)*",
     # {run} is always a run of the config: keeps figures/h1_heads_{run}.png from matching h1_{run}.
     run="|".join(re.escape(r) for r in config["runs"]),
+
+
+def get_model_facts(model):
+    """What is known of a model before any job runs (None until a pretrained one is prepared)."""
+    manifest = f"{RESOURCES}/models/{model}/lensspace-model.json"
+    return known_model_facts(model, config["models"][model], manifest)
+
+
+# Refused at parse time: bad references, and settings that do not fit a model already known
+# (check_run refuses the rest as soon as a pretrained model is prepared).
+try:
+    check_config(config, get_model_facts)
+except LensspaceError as err:
+    raise WorkflowError(f"config: {err}")
 
 
 def get_run(run):
@@ -80,7 +93,7 @@ def get_layer_tables(section, folder="layers"):
 
 
 def get_embedding_lens_settings(wildcards):
-    return embedding_lens_settings(config)
+    return embedding_lens_params(config)
 
 
 def get_shuffle_chunks(run):
@@ -101,21 +114,35 @@ def get_shuffle_tables(wildcards):
 
 def get_compute():
     """Batch sizes per device and the TF32 switch, as plain values (seen by the params trigger)."""
-    return asdict(compute_settings(config))
+    return compute_params(config)
 
 
 def get_lens_training(wildcards):
-    return lens_training(config, wildcards.run)
+    return lens_training_params(config, wildcards.run)
+
+
+def get_pretrained_lens_files(wildcards):
+    """A local pretrained lens folder's files (an edit of them refetches); nothing for a hub id."""
+    folder = Path(get_run(wildcards.run)["lens"]["id"])
+    return [str(folder / "config.json"), str(folder / "params.pt")] if folder.is_dir() else []
 
 
 def get_lens_ridge(wildcards):
     """The ridge the run's lens was fitted with (None for a pretrained lens)."""
     trained = get_run(wildcards.run)["lens"]["source"] == "train"
-    return lens_training(config, wildcards.run).ridge if trained else None
+    return lens_training_params(config, wildcards.run)["ridge"] if trained else None
 
 
 def get_ridge_lens_training(wildcards):
-    return ridge_lens_training(config["shuffle"], config["seed"])
+    return ridge_lens_params(config["shuffle"], config["seed"])
+
+
+def get_shuffle_settings(windows):
+    return shuffle_params(config, windows)
+
+
+def get_circuit_settings(wildcards):
+    return circuit_params(config)
 
 
 def get_shuffle_ridge_lens(wildcards):
@@ -126,11 +153,11 @@ def get_shuffle_ridge_lens(wildcards):
 
 
 def get_token_split(wildcards):
-    return token_split(config, wildcards.run)
+    return token_split_params(config, wildcards.run)
 
 
 def get_ablation_grid(section):
-    return ablation_grid(config, section)
+    return ablation_grid_params(config, section)
 
 
 def get_lens_quality_config():
@@ -140,7 +167,7 @@ def get_lens_quality_config():
 
 def get_lens_training_values(wildcards):
     """The run's lens training settings as a plain dict."""
-    return vars(lens_training(config, wildcards.run))
+    return lens_training_params(config, wildcards.run)
 
 
 def get_ood_config():

@@ -8,14 +8,13 @@ rule h0_layer:
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
         bases=rules.svd.output.bases,
+        checked=ancient(rules.check_run.output.checked),
     output:
         table=f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
         sequences=f"{RESULTS}/{{run}}/h0/sequences/{{layer}}.tsv",
         shares=f"{RESULTS}/{{run}}/h0/share_layers/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h0"),
-        # the grid as plain values: Snakemake's params trigger does not see a dataclass
-        grid_values=vars(get_ablation_grid("h0")),
         device=config["device"],
         compute=get_compute(),
     log:

@@ -9,13 +9,12 @@ rule h1_layer:
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
         bases=rules.svd.output.bases,
+        checked=ancient(rules.check_run.output.checked),
     output:
         table=f"{RESULTS}/{{run}}/h1/layers/{{layer}}.tsv",
         sequences=f"{RESULTS}/{{run}}/h1/sequences/{{layer}}.tsv",
     params:
         grid=get_ablation_grid("h1"),
-        # the grid as plain values: Snakemake's params trigger does not see a dataclass
-        grid_values=vars(get_ablation_grid("h1")),
         device=config["device"],
         compute=get_compute(),
     log:
@@ -113,12 +112,13 @@ rule h1_heads:
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
         bases=rules.svd.output.bases,
+        checked=ancient(rules.check_run.output.checked),
     output:
         heads=f"{RESULTS}/{{run}}/h1/heads.tsv",
         mlp=f"{RESULTS}/{{run}}/h1/mlp.tsv",
         test=f"{RESULTS}/{{run}}/h1/heads_test.tsv",
     params:
-        config=lambda wildcards: {"h1": config["h1"], "seed": config["seed"]},
+        settings=get_circuit_settings,
         n_boot=config["bootstrap"]["n_resamples"],
         device=config["device"],
         compute=get_compute(),

@@ -7,6 +7,7 @@ rule h2_layer:
         cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
+        checked=ancient(rules.check_run.output.checked),
     output:
         table=f"{RESULTS}/{{run}}/h2/layers/{{layer}}.tsv",
         fit=f"{RESULTS}/{{run}}/h2/fit_layers/{{layer}}.tsv",
@@ -14,8 +15,6 @@ rule h2_layer:
     params:
         settings=get_embedding_lens_settings,
         grid=get_ablation_grid("h2"),
-        # the grid as plain values: Snakemake's params trigger does not see a dataclass
-        grid_values=vars(get_ablation_grid("h2")),
         device=config["device"],
         compute=get_compute(),
     log:

@@ -16,6 +16,7 @@ rule lens_quality:
         training=get_lens_training_values,
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/lens_quality/{{run}}.log",
     benchmark:

@@ -36,6 +36,7 @@ rule train_lens:
 rule fetch_lens:
     input:
         model=get_model_manifest,
+        lens=get_pretrained_lens_files,
     output:
         config=f"{RESULTS}/{{run}}/lens/config.json",
         params=f"{RESULTS}/{{run}}/lens/params.pt",
@@ -43,6 +44,7 @@ rule fetch_lens:
         run=get_runs_with_lens_source("pretrained"),
     params:
         lens_id=lambda wildcards: get_run(wildcards.run)["lens"]["id"],
+        allow_other_model=lambda wildcards: get_run(wildcards.run)["lens"]["allow_other_model"],
     log:
         f"{RESULTS}/logs/fetch_lens/{{run}}.log",
     resources:

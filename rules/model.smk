@@ -1,8 +1,10 @@
-# Models: fetched or built once into resources/models/{model}/ (safetensors + tokenizer).
+# Models: fetched or built once into resources/models/{model}/ (safetensors + tokenizer); then
+# each run's model-dependent settings are checked against it before any heavy job.
 
 
 localrules:
     prepare_model,
+    check_run,
 
 
 rule prepare_model:
@@ -23,3 +25,24 @@ rule prepare_model:
         "../envs/lensspace.yaml"
     script:
         "../scripts/prepare_model.py"
+
+
+# The heavy rules (cache_activations, the layer rules, h1_heads) take its output as ancient()
+# input: they wait for it. No params on purpose: a params change would rerun it, and Snakemake skips
+# the params check of jobs downstream of one it reruns (expecting them to rerun anyway), so a
+# rerun check would hide an edit from the heavy rule it feeds. The script reads the settings
+# from the config; once the model is prepared, later edits are checked at parse time.
+rule check_run:
+    input:
+        model=get_model_manifest,
+    output:
+        checked=f"{RESULTS}/{{run}}/checked.json",
+    log:
+        f"{RESULTS}/logs/check_run/{{run}}.log",
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/lensspace.yaml"
+    script:
+        "../scripts/check_run.py"

@@ -21,6 +21,7 @@ rule neurons:
         config=lambda wildcards: get_neuron_config(),
         reference=lambda wildcards: get_reference_table(wildcards.run, "neurons"),
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/neurons/{{run}}.log",
     benchmark:

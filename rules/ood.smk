@@ -10,7 +10,7 @@ rule ood_tokenize:
     output:
         tokens=f"{RESULTS}/{{run}}/ood/{{corpus}}/tokens.safetensors",
     params:
-        seq_len=lambda wildcards: get_token_split(wildcards).seq_len,
+        seq_len=lambda wildcards: get_token_split(wildcards)["seq_len"],
         seed=config["seed"],
         ood=config["ood"],
     log:
@@ -41,6 +41,7 @@ rule ood:
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         storage=config["cache"]["storage"],
         device=config["device"],
+        compute=get_compute(),
     log:
         f"{RESULTS}/logs/ood/{{run}}/{{corpus}}.log",
     benchmark:

@@ -41,6 +41,9 @@ rule html_report:
             category="Report",
             labels={"page": "index.html"},
         ),
+    params:
+        # the page shows the whole config (provenance), so any edit rebuilds it
+        config=config,
     log:
         f"{RESULTS}/logs/html_report.log",
     resources:

@@ -13,7 +13,6 @@ rule ridge_lens:
         params=f"{RESULTS}/{{run}}/shuffle/ridge_lens/params.pt",
     params:
         training=get_ridge_lens_training,
-        second_ridge=config["shuffle"]["second_ridge"],  # seen by the params trigger
         device=config["device"],
         compute=get_compute(),
     log:
@@ -43,7 +42,7 @@ rule shuffle_pairs:
         chunk=r"\d+",
     params:
         pairs=get_shuffle_pairs,
-        shuffle=config["shuffle"],
+        shuffle=get_shuffle_settings(windows=False),
         lens_ridge=get_lens_ridge,
         second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],
@@ -76,7 +75,7 @@ rule shuffle_windows:
         conditions=f"{RESULTS}/{{run}}/shuffle/conditions.tsv",
     params:
         pairs=[],
-        shuffle=config["shuffle"],
+        shuffle=get_shuffle_settings(windows=True),
         lens_ridge=get_lens_ridge,
         second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from lensspace import runtime
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h0 import norm_shares, run_layer
 from lensspace.lenses import load_lens
 from lensspace.settings import job_layers
@@ -13,7 +14,7 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    bases, grid = load_bases(sm.input.bases, adapter.device), sm.params.grid
+    bases, grid = load_bases(sm.input.bases, adapter.device), AblationGrid(**sm.params.grid)
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
     rows, sequences, shares = [], [], []
     for layer in job_layers(sm.wildcards.layer):

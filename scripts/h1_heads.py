@@ -13,7 +13,7 @@ from lensspace.subspaces import load_bases
 def body(sm):
     adapter, tokenizer = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    settings = circuit_settings(sm.params.config, adapter.d_model)
+    settings = circuit_settings(sm.params.settings, adapter.d_model)
     ids = adapter.to_device(load_file(sm.input.tokens)["eval"])
     heads, mlps = head_and_mlp_fractions(adapter, lens, load_bases(sm.input.bases, adapter.device), ids, settings.k,
                                          chunk=runtime.compute_settings(sm.params.compute).chunk(adapter.device))

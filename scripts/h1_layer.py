@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from lensspace import runtime
+from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h1 import run_layer
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
@@ -16,9 +17,10 @@ def body(sm):
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     runner, bases = BlockRunner(adapter), load_bases(sm.input.bases, adapter.device)
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
+    grid = AblationGrid(**sm.params.grid)
     rows, sequences = [], []
     for layer in job_layers(sm.wildcards.layer):
-        results = run_layer(runner, lens, cache, bases, layer, sm.params.grid, chunk=chunk)
+        results = run_layer(runner, lens, cache, bases, layer, grid, chunk=chunk)
         rows += results.rows()
         sequences += results.per_sequence()
         print(f"layer {layer} done", file=sys.stderr)

@@ -3,8 +3,9 @@ import sys
 from pathlib import Path
 
 from lensspace import runtime
-from lensspace.experiments.h2 import (embedding_basis, embeddings_tied, evaluate_layer,
-                                      fit_embedding_lens)
+from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
+                                      evaluate_layer, fit_embedding_lens)
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 from lensspace.settings import job_layers
@@ -14,11 +15,12 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    runner, grid, basis = BlockRunner(adapter), sm.params.grid, embedding_basis(adapter)
+    runner, grid, basis = BlockRunner(adapter), AblationGrid(**sm.params.grid), embedding_basis(adapter)
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
+    settings = EmbeddingLensSettings(**sm.params.settings)
     fits, rows, sequences = [], [], []
     for layer in job_layers(sm.wildcards.layer):
-        emb_lens = fit_embedding_lens(runner, lens, cache, layer, sm.params.settings)
+        emb_lens = fit_embedding_lens(runner, lens, cache, layer, settings)
         fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, basis, grid, chunk=chunk)
         fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
         fits.append(fit)

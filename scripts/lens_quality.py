@@ -7,7 +7,7 @@ from lensspace.subspaces import load_bases
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     settings = lens_quality_settings(sm.params.config, sm.params.n_layers)
     rows, sequences = sweep(adapter, cache, load_bases(sm.input.bases), LensTraining(**sm.params.training),

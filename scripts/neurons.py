@@ -13,7 +13,7 @@ from lensspace.subspaces import load_bases
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device)
+    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     settings = neuron_settings(sm.params.config, adapter.n_layers, adapter.d_model)

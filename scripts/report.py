@@ -8,7 +8,7 @@ from lensspace.report import build
 def body(sm):
     # The folders follow from the files: results/report/index.html, resources/models/{m}/*.json.
     manifests = [Path(p) for p in sm.input.shown if p.endswith("lensspace-model.json")]
-    page = build(sm.config, results=Path(sm.output.html).parents[1], reference=sm.input.reference,
+    page = build(sm.params.config, results=Path(sm.output.html).parents[1], reference=sm.input.reference,
                  resources=manifests[0].parents[2] if manifests else Path("resources"),
                  workflow_dir=Path(sm.scriptdir).parent)
     runtime.write_text(page, sm.output.html)

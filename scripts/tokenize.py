@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from lensspace import runtime
-from lensspace.corpus import read_documents, split_documents
+from lensspace.corpus import TokenSplit, read_documents, split_documents
 from lensspace.sources import sha256_of
 
 
 def body(sm):
-    split = sm.params.split
+    split = TokenSplit(**sm.params.split)
     tokenizer = AutoTokenizer.from_pretrained(Path(sm.input.model).parent)
     result = split_documents(read_documents(Path(sm.input.corpus)), tokenizer, split)
     save_file(result.tokens, sm.output.tokens)

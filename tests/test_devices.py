@@ -14,8 +14,10 @@ with ``.numpy()``) is replaced: only where each tensor lives is checked, not wha
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 import safetensors
@@ -121,7 +123,9 @@ def test_the_adapter_owns_the_device_and_moves_tensors(world):
 def test_cache_activations_runs_on_the_device(world, monkeypatch):
     adapter, _, tokens, _, _, tmp = world
     written = {}
-    monkeypatch.setattr(activations, "save_file", lambda tensors, path: written.update(tensors))
+    # fake tensors cannot be serialized: an empty file stands in (the cache records its size and sha256)
+    monkeypatch.setattr(activations, "save_file",
+                        lambda tensors, path: (written.update(tensors), Path(path).write_bytes(b"")))
     write_cache(adapter, tokens, tmp / "again", {}, batch_size=3)
     assert written and all(t.device.type == "cpu" for t in written.values())
 

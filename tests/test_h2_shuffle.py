@@ -10,11 +10,11 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, evaluate_layer,
                                       fit_embedding_lens, r_squared)
-from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, ridge_lens_training,
-                                           second_ridge, swap, translator_dominated,
-                                           window_permutations)
+from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, swap,
+                                           translator_dominated, window_permutations)
 from lensspace.lenses import LensTraining, empty_lens
 from lensspace.runner import BlockRunner
+from lensspace.settings import ridge_lens_params, second_ridge
 
 
 @pytest.fixture
@@ -110,9 +110,9 @@ def test_distortion_is_the_first_blocks_input_change(cached):
 def test_second_ridge_switches():
     on = {"spaces": ["native", "lens", "lens_ridge"], "second_ridge": 10}
     assert second_ridge(on) == 10.0
-    assert ridge_lens_training(on, seed=3) == LensTraining(ridge=10.0, refine_steps=0, seed=3)
+    assert LensTraining(**ridge_lens_params(on, seed=3)) == LensTraining(ridge=10.0, refine_steps=0, seed=3)
     for off in ({**on, "second_ridge": None}, {**on, "spaces": ["native", "lens"]}):
-        assert second_ridge(off) is None and ridge_lens_training(off, seed=3) is None
+        assert second_ridge(off) is None and ridge_lens_params(off, seed=3) is None
 
 
 def _swap_rows(lens_kl: float, distortion: float) -> pd.DataFrame:

@@ -169,5 +169,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), "-n", timeout=300)
     assert done.returncode != 0
-    assert "'postnorm' is not one of ['pre_norm', 'post_norm']" in done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']" in out
+    assert len(out.strip().splitlines()) <= 4, out  # the key, the value, the allowed ones: not the schema
     assert not (tmp_path / "results").exists()

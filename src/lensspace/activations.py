@@ -2,8 +2,9 @@
 
 Layout of a cache folder: ``layer_{i:03d}.safetensors`` for ``i`` in ``0..L`` (``L`` is the
 last residual, before the final norm), each holding ``train`` and ``eval`` tensors
-[n_sequences, seq_len, d_model]; ``meta.json`` records what produced it. Storage is fp16
-(fp32 where a layer overflows fp16); callers always get fp32.
+[n_sequences, seq_len, d_model]; ``meta.json`` records what produced it and each file's size
+and sha256, checked on read (a truncated or damaged file is named, never read). Storage is
+fp16 (fp32 where a layer overflows fp16); callers always get fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from lensspace.adapter import Adapter
 from lensspace.devices import move
 from lensspace.errors import LensspaceError
+from lensspace.sources import sha256_of
 
 FP16_MAX = 65504.0
 
@@ -65,15 +67,16 @@ def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path,
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    max_abs = []
+    max_abs, files = [], {}
     for layer in range(n_layers + 1):
         peak = max(float(buf[layer].abs().max()) for buf in buffers.values())
         dtype = torch.float16 if storage == "float16" and peak < FP16_MAX else torch.float32
         max_abs.append(peak)
-        save_file({split: buf[layer].to(dtype).contiguous() for split, buf in buffers.items()},
-                  str(layer_file(partial, layer)))
+        path = layer_file(partial, layer)
+        save_file({split: buf[layer].to(dtype).contiguous() for split, buf in buffers.items()}, str(path))
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     n_tokens = sum(ids.numel() for ids in tokens.values())
-    meta = {**meta, "n_layers": n_layers, "d_model": d, "storage": storage,
+    meta = {**meta, "n_layers": n_layers, "d_model": d, "storage": storage, "files": files,
             "max_abs": max_abs, "seconds": elapsed, "tokens_per_second": n_tokens / elapsed}
     (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     shutil.rmtree(folder, ignore_errors=True)
@@ -96,7 +99,19 @@ class ActivationCache:
         if not meta_path.exists():
             raise LensspaceError(f"{self.folder} is not an activation cache (no meta.json); "
                                  "rerun the cache_activations rule")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise LensspaceError(f"activation cache file {meta_path} is damaged (not JSON); "
+                                 f"{self._rebuild_hint()}") from None
+        self._verified: set[str] = set()
+        for name, record in self.meta.get("files", {}).items():
+            path = self.folder / name
+            size = path.stat().st_size if path.exists() else None
+            if size != record["bytes"]:
+                found = "missing" if size is None else f"{size} bytes"
+                raise LensspaceError(f"activation cache file {path} is truncated or damaged ({found}, "
+                                     f"{record['bytes']} written); {self._rebuild_hint()}")
         if tokens_sha256 is not None and self.meta.get("tokens_sha256") != tokens_sha256:
             raise LensspaceError(
                 f"stale activation cache {self.folder}: it was made from other tokens "
@@ -111,8 +126,23 @@ class ActivationCache:
         """Residual ``layer`` (``n_layers`` = before the final norm) of ``split``, fp32."""
         if not 0 <= layer <= self.n_layers:
             raise LensspaceError(f"layer {layer} is outside 0..{self.n_layers} of {self.folder}")
-        with safe_open(str(layer_file(self.folder, layer)), framework="pt") as handle:
+        path = layer_file(self.folder, layer)
+        self._verify(path)
+        with safe_open(str(path), framework="pt") as handle:
             return move(handle.get_tensor(split), self.device).float()
+
+    def _verify(self, path: Path) -> None:
+        """The file's sha256 against the one written (once per file; caches without records pass)."""
+        record = self.meta.get("files", {}).get(path.name)
+        if record is None or path.name in self._verified:
+            return
+        if sha256_of(path) != record["sha256"]:
+            raise LensspaceError(f"activation cache file {path} is damaged (its sha256 differs from the "
+                                 f"one written); {self._rebuild_hint()}")
+        self._verified.add(path.name)
+
+    def _rebuild_hint(self) -> str:
+        return f"rebuild the cache with `snakemake --forcerun {self.folder}`"
 
     def final(self, split: str) -> torch.Tensor:
         return self.load(self.n_layers, split)

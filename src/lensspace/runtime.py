@@ -86,7 +86,8 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
     try:
         torch.set_num_threads(max(1, int(snakemake.threads)))
         keep_freed_memory()
-        seed_everything(int(snakemake.config.get("seed", 0)))
+        # a rule's seed is a param (so the rerun trigger sees it); the global one is a safety net
+        seed_everything(int(snakemake.params.get("seed", 0)))
         print(f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
               f"{torch.get_num_threads()} threads", file=log)
         body(snakemake)

@@ -1,23 +1,37 @@
-"""From the validated config (plain dicts) to the typed settings each stage takes.
+"""From the validated config (plain dicts) to the settings each stage takes.
 
 The JSON schema (``schemas/config.schema.yaml``) checks shapes and values and fills defaults;
-:func:`check_references` checks what a schema cannot: that names point at defined entries.
+:func:`check_references` and :func:`check_model_fit` check what a schema cannot: that names
+point at defined entries and that the settings fit the model.
+
+Rules pass settings as ``params:`` in plain values (the ``*_params`` functions: dicts of
+builtins), because Snakemake's params rerun-trigger only sees builtin types and would miss
+an edit carried by a dataclass; scripts rebuild the typed settings with ``Settings(**params)``.
+This module imports no torch (parsing the Snakefile stays fast); the typed functions import
+their dataclass when called.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from lensspace.adapter import require_family
-from lensspace.corpus import TokenSplit
-from lensspace.devices import ComputeSettings
 from lensspace.errors import LensspaceError
-from lensspace.experiments.circuits import CircuitSettings
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h2 import EmbeddingLensSettings
-from lensspace.experiments.lens_quality import LensQualitySettings
-from lensspace.experiments.neurons import NeuronSettings
-from lensspace.lenses import LensTraining
+
+if TYPE_CHECKING:
+    from lensspace.corpus import TokenSplit
+    from lensspace.devices import ComputeSettings
+    from lensspace.experiments.circuits import CircuitSettings
+    from lensspace.experiments.grid import AblationGrid
+    from lensspace.experiments.h2 import EmbeddingLensSettings
+    from lensspace.experiments.lens_quality import LensQualitySettings
+    from lensspace.experiments.neurons import NeuronSettings
+    from lensspace.lenses import LensTraining
+
+# The context of a ``source: random`` model without ``max_positions`` (models.build_random_model).
+RANDOM_MAX_POSITIONS = 512
+ABLATION_SECTIONS = ("h0", "h1", "h2")
 
 
 def check_references(config: dict[str, Any]) -> None:
@@ -25,6 +39,8 @@ def check_references(config: dict[str, Any]) -> None:
     a random model's ``arch`` is a family the adapter knows."""
     for name, model in config["models"].items():
         if model["source"] == "random":
+            from lensspace.adapter import require_family  # torch: only where a random model is built
+
             require_family(model["arch"], f"models.{name}.arch")
     for run, spec in config["runs"].items():
         for kind, table in (("model", "models"), ("corpus", "corpora")):
@@ -41,7 +57,7 @@ def check_references(config: dict[str, Any]) -> None:
                 raise LensspaceError(f"runs.{run}.eval_corpora: '{corpus}' is the run's training corpus; "
                                      "an eval corpus must be another one")
         n_layers = config["models"][spec["model"]]["n_layers"]
-        for section in ("h0", "h1", "h2"):
+        for section in ABLATION_SECTIONS:
             chosen = config.get(section, {}).get("layers")
             for layer in chosen if isinstance(chosen, list) else []:
                 if not 0 <= layer < n_layers:
@@ -49,6 +65,20 @@ def check_references(config: dict[str, Any]) -> None:
                         f"{section}.layers: layer {layer} does not exist in model '{spec['model']}' "
                         f"of run '{run}' (layers 0..{n_layers - 1})"
                     )
+        window = config.get("shuffle", {}).get("window", 0)
+        if window > n_layers:
+            raise LensspaceError(f"shuffle.window: {window} is more blocks than model '{spec['model']}' "
+                                 f"of run '{run}' has ({n_layers}); use at most {n_layers}")
+
+
+def check_config(config: dict[str, Any], model_facts: Callable[[str], Mapping[str, int] | None]) -> None:
+    """Everything checkable before any job: the references, and the fit of every run's settings
+    to its model wherever ``model_facts(name)`` already knows the model."""
+    check_references(config)
+    for run, spec in config["runs"].items():
+        facts = model_facts(spec["model"])
+        if facts is not None:
+            check_model_fit(model_checks(config, run), facts, spec["model"], run)
 
 
 def run_spec(config: dict, run: str) -> dict:
@@ -57,31 +87,128 @@ def run_spec(config: dict, run: str) -> dict:
     return config["runs"][run]
 
 
-def token_split(config: dict, run: str) -> TokenSplit:
+def random_model_facts(name: str, spec: Mapping[str, Any]) -> dict[str, int]:
+    """What a ``source: random`` model's config already says (the model need not exist yet);
+    refuses head counts the architecture cannot build."""
+    d_model, n_heads = spec["d_model"], spec["n_heads"]
+    n_kv_heads = spec.get("n_kv_heads", n_heads)
+    if d_model % n_heads:
+        raise LensspaceError(f"models.{name}.n_heads: {n_heads} heads do not divide d_model {d_model}; "
+                             "choose n_heads so that d_model / n_heads is a whole number")
+    if n_heads % n_kv_heads:
+        raise LensspaceError(f"models.{name}.n_kv_heads: {n_kv_heads} key/value heads do not divide "
+                             f"n_heads {n_heads}; choose a divisor of {n_heads}")
+    return {"d_model": d_model, "n_layers": spec["n_layers"],
+            "context_length": spec.get("max_positions", RANDOM_MAX_POSITIONS)}
+
+
+def manifest_facts(manifest: str | Path) -> dict[str, int]:
+    """``d_model``, ``n_layers`` and ``context_length`` of a prepared model, from its manifest
+    (a folder prepared before the manifest recorded the context: from its ``config.json``)."""
+    facts = json.loads(Path(manifest).read_text())
+    if "context_length" not in facts:
+        model_config = json.loads((Path(manifest).parent / "config.json").read_text())
+        facts["context_length"] = model_config.get("max_position_embeddings", model_config.get("n_positions"))
+    return {key: facts[key] for key in ("d_model", "n_layers", "context_length")}
+
+
+def known_model_facts(name: str, spec: Mapping[str, Any], manifest: str | Path) -> dict[str, int] | None:
+    """What is known of a model before any job: a random model's config, or the manifest of a
+    folder prepared from this very spec; None until the model is prepared."""
+    if spec["source"] == "random":
+        return random_model_facts(name, spec)
+    if Path(manifest).exists() and json.loads(Path(manifest).read_text()).get("spec") == dict(spec):
+        return manifest_facts(manifest)
+    return None
+
+
+def model_checks(config: dict, run: str) -> dict[str, Any]:
+    """The run's settings that must fit its model, by config key (what :func:`check_model_fit` compares)."""
+    spec = run_spec(config, run)
+    seq_key = f"runs.{run}.data.seq_len" if "seq_len" in spec.get("data", {}) else "data.seq_len"
+    return {seq_key: token_split_params(config, run)["seq_len"],
+            "h1.heads.induction_half_len": config["h1"]["heads"]["induction_half_len"],
+            **{f"{section}.k": list(config[section]["k"]) for section in ABLATION_SECTIONS}}
+
+
+def check_model_fit(checks: Mapping[str, Any], facts: Mapping[str, int], model: str, run: str) -> None:
+    """Refuse settings the model cannot take, naming the config key: ``k`` above ``d_model``,
+    sequences (or the induction probe) longer than the model's context."""
+    where = f"model '{model}' of run '{run}'"
+    d_model, context = facts["d_model"], facts.get("context_length")
+    for key, value in checks.items():
+        if key.endswith(".k"):
+            for k in value:
+                if not isinstance(k, str) and k > d_model:
+                    raise LensspaceError(f"{key}: {k} is larger than d_model {d_model} of {where}; "
+                                         f"use at most {d_model}, or half / quarter")
+        elif key.endswith("seq_len") and context is not None and value > context:
+            raise LensspaceError(f"{key}: {value} is longer than the context of {where} "
+                                 f"({context} positions); use at most {context}")
+        elif key.endswith("induction_half_len") and context is not None and 2 * value > context:
+            raise LensspaceError(f"{key}: {value} makes induction sequences of {2 * value} tokens, longer "
+                                 f"than the context of {where} ({context} positions); use at most {context // 2}")
+
+
+def token_split_params(config: dict, run: str) -> dict[str, int]:
     data = {**config["data"], **run_spec(config, run).get("data", {})}
-    return TokenSplit(seq_len=data["seq_len"], train_sequences=data["train_sequences"],
-                      eval_sequences=data["eval_sequences"], seed=data["seed"])
+    return {"seq_len": data["seq_len"], "train_sequences": data["train_sequences"],
+            "eval_sequences": data["eval_sequences"], "seed": data["seed"]}
+
+
+def token_split(config: dict, run: str) -> TokenSplit:
+    from lensspace.corpus import TokenSplit
+
+    return TokenSplit(**token_split_params(config, run))
+
+
+def lens_training_params(config: dict, run: str) -> dict[str, Any]:
+    lens = run_spec(config, run)["lens"]
+    merged = {**config["lens_training"], **{k: v for k, v in lens.items() if k != "source"}}
+    return {"ridge": merged["ridge"], "refine_steps": merged["refine_steps"],
+            "refine_batch_tokens": merged["refine_batch_tokens"],
+            "refine_tokens": merged["refine_tokens"], "check_tokens": merged["check_tokens"],
+            "lr": merged["lr"], "seed": config["seed"]}
+
+
+def compute_params(config: dict) -> dict[str, Any]:
+    """Batch sizes per device kind (``compute``, and ``cache.batch_size`` / ``gpu_batch_size``)
+    and the TF32 switch, as plain values (a rule's ``compute`` param)."""
+    compute, cache = config["compute"], config["cache"]
+    return {"chunk_sequences": compute["chunk_sequences"], "gpu_chunk_sequences": compute["gpu_chunk_sequences"],
+            "cache_batch_size": cache["batch_size"], "gpu_cache_batch_size": cache["gpu_batch_size"],
+            "allow_tf32": compute["allow_tf32"]}
 
 
 def compute_settings(config: dict) -> ComputeSettings:
-    """Batch sizes per device kind (``compute``, and ``cache.batch_size`` / ``gpu_batch_size``)
-    and the TF32 switch."""
-    compute, cache = config["compute"], config["cache"]
-    return ComputeSettings(chunk_sequences=compute["chunk_sequences"],
-                           gpu_chunk_sequences=compute["gpu_chunk_sequences"],
-                           cache_batch_size=cache["batch_size"],
-                           gpu_cache_batch_size=cache["gpu_batch_size"],
-                           allow_tf32=compute["allow_tf32"])
+    from lensspace.devices import ComputeSettings
+
+    return ComputeSettings(**compute_params(config))
 
 
 def lens_training(config: dict, run: str) -> LensTraining:
-    lens = run_spec(config, run)["lens"]
-    merged = {**config["lens_training"], **{k: v for k, v in lens.items() if k != "source"}}
-    return LensTraining(ridge=merged["ridge"], refine_steps=merged["refine_steps"],
-                        refine_batch_tokens=merged["refine_batch_tokens"],
-                        refine_tokens=merged["refine_tokens"],
-                        check_tokens=merged["check_tokens"], lr=merged["lr"],
-                        seed=config["seed"])
+    from lensspace.lenses import LensTraining
+
+    return LensTraining(**lens_training_params(config, run))
+
+
+def second_ridge(shuffle: Mapping) -> float | None:
+    """The ridge of the ``lens_ridge`` space's lens, or None where that space is switched off."""
+    ridge = shuffle.get("second_ridge")
+    return float(ridge) if ridge is not None and "lens_ridge" in shuffle["spaces"] else None
+
+
+def ridge_lens_params(shuffle: Mapping, seed: int) -> dict[str, Any] | None:
+    """The least-squares fit (no KL refinement) of the second lens, or None when switched off."""
+    ridge = second_ridge(shuffle)
+    return None if ridge is None else {"ridge": ridge, "refine_steps": 0, "seed": seed}
+
+
+def shuffle_params(config: dict, windows: bool) -> dict[str, Any]:
+    """What a swap-pairs job (``windows`` False) or the window-permutations job reads of ``shuffle``."""
+    shuffle = config["shuffle"]
+    keys = ("spaces", "eval_sequences", *(("window", "window_samples") if windows else ()))
+    return {key: shuffle.get(key) for key in keys}
 
 
 # Where each experiment ablates, and in which bases when the config does not choose.
@@ -89,23 +216,33 @@ _SITES = {"h1": ("residual",), "h2": ("embedding",)}
 _BASES = {"h2": ("embed",)}
 
 
-def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
-    """The grid of ``h0`` (lens space), ``h1`` (residual stream) or ``h2`` (embedding input)."""
+def ablation_grid_params(config: dict, section: str = "h0") -> dict[str, Any]:
     grid = config[section]
     sites = tuple(grid["sites"]) if "sites" in grid else _SITES[section]
     bases = tuple(grid["bases"]) if "bases" in grid else _BASES[section]
-    return AblationGrid(subspaces=tuple(grid["subspaces"]), ks=tuple(grid["k"]), bases=bases,
-                        modes=tuple(grid["modes"]), sites=sites, seed=config["seed"],
-                        n_boot=config["bootstrap"]["n_resamples"],
-                        random_draws=config["random_draws"], experiment=section)
+    return {"subspaces": tuple(grid["subspaces"]), "ks": tuple(grid["k"]), "bases": bases,
+            "modes": tuple(grid["modes"]), "sites": sites, "seed": config["seed"],
+            "n_boot": config["bootstrap"]["n_resamples"], "random_draws": config["random_draws"],
+            "experiment": section}
+
+
+def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
+    """The grid of ``h0`` (lens space), ``h1`` (residual stream) or ``h2`` (embedding input)."""
+    from lensspace.experiments.grid import AblationGrid
+
+    return AblationGrid(**ablation_grid_params(config, section))
+
+
+def embedding_lens_params(config: dict) -> dict[str, Any]:
+    h2 = config["h2"]
+    return {"objective": h2["objective"], "ridge": h2["ridge"], "refine_steps": h2["refine_steps"],
+            "refine_sequences": h2["refine_sequences"], "lr": h2["lr"], "seed": config["seed"]}
 
 
 def embedding_lens_settings(config: dict) -> EmbeddingLensSettings:
-    h2 = config["h2"]
-    return EmbeddingLensSettings(objective=h2["objective"], ridge=h2["ridge"],
-                                 refine_steps=h2["refine_steps"],
-                                 refine_sequences=h2["refine_sequences"], lr=h2["lr"],
-                                 seed=config["seed"])
+    from lensspace.experiments.h2 import EmbeddingLensSettings
+
+    return EmbeddingLensSettings(**embedding_lens_params(config))
 
 
 def shuffle_pair_chunks(config: dict, n_layers: int) -> list[list[tuple[int, int]]]:
@@ -119,9 +256,15 @@ def shuffle_pair_chunks(config: dict, n_layers: int) -> list[list[tuple[int, int
     return [pairs[start: start + size] for start in range(0, len(pairs), size)]
 
 
-def circuit_settings(config: dict, d_model: int) -> CircuitSettings:
-    heads = config["h1"]["heads"]
-    return CircuitSettings(k=d_model // 2, seed=config["seed"], **heads)
+def circuit_params(config: dict) -> dict[str, Any]:
+    """The circuit-ends settings but ``k`` (half the model's width, known once it is loaded)."""
+    return {**config["h1"]["heads"], "seed": config["seed"]}
+
+
+def circuit_settings(params: Mapping[str, Any], d_model: int) -> CircuitSettings:
+    from lensspace.experiments.circuits import CircuitSettings
+
+    return CircuitSettings(k=d_model // 2, **params)
 
 
 def layer_jobs(layers: list[int], per_job: int) -> list[str]:
@@ -148,6 +291,8 @@ def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[
 
 def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings:
     """The neuron experiment's settings; ``candidate_layers`` ``last``, ``all`` or a list."""
+    from lensspace.experiments.neurons import NeuronSettings
+
     section = config["neurons"]
     chosen = section["candidate_layers"]
     layers = ([n_layers - 1] if chosen == "last" else list(range(n_layers)) if chosen == "all"
@@ -166,6 +311,8 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
 
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
     """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default: H0's)."""
+    from lensspace.experiments.lens_quality import LensQualitySettings
+
     section = config["lens_quality"]
     layers = seed_layout_layers(config, "lens_quality", n_layers)
     grid = seed_layout_grid(config, "lens_quality")
@@ -185,6 +332,8 @@ def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:
 
 def seed_layout_grid(config: dict, section: str) -> AblationGrid:
     """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in ``section``'s modes."""
+    from lensspace.experiments.grid import AblationGrid
+
     return AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("unembed",),
                         modes=tuple(config[section]["modes"]), sites=("pre_norm",), seed=config["seed"],
                         n_boot=config["bootstrap"]["n_resamples"], random_draws=config["random_draws"],

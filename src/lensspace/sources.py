@@ -38,6 +38,9 @@ def pip_download(requirement: str, dest: Path) -> Path:
 
     The requirement is passed as one argv entry, never through a shell.
     """
+    if requirement.startswith("-"):
+        raise LensspaceError(f"package '{requirement}' starts with '-', which pip reads as an option; "
+                             "give an exact requirement, name==version")
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", tmp, requirement]

@@ -27,7 +27,6 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.errors import LensspaceError
-from lensspace.lenses import LensTraining
 from lensspace.runner import BlockRunner
 from lensspace.stats import bootstrap_mean, kl_from_logprobs
 
@@ -67,18 +66,6 @@ def window_permutations(n_layers: int, window: int, samples: int, seed: int) -> 
         perms.append(Permutation(tuple(inner + list(range(start + window, n_layers))), start,
                                  start, start + window - 1))
     return perms
-
-
-def second_ridge(settings: Mapping) -> float | None:
-    """The ridge of the ``lens_ridge`` space's lens, or None where that space is switched off."""
-    ridge = settings.get("second_ridge")
-    return float(ridge) if ridge is not None and "lens_ridge" in settings["spaces"] else None
-
-
-def ridge_lens_training(settings: Mapping, seed: int) -> LensTraining | None:
-    """The least-squares fit (no KL refinement) of the second lens, or None when switched off."""
-    ridge = second_ridge(settings)
-    return None if ridge is None else LensTraining(ridge=ridge, refine_steps=0, seed=seed)
 
 
 class LensSpaceBlocks:

@@ -96,7 +96,8 @@ EDITS = {
     "runs.*.lens.id": ([(("runs", "tiny-llama-pretrained", "lens", "id"), "gpt2")], {"fetch_lens"}),
     "runs.*.lens.allow_other_model": ([(("runs", "tiny-llama-pretrained", "lens", "allow_other_model"), True)],
                                       {"fetch_lens"}),
-    **{f"runs.*.lens.{key}": ([(("runs", "tiny-gpt2", "lens", key), value)], {"train_lens"})
+    # the lens-quality sweep retrains the run's lens at several budgets: it takes the lens settings too
+    **{f"runs.*.lens.{key}": ([(("runs", "tiny-gpt2", "lens", key), value)], {"train_lens", "lens_quality"})
        for key, value in (("ridge", 0.01), ("refine_steps", 2), ("refine_batch_tokens", 32),
                           ("refine_tokens", 128), ("check_tokens", 64), ("lr", 0.001))},
     "runs.*.data.seq_len": ([(("runs", "tiny-gpt2", "data"), {"seq_len": 16})], {"tokenize"}),
@@ -104,7 +105,7 @@ EDITS = {
        for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))},
     "runs.*.reference.h0": ([(("runs", "tiny-gpt2", "reference"), {"h0": "H0.1"})], {"h0_table"}),
     "runs.*.reference.h1": ([(("runs", "tiny-gpt2", "reference"), {"h1": "H1.1"})], {"h1_table"}),
-    "runs.*.reference.neurons": ([(("runs", "tiny-gpt2", "reference"), {"neurons": "x"})], {"neurons"}),
+    "runs.*.reference.neurons": ([(("runs", "tiny-gpt2", "reference"), {"neurons": "stolfo2024-gpt2-small"})], {"neurons"}),
     "runs.*.eval_corpora": ([(("runs", "tiny-gpt2", "eval_corpora"), ["tiny-code"])], {"ood_tokenize"}),
     # a model's whole spec is prepare_model's param: any key of it rebuilds the model
     "models.*.source": ([((*LLAMA, "source"), "hub"), ((*LLAMA, "id"), "gpt2")], MODEL),
@@ -131,11 +132,12 @@ EDITS = {
        for key, value in (("chunk_sequences", 2), ("gpu_chunk_sequences", 8), ("allow_tf32", True))},
     "cache.storage": ([(("cache", "storage"), "float32")], AFTER_CACHE),
     # tiny-llama takes every lens_training key from the top level (tiny-gpt2 overrides refine_steps)
-    **{f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens"})
+    **{f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens", "lens_quality"})
        for key, value in (("ridge", 0.01), ("refine_steps", 2), ("refine_batch_tokens", 32),
                           ("refine_tokens", 128), ("check_tokens", 64), ("lr", 0.001))},
-    **{f"{h}.layers": ([((h, "layers"), [0, 2])], {f"{h}_merge"}) for h in ("h1", "h2")},
-    "h0.layers": ([(("h0", "layers"), [0, 2])], {"h0_merge", *H0_READERS}),
+    # layers_per_job groups a section's layers into jobs: a new layer list is a new job ("0_2")
+    **{f"{h}.layers": ([((h, "layers"), [0, 2])], {f"{h}_layer"}) for h in ("h1", "h2")},
+    "h0.layers": ([(("h0", "layers"), [0, 2])], {"h0_layer", *H0_READERS}),
     **{f"h0.{key}": ([(("h0", key), value)], {"h0_layer", *H0_READERS})
        for key, value in (("subspaces", ["output", "random"]), ("bases", ["unembed"]), ("modes", ["zero"]),
                           ("sites", ["pre_norm"]))},

@@ -75,7 +75,8 @@ def expected_jobs(workdir: Path) -> Counter:
     """Rule instances a fresh run submits to SLURM: the dry run's job stats minus local rules."""
     dry = subprocess.run(["timeout", "-s", "KILL", "120", sys.executable, "-m", "snakemake",
                           "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                          "--configfile", str(workdir / "study.yaml"), "-n", *TARGETS],
+                          "--configfile", str(workdir / "study.yaml"), "-n", *TARGETS,
+                          "--config", "layers_per_job=1"],  # as profiles/slurm sets it
                          capture_output=True, text=True, timeout=150)
     assert dry.returncode == 0, dry.stderr[-3000:]
     stats = (dry.stdout + dry.stderr).split("Job stats:", 1)[1].split("\n\n", 1)[0]
@@ -95,8 +96,11 @@ def rule_of(job: dict) -> str:
 
 
 def tables(results: Path) -> dict[str, bytes]:
-    """The SLURM run's tables (every TSV under results/{RUN}/ and the H0 table), as bytes."""
-    files = [*(results / RUN).rglob("*.tsv"), results / "tables" / f"h0_{RUN}.md"]
+    """The SLURM run's tables (every TSV under results/{RUN}/ and the H0 table), as bytes; not the
+    per-job intermediates, whose names follow layers_per_job (one layer a job on SLURM)."""
+    per_job = {"layers", "sequences", "share_layers"}
+    files = [*(f for f in (results / RUN).rglob("*.tsv") if f.parent.name not in per_job),
+             results / "tables" / f"h0_{RUN}.md"]
     return {str(f.relative_to(results)): f.read_bytes() for f in files}
 
 

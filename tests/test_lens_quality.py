@@ -58,8 +58,17 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
         assert row["diff"] == pytest.approx(row["kl_output"] - row["kl_internal"], abs=1e-9)
         assert row["diff_lo"] <= row["diff"] <= row["diff_hi"]
         assert row["lens_kl_lo"] <= row["lens_kl"] <= row["lens_kl_hi"]
-        expected = ("output > internal" if row["diff_lo"] > 0 else "internal > output" if row["diff_hi"] < 0
-                    else "not separable")
-        assert row["verdict"] == expected
+    # Holm over the sweep's 16 points, computed here: sorted p times (m - rank + 1), running max
+    p = sorted((r["p_value"], i) for i, r in enumerate(rows))
+    running = 0.0
+    for rank, (value, i) in enumerate(p):
+        running = max(running, min(1.0, (len(p) - rank) * value))
+        assert rows[i]["p_adjusted"] == pytest.approx(running)
+        expected = ("not separable" if running >= 0.05 else "output > internal" if rows[i]["diff"] > 0
+                    else "internal > output")
+        assert rows[i]["verdict"] == expected
     assert {r["train_tokens"] for r in rows} == {4 * 15, 8 * 15}
+    # with the refinement, one training sequence (check_tokens 15 / 15 per sequence) is held out of the fit
+    assert {(r["refine"], r["train_tokens"], r["lstsq_tokens"]) for r in rows} == {
+        (False, 60, 60), (False, 120, 120), (True, 60, 45), (True, 120, 105)}
     assert {r["n_tokens"] for r in rows} == {4 * 15}

@@ -3,11 +3,14 @@ neuron found, and the ablation's effects against a full forward pass of the mode
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from lensspace.experiments.neurons import (NeuronAblation, NeuronSettings, matched_neurons, neuron_geometry,
-                                           pick_candidates, run_neurons)
+from lensspace.errors import LensspaceError
+from lensspace.experiments.neurons import (COMPARED, NeuronAblation, NeuronSettings, add_verdicts, matched_neurons,
+                                           neuron_geometry, pick_candidates, run_neurons)
 from lensspace.runner import BlockRunner
 from lensspace.subspaces import unembedding_bases
 from conftest import make_cached
@@ -62,8 +65,13 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=3, n_train=4, n_eval=2, seq_len=8)
     d, k, last = adapter.d_model, adapter.d_model // 2, adapter.n_layers - 1
-    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, k)
+    bases = unembedding_bases(adapter)
+    table = neuron_geometry(adapter, cached.lens, bases["unembed"].vectors, k, bases["unembed_centered"].vectors, 3)
     v = _svd_right(adapter)
+    # the effective null space, independently: bottom right singular vectors of (W_U - mean) diag(g)
+    w_u = adapter.unembedding.detach().double()
+    folded = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
+    null = torch.linalg.svd(folded, full_matrices=True)[2].T[:, d - 3:]
     for layer in (0, last):
         m = (torch.eye(d, dtype=torch.float64) if layer == last
              else torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[layer + 1].weight.detach().double())
@@ -79,6 +87,8 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
             u = adapter.normalize(torch.randn(d, generator=torch.Generator().manual_seed(j))).double()
             step = 1e-3
             centred = mw - mw.mean() if adapter.norm_kind == "layernorm" else mw
+            share_null = float((null.T @ centred).square().sum() / centred.square().sum())
+            assert rows.loc[j, "null_fraction"] == pytest.approx(share_null, rel=1e-5, abs=1e-9)
             # the direct effect is linear: before any final-logit soft-cap (Gemma 2)
             cap, adapter.logit_softcap = adapter.logit_softcap, None
             before = adapter.logits_from_normalized(u.float()).double()
@@ -127,19 +137,50 @@ def _final(adapter, ids):
     return store[adapter.n_layers]
 
 
-def test_matched_neurons_are_same_layer_near_norm_and_not_candidates(planted):
+def test_matched_neurons_are_same_layer_near_norm_distinct_and_not_candidates(planted):
     adapter, cached = planted
     d = adapter.d_model
     table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, d // 2)
     settings = NeuronSettings(k=d // 2, candidate_layers=(1,), n_candidates=3, min_internal_share=0.0,
-                              random_draws=5, match_pool=4)
+                              random_draws=4, match_pool=5)
     candidates = pick_candidates(table, settings)
     draws = matched_neurons(table, candidates, settings)
     layer1 = table[table["layer"] == 1].set_index("neuron")
-    assert len(draws) == 5 and all(len(draw) == 3 for draw in draws)
+    assert len(draws) == 4 and all(len(draw) == 3 for draw in draws)
+    used = set(candidates["neuron"])
     for index, norm in enumerate(candidates["norm"]):
-        nearest = (layer1.drop(index=list(candidates["neuron"]))["norm"] - norm).abs().nsmallest(4).index
-        assert {draw[index] for draw in draws} <= set(nearest)
+        mine = [draw[index] for draw in draws]
+        assert len(set(mine)) == len(mine)  # without replacement
+        nearest = (layer1.drop(index=sorted(used))["norm"] - norm).abs().nsmallest(5).index
+        assert set(mine) <= set(nearest) and not set(mine) & used
+        used |= set(mine)  # later candidates never reuse a control: the joint sets are disjoint
+    with pytest.raises(LensspaceError, match="neurons.match_pool"):
+        matched_neurons(table, candidates, dataclasses.replace(settings, match_pool=3))
+
+
+def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float = 0.0) -> dict:
+    row = {"entropy_per_kl_lo": ratio_lo, "random_entropy_per_kl_draw_max": 1.0}
+    for name in COMPARED:
+        row.update({f"p_{name}": p, f"diff_{name}": diff, name: value, f"random_{name}_draw_min": 0.0,
+                    f"random_{name}_draw_max": draw_max})
+    return row
+
+
+def test_verdicts_are_holm_corrected_and_need_the_draws_range():
+    rows = [_row(0.001, 1.0, 5.0, 4.0), _row(0.001, 1.0, 3.0, 4.0), _row(0.02, 1.0, 5.0, 4.0)]
+    add_verdicts(rows)
+    # Holm over 9 p-values: the six of 0.001 become 9 x 0.001 .. (rank 6) 4 x 0.001; the three of 0.02 3 x 0.02
+    assert [rows[0][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.009] * 3)
+    assert [rows[2][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.06] * 3)
+    assert rows[0]["verdict_kl"] == "holds"
+    assert rows[1]["verdict_kl"] == "not separable"   # significant, but inside the matched draws' range
+    assert rows[2]["verdict_kl"] == "not separable"   # p 0.02 alone, 0.06 after Holm
+    # the account needs |dH| to hold, top-1 not to: here top-1 holds too
+    assert not rows[0]["entropy_account"]
+    fits = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
+    fits.update({"p_top1_change": 0.9, "diff_top1_change": 0.0})
+    add_verdicts([fits])
+    assert fits["verdict_top1_change"] == "not separable" and fits["entropy_account"]
 
 
 def test_run_on_real_model_finds_last_layer_candidates(real):
@@ -159,3 +200,7 @@ def test_run_on_real_model_finds_last_layer_candidates(real):
         assert (candidates[name] <= candidates[f"{name}_hi"]).all()
     assert (candidates["kl"] > 0).all()
     assert len(joint) == 1 and joint["n_neurons"].iloc[0] == 2
+    for name in COMPARED:
+        assert candidates[f"verdict_{name}"].isin(["holds", "reversed", "not separable"]).all()
+        assert (candidates[f"p_{name}_adjusted"] >= candidates[f"p_{name}"]).all()
+    assert candidates["matched_norm_ratio"].between(0.3, 3).all()

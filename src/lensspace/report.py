@@ -448,14 +448,15 @@ def ood_section(ctx: RunContext) -> Section | None:
         cells = ablation[(ablation["subspace"] == "output") & (ablation["basis"] == "unembed")]
         verdicts = []
         for mode, part in cells.groupby("mode", sort=False):
-            above = part[part["output_minus_internal_lo"] > 0]["layer"]
-            below = part[part["output_minus_internal_hi"] < 0]["layer"]
+            above = part[part["verdict"] == "holds"]["layer"]
+            below = part[part["verdict"] == "reversed"]["layer"]
             verdicts.append(f"{mode} mode: output > internal at {len(above)} of {len(part)} layers, internal > output "
                             f"at {len(below)}")
         lines.append(f"{corpus} ({_tokens(lens)} held-out tokens): the tuned lens beats the logit lens at {better} of "
                      f"{len(wide)} layers{shift}. H0 (unembed, k = d/2, pre_norm): " + "; ".join(verdicts) + ".")
-    lines.append("Verdicts: paired bootstrap-t 95% intervals of KL(ablate output) − KL(ablate internal) over the eval "
-                 "corpus's sequences; the mean mode keeps the in-distribution training means. Eval corpora are "
+    lines.append("Verdicts: paired bootstrap-t test of KL(ablate output) − KL(ablate internal) over the eval "
+                 "corpus's sequences, Holm-corrected over the corpus's layers and modes (family-wise 0.05); the mean "
+                 "mode keeps the in-distribution training means. Eval corpora are "
                  "tokenized with the run's tokenizer and refused if they share a token n-gram with its training tokens.")
     blocks: list = [Text(" ".join(lines))]
     if ctx.figure("ood").exists():
@@ -485,9 +486,11 @@ def lens_budget_section(ctx: RunContext) -> Section | None:
     sweep = pd.read_csv(path, sep="\t")
     budgets = list(dict.fromkeys(sweep["budget"]))
     by_budget = sweep.groupby("budget", sort=False)["lens_kl"].mean()
-    lines = [f"The run's lens retrained at {len(budgets)} budgets ({', '.join(budgets)}; least squares on the first "
-             f"{', '.join(f'{int(t):,}' for t in sorted(sweep['train_tokens'].unique()))} training tokens, "
-             f"lstsq+kl adding the run's KL refinement) at {_layers(sweep['layer'])}; held-out lens KL averaged over "
+    fits = sweep.drop_duplicates("budget")
+    lines = [f"The run's lens retrained at {len(budgets)} budgets ({', '.join(budgets)}: least squares on the first "
+             "training tokens, " + ", ".join(f"{r.budget} {int(r.lstsq_tokens):,}" for r in fits.itertuples())
+             + "; lstsq+kl holds out the last of its training sequences to decide, per layer, whether the run's "
+             f"KL refinement is kept) at {_layers(sweep['layer'])}; held-out lens KL averaged over "
              f"these layers: " + ", ".join(f"{b} {number(v)}" for b, v in by_budget.items()) + " nats."]
     for mode, part in sweep.groupby("mode", sort=False):
         counts = part["verdict"].value_counts()
@@ -501,8 +504,9 @@ def lens_budget_section(ctx: RunContext) -> Section | None:
             f"{counts.get('not separable', 0)}; with each layer's best lens it holds at {holds(best)} of {len(best)} "
             f"layers, with its worst at {holds(worst)}; rank correlation of lens KL with output − internal "
             f"{corr:.2f}.")
-    lines.append("Each verdict: paired bootstrap-t interval of KL(ablate output) − KL(ablate internal) over "
-                 f"{_tokens(sweep)} held-out tokens' sequences (95%, not corrected for multiplicity).")
+    lines.append("Each verdict: paired bootstrap-t test of KL(ablate output) − KL(ablate internal) over the "
+                 f"sequences of {_tokens(sweep)} held-out tokens, Holm-corrected over the sweep's {len(sweep)} "
+                 "points (family-wise 0.05); the intervals are the uncorrected 95% ones.")
     blocks: list = [Text(" ".join(lines))]
     if ctx.figure("lens_quality").exists():
         blocks.append(Figure(ctx.figure("lens_quality"), (
@@ -526,8 +530,8 @@ def _read_tsv(path: Path) -> pd.DataFrame:
 
 
 def _separated(frame: pd.DataFrame, name: str) -> tuple[int, int]:
-    """How many rows have the paired difference ``diff_{name}`` above 0 / below 0 (95% interval)."""
-    return int((frame[f"diff_{name}_lo"] > 0).sum()), int((frame[f"diff_{name}_hi"] < 0).sum())
+    """How many rows hold / are reversed on metric ``name`` (Holm-adjusted, beyond the matched draws)."""
+    return int((frame[f"verdict_{name}"] == "holds").sum()), int((frame[f"verdict_{name}"] == "reversed").sum())
 
 
 def neurons_section(ctx: RunContext) -> Section | None:
@@ -557,23 +561,37 @@ def neurons_section(ctx: RunContext) -> Section | None:
         lines.append(f"Candidates: the {n} largest-norm of them ({_layers(candidates['layer'])}; norms "
                      f"{candidates['norm'].min():.2f}–{candidates['norm'].max():.2f} against a median of "
                      f"{neurons['norm'].median():.2f}).")
-        if "diff_abs_d_entropy" in candidates:
+        if "null_fraction" in neurons:
+            ranks = pool.assign(rel=pool.groupby("layer")["logit_effect_rel"].rank(pct=True),
+                                null=pool.groupby("layer")["null_fraction"].rank(pct=True))
+            chosen = ranks.set_index(["layer", "neuron"]).loc[list(zip(candidates["layer"], candidates["neuron"]))]
+            lines.append(
+                f"In the geometry of Stolfo et al. (the centred, gain-folded unembedding's bottom "
+                f"{int(neurons['null_k'].iloc[0])} directions as its "
+                f"effective null space) the candidates' null-space share has median "
+                f"{candidates['null_fraction'].median():.3f} against {pool['null_fraction'].median():.3f} for their "
+                f"layers' neurons (median percentile in their layer {chosen['null'].median():.0%}), and their logit "
+                f"effect per unit of lens norm sits at median percentile {chosen['rel'].median():.0%} (low: the "
+                "unembedding barely reads them).")
+        if "verdict_abs_d_entropy" in candidates:
             up_h, down_h = _separated(candidates, "abs_d_entropy")
             up_k, _ = _separated(candidates, "kl")
             up_t, down_t = _separated(candidates, "top1_change")
             n_tokens = int(candidates["n_tokens"].iloc[0])
             lines.append(
                 f"Each candidate mean-ablated alone ({n_tokens:,} held-out tokens, against "
-                f"{int(candidates['n_draws'].iloc[0])} random neurons of its layer and matched norm): the output's "
-                f"entropy changes more than for the matched neurons at {up_h} of {n} candidates (less at {down_h}), "
-                f"the KL is larger at {up_k}, the top-1 token changes more often at {up_t} (less at {down_t}); "
-                f"paired 95% bootstrap-t intervals over sequences. Mean |ΔH| / KL: candidates "
-                f"{candidates['entropy_per_kl'].mean():.2f}, matched random "
-                f"{candidates['random_entropy_per_kl'].mean():.2f}.")
-            entropy_like = candidates[(candidates["diff_abs_d_entropy_lo"] > 0)
-                                      & (candidates["entropy_per_kl"] > candidates["random_entropy_per_kl"])]
+                f"{int(candidates['n_draws'].iloc[0])} random neurons of its layer and matched norm, their norms "
+                f"{candidates['matched_norm_ratio'].min():.2f}–{candidates['matched_norm_ratio'].max():.2f}× the "
+                f"candidate's): the output's entropy changes more than for the matched neurons at {up_h} of {n} "
+                f"candidates (less at {down_h}), the KL is larger at {up_k}, the top-1 token changes more often at "
+                f"{up_t} (less at {down_t}). Each verdict: a paired bootstrap-t test over sequences, Holm-corrected "
+                f"over the experiment's {3 * (n + len(joint))} comparisons (family-wise 0.05), and the candidate beyond "
+                f"every matched draw. Mean |ΔH| / KL: candidates {candidates['entropy_per_kl'].mean():.2f}, matched "
+                f"random {candidates['random_entropy_per_kl'].mean():.2f}.")
+            entropy_like = candidates[candidates["entropy_account"].astype(bool)]
             lines.append(
-                f"The entropy-neuron account (a large change in entropy for its change in the distribution) fits "
+                f"The entropy-neuron account (|ΔH| above the matched neurons', the top-1 token not changed more "
+                f"often than theirs, and |ΔH| / KL with its 95% interval above every matched draw's) fits "
                 f"{len(entropy_like)} of {n}: " + (", ".join(f"{int(r.layer)}.{int(r.neuron)}"
                                                              for r in entropy_like.itertuples()) or "none") + ".")
         if not joint.empty:

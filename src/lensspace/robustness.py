@@ -131,17 +131,24 @@ def _row(conclusion: Conclusion, basis: str, cell: list, a: torch.Tensor, b: tor
 
 
 def _verdict(row: dict) -> str:
-    significant = row["p_adjusted"] < ALPHA
     side = row.pop("_random_side")
     if side == "b":    # A > random: A must clear the draws' range
-        above, below = row["kl_a"] > row["draw_max"], row["kl_a"] < row["draw_min"]
-    elif side == "a":  # random > B: B must clear the draws' range
-        above, below = row["kl_b"] < row["draw_min"], row["kl_b"] > row["draw_max"]
-    else:
-        above = below = True
-    if significant and row["diff"] > 0 and above:
+        return verdict(row["diff"], row["p_adjusted"], row["kl_a"], row["draw_min"], row["draw_max"])
+    if side == "a":    # random > B: B must clear the draws' range (below the smallest for "holds")
+        return verdict(row["diff"], row["p_adjusted"], -row["kl_b"], -row["draw_max"], -row["draw_min"])
+    return verdict(row["diff"], row["p_adjusted"])
+
+
+def verdict(diff: float, p_adjusted: float, value: float | None = None, draw_min: float | None = None,
+            draw_max: float | None = None) -> str:
+    """``holds`` / ``reversed`` / ``not separable`` for a paired difference A - B with its adjusted
+    p-value; where B is random draws, A's ``value`` must also lie above (below) all of them."""
+    above = below = True
+    if value is not None:
+        above, below = value > draw_max, value < draw_min
+    if p_adjusted < ALPHA and diff > 0 and above:
         return HOLDS
-    if significant and row["diff"] < 0 and below:
+    if p_adjusted < ALPHA and diff < 0 and below:
         return REVERSED
     return NOT_SEPARABLE
 

@@ -299,7 +299,8 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
               else sorted(set(chosen)))
     if any(not 0 <= layer < n_layers for layer in layers):
         raise LensspaceError(f"neurons.candidate_layers: {chosen} names a layer outside 0..{n_layers - 1}")
-    return NeuronSettings(k=d_model // 2, candidate_layers=tuple(layers),
+    return NeuronSettings(k=d_model // 2, null_k=max(1, round(section["null_share"] * d_model)),
+                          candidate_layers=tuple(layers),
                           n_candidates=section["n_candidates"],
                           min_internal_share=section["min_internal_share"],
                           random_draws=config["random_draws"], match_pool=section["match_pool"],

@@ -102,10 +102,16 @@ def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
                         "logit effect / ‖Mw‖": candidates["logit_effect_rel"]})
     if "abs_d_entropy" not in candidates:
         return out
+    if "null_fraction" in candidates:
+        out.insert(3, "null-space share", candidates["null_fraction"])
     for name, label in (("abs_d_entropy", "abs ΔH"), ("kl", "KL"), ("top1_change", "top-1 changed")):
         out[label] = with_interval(candidates, name)
         out[f"{label} random"] = with_interval(candidates, f"random_{name}")
         out[f"{label} diff"] = with_interval(candidates, f"diff_{name}")
+        if f"verdict_{name}" in candidates:
+            out[f"{label} verdict"] = candidates[f"verdict_{name}"]
+    if "entropy_account" in candidates:
+        out["entropy-neuron account"] = candidates["entropy_account"].map({True: "fits", False: "no"})
     return out
 
 
@@ -114,12 +120,12 @@ def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
     def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
         return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)
 
-    return pd.DataFrame({"budget": sweep["budget"], "train tokens": sweep["train_tokens"], "layer": sweep["layer"],
+    return pd.DataFrame({"budget": sweep["budget"], "lstsq tokens": sweep["lstsq_tokens"], "layer": sweep["layer"],
                          "mode": sweep["mode"], "lens KL": interval(sweep, "lens_kl", "lens_kl_lo", "lens_kl_hi"),
                          "KL output": sweep["kl_output"], "KL internal": sweep["kl_internal"],
                          "KL random": sweep["kl_random"],
                          "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
-                         "verdict": sweep["verdict"]})
+                         "p (Holm)": sweep["p_adjusted"], "verdict": sweep["verdict"]})
 
 
 def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:

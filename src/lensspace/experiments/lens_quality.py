@@ -4,13 +4,15 @@ The run's lens is retrained at several budgets (least squares on the first fract
 training sequences, with and without the KL refinement), only at the H0 layers. Each lens is
 evaluated on the held-out tokens (KL(p_final || p_lens)) and runs the seed-layout H0 cells
 (output and internal subspace of the raw unembedding, k = d/2, pre_norm, zero and mean modes)
-and the random control; the verdict is the paired output-minus-internal difference over the
-held-out sequences.
+and the random control. The verdict is the paired output-minus-internal difference over the
+held-out sequences (bootstrap-t), its p-value Holm-corrected over every (budget, layer, mode)
+point of the sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -21,8 +23,9 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
-from lensspace.lenses import LensTraining, translate, train_lens
-from lensspace.stats import bootstrap_mean, kl_from_logprobs, paired_difference
+from lensspace.lenses import LensTraining, held_out_sequences, translate, train_lens
+from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
+from lensspace.stats import adjust, bootstrap_mean, kl_from_logprobs, paired_difference
 from lensspace.subspaces import Basis
 
 
@@ -81,6 +84,9 @@ def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], tra
           settings: LensQualitySettings) -> tuple[list[dict], list[dict]]:
     """Rows of sweep.tsv (budget x layer x mode) and of per_sequence.tsv."""
     grid = settings.grid
+    points = len(settings.fractions) * len(settings.refine) * len(settings.layers) * len(grid.modes)
+    # the smallest bootstrap p-value stays a quarter of Holm's first threshold
+    resamples = max(settings.test_resamples, math.ceil(8 * points / ALPHA))
     n_train = len(cache.load(0, "train"))
     k = grid.resolve_k(adapter.d_model)[0]
     n_eval, seq_len = cache.load(0, "eval").shape[:2]
@@ -93,8 +99,9 @@ def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], tra
             lens_settings = dataclasses.replace(training, refine_steps=training.refine_steps if refine else 0)
             print(f"budget {label}: {n} of {n_train} training sequences", flush=True)
             lens = train_lens(adapter, TrainSubset(cache, n), lens_settings, label, layers=settings.layers)
-            keys = {"budget": label, "fraction": fraction, "refine": refine,
-                    "train_tokens": n * (cache.load(0, "train").shape[1] - 1)}
+            n_fit = n - len(held_out_sequences(n, seq_len, lens_settings))
+            keys = {"budget": label, "fraction": fraction, "refine": refine, "train_tokens": n * (seq_len - 1),
+                    "lstsq_tokens": n_fit * (seq_len - 1)}
             for layer in settings.layers:
                 lens_kl = held_out_kl(adapter, lens, cache, layer)
                 est = bootstrap_mean(lens_kl, grid.n_boot, grid.seed)
@@ -102,21 +109,25 @@ def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], tra
                 for mode in grid.modes:
                     out, internal = _per_sequence(results, "output", mode), _per_sequence(results, "internal", mode)
                     random = _per_sequence(results, "random", mode)
-                    comp = paired_difference(out, internal, settings.test_resamples, grid.seed)
-                    rand = paired_difference(random, internal, settings.test_resamples, grid.seed)
-                    verdict = ("output > internal" if comp.lo > 0 else "internal > output" if comp.hi < 0
-                               else "not separable")
+                    comp = paired_difference(out, internal, resamples, grid.seed)
+                    rand = paired_difference(random, internal, resamples, grid.seed)
                     rows.append({**keys, "layer": layer, "mode": mode, "k": k, "basis": "unembed",
                                  "site": "pre_norm", "lens_kl": est.mean, "lens_kl_lo": est.lo,
                                  "lens_kl_hi": est.hi, "kl_output": comp.mean_a, "kl_internal": comp.mean_b,
                                  "kl_random": rand.mean_a, "diff": comp.diff, "diff_lo": comp.lo,
                                  "diff_hi": comp.hi, "p_value": comp.p_value,
                                  "random_minus_internal": rand.diff, "random_minus_internal_lo": rand.lo,
-                                 "random_minus_internal_hi": rand.hi, "verdict": verdict,
+                                 "random_minus_internal_hi": rand.hi,
                                  "n_draws": grid.random_draws, "n_tokens": n_tokens})
                     for s, values in enumerate(zip(lens_kl.tolist(), out.tolist(), internal.tolist(),
                                                    random.tolist())):
                         sequences.append({**keys, "layer": layer, "mode": mode, "sequence": s,
                                           "lens_kl": values[0], "kl_output": values[1],
                                           "kl_internal": values[2], "kl_random": values[3]})
+    for row, p in zip(rows, adjust([row["p_value"] for row in rows], CORRECTION)):
+        row["p_adjusted"] = p
+        row["verdict"] = LABELS.get(verdict(row["diff"], p), "not separable")
     return rows, sequences
+
+
+LABELS = {HOLDS: "output > internal", REVERSED: "internal > output"}

@@ -6,19 +6,26 @@ Neuron ``j`` of block ``l`` writes ``a_j * w_j`` into residual ``l + 1`` (``w_j`
 (``I + A_{l+1}``; ``I`` for the last block). Per neuron: ``||w||``, the shares
 ``||Q^T M w||^2 / ||M w||^2`` of the output (top-k) and internal (bottom-k) subspaces, and its
 direct effect on the logits through the lens: the spread over the vocabulary of
-``W_U (g * center(M w))``, the logit change per unit activation with the final norm's scale held
-fixed (a constant added to every logit changes nothing, so the spread is what can re-rank).
+``W_U (g * center(M w))``, the logit change per unit of the normalised input (the final norm's
+scale held fixed; a constant added to every logit changes nothing, so the spread is what can
+re-rank), and the share of ``center(M w)`` in the bottom ``null_k`` directions of the centred,
+gain-folded unembedding (its effective null space, the geometry Stolfo et al. 2024 use).
 
 Entropy neurons (Stolfo et al. 2024) write large vectors the unembedding almost ignores: they
 act through the final norm's scale, so they move the output's entropy but not its ranking.
 Candidates here are the largest-norm neurons whose internal share passes a threshold; each is
 mean-ablated (its activation replaced by its training mean at every position but the first)
 and compared, on the same held-out sequences, with random neurons of the same layer and
-nearly the same norm.
+nearly the same norm (drawn without replacement among the ``match_pool`` nearest, no neuron
+twice in one experiment). A verdict "candidate > matched" on a metric needs the paired test's
+Holm-adjusted p-value (over every comparison of the experiment) below 0.05 and the candidate's
+mean beyond every matched draw's mean, as for the random subspaces of the other experiments.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Mapping
@@ -31,14 +38,17 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
+from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
-from lensspace.stats import bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference
+from lensspace.stats import (adjust, bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference,
+                             resample_counts)
 from lensspace.subspaces import select
 
 # Per-token effects of an ablation; the signed entropy change may be negative.
 METRICS = ("abs_d_entropy", "d_entropy", "kl", "top1_change", "d_log_scale")
 NONNEGATIVE = {"abs_d_entropy", "kl", "top1_change", "d_log_scale"}
-COMPARED = ("abs_d_entropy", "kl", "top1_change")  # paired candidate-minus-random differences
+COMPARED = ("abs_d_entropy", "kl", "top1_change")
+NULL_SPACE = "unembed_centered"  # the basis whose bottom directions are the effective null space  # paired candidate-minus-random differences
 # Per-sequence shares of flipped tokens are discrete and often tied: a bootstrap-t interval
 # degenerates on them (resamples with no spread), so their intervals are BCa.
 DISCRETE = {"top1_change"}
@@ -49,11 +59,13 @@ class NeuronSettings:
     """Which neurons are candidates and how the causal test is sized.
 
     ``candidate_layers``: the blocks whose neurons may be candidates; ``match_pool``: a random
-    control neuron is drawn from the non-candidate neurons of the same layer nearest in norm.
+    control neuron is drawn from the non-candidate neurons of the same layer nearest in norm;
+    ``null_k``: the size of the effective null space of the ``null_fraction`` column.
     """
 
     k: int
     candidate_layers: tuple[int, ...]
+    null_k: int = 1
     n_candidates: int = 8
     min_internal_share: float = 0.9
     random_draws: int = 4
@@ -65,10 +77,13 @@ class NeuronSettings:
     seed: int = 0
 
 
-def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int) -> pd.DataFrame:
-    """One row per MLP neuron: norm, lens-space norm, output / internal share, logit effect."""
+def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int,
+                    null_basis: torch.Tensor | None = None, null_k: int = 1) -> pd.DataFrame:
+    """One row per MLP neuron: norm, lens-space norm, output / internal share, logit effect, and
+    (with ``null_basis``, the centred gain-folded basis) the share in its bottom ``null_k`` directions."""
     q_out = select(basis, "output", k).double().cpu()
     q_int = select(basis, "internal", k).double().cpu()
+    q_null = select(null_basis, "internal", null_k).double().cpu() if null_basis is not None else None
     w_u = adapter.unembedding.detach().double().cpu()
     centred = w_u - w_u.mean(0)
     logit_cov = centred.T @ centred / (len(w_u) - 1)  # spread over the vocabulary of W_U x is sqrt(x^T C x)
@@ -78,17 +93,22 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
         w = adapter.neuron_out_weights(layer).detach().double().cpu()  # [n, d]
         lens_w = w @ m.T
         total = lens_w.square().sum(1)
-        x = adapter.centre(lens_w) * gain
+        normalised = adapter.centre(lens_w)
+        x = normalised * gain
         spread = ((x @ logit_cov) * x).sum(1).clamp_min(0).sqrt()
         lens_norm = total.sqrt()
-        frames.append(pd.DataFrame({
+        frame = pd.DataFrame({
             "layer": layer, "neuron": range(len(w)), "norm": w.norm(dim=1).numpy(),
             "lens_norm": lens_norm.numpy(),
             "output_fraction": ((lens_w @ q_out).square().sum(1) / total).numpy(),
             "internal_fraction": ((lens_w @ q_int).square().sum(1) / total).numpy(),
             "logit_effect": spread.numpy(),
             "logit_effect_rel": (spread / lens_norm.clamp_min(1e-30)).numpy(),
-        }))
+        })
+        if q_null is not None:
+            frame["null_fraction"] = ((normalised @ q_null).square().sum(1)
+                                      / normalised.square().sum(1).clamp_min(1e-300)).numpy()
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -131,19 +151,28 @@ def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFra
 
 
 def matched_neurons(table: pd.DataFrame, candidates: pd.DataFrame, settings: NeuronSettings) -> list[list[int]]:
-    """For each random draw, one control neuron per candidate: same layer, nearest norms, seeded."""
+    """For each random draw, one control neuron per candidate: same layer, among the ``match_pool``
+    non-candidates nearest in norm, drawn without replacement (seeded); no neuron serves two
+    candidates, so each draw's set for the joint test has as many distinct neurons as candidates."""
+    if settings.match_pool < settings.random_draws:
+        raise LensspaceError(f"neurons.match_pool ({settings.match_pool}) must be at least random_draws "
+                             f"({settings.random_draws}): each draw needs its own matched neuron")
     gen = torch.Generator().manual_seed(settings.seed)
-    chosen = set(zip(candidates["layer"], candidates["neuron"]))
+    taken = set(zip(candidates["layer"], candidates["neuron"]))
     draws: list[list[int]] = [[] for _ in range(settings.random_draws)]
     for layer, norm in zip(candidates["layer"], candidates["norm"]):
         others = table[(table["layer"] == layer)
-                       & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in chosen)]
-        if others.empty:
-            raise LensspaceError(f"neurons: layer {layer} has no neuron left to match a candidate with")
-        nearest = others.iloc[(others["norm"] - norm).abs().argsort()[: settings.match_pool]]
-        picks = torch.randint(0, len(nearest), (settings.random_draws,), generator=gen)
+                       & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in taken)]
+        if len(others) < settings.match_pool:
+            raise LensspaceError(f"neurons: layer {layer} has {len(others)} neurons left to match a candidate "
+                                 f"with, neurons.match_pool asks for {settings.match_pool}: lower it or "
+                                 "neurons.n_candidates")
+        nearest = others.iloc[(others["norm"] - norm).abs().argsort(kind="stable")[: settings.match_pool]]
+        picks = torch.randperm(len(nearest), generator=gen)[: settings.random_draws]
         for draw, pick in enumerate(picks.tolist()):
-            draws[draw].append(int(nearest["neuron"].iloc[pick]))
+            neuron = int(nearest["neuron"].iloc[pick])
+            draws[draw].append(neuron)
+            taken.add((layer, neuron))
     return draws
 
 
@@ -195,7 +224,9 @@ class NeuronAblation:
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
 
         def hook_for(layer: int):
-            idx = torch.tensor(sorted(set(neurons[layer])), dtype=torch.long)
+            if len(set(neurons[layer])) != len(neurons[layer]):
+                raise LensspaceError(f"neurons: layer {layer}'s set names a neuron twice: {neurons[layer]}")
+            idx = torch.tensor(sorted(neurons[layer]), dtype=torch.long)
             value = self.means[layer][idx]
 
             def hook(_module, args):
@@ -245,9 +276,18 @@ def _paired(name: str, a: torch.Tensor, b: torch.Tensor, settings: NeuronSetting
     return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi, f"p_{name}": comp.p_value}
 
 
+def _entropy_per_kl(h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings) -> tuple[float, float]:
+    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of means)."""
+    counts = resample_counts(len(h), settings.n_boot, settings.seed).double()
+    ratio = (counts @ h.double()) / (counts @ kl.double()).clamp_min(1e-300)
+    lo, hi = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Tensor]],
             settings: NeuronSettings) -> dict:
-    """Every metric for the candidate(s) and the matched random draws, and their paired differences."""
+    """Every metric for the candidate(s) and the matched random draws, and their paired differences
+    (p-values not yet adjusted: :func:`add_verdicts` does that over the experiment)."""
     row: dict = {}
     for name in METRICS:
         row.update(_estimate("", name, candidate[name], settings))
@@ -256,25 +296,52 @@ def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Ten
     for name in COMPARED:
         row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]).mean(0), settings))
     row["entropy_per_kl"] = row["abs_d_entropy"] / row["kl"] if row["kl"] > 0 else float("nan")
+    row["entropy_per_kl_lo"], row["entropy_per_kl_hi"] = (
+        _entropy_per_kl(candidate["abs_d_entropy"], candidate["kl"], settings) if row["kl"] > 0
+        else (float("nan"), float("nan")))
     row["random_entropy_per_kl"] = (row["random_abs_d_entropy"] / row["random_kl"]
                                     if row["random_kl"] > 0 else float("nan"))
+    per_draw = [float(r["abs_d_entropy"].mean() / r["kl"].mean()) for r in random if float(r["kl"].mean()) > 0]
+    row["random_entropy_per_kl_draw_max"] = max(per_draw) if per_draw else float("nan")
     return row
+
+
+def add_verdicts(rows: list[dict]) -> None:
+    """Holm-adjust the paired p-values of every row and metric together (one family: the
+    experiment), then each metric's verdict against the matched draws, and whether the row fits
+    the entropy-neuron account: |dH| above the matched neurons', the top-1 token not changed more
+    often than theirs, and |dH| / KL with its interval above every matched draw's."""
+    keys = [(i, name) for i in range(len(rows)) for name in COMPARED]
+    adjusted = adjust([rows[i][f"p_{name}"] for i, name in keys], CORRECTION)
+    for (i, name), p in zip(keys, adjusted):
+        row = rows[i]
+        row[f"p_{name}_adjusted"] = p
+        row[f"verdict_{name}"] = verdict(row[f"diff_{name}"], p, row[name], row[f"random_{name}_draw_min"],
+                                         row[f"random_{name}_draw_max"])
+    for row in rows:
+        row["entropy_account"] = bool(row["verdict_abs_d_entropy"] == HOLDS and row["verdict_top1_change"] != HOLDS
+                                      and row["entropy_per_kl_lo"] > row["random_entropy_per_kl_draw_max"])
 
 
 def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.DataFrame,
                 settings: NeuronSettings) -> tuple[list[dict], list[dict]]:
     """Rows of candidates.tsv (each candidate alone) and joint.tsv (all candidates together)."""
     draws = matched_neurons(table, candidates, settings)
+    # resolution: the smallest bootstrap p-value stays a quarter of Holm's first threshold
+    family = len(COMPARED) * (len(candidates) + 1)
+    settings = dataclasses.replace(settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA)))
     n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
     base = {"n_draws": settings.random_draws, "n_sequences": ablation.n_sequences, "n_tokens": n_tokens}
+    norms = table.set_index(["layer", "neuron"])["norm"]
     rows = []
     for index, (layer, neuron) in enumerate(zip(candidates["layer"], candidates["neuron"])):
         mine = ablation.effects({int(layer): [int(neuron)]})
         random = [ablation.effects({int(layer): [draw[index]]}) for draw in draws]
         print(f"candidate {index + 1}/{len(candidates)}: {int(layer)}.{int(neuron)} ablated with "
               f"{len(draws)} matched random neurons", flush=True)
+        ratio = sum(norms[(layer, draw[index])] for draw in draws) / len(draws) / norms[(layer, neuron)]
         rows.append({"layer": int(layer), "neuron": int(neuron), "rank": index + 1,
-                     "matched": ",".join(str(draw[index]) for draw in draws),
+                     "matched": ",".join(str(draw[index]) for draw in draws), "matched_norm_ratio": float(ratio),
                      **compare(mine, random, settings), **base})
     if candidates.empty:
         return rows, []
@@ -288,6 +355,7 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
     mine = ablation.effects(grouped(list(candidates["neuron"])))
     random = [ablation.effects(grouped(draw)) for draw in draws]
     joint = [{"set": "candidates", "n_neurons": len(candidates), **compare(mine, random, settings), **base}]
+    add_verdicts(rows + joint)
     return rows, joint
 
 
@@ -309,9 +377,10 @@ def reference_matches(candidates: pd.DataFrame, table: pd.DataFrame, reference: 
 
 
 def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis: torch.Tensor,
-                tokens: dict[str, torch.Tensor], settings: NeuronSettings) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                tokens: dict[str, torch.Tensor], settings: NeuronSettings,
+                null_basis: torch.Tensor | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """neurons.tsv (every neuron, with its activation statistics), candidates.tsv, joint.tsv."""
-    table = neuron_geometry(adapter, lens, basis, settings.k)
+    table = neuron_geometry(adapter, lens, basis, settings.k, null_basis, settings.null_k)
     device = adapter.embed.weight.device
     means, _ = activation_stats(adapter, tokens["train"][: settings.mean_sequences].to(device))
     eval_ids = tokens["eval"][: settings.eval_sequences].to(device)
@@ -319,6 +388,8 @@ def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis
     table["mean_activation"] = torch.cat(means).numpy()
     table["rms_activation"] = torch.cat(rms).numpy()
     table["k"] = settings.k
+    if null_basis is not None:
+        table["null_k"] = settings.null_k
     table["in_candidate_layers"] = table["layer"].isin(settings.candidate_layers)
     candidates = pick_candidates(table, settings)
     table["is_candidate"] = table.index.isin(candidates.index)

@@ -5,10 +5,13 @@ document, the first ``seq_len`` tokens); a corpus sharing a long token n-gram wi
 training tokens is refused (:func:`check_disjoint`). On those sequences: the tuned and the logit
 lens's KL(p_final || p_lens) and the H0 cells (unembed basis, k = d/2,
 pre_norm) with the random control, whose mean-mode means stay the in-distribution training means.
+Output minus internal is a paired bootstrap-t comparison over the corpus's sequences, its
+p-value Holm-corrected over the corpus's (layer, mode) comparisons.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -22,7 +25,8 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import evaluate_lens
-from lensspace.stats import paired_difference
+from lensspace.robustness import ALPHA, CORRECTION, verdict
+from lensspace.stats import adjust, paired_difference
 from lensspace.subspaces import Basis
 
 
@@ -70,7 +74,9 @@ def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids:
         write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage)
         cache = SplitCache(run_cache, ActivationCache(Path(folder) / "cache", device=adapter.device))
         lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed, layers=layers)
-        ablation, sequences = [], []
+        ablation, sequences, tests = [], [], []
+        # the smallest bootstrap p-value stays a quarter of Holm's first threshold
+        test_resamples = max(test_resamples, math.ceil(8 * len(layers) * len(grid.modes) / ALPHA))
         for layer in layers:
             results = h0.run_layer(adapter, lens, cache, bases, layer, grid)
             rows = results.rows()
@@ -80,10 +86,12 @@ def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids:
                     return torch.stack([v for c, v in per_seq.items()
                                         if c.subspace == subspace and c.mode == mode]).mean(0)
                 comp = paired_difference(cell_mean("output"), cell_mean("internal"), test_resamples, grid.seed)
-                for row in rows:
-                    if row["mode"] == mode:
-                        row.update({"output_minus_internal": comp.diff, "output_minus_internal_lo": comp.lo,
-                                    "output_minus_internal_hi": comp.hi, "p_value": comp.p_value})
+                tests.append((comp, [row for row in rows if row["mode"] == mode]))
             ablation += rows
             sequences += results.per_sequence()
+        for (comp, rows), p in zip(tests, adjust([comp.p_value for comp, _ in tests], CORRECTION)):
+            for row in rows:
+                row.update({"output_minus_internal": comp.diff, "output_minus_internal_lo": comp.lo,
+                            "output_minus_internal_hi": comp.hi, "p_value": comp.p_value, "p_adjusted": p,
+                            "verdict": verdict(comp.diff, p)})
     return lens_rows, ablation, sequences

@@ -26,6 +26,11 @@ def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
+def document(title: str, legend: str, frame: pd.DataFrame, digits: int = 3) -> str:
+    """A Markdown page: a heading, the paragraph that says what the numbers are, the table."""
+    return f"# {title}\n\n{legend}\n\n{markdown(frame, digits)}\n"
+
+
 def load_reference(path: str | Path, table: str) -> pd.DataFrame:
     """One published table (``H0.1``, ``H0.2``, ``H1.1``) of the seed study, by layer."""
     ref = pd.read_csv(path, sep="\t", comment="#")
@@ -149,5 +154,6 @@ def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFr
             out.append({"corpus": corpus, "layer": int(layer), "mode": mode,
                         "tuned lens KL": lens["tuned"].get(layer), "logit lens KL": lens["logit"].get(layer),
                         "KL output": kl.get("output"), "KL internal": kl.get("internal"),
-                        "KL random": kl.get("random"), "output − internal": shown})
+                        "KL random": kl.get("random"), "output − internal": shown,
+                        "verdict (Holm)": row["verdict"] if "verdict" in row else ""})
     return pd.DataFrame(out)

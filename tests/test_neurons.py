@@ -159,7 +159,7 @@ def test_matched_neurons_are_same_layer_near_norm_distinct_and_not_candidates(pl
 
 
 def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float = 0.0) -> dict:
-    row = {"entropy_per_kl_lo": ratio_lo, "random_entropy_per_kl_draw_max": 1.0}
+    row = {"entropy_per_kl_lo": ratio_lo, "random_entropy_per_kl_draw_max": 1.0, "diff_top1_change_hi": 0.5}
     for name in COMPARED:
         row.update({f"p_{name}": p, f"diff_{name}": diff, name: value, f"random_{name}_draw_min": 0.0,
                     f"random_{name}_draw_max": draw_max})
@@ -168,19 +168,25 @@ def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float =
 
 def test_verdicts_are_holm_corrected_and_need_the_draws_range():
     rows = [_row(0.001, 1.0, 5.0, 4.0), _row(0.001, 1.0, 3.0, 4.0), _row(0.02, 1.0, 5.0, 4.0)]
-    add_verdicts(rows)
+    add_verdicts(rows, top1_margin=0.01)
     # Holm over 9 p-values: the six of 0.001 become 9 x 0.001 .. (rank 6) 4 x 0.001; the three of 0.02 3 x 0.02
     assert [rows[0][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.009] * 3)
     assert [rows[2][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.06] * 3)
     assert rows[0]["verdict_kl"] == "holds"
     assert rows[1]["verdict_kl"] == "not separable"   # significant, but inside the matched draws' range
     assert rows[2]["verdict_kl"] == "not separable"   # p 0.02 alone, 0.06 after Holm
-    # the account needs |dH| to hold, top-1 not to: here top-1 holds too
+    # the account needs |dH| to hold and evidence that top-1 barely moves: an interval bounded by the margin
     assert not rows[0]["entropy_account"]
-    fits = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
-    fits.update({"p_top1_change": 0.9, "diff_top1_change": 0.0})
-    add_verdicts([fits])
-    assert fits["verdict_top1_change"] == "not separable" and fits["entropy_account"]
+    unsure = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
+    unsure.update({"p_top1_change": 0.9, "diff_top1_change": 0.0, "diff_top1_change_hi": 0.3})
+    add_verdicts([unsure], top1_margin=0.01)
+    assert unsure["verdict_top1_change"] == "not separable" and not unsure["entropy_account"]
+    fits = dict(unsure, diff_top1_change_hi=0.005)
+    add_verdicts([fits], top1_margin=0.01)
+    assert fits["entropy_account"]
+    low = dict(fits, entropy_per_kl_lo=0.9)  # the ratio's interval reaches below a matched draw's ratio
+    add_verdicts([low], top1_margin=0.01)
+    assert not low["entropy_account"]
 
 
 def test_run_on_real_model_finds_last_layer_candidates(real):

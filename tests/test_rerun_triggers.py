@@ -167,7 +167,7 @@ EDITS = {
        for key, value in (("fractions", [1.0]), ("refine", [False]), ("layers", [0, 2]), ("modes", ["zero"]))},
     **{f"neurons.{key}": ([(("neurons", key), value)], {"neurons"})
        for key, value in (("candidate_layers", "last"), ("n_candidates", 2), ("min_internal_share", 0.4),
-                          ("match_pool", 6), ("null_share", 0.2), ("eval_sequences", 6), ("mean_sequences", 6))},
+                          ("match_pool", 6), ("null_share", 0.2), ("top1_margin", 0.05), ("eval_sequences", 6), ("mean_sequences", 6))},
 }
 
 

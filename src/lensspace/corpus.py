@@ -83,31 +83,51 @@ def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
     return [doc for doc in (code_document(p.read_text(encoding="utf-8", errors="replace")) for p in paths) if doc]
 
 
-_FIRST_DEFINITION = re.compile(r"^(?:async def|def|class|@)", re.MULTILINE)
+_FIRST_DEFINITION = re.compile(r"^(?:(?:async\s+)?def|class)\b|^@", re.MULTILINE)
 
 
 def code_document(source: str) -> str:
     """A Python file as code: from its first top-level ``def``, ``class`` or decorator on, so a
     sequence cut from its start is code rather than the module's docstring, licence and imports;
     line breaks and indentation kept, trailing spaces dropped. A file without one is dropped."""
-    match = _FIRST_DEFINITION.search(source)
-    if match is None:
+    start = _first_definition(source)
+    if start is None:
         return ""
-    lines = [line.rstrip() for line in source[match.start():].splitlines()]
+    lines = [line.rstrip() for line in source[start:].splitlines()]
     return "\n".join(lines).strip("\n")
 
 
 _ESCAPE = re.compile(r"\\(.)")
 
 
+def _first_definition(source: str) -> int | None:
+    """Offset of the first top-level ``def`` / ``class`` / decorator line outside a string (a
+    docstring line may start with "class"); by Python's tokenizer, falling back to the pattern."""
+    import io
+    import tokenize
+
+    offsets = [0]
+    for line in io.StringIO(source).readlines():  # the lines tokenize numbers (split at \n only)
+        offsets.append(offsets[-1] + len(line))
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.start[1] == 0 and (tok.type == tokenize.OP and tok.string == "@"
+                                      or tok.type == tokenize.NAME and tok.string in ("def", "class", "async")):
+                return offsets[tok.start[0] - 1]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        match = _FIRST_DEFINITION.search(source)
+        return match.start() if match else None
+    return None
+
+
 def encode_document(doc: str) -> str:
-    """One line of a prepared corpus: backslashes doubled, line breaks written as ``\\n``."""
-    return doc.replace("\\", "\\\\").replace("\n", "\\n")
+    """One line of a prepared corpus: backslashes doubled, line breaks written as ``\\n`` (``\\r``)."""
+    return doc.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def decode_document(line: str) -> str:
     """The document of one prepared-corpus line (:func:`encode_document` undone)."""
-    return _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line)
+    return _ESCAPE.sub(lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), line)
 
 
 def text_documents(lines: Iterable[str]) -> list[str]:
@@ -274,4 +294,5 @@ def _spread(n: int) -> list[int]:
 
 def read_documents(path: Path) -> list[str]:
     """The documents of a prepared corpus (one per line, :func:`decode_document`)."""
-    return [decode_document(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line]
+    text = Path(path).read_bytes().decode("utf-8")  # no newline translation: a document is one line
+    return [decode_document(line) for line in text.split("\n") if line]

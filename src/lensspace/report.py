@@ -590,8 +590,9 @@ def neurons_section(ctx: RunContext) -> Section | None:
                 f"random {candidates['random_entropy_per_kl'].mean():.2f}.")
             entropy_like = candidates[candidates["entropy_account"].astype(bool)]
             lines.append(
-                f"The entropy-neuron account (|ΔH| above the matched neurons', the top-1 token not changed more "
-                f"often than theirs, and |ΔH| / KL with its 95% interval above every matched draw's) fits "
+                f"The entropy-neuron account (|ΔH| above the matched neurons', the top-1 token changed at most "
+                f"{settings.get('top1_margin', 0.01):g} of positions more often than theirs (upper end of the paired "
+                f"95% interval), and |ΔH| / KL with its 95% interval above every matched draw's) fits "
                 f"{len(entropy_like)} of {n}: " + (", ".join(f"{int(r.layer)}.{int(r.neuron)}"
                                                              for r in entropy_like.itertuples()) or "none") + ".")
         if not joint.empty:

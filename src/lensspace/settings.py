@@ -302,7 +302,7 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
     return NeuronSettings(k=d_model // 2, null_k=max(1, round(section["null_share"] * d_model)),
                           candidate_layers=tuple(layers),
                           n_candidates=section["n_candidates"],
-                          min_internal_share=section["min_internal_share"],
+                          min_internal_share=section["min_internal_share"], top1_margin=section["top1_margin"],
                           random_draws=config["random_draws"], match_pool=section["match_pool"],
                           eval_sequences=section["eval_sequences"],
                           mean_sequences=section["mean_sequences"],

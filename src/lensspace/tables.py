@@ -140,10 +140,11 @@ def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFr
     output − internal is shown where the ablation table carries it (the eval corpora's).
     """
     out = []
+    seed_k = int(list(frames.values())[-1][1]["k"].iloc[0])  # an eval corpus runs the seed layout's k = d/2 only
     for corpus, (lens_eval, ablation) in frames.items():
         lens = lens_eval.pivot(index="layer", columns="lens", values="kl")
         cells = ablation[(ablation["basis"].isin(["unembed", "random"])) & (ablation["site"] == "pre_norm")
-                         & (ablation["k"] == ablation["k"].max())]
+                         & (ablation["k"] == seed_k)]
         for (layer, mode), part in cells.groupby(["layer", "mode"], sort=True):
             kl = part.set_index("subspace")["kl"]
             row = part[part["subspace"] == "output"].iloc[0]

@@ -60,12 +60,15 @@ class NeuronSettings:
 
     ``candidate_layers``: the blocks whose neurons may be candidates; ``match_pool``: a random
     control neuron is drawn from the non-candidate neurons of the same layer nearest in norm;
-    ``null_k``: the size of the effective null space of the ``null_fraction`` column.
+    ``null_k``: the size of the effective null space of the ``null_fraction`` column;
+    ``top1_margin``: how much more often than the matched neurons a candidate may change the
+    top-1 token (share of positions, upper end of the interval) and still leave the ranking alone.
     """
 
     k: int
     candidate_layers: tuple[int, ...]
     null_k: int = 1
+    top1_margin: float = 0.01
     n_candidates: int = 8
     min_internal_share: float = 0.9
     random_draws: int = 4
@@ -306,11 +309,13 @@ def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Ten
     return row
 
 
-def add_verdicts(rows: list[dict]) -> None:
+def add_verdicts(rows: list[dict], top1_margin: float) -> None:
     """Holm-adjust the paired p-values of every row and metric together (one family: the
     experiment), then each metric's verdict against the matched draws, and whether the row fits
-    the entropy-neuron account: |dH| above the matched neurons', the top-1 token not changed more
-    often than theirs, and |dH| / KL with its interval above every matched draw's."""
+    the entropy-neuron account: |dH| above the matched neurons', the top-1 token changed at most
+    ``top1_margin`` of positions more often than theirs (the upper end of the paired interval:
+    evidence the ranking is left alone, not the mere absence of a verdict), and |dH| / KL with
+    its interval above every matched draw's."""
     keys = [(i, name) for i in range(len(rows)) for name in COMPARED]
     adjusted = adjust([rows[i][f"p_{name}"] for i, name in keys], CORRECTION)
     for (i, name), p in zip(keys, adjusted):
@@ -319,7 +324,8 @@ def add_verdicts(rows: list[dict]) -> None:
         row[f"verdict_{name}"] = verdict(row[f"diff_{name}"], p, row[name], row[f"random_{name}_draw_min"],
                                          row[f"random_{name}_draw_max"])
     for row in rows:
-        row["entropy_account"] = bool(row["verdict_abs_d_entropy"] == HOLDS and row["verdict_top1_change"] != HOLDS
+        row["entropy_account"] = bool(row["verdict_abs_d_entropy"] == HOLDS
+                                      and row["diff_top1_change_hi"] <= top1_margin
                                       and row["entropy_per_kl_lo"] > row["random_entropy_per_kl_draw_max"])
 
 
@@ -355,7 +361,7 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
     mine = ablation.effects(grouped(list(candidates["neuron"])))
     random = [ablation.effects(grouped(draw)) for draw in draws]
     joint = [{"set": "candidates", "n_neurons": len(candidates), **compare(mine, random, settings), **base}]
-    add_verdicts(rows + joint)
+    add_verdicts(rows + joint, settings.top1_margin)
     return rows, joint
 
 

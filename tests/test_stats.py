@@ -218,3 +218,20 @@ def test_paired_test_size_coverage_and_power():
     strong = _skewed_differences((20, n), gen) + 3.0
     p = [paired_difference(strong[rep], zeros, seed=rep).p_value for rep in range(20)]
     assert sorted(p)[10] < 0.05 / 300
+
+
+def test_kl_reference_matches_float64_and_is_zero_against_itself():
+    from lensspace.stats import KLReference, kl_from_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    p_logits = torch.randn(3, 5, 4000, generator=gen) * 6 + 40  # logit-sized values, as a real head gives
+    q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
+    logp = p_logits.log_softmax(-1)
+    reference = KLReference(logp)
+    exact = kl_from_logprobs(logp.double(), q_logits.double().log_softmax(-1))
+    got = reference.kl(q_logits.clone())
+    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=5e-7)  # float32 log-probabilities of about -8
+    assert float(reference.kl(p_logits.clone()).abs().max()) < 1e-6
+    mine = q_logits.clone()
+    reference.kl(mine)
+    assert not torch.equal(mine, q_logits)  # documented: the logits are consumed in place

@@ -23,7 +23,7 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.stats import Estimate, bootstrap_mean, kl_from_logprobs
+from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs
 
 
 @dataclass(frozen=True)
@@ -357,11 +357,11 @@ def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_b
     hidden = {layer: cache.load(layer, "eval") for layer in layers}
     kls = {(layer, name): [] for layer in layers for name in ("tuned", "logit")}
     for start in tqdm(range(0, len(final), chunk), desc="lens eval", file=sys.stderr, mininterval=5):
-        logp = adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1)
+        reference = KLReference(adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1))
         for layer, h in hidden.items():
             hb = h[start: start + chunk, 1:]
             for name, z in (("tuned", translate(lens, hb, layer)), ("logit", hb)):
-                kls[(layer, name)].append(kl_from_logprobs(logp, adapter.logits(z).log_softmax(-1)))
+                kls[(layer, name)].append(reference.kl(adapter.logits(z)))
     return [estimate_row({"layer": layer, "lens": name},
                          bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed))
             for (layer, name), parts in kls.items()]

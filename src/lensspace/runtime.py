@@ -38,10 +38,10 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     """Let glibc's malloc keep large freed blocks for reuse instead of returning them to the
     system (``enabled=False`` restores its defaults); returns whether the setting took.
 
-    Every vocabulary-sized tensor (logits of a chunk: hundreds of MB) is a fresh allocation;
-    by default glibc maps each from the system and unmaps it when freed, so every such tensor
-    pays its page faults again: measured here, a fresh [1016, 49152] product took 9x as long
-    as one into reused memory. Peak memory stays the peak of live tensors plus fragmentation.
+    Not used by the rules: it saves the page faults of every fresh vocabulary-sized tensor
+    (about 1.4x on the lens evaluation and H1), but the heap then fragments without bound:
+    measured by ``benchmarks/freed_memory.py``, the lens evaluation peaked at 16-23 GB against
+    1.2 GB with glibc's default. Kept for that benchmark and ``benchmarks/h0_speed.py``.
     A no-op (False) where the C library has no mallopt (not glibc).
     """
     try:
@@ -85,7 +85,6 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
     sys.stdout = log
     try:
         torch.set_num_threads(max(1, int(snakemake.threads)))
-        keep_freed_memory()
         # a rule's seed is a param (so the rerun trigger sees it); the global one is a safety net
         seed_everything(int(snakemake.params.get("seed", 0)))
         print(f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "

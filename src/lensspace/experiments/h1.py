@@ -21,7 +21,7 @@ from lensspace.experiments.grid import AblationGrid, Cell, CellResults, relative
 from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import translate
 from lensspace.runner import BlockRunner
-from lensspace.stats import kl_from_logprobs
+from lensspace.stats import KLReference
 from lensspace.subspaces import Basis, LensPullback, ablate
 
 PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into the residual
@@ -57,11 +57,10 @@ def run_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, base
     for start in range(0, len(h), chunk):
         hb = h[start: start + chunk]
         # the reference runs the same path without the ablation, so storage rounding cancels
-        clean = runner.logits(hb, start=layer)[:, 1:].log_softmax(-1)
+        clean = KLReference(runner.logits(hb, start=layer)[:, 1:].log_softmax(-1))
         for cell, edit in edits.items():
             ablated = hb.clone()
             ablated[:, 1:] = edit(hb[:, 1:])
-            logits = runner.logits(ablated, start=layer)[:, 1:]
-            results.add(cell, kl_from_logprobs(clean, logits.log_softmax(-1)),
+            results.add(cell, clean.kl(runner.logits(ablated, start=layer)[:, 1:]),
                         relative_edit(hb[:, 1:], ablated[:, 1:]))
     return results

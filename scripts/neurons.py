@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from lensspace import runtime
 from lensspace.experiments.h1 import PULLED_BACK
-from lensspace.experiments.neurons import NULL_SPACE, reference_matches, run_neurons
+from lensspace.experiments.neurons import reference_matches, run_neurons
 from lensspace.lenses import load_lens
 from lensspace.settings import neuron_settings
 from lensspace.subspaces import load_bases
@@ -17,9 +17,8 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     settings = neuron_settings(sm.params.config, adapter.n_layers, adapter.d_model)
-    bases = load_bases(sm.input.bases)
-    table, candidates, joint = run_neurons(adapter, lens, cache, bases[PULLED_BACK].vectors,
-                                           load_file(sm.input.tokens), settings, bases[NULL_SPACE].vectors)
+    table, candidates, joint = run_neurons(adapter, lens, cache, load_bases(sm.input.bases)[PULLED_BACK].vectors,
+                                           load_file(sm.input.tokens), settings)
     reference = pd.read_csv(sm.input.reference, sep="\t", comment="#")
     matches = reference_matches(candidates, table, reference[reference["reference"] == sm.params.reference])
     runtime.write_tsv(table, sm.output.neurons)

@@ -65,13 +65,22 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=3, n_train=4, n_eval=2, seq_len=8)
     d, k, last = adapter.d_model, adapter.d_model // 2, adapter.n_layers - 1
-    bases = unembedding_bases(adapter)
-    table = neuron_geometry(adapter, cached.lens, bases["unembed"].vectors, k, bases["unembed_centered"].vectors, 3)
+    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, k, null_k=3)
     v = _svd_right(adapter)
-    # the effective null space, independently: bottom right singular vectors of (W_U - mean) diag(g)
+    # the effective null space, independently: the eigenvectors of smallest eigenvalue of the
+    # centred logits' Gram matrix P G F^T F G P (F = W_U - mean, G = diag(g), P the norm's
+    # centring), among the directions the norm can output (LayerNorm: orthogonal to all-ones)
     w_u = adapter.unembedding.detach().double()
-    folded = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
-    null = torch.linalg.svd(folded, full_matrices=True)[2].T[:, d - 3:]
+    f = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
+    centring = (torch.eye(d, dtype=torch.float64) - 1 / d if adapter.norm_kind == "layernorm"
+                else torch.eye(d, dtype=torch.float64))
+    values, vectors = torch.linalg.eigh(centring @ f.T @ f @ centring)
+    if adapter.norm_kind == "layernorm":  # the all-ones direction has eigenvalue 0: not an output direction
+        ones = torch.full((d,), d ** -0.5, dtype=torch.float64)
+        vectors, values = vectors[:, (vectors.T @ ones).abs() < 0.5], values[(vectors.T @ ones).abs() < 0.5]
+    kernel = int((values <= values[-1] * 1e-10).sum())  # an exact kernel (OPT-350m's project_out) is taken whole
+    null = vectors[:, :max(3, kernel)]
+    assert (table["null_k"] == max(3, kernel)).all()
     for layer in (0, last):
         m = (torch.eye(d, dtype=torch.float64) if layer == last
              else torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[layer + 1].weight.detach().double())

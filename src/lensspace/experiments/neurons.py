@@ -80,13 +80,31 @@ class NeuronSettings:
     seed: int = 0
 
 
+def null_space(adapter: Adapter, k: int) -> torch.Tensor:
+    """[d, k'] orthonormal: the directions of the normalised residual the centred logits respond to
+    least, the bottom right singular vectors of ``(W_U - mean) diag(g)`` among those the final
+    norm can output (LayerNorm's output has zero mean: its all-ones direction, read by no logit
+    difference, is left out). ``k' = k``, or the whole exact kernel where that is larger (OPT-350m's
+    ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary choice."""
+    w_u = adapter.unembedding.detach().double().cpu()
+    folded = adapter.centre((w_u - w_u.mean(0)) * adapter.norm_gain.detach().double().cpu())
+    _, s, vh = torch.linalg.svd(folded, full_matrices=True)
+    s = torch.cat([s, s.new_zeros(len(vh) - len(s))])
+    ones = torch.ones(len(vh), dtype=torch.float64)
+    removed = ones - adapter.centre(ones)  # all-ones under LayerNorm, zero otherwise
+    output = (vh @ removed).abs() < 0.5 * removed.norm() if float(removed.norm()) > 0 else s == s
+    vh, s = vh[output], s[output]
+    kernel = int((s <= s[0] * 1e-5).sum())  # zero up to the float32 rounding of the stored weights
+    return vh[len(vh) - max(k, kernel):].T.contiguous()
+
+
 def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int,
-                    null_basis: torch.Tensor | None = None, null_k: int = 1) -> pd.DataFrame:
+                    null_k: int | None = None) -> pd.DataFrame:
     """One row per MLP neuron: norm, lens-space norm, output / internal share, logit effect, and
-    (with ``null_basis``, the centred gain-folded basis) the share in its bottom ``null_k`` directions."""
+    (with ``null_k``) the share of the centred write in the :func:`null_space` of that size."""
     q_out = select(basis, "output", k).double().cpu()
     q_int = select(basis, "internal", k).double().cpu()
-    q_null = select(null_basis, "internal", null_k).double().cpu() if null_basis is not None else None
+    q_null = null_space(adapter, null_k) if null_k else None
     w_u = adapter.unembedding.detach().double().cpu()
     centred = w_u - w_u.mean(0)
     logit_cov = centred.T @ centred / (len(w_u) - 1)  # spread over the vocabulary of W_U x is sqrt(x^T C x)
@@ -111,6 +129,7 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
         if q_null is not None:
             frame["null_fraction"] = ((normalised @ q_null).square().sum(1)
                                       / normalised.square().sum(1).clamp_min(1e-300)).numpy()
+            frame["null_k"] = q_null.shape[1]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -383,10 +402,9 @@ def reference_matches(candidates: pd.DataFrame, table: pd.DataFrame, reference: 
 
 
 def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis: torch.Tensor,
-                tokens: dict[str, torch.Tensor], settings: NeuronSettings,
-                null_basis: torch.Tensor | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                tokens: dict[str, torch.Tensor], settings: NeuronSettings) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """neurons.tsv (every neuron, with its activation statistics), candidates.tsv, joint.tsv."""
-    table = neuron_geometry(adapter, lens, basis, settings.k, null_basis, settings.null_k)
+    table = neuron_geometry(adapter, lens, basis, settings.k, settings.null_k)
     device = adapter.embed.weight.device
     means, _ = activation_stats(adapter, tokens["train"][: settings.mean_sequences].to(device))
     eval_ids = tokens["eval"][: settings.eval_sequences].to(device)
@@ -394,8 +412,6 @@ def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis
     table["mean_activation"] = torch.cat(means).numpy()
     table["rms_activation"] = torch.cat(rms).numpy()
     table["k"] = settings.k
-    if null_basis is not None:
-        table["null_k"] = settings.null_k
     table["in_candidate_layers"] = table["layer"].isin(settings.candidate_layers)
     candidates = pick_candidates(table, settings)
     table["is_candidate"] = table.index.isin(candidates.index)

@@ -16,6 +16,7 @@ small where the KL is (:func:`_grid_kls`), so float32 keeps its relative precisi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,22 +162,24 @@ _SAFE_EXPONENT = 50.0
 
 
 def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
-                    log_p_rows) -> torch.Tensor:
-    """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V] (any per-row shift
-    ``c``; near ``E_p[delta]`` it keeps ``t`` small): ``KL = log1p(E_p[expm1(t)]) - E_p[t]``, exact
-    for any shift and without the cancellation of two log-sum-exps. Rows whose upper bound of
-    ``max t`` (``bound`` [n, 1]) passes :data:`_SAFE_EXPONENT` form their large terms in log
-    space from ``log_p_rows(rows)``, the clean log-probabilities of those rows. ``t`` is overwritten.
+                    log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V], ``c`` a per-row
+    shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
+    exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
+    against 1. Rows where ``t`` passes :data:`_SAFE_EXPONENT` (looked for only where ``bound``
+    [n, 1], an upper bound of each row's max, does) form those terms in log space, from
+    ``log_p_rows(rows)``: the clean log-probabilities of those rows. ``t`` is overwritten.
     """
     s0 = torch.linalg.vecdot(p, t).unsqueeze(-1)
-    rows = (bound.squeeze(-1) > _SAFE_EXPONENT).nonzero().squeeze(-1)
-    if len(rows):
-        t_rows = t[rows]
-        large = t_rows.amax(-1) > _SAFE_EXPONENT
-        rows, t_rows = rows[large], t_rows[large]
+    large, rows = bound.squeeze(-1) > _SAFE_EXPONENT, None
+    if large.any():  # the bound is loose: the rows' own maxima decide
+        large &= t.amax(-1) > _SAFE_EXPONENT
+        if large.any():
+            rows = large.nonzero().squeeze(-1)
+            t_rows = t[rows]
     s1 = torch.linalg.vecdot(p, t.expm1_()).unsqueeze(-1)
     kl = torch.log1p(s1) - s0
-    if len(rows):
+    if rows is not None:
         log_p = log_p_rows(rows)
         terms = torch.where(t_rows > _SAFE_EXPONENT, (log_p + t_rows).exp(), p[rows] * t_rows.expm1())
         exact = torch.log1p(terms.sum(-1, keepdim=True)) - s0[rows]
@@ -185,6 +188,54 @@ def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
             exact[huge] = torch.logsumexp(log_p[huge] + t_rows[huge], -1, keepdim=True) - s0[rows][huge]
         kl[rows] = exact
     return kl.clamp_min_(0.0)
+
+
+@dataclass
+class _Change:
+    """One cell's logit change ``delta = A k1 - (D - alpha) k2 + beta`` per row [N, 1]:
+    ``k2 = 1 / sigma``, ``k1 = 1 / sigma - 1 / s`` (None after the norm), ``D`` the removed part
+    (``A - R`` where ``complement``); ``base`` is ``E_p[delta]`` but for ``-p.D k2`` and ``top``
+    an upper bound of ``max delta`` but for ``-min(D) k2``: the parts that come from ``D``."""
+
+    cell: Cell
+    complement: bool
+    k1: torch.Tensor | None
+    k2: torch.Tensor
+    alpha: torch.Tensor | None
+    beta: torch.Tensor | None
+    base: torch.Tensor
+    top: torch.Tensor
+    edit: torch.Tensor
+
+
+def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Tensor,
+                changes: list[_Change], log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
+    (``r``, or ``A - r``), its dot product with ``p`` and its row minimum once, then per cell
+    ``t = delta - E_p[delta]`` (into one reused buffer) and :func:`_kl_from_change`."""
+    p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
+    removed = {}  # per complement flag: D, p.D, min D
+    if any(ch.complement for ch in changes):
+        d = a - r
+        removed[True] = (d, p_a - p_r, d.amin(-1, keepdim=True))
+    if not all(ch.complement for ch in changes):
+        removed[False] = (r, p_r, r.amin(-1, keepdim=True))
+    t = torch.empty_like(a)
+    kls = []
+    for change in changes:
+        d, p_d, d_min = removed[change.complement]
+        c = change.base - p_d * change.k2  # E_p[delta]
+        if change.k1 is not None:
+            torch.addcmul(-c, a, change.k1, out=t)
+            t.addcmul_(d, change.k2, value=-1.0)
+        else:
+            torch.addcmul(-c, d, change.k2, value=-1.0, out=t)
+        if change.alpha is not None:
+            t.addcmul_(change.alpha, change.k2)
+        elif change.beta is not None:
+            t.add_(change.beta)
+        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, log_p_rows))
+    return kls
 
 
 @torch.no_grad()
@@ -198,8 +249,8 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
     difference of two logit-sized vectors: ``delta = x - l = A (1/sigma - 1/s) - (D - alpha) /
     sigma + beta`` (``1/sigma - 1/s`` from ``sigma^2 - s^2``, :meth:`LinearHead.rescale`; zero
     after the norm). Its KL, ``log E_p[e^delta] - E_p[delta]``, comes from ``delta`` shifted by
-    ``E_p[delta]`` (from the dot products ``p.A``, ``p.R`` and ``p.alpha``) in two passes
-    (:func:`_kl_from_change`).
+    ``E_p[delta]``, which the dot products ``p.A``, ``p.D`` and ``p.alpha`` give
+    (:func:`_change_kls`): four to six passes over ``[N, V]`` a cell, no ``[V, d]`` work.
     """
     cz = head.centre(z)
     s = head.scale(cz)
@@ -234,17 +285,8 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
         by_product.setdefault(ab.product, []).append(ab)
     for index, product in enumerate(products):
         r = ((z if product.source == "pre_norm" else cz) @ product.q) @ product.lin.T
-        p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
-        users = by_product.get(index, [])
-        removed = {}  # per complement flag: D, p.D and D's row minimum
-        if any(not ab.complement for ab in users):
-            removed[False] = (r, p_r)
-        if any(ab.complement for ab in users):
-            removed[True] = (a - r, p_a - p_r)
-        if not head.capped:
-            removed = {key: (d, p_d, d.amin(-1, keepdim=True)) for key, (d, p_d) in removed.items()}
-        for ab in users:
-            d_num, p_d = removed[ab.complement][:2]
+        changes = []
+        for ab in by_product.get(index, []):
             x_site = z if ab.site == "pre_norm" else cz * inv_s
             coeff = x_site @ ab.q
             for cell in ab.cells:
@@ -252,39 +294,29 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
                 a_k = coeff - shift if shift is not None else coeff
                 edit = a_k.norm(dim=-1) / x_site.norm(dim=-1).clamp_min(1e-30)
                 inv_sigma, k1 = head.rescale(cz, s, a_k @ ab.c_q.T) if ab.site == "pre_norm" else (inv_s, None)
-                before = const if const is not None and ab.site == "pre_norm" else None  # alpha
-                after = const if const is not None and ab.site == "post_norm" else None  # beta
+                alpha = const if const is not None and ab.site == "pre_norm" else None
+                beta = const if const is not None and ab.site == "post_norm" else None
                 if head.capped:
                     num = r if ab.complement else a - r
-                    x = (num + before) * inv_sigma if before is not None else num * inv_sigma
-                    for vector in (after, head.c0):
+                    x = (num + alpha) * inv_sigma if alpha is not None else num * inv_sigma
+                    for vector in (beta, head.c0):
                         if vector is not None:
                             x = x + vector
-                    kl = (p * (clean_logp - head.output(x).log_softmax(-1))).sum(-1, keepdim=True)
-                    out[cell] = (kl.squeeze(-1), edit)
+                    kl = (p * (clean_logp - head.output(x).log_softmax(-1))).sum(-1)
+                    out[cell] = (kl, edit)
                     continue
-                # shift c = E_p[delta], and an upper bound of max(delta) - c from the row extremes
-                c = -p_d * inv_sigma
-                bound = -removed[ab.complement][2] * inv_sigma
+                base, top = torch.zeros_like(inv_sigma), torch.zeros_like(inv_sigma)
                 if k1 is not None:
-                    c = c + p_a * k1
-                    bound = bound + torch.where(k1 >= 0, a_max * k1, a_min * k1)
+                    base, top = p_a * k1, torch.where(k1 >= 0, a_max * k1, a_min * k1)
                 if const is not None:
                     p_c, c_max = p_const[(id(ab), cell.mode)], const_max[(id(ab), cell.mode)]
-                    c = c + (p_c * inv_sigma if before is not None else p_c)
-                    bound = bound + (c_max * inv_sigma if before is not None else c_max)
-                if k1 is not None:
-                    t = torch.addcmul(-c, a, k1)
-                    t.addcmul_(d_num, inv_sigma, value=-1.0)
-                else:
-                    t = torch.addcmul(-c, d_num, inv_sigma, value=-1.0)
-                if before is not None:
-                    t.addcmul_(before, inv_sigma)
-                elif after is not None:
-                    t.add_(after)
-                kl = _kl_from_change(t, p, bound - c, log_p_rows)
-                out[cell] = (kl.squeeze(-1), edit)
-        del removed, r
+                    base = base + (p_c * inv_sigma if alpha is not None else p_c)
+                    top = top + (c_max * inv_sigma if alpha is not None else c_max)
+                changes.append(_Change(cell, ab.complement, k1, inv_sigma, alpha, beta, base, top, edit))
+        if changes:
+            for change, kl in zip(changes, _change_kls(a, r, p, p_a, changes, log_p_rows)):
+                out[change.cell] = (kl.squeeze(-1), change.edit)
+        del r
     return out
 
 

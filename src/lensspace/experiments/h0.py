@@ -162,22 +162,23 @@ _SAFE_EXPONENT = 50.0
 
 
 def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
-                    log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    log_p_rows: Callable[[torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
     """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V], ``c`` a per-row
     shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
     exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
     against 1. Rows where ``t`` passes :data:`_SAFE_EXPONENT` (looked for only where ``bound``
     [n, 1], an upper bound of each row's max, does) form those terms in log space, from
-    ``log_p_rows(rows)``: the clean log-probabilities of those rows. ``t`` is overwritten.
+    ``log_p_rows(rows)``: the clean log-probabilities of those rows. ``t`` and ``scratch``
+    (as large as ``t``: the products with ``p``, in memory already mapped) are overwritten.
     """
-    s0 = torch.linalg.vecdot(p, t).unsqueeze(-1)
+    s0 = torch.mul(p, t, out=scratch).sum(-1, keepdim=True)
     large, rows = bound.squeeze(-1) > _SAFE_EXPONENT, None
     if large.any():  # the bound is loose: the rows' own maxima decide
         large &= t.amax(-1) > _SAFE_EXPONENT
         if large.any():
             rows = large.nonzero().squeeze(-1)
             t_rows = t[rows]
-    s1 = torch.linalg.vecdot(p, t.expm1_()).unsqueeze(-1)
+    s1 = torch.mul(p, t.expm1_(), out=scratch).sum(-1, keepdim=True)
     kl = torch.log1p(s1) - s0
     if rows is not None:
         log_p = log_p_rows(rows)
@@ -212,7 +213,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
                 changes: list[_Change], log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
     """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
     (``r``, or ``A - r``), its dot product with ``p`` and its row minimum once, then per cell
-    ``t = delta - E_p[delta]`` (into one reused buffer) and :func:`_kl_from_change`."""
+    ``t = delta - E_p[delta]`` (into reused buffers) and :func:`_kl_from_change`."""
     p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
     removed = {}  # per complement flag: D, p.D, min D
     if any(ch.complement for ch in changes):
@@ -220,7 +221,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
         removed[True] = (d, p_a - p_r, d.amin(-1, keepdim=True))
     if not all(ch.complement for ch in changes):
         removed[False] = (r, p_r, r.amin(-1, keepdim=True))
-    t = torch.empty_like(a)
+    t, scratch = torch.empty_like(a), torch.empty_like(a)
     kls = []
     for change in changes:
         d, p_d, d_min = removed[change.complement]
@@ -234,7 +235,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
             t.addcmul_(change.alpha, change.k2)
         elif change.beta is not None:
             t.add_(change.beta)
-        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, log_p_rows))
+        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, log_p_rows, scratch))
     return kls
 
 

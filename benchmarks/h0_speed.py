@@ -46,6 +46,7 @@ def earlier_module(revision: str):
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("h0_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cached, model_head
+from conftest import TINY, direct_kl64, make_cached, model_head
+from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h0 import run_layer, subspace_basis
 from lensspace.lenses import translate
+from lensspace.models import build_random_model
 from lensspace.subspaces import ablate, unembedding_bases
 
 
@@ -104,3 +106,33 @@ def test_every_cell_equals_the_model_head_on_the_ablated_vector(setup):
             expected = _numpy_kl(clean, ablated).mean(-1)
             got = [r["kl"] for r in seqs if all(r[f] == getattr(cell, f) for f in cell._fields)]
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "gain", "bias"), [("llama", 30.0, None), ("gpt2", 1.0, 60.0), ("gpt2", 30.0, 60.0)])
+def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, bias, tmp_path):
+    """A final norm gain of 30 (logits in the hundreds) or a LayerNorm bias of 60 (a large
+    constant part in every logit): each sequence's KL, from about 1e-17 to 90 nats, still
+    matches the float64 definition to a relative 2e-4 (measured: 3.5e-5), and none is
+    negative. (Subtracting logit-sized float32 terms, as an earlier assembly did, gave errors
+    of 1e-5 absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
+    model, _ = build_random_model(TINY[family])
+    model.requires_grad_(False)
+    adapter = Adapter(model)
+    with torch.no_grad():
+        adapter.final_norm.weight.mul_(gain)
+        if bias is not None:
+            adapter.final_norm.bias.fill_(bias)
+    c = make_cached(adapter, tmp_path / "cache", seed=2, n_train=6, n_eval=5, seq_len=10)
+    bases = unembedding_bases(adapter)
+    grid = AblationGrid(ks=("half", 3, 1), random_draws=2, n_boot=20)
+    for layer in range(3):
+        results = run_layer(adapter, c.lens, c.cache, bases, layer, grid)
+        z_train = translate(c.lens, c.cache.load(layer, "train")[:, 1:], layer)
+        means = {"pre_norm": z_train.mean((0, 1)), "post_norm": adapter.normalize(z_train).mean((0, 1))}
+        z = translate(c.lens, c.cache.load(layer, "eval")[:, 1:], layer)
+        for cell in grid.variants(adapter.d_model):
+            q = subspace_basis(bases, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+            expected = direct_kl64(adapter, z, q, cell.mode, cell.site, means[cell.site]).mean(-1)
+            fast = torch.cat(results.kl[cell])
+            assert fast.min() >= 0
+            torch.testing.assert_close(fast.mean(-1), expected, rtol=2e-4, atol=1e-10)

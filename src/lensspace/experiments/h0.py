@@ -4,18 +4,19 @@ At one layer, remove a subspace from ``z = T_i(h_i)`` and measure
 KL(p_lens(z) || p_lens(z_ablated)) over held-out tokens, for every cell of the grid.
 
 The head after ``z`` is linear but for the norm's scale (:class:`LinearHead`), so a cell's
-logits are ``(A - R + alpha) / sigma + c0 + beta``: ``A`` the clean logits' numerator (once per
-chunk of tokens); ``R`` a rank-k product ``[N, k] x [k, V]``, shared by the zero and mean modes,
-by both sites where the norm does not centre (RMSNorm), and by the two halves of a basis (they
-are complements, so the internal half's ``A - R`` is the output half's ``R``); ``alpha`` (before
-the norm) or ``beta`` (after it) the mean ablation's constant logit vector, computed once per
-layer; ``sigma`` the norm's scale of the ablated vector, a ``d``-sized computation. The KL then
-needs ``p . logits``, which comes from one pass per product and one matrix product for all
-constant vectors, and the logits' log-sum-exp: one pass per cell (:func:`_logsumexp`).
+logits are ``(A - D + alpha) / sigma + c0 + beta``: ``A`` the clean logits' numerator (once per
+chunk of tokens); ``D`` the removed part's, a rank-k product ``[N, k] x [k, V]`` shared by the
+zero and mean modes, by both sites where the norm does not centre (RMSNorm), and by the two
+halves of a basis (they are complements, so the internal half's ``D`` is ``A`` minus the output
+half's); ``alpha`` (before the norm) or ``beta`` (after it) the mean ablation's constant logit
+vector, computed once per layer; ``sigma`` the norm's scale of the ablated vector, a
+``d``-sized computation. The KL is assembled from the logits' change alone, whose terms are
+small where the KL is (:func:`_grid_kls`), so float32 keeps its relative precision.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class _Product:
 @dataclass
 class _Ablation:
     """One subspace at one site: its basis ``q`` (and ``C q``), the product it reads (its own,
-    or the complement's: then its numerator is that product's ``R`` instead of ``A - R``), and
+    or the complement's: then its removed part's numerator is ``A - R`` instead of ``R``), and
     per mode the coefficient shift ``m q`` and the constant logit vector (None for zero)."""
 
     cells: list[Cell]
@@ -88,6 +89,17 @@ class LinearHead:
 
     def scale(self, cz: torch.Tensor) -> torch.Tensor:
         return self.adapter.norm_scale(cz)
+
+    def rescale(self, cz: torch.Tensor, s: torch.Tensor,
+                removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``1 / sigma`` and ``1 / sigma - 1 / s`` for ``sigma = s(cz - removed)``: the difference
+        from ``sigma^2 - s^2 = mean(removed^2 - 2 cz removed)``, not from two close inverses
+        (None without a final norm, where both scales are 1)."""
+        if self.adapter.norm_kind == "none":
+            return 1 / s, None
+        change = (removed * (removed - 2 * cz)).mean(-1, keepdim=True)
+        sigma = self.scale(cz - removed)  # directly: accurate also where the ablation removes most of cz
+        return 1 / sigma, -change / (s * sigma * (s + sigma))
 
     def output(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's logits from the linear ones: the family's soft-cap (identity for most)."""
@@ -144,33 +156,87 @@ class LinearHead:
         return q - q.mean(0, keepdim=True) if self.centred else q
 
 
-def _logsumexp(num: torch.Tensor, num_max: torch.Tensor, inv_sigma: torch.Tensor,
-               alpha: torch.Tensor | None, beta: torch.Tensor | None, c0: torch.Tensor | None,
-               c0_max: torch.Tensor | float) -> torch.Tensor:
-    """Log-sum-exp [n, 1] of ``x = (num + alpha) * inv_sigma + beta + c0`` in one pass, shifted
-    by an upper bound of each row's max built from ``num``'s row max (``num_max``) and the
-    constants' maxima. A row whose bound lies so far above its max that the sum underflows
-    (the bound only has to keep the exponentials representable) is redone exactly."""
-    bound = num_max * inv_sigma + c0_max
-    if alpha is not None:
-        bound = bound + alpha.max() * inv_sigma
-    if beta is not None:
-        bound = bound + beta.max()
-    x = torch.addcmul(-bound, num, inv_sigma)
-    for vector, scale in ((alpha, inv_sigma), (beta, None), (c0, None)):
-        if vector is not None:
-            x.addcmul_(vector.unsqueeze(0), scale) if scale is not None else x.add_(vector)
-    lse = bound + x.exp_().sum(-1, keepdim=True).log()
-    bad = ~torch.isfinite(lse.squeeze(-1)) | (lse.squeeze(-1) < bound.squeeze(-1) - 60)
-    if bad.any():
-        rows = num[bad] * inv_sigma[bad]
-        if alpha is not None:
-            rows += alpha * inv_sigma[bad]
-        for vector in (beta, c0):
-            if vector is not None:
-                rows += vector
-        lse[bad] = torch.logsumexp(rows, -1, keepdim=True)
-    return lse
+# exponent above which a token's term p * (e^t - 1) is formed in log space (exp(log p + t)):
+# below it e^t cannot overflow, and a p lost to underflow (< 1.2e-38) drops under 1e-16
+_SAFE_EXPONENT = 50.0
+
+
+def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
+                    log_p_rows: Callable[[torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+    """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V], ``c`` a per-row
+    shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
+    exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
+    against 1. Rows where ``t`` passes :data:`_SAFE_EXPONENT` (looked for only where ``bound``
+    [n, 1], an upper bound of each row's max, does) form those terms in log space, from
+    ``log_p_rows(rows)``: the clean log-probabilities of those rows. ``t`` and ``scratch``
+    (as large as ``t``: the products with ``p``, in memory already mapped) are overwritten.
+    """
+    s0 = torch.mul(p, t, out=scratch).sum(-1, keepdim=True)
+    large, rows = bound.squeeze(-1) > _SAFE_EXPONENT, None
+    if large.any():  # the bound is loose: the rows' own maxima decide
+        large &= t.amax(-1) > _SAFE_EXPONENT
+        if large.any():
+            rows = large.nonzero().squeeze(-1)
+            t_rows = t[rows]
+    s1 = torch.mul(p, t.expm1_(), out=scratch).sum(-1, keepdim=True)
+    kl = torch.log1p(s1) - s0
+    if rows is not None:
+        log_p = log_p_rows(rows)
+        terms = torch.where(t_rows > _SAFE_EXPONENT, (log_p + t_rows).exp(), p[rows] * t_rows.expm1())
+        exact = torch.log1p(terms.sum(-1, keepdim=True)) - s0[rows]
+        huge = ~torch.isfinite(exact.squeeze(-1))  # E_p[e^t] past float32: KL > 88 nats, log space
+        if huge.any():
+            exact[huge] = torch.logsumexp(log_p[huge] + t_rows[huge], -1, keepdim=True) - s0[rows][huge]
+        kl[rows] = exact
+    return kl.clamp_min_(0.0)
+
+
+@dataclass
+class _Change:
+    """One cell's logit change ``delta = A k1 - (D - alpha) k2 + beta`` per row [N, 1]:
+    ``k2 = 1 / sigma``, ``k1 = 1 / sigma - 1 / s`` (None after the norm), ``D`` the removed part
+    (``A - R`` where ``complement``); ``base`` is ``E_p[delta]`` but for ``-p.D k2`` and ``top``
+    an upper bound of ``max delta`` but for ``-min(D) k2``: the parts that come from ``D``."""
+
+    cell: Cell
+    complement: bool
+    k1: torch.Tensor | None
+    k2: torch.Tensor
+    alpha: torch.Tensor | None
+    beta: torch.Tensor | None
+    base: torch.Tensor
+    top: torch.Tensor
+    edit: torch.Tensor
+
+
+def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Tensor,
+                changes: list[_Change], log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
+    (``r``, or ``A - r``), its dot product with ``p`` and its row minimum once, then per cell
+    ``t = delta - E_p[delta]`` (into reused buffers) and :func:`_kl_from_change`."""
+    p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
+    removed = {}  # per complement flag: D, p.D, min D
+    if any(ch.complement for ch in changes):
+        d = a - r
+        removed[True] = (d, p_a - p_r, d.amin(-1, keepdim=True))
+    if not all(ch.complement for ch in changes):
+        removed[False] = (r, p_r, r.amin(-1, keepdim=True))
+    t, scratch = torch.empty_like(a), torch.empty_like(a)
+    kls = []
+    for change in changes:
+        d, p_d, d_min = removed[change.complement]
+        c = change.base - p_d * change.k2  # E_p[delta]
+        if change.k1 is not None:
+            torch.addcmul(-c, a, change.k1, out=t)
+            t.addcmul_(d, change.k2, value=-1.0)
+        else:
+            torch.addcmul(-c, d, change.k2, value=-1.0, out=t)
+        if change.alpha is not None:
+            t.addcmul_(change.alpha, change.k2)
+        elif change.beta is not None:
+            t.add_(change.beta)
+        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, log_p_rows, scratch))
+    return kls
 
 
 @torch.no_grad()
@@ -178,11 +244,14 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
               ablations: list[_Ablation]) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:
     """Per cell: token KL(p_lens(z) || p_lens(z_ablated)) and relative edit size, ``z`` [N, d].
 
-    With ``l = A / s + c0`` the clean logits and ``x = (N + alpha) / sigma + c0 + beta`` a cell's,
-    ``KL = p . (l - x) + LSE(x) - LSE(l)`` and ``p . (l - x) = p.A / s - (p.N + p.alpha) / sigma
-    - p.beta``: the dot products come from one pass per product (``p . R``) and one matrix
-    product for every constant vector, so a cell costs a single pass for its log-sum-exp,
-    shifted by an upper bound of its max (from the product's row max) instead of the max itself.
+    With ``l = A / s + c0`` the clean logits and ``x = (A - D + alpha) / sigma + c0 + beta`` a
+    cell's (``D`` the removed part's numerator: the product ``R``, or ``A - R`` for the
+    complement of ``R``'s subspace), the change is formed from small terms only, never as a
+    difference of two logit-sized vectors: ``delta = x - l = A (1/sigma - 1/s) - (D - alpha) /
+    sigma + beta`` (``1/sigma - 1/s`` from ``sigma^2 - s^2``, :meth:`LinearHead.rescale`; zero
+    after the norm). Its KL, ``log E_p[e^delta] - E_p[delta]``, comes from ``delta`` shifted by
+    ``E_p[delta]``, which the dot products ``p.A``, ``p.D`` and ``p.alpha`` give
+    (:func:`_change_kls`): four to six passes over ``[N, V]`` a cell, no ``[V, d]`` work.
     """
     cz = head.centre(z)
     s = head.scale(cz)
@@ -198,58 +267,57 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
         log_z = torch.logsumexp(clean, -1, keepdim=True)
         p = clean.sub_(log_z).exp_()
         del clean
+        a_min, a_max = torch.aminmax(a, dim=-1, keepdim=True)
+
+        def log_p_rows(rows: torch.Tensor) -> torch.Tensor:
+            logits = a[rows] * inv_s[rows]
+            return (logits + head.c0 if head.c0 is not None else logits) - log_z[rows]
     p_a = torch.linalg.vecdot(p, a).unsqueeze(-1)
     const_keys = [(id(ab), m) for ab in ablations for m in ab.const if ab.const[m] is not None]
-    p_const = {}
+    p_const, const_max = {}, {}
     if const_keys:  # p . alpha (or beta) of every mean ablation, in one matrix product
-        dots = p @ torch.stack([ab.const[m] for ab in ablations for m in ab.const if ab.const[m] is not None], 1)
+        consts = torch.stack([ab.const[m] for ab in ablations for m in ab.const if ab.const[m] is not None], 1)
+        dots = p @ consts
         p_const = {key: dots[:, i: i + 1] for i, key in enumerate(const_keys)}
-    c0_max = head.c0.max() if head.c0 is not None else 0.0
+        const_max = dict(zip(const_keys, consts.amax(0)))
     out = {}
     by_product: dict[int, list[_Ablation]] = {}
     for ab in ablations:
         by_product.setdefault(ab.product, []).append(ab)
     for index, product in enumerate(products):
         r = ((z if product.source == "pre_norm" else cz) @ product.q) @ product.lin.T
-        p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
-        p_r_of = {index: p_r}
-        users = by_product.get(index, [])
-        numerators = {}
-        if any(ab.complement for ab in users):
-            numerators[True] = (r, p_r, r.amax(-1, keepdim=True))
-        if any(not ab.complement for ab in users):
-            n = a - r
-            numerators[False] = (n, p_a - p_r, n.amax(-1, keepdim=True))
-        del r
-        for ab in users:
-            num, p_num, num_max = numerators[ab.complement]
+        changes = []
+        for ab in by_product.get(index, []):
             x_site = z if ab.site == "pre_norm" else cz * inv_s
             coeff = x_site @ ab.q
             for cell in ab.cells:
                 shift, const = ab.shift[cell.mode], ab.const[cell.mode]
                 a_k = coeff - shift if shift is not None else coeff
                 edit = a_k.norm(dim=-1) / x_site.norm(dim=-1).clamp_min(1e-30)
-                inv_sigma = 1 / head.scale(cz - a_k @ ab.c_q.T) if ab.site == "pre_norm" else inv_s
-                p_const_cell = p_const[(id(ab), cell.mode)] if const is not None else 0.0
-                before = const if const is not None and ab.site == "pre_norm" else None  # alpha
-                after = const if const is not None and ab.site == "post_norm" else None  # beta
+                inv_sigma, k1 = head.rescale(cz, s, a_k @ ab.c_q.T) if ab.site == "pre_norm" else (inv_s, None)
+                alpha = const if const is not None and ab.site == "pre_norm" else None
+                beta = const if const is not None and ab.site == "post_norm" else None
                 if head.capped:
-                    x = (num + before) * inv_sigma if before is not None else num * inv_sigma
-                    for vector in (after, head.c0):
+                    num = r if ab.complement else a - r
+                    x = (num + alpha) * inv_sigma if alpha is not None else num * inv_sigma
+                    for vector in (beta, head.c0):
                         if vector is not None:
                             x = x + vector
-                    kl = (p * (clean_logp - head.output(x).log_softmax(-1))).sum(-1, keepdim=True)
-                    out[cell] = (kl.squeeze(-1), edit)
+                    kl = (p * (clean_logp - head.output(x).log_softmax(-1))).sum(-1)
+                    out[cell] = (kl, edit)
                     continue
-                lse = _logsumexp(num, num_max, inv_sigma, before, after, head.c0, c0_max)
-                p_alpha = p_const_cell if before is not None else 0.0
-                p_beta = p_const_cell if after is not None else 0.0
-                if ab.complement:
-                    kl = p_a * inv_s - (p_num + p_alpha) * inv_sigma - p_beta + lse - log_z
-                else:  # p_num = p.A - p.R: grouped so that post_norm (sigma = s) keeps p.R / s exactly
-                    kl = p_a * (inv_s - inv_sigma) + (p_r_of[ab.product] - p_alpha) * inv_sigma - p_beta + lse - log_z
-                out[cell] = (kl.squeeze(-1), edit)
-        del numerators
+                base, top = torch.zeros_like(inv_sigma), torch.zeros_like(inv_sigma)
+                if k1 is not None:
+                    base, top = p_a * k1, torch.where(k1 >= 0, a_max * k1, a_min * k1)
+                if const is not None:
+                    p_c, c_max = p_const[(id(ab), cell.mode)], const_max[(id(ab), cell.mode)]
+                    base = base + (p_c * inv_sigma if alpha is not None else p_c)
+                    top = top + (c_max * inv_sigma if alpha is not None else c_max)
+                changes.append(_Change(cell, ab.complement, k1, inv_sigma, alpha, beta, base, top, edit))
+        if changes:
+            for change, kl in zip(changes, _change_kls(a, r, p, p_a, changes, log_p_rows)):
+                out[change.cell] = (kl.squeeze(-1), change.edit)
+        del r
     return out
 
 

@@ -88,7 +88,8 @@ def null_space(adapter: Adapter, k: int) -> torch.Tensor:
     ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary choice."""
     w_u = adapter.unembedding.detach().double().cpu()
     folded = adapter.centre((w_u - w_u.mean(0)) * adapter.norm_gain.detach().double().cpu())
-    _, s, vh = torch.linalg.svd(folded, full_matrices=True)
+    # the right singular vectors only: a full U would be [vocab, vocab] (19 GB for SmolLM2)
+    _, s, vh = torch.linalg.svd(folded, full_matrices=folded.shape[0] < folded.shape[1])
     s = torch.cat([s, s.new_zeros(len(vh) - len(s))])
     ones = torch.ones(len(vh), dtype=torch.float64)
     removed = ones - adapter.centre(ones)  # all-ones under LayerNorm, zero otherwise

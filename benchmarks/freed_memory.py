@@ -1,20 +1,25 @@
-"""The C library's memory setting (runtime.keep_freed_memory) against glibc's default, side by
-side: seconds and peak RSS of the lens evaluation and of one H1 layer, each in a fresh process.
+"""The C library's allocator settings side by side: glibc's default, huge pages (what the
+workflow's jobs use, malloc.huge_page_tunables) and freed memory kept for reuse
+(malloc.keep_freed_memory): seconds, peak RSS and page faults of the lens evaluation and of one
+H1 layer, each in a fresh process.
 
     .venv/bin/python benchmarks/freed_memory.py [--results results] [--h1-layer 15] [--repeats 2]
 
 Needs a finished run of the embedded default (its cache, lens and bases). Each work item runs in
-its own child process per setting, alternating, so neither inherits the other's heap.
+its own child process per setting, alternating, so none inherits another's heap.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from lensspace.malloc import huge_page_tunables
 
 CHILD = r"""
 import json, resource, sys, time
@@ -24,12 +29,12 @@ from lensspace.adapter import Adapter
 from lensspace.lenses import evaluate_lens, load_lens
 from lensspace.models import load_model
 from lensspace.runner import BlockRunner
-from lensspace.runtime import keep_freed_memory
+from lensspace.malloc import keep_freed_memory
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 from lensspace.experiments import h1
 
-work, keep, run_dir, model_dir, layer = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4], int(sys.argv[5])
+work, keep, run_dir, model_dir, layer = sys.argv[1], sys.argv[2] == "keep", sys.argv[3], sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(2)
 keep_freed_memory(keep)
 model, _ = load_model(model_dir)
@@ -43,7 +48,8 @@ else:
     grid = ablation_grid(yaml.safe_load(open("config.yaml")), "h1")
     h1.run_layer(BlockRunner(adapter), lens, cache, load_bases(f"{run_dir}/svd/bases.safetensors"), layer, grid)
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "faults_m": usage.ru_minflt / 1e6}))
 """
 
 
@@ -56,20 +62,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     run_dir = args.results / args.run
+    plain = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    settings = {"default": plain, "huge_pages": {**plain, "GLIBC_TUNABLES": huge_page_tunables(None)},
+                "keep": plain}
     for work in ("eval_lens", "h1_layer"):
-        got: dict[bool, list[dict]] = {True: [], False: []}
+        got: dict[str, list[dict]] = {name: [] for name in settings}
         for _ in range(args.repeats):
-            for keep in (True, False):
-                out = subprocess.run([sys.executable, "-c", CHILD, work, str(int(keep)), str(run_dir), str(args.model),
-                                      str(args.h1_layer)], capture_output=True, text=True, check=True)
-                got[keep].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"{work} keep={keep}: {got[keep][-1]}", file=sys.stderr)
-        med = {keep: {key: statistics.median(r[key] for r in rows) for key in ("seconds", "peak_mb")}
-               for keep, rows in got.items()}
-        print(f"{work}: kept freed memory {med[True]['seconds']:.1f} s, {med[True]['peak_mb']:.0f} MB; glibc default "
-              f"{med[False]['seconds']:.1f} s, {med[False]['peak_mb']:.0f} MB; time ratio (default / kept) "
-              f"{med[False]['seconds'] / med[True]['seconds']:.2f}, peak ratio {med[True]['peak_mb'] / med[False]['peak_mb']:.2f}")
-
+            for name, env in settings.items():
+                out = subprocess.run([sys.executable, "-c", CHILD, work, name, str(run_dir), str(args.model),
+                                      str(args.h1_layer)], capture_output=True, text=True, check=True, env=env)
+                got[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"{work} {name}: {got[name][-1]}", file=sys.stderr)
+        med = {name: {key: statistics.median(r[key] for r in rows) for key in ("seconds", "peak_mb", "faults_m")}
+               for name, rows in got.items()}
+        base = med["default"]
+        print(f"{work}: " + "; ".join(
+            f"{name} {m['seconds']:.1f} s ({base['seconds'] / m['seconds']:.2f}x default's speed), "
+            f"{m['peak_mb']:.0f} MB, {m['faults_m']:.2f}M page faults" for name, m in med.items()))
 
 if __name__ == "__main__":
     main()

@@ -6,14 +6,15 @@ default's cache and lens (target: >= 3x faster at the same grid; the values must
 
 Needs a finished `results/{run}/lens/params.pt` (e.g. `snakemake results/smollm2-bible/lens/params.pt`)
 and git (the earlier implementation is read with `git show`). Both sides get the same grid (the
-config's h0 grid) and the same inputs; the per-sequence KLs of every cell are compared. Each
-side runs with the C library's memory setting of its own job (runtime.keep_freed_memory now,
-glibc's default before).
+config's h0 grid) and the same inputs; the per-sequence KLs of every cell are compared. Both
+run with the allocator setting the workflow gives its jobs (huge pages, lensspace.malloc): the
+script restarts itself with it when it is not set.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import statistics
 import subprocess
@@ -31,7 +32,7 @@ from lensspace.adapter import Adapter
 from lensspace.experiments import h0
 from lensspace.lenses import load_lens
 from lensspace.models import load_model
-from lensspace.runtime import keep_freed_memory
+from lensspace.malloc import huge_page_tunables
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
@@ -52,6 +53,9 @@ def earlier_module(revision: str):
 
 
 def main() -> None:
+    tunables = huge_page_tunables(os.environ.get("GLIBC_TUNABLES"))
+    if os.environ.get("GLIBC_TUNABLES") != tunables:  # glibc reads it at start: as the jobs run
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--run", default="smollm2-bible")
@@ -72,13 +76,11 @@ def main() -> None:
     lens = load_lens(adapter, run_dir / "lens")
     bases = load_bases(str(run_dir / "svd" / "bases.safetensors"))
     before = earlier_module(args.before)
-    # each side as its job runs it: now with runtime.main's keep_freed_memory, before without
-    sides = {"before": (before.run_layer, False), "now": (h0.run_layer, True)}
+    sides = {"before": before.run_layer, "now": h0.run_layer}
     times: dict[str, list[float]] = {name: [] for name in sides}
     out = {}
     for _ in range(args.repeats):
-        for name, (run_layer, keep) in sides.items():
-            keep_freed_memory(keep)
+        for name, run_layer in sides.items():
             started = time.perf_counter()
             out[name] = run_layer(adapter, lens, cache, bases, args.layer, grid)
             times[name].append(time.perf_counter() - started)

@@ -173,3 +173,13 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']" in out
     assert len(out.strip().splitlines()) <= 4, out  # the key, the value, the allowed ones: not the schema
     assert not (tmp_path / "results").exists()
+
+
+def test_jobs_run_with_huge_pages(tiny_run):
+    """Every job's process started with the allocator setting of lensspace.malloc (glibc reads it
+    only at start, so it must come from the workflow's environment, not from the job itself)."""
+    workdir, _ = tiny_run
+    headers = [line for log in (workdir / "results" / "logs").rglob("*.log")
+               for line in log.read_text().splitlines() if line.startswith("[lensspace] rule")]
+    assert len(headers) > 20
+    assert all("glibc.malloc.hugetlb=1" in line.split("GLIBC_TUNABLES=")[1] for line in headers), headers[:3]

@@ -6,7 +6,6 @@ the rule's log, and turns a :class:`LensspaceError` into one clear line and exit
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import random
@@ -28,29 +27,6 @@ def resolve_device(setting: str) -> str:
     if setting == "cuda" and not torch.cuda.is_available():
         raise LensspaceError("device: cuda, but no CUDA GPU is visible; use device: auto or cpu")
     return setting
-
-
-# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory(enabled: bool = True) -> bool:
-    """Let glibc's malloc keep large freed blocks for reuse instead of returning them to the
-    system (``enabled=False`` restores its defaults); returns whether the setting took.
-
-    Not used by the rules: it saves the page faults of every fresh vocabulary-sized tensor
-    (about 1.4x on the lens evaluation and H1), but the heap then fragments without bound:
-    measured by ``benchmarks/freed_memory.py``, the lens evaluation peaked at 16-23 GB against
-    1.2 GB with glibc's default. Kept for that benchmark and ``benchmarks/h0_speed.py``.
-    A no-op (False) where the C library has no mallopt (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    trim, mmap_max = (2**31 - 1, 0) if enabled else (128 * 1024, 65536)  # glibc's defaults
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim) and mallopt(_M_MMAP_MAX, mmap_max))
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +64,8 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
         # a rule's seed is a param (so the rerun trigger sees it); the global one is a safety net
         seed_everything(int(snakemake.params.get("seed", 0)))
         print(f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
-              f"{torch.get_num_threads()} threads", file=log)
+              f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
+              file=log)
         body(snakemake)
     except LensspaceError as err:
         message = f"lensspace error in rule {snakemake.rule}: {err}"

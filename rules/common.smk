@@ -1,7 +1,6 @@
 # Helpers shared by every stage: config look-ups and target lists (get_* names only).
 # Every settings value passed as params is a plain dict or builtin (settings.*_params):
 # Snakemake's params rerun-trigger sees only those, so a config edit replans what it feeds.
-import os
 import re
 from pathlib import Path
 
@@ -22,10 +21,10 @@ from lensspace.settings import (
     shuffle_params,
     token_split_params,
 )
-from lensspace.malloc import huge_page_tunables
+from lensspace.malloc import ask_for_huge_pages
 
 # Every job inherits it: glibc's malloc backs large tensors with huge pages (lensspace.malloc).
-os.environ["GLIBC_TUNABLES"] = huge_page_tunables(os.environ.get("GLIBC_TUNABLES"))
+ask_for_huge_pages()
 
 RESULTS = "results"
 RESOURCES = "resources"

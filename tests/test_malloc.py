@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lensspace.malloc import huge_page_tunables
+from lensspace.malloc import ask_for_huge_pages, huge_page_tunables
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -32,6 +32,14 @@ def test_tunables_ask_for_huge_pages_and_keep_the_users_own():
     # a user's own choice of the same tunable wins
     assert huge_page_tunables("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2") == \
         "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2"
+
+
+def test_the_setting_reaches_child_processes(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert ask_for_huge_pages() == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['GLIBC_TUNABLES'])"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),

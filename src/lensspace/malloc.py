@@ -9,6 +9,7 @@ memory (faster still, but its heap fragments without bound).
 from __future__ import annotations
 
 import ctypes
+import os
 
 # glibc's tunable (>= 2.35) that backs malloc's memory with transparent huge pages
 HUGE_PAGES = "glibc.malloc.hugetlb"
@@ -26,6 +27,13 @@ def huge_page_tunables(current: str | None) -> str:
     if any(part.split("=", 1)[0] == HUGE_PAGES for part in parts):
         return ":".join(parts)
     return ":".join([*parts, f"{HUGE_PAGES}=1"])
+
+
+def ask_for_huge_pages() -> str:
+    """Set :func:`huge_page_tunables` in this process's environment, for the processes it starts
+    (the workflow's jobs: glibc reads it at their start); returns the value."""
+    os.environ["GLIBC_TUNABLES"] = huge_page_tunables(os.environ.get("GLIBC_TUNABLES"))
+    return os.environ["GLIBC_TUNABLES"]
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX

@@ -14,8 +14,8 @@ script restarts itself with it when it is not set.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +32,7 @@ from lensspace.adapter import Adapter
 from lensspace.experiments import h0
 from lensspace.lenses import load_lens
 from lensspace.models import load_model
-from lensspace.malloc import huge_page_tunables
+from lensspace.malloc import ask_for_huge_pages
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
@@ -53,9 +53,9 @@ def earlier_module(revision: str):
 
 
 def main() -> None:
-    tunables = huge_page_tunables(os.environ.get("GLIBC_TUNABLES"))
-    if os.environ.get("GLIBC_TUNABLES") != tunables:  # glibc reads it at start: as the jobs run
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
+    given = os.environ.get("GLIBC_TUNABLES")
+    if ask_for_huge_pages() != given:  # glibc reads it at start: restart as the jobs run
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--run", default="smollm2-bible")

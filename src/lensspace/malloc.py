@@ -3,7 +3,7 @@
 PyTorch on a CPU allocates every large tensor with ``mmap`` and returns it on free, so each
 vocabulary-sized tensor faults its pages in afresh. Two ways around that, measured side by side
 by ``benchmarks/freed_memory.py``: huge pages (what the workflow's jobs use) and keeping freed
-memory (faster still, but its heap fragments without bound).
+memory (faster on the lens evaluation, but its heap can fragment without bound).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def huge_page_tunables(current: str | None) -> str:
     """``GLIBC_TUNABLES`` with malloc asking for transparent huge pages, unless it already says.
 
     Every vocabulary-sized tensor is a fresh ``mmap`` that faults in page by page; with 2 MB
-    pages instead of 4 KB it faults about 500x less often and the heap still returns freed
-    memory (``benchmarks/freed_memory.py``). Read by glibc at process start, so the workflow
+    pages instead of 4 KB the lens evaluation faulted 30x less often, and the heap still returns
+    freed memory (``benchmarks/freed_memory.py``). Read by glibc at process start, so the workflow
     sets it for its jobs; ignored by other C libraries and where huge pages are off.
     """
     parts = [part for part in (current or "").split(":") if part]
@@ -45,9 +45,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     system (``enabled=False`` restores its defaults); returns whether the setting took.
 
     Not used by the rules: it saves the page faults of every fresh vocabulary-sized tensor, but
-    the heap then fragments without bound: measured by ``benchmarks/freed_memory.py``, the lens
-    evaluation peaked at 16-23 GB against 1.2 GB with glibc's default (the rules ask for huge
-    pages instead, :func:`huge_page_tunables`). Kept for that benchmark and ``benchmarks/h0_speed.py``.
+    the heap can fragment without bound: measured by ``benchmarks/freed_memory.py`` before the
+    lens evaluation computed its KL in place, it peaked at 16-23 GB against 1.2 GB with glibc's default (the rules ask for huge
+    pages instead, :func:`huge_page_tunables`). Kept for that benchmark.
     A no-op (False) where the C library has no mallopt (not glibc).
     """
     try:

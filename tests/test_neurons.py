@@ -10,7 +10,7 @@ import torch
 
 from lensspace.errors import LensspaceError
 from lensspace.experiments.neurons import (COMPARED, NeuronAblation, NeuronSettings, add_verdicts, matched_neurons,
-                                           neuron_geometry, pick_candidates, run_neurons)
+                                           neuron_geometry, null_space, pick_candidates, run_neurons)
 from lensspace.runner import BlockRunner
 from lensspace.subspaces import unembedding_bases
 from conftest import make_cached
@@ -219,3 +219,18 @@ def test_run_on_real_model_finds_last_layer_candidates(real):
         assert candidates[f"verdict_{name}"].isin(["holds", "reversed", "not separable"]).all()
         assert (candidates[f"p_{name}_adjusted"] >= candidates[f"p_{name}"]).all()
     assert candidates["matched_norm_ratio"].between(0.3, 3).all()
+
+
+def test_null_space_on_the_real_vocabulary_matches_the_gram_eigenvectors(real):
+    """SmolLM2 (vocabulary 49,152 >> d 576, the case that once built a [vocab, vocab] U): the
+    bottom directions equal the smallest-eigenvalue eigenvectors of F^T F, F the centred,
+    gain-folded unembedding, computed independently."""
+    adapter = real.adapter
+    q = null_space(adapter, 6)
+    w_u = adapter.unembedding.detach().double()
+    f = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
+    _, vectors = torch.linalg.eigh(f.T @ f)
+    expected = vectors[:, :6]
+    assert q.shape == (adapter.d_model, 6)
+    assert torch.allclose(q.T @ q, torch.eye(6, dtype=q.dtype), atol=1e-10)
+    assert float((q @ q.T - expected @ expected.T).norm()) < 1e-8

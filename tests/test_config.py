@@ -80,6 +80,9 @@ def test_shuffle_pairs():
     assert [len(c) for c in chunks] == [4, 4, 2]
     config["shuffle"]["pairs"] = "adjacent"
     assert shuffle_pair_chunks(config, 5) == [[(0, 1), (1, 2), (2, 3), (3, 4)]]
+    config["shuffle"]["pairs"] = "disjoint"  # every block swapped exactly once (odd count: the last not)
+    assert shuffle_pair_chunks(config, 5) == [[(0, 1), (2, 3)]]
+    assert sorted(b for chunk in shuffle_pair_chunks(config, 30) for pair in chunk for b in pair) == list(range(30))
 
 
 def test_h0_layer_selection():

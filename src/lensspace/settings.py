@@ -250,6 +250,8 @@ def shuffle_pair_chunks(config: dict, n_layers: int) -> list[list[tuple[int, int
     shuffle = config["shuffle"]
     if shuffle["pairs"] == "adjacent":
         pairs = [(i, i + 1) for i in range(n_layers - 1)]
+    elif shuffle["pairs"] == "disjoint":  # (0, 1), (2, 3), ...: every block swapped once
+        pairs = [(i, i + 1) for i in range(0, n_layers - 1, 2)]
     else:
         pairs = [(i, j) for i in range(n_layers) for j in range(i + 1, n_layers)]
     size = shuffle["pairs_per_job"]

@@ -41,7 +41,7 @@ from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
 from lensspace.stats import (adjust, bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference,
-                             resample_counts)
+                             resample_counts, sign_flip_p)
 from lensspace.subspaces import select
 
 # Per-token effects of an ablation; the signed entropy change may be negative.
@@ -290,13 +290,16 @@ def _estimate(prefix: str, name: str, values: torch.Tensor, settings: NeuronSett
 
 
 def _paired(name: str, a: torch.Tensor, b: torch.Tensor, settings: NeuronSettings) -> dict:
-    """Mean of ``a - b`` over sequences, its interval (BCa for discrete metrics) and bootstrap-t p-value."""
+    """Mean of ``a - b`` over sequences, its interval (bootstrap-t; BCa for discrete metrics) and
+    the exact sign-flip p-value: few, heavy-tailed or discrete per-sequence effects, where the
+    bootstrap-t test is liberal at Holm's levels (``benchmarks/test_size.py``)."""
     comp = paired_difference(a, b, settings.test_resamples, settings.seed)
     lo, hi = comp.lo, comp.hi
     if name in DISCRETE:
         bca = bootstrap_intervals((a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca")
         lo, hi = float(bca[0][0]), float(bca[1][0])
-    return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi, f"p_{name}": comp.p_value}
+    return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi,
+            f"p_{name}": sign_flip_p(a, b, settings.test_resamples, settings.seed)}
 
 
 def _entropy_per_kl(h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings) -> tuple[float, float]:

@@ -359,6 +359,10 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
     # resolution: the smallest bootstrap p-value stays a quarter of Holm's first threshold
     family = len(COMPARED) * (len(candidates) + 1)
     settings = dataclasses.replace(settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA)))
+    if 2.0 ** (1 - ablation.n_sequences) > ALPHA / family:  # the sign-flip test's smallest p-value
+        print(f"warning: at {ablation.n_sequences} sequences the smallest sign-flip p-value, "
+              f"{2.0 ** (1 - ablation.n_sequences):.2g}, is above Holm's first threshold {ALPHA / family:.2g}: "
+              "no neuron verdict can hold; raise neurons.eval_sequences", flush=True)
     n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
     base = {"n_draws": settings.random_draws, "n_sequences": ablation.n_sequences, "n_tokens": n_tokens}
     norms = table.set_index(["layer", "neuron"])["norm"]

@@ -14,7 +14,7 @@ import torch
 
 from lensspace.errors import LensspaceError
 from lensspace.stats import (adjust, bootstrap_interval, bootstrap_intervals, bootstrap_mean, draw_spread,
-                             paired_difference, sequence_means, sign_flip_p)
+                             matched_permutation_p, paired_difference, sequence_means)
 
 # ---------------------------------------------------------------- multiplicity corrections
 
@@ -220,45 +220,52 @@ def test_paired_test_size_coverage_and_power():
     assert sorted(p)[10] < 0.05 / 300
 
 
-def test_sign_flip_p_matches_every_sign_vector_by_hand():
-    """The exact test: the share of all 2^n sign vectors whose |sum| reaches the observed one,
-    counted here with itertools; beyond EXACT_SIGN_FLIPS it falls back to seeded random flips."""
+def test_matched_permutation_p_against_every_labelling_by_hand():
+    """With many resamples the p-value approaches the exact one: the share of all (m + 1)^n
+    labellings (which value of each sequence is the candidate's) whose |T| reaches the observed,
+    counted here with itertools on integer values, where ties are common and must count."""
     import itertools
 
     gen = torch.Generator().manual_seed(3)
-    a, b = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)  # [n_seq, n_pos]
-    d = (a.double().mean(1) - b.double().mean(1)).tolist()
-    observed = abs(sum(d))
-    by_hand = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed - 1e-12
-                  for signs in itertools.product((1, -1), repeat=7)) / 2 ** 7
-    assert sign_flip_p(a, b) == pytest.approx(by_hand, abs=1e-15)
-    assert sign_flip_p(a, a) == 1.0  # every difference zero: every sign vector ties
-    big = torch.randn(30, generator=gen) + 3.0  # 30 > EXACT_SIGN_FLIPS: random flips, floor 1/(n+1)
-    assert sign_flip_p(big, torch.zeros(30), n_flips=999) == pytest.approx(1 / 1000)
+    values = torch.randint(0, 3, (3, 6), generator=gen).double()  # candidate + 2 draws, 6 sequences
+    cand, draws = values[0], values[1:]
+
+    def t(picked):  # mean over sequences of the picked value minus the mean of the others
+        return sum(v - (col - v) / 2 for v, col in zip(picked, values.sum(0).tolist())) / 6
+
+    observed = abs(t(cand.tolist()))
+    exact = sum(abs(t([values[c, i].item() for i, c in enumerate(labels)])) >= observed - 1e-12
+                for labels in itertools.product(range(3), repeat=6)) / 3 ** 6
+    p = matched_permutation_p(cand, draws, n_resamples=400000, seed=1)
+    assert p == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 400000) + 1e-5)
+    assert matched_permutation_p(cand, draws, 5000, seed=2) == matched_permutation_p(cand, draws, 5000, seed=2)
+    same = torch.ones(6)
+    assert matched_permutation_p(same, torch.stack([same, same]), 999) == 1.0  # every labelling ties
+    far = torch.arange(6.0) + 100  # [n_seq, n_pos] candidate far above every draw: the floor 1 / (B + 1)
+    assert matched_permutation_p(far.repeat(3, 1).T, torch.randn(4, 6, 3, generator=gen), 999) == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("kind", ["symmetric_heavy", "discrete"])
-def test_sign_flip_size_at_holm_levels_under_exchangeable_pairs(kind):
-    """Where a and b are exchangeable within each of 16 sequences (the null of "ablating A
-    changes nothing that ablating B does not"), the test rejects at most alpha of the time, at
-    0.05 and at Holm's first threshold for the neuron family (0.05 / 27): simulated with
-    lognormal per-sequence effects (heavy-tailed) and with shares of flipped top-1 tokens out
-    of 127 (discrete, tied); the bootstrap-t test is checked beside it on the same draws."""
-    reps, n, levels = 2000, 16, (0.05, 0.05 / 27)
+@pytest.mark.parametrize("kind", ["skewed", "discrete"])
+def test_matched_permutation_size_at_holm_levels(kind):
+    """Where the candidate acts like its 4 matched draws (the five values of each of 16
+    sequences drawn alike), the test rejects at most alpha of the time, at 0.05 and at Holm's
+    first threshold for the neuron family (0.05 / 27): simulated with skewed lognormal effects,
+    where the candidate-minus-draws-mean difference is itself skewed, and with shares of flipped
+    top-1 tokens out of 127 (discrete, tied); a shift of two sd is still found."""
+    reps, n, m, levels = 2000, 16, 4, (0.05, 0.05 / 27)
     gen = torch.Generator().manual_seed(11)
-    if kind == "symmetric_heavy":
-        a = (torch.randn(reps, n, generator=gen, dtype=torch.float64) * 1.2).exp()
-        b = (torch.randn(reps, n, generator=gen, dtype=torch.float64) * 1.2).exp()
+    if kind == "skewed":
+        x = (torch.randn(reps, m + 1, n, generator=gen, dtype=torch.float64) * 1.2).exp()
     else:
-        rate = torch.rand(reps, n, 1, generator=gen, dtype=torch.float64) * 0.1  # per-sequence rate
-        a = (torch.rand(reps, n, 127, generator=gen, dtype=torch.float64) < rate).double().mean(-1)
-        b = (torch.rand(reps, n, 127, generator=gen, dtype=torch.float64) < rate).double().mean(-1)
-    p = torch.tensor([sign_flip_p(a[r], b[r]) for r in range(reps)])
+        rate = torch.rand(reps, 1, n, 1, generator=gen, dtype=torch.float64) * 0.05  # per-sequence rate
+        x = (torch.rand(reps, m + 1, n, 127, generator=gen, dtype=torch.float64) < rate).double().mean(-1)
+    p = torch.tensor([matched_permutation_p(x[r, 0], x[r, 1:], 4000, seed=r) for r in range(reps)])
     for level in levels:
-        # exact: P(p <= level) <= level; the simulation's own error, 3 standard errors
+        # valid: P(p <= level) <= level; the simulation's own error, 3 standard errors
         assert float((p <= level).double().mean()) <= level + 3 * math.sqrt(level * (1 - level) / reps)
-    shifted = torch.tensor([sign_flip_p(a[r] + (a[r] - b[r]).std(), b[r]) for r in range(200)])
-    assert float((shifted < 0.05).double().mean()) >= 0.8  # and it finds a shift of one sd
+    found = [matched_permutation_p(x[r, 0] + 2 * (x[r, 0] - x[r, 1:].mean(0)).std(), x[r, 1:], 4000, seed=r)
+             for r in range(200)]
+    assert float((torch.tensor(found) < 0.05).double().mean()) >= 0.8
 
 
 def test_kl_reference_matches_float64_and_is_zero_against_itself():

@@ -584,7 +584,7 @@ def neurons_section(ctx: RunContext) -> Section | None:
                 f"{candidates['matched_norm_ratio'].min():.2f}–{candidates['matched_norm_ratio'].max():.2f}× the "
                 f"candidate's): the output's entropy changes more than for the matched neurons at {up_h} of {n} "
                 f"candidates (less at {down_h}), the KL is larger at {up_k}, the top-1 token changes more often at "
-                f"{up_t} (less at {down_t}). Each verdict: an exact paired sign-flip test over sequences, Holm-corrected "
+                f"{up_t} (less at {down_t}). Each verdict: a matched permutation test over sequences, Holm-corrected "
                 f"over the experiment's {3 * (n + len(joint))} comparisons (family-wise 0.05), and the candidate beyond "
                 f"every matched draw. Mean |ΔH| / KL: candidates {candidates['entropy_per_kl'].mean():.2f}, matched "
                 f"random {candidates['random_entropy_per_kl'].mean():.2f}.")

@@ -11,7 +11,6 @@ percentile, BCa and bootstrap-t in that simulation (0.93 at 16 sequences on the 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -246,44 +245,38 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 20000, see
     return Comparison(float(xa.mean()), float(xb.mean()), diff, diff - q_hi * se, diff - q_lo * se, p, n, n_boot)
 
 
-# up to this many sequences the sign-flip test enumerates every sign vector (2^20 of them)
-EXACT_SIGN_FLIPS = 20
-_SIGN_BLOCK = 2 ** 16
+def matched_permutation_p(candidate: torch.Tensor, draws: torch.Tensor, n_resamples: int = 20000,
+                          seed: int = 0) -> float:
+    """Two-sided p-value of "the candidate acts like its matched draws", for the statistic
+    ``T = mean over sequences of (candidate - mean of the m draws)``.
 
-
-@functools.lru_cache(maxsize=4)
-def _signs(n: int, start: int) -> torch.Tensor:
-    """Rows ``start..start + _SIGN_BLOCK`` of every +-1 vector of length ``n`` (bit j: sign j)."""
-    codes = torch.arange(start, min(start + _SIGN_BLOCK, 2 ** n), dtype=torch.int64)
-    return 1.0 - 2.0 * ((codes.unsqueeze(1) >> torch.arange(n)) & 1).double()
-
-
-def sign_flip_p(a: torch.Tensor, b: torch.Tensor, n_flips: int = 100000, seed: int = 0) -> float:
-    """Two-sided p-value of the paired sign-flip (randomization) test of ``a - b`` over sequences.
-
-    Under the null that ``a`` and ``b`` are exchangeable within each sequence, every per-sequence
-    difference is as likely negated, so the observed ``|mean(d)|`` is ranked among the means of
-    ``s * d`` over sign vectors ``s``: all ``2^n`` of them up to :data:`EXACT_SIGN_FLIPS`
-    sequences (an exact test: it rejects at most ``alpha`` of the time at any level, for discrete
-    values too), else ``n_flips`` seeded random ones, ``p = (1 + #{>=}) / (n_flips + 1)``.
+    Under the null the m + 1 values of each sequence (candidate [n_seq] or [n_seq, n_pos], draws
+    [m, n_seq(, n_pos)]) are exchangeable, so which of them is the candidate is a uniform label
+    drawn independently per sequence. ``n_resamples`` seeded relabellings give ``T*`` and
+    ``p = (1 + #{|T*| >= |T|}) / (n_resamples + 1)``: valid at every level (ties counted,
+    discrete values too), smallest value ``1 / (n_resamples + 1)``. A sign flip of ``T``'s
+    per-sequence differences would test that they are symmetric, which a candidate acting like
+    one draw does not give (its difference from the draws' mean is skewed when the values are).
     """
-    d = (sequence_means(a) - sequence_means(b)).double()
-    n = d.numel()
-    if n < 1:
-        raise LensspaceError("a sign-flip test needs at least 1 sequence")
-    observed = float(d.sum().abs())
-    tolerance = 1e-9 * float(d.abs().sum())  # sums equal but for rounding count as ties
-    if n <= EXACT_SIGN_FLIPS:
-        hits = sum(int(((_signs(n, start) @ d).abs() >= observed - tolerance).sum())
-                   for start in range(0, 2 ** n, _SIGN_BLOCK))
-        return hits / 2 ** n
+    x = torch.cat([sequence_means(candidate).double().unsqueeze(0),
+                   torch.stack([sequence_means(d).double() for d in draws])])  # [m + 1, n_seq]
+    m, n = x.shape[0] - 1, x.shape[1]
+    if m < 1 or n < 1:
+        raise LensspaceError(f"a matched permutation test needs a draw and a sequence, got {m} and {n}")
+    total = x.sum(0)
+
+    def statistic(picked: torch.Tensor) -> torch.Tensor:  # T for the picked values [..., n_seq]
+        return (picked * (1 + 1 / m) - total / m).mean(-1)
+
+    observed = float(statistic(x[0]).abs())
+    tolerance = 1e-9 * float(x.abs().sum(0).mean())  # equal but for rounding counts as a tie
     gen = torch.Generator().manual_seed(seed)
     hits = 0
-    for start in range(0, n_flips, 2 ** 14):
-        size = min(2 ** 14, n_flips - start)
-        signs = 1.0 - 2.0 * torch.randint(0, 2, (size, n), generator=gen).double()
-        hits += int(((signs @ d).abs() >= observed - tolerance).sum())
-    return (1 + hits) / (n_flips + 1)
+    for start in range(0, n_resamples, 2 ** 14):
+        size = min(2 ** 14, n_resamples - start)
+        labels = torch.randint(0, m + 1, (size, n), generator=gen)
+        hits += int((statistic(x.gather(0, labels)).abs() >= observed - tolerance).sum())
+    return (1 + hits) / (n_resamples + 1)
 
 
 def adjust(p_values: Sequence[float] | torch.Tensor, method: Literal["holm", "bh"]) -> list[float]:

@@ -41,7 +41,7 @@ from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
 from lensspace.stats import (adjust, bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference,
-                             resample_counts, sign_flip_p)
+                             matched_permutation_p, resample_counts)
 from lensspace.subspaces import select
 
 # Per-token effects of an ablation; the signed entropy change may be negative.
@@ -289,17 +289,19 @@ def _estimate(prefix: str, name: str, values: torch.Tensor, settings: NeuronSett
     return {f"{prefix}{name}": est.mean, f"{prefix}{name}_lo": lo, f"{prefix}{name}_hi": est.hi, **extra}
 
 
-def _paired(name: str, a: torch.Tensor, b: torch.Tensor, settings: NeuronSettings) -> dict:
-    """Mean of ``a - b`` over sequences, its interval (bootstrap-t; BCa for discrete metrics) and
-    the exact sign-flip p-value: few, heavy-tailed or discrete per-sequence effects, where the
-    bootstrap-t test is liberal at Holm's levels (``benchmarks/test_size.py``)."""
+def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSettings) -> dict:
+    """Mean of ``a`` minus the matched draws' mean over sequences, its interval (bootstrap-t; BCa
+    for discrete metrics) and the matched permutation p-value: few, heavy-tailed or discrete
+    per-sequence effects, where the bootstrap-t test is liberal at Holm's levels
+    (``benchmarks/test_size.py``)."""
+    b = draws.mean(0)
     comp = paired_difference(a, b, settings.test_resamples, settings.seed)
     lo, hi = comp.lo, comp.hi
     if name in DISCRETE:
         bca = bootstrap_intervals((a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca")
         lo, hi = float(bca[0][0]), float(bca[1][0])
     return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi,
-            f"p_{name}": sign_flip_p(a, b, settings.test_resamples, settings.seed)}
+            f"p_{name}": matched_permutation_p(a, draws, settings.test_resamples, settings.seed)}
 
 
 def _entropy_per_kl(h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings) -> tuple[float, float]:
@@ -320,7 +322,7 @@ def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Ten
     for name in METRICS:
         row.update(_estimate("random_", name, torch.stack([r[name] for r in random]), settings))
     for name in COMPARED:
-        row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]).mean(0), settings))
+        row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]), settings))
     row["entropy_per_kl"] = row["abs_d_entropy"] / row["kl"] if row["kl"] > 0 else float("nan")
     row["entropy_per_kl_lo"], row["entropy_per_kl_hi"] = (
         _entropy_per_kl(candidate["abs_d_entropy"], candidate["kl"], settings) if row["kl"] > 0
@@ -359,10 +361,13 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
     # resolution: the smallest bootstrap p-value stays a quarter of Holm's first threshold
     family = len(COMPARED) * (len(candidates) + 1)
     settings = dataclasses.replace(settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA)))
-    if 2.0 ** (1 - ablation.n_sequences) > ALPHA / family:  # the sign-flip test's smallest p-value
-        print(f"warning: at {ablation.n_sequences} sequences the smallest sign-flip p-value, "
-              f"{2.0 ** (1 - ablation.n_sequences):.2g}, is above Holm's first threshold {ALPHA / family:.2g}: "
-              "no neuron verdict can hold; raise neurons.eval_sequences", flush=True)
+    # a relabelling test cannot tell apart more than its (m + 1)^n labellings: 1 / (m + 1)^n is
+    # about the smallest p-value it can give (the observed labelling is one of them)
+    floor = float(settings.random_draws + 1) ** -ablation.n_sequences
+    if floor > ALPHA / family:
+        print(f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the smallest "
+              f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no neuron "
+              "verdict can hold; raise neurons.eval_sequences", flush=True)
     n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
     base = {"n_draws": settings.random_draws, "n_sequences": ablation.n_sequences, "n_tokens": n_tokens}
     norms = table.set_index(["layer", "neuron"])["norm"]

@@ -226,7 +226,7 @@ def test_matched_permutation_p_against_every_labelling_by_hand():
     counted here with itertools on integer values, where ties are common and must count."""
     import itertools
 
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(8)
     values = torch.randint(0, 3, (3, 6), generator=gen).double()  # candidate + 2 draws, 6 sequences
     cand, draws = values[0], values[1:]
 
@@ -236,6 +236,7 @@ def test_matched_permutation_p_against_every_labelling_by_hand():
     observed = abs(t(cand.tolist()))
     exact = sum(abs(t([values[c, i].item() for i, c in enumerate(labels)])) >= observed - 1e-12
                 for labels in itertools.product(range(3), repeat=6)) / 3 ** 6
+    assert 0.01 < exact < 0.5  # a case that tells ties dropped (0.003) and sign flips (0.09) apart
     p = matched_permutation_p(cand, draws, n_resamples=400000, seed=1)
     assert p == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 400000) + 1e-5)
     assert matched_permutation_p(cand, draws, 5000, seed=2) == matched_permutation_p(cand, draws, 5000, seed=2)
@@ -243,6 +244,8 @@ def test_matched_permutation_p_against_every_labelling_by_hand():
     assert matched_permutation_p(same, torch.stack([same, same]), 999) == 1.0  # every labelling ties
     far = torch.arange(6.0) + 100  # [n_seq, n_pos] candidate far above every draw: the floor 1 / (B + 1)
     assert matched_permutation_p(far.repeat(3, 1).T, torch.randn(4, 6, 3, generator=gen), 999) == pytest.approx(1e-3)
+    with pytest.raises(LensspaceError, match="finite"):
+        matched_permutation_p(torch.tensor([1.0, float("nan")]), torch.ones(2, 2))
 
 
 @pytest.mark.parametrize("kind", ["skewed", "discrete"])

@@ -260,6 +260,8 @@ def matched_permutation_p(candidate: torch.Tensor, draws: torch.Tensor, n_resamp
     """
     x = torch.cat([sequence_means(candidate).double().unsqueeze(0),
                    torch.stack([sequence_means(d).double() for d in draws])])  # [m + 1, n_seq]
+    if not torch.isfinite(x).all():  # a NaN would never count as extreme: p would be its floor
+        raise LensspaceError("a matched permutation test needs finite values (NaN or inf in the effects)")
     m, n = x.shape[0] - 1, x.shape[1]
     if m < 1 or n < 1:
         raise LensspaceError(f"a matched permutation test needs a draw and a sequence, got {m} and {n}")

@@ -358,7 +358,7 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
                 settings: NeuronSettings) -> tuple[list[dict], list[dict]]:
     """Rows of candidates.tsv (each candidate alone) and joint.tsv (all candidates together)."""
     draws = matched_neurons(table, candidates, settings)
-    # resolution: the smallest bootstrap p-value stays a quarter of Holm's first threshold
+    # resolution: the smallest permutation p-value stays a quarter of Holm's first threshold
     family = len(COMPARED) * (len(candidates) + 1)
     settings = dataclasses.replace(settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA)))
     # a relabelling test cannot tell apart more than its (m + 1)^n labellings: 1 / (m + 1)^n is

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,15 @@ def export_ref(ref: str, into: Path) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(tree, filter="data")
     return tree
+
+
+@contextmanager
+def work_folder(keep: Path | None):
+    """``keep`` (created, kept afterwards), or a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = keep or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        yield base
 
 
 def run_tiny(tree: Path, workdir: Path, device: str, cores: int) -> float:
@@ -95,9 +105,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = args.keep or Path(tmp)
-        base.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep) as base:
         if args.ref:
             runs = {args.ref: (export_ref(args.ref, base), "cpu"), "working tree": (ROOT, "cpu")}
         else:

@@ -34,6 +34,15 @@ WHY = {
     "h0_layer": "one log-sum-exp over the vocabulary per cell (exp-bound, not in the FLOPs)",
     "cache_activations": "attention and norms at 128 tokens; writes every residual",
     "train_lens": "float64 least squares; Adam steps of 256 tokens with a softmax each",
+    "eval_lens": "a log-softmax and KL over the vocabulary per token and layer (element-wise, not in the FLOPs)",
+    "ridge_lens": "float64 least squares (the peak is fp32's); start-up a large share of a short job",
+    "h1_layer": "a softmax-KL over the vocabulary per cell; attention and norms at 128 tokens",
+    "h2_layer": "float64 least squares per layer; a softmax-KL over the vocabulary per cell",
+    "shuffle_pairs": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
+    "shuffle_windows": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
+    "lens_quality": "float64 least squares per budget; log-sum-exp per H0 cell and KL per lens (exp-bound)",
+    "ood": "tokenizing and caching each corpus; log-sum-exp per H0 cell and KL per lens (exp-bound)",
+    "neurons": "float64 neuron geometry; entropy, KL and top-1 over the vocabulary per ablation",
 }
 
 
@@ -80,6 +89,7 @@ class Shape:
         heads = c.get("num_attention_heads", c.get("n_head"))
         kv = c.get("num_key_value_heads", heads)
         ff = c.get("intermediate_size") or c.get("n_inner") or 4 * self.d
+        self.ff = ff
         gated = c.get("model_type") != "gpt2"  # Llama's MLP has three matrices
         self.layernorm = c.get("model_type") == "gpt2"  # centring: H0 needs a product per site
         self.block_params = self.d * (2 * self.d + 2 * self.d * kv // heads) + (3 if gated else 2) * self.d * ff
@@ -138,6 +148,50 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     pairs = [p for chunk in shuffle_pair_chunks(config, big_l) for p in chunk]
     flops["shuffle_pairs"] = sum(runs * n_shuffle * ((big_l - i) * shape.block(t) + head) for i, _ in pairs)
     flops["shuffle_windows"] = shuffle["window_samples"] * runs * n_shuffle * (big_l / 2 * shape.block(t) + head)
+    flops.update(issue14_flops(config, run, shape, split, lens))
+    return flops
+
+
+def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
+    """The seed-layout H0 cells at one layer: the clean logits and one rank-d/2 product per subspace pair
+    and random draw (the modes share it; pre_norm only)."""
+    return evaluated * shape.head + (1 + config["random_draws"]) * evaluated * 2 * (shape.d // 2) * shape.vocab
+
+
+def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> dict[str, float]:
+    """Lens quality, out of distribution and neurons: their minimal FLOPs."""
+    t, d, big_l, head = split.seq_len, shape.d, shape.layers, shape.head
+    evaluated = split.eval_sequences * (t - 1)
+    flops: dict[str, float] = {}
+    quality = config["lens_quality"]
+    layers = len(quality.get("layers") or experiment_layers(config, big_l, "h0"))
+    n_check = max(1, round(lens["check_tokens"] / (t - 1))) * (t - 1)
+    total = 0.0
+    for fraction in quality["fractions"]:
+        n = max(2, round(fraction * split.train_sequences))
+        for refine in quality["refine"]:
+            fit = n * (t - 1) - (n_check if refine else 0)
+            total += layers * 2 * fit * d * d
+            if refine:
+                total += (layers * (lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head + 2 * n_check * head)
+                          + (lens["refine_tokens"] + n_check) * head)
+            total += layers * (evaluated * (2 * head + 2 * d * d) + seed_cells(config, shape, evaluated))
+    flops["lens_quality"] = total
+    ood = config["ood"]
+    ood_layers = len(ood.get("layers") or experiment_layers(config, big_l, "h0"))
+    ood_tokens = ood["eval_sequences"] * (t - 1)
+    corpora = len(config["runs"][run].get("eval_corpora", []))
+    flops["ood"] = corpora * (ood["eval_sequences"] * t * big_l * shape.block(t)
+                              + ood_tokens * head + ood_layers * (ood_tokens * (head + 2 * d * d)
+                                                                  + seed_cells(config, shape, ood_tokens)))
+    neurons = config["neurons"]
+    geometry = big_l * shape.ff * 2 * d * d + 2 * shape.vocab * d * d  # lens maps of the writes; the logit covariance
+    stats = (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * (big_l * shape.block(t) + head)
+    ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1  # and the clean run
+    chosen = neurons["candidate_layers"]
+    blocks = big_l - (big_l - 1 if chosen == "last" else 0 if chosen == "all" else min(chosen))  # each resumes there
+    flops["neurons"] = geometry + stats + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t))
+                                                                                 + (t - 1) * head)
     return flops
 
 
@@ -173,7 +227,8 @@ def main() -> None:
                          "startup_share": round(n_jobs * startup / seconds, 2), "why": WHY.get(rule, "")})
     print(pd.DataFrame(rows).to_string(index=False))
     torch_jobs = jobs[jobs["rule"].isin({"cache_activations", "train_lens", "eval_lens", "svd", "h0_layer", "h1_layer",
-                                         "h1_heads", "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows"})]
+                                         "h1_heads", "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows",
+                                         "lens_quality", "ood", "neurons"})]
     wall = args.wall if args.wall is not None else jobs["s"].sum()
     print(f"torch jobs: {len(torch_jobs)}; their start-up about {len(torch_jobs) * startup:.0f} s of "
           f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'} = "

@@ -27,7 +27,8 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.provenance import benchmark_jobs
-from lensspace.settings import ablation_grid, experiment_layers, shuffle_pair_chunks, token_split
+from lensspace.settings import (ablation_grid, experiment_layers, neuron_settings, seed_layout_layers,
+                                shuffle_pair_chunks, token_split)
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
@@ -148,7 +149,7 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     pairs = [p for chunk in shuffle_pair_chunks(config, big_l) for p in chunk]
     flops["shuffle_pairs"] = sum(runs * n_shuffle * ((big_l - i) * shape.block(t) + head) for i, _ in pairs)
     flops["shuffle_windows"] = shuffle["window_samples"] * runs * n_shuffle * (big_l / 2 * shape.block(t) + head)
-    flops.update(issue14_flops(config, run, shape, split, lens))
+    flops.update(issue14_flops(config, run, shape, split, lens, n_check))
     return flops
 
 
@@ -158,14 +159,13 @@ def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
     return evaluated * shape.head + (1 + config["random_draws"]) * evaluated * 2 * (shape.d // 2) * shape.vocab
 
 
-def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> dict[str, float]:
+def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict, n_check: int) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""
     t, d, big_l, head = split.seq_len, shape.d, shape.layers, shape.head
     evaluated = split.eval_sequences * (t - 1)
     flops: dict[str, float] = {}
     quality = config["lens_quality"]
-    layers = len(quality.get("layers") or experiment_layers(config, big_l, "h0"))
-    n_check = max(1, round(lens["check_tokens"] / (t - 1))) * (t - 1)
+    layers = len(seed_layout_layers(config, "lens_quality", big_l))
     total = 0.0
     for fraction in quality["fractions"]:
         n = max(2, round(fraction * split.train_sequences))
@@ -178,7 +178,7 @@ def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> di
             total += layers * (evaluated * (2 * head + 2 * d * d) + seed_cells(config, shape, evaluated))
     flops["lens_quality"] = total
     ood = config["ood"]
-    ood_layers = len(ood.get("layers") or experiment_layers(config, big_l, "h0"))
+    ood_layers = len(seed_layout_layers(config, "ood", big_l))
     ood_tokens = ood["eval_sequences"] * (t - 1)
     corpora = len(config["runs"][run].get("eval_corpora", []))
     flops["ood"] = corpora * (ood["eval_sequences"] * t * big_l * shape.block(t)
@@ -188,8 +188,7 @@ def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> di
     geometry = big_l * shape.ff * 2 * d * d + 2 * shape.vocab * d * d  # lens maps of the writes; the logit covariance
     stats = (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * (big_l * shape.block(t) + head)
     ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1  # and the clean run
-    chosen = neurons["candidate_layers"]
-    blocks = big_l - (big_l - 1 if chosen == "last" else 0 if chosen == "all" else min(chosen))  # each resumes there
+    blocks = big_l - min(neuron_settings(config, big_l, d).candidate_layers)  # each ablation resumes there
     flops["neurons"] = geometry + stats + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t))
                                                                                  + (t - 1) * head)
     return flops

@@ -77,3 +77,38 @@ def test_lens_space_swap_measures_the_translators(real, runner, run_blocks, ridg
     assert statement is not None and "measure the translators rather than the model" in statement
     assert "the lens space (lens ridge 0.001)" in statement and "(dominated)" in statement
     assert "the lens_ridge space (lens ridge 10)" in statement and "(not dominated)" in statement
+
+
+def _composed(real, runner, h, perm):
+    """``g_{order[k]}`` composed one block at a time as defined, each wrapper translating in and
+    out of lens space (float64, T_b^-1 by a linear solve): the reference for the run."""
+    eye = torch.eye(real.adapter.d_model, dtype=torch.float64)
+    maps = [(eye + t.weight.detach().double(), t.bias.detach().double()) for t in real.lens.layer_translators]
+
+    def to_lens(x, layer):
+        return x.double() if layer == real.adapter.n_layers else x.double() @ maps[layer][0].T + maps[layer][1]
+
+    first, z = h[:, :1], to_lens(h[:, 1:], perm.start)
+    for b in perm.order:
+        m, bias = maps[b]
+        native = torch.linalg.solve(m, (z - bias).unsqueeze(-1)).squeeze(-1).float()
+        out = runner.call_block(b, torch.cat([first, native], dim=1))
+        first, z = out[:, :1], to_lens(out[:, 1:], b + 1)
+    return torch.cat([first, z.float()], dim=1)
+
+
+@pytest.mark.parametrize("perm_args", [("swap", 12, 13), ("window", 20, 23)])
+def test_lens_space_run_is_the_composition_of_wrapped_blocks(real, runner, run_blocks, perm_args):
+    """The run translates only where the order jumps; the wrappers' T_{b+1}^-1 T_{b+1} between
+    consecutive blocks cancel, so it equals the block-by-block composition on the real model."""
+    kind, i, j = perm_args
+    n = real.adapter.n_layers
+    perm = swap(n, i, j) if kind == "swap" else Permutation((22, 20, 23, 21, *range(24, n)), i, i, j)
+    h = real.cache.load(i, "eval")[:2].float()
+    got, expected = run_blocks.run(h, perm), _composed(real, runner, h, perm)
+    native = runner.run(h, i)
+    assert float((got - native)[:, 1:].norm() / native[:, 1:].norm()) > 0.05  # the swap moves it
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
+    # in the model's own order nothing is translated: the lens-space run is the model's
+    identity = Permutation(tuple(range(i, n)), i, i, i)
+    torch.testing.assert_close(run_blocks.run(h, identity), native, rtol=0, atol=0)

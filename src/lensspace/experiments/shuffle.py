@@ -119,13 +119,19 @@ class LensSpaceBlocks:
     @torch.no_grad()
     def run(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
         """The last residual after composing ``g_{order[k]}`` from ``z = T_start(h)`` at
-        positions ``1:``; position 0 runs the same blocks natively, untranslated."""
-        first, z = h[:, :1], self.to_lens(h[:, 1:], perm.start)
+        positions ``1:``; position 0 runs the same blocks natively, untranslated.
+
+        Where block ``b + 1`` follows block ``b``, ``g_{b+1} g_b`` contains
+        ``T_{b+1}^-1 T_{b+1}``, which cancels exactly: the residual is translated only where
+        the order jumps, and kept in the coordinates of ``at``, the layer it belongs to.
+        """
+        first, x, at = h[:, :1], h[:, 1:], perm.start
         for block_index in perm.order:
-            x = torch.cat([first, self.from_lens(z, block_index)], dim=1)
-            out = self.runner.call_block(block_index, x)
-            first, z = out[:, :1], self.to_lens(out[:, 1:], block_index + 1)
-        return torch.cat([first, z.float()], dim=1)  # T_L is the identity: the last residual
+            if block_index != at:
+                x = self.from_lens(self.to_lens(x, at), block_index)
+            out = self.runner.call_block(block_index, torch.cat([first, x], dim=1))
+            first, x, at = out[:, :1], out[:, 1:], block_index + 1
+        return torch.cat([first, self.to_lens(x, at).float()], dim=1)  # T_L is the identity
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY, direct_kl64, make_cached, model_head
+from lensspace import fused
 from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h0 import run_layer, subspace_basis
@@ -108,13 +109,16 @@ def test_every_cell_equals_the_model_head_on_the_ablated_vector(setup):
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused_cpu", [True, False])
 @pytest.mark.parametrize(("family", "gain", "bias"), [("llama", 30.0, None), ("gpt2", 1.0, 60.0), ("gpt2", 30.0, 60.0)])
-def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, bias, tmp_path):
+def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, bias, fused_cpu, tmp_path,
+                                                                  monkeypatch):
     """A final norm gain of 30 (logits in the hundreds) or a LayerNorm bias of 60 (a large
     constant part in every logit): each sequence's KL, from about 1e-17 to 90 nats, still
     matches the float64 definition to a relative 2e-4 (measured: 3.5e-5), and none is
     negative. (Subtracting logit-sized float32 terms, as an earlier assembly did, gave errors
     of 1e-5 absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
+    monkeypatch.setattr(fused.change_sums, "enabled", fused_cpu)  # the compiled kernel, or the eager passes
     model, _ = build_random_model(TINY[family])
     model.requires_grad_(False)
     adapter = Adapter(model)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import direct_kl64
+from lensspace import fused
 from lensspace.experiments.grid import AblationGrid, relative_edit
 from lensspace.experiments.h0 import LinearHead, norm_shares, run_layer, subspace_basis
 from lensspace.lenses import translate
@@ -21,8 +22,10 @@ SEQ_RTOL, SEQ_ATOL = 2e-5, 1e-7
 TOKEN_RTOL, TOKEN_ATOL = 2e-4, 1e-6
 
 
-@pytest.mark.parametrize(("layer", "grid"), [(3, GRID), (24, GRID), (24, UNPAIRED), (24, SMALLEST)])
-def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid):
+@pytest.mark.parametrize(("layer", "grid", "fused_cpu"), [
+    (3, GRID, True), (24, GRID, True), (24, UNPAIRED, True), (24, SMALLEST, True),
+    (24, GRID, False), (24, SMALLEST, False)])
+def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_cpu, monkeypatch):
     """run_layer (products shared by modes, sites and complementary halves; KL from the logits'
     change) against the definition in float64 (ablate z, then norm, gain and unembedding, then
     log-softmax), every cell, sequence and token, to float32's precision: the fast path
@@ -30,6 +33,7 @@ def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid):
     relative to each KL. (Measured: per sequence within 1.6e-6 relative plus 1e-7, per token
     within 2.3e-5 relative plus 1e-6; the earlier assembly, which subtracted logit-sized terms,
     needed 7e-4 and 3e3, and gave negative token KLs.)"""
+    monkeypatch.setattr(fused.change_sums, "enabled", fused_cpu)  # the compiled kernel, or the eager passes
     adapter, bases = real.adapter, unembedding_bases(real.adapter)
     results = run_layer(adapter, real.lens, real.cache, bases, layer, grid)
     z_train = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer)

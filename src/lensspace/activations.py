@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lensspace.adapter import Adapter
+from lensspace.adapter import Adapter, StopForward
 from lensspace.devices import move
 from lensspace.errors import LensspaceError
 from lensspace.sources import sha256_of
@@ -36,8 +36,11 @@ def layer_file(folder: Path, layer: int) -> Path:
 def residuals(adapter: Adapter, ids: torch.Tensor) -> list[torch.Tensor]:
     """Residuals ``0..L`` (``L`` before the final norm) of one batch, fp32."""
     store: dict[int, torch.Tensor] = {}
-    with adapter.capture_residuals(store):
-        adapter.model(ids, use_cache=False)
+    with adapter.capture_residuals(store, stop=True):
+        try:
+            adapter.model(ids, use_cache=False)
+        except StopForward:
+            pass
     return [store[i] for i in range(adapter.n_layers + 1)]
 
 

@@ -121,7 +121,7 @@ def _get_path(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised inside a hook to end a forward pass once what it needs is recorded."""
 
 
@@ -323,23 +323,25 @@ class Adapter:
 
         def hook(_module, args, kwargs):
             store[0] = args[0] if args else kwargs["hidden_states"]
-            raise _Stop
+            raise StopForward
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             self.model(ids, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()
         return store[0]
 
     @contextmanager
-    def capture_residuals(self, store: dict[int, torch.Tensor]) -> Iterator[None]:
+    def capture_residuals(self, store: dict[int, torch.Tensor], stop: bool = False) -> Iterator[None]:
         """Record the input of every block (layers ``0..L-1``) and the last block's output (``L``).
 
         ``hidden_states[-1]`` of transformers is after the final norm; the last block's output
         is the last residual before it (and before OPT-350m's project_out), which lenses target.
+        ``stop``: end the forward pass there with :class:`StopForward` (the caller catches it),
+        so the final norm and the unembedding, a fifth of a small model's FLOPs, are not run.
         """
 
         def hook_for(index: int):
@@ -350,6 +352,8 @@ class Adapter:
 
         def last(_module, _args, output):
             store[self.n_layers] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise StopForward
 
         handles = [
             block.register_forward_pre_hook(hook_for(i), with_kwargs=True)

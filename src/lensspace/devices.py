@@ -53,6 +53,8 @@ class ComputeSettings:
     change results only by float rounding (and not at all on the CPU at the defaults, which
     are the values the study always used). ``allow_tf32``: TF32 matrix products on GPUs that
     have them (about 1e-3 relative error instead of fp32's 1e-7); off by default.
+    ``fused_cpu``: H0's per-cell vocabulary passes as one compiled loop on the CPU
+    (:mod:`lensspace.fused`).
     """
 
     chunk_sequences: int = 4
@@ -60,6 +62,7 @@ class ComputeSettings:
     cache_batch_size: int = 8
     gpu_cache_batch_size: int = 32
     allow_tf32: bool = False
+    fused_cpu: bool = True
 
     def chunk(self, device: torch.device | str) -> int:
         return self.gpu_chunk_sequences if torch.device(device).type == "cuda" else self.chunk_sequences

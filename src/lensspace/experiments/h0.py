@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tuned_lens.nn import TunedLens
 
+from lensspace import fused
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid, Cell, CellResults
@@ -167,9 +168,9 @@ def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
     shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
     exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
     against 1. Rows where ``t`` passes :data:`_SAFE_EXPONENT` (looked for only where ``bound``
-    [n, 1], an upper bound of each row's max, does) form those terms in log space, from
-    ``log_p_rows(rows)``: the clean log-probabilities of those rows. ``t`` and ``scratch``
-    (as large as ``t``: the products with ``p``, in memory already mapped) are overwritten.
+    [n, 1], an upper bound of each row's max, does) form those terms in log space
+    (:func:`_large_rows_kl`). ``t`` and ``scratch`` (as large as ``t``: the products with ``p``,
+    in memory already mapped) are overwritten.
     """
     s0 = torch.mul(p, t, out=scratch).sum(-1, keepdim=True)
     large, rows = bound.squeeze(-1) > _SAFE_EXPONENT, None
@@ -181,13 +182,47 @@ def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
     s1 = torch.mul(p, t.expm1_(), out=scratch).sum(-1, keepdim=True)
     kl = torch.log1p(s1) - s0
     if rows is not None:
-        log_p = log_p_rows(rows)
-        terms = torch.where(t_rows > _SAFE_EXPONENT, (log_p + t_rows).exp(), p[rows] * t_rows.expm1())
-        exact = torch.log1p(terms.sum(-1, keepdim=True)) - s0[rows]
-        huge = ~torch.isfinite(exact.squeeze(-1))  # E_p[e^t] past float32: KL > 88 nats, log space
-        if huge.any():
-            exact[huge] = torch.logsumexp(log_p[huge] + t_rows[huge], -1, keepdim=True) - s0[rows][huge]
-        kl[rows] = exact
+        kl[rows] = _large_rows_kl(t_rows, p[rows], s0[rows], log_p_rows(rows))
+    return kl.clamp_min_(0.0)
+
+
+def _large_rows_kl(t_rows: torch.Tensor, p_rows: torch.Tensor, s0_rows: torch.Tensor,
+                   log_p: torch.Tensor) -> torch.Tensor:
+    """The KL of rows whose ``t`` passes :data:`_SAFE_EXPONENT`: their terms ``p (e^t - 1)`` where
+    ``t`` is that large formed as ``exp(log p + t)`` (``log_p``: the rows' clean log-probabilities),
+    and past float32's range (KL > 88 nats) the whole sum as a log-sum-exp."""
+    terms = torch.where(t_rows > _SAFE_EXPONENT, (log_p + t_rows).exp(), p_rows * t_rows.expm1())
+    exact = torch.log1p(terms.sum(-1, keepdim=True)) - s0_rows
+    huge = ~torch.isfinite(exact.squeeze(-1))  # E_p[e^t] past float32: KL > 88 nats, log space
+    if huge.any():
+        exact[huge] = torch.logsumexp(log_p[huge] + t_rows[huge], -1, keepdim=True) - s0_rows[huge]
+    return exact
+
+
+def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
+              log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """:func:`_kl_from_change` for one cell in one compiled pass over ``p``, ``a`` and ``d``
+    (:mod:`lensspace.fused`), rows past :data:`_SAFE_EXPONENT` redone in log space; None where
+    the kernel could not be compiled."""
+    # every argument its own tensor: the compiled graph is specialised on which inputs alias
+    column = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+    k1 = change.k1 if change.k1 is not None else column.clone()
+    if change.alpha is not None:
+        v, k3 = change.alpha, change.k2.clone()
+    elif change.beta is not None:
+        v, k3 = change.beta, column + 1
+    else:
+        v, k3 = torch.zeros(p.shape[1], dtype=p.dtype, device=p.device), column
+    sums = fused.change_sums(p, a, d, k1, change.k2, v, k3, c)
+    if sums is None:
+        return None
+    s0, s1, t_max = sums
+    kl = (torch.log1p(s1) - s0).to(p.dtype)
+    large = t_max.squeeze(-1) > _SAFE_EXPONENT
+    if large.any():
+        rows = large.nonzero().squeeze(-1)
+        t_rows = a[rows] * k1[rows] - d[rows] * change.k2[rows] + v * k3[rows] - c[rows]
+        kl[rows] = _large_rows_kl(t_rows, p[rows], s0[rows].to(p.dtype), log_p_rows(rows))
     return kl.clamp_min_(0.0)
 
 
@@ -221,11 +256,18 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
         removed[True] = (d, p_a - p_r, d.amin(-1, keepdim=True))
     if not all(ch.complement for ch in changes):
         removed[False] = (r, p_r, r.amin(-1, keepdim=True))
-    t, scratch = torch.empty_like(a), torch.empty_like(a)
+    t = scratch = None
     kls = []
     for change in changes:
         d, p_d, d_min = removed[change.complement]
         c = change.base - p_d * change.k2  # E_p[delta]
+        if fused.change_sums.usable(a):
+            kl = _fused_kl(change, a, d, p, c, log_p_rows)
+            if kl is not None:
+                kls.append(kl)
+                continue
+        if t is None:
+            t, scratch = torch.empty_like(a), torch.empty_like(a)
         if change.k1 is not None:
             torch.addcmul(-c, a, change.k1, out=t)
             t.addcmul_(d, change.k2, value=-1.0)

@@ -50,7 +50,7 @@ def test_expm1_keeps_relative_precision_near_zero():
 
 def test_a_failed_compile_falls_back_to_eager(monkeypatch, capsys):
     """Without a working compiler the kernel answers None once, says why, and is not used again."""
-    kernel = fused._Kernel()
+    kernel = fused._Kernel(fused.change_sums_definition)
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("no C++ compiler found")

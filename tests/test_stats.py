@@ -271,18 +271,35 @@ def test_matched_permutation_size_at_holm_levels(kind):
     assert float((torch.tensor(found) < 0.05).double().mean()) >= 0.8
 
 
-def test_kl_reference_matches_float64_and_is_zero_against_itself():
+@pytest.mark.parametrize("fused_cpu", [True, False])
+def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monkeypatch):
+    """``kl`` (eager, in place) and ``compare`` on both its paths (the compiled two-loop kernel:
+    float64 differences and sums, float32 exp; and eager passes), against the float64 definition
+    on logit-sized values."""
+    from lensspace import fused
     from lensspace.stats import KLReference, kl_from_logprobs
 
+    monkeypatch.setattr(fused.kl_sums, "enabled", fused_cpu)
     gen = torch.Generator().manual_seed(3)
     p_logits = torch.randn(3, 5, 4000, generator=gen) * 6 + 40  # logit-sized values, as a real head gives
     q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
     logp = p_logits.log_softmax(-1)
     reference = KLReference(logp)
-    exact = kl_from_logprobs(logp.double(), q_logits.double().log_softmax(-1))
+    # the reference distribution is softmax(logp): float32 log-probabilities sum to 1 only to about 1e-6
+    exact = kl_from_logprobs(logp.double().log_softmax(-1), q_logits.double().log_softmax(-1))
     got = reference.kl(q_logits.clone())
-    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=5e-7)  # float32 log-probabilities of about -8
+    assert got.shape == exact.shape
+    # measured: 8e-7 (eager: float32 terms, and weights exp(logp) that sum to 1 + 1e-6, on
+    # log-probabilities of about -8); 5e-8 (fused: float64 differences, p normalised)
+    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=2e-6)
     assert float(reference.kl(p_logits.clone()).abs().max()) < 1e-6
     mine = q_logits.clone()
     reference.kl(mine)
     assert not torch.equal(mine, q_logits)  # documented: the logits are consumed in place
+    if fused_cpu:  # the same loops on both sides: exactly 0 against its own log-probabilities
+        assert float(reference.compare(logp.clone()).kl.abs().max()) == 0.0
+    compared = reference.compare(q_logits.clone())
+    logq = q_logits.double().log_softmax(-1)
+    torch.testing.assert_close(compared.kl.double(), exact, rtol=1e-4, atol=2e-7 if fused_cpu else 2e-6)
+    torch.testing.assert_close(compared.entropy.double(), -(logq.exp() * logq).sum(-1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(compared.top1, q_logits.argmax(-1))

@@ -1,14 +1,18 @@
-"""One pass over the vocabulary per ablation cell: the sums H0's KL needs, fused.
+"""Passes over the vocabulary fused into compiled CPU loops: H0's per-cell sums and a KL.
 
-A cell's KL comes from its logit change ``t = a k1 - d k2 + v k3 - c`` ([N, V]; per-row scalars
-``k1, k2, k3, c`` [N, 1], a vector ``v`` [V]) through ``E_p[t]``, ``E_p[expm1(t)]`` and the row
-maximum of ``t``. Eagerly, PyTorch runs each operation as its own pass over [N, V] memory (five
-to seven a cell, bound by memory traffic on a CPU); compiled by ``torch.compile`` (inductor's C++
-backend) the whole expression is one loop that reads ``p``, ``a`` and ``d`` once. The compiled
-kernel runs on the CPU only: on other devices (a GPU's memory bandwidth makes the passes cheap),
-with ``compute.fused_cpu: false``, or where compiling fails (no C++ compiler: one line in the log),
-callers run their eager passes. The kernel's sums accumulate in float64, so its KLs agree with the
-eager ones to the float32 rounding of ``t`` itself.
+Eagerly, PyTorch runs every element-wise operation as its own pass over [N, V] memory, which
+binds this work on a CPU; compiled by ``torch.compile`` (inductor's C++ backend) an expression
+becomes one loop. :data:`change_sums`: a cell's KL from its logit change ``t = a k1 - d k2 + v k3
+- c`` ([N, V]; per-row scalars [N, 1], a vector ``v`` [V]) through ``E_p[t]``, ``E_p[expm1(t)]``
+and the row maximum of ``t``, one loop reading ``p``, ``a`` and ``d`` once instead of five to seven
+passes. :data:`kl_sums`: KL(p || softmax(y)) against a fixed ``p``, with the entropy and top-1
+token of ``softmax(y)`` (the neuron ablations), two loops instead of about eleven passes.
+
+The kernels run on the CPU only: on other devices (a GPU's memory bandwidth makes the passes
+cheap), with ``compute.fused_cpu: false``, or where compiling fails (no C++ compiler: one line in
+the log), callers run their eager passes. Their sums accumulate in float64. Loading them costs a
+process about 4 s (importing the compiler stack; the compiled code is cached on disk), so only
+the jobs whose work is mostly these passes use them.
 """
 
 from __future__ import annotations
@@ -39,34 +43,55 @@ def expm1(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t.abs() < 0.1, series, torch.exp(t) - 1)
 
 
-class _Kernel:
-    """The compiled kernel, built on first use. ``usable(x)``: on the CPU, enabled, and not failed;
-    elsewhere callers run their eager passes."""
+def kl_sums_definition(logp: torch.Tensor, p: torch.Tensor,
+                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum p (logp - y), logsumexp(y), sum p, entropy of softmax(y), argmax y)`` per row [N],
+    in float64 from float32 ``logp``, ``p = exp(logp)`` and ``y`` [N, V]. With ``p`` normalised by
+    its sum (float32's ``exp`` leaves it about 1e-6 off 1, which a logit-sized log-sum-exp would
+    multiply), KL(p || softmax(y)) = the first / the third + the second - logsumexp(logp). The
+    differences ``logp - y`` are exact in float64, so no logit-sized rounding enters the KL; the
+    entropy is ``log s - sum e^u u / s`` with ``u = y - max y`` and ``s = sum e^u``."""
+    m = y.amax(-1, keepdim=True)
+    u = y - m
+    e = u.exp().double()
+    s = e.sum(-1)
+    entropy = s.log() - (e * u.double()).sum(-1) / s
+    cross = (p.double() * (logp.double() - y.double())).sum(-1)
+    return cross, m.squeeze(-1).double() + s.log(), p.double().sum(-1), entropy, y.argmax(-1)
 
-    def __init__(self) -> None:
+
+class _Kernel:
+    """A compiled ``definition``, built on first use. ``usable(x)``: on the CPU, enabled, and not
+    failed; elsewhere callers run their eager passes."""
+
+    def __init__(self, definition: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        self.definition = definition
         self.enabled = True
         self.failed: str | None = None
-        self._compiled: Callable[..., _Sums] | None = None
+        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def usable(self, x: torch.Tensor) -> bool:
         return self.enabled and self.failed is None and x.device.type == "cpu"
 
-    def __call__(self, *args: torch.Tensor) -> _Sums | None:
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The sums, or None where compiling failed (the reason printed once to the log)."""
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(change_sums_definition, dynamic=True, fullgraph=True)
+                self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
             return self._compiled(*args)
         except Exception as err:  # a missing compiler or an inductor limit: many types
             self.failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            print(f"[lensspace] fused vocabulary kernel unavailable ({self.failed}); running eagerly",
-                  file=sys.stderr)
+            print(f"[lensspace] fused vocabulary kernel {self.definition.__name__} unavailable "
+                  f"({self.failed}); running eagerly", file=sys.stderr)
             return None
 
 
-change_sums = _Kernel()
+change_sums = _Kernel(change_sums_definition)
+kl_sums = _Kernel(kl_sums_definition)
+KERNELS = (change_sums, kl_sums)
 
 
 def enable(flag: bool) -> None:
-    """Use the compiled kernel on the CPU (``compute.fused_cpu``), or never."""
-    change_sums.enabled = flag
+    """Use the compiled kernels on the CPU (``compute.fused_cpu``), or never."""
+    for kernel in KERNELS:
+        kernel.enabled = flag

@@ -54,13 +54,17 @@ def run_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, base
              for cell in grid.variants(runner.adapter.d_model)}
     results = CellResults(layer, grid)
     h = cache.load(layer, "eval")
+    head = runner.adapter.logits
+
+    def evaluated_logits(residual: torch.Tensor) -> torch.Tensor:  # the head on positions 1.. only
+        return head(runner.run(residual, start=layer)[:, 1:])
+
     for start in range(0, len(h), chunk):
         hb = h[start: start + chunk]
         # the reference runs the same path without the ablation, so storage rounding cancels
-        clean = KLReference(runner.logits(hb, start=layer)[:, 1:].log_softmax(-1))
+        clean = KLReference(evaluated_logits(hb).log_softmax(-1))
         for cell, edit in edits.items():
             ablated = hb.clone()
             ablated[:, 1:] = edit(hb[:, 1:])
-            results.add(cell, clean.kl(runner.logits(ablated, start=layer)[:, 1:]),
-                        relative_edit(hb[:, 1:], ablated[:, 1:]))
+            results.add(cell, clean.kl(evaluated_logits(ablated)), relative_edit(hb[:, 1:], ablated[:, 1:]))
     return results

@@ -26,7 +26,7 @@ from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
 from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
-from lensspace.stats import bootstrap_mean, kl_from_logprobs
+from lensspace.stats import KLReference, bootstrap_mean, kl_from_logprobs
 from lensspace.subspaces import Basis, ablate
 
 Objective = Literal["lens", "downstream"]
@@ -152,16 +152,17 @@ def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
     results = CellResults(layer, grid)
     for start in range(0, len(e), chunk):
         sl = slice(start, start + chunk)
-        target = adapter.logits(final[sl, 1:]).log_softmax(-1)
-        for objective in route_kl:
-            logits = route_logits(runner, lens, layer, mapped[sl], objective)[:, 1:]
-            route_kl[objective].append(kl_from_logprobs(target, logits.log_softmax(-1)))
-        clean = adapter.logits(translate(lens, mapped[sl, 1:], layer)).log_softmax(-1)
+        target = KLReference(adapter.logits(final[sl, 1:]).log_softmax(-1))
+        # the lens route's logits are the cells' clean reference too (one head product for both)
+        lens_route = route_logits(runner, lens, layer, mapped[sl, 1:], "lens")
+        clean = KLReference(lens_route.log_softmax(-1))
+        route_kl["lens"].append(target.kl(lens_route))
+        downstream = runner.adapter.logits(runner.run(mapped[sl], start=layer)[:, 1:])
+        route_kl["downstream"].append(target.kl(downstream))
         for cell in cells:
             edited = ablate(e[sl, 1:], qs[cell], cell.mode, mean)
             logits = adapter.logits(translate(lens, emb_lens(edited), layer))
-            results.add(cell, kl_from_logprobs(clean, logits.log_softmax(-1)),
-                        relative_edit(e[sl, 1:], edited))
+            results.add(cell, clean.kl(logits), relative_edit(e[sl, 1:], edited))
     fit = {"layer": layer, "r2": r2}
     for objective, parts in route_kl.items():
         est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)

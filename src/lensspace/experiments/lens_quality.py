@@ -25,7 +25,7 @@ from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import LensTraining, held_out_sequences, translate, train_lens
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
-from lensspace.stats import adjust, bootstrap_mean, kl_from_logprobs, paired_difference
+from lensspace.stats import KLReference, adjust, bootstrap_mean, paired_difference
 from lensspace.subspaces import Basis
 
 
@@ -68,9 +68,9 @@ def held_out_kl(adapter: Adapter, lens: TunedLens, cache: ActivationCache, layer
     final, h = cache.final("eval"), cache.load(layer, "eval")
     parts = []
     for start in range(0, len(h), chunk):
-        logp = adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1)
+        reference = KLReference(adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1))
         z = translate(lens, h[start: start + chunk, 1:], layer)
-        parts.append(kl_from_logprobs(logp, adapter.logits(z).log_softmax(-1)).double().mean(1))
+        parts.append(reference.kl(adapter.logits(z)).double().mean(1))
     return torch.cat(parts)
 
 

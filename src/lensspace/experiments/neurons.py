@@ -28,7 +28,7 @@ import dataclasses
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import pandas as pd
 import torch
@@ -40,8 +40,8 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
-from lensspace.stats import (adjust, bootstrap_intervals, bootstrap_mean, draw_spread, paired_difference,
-                             matched_permutation_p, resample_counts)
+from lensspace.stats import (KLReference, OutputStats, adjust, bootstrap_intervals, bootstrap_mean, draw_spread,
+                             matched_permutation_p, paired_difference, resample_counts)
 from lensspace.subspaces import select
 
 # Per-token effects of an ablation; the signed entropy change may be negative.
@@ -199,8 +199,13 @@ def matched_neurons(table: pd.DataFrame, candidates: pd.DataFrame, settings: Neu
     return draws
 
 
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    return -(logp.exp() * logp).sum(-1)
+class _Clean(NamedTuple):
+    """One chunk's unablated output: its distribution, that distribution's own entropy and
+    top-1 token (``output``), and the log of the final norm's scale."""
+
+    reference: KLReference
+    output: OutputStats
+    log_scale: torch.Tensor
 
 
 def _log_scale(adapter: Adapter, z: torch.Tensor) -> torch.Tensor:
@@ -221,19 +226,22 @@ class NeuronAblation:
                  n_sequences: int, chunk: int = 4):
         self.runner, self.cache, self.means, self.chunk = runner, cache, means, chunk
         self.n_sequences = n_sequences
-        self._clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._clean: dict[int, list[_Clean]] = {}
 
     def _residual(self, layer: int) -> torch.Tensor:
         return self.cache.load(layer, "eval")[: self.n_sequences]
 
-    def _clean_outputs(self, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per chunk: the unablated run's log-probabilities and final residual (same path as the ablated)."""
+    def _clean_outputs(self, start: int) -> list[_Clean]:
+        """Per chunk: the unablated run's distribution (its entropy and top-1 token) and final
+        residual, on the same path as the ablated runs."""
         if start not in self._clean:
             h = self._residual(start)
             outs = []
             for i in range(0, len(h), self.chunk):
                 z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
-                outs.append((self.runner.adapter.logits(z).log_softmax(-1), z))
+                logits = self.runner.adapter.logits(z)
+                reference = KLReference(logits.log_softmax(-1))
+                outs.append(_Clean(reference, reference.compare(logits), _log_scale(self.runner.adapter, z)))
             self._clean[start] = outs
         return self._clean[start]
 
@@ -262,14 +270,13 @@ class NeuronAblation:
             for layer in neurons:
                 handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
                 stack.callback(handle.remove)
-            for (clean, z_clean), i in zip(reference, range(0, len(h), self.chunk)):
+            for clean, i in zip(reference, range(0, len(h), self.chunk)):
                 z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
-                logp = adapter.logits(z).log_softmax(-1)
-                d_entropy = _entropy(logp) - _entropy(clean)
-                per_token = {"abs_d_entropy": d_entropy.abs(), "d_entropy": d_entropy,
-                             "kl": (clean.exp() * (clean - logp)).sum(-1),
-                             "top1_change": (logp.argmax(-1) != clean.argmax(-1)).double(),
-                             "d_log_scale": (_log_scale(adapter, z) - _log_scale(adapter, z_clean)).abs()}
+                out = clean.reference.compare(adapter.logits(z))
+                d_entropy = out.entropy - clean.output.entropy
+                per_token = {"abs_d_entropy": d_entropy.abs(), "d_entropy": d_entropy, "kl": out.kl,
+                             "top1_change": (out.top1 != clean.output.top1).double(),
+                             "d_log_scale": (_log_scale(adapter, z) - clean.log_scale).abs()}
                 for name, values in per_token.items():
                     parts[name].append(values.double().mean(1).cpu())
         return {name: torch.cat(values) for name, values in parts.items()}

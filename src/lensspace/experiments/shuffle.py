@@ -28,7 +28,7 @@ from tuned_lens.nn import TunedLens
 from lensspace.activations import ActivationCache
 from lensspace.errors import LensspaceError
 from lensspace.runner import BlockRunner
-from lensspace.stats import bootstrap_mean, kl_from_logprobs
+from lensspace.stats import KLReference, bootstrap_mean
 
 # T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
 MAX_CONDITION = 1e12
@@ -157,11 +157,12 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
         distortion = {space: [] for space in lens_spaces}
         for first in range(0, len(h), chunk):
             hb = h[first: first + chunk]
-            clean = adapter.logits(runner.run(hb, perm.start)[:, 1:]).log_softmax(-1)
+            clean = KLReference(adapter.logits(runner.run(hb, perm.start)[:, 1:]).log_softmax(-1))
+            clean_top = clean.logp.argmax(-1)
             for space, run in spaces.items():
-                permuted = adapter.logits(run(hb, perm)[:, 1:]).log_softmax(-1)
-                kls[space].append(kl_from_logprobs(clean, permuted))
-                agree[space].append((clean.argmax(-1) == permuted.argmax(-1)).double())
+                permuted = adapter.logits(run(hb, perm)[:, 1:])
+                agree[space].append((clean_top == permuted.argmax(-1)).double())
+                kls[space].append(clean.kl(permuted))
             for space, blocks in lens_spaces.items():
                 distortion[space].append(blocks.distortion(hb, perm))
         for space in spaces:

@@ -298,6 +298,12 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     assert not torch.equal(mine, q_logits)  # documented: the logits are consumed in place
     if fused_cpu:  # the same loops on both sides: exactly 0 against its own log-probabilities
         assert float(reference.compare(logp.clone()).kl.abs().max()) == 0.0
+    # a reference kept as logits: the same logits give 0 (exactly, fused), other logits the same KL
+    from_logits = KLReference.from_logits(p_logits)
+    same = from_logits.compare(p_logits.clone()).kl
+    assert float(same.abs().max()) == 0.0 if fused_cpu else float(same.abs().max()) < 1e-6
+    torch.testing.assert_close(from_logits.compare(q_logits.clone()).kl.double(), exact, rtol=1e-4,
+                               atol=2e-7 if fused_cpu else 2e-6)
     compared = reference.compare(q_logits.clone())
     logq = q_logits.double().log_softmax(-1)
     torch.testing.assert_close(compared.kl.double(), exact, rtol=1e-4, atol=2e-7 if fused_cpu else 2e-6)

@@ -36,27 +36,28 @@ def change_sums_definition(p: torch.Tensor, a: torch.Tensor, d: torch.Tensor, k1
 
 
 def expm1(t: torch.Tensor) -> torch.Tensor:
-    """``e^t - 1`` to float32's relative precision also for small ``t``: a Taylor series below
-    |t| = 0.1 (truncation below 1e-10 relative), ``exp(t) - 1`` above. Inductor's C++ backend
+    """``e^t - 1`` to a few float32 ulps also for small ``t``: a Taylor series below |t| = 0.1
+    (truncation about 2e-10 relative), ``exp(t) - 1`` above (about 5 ulps just past 0.1). Inductor's C++ backend
     compiles ``torch.expm1`` as ``exp(t) - 1``, which loses every digit as ``t`` goes to 0."""
     series = t * (1 + t / 2 * (1 + t / 3 * (1 + t / 4 * (1 + t / 5 * (1 + t / 6)))))
     return torch.where(t.abs() < 0.1, series, torch.exp(t) - 1)
 
 
-def kl_sums_definition(logp: torch.Tensor, p: torch.Tensor,
+def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
                        y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum p (logp - y), logsumexp(y), sum p, entropy of softmax(y), argmax y)`` per row [N],
-    in float64 from float32 ``logp``, ``p = exp(logp)`` and ``y`` [N, V]. With ``p`` normalised by
-    its sum (float32's ``exp`` leaves it about 1e-6 off 1, which a logit-sized log-sum-exp would
-    multiply), KL(p || softmax(y)) = the first / the third + the second - logsumexp(logp). The
-    differences ``logp - y`` are exact in float64, so no logit-sized rounding enters the KL; the
-    entropy is ``log s - sum e^u u / s`` with ``u = y - max y`` and ``s = sum e^u``."""
+    """``(sum p (base - y), logsumexp(y), sum p, entropy of softmax(y), argmax y)`` per row [N],
+    in float64 from float32 ``base`` (logits or log-probabilities of ``p``), ``p = softmax(base)``
+    and ``y`` [N, V]. With ``p`` normalised by its sum (float32 leaves it about 1e-6 off 1, which a
+    logit-sized log-sum-exp would multiply), KL(p || softmax(y)) = the first / the third + the
+    second - logsumexp(base). The differences ``base - y`` are exact in float64, so no logit-sized
+    rounding enters the KL (float32's ``exp`` leaves an absolute floor of about 1e-7); the entropy
+    is ``log s - sum e^u u / s`` with ``u = y - max y`` and ``s = sum e^u``."""
     m = y.amax(-1, keepdim=True)
     u = y - m
     e = u.exp().double()
     s = e.sum(-1)
     entropy = s.log() - (e * u.double()).sum(-1) / s
-    cross = (p.double() * (logp.double() - y.double())).sum(-1)
+    cross = (p.double() * (base.double() - y.double())).sum(-1)
     return cross, m.squeeze(-1).double() + s.log(), p.double().sum(-1), entropy, y.argmax(-1)
 
 

@@ -31,7 +31,7 @@ def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | N
 
 
 class OutputStats(NamedTuple):
-    """One ``q`` against the reference, per row: KL(p || q), the entropy of ``q`` and its top-1 index."""
+    """One ``q`` against the reference, per row: KL(p || q), the entropy of ``q`` (float64) and its top-1 index."""
 
     kl: torch.Tensor
     entropy: torch.Tensor
@@ -39,21 +39,38 @@ class OutputStats(NamedTuple):
 
 
 class KLReference:
-    """One distribution ``p`` (log-probabilities ``logp`` [..., V]) against many ``q`` given as logits.
+    """One distribution ``p`` (log-probabilities ``logp`` [..., V], or :meth:`from_logits`)
+    against many ``q`` given as logits.
 
     :meth:`kl` turns the logits into ``p * (logp - log q)`` in place and sums it: one
     vocabulary-sized allocation per comparison (the logits themselves) instead of four (a float32
     dot product over the vocabulary, tried first, drifted by 1e-4 relative). :meth:`compare` adds
     the entropy and top-1 token of ``q``; on the CPU it runs :data:`lensspace.fused.kl_sums`,
-    ``E_p[logp - y] + logsumexp(y) - logsumexp(logp)`` (``p`` normalised) in two compiled loops,
-    the differences and sums in float64, where eagerly it would take about eleven passes. (The
-    kernels' start-up, about 4 s a process, pays for itself in the neuron job, whose comparisons
-    are nearly all element-wise work, not in those that only need the KL.)
+    ``E_p[l - y] + logsumexp(y) - logsumexp(l)`` (``p`` normalised; ``l`` the reference's logits,
+    or its log-probabilities) in two compiled loops, the differences and sums in float64, where
+    eagerly it would take about eleven passes: a ``q`` whose logits equal ``l`` gives 0 exactly.
+    (The kernels' start-up, about 4 s a process, pays for itself in the neuron job, whose
+    comparisons are nearly all element-wise work, not in those that only need the KL.)
     """
 
     def __init__(self, logp: torch.Tensor):
-        self.logp, self.p = logp, logp.exp()
-        self._rows = self._lse = None  # the fused path's 2-D views and logsumexp(logp), on first use
+        self._logp, self._base, self.p = logp, logp, logp.exp()
+        self._rows = self._lse = None  # the fused path's 2-D views and logsumexp(base), on first use
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "KLReference":
+        """The reference ``softmax(logits)``, keeping the logits rather than the log-probabilities
+        (made only if an eager path needs them), so the fused comparison of the same logits is 0."""
+        reference = cls.__new__(cls)
+        reference._logp, reference._base, reference.p = None, logits, logits.softmax(-1)
+        reference._rows = reference._lse = None
+        return reference
+
+    @property
+    def logp(self) -> torch.Tensor:
+        if self._logp is None:
+            self._logp = self._base.log_softmax(-1)
+        return self._logp
 
     def _fused(self, q_logits: torch.Tensor) -> OutputStats | None:
         """The fused comparison, or None where the kernel is off, elsewhere than the CPU, or failed."""
@@ -61,18 +78,18 @@ class KLReference:
 
         if not fused.kl_sums.usable(q_logits):
             return None
-        vocab = self.logp.shape[-1]
+        vocab = self._base.shape[-1]
         if self._rows is None:
-            self._rows = (self.logp.reshape(-1, vocab), self.p.reshape(-1, vocab))
-            sums = fused.kl_sums(*self._rows, self._rows[0])
+            self._rows = (self._base.reshape(-1, vocab), self.p.reshape(-1, vocab))
+            sums = fused.kl_sums(*self._rows, self._rows[0].clone())  # a copy: no aliased inputs to compile for
             self._lse = sums[1] if sums is not None else None
         sums = fused.kl_sums(*self._rows, q_logits.reshape(-1, vocab)) if self._lse is not None else None
         if sums is None:
             return None
         cross, lse, mass, entropy, top1 = sums
         shape = q_logits.shape[:-1]
-        return OutputStats((cross / mass + lse - self._lse).float().reshape(shape),
-                          entropy.float().reshape(shape), top1.reshape(shape))
+        return OutputStats((cross / mass + lse - self._lse).float().reshape(shape), entropy.reshape(shape),
+                           top1.reshape(shape))
 
     def kl(self, q_logits: torch.Tensor) -> torch.Tensor:
         """KL(p || softmax(q_logits)) along the last axis; ``q_logits`` is overwritten."""
@@ -84,13 +101,13 @@ class KLReference:
 
     def compare(self, q_logits: torch.Tensor) -> OutputStats:
         """KL(p || q), the entropy of ``q = softmax(q_logits)`` and its top-1 index, along the last
-        axis; ``q_logits`` may be overwritten."""
+        axis; ``q_logits`` is left as it is."""
         fused = self._fused(q_logits)
         if fused is not None:
             return fused
         top1 = q_logits.argmax(-1)
         logq = q_logits.log_softmax(-1)
-        entropy = -(logq.exp() * logq).sum(-1)
+        entropy = -(logq.exp() * logq).double().sum(-1)
         return OutputStats(kl_from_logprobs(self.logp, logq, self.p), entropy, top1)
 
 

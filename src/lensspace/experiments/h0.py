@@ -247,19 +247,20 @@ class _Change:
 def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Tensor,
                 changes: list[_Change], log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
     """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
-    (``r``, or ``A - r``), its dot product with ``p`` and its row minimum once, then per cell
-    ``t = delta - E_p[delta]`` (into reused buffers) and :func:`_kl_from_change`."""
+    (``r``, or ``A - r``) and its dot product with ``p`` once, then per cell the fused sums
+    (:func:`_fused_kl`) or, eagerly, ``t = delta - E_p[delta]`` (into reused buffers, with ``D``'s
+    row minimum for the overflow bound) and :func:`_kl_from_change`."""
     p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
-    removed = {}  # per complement flag: D, p.D, min D
+    removed = {}  # per complement flag: D, p.D
     if any(ch.complement for ch in changes):
-        d = a - r
-        removed[True] = (d, p_a - p_r, d.amin(-1, keepdim=True))
+        removed[True] = (a - r, p_a - p_r)
     if not all(ch.complement for ch in changes):
-        removed[False] = (r, p_r, r.amin(-1, keepdim=True))
+        removed[False] = (r, p_r)
     t = scratch = None
+    minima: dict[bool, torch.Tensor] = {}  # min D per row: the eager path's overflow bound
     kls = []
     for change in changes:
-        d, p_d, d_min = removed[change.complement]
+        d, p_d = removed[change.complement]
         c = change.base - p_d * change.k2  # E_p[delta]
         if fused.change_sums.usable(a):
             kl = _fused_kl(change, a, d, p, c, log_p_rows)
@@ -268,6 +269,9 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
                 continue
         if t is None:
             t, scratch = torch.empty_like(a), torch.empty_like(a)
+        if change.complement not in minima:
+            minima[change.complement] = d.amin(-1, keepdim=True)
+        d_min = minima[change.complement]
         if change.k1 is not None:
             torch.addcmul(-c, a, change.k1, out=t)
             t.addcmul_(d, change.k2, value=-1.0)

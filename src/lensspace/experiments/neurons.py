@@ -240,7 +240,7 @@ class NeuronAblation:
             for i in range(0, len(h), self.chunk):
                 z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
                 logits = self.runner.adapter.logits(z)
-                reference = KLReference(logits.log_softmax(-1))
+                reference = KLReference.from_logits(logits)
                 outs.append(_Clean(reference, reference.compare(logits), _log_scale(self.runner.adapter, z)))
             self._clean[start] = outs
         return self._clean[start]

@@ -157,8 +157,9 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
         distortion = {space: [] for space in lens_spaces}
         for first in range(0, len(h), chunk):
             hb = h[first: first + chunk]
-            clean = KLReference(adapter.logits(runner.run(hb, perm.start)[:, 1:]).log_softmax(-1))
-            clean_top = clean.logp.argmax(-1)
+            clean_logits = adapter.logits(runner.run(hb, perm.start)[:, 1:])
+            clean_top = clean_logits.argmax(-1)  # of the logits on both sides (log_softmax can merge ties)
+            clean = KLReference(clean_logits.log_softmax(-1))
             for space, run in spaces.items():
                 permuted = adapter.logits(run(hb, perm)[:, 1:])
                 agree[space].append((clean_top == permuted.argmax(-1)).double())

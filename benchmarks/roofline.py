@@ -29,6 +29,7 @@ from snakemake.utils import validate
 from lensspace.provenance import benchmark_jobs
 from lensspace.settings import (ablation_grid, experiment_layers, neuron_settings, seed_layout_layers,
                                 shuffle_pair_chunks, token_split)
+from lensspace.experiments.shuffle import window_permutations
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
@@ -161,10 +162,16 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
                             for layer in experiment_layers(config, big_l, "h2"))
     shuffle = config["shuffle"]
     n_shuffle = (shuffle.get("eval_sequences") or split.eval_sequences) * t
-    runs = 1 + len(shuffle["spaces"])
-    pairs = [p for chunk in shuffle_pair_chunks(config, big_l) for p in chunk]
-    flops["shuffle_pairs"] = sum(runs * n_shuffle * ((big_l - i) * shape.block(t) + head) for i, _ in pairs)
-    flops["shuffle_windows"] = shuffle["window_samples"] * runs * n_shuffle * (big_l / 2 * shape.block(t) + head)
+
+    def rest(start: int) -> float:  # blocks start..L-1 and the head on the shuffle's tokens
+        return n_shuffle * ((big_l - start) * shape.block(t) + head)
+
+    def shuffle_job(starts: list[int]) -> float:  # one clean pass from the earliest start, then every order
+        return rest(min(starts)) + len(shuffle["spaces"]) * sum(rest(start) for start in starts)
+
+    flops["shuffle_pairs"] = sum(shuffle_job([i for i, _ in chunk]) for chunk in shuffle_pair_chunks(config, big_l))
+    windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
+    flops["shuffle_windows"] = shuffle_job([perm.start for perm in windows])
     flops.update(issue14_flops(config, run, shape, split, lens, n_check))
     return flops
 

@@ -1,21 +1,30 @@
-"""Lens-space shuffle: the run that translates only where the order jumps against the one that
-wraps every block (translate in, run, translate out), alternating in one process on a finished
-run's model, cache and lens. Prints seconds per order for both, their ratio, and how far apart
-the two last residuals are (relative norm).
+"""Layer shuffle, alternating in one process on a finished run's model, cache and lens.
+
+1. Lens space: the run that translates only where the order jumps against the one that wraps
+   every block (translate in, run, translate out): seconds per order, their ratio, and how far
+   apart the two last residuals are (relative norm).
+2. A whole job, ``measure`` on the adjacent swaps ``(i, i + 1)`` of ``--job`` in every space:
+   this checkout (one native pass per chunk gives every order's start and reference) against
+   the ``measure`` of ``--before`` (git revision; one reference pass per order): seconds, ratio
+   and the largest KL difference between the two.
 
     python benchmarks/shuffle_speed.py --run smollm2-bible --pairs 3 12 20 --sequences 8
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from lensspace import runtime
-from lensspace.experiments.shuffle import LensSpaceBlocks, swap
+from lensspace.experiments.shuffle import LensSpaceBlocks, measure, swap
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 
@@ -29,6 +38,19 @@ def every_block_wrapped(blocks: LensSpaceBlocks, h: torch.Tensor, perm) -> torch
     return torch.cat([first, z.float()], dim=1)
 
 
+def earlier_measure(revision: str):
+    """``measure`` of experiments/shuffle.py as it was at ``revision``."""
+    text = subprocess.run(["git", "show", f"{revision}:src/lensspace/experiments/shuffle.py"],
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    path = Path(tempfile.mkdtemp()) / "shuffle_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("shuffle_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module.measure
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="smollm2-bible")
@@ -37,6 +59,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[3, 12, 20])
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--job", type=int, nargs="+", default=[0, 4, 8, 12],
+                        help="first blocks of the adjacent swaps measured as one job")
+    parser.add_argument("--before", default="e9cc085", help="revision whose measure runs beside this one")
     args = parser.parse_args()
     run = args.results / args.run
     adapter, _ = runtime.open_model(str(args.model), "cpu")
@@ -58,6 +83,24 @@ def main() -> None:
         gap = float((outputs["jumps only"] - outputs["every block"]).norm() / outputs["every block"].norm())
         print(f"swap ({i}, {i + 1}), {len(perm.order)} blocks: jumps only {new:.2f} s, every block "
               f"{old:.2f} s, ratio {new / old:.2f}; relative gap {gap:.1e}")
+
+    perms = [swap(adapter.n_layers, i, i + 1) for i in args.job]
+    ridge = run / "shuffle" / "ridge_lens"
+    spaces = {"lens": blocks} | ({"lens_ridge": LensSpaceBlocks(runner, load_lens(adapter, ridge))}
+                                 if (ridge / "params.pt").exists() else {})
+    sides = {"this checkout": measure, f"before ({args.before})": earlier_measure(args.before)}
+    times, kls = {name: [] for name in sides}, {}
+    for _ in range(args.repeats):
+        for name, fn in sides.items():
+            started = time.perf_counter()
+            rows = fn(runner, cache, perms, spaces, n_boot=10, seed=0, n_sequences=args.sequences)
+            times[name].append(time.perf_counter() - started)
+            kls[name] = torch.tensor([row["kl"] for row in rows])
+    new, old = (statistics.median(times[name]) for name in sides)
+    a, b = kls.values()
+    print(f"measure, swaps at {args.job} in {['native', *spaces]}: this checkout {new:.1f} s, before "
+          f"{old:.1f} s, ratio {new / old:.2f}; largest KL difference {float((a - b).abs().max()):.1e} "
+          f"nats (relative {float(((a - b).abs() / b.abs().clamp(min=1e-12)).max()):.1e})")
 
 
 if __name__ == "__main__":

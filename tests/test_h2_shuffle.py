@@ -56,6 +56,31 @@ def test_swaps_change_the_output(cached):
     assert all(r["kl"] > 0 and 0 <= r["top1_agreement"] <= 1 for r in rows)
 
 
+def test_swap_costs_against_full_passes_from_the_earliest_start(cached):
+    """Each order resumes from the residual the model itself computes from the earliest cached
+    start, and is compared with the unpermuted model's output from there."""
+    runner, lens, cache = cached
+    n = runner.adapter.n_layers
+    perms = [swap(n, 1, 2), swap(n, 0, 2)]
+    rows = measure(runner, cache, perms, {"lens": LensSpaceBlocks(runner, lens)}, n_boot=20, seed=0, chunk=3)
+    h0 = cache.load(0, "eval")
+    with torch.no_grad():
+        def through(order):
+            h = h0
+            for block in order:
+                h = runner.call_block(block, h)
+            return runner.adapter.logits(h)[:, 1:].double().log_softmax(-1)
+
+        clean = through(range(n))
+        for perm in perms:
+            permuted = through([*range(perm.start), *perm.order])
+            kl = (clean.exp() * (clean - permuted)).sum(-1)
+            row = next(r for r in rows if r["space"] == "native" and (r["i"], r["j"]) == (perm.i, perm.j))
+            assert row["kl"] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7)
+            assert row["top1_agreement"] == pytest.approx(float((clean.argmax(-1) == permuted.argmax(-1)).double().mean()))
+    assert all(r["kl"] > 0 for r in rows)
+
+
 def test_identity_lenses_make_lens_space_equal_native(cached):
     runner, _, cache = cached
     identity_lens = empty_lens(runner.adapter, "identity")

@@ -14,6 +14,7 @@ exactly. Prints one line per differing file and a summary; exits 1 on any differ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,6 +29,19 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(revision: str, path: str, name: str):
+    """The Python file ``path`` as it was at git ``revision``, imported as module ``name``."""
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"],
+                          capture_output=True, text=True, check=True).stdout
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def export_ref(ref: str, into: Path) -> Path:

@@ -16,12 +16,9 @@ script restarts itself with it when it is not set.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 import yaml
 from snakemake.utils import validate
 
+from compare_runs import module_at
 from lensspace import fused
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
@@ -40,19 +38,6 @@ from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
 BEFORE = "a3aa689"  # main before issue 11: the first linear-head shortcut
-
-
-def earlier_module(revision: str):
-    """experiments/h0.py as it was at ``revision``, imported under another name."""
-    text = subprocess.run(["git", "show", f"{revision}:src/lensspace/experiments/h0.py"],
-                          capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "h0_before.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("h0_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
     cache = ActivationCache(run_dir / "activations")
     lens = load_lens(adapter, run_dir / "lens")
     bases = load_bases(str(run_dir / "svd" / "bases.safetensors"))
-    before = earlier_module(args.before)
+    before = module_at(args.before, "src/lensspace/experiments/h0.py", "h0_before")
 
     def with_kernel(flag: bool):
         def run(*run_args):

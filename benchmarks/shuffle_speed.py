@@ -13,16 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from compare_runs import module_at
 from lensspace import runtime
 from lensspace.experiments.shuffle import LensSpaceBlocks, measure, swap
 from lensspace.lenses import load_lens
@@ -36,19 +33,6 @@ def every_block_wrapped(blocks: LensSpaceBlocks, h: torch.Tensor, perm) -> torch
         out = blocks.runner.call_block(b, torch.cat([first, blocks.from_lens(z, b)], dim=1))
         first, z = out[:, :1], blocks.to_lens(out[:, 1:], b + 1)
     return torch.cat([first, z.float()], dim=1)
-
-
-def earlier_measure(revision: str):
-    """``measure`` of experiments/shuffle.py as it was at ``revision``."""
-    text = subprocess.run(["git", "show", f"{revision}:src/lensspace/experiments/shuffle.py"],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    path = Path(tempfile.mkdtemp()) / "shuffle_before.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("shuffle_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module.measure
 
 
 def main() -> None:
@@ -88,7 +72,7 @@ def main() -> None:
     ridge = run / "shuffle" / "ridge_lens"
     spaces = {"lens": blocks} | ({"lens_ridge": LensSpaceBlocks(runner, load_lens(adapter, ridge))}
                                  if (ridge / "params.pt").exists() else {})
-    sides = {"this checkout": measure, f"before ({args.before})": earlier_measure(args.before)}
+    sides = {"this checkout": measure, f"before ({args.before})": module_at(args.before, "src/lensspace/experiments/shuffle.py", "shuffle_before").measure}
     times, kls = {name: [] for name in sides}, {}
     for _ in range(args.repeats):
         for name, fn in sides.items():

@@ -166,8 +166,10 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     def rest(start: int) -> float:  # blocks start..L-1 and the head on the shuffle's tokens
         return n_shuffle * ((big_l - start) * shape.block(t) + head)
 
+    spaces = len(set(shuffle["spaces"]) | {"native"})  # the native order always runs
+
     def shuffle_job(starts: list[int]) -> float:  # one clean pass from the earliest start, then every order
-        return rest(min(starts)) + len(shuffle["spaces"]) * sum(rest(start) for start in starts)
+        return rest(min(starts)) + spaces * sum(rest(start) for start in starts)
 
     flops["shuffle_pairs"] = sum(shuffle_job([i for i, _ in chunk]) for chunk in shuffle_pair_chunks(config, big_l))
     windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])

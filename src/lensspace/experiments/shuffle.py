@@ -145,7 +145,7 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
     One native pass from the cached residual at the earliest start gives every order its
     starting residual (in float32, as the model computes it) and the reference output for all
     of them: no storage rounding lies between the reference and a permuted run, the identity
-    order reproduces the reference exactly, and the reference costs one pass per job instead
+    order reproduces the reference logits exactly, and the reference costs one pass per job instead
     of one per order.
     """
     adapter = runner.adapter

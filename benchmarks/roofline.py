@@ -26,10 +26,10 @@ import torch
 import yaml
 from snakemake.utils import validate
 
+from lensspace.experiments.shuffle import window_permutations
 from lensspace.provenance import benchmark_jobs
 from lensspace.settings import (ablation_grid, experiment_layers, neuron_settings, seed_layout_layers,
                                 shuffle_pair_chunks, token_split)
-from lensspace.experiments.shuffle import window_permutations
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {

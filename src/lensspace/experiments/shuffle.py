@@ -158,12 +158,13 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
     agree = [{space: [] for space in spaces} for _ in perms]
     distortion = [{space: [] for space in lens_spaces} for _ in perms]
     for first in range(0, len(residuals), chunk):
-        h, start_residual = residuals[first: first + chunk], {}
-        for layer in range(root, adapter.n_layers):
-            if layer in starts:
-                start_residual[layer] = h
-            h = runner.call_block(layer, h)
-        clean_logits = adapter.logits(h[:, 1:])
+        start_residual = {}
+
+        def keep(layer: int):  # records the residual entering ``layer`` and passes it on unchanged
+            return lambda h: start_residual.setdefault(layer, h)
+
+        final = runner.run(residuals[first: first + chunk], root, interventions={s: keep(s) for s in starts})
+        clean_logits = adapter.logits(final[:, 1:])
         clean_top = clean_logits.argmax(-1)  # of the logits on both sides (log_softmax can merge ties)
         clean = KLReference(clean_logits.log_softmax(-1))
         del clean_logits

@@ -46,7 +46,7 @@ if work == "eval_lens":
     evaluate_lens(adapter, lens, cache, 200, 0)
 else:
     grid = ablation_grid(yaml.safe_load(open("config.yaml")), "h1")
-    h1.run_layer(BlockRunner(adapter), lens, cache, load_bases(f"{run_dir}/svd/bases.safetensors"), layer, grid)
+    h1.run_layers(BlockRunner(adapter), lens, cache, load_bases(f"{run_dir}/svd/bases.safetensors"), [layer], grid)
 seconds = time.perf_counter() - started
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "faults_m": usage.ru_minflt / 1e6}))

@@ -28,8 +28,8 @@ from snakemake.utils import validate
 
 from lensspace.experiments.shuffle import window_permutations
 from lensspace.provenance import benchmark_jobs
-from lensspace.settings import (ablation_grid, experiment_layers, neuron_settings, seed_layout_layers,
-                                shuffle_pair_chunks, token_split)
+from lensspace.settings import (ablation_grid, experiment_layers, job_layers, layer_jobs, neuron_settings,
+                                seed_layout_layers, shuffle_pair_chunks, token_split)
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
@@ -150,9 +150,15 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
         per_layer += (pairs + randoms) * sites * evaluated * 2 * k * shape.vocab
     flops["h0_layer"] = len(experiment_layers(config, big_l, "h0")) * (evaluated * head + per_layer)
     g1 = ablation_grid(config, "h1")
-    passes = len(g1.variants(d)) + 1  # every cell and the clean reference
-    flops["h1_layer"] = sum(passes * n_eval * ((big_l - layer) * shape.block(t) + head)
-                            for layer in experiment_layers(config, big_l, "h1"))
+    h1_cells = len(g1.variants(d))
+
+    def h1_job(name: str) -> float:  # one clean pass from the job's earliest layer, then every cell
+        layers = job_layers(name)
+        return n_eval * ((big_l - min(layers)) * shape.block(t) + head) + sum(
+            h1_cells * n_eval * ((big_l - layer) * shape.block(t) + head) for layer in layers)
+
+    flops["h1_layer"] = sum(h1_job(name) for name in layer_jobs(experiment_layers(config, big_l, "h1"),
+                                                               config["layers_per_job"]))
     g2 = ablation_grid(config, "h2")
     h2 = config["h2"]
     flops["h2_layer"] = sum(2 * split.train_sequences * (t - 1) * d * d

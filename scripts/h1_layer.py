@@ -1,10 +1,9 @@
 """H1 at a job's layers: the ablation grid in the residual stream, resumed from the cache."""
-import sys
 from pathlib import Path
 
 from lensspace import runtime
 from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h1 import run_layer
+from lensspace.experiments.h1 import run_layers
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 from lensspace.settings import job_layers
@@ -19,11 +18,10 @@ def body(sm):
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
     grid = AblationGrid(**sm.params.grid)
     rows, sequences = [], []
-    for layer in job_layers(sm.wildcards.layer):
-        results = run_layer(runner, lens, cache, bases, layer, grid, chunk=chunk)
+    for layer, results in run_layers(runner, lens, cache, bases, job_layers(sm.wildcards.layer), grid,
+                                     chunk=chunk).items():
         rows += results.rows()
         sequences += results.per_sequence()
-        print(f"layer {layer} done", file=sys.stderr)
     runtime.write_tsv(sequences, sm.output.sequences)
     runtime.write_tsv(rows, sm.output.table)
 

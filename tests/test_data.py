@@ -159,3 +159,30 @@ def test_cache_keeps_fp32_where_fp16_would_overflow(tiny, tiny_ids, tmp_path):
     finally:
         with torch.no_grad():
             adapter.embed.weight.copy_(original)
+
+
+def test_gguf_parsed_once_loads_the_same_model(real):
+    """The GGUF file parsed once for the tokenizer, config and weights (and each tensor-name map
+    built once) gives the same weights and vocabulary as transformers' own repeated parsing; the
+    ``gguf`` package is itself again after the block."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lensspace.models import gguf_parsed_once
+
+    path = real.model_folder.parents[1] / "downloads" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def load():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        return tokenizer, model.state_dict()
+
+    with gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+        once_tokenizer, once = load()
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals
+    tokenizer, weights = load()
+    assert once_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert once.keys() == weights.keys()
+    assert all(torch.equal(once[name], weights[name]) for name in weights)

@@ -156,7 +156,7 @@ def test_h1_and_its_circuits_run_on_the_device(world):
     bases = load_bases(bases_file, adapter.device)
     grid = AblationGrid(**{**GRID, "bases": ("unembed", "unembed_centered", "lens_pullback"),
                            "sites": ("residual",), "experiment": "h1"})
-    assert h1.run_layer(BlockRunner(adapter), lens, cache, bases, 1, grid).kl
+    assert h1.run_layers(BlockRunner(adapter), lens, cache, bases, [0, 1], grid)[1].kl
     settings = circuits.CircuitSettings(k=adapter.d_model // 2, induction_sequences=2, induction_half_len=4,
                                         n_permutations=100)
     heads, mlps = circuits.head_and_mlp_fractions(adapter, lens, bases, adapter.to_device(tokens["eval"]),
@@ -208,8 +208,8 @@ def test_a_real_gpu_gives_the_cpu_results(tmp_path):
         cache = ActivationCache(tmp_path / "cache", device=adapter.device)
         lens, bases = load_lens(adapter, tmp_path / "lens"), load_bases(str(tmp_path / "bases.safetensors"), adapter.device)
         h0_kl = h0.run_layer(adapter, lens, cache, bases, 1, grid).per_sequence()
-        h1_kl = h1.run_layer(BlockRunner(adapter), lens, cache, bases, 1,
-                             AblationGrid(**{**GRID, "sites": ("residual",), "experiment": "h1"})).per_sequence()
+        h1_kl = h1.run_layers(BlockRunner(adapter), lens, cache, bases, [1],
+                              AblationGrid(**{**GRID, "sites": ("residual",), "experiment": "h1"}))[1].per_sequence()
         kls[device] = torch.tensor([row["kl"] for row in h0_kl + h1_kl])
     assert torch.allclose(kls["cuda"], kls["cpu"], rtol=1e-4, atol=1e-7)
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_cached
 from lensspace.experiments.grid import AblationGrid, Cell
-from lensspace.experiments.h1 import cell_edit, run_layer
+from lensspace.experiments.h1 import cell_edit, run_layers
 from lensspace.lenses import translate
 from lensspace.runner import BlockRunner
 from lensspace.subspaces import LensPullback, ablate, random_subspace, select, unembedding_bases
@@ -73,13 +73,20 @@ def test_grid_has_a_random_control_per_operation():
     assert len([c for c in cells if c.subspace == "random"]) == 2 * 3
 
 
-def test_residual_ablation_against_hooked_full_forward(cached):
+@pytest.mark.parametrize("job", [(1,), (0, 1, 2)])
+def test_residual_ablation_against_hooked_full_forward(cached, job):
+    """Layer 1 alone, and inside a job whose layers resume from layer 0's cached residual (the
+    start at layer 1 is then the one the model computes, and one clean pass is every layer's
+    reference): each equals the model's full forward from the tokens with the edit hooked in
+    before block 1 (up to the cache's float16 storage of the first residual)."""
     adapter, lens, cache, bases, tokens = cached
     runner = BlockRunner(adapter)
     grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",),
                         bases=("unembed", "lens_pullback"), modes=("zero", "mean"),
                         sites=("residual",), n_boot=50, random_draws=2, experiment="h1")
-    results = run_layer(runner, lens, cache, bases, layer=1, grid=grid, chunk=3)
+    by_layer = run_layers(runner, lens, cache, bases, job, grid=grid, chunk=3)
+    assert sorted(by_layer) == list(job)
+    results = by_layer[1]
     rows = results.rows()
     assert len(rows) == (2 * 2 + 2) * 2
     assert all(r["kl"] >= 0 and r["site"] == "residual" and r["n_tokens"] == 4 * 9 for r in rows)

@@ -273,13 +273,14 @@ def test_matched_permutation_size_at_holm_levels(kind):
 
 @pytest.mark.parametrize("fused_cpu", [True, False])
 def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monkeypatch):
-    """``kl`` (eager, in place) and ``compare`` on both its paths (the compiled two-loop kernel:
-    float64 differences and sums, float32 exp; and eager passes), against the float64 definition
-    on logit-sized values."""
+    """``kl`` and ``compare`` on both their paths (the compiled kernels: float64 differences and
+    sums, float32 exp; and eager passes, ``kl``'s in place), against the float64 definition on
+    logit-sized values."""
     from lensspace import fused
     from lensspace.stats import KLReference, kl_from_logprobs
 
-    monkeypatch.setattr(fused.kl_sums, "enabled", fused_cpu)
+    for kernel in (fused.kl_sums, fused.kl_terms):
+        monkeypatch.setattr(kernel, "enabled", fused_cpu)
     gen = torch.Generator().manual_seed(3)
     p_logits = torch.randn(3, 5, 4000, generator=gen) * 6 + 40  # logit-sized values, as a real head gives
     q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
@@ -295,9 +296,14 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     assert float(reference.kl(p_logits.clone()).abs().max()) < 1e-6
     mine = q_logits.clone()
     reference.kl(mine)
-    assert not torch.equal(mine, q_logits)  # documented: the logits are consumed in place
+    if not fused_cpu:
+        assert not torch.equal(mine, q_logits)  # documented: the eager path consumes the logits in place
     if fused_cpu:  # the same loops on both sides: exactly 0 against its own log-probabilities
         assert float(reference.compare(logp.clone()).kl.abs().max()) == 0.0
+        assert float(reference.kl(logp.clone()).abs().max()) == 0.0
+        # the two kernels agree (their sums differ in order only)
+        torch.testing.assert_close(reference.kl(q_logits.clone()), reference.compare(q_logits.clone()).kl,
+                                   rtol=1e-6, atol=1e-9)
     # a reference kept as logits: the same logits give 0 (exactly, fused), other logits the same KL
     from_logits = KLReference.from_logits(p_logits)
     same = from_logits.compare(p_logits.clone()).kl

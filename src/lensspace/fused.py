@@ -6,7 +6,9 @@ becomes one loop. :data:`change_sums`: a cell's KL from its logit change ``t = a
 - c`` ([N, V]; per-row scalars [N, 1], a vector ``v`` [V]) through ``E_p[t]``, ``E_p[expm1(t)]``
 and the row maximum of ``t``, one loop reading ``p``, ``a`` and ``d`` once instead of five to seven
 passes. :data:`kl_sums`: KL(p || softmax(y)) against a fixed ``p``, with the entropy and top-1
-token of ``softmax(y)`` (the neuron ablations), two loops instead of about eleven passes.
+token of ``softmax(y)`` (the neuron ablations), two loops instead of about eleven passes;
+:data:`kl_terms`: the same KL alone (H1, H2, the shuffle, lens evaluation), two loops instead of
+about nine passes.
 
 The kernels run on the CPU only: on other devices (a GPU's memory bandwidth makes the passes
 cheap), with ``compute.fused_cpu: false``, or where compiling fails (no C++ compiler: one line in
@@ -61,6 +63,15 @@ def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
     return cross, m.squeeze(-1).double() + s.log(), p.double().sum(-1), entropy, y.argmax(-1)
 
 
+def kl_terms_definition(base: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum p (base - y), logsumexp(y))`` per row [N], float64 sums from float32 [N, V]: the KL
+    terms of :func:`kl_sums_definition` without the entropy and top-1 token."""
+    m = y.amax(-1, keepdim=True)
+    s = (y - m).exp().double().sum(-1)
+    cross = (p.double() * (base.double() - y.double())).sum(-1)
+    return cross, m.squeeze(-1).double() + s.log()
+
+
 class _Kernel:
     """A compiled ``definition``, built on first use. ``usable(x)``: on the CPU, enabled, and not
     failed; elsewhere callers run their eager passes."""
@@ -89,7 +100,8 @@ class _Kernel:
 
 change_sums = _Kernel(change_sums_definition)
 kl_sums = _Kernel(kl_sums_definition)
-KERNELS = (change_sums, kl_sums)
+kl_terms = _Kernel(kl_terms_definition)
+KERNELS = (change_sums, kl_sums, kl_terms)
 
 
 def enable(flag: bool) -> None:

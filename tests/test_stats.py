@@ -281,6 +281,7 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
 
     for kernel in (fused.kl_sums, fused.kl_terms):
         monkeypatch.setattr(kernel, "enabled", fused_cpu)
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)  # also on this small vocabulary
     gen = torch.Generator().manual_seed(3)
     p_logits = torch.randn(3, 5, 4000, generator=gen) * 6 + 40  # logit-sized values, as a real head gives
     q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
@@ -315,3 +316,27 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     torch.testing.assert_close(compared.kl.double(), exact, rtol=1e-4, atol=2e-7 if fused_cpu else 2e-6)
     torch.testing.assert_close(compared.entropy.double(), -(logq.exp() * logq).sum(-1), rtol=1e-6, atol=1e-6)
     assert torch.equal(compared.top1, q_logits.argmax(-1))
+
+
+def test_kl_loss_value_and_gradient_equal_autograd_of_the_definition():
+    """The training loss's closed-form gradient, ``(softmax(y) - p) / N``: torch's numerical
+    gradient check in float64, and on logit-sized float32 values the value and gradient of autograd
+    through the definition (mean of KL(p || softmax(y))), computed in float64."""
+    from lensspace.stats import kl_from_logprobs, kl_loss
+
+    gen = torch.Generator().manual_seed(5)
+    logp = (torch.randn(3, 4, 50, generator=gen, dtype=torch.float64) * 3).log_softmax(-1)
+    p = logp.exp()
+    y = (torch.randn(3, 4, 50, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: kl_loss(x, p, (p * logp).sum(-1)), (y,))
+
+    target = (torch.randn(64, 4000, generator=gen) * 6 + 40).log_softmax(-1)
+    logits = (target.exp().log() + torch.randn(64, 4000, generator=gen) * 2 + 35).requires_grad_()
+    p32 = target.exp()
+    loss = kl_loss(logits, p32, torch.linalg.vecdot(p32, target))
+    (grad,) = torch.autograd.grad(loss, logits)
+    y64 = logits.detach().double().requires_grad_()
+    exact = kl_from_logprobs(target.double(), y64.log_softmax(-1), p32.double()).mean()
+    (exact_grad,) = torch.autograd.grad(exact, y64)
+    assert abs(float(loss) - float(exact)) < 1e-5 * float(exact)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-9)

@@ -53,8 +53,8 @@ class ComputeSettings:
     change results only by float rounding (and not at all on the CPU at the defaults, which
     are the values the study always used). ``allow_tf32``: TF32 matrix products on GPUs that
     have them (about 1e-3 relative error instead of fp32's 1e-7); off by default.
-    ``fused_cpu``: H0's and the neuron ablations' vocabulary passes as compiled loops on the CPU
-    (:mod:`lensspace.fused`).
+    ``fused_cpu``: the vocabulary passes of H0, of the neuron ablations and of every KL against
+    a reference as compiled loops on the CPU (:mod:`lensspace.fused`).
     """
 
     chunk_sequences: int = 4

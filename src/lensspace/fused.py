@@ -72,9 +72,14 @@ def kl_terms_definition(base: torch.Tensor, p: torch.Tensor, y: torch.Tensor) ->
     return cross, m.squeeze(-1).double() + s.log()
 
 
+# Below this many elements (a real model's [tokens, V] has tens of millions) the eager passes
+# take milliseconds and a process would pay the kernels' loading for nothing: tiny test models.
+MIN_ELEMENTS = 1 << 20
+
+
 class _Kernel:
-    """A compiled ``definition``, built on first use. ``usable(x)``: on the CPU, enabled, and not
-    failed; elsewhere callers run their eager passes."""
+    """A compiled ``definition``, built on first use. ``usable(x)``: on the CPU, enabled, not
+    failed, and ``x`` of at least :data:`MIN_ELEMENTS`; elsewhere callers run their eager passes."""
 
     def __init__(self, definition: Callable[..., tuple[torch.Tensor, ...]]) -> None:
         self.definition = definition
@@ -83,7 +88,7 @@ class _Kernel:
         self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def usable(self, x: torch.Tensor) -> bool:
-        return self.enabled and self.failed is None and x.device.type == "cpu"
+        return self.enabled and self.failed is None and x.device.type == "cpu" and x.numel() >= MIN_ELEMENTS
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The sums, or None where compiling failed (the reason printed once to the log)."""

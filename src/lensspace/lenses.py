@@ -23,7 +23,7 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs
+from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs, kl_loss
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     refine_idx = move(torch.randperm(len(final), generator=gen)[: settings.refine_tokens], final.device)
     with torch.no_grad():
         target = adapter.logits(final[refine_idx]).log_softmax(-1)
+        target_p = target.exp()
+        target = (target_p, torch.linalg.vecdot(target_p, target))  # p and sum p log p per token
         check_target = adapter.logits(check_final).log_softmax(-1)
     for layer in tqdm(range(adapter.n_layers) if layers is None else layers, desc="lens", file=sys.stderr,
                       mininterval=5):
@@ -158,14 +160,16 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
 
 
 def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
-            target: torch.Tensor, settings: LensTraining, gen: torch.Generator) -> None:
-    """Adam on KL(p_final || p_lens) from the least-squares start, on a fixed token subset."""
+            target: tuple[torch.Tensor, torch.Tensor], settings: LensTraining, gen: torch.Generator) -> None:
+    """Adam on KL(p_final || p_lens) from the least-squares start, on a fixed token subset
+    (``target``: ``p_final`` and ``sum p log p`` of its tokens)."""
+    target_p, target_p_logp = target
     translator.requires_grad_(True)
     opt = torch.optim.Adam(translator.parameters(), lr=settings.lr)
     for _ in range(settings.refine_steps):
         batch = move(torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen), h.device)
         z = h[batch] + translator(h[batch])
-        loss = kl_from_logprobs(target[batch], adapter.logits(z).log_softmax(-1)).mean()
+        loss = kl_loss(adapter.logits(z), target_p[batch], target_p_logp[batch])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -72,7 +72,7 @@ def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bas
             return lambda x: starts.setdefault(layer, x)
 
         final = runner.run(h[first: first + chunk], root, interventions={layer: keep(layer) for layer in layers})
-        clean = KLReference(head(final[:, 1:]).log_softmax(-1))  # the head on positions 1.. only
+        clean = KLReference.from_logits(head(final[:, 1:]))  # the head on positions 1.. only
         del final
         for layer in layers:
             hb = starts[layer]

@@ -166,8 +166,7 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
         final = runner.run(residuals[first: first + chunk], root, interventions={s: keep(s) for s in starts})
         clean_logits = adapter.logits(final[:, 1:])
         clean_top = clean_logits.argmax(-1)  # of the logits on both sides (log_softmax can merge ties)
-        clean = KLReference(clean_logits.log_softmax(-1))
-        del clean_logits
+        clean = KLReference.from_logits(clean_logits)  # an unchanged output: KL exactly 0 (fused)
         for n, perm in enumerate(perms):
             hb = start_residual[perm.start]
             for space, run in spaces.items():

@@ -95,10 +95,11 @@ def _from_pypi_gguf(name: str, spec: dict, download_dir: Path):
 def gguf_parsed_once() -> Iterator[None]:
     """Within the block, each GGUF file is parsed once and each tensor-name map built once.
 
-    transformers parses the file for the tokenizer, the config and the weights (about 8 s each
-    for SmolLM2's 49k-token vocabulary, read field by field) and builds the ``gguf`` package's
-    tensor-name map again for every module it maps (about 400: 12 s). Both are read-only after
-    construction, so one of each serves every call.
+    transformers parses the file for the tokenizer's config, the model's config and the weights
+    (about 8 s each for SmolLM2's 49k-token vocabulary, read field by field) and builds the
+    ``gguf`` package's tensor-name map again for every module it maps (about 400: 12 s). Both are
+    read-only after construction, so one of each serves every call. (The tokenizer's vocabulary
+    is read by transformers' own reader, which this leaves alone.)
     """
     import gguf as gguf_package
 

@@ -108,8 +108,8 @@ class KLReference:
     def _fused(self, kernel, q_logits: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
         """``kernel``'s sums for ``q_logits`` and the KL assembled from them (shape of the rows),
         or None where the kernel is off, elsewhere than the CPU, or failed."""
-        if not kernel.usable(q_logits):
-            return None
+        if not kernel.usable(q_logits) or q_logits.numel() != self._base.numel():
+            return None  # (broadcast comparisons, none in the workflow, run eagerly)
         vocab = self._base.shape[-1]
         if self._rows is None:
             self._rows = (self._base.reshape(-1, vocab), self.p.reshape(-1, vocab))

@@ -51,6 +51,8 @@ def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bas
     every layer its starting residual (in float32, as the model computes it) and the reference
     output for all of them: the reference runs the same path as the cells without the ablation,
     so no storage rounding lies between them, and it costs one pass per job instead of one per layer.
+    A layer's numbers therefore depend on how ``layers_per_job`` groups the layers by the cache's
+    float16 storage rounding only (its start is recomputed from the job's first layer).
     """
     layers = sorted(set(layers))
     edits: dict[int, dict[Cell, Edit]] = {}

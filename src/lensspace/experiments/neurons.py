@@ -241,7 +241,8 @@ class NeuronAblation:
                 z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
                 logits = self.runner.adapter.logits(z)
                 reference = KLReference.from_logits(logits)
-                outs.append(_Clean(reference, reference.compare(logits), _log_scale(self.runner.adapter, z)))
+                # a copy: the compiled comparison is specialised on inputs that do not alias
+                outs.append(_Clean(reference, reference.compare(logits.clone()), _log_scale(self.runner.adapter, z)))
             self._clean[start] = outs
         return self._clean[start]
 

@@ -46,12 +46,12 @@ def expm1(t: torch.Tensor) -> torch.Tensor:
 
 
 def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
-                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum p (base - y), logsumexp(y), sum p, entropy of softmax(y), argmax y)`` per row [N],
+                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum p (base - y), logsumexp(y), entropy of softmax(y), argmax y)`` per row [N],
     in float64 from float32 ``base`` (logits or log-probabilities of ``p``), ``p = softmax(base)``
     and ``y`` [N, V]. With ``p`` normalised by its sum (float32 leaves it about 1e-6 off 1, which a
-    logit-sized log-sum-exp would multiply), KL(p || softmax(y)) = the first / the third + the
-    second - logsumexp(base). The differences ``base - y`` are exact in float64, so no logit-sized
+    logit-sized log-sum-exp would multiply; the caller sums ``p`` once), KL(p || softmax(y)) = the
+    first / sum p + the second - logsumexp(base). The differences ``base - y`` are exact in float64, so no logit-sized
     rounding enters the KL (float32's ``exp`` leaves an absolute floor of about 1e-7); the entropy
     is ``log s - sum e^u u / s`` with ``u = y - max y`` and ``s = sum e^u``."""
     m = y.amax(-1, keepdim=True)
@@ -60,7 +60,7 @@ def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
     s = e.sum(-1)
     entropy = s.log() - (e * u.double()).sum(-1) / s
     cross = (p.double() * (base.double() - y.double())).sum(-1)
-    return cross, m.squeeze(-1).double() + s.log(), p.double().sum(-1), entropy, y.argmax(-1)
+    return cross, m.squeeze(-1).double() + s.log(), entropy, y.argmax(-1)
 
 
 def kl_terms_definition(base: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs, kl_loss
+from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs, kl_loss, kl_target
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,7 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     gen = torch.Generator().manual_seed(settings.seed)
     refine_idx = move(torch.randperm(len(final), generator=gen)[: settings.refine_tokens], final.device)
     with torch.no_grad():
-        target = adapter.logits(final[refine_idx]).log_softmax(-1)
-        target_p = target.exp()
-        target = (target_p, torch.linalg.vecdot(target_p, target))  # p and sum p log p per token
+        target = kl_target(adapter.logits(final[refine_idx]).log_softmax(-1))
         check_target = adapter.logits(check_final).log_softmax(-1)
     for layer in tqdm(range(adapter.n_layers) if layers is None else layers, desc="lens", file=sys.stderr,
                       mininterval=5):

@@ -11,7 +11,7 @@ no per-family code beyond the :class:`~lensspace.adapter.Adapter`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -88,6 +88,16 @@ class BlockRunner:
     def logits(self, h: torch.Tensor, start: int = 0, order: Sequence[int] | None = None,
                interventions: Mapping[int, Intervention] | None = None) -> torch.Tensor:
         return self.adapter.logits(self.run(h, start, order, interventions))
+
+
+def recording(store: dict[int, torch.Tensor], layers: Iterable[int]) -> dict[int, Intervention]:
+    """Interventions for :meth:`BlockRunner.run` that keep the residual entering each of ``layers``
+    in ``store`` and pass it on unchanged."""
+
+    def keep(layer: int) -> Intervention:
+        return lambda h: store.setdefault(layer, h)
+
+    return {layer: keep(layer) for layer in layers}
 
 
 def _as_tensor(output) -> torch.Tensor:

@@ -20,7 +20,7 @@ from lensspace.activations import ActivationCache
 from lensspace.experiments.grid import AblationGrid, Cell, CellResults, relative_edit
 from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import translate
-from lensspace.runner import BlockRunner
+from lensspace.runner import BlockRunner, recording
 from lensspace.stats import KLReference
 from lensspace.subspaces import Basis, LensPullback, ablate
 
@@ -69,11 +69,7 @@ def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bas
     head = runner.adapter.logits
     for first in range(0, len(h), chunk):
         starts: dict[int, torch.Tensor] = {}
-
-        def keep(layer: int):  # records the residual entering ``layer`` and passes it on unchanged
-            return lambda x: starts.setdefault(layer, x)
-
-        final = runner.run(h[first: first + chunk], root, interventions={layer: keep(layer) for layer in layers})
+        final = runner.run(h[first: first + chunk], root, interventions=recording(starts, layers))
         clean = KLReference.from_logits(head(final[:, 1:]))  # the head on positions 1.. only
         del final
         for layer in layers:

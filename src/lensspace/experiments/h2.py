@@ -26,7 +26,7 @@ from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
 from lensspace.experiments.h0 import subspace_basis
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
-from lensspace.stats import KLReference, bootstrap_mean, kl_loss
+from lensspace.stats import KLReference, bootstrap_mean, kl_loss, kl_target
 from lensspace.subspaces import Basis, ablate
 
 Objective = Literal["lens", "downstream"]
@@ -112,10 +112,7 @@ def fit_embedding_lens(runner: BlockRunner, lens: TunedLens, cache: ActivationCa
     for _ in range(settings.refine_steps):
         pick = move(torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device)
         with torch.no_grad():
-            target = runner.adapter.logits(final[pick, 1:]).log_softmax(-1)
-            target_p = target.exp()
-            target_p_logp = torch.linalg.vecdot(target_p, target)
-            del target
+            target_p, target_p_logp = kl_target(runner.adapter.logits(final[pick, 1:]).log_softmax(-1))
         mapped = mapped_residual(emb_lens, e[pick], h[pick])
         if settings.objective == "lens":
             logits = runner.adapter.logits(translate(lens, mapped[:, 1:], layer))

@@ -27,7 +27,7 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.errors import LensspaceError
-from lensspace.runner import BlockRunner
+from lensspace.runner import BlockRunner, recording
 from lensspace.stats import KLReference, bootstrap_mean
 
 # T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
@@ -158,12 +158,8 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
     agree = [{space: [] for space in spaces} for _ in perms]
     distortion = [{space: [] for space in lens_spaces} for _ in perms]
     for first in range(0, len(residuals), chunk):
-        start_residual = {}
-
-        def keep(layer: int):  # records the residual entering ``layer`` and passes it on unchanged
-            return lambda h: start_residual.setdefault(layer, h)
-
-        final = runner.run(residuals[first: first + chunk], root, interventions={s: keep(s) for s in starts})
+        start_residual: dict[int, torch.Tensor] = {}
+        final = runner.run(residuals[first: first + chunk], root, interventions=recording(start_residual, starts))
         clean_logits = adapter.logits(final[:, 1:])
         clean_top = clean_logits.argmax(-1)  # of the logits on both sides (log_softmax can merge ties)
         clean = KLReference.from_logits(clean_logits)  # an unchanged output: KL exactly 0 (fused)

@@ -1,11 +1,10 @@
 """H2 at a job's layers: fit the embedding lens E_i, its held-out quality, and the input ablations."""
-import sys
 from pathlib import Path
 
 from lensspace import runtime
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
-                                      evaluate_layer, fit_embedding_lens)
+                                      evaluate_layers, fit_embedding_lenses)
 from lensspace.lenses import load_lens
 from lensspace.runner import BlockRunner
 from lensspace.settings import job_layers
@@ -18,15 +17,13 @@ def body(sm):
     runner, grid, basis = BlockRunner(adapter), AblationGrid(**sm.params.grid), embedding_basis(adapter)
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
     settings = EmbeddingLensSettings(**sm.params.settings)
+    emb_lenses = fit_embedding_lenses(runner, lens, cache, job_layers(sm.wildcards.layer), settings)
     fits, rows, sequences = [], [], []
-    for layer in job_layers(sm.wildcards.layer):
-        emb_lens = fit_embedding_lens(runner, lens, cache, layer, settings)
-        fit, results = evaluate_layer(runner, lens, cache, layer, emb_lens, basis, grid, chunk=chunk)
+    for layer, (fit, results) in evaluate_layers(runner, lens, cache, emb_lenses, basis, grid, chunk=chunk).items():
         fit["embed_tied_to_unembed"] = embeddings_tied(adapter)
         fits.append(fit)
         rows += results.rows()
         sequences += results.per_sequence()
-        print(f"layer {layer} done", file=sys.stderr)
     runtime.write_tsv(fits, sm.output.fit)
     runtime.write_tsv(sequences, sm.output.sequences)
     runtime.write_tsv(rows, sm.output.table)

@@ -77,26 +77,30 @@ def model_head(adapter: Adapter, x: torch.Tensor, after_norm: bool = False) -> t
         handle.remove()
 
 
+def normalize64(adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+    """The final norm without its gain, in float64, from its definition."""
+    if adapter.norm_kind == "none":
+        return x
+    x = x - x.mean(-1, keepdim=True) if adapter.norm_kind == "layernorm" else x
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + adapter.norm_eps)
+
+
+def head_logp64(adapter: Adapter, u: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of a normalised ``u`` in float64: gain, bias and unembedding (the
+    adapter's parameters), then log-softmax."""
+    gain, bias, out_bias = adapter.norm_gain, adapter.norm_bias, adapter.unembedding_bias
+    if adapter.norm_kind != "none":
+        u = u * gain.detach().double() + (bias.detach().double() if bias is not None else 0.0)
+    logits = u @ adapter.unembedding.detach().double().T
+    return (logits + out_bias.detach().double() if out_bias is not None else logits).log_softmax(-1)
+
+
 @torch.no_grad()
 def direct_kl64(adapter: Adapter, z: torch.Tensor, q: torch.Tensor, mode: str, site: str,
                 mean: torch.Tensor | None) -> torch.Tensor:
     """Token KL(lens || ablated lens) [..] in float64, straight from the definitions: ablate
     ``z`` (pre_norm) or its normalised vector (post_norm, the norm's scale frozen), then norm,
     gain, bias and unembedding (the adapter's parameters, in float64), then log-softmax."""
-    w = adapter.unembedding.detach().double()
-    gain, bias, out_bias = adapter.norm_gain, adapter.norm_bias, adapter.unembedding_bias
-
-    def normalize(x):
-        if adapter.norm_kind == "none":
-            return x
-        x = x - x.mean(-1, keepdim=True) if adapter.norm_kind == "layernorm" else x
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + adapter.norm_eps)
-
-    def head(u):
-        if adapter.norm_kind != "none":
-            u = u * gain.detach().double() + (bias.detach().double() if bias is not None else 0.0)
-        logits = u @ w.T
-        return (logits + out_bias.detach().double() if out_bias is not None else logits).log_softmax(-1)
 
     def ablate(x):
         coeff = x @ q if mode == "zero" else (x - mean) @ q
@@ -104,8 +108,11 @@ def direct_kl64(adapter: Adapter, z: torch.Tensor, q: torch.Tensor, mode: str, s
 
     z, q = z.double(), q.double()
     mean = mean.double() if mean is not None else None
-    clean = head(normalize(z))
-    ablated = head(normalize(ablate(z))) if site == "pre_norm" else head(ablate(normalize(z)))
+    clean = head_logp64(adapter, normalize64(adapter, z))
+    if site == "pre_norm":
+        ablated = head_logp64(adapter, normalize64(adapter, ablate(z)))
+    else:
+        ablated = head_logp64(adapter, ablate(normalize64(adapter, z)))
     return (clean.exp() * (clean - ablated)).sum(-1)
 
 

@@ -171,12 +171,12 @@ def test_h2_runs_on_the_device(world, objective):
     cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
     runner = BlockRunner(adapter)
     settings = h2.EmbeddingLensSettings(objective=objective, refine_steps=2, refine_sequences=2)
-    emb_lens = h2.fit_embedding_lens(runner, lens, cache, 2, settings)
+    emb_lens = h2.fit_embedding_lenses(runner, lens, cache, [2], settings)[2]
     assert on_device(emb_lens.linear.weight)
     grid = AblationGrid(**{**GRID, "bases": ("embed",), "sites": ("embedding",), "experiment": "h2"})
     basis = h2.embedding_basis(adapter)
     assert on_device(basis.vectors)
-    fit, results = h2.evaluate_layer(runner, lens, cache, 2, emb_lens, basis, grid)
+    fit, results = h2.evaluate_layers(runner, lens, cache, {2: emb_lens}, basis, grid)[2]
     assert results.kl and "r2" in fit
 
 

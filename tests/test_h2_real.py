@@ -7,17 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, head_logp64, normalize64
 from lensspace.adapter import Adapter
 from lensspace.experiments import h2
 from lensspace.experiments.grid import AblationGrid
+from lensspace.experiments.h0 import subspace_basis
 from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
-                                      evaluate_layer, fit_embedding_lens, mapped_residual,
+                                      evaluate_layers, fit_embedding_lenses, mapped_residual,
                                       route_logits)
 from lensspace.models import build_random_model
 from lensspace.runner import BlockRunner, hooked
 from lensspace.stats import kl_from_logprobs
-from lensspace.subspaces import unembedding_bases
+from lensspace.subspaces import ablate, unembedding_bases
 
 GRID = AblationGrid(subspaces=("output",), ks=(8,), bases=("embed",), modes=("zero",),
                     sites=("embedding",), n_boot=20)
@@ -56,13 +57,13 @@ def test_fit_and_evaluation_run_blocks_from_the_cached_residual_at_position_zero
         return out
 
     monkeypatch.setattr(h2, "mapped_residual", spy)
-    emb = fit_embedding_lens(runner, real.lens, real.cache, layer, EmbeddingLensSettings(
-        objective="downstream", refine_steps=1, refine_sequences=2))
+    emb = fit_embedding_lenses(runner, real.lens, real.cache, [layer], EmbeddingLensSettings(
+        objective="downstream", refine_steps=1, refine_sequences=2))[layer]
     train = real.cache.load(layer, "train")
     assert len(calls) == 1
     out, h = calls[0]
     assert len(h) == 2 and all(any(torch.equal(row, seq) for seq in train) for row in h)
-    evaluate_layer(runner, real.lens, real.cache, layer, emb, embedding_basis(real.adapter), GRID)
+    evaluate_layers(runner, real.lens, real.cache, {layer: emb}, embedding_basis(real.adapter), GRID)
     assert len(calls) == 2
     out, h = calls[1]
     torch.testing.assert_close(h, real.cache.load(layer, "eval"), rtol=0, atol=0)
@@ -74,11 +75,11 @@ def test_fit_and_evaluation_run_blocks_from_the_cached_residual_at_position_zero
 def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_in(real):
     """Independent recomputation: the model's own forward pass with positions 1.. of the
     residual entering block i replaced by E_i(e) (position 0 computed by the model itself)
-    gives the downstream-route KL of ``evaluate_layer``."""
+    gives the downstream-route KL of ``evaluate_layers``."""
     adapter, layer = real.adapter, 6
     runner = BlockRunner(adapter)
-    emb = fit_embedding_lens(runner, real.lens, real.cache, layer, EmbeddingLensSettings(refine_steps=0))
-    fit, _ = evaluate_layer(runner, real.lens, real.cache, layer, emb, embedding_basis(adapter), GRID)
+    emb = fit_embedding_lenses(runner, real.lens, real.cache, [layer], EmbeddingLensSettings(refine_steps=0))[layer]
+    fit, _ = evaluate_layers(runner, real.lens, real.cache, {layer: emb}, embedding_basis(adapter), GRID)[layer]
     ids = real.tokens["eval"].long()
     with torch.no_grad():
         e = adapter.embed_tokens(ids)
@@ -86,6 +87,47 @@ def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_
         with hooked(adapter, layer, lambda x: torch.cat([x[:, :1], emb(e[:, 1:])], dim=1)):
             patched = adapter.model(ids).logits
     assert fit["kl_downstream_route"] == pytest.approx(_kl(clean, patched), rel=0.02)
+
+
+# the halves and k = 100 (halves whose complements are not in the grid), both modes
+CELLS = AblationGrid(subspaces=("output", "internal", "random"), ks=("half", 100), bases=("embed",),
+                     modes=("zero", "mean"), sites=("embedding",), random_draws=2, n_boot=20, experiment="h2")
+
+
+def test_embedding_cells_and_lens_route_equal_the_float64_definition(real):
+    """``evaluate_layers`` at two layers of one job (the removed coefficients carried into lens
+    space through M = (I + A_i)(I + B_i), each KL from the head's linearity; the lens route's KL
+    from the same clean logits) against the definitions in float64: ablate e, apply E_i and T_i,
+    then norm, gain and unembedding, then log-softmax; every cell, sequence and token. The real
+    lens biases and translators are large here, and the mean ablation's constant part too."""
+    adapter, runner = real.adapter, BlockRunner(real.adapter)
+    layers = [6, 24]
+    emb_lenses = fit_embedding_lenses(runner, real.lens, real.cache, layers,
+                                      EmbeddingLensSettings(refine_steps=1, refine_sequences=2))
+    basis = embedding_basis(adapter)
+    evaluated = evaluate_layers(runner, real.lens, real.cache, emb_lenses, basis, CELLS)
+    e = real.cache.load(0, "eval")[:, 1:].double()
+    mean = real.cache.load(0, "train")[:, 1:].mean((0, 1)).double()
+    target = head_logp64(adapter, normalize64(adapter, real.cache.final("eval")[:, 1:].double()))
+    for layer, emb in emb_lenses.items():
+        fit, results = evaluated[layer]
+        translator = real.lens.layer_translators[layer]
+
+        def lens_logp(x: torch.Tensor) -> torch.Tensor:  # log p of T_i(E_i(x)), all in float64
+            y = x + x @ emb.linear.weight.double().T + emb.linear.bias.double()
+            z = y + y @ translator.weight.double().T + translator.bias.double()
+            return head_logp64(adapter, normalize64(adapter, z))
+
+        clean = lens_logp(e)
+        route = kl_from_logprobs(target, clean)
+        assert fit["kl_lens_route"] == pytest.approx(float(route.mean()), rel=1e-4)
+        for cell in CELLS.variants(adapter.d_model):
+            q = subspace_basis({"embed": basis}, CELLS, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+            expected = kl_from_logprobs(clean, lens_logp(ablate(e, q.double(), cell.mode, mean)))
+            got = torch.cat(results.kl[cell])
+            assert got.min() >= 0
+            torch.testing.assert_close(got.mean(-1), expected.mean(-1), rtol=2e-5, atol=1e-7)
+            torch.testing.assert_close(got, expected, rtol=2e-4, atol=1e-6)
 
 
 def test_tied_embeddings_are_detected_by_value(real):

@@ -4,17 +4,20 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_cached
+from conftest import make_cached, model_head
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.errors import LensspaceError
 from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, evaluate_layer,
-                                      fit_embedding_lens, r_squared)
+from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, evaluate_layers,
+                                      fit_embedding_lenses, r_squared)
 from lensspace.experiments.shuffle import (LensSpaceBlocks, Permutation, measure, swap,
                                            translator_dominated, window_permutations)
 from lensspace.lenses import LensTraining, empty_lens
 from lensspace.runner import BlockRunner
 from lensspace.settings import ridge_lens_params, second_ridge
+from lensspace.stats import kl_from_logprobs
+from lensspace.subspaces import ablate
 
 
 @pytest.fixture
@@ -185,18 +188,56 @@ def test_least_squares_embedding_lens_recovers_planted_map(tiny):
 def test_r_squared_is_one_at_layer_zero_and_embedding_route_runs(cached):
     runner, lens, cache = cached
     # layer 0: h_0 is exactly the embedding, an affine function of itself
-    emb0 = fit_embedding_lens(runner, lens, cache, 0, EmbeddingLensSettings(refine_steps=0))
+    emb0 = fit_embedding_lenses(runner, lens, cache, [0], EmbeddingLensSettings(refine_steps=0))[0]
     grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("embed",),
                         modes=("zero",), sites=("embedding",), n_boot=20)
-    fit0, _ = evaluate_layer(runner, lens, cache, 0, emb0, embedding_basis(runner.adapter), grid)
+    fit0, _ = evaluate_layers(runner, lens, cache, {0: emb0}, embedding_basis(runner.adapter), grid)[0]
     assert fit0["r2"] == pytest.approx(1.0, abs=1e-4)
     for objective in ("lens", "downstream"):
-        emb = fit_embedding_lens(runner, lens, cache, 2, EmbeddingLensSettings(
-            objective=objective, refine_steps=2, refine_sequences=2))
-        fit, results = evaluate_layer(runner, lens, cache, 2, emb, embedding_basis(runner.adapter), grid)
+        emb = fit_embedding_lenses(runner, lens, cache, [2], EmbeddingLensSettings(
+            objective=objective, refine_steps=2, refine_sequences=2))[2]
+        fit, results = evaluate_layers(runner, lens, cache, {2: emb}, embedding_basis(runner.adapter), grid)[2]
         rows = results.rows()
         assert fit["r2"] <= 1 and fit["kl_lens_route"] >= 0 and fit["kl_downstream_route"] >= 0
         assert len(rows) == 3 and all(r["kl"] >= 0 and r["site"] == "embedding" for r in rows)
+
+
+def test_every_embedding_cell_equals_the_model_head_on_the_mapped_ablated_input(cached):
+    """The cells' shortcut (coefficients carried through the linear part of T_i E_i, KL from
+    the head's linearity) against the definition through the model's own final norm and
+    lm_head: ablate e, apply E_i and T_i, run the head (GPT-2: LayerNorm with a bias; Llama:
+    RMSNorm; Gemma: 1 + w gains and soft-cap; OPT-350m: no final norm and project_out)."""
+    runner, lens, cache = cached
+    adapter = runner.adapter
+    grid = AblationGrid(ks=("half", 3), bases=("embed",), modes=("zero", "mean"), sites=("embedding",),
+                        random_draws=2, n_boot=20, experiment="h2")
+    emb_lenses = fit_embedding_lenses(runner, lens, cache, [1, 2], EmbeddingLensSettings(refine_steps=1,
+                                                                                          refine_sequences=2))
+    basis = embedding_basis(adapter)
+    evaluated = evaluate_layers(runner, lens, cache, emb_lenses, basis, grid, chunk=3)
+    e = cache.load(0, "eval")[:, 1:]
+    mean = cache.load(0, "train")[:, 1:].mean((0, 1))
+    for layer, emb in emb_lenses.items():
+        with torch.no_grad():
+            clean = model_head(adapter, lens.transform_hidden(emb(e), layer))
+            for cell in grid.variants(adapter.d_model):
+                q = subspace_basis({"embed": basis}, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+                ablated = model_head(adapter, lens.transform_hidden(emb(ablate(e, q, cell.mode, mean)), layer))
+                expected = kl_from_logprobs(clean.double().log_softmax(-1), ablated.double().log_softmax(-1))
+                got = torch.cat(evaluated[layer][1].kl[cell])
+                torch.testing.assert_close(got.mean(-1), expected.mean(-1), rtol=1e-3, atol=1e-6)
+
+
+def test_embedding_lenses_fitted_together_equal_each_fitted_alone(cached):
+    """A job refines its layers step by step together, sharing each step's target: every
+    layer's lens is exactly the one fitted alone (same batches, same target, same updates)."""
+    runner, lens, cache = cached
+    settings = EmbeddingLensSettings(refine_steps=3, refine_sequences=2)
+    together = fit_embedding_lenses(runner, lens, cache, [1, 2], settings)
+    for layer in (1, 2):
+        alone = fit_embedding_lenses(runner, lens, cache, [layer], settings)[layer]
+        for mine, theirs in zip(together[layer].parameters(), alone.parameters()):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 def test_r_squared_is_one_where_the_residual_is_affine_in_the_embedding(tmp_path):
@@ -215,9 +256,9 @@ def test_r_squared_is_one_where_the_residual_is_affine_in_the_embedding(tmp_path
     write_cache(adapter, tokens, tmp_path / "c", {}, storage="float32")
     cache = ActivationCache(tmp_path / "c")
     runner, lens = BlockRunner(adapter), empty_lens(adapter, "z")
-    emb = fit_embedding_lens(runner, lens, cache, 1, EmbeddingLensSettings(refine_steps=0, ridge=1e-9))
+    emb = fit_embedding_lenses(runner, lens, cache, [1], EmbeddingLensSettings(refine_steps=0, ridge=1e-9))[1]
     grid = AblationGrid(subspaces=("output",), ks=(4,), bases=("embed",), modes=("zero",),
                         sites=("embedding",), n_boot=20)
-    fit, _ = evaluate_layer(runner, lens, cache, 1, emb, embedding_basis(adapter), grid)
+    fit, _ = evaluate_layers(runner, lens, cache, {1: emb}, embedding_basis(adapter), grid)[1]
     assert fit["r2"] == pytest.approx(1.0, abs=1e-6)
     assert fit["kl_downstream_route"] == pytest.approx(0.0, abs=1e-5)

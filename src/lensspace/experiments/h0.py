@@ -11,7 +11,7 @@ halves of a basis (they are complements, so the internal half's ``D`` is ``A`` m
 half's); ``alpha`` (before the norm) or ``beta`` (after it) the mean ablation's constant logit
 vector, computed once per layer; ``sigma`` the norm's scale of the ablated vector, a
 ``d``-sized computation. The KL is assembled from the logits' change alone, whose terms are
-small where the KL is (:func:`_grid_kls`), so float32 keeps its relative precision.
+small where the KL is (:func:`grid_kls`), so float32 keeps its relative precision.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def subspace_basis(bases: dict[str, Basis], grid: AblationGrid, layer: int, subs
 
 @dataclass
 class _Product:
-    """``R = (x @ q) @ lin^T`` for one subspace ``q``: ``x`` is ``z`` (``source`` pre_norm) or
-    ``C z`` (post_norm), ``lin`` = ``G C q`` or ``G q`` [V, k]."""
+    """``R = (x @ q) @ lin^T`` for one subspace ``q``: ``x`` is ``z`` (``source`` pre_norm; the
+    ablated vectors of a carried plan) or ``C z`` (post_norm), ``lin`` = ``G C q`` or ``G q``
+    [V, k] (``q`` there: the carried columns ``M q`` of a carried plan)."""
 
     q: torch.Tensor
     source: str
@@ -51,9 +52,10 @@ class _Product:
 
 @dataclass
 class _Ablation:
-    """One subspace at one site: its basis ``q`` (and ``C q``), the product it reads (its own,
-    or the complement's: then its removed part's numerator is ``A - R`` instead of ``R``), and
-    per mode the coefficient shift ``m q`` and the constant logit vector (None for zero)."""
+    """One subspace at one site: its basis ``q`` (and ``C q``; ``C M q`` in a carried plan), the
+    product it reads (its own, or the complement's: then its removed part's numerator is ``A - R``
+    instead of ``R``), and per mode the coefficient shift ``m q`` and the constant logit vector
+    (None for zero)."""
 
     cells: list[Cell]
     site: str
@@ -71,7 +73,7 @@ class LinearHead:
     ``G = W_U diag(g)``, ``c0 = W_U beta + b_U`` (None without biases), ``C`` centres (LayerNorm)
     or is the identity (RMSNorm), ``s(x) = sqrt(mean(x^2) + eps)`` (1 without a final norm).
     These are the logits before the family's soft-cap: a capped family (Gemma 2) takes the
-    direct path per cell (:func:`_grid_kls`).
+    direct path per cell (:func:`grid_kls`).
     """
 
     def __init__(self, adapter: Adapter):
@@ -113,40 +115,50 @@ class LinearHead:
         logits = (cz / s) @ self.g.T
         return (logits + self.c0 if self.c0 is not None else logits), s
 
-    def plan(self, qs: dict[tuple, torch.Tensor], cells: list[Cell],
-             means: dict[str, torch.Tensor]) -> tuple[list[_Product], list[_Ablation]]:
+    def plan(self, qs: dict[tuple, torch.Tensor], cells: list[Cell], means: dict[str, torch.Tensor],
+             carried: dict[tuple, torch.Tensor] | None = None) -> tuple[list[_Product], list[_Ablation]]:
         """The products and ablations that give every cell: one product per subspace (and per
-        site where the norm centres), none for a half whose complement is in the grid."""
+        site where the norm centres), none for a half whose complement is in the grid.
+
+        ``carried`` (per subspace, [d, k]) is for an ablation made before an affine map ``z = M x + b``
+        (H2's ``T_i E_i``): the subspace ``q`` is removed from ``x`` (the ``source`` of
+        :func:`grid_kls`, whose mean is ``means["pre_norm"]``) and reaches ``z`` through
+        ``M q``, so every cell acts at the norm's input whatever its site label, and the halves
+        are not complements in ``z``."""
         d = self.g.shape[1]
         products: dict[tuple, int] = {}
         product_list: list[_Product] = []
 
+        def columns(key: tuple) -> torch.Tensor:
+            return qs[key] if carried is None else carried[key]
+
         def product(key: tuple, site: str) -> int:
             pkey = (key, site if self.centred else "any")
             if pkey not in products:
-                q = qs[key]
-                basis = self._centre_cols(q) if site == "pre_norm" else q
+                out = columns(key)
+                basis = self._centre_cols(out) if site == "pre_norm" else out
                 products[pkey] = len(product_list)
-                product_list.append(_Product(q, site, self.g @ basis))
+                product_list.append(_Product(qs[key], site, self.g @ basis))
             return products[pkey]
 
         grouped: dict[tuple, list[Cell]] = {}
         for cell in cells:
-            grouped.setdefault(((cell.subspace, cell.k, cell.basis, cell.draw), cell.site), []).append(cell)
+            site = "pre_norm" if carried is not None else cell.site
+            grouped.setdefault(((cell.subspace, cell.k, cell.basis, cell.draw), site), []).append(cell)
         ablations = []
         for (key, site), site_cells in grouped.items():
             subspace, k, basis, draw = key
             partner = ("output", k, basis, draw)
-            complement = subspace == "internal" and 2 * k == d and partner in qs
-            q = qs[key]
-            c_q = self._centre_cols(q)
+            complement = carried is None and subspace == "internal" and 2 * k == d and partner in qs
+            q, out = qs[key], columns(key)
+            c_q = self._centre_cols(out)
             shift: dict[str, torch.Tensor | None] = {}
             const: dict[str, torch.Tensor | None] = {}
             for cell in site_cells:
                 if cell.mode == "mean":
                     m_q = means[site] @ q
                     # the mean's component, carried to the logits: (m q)(G C q)^T or (m q)(G q)^T
-                    shift["mean"], const["mean"] = m_q, (m_q @ (c_q if site == "pre_norm" else q).T) @ self.g.T
+                    shift["mean"], const["mean"] = m_q, (m_q @ (c_q if site == "pre_norm" else out).T) @ self.g.T
                 else:
                     shift[cell.mode], const[cell.mode] = None, None
             ablations.append(_Ablation(site_cells, site, q, c_q, product(partner if complement else key, site),
@@ -286,9 +298,12 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
 
 
 @torch.no_grad()
-def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
-              ablations: list[_Ablation]) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:
-    """Per cell: token KL(p_lens(z) || p_lens(z_ablated)) and relative edit size, ``z`` [N, d].
+def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablations: list[_Ablation],
+             source: torch.Tensor | None = None,
+             on_clean: Callable[[torch.Tensor], None] | None = None) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:
+    """Per cell: token KL(p_lens(z) || p_lens(z_ablated)) and relative edit size, ``z`` [N, d]
+    (``source`` [N, d]: the vectors a ``carried`` plan ablates, :meth:`LinearHead.plan`;
+    ``on_clean`` is handed the clean logits before they are overwritten and must not change them).
 
     With ``l = A / s + c0`` the clean logits and ``x = (A - D + alpha) / sigma + c0 + beta`` a
     cell's (``D`` the removed part's numerator: the product ``R``, or ``A - R`` for the
@@ -307,9 +322,14 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
     if head.c0 is not None:
         clean.add_(head.c0)
     if head.capped:  # the soft-cap is not linear: every cell's logits are formed and capped
-        clean_logp = head.output(clean).log_softmax(-1)
+        capped = head.output(clean)
+        if on_clean is not None:
+            on_clean(capped)
+        clean_logp = capped.log_softmax(-1)
         p = clean_logp.exp()
     else:
+        if on_clean is not None:
+            on_clean(clean)
         log_z = torch.logsumexp(clean, -1, keepdim=True)
         p = clean.sub_(log_z).exp_()
         del clean
@@ -330,11 +350,12 @@ def _grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product],
     by_product: dict[int, list[_Ablation]] = {}
     for ab in ablations:
         by_product.setdefault(ab.product, []).append(ab)
+    before_norm = z if source is None else source
     for index, product in enumerate(products):
-        r = ((z if product.source == "pre_norm" else cz) @ product.q) @ product.lin.T
+        r = ((before_norm if product.source == "pre_norm" else cz) @ product.q) @ product.lin.T
         changes = []
         for ab in by_product.get(index, []):
-            x_site = z if ab.site == "pre_norm" else cz * inv_s
+            x_site = before_norm if ab.site == "pre_norm" else cz * inv_s
             coeff = x_site @ ab.q
             for cell in ab.cells:
                 shift, const = ab.shift[cell.mode], ab.const[cell.mode]
@@ -384,7 +405,7 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
     for start in range(0, len(h), chunk):
         z = translate(lens, h[start: start + chunk, 1:], layer).float()
         shape = z.shape[:-1]
-        for cell, (kl, edit) in _grid_kls(head, z.reshape(-1, z.shape[-1]), products, ablations).items():
+        for cell, (kl, edit) in grid_kls(head, z.reshape(-1, z.shape[-1]), products, ablations).items():
             results.add(cell, kl.reshape(shape), edit.reshape(shape))
     return results
 

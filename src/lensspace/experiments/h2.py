@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
+from tqdm import tqdm
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move
-from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import AblationGrid, CellResults
+from lensspace.experiments.h0 import LinearHead, grid_kls, subspace_basis
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
 from lensspace.stats import KLReference, bootstrap_mean, kl_loss, kl_target
-from lensspace.subspaces import Basis, ablate
+from lensspace.subspaces import Basis
 
 Objective = Literal["lens", "downstream"]
 
@@ -97,35 +98,47 @@ def route_logits(runner: BlockRunner, lens: TunedLens, layer: int, h: torch.Tens
     return runner.logits(h, start=layer)
 
 
-def fit_embedding_lens(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layer: int,
-                       settings: EmbeddingLensSettings) -> EmbeddingLens:
-    """Least squares from the layer-0 residual to layer ``layer``, then KL refinement."""
-    e, h = cache.load(0, "train"), cache.load(layer, "train")
-    weight, bias = fit_affine(e[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]),
-                              settings.ridge)
-    emb_lens = EmbeddingLens(weight, bias)
-    if not settings.refine_steps:
-        return emb_lens.requires_grad_(False)
-    final = cache.final("train")
-    gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.Adam(emb_lens.parameters(), lr=settings.lr)
-    for _ in range(settings.refine_steps):
-        pick = move(torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device)
-        with torch.no_grad():
-            target_p, target_p_logp = kl_target(runner.adapter.logits(final[pick, 1:]).log_softmax(-1))
-        mapped = mapped_residual(emb_lens, e[pick], h[pick])
-        if settings.objective == "lens":
-            logits = runner.adapter.logits(translate(lens, mapped[:, 1:], layer))
-        else:
-            with torch.enable_grad():
-                logits = _differentiable_run(runner, mapped, layer)[:, 1:]
-        loss = kl_loss(logits, target_p, target_p_logp)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    print(f"layer {layer}: refined E by the {settings.objective} route, last batch KL {float(loss.detach()):.4f}",
-          file=sys.stderr)
-    return emb_lens.requires_grad_(False)
+def fit_embedding_lenses(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layers: Sequence[int],
+                         settings: EmbeddingLensSettings) -> dict[int, EmbeddingLens]:
+    """Least squares from the layer-0 residual to each of ``layers``, then KL refinement.
+
+    The refinement runs its steps for all layers at once: every layer draws the same seeded
+    batches, so the target distribution of a step is computed once for the job, and each
+    layer's lens is exactly what fitting it alone gives.
+    """
+    e = cache.load(0, "train")
+    hs = {layer: cache.load(layer, "train") for layer in layers}
+    emb_lenses = {}
+    for layer, h in hs.items():
+        weight, bias = fit_affine(e[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]),
+                                  settings.ridge)
+        emb_lenses[layer] = EmbeddingLens(weight, bias)
+    if settings.refine_steps:
+        final = cache.final("train")
+        gen = torch.Generator().manual_seed(settings.seed)
+        opts = {layer: torch.optim.Adam(emb_lens.parameters(), lr=settings.lr)
+                for layer, emb_lens in emb_lenses.items()}
+        losses = {}
+        for _ in range(settings.refine_steps):
+            pick = move(torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device)
+            with torch.no_grad():
+                target_p, target_p_logp = kl_target(runner.adapter.logits(final[pick, 1:]).log_softmax(-1))
+            for layer, emb_lens in emb_lenses.items():
+                mapped = mapped_residual(emb_lens, e[pick], hs[layer][pick])
+                if settings.objective == "lens":
+                    logits = route_logits(runner, lens, layer, mapped[:, 1:], "lens")
+                else:
+                    with torch.enable_grad():
+                        logits = _differentiable_run(runner, mapped, layer)[:, 1:]
+                loss = kl_loss(logits, target_p, target_p_logp)
+                opts[layer].zero_grad()
+                loss.backward()
+                opts[layer].step()
+                losses[layer] = float(loss.detach())
+        for layer, loss in losses.items():
+            print(f"layer {layer}: refined E by the {settings.objective} route, last batch KL {loss:.4f}",
+                  file=sys.stderr)
+    return {layer: emb_lens.requires_grad_(False) for layer, emb_lens in emb_lenses.items()}
 
 
 def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> torch.Tensor:
@@ -135,38 +148,66 @@ def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> tor
     return runner.adapter.logits(h)
 
 
+def carried_columns(lens: TunedLens, emb_lens: EmbeddingLens, layer: int,
+                    qs: dict[tuple, torch.Tensor]) -> dict[tuple, torch.Tensor]:
+    """``M q`` per subspace, ``M = (I + A_i)(I + B_i)`` the linear part of ``e -> T_i(E_i(e))``
+    (in float64): where an ablation of the embedding lands in lens space."""
+    translator = lens.layer_translators[layer]
+    eye = torch.eye(translator.weight.shape[0], dtype=torch.float64, device=translator.weight.device)
+    m = (eye + translator.weight.detach().double()) @ (eye + emb_lens.linear.weight.detach().double())
+    return {key: (m @ q.double()).float() for key, q in qs.items()}
+
+
 @torch.no_grad()
-def evaluate_layer(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layer: int,
-                   emb_lens: EmbeddingLens, basis: Basis, grid: AblationGrid,
-                   chunk: int = 4) -> tuple[dict, CellResults]:
-    """Held-out R^2 and route KLs of ``E_layer``, and the input-direction ablation grid."""
+def evaluate_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
+                    emb_lenses: dict[int, EmbeddingLens], basis: Basis, grid: AblationGrid,
+                    chunk: int = 4) -> dict[int, tuple[dict, CellResults]]:
+    """Per layer: held-out R^2 and route KLs of ``E_layer``, and the input-direction ablation grid.
+
+    ``z = T_i(E_i(e))`` is affine in ``e``, so an ablated input's lens vector is ``z`` minus
+    ``M q`` times the removed coefficients, and each cell's KL comes from the head's linearity
+    (:func:`~lensspace.experiments.h0.grid_kls`: a rank-k product per subspace, no ``[V, d]``
+    work); the clean logits are the lens route's. The model's own distribution, the target of
+    both routes, is computed once per chunk for all layers.
+    """
     adapter = runner.adapter
-    e, h, final = cache.load(0, "eval"), cache.load(layer, "eval"), cache.final("eval")
-    mapped = mapped_residual(emb_lens, e, h)
-    r2 = r_squared(mapped[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]))
+    head = LinearHead(adapter)
+    e, final = cache.load(0, "eval"), cache.final("eval")
     mean = cache.load(0, "train")[:, 1:].mean((0, 1))
     cells = grid.variants(adapter.d_model)
-    qs = {cell: subspace_basis({basis.name: basis}, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
-          for cell in cells}
-    route_kl = {"lens": [], "downstream": []}
-    results = CellResults(layer, grid)
-    for start in range(0, len(e), chunk):
+    mapped, plans, fits = {}, {}, {}
+    for layer, emb_lens in emb_lenses.items():
+        h = cache.load(layer, "eval")
+        mapped[layer] = mapped_residual(emb_lens, e, h)
+        fits[layer] = {"layer": layer, "r2": r_squared(mapped[layer][:, 1:].reshape(-1, e.shape[-1]),
+                                                         h[:, 1:].reshape(-1, h.shape[-1]))}
+        qs = {(c.subspace, c.k, c.basis, c.draw): subspace_basis({basis.name: basis}, grid, layer, c.subspace,
+                                                                 c.k, c.basis, c.draw) for c in cells}
+        plans[layer] = head.plan(qs, cells, {"pre_norm": mean}, carried_columns(lens, emb_lens, layer, qs))
+    route_kl = {(layer, objective): [] for layer in emb_lenses for objective in ("lens", "downstream")}
+    results = {layer: CellResults(layer, grid) for layer in emb_lenses}
+    for start in tqdm(range(0, len(e), chunk), desc="H2 evaluation", file=sys.stderr, mininterval=5):
         sl = slice(start, start + chunk)
         target = KLReference(adapter.logits(final[sl, 1:]).log_softmax(-1))
-        # the lens route's logits are the cells' clean reference too (one head product for both)
-        lens_route = route_logits(runner, lens, layer, mapped[sl, 1:], "lens")
-        clean = KLReference(lens_route.log_softmax(-1))
-        route_kl["lens"].append(target.kl(lens_route))
-        downstream = runner.adapter.logits(runner.run(mapped[sl], start=layer)[:, 1:])
-        route_kl["downstream"].append(target.kl(downstream))
-        for cell in cells:
-            edited = ablate(e[sl, 1:], qs[cell], cell.mode, mean)
-            logits = adapter.logits(translate(lens, emb_lens(edited), layer))
-            results.add(cell, clean.kl(logits), relative_edit(e[sl, 1:], edited))
-    fit = {"layer": layer, "r2": r2}
-    for objective, parts in route_kl.items():
-        est = bootstrap_mean(torch.cat(parts), n_boot=grid.n_boot, seed=grid.seed)
-        fit.update({f"kl_{objective}_route": est.mean, f"kl_{objective}_route_lo": est.lo,
-                    f"kl_{objective}_route_hi": est.hi})
-    fit["n_tokens"] = est.n_tokens
-    return fit, results
+        x = e[sl, 1:]
+        shape, d = x.shape[:-1], x.shape[-1]
+        for layer in emb_lenses:
+            z = translate(lens, mapped[layer][sl, 1:], layer)
+
+            def lens_route(logits: torch.Tensor, layer: int = layer) -> None:
+                route_kl[(layer, "lens")].append(target.kl(logits.reshape(*shape, -1).clone()))
+
+            kls = grid_kls(head, z.reshape(-1, d), *plans[layer], source=x.reshape(-1, d), on_clean=lens_route)
+            for cell, (kl, edit) in kls.items():
+                results[layer].add(cell, kl.reshape(shape), edit.reshape(shape))
+            downstream = adapter.logits(runner.run(mapped[layer][sl], start=layer)[:, 1:])
+            route_kl[(layer, "downstream")].append(target.kl(downstream))
+    out = {}
+    for layer, fit in fits.items():
+        for objective in ("lens", "downstream"):
+            est = bootstrap_mean(torch.cat(route_kl[(layer, objective)]), n_boot=grid.n_boot, seed=grid.seed)
+            fit.update({f"kl_{objective}_route": est.mean, f"kl_{objective}_route_lo": est.lo,
+                        f"kl_{objective}_route_hi": est.hi})
+        fit["n_tokens"] = est.n_tokens
+        out[layer] = (fit, results[layer])
+    return out

@@ -9,7 +9,10 @@ heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the 
 the implementation; H0 counted with the head's linearity: one rank-k product per independent
 subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
 per rule: seconds, minimal GFLOP, achieved rate / measured peak, start-up share, and why a rule
-sits far below the peak where the reason is known.
+sits far below the peak where the reason is known. Last, the whole run's floor on this machine:
+every heavy rule's minimal FLOPs at the peak, plus the jobs' start-ups and the rest of the run as
+measured; with ``--target SECONDS`` (say half of an earlier run's wall time), the average share of
+the peak the heavy rules would need to finish in that time.
 """
 
 from __future__ import annotations
@@ -231,6 +234,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--wall", type=float, default=None, help="measured wall time of the whole run (s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the heavy rules (their `threads:`)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="a wall time (s) to test the run against, e.g. half of an earlier run's")
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     validate(config, "schemas/config.schema.yaml")
@@ -266,6 +271,24 @@ def main() -> None:
     print(f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading) about {total:.0f} s of "
           f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'} = "
           f"{total / wall:.2f} (target <= 0.10)")
+    print(whole_run_floor(pd.DataFrame(rows), peak, total, wall, args.target))
+
+
+def whole_run_floor(rows: pd.DataFrame, peak: float, startup: float, wall: float, target: float | None) -> str:
+    """The run's lower bound here: the heavy rules' minimal FLOPs at ``peak`` GFLOP/s, plus the
+    jobs' ``startup`` seconds and the time outside the heavy rules (``wall`` minus their seconds,
+    as measured); with ``target``, the average share of the peak the heavy rules would need."""
+    at_peak, heavy = rows["gflop"].sum() / peak, rows["s"].sum()
+    rest = max(0.0, wall - heavy)
+    floor = at_peak + startup + rest
+    line = (f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s (they took {heavy:.0f} s, "
+            f"{at_peak / heavy:.2f} of the peak on average, start-ups included); with the start-ups ({startup:.0f} s) "
+            f"and the rest of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here")
+    if target is not None:
+        room = target - startup - rest
+        need = f"{at_peak / room:.2f} of the peak on average" if room > 0 else "more than the whole target"
+        line += f"; in {target:.0f} s the heavy rules would need {need}"
+    return line
 
 
 if __name__ == "__main__":

@@ -11,12 +11,17 @@ same sample. The targets are the earlier default's outputs (lens evaluation, spe
 its heads, H2, shuffle, their tables and figures) without the report, whose inputs differ. Prints
 both wall times (start-up included), the sum of each run's benchmarked rule times, their ratio
 (target: after / before <= 0.5) and the largest per-sequence H0 KL difference between the two.
+
+With ``--one-thread`` it runs this tree twice instead, at the same sample: with the rules' own
+``threads:`` (one two-thread job at a time on 2 cores) and with every multi-thread rule set to one
+thread (``--set-threads``: two jobs at once), and prints the ratio of the second to the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +45,14 @@ def at_earlier_sample(now: dict, earlier: dict) -> dict:
     return {**now, **earlier}
 
 
-def run(tree: Path, config: dict, workdir: Path, cores: int) -> tuple[float, float]:
+def threaded_rules(tree: Path) -> list[str]:
+    """The rules of ``tree`` that declare more than one thread."""
+    text = "\n".join(p.read_text() for p in sorted((tree / "rules").glob("*.smk")))
+    return [m.group(1) for m in re.finditer(r"^rule (\w+):((?:\n(?!rule ).*)*)", text, re.M)
+            if re.search(r"^\s+threads: ([2-9]|\d\d)", m.group(2), re.M)]
+
+
+def run(tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | None = None) -> tuple[float, float]:
     """The workflow of ``tree`` with ``config`` in ``workdir``: (wall seconds, sum of rule seconds)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -52,7 +64,8 @@ def run(tree: Path, config: dict, workdir: Path, cores: int) -> tuple[float, flo
     with log.open("w") as out:
         done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tree / "Snakefile"),
                                "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"),
-                               "--cores", str(cores), *targets], stdout=out, stderr=subprocess.STDOUT, env=env)
+                               "--cores", str(cores), *targets, *(extra or [])],  # extra last: --set-threads takes a list
+                              stdout=out, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"the run in {workdir} failed: see {log}")
@@ -77,11 +90,16 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="git revision of the earlier code and sample")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="this tree twice: the rules' threads against one thread per job (two jobs at once)")
     args = parser.parse_args()
     with work_folder(args.keep) as base:
         earlier_tree = export_ref(args.before, base)
         earlier = yaml.safe_load((earlier_tree / "config.yaml").read_text())
         now = at_earlier_sample(yaml.safe_load((ROOT / "config.yaml").read_text()), earlier)
+        if args.one_thread:
+            compare_threads(now, base, args.cores)
+            return
         sides = {f"before ({args.before})": (earlier_tree, earlier, base / "before"),
                  "this tree": (ROOT, now, base / "after")}
         times = {name: run(tree, config, workdir, args.cores) for name, (tree, config, workdir) in sides.items()}
@@ -96,6 +114,16 @@ def main() -> None:
             gap, relative = h0_gap(*per_sequence)
             print(f"H0 per-sequence KL, output / internal cells: largest |before - after| = {gap:.2e} nats, "
                   f"largest relative {relative:.1e}")
+
+
+def compare_threads(config: dict, base: Path, cores: int) -> None:
+    """This tree at ``config``: the rules' own threads, then every multi-thread rule at one thread."""
+    single = ["--set-threads", *(f"{rule}=1" for rule in threaded_rules(ROOT))]
+    (own_wall, own_rules), (one_wall, one_rules) = (run(ROOT, config, base / "own_threads", cores),
+                                                    run(ROOT, config, base / "one_thread", cores, single))
+    print(f"rules' threads: {own_wall:.0f} s wall, {own_rules:.0f} s in benchmarked rules")
+    print(f"one thread per job: {one_wall:.0f} s wall, {one_rules:.0f} s in benchmarked rules")
+    print(f"one thread / rules' threads: wall {one_wall / own_wall:.2f}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from compare_runs import ROOT, export_ref, work_folder
+from requests import rule_blocks
 from lensspace.provenance import benchmark_jobs
 
 BEFORE = "a3aa689"  # main before issue 11
@@ -47,9 +48,8 @@ def at_earlier_sample(now: dict, earlier: dict) -> dict:
 
 def threaded_rules(tree: Path) -> list[str]:
     """The rules of ``tree`` that declare more than one thread."""
-    text = "\n".join(p.read_text() for p in sorted((tree / "rules").glob("*.smk")))
-    return [m.group(1) for m in re.finditer(r"^rule (\w+):((?:\n(?!rule ).*)*)", text, re.M)
-            if re.search(r"^\s+threads: ([2-9]|\d\d)", m.group(2), re.M)]
+    return [name for name, body in rule_blocks(tree / "rules").items()
+            if (m := re.search(r"^\s+threads: (\d+)$", body, re.M)) and int(m[1]) > 1]
 
 
 def run(tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | None = None) -> tuple[float, float]:

@@ -18,16 +18,20 @@ from pathlib import Path
 import pandas as pd
 
 
-def requests(rules_dir: Path) -> dict[str, dict[str, int]]:
-    """{rule: {"mem_mb": ..., "runtime": ...}} from the literal requests in rules/*.smk."""
-    out = {}
+def rule_blocks(rules_dir: Path) -> dict[str, str]:
+    """Every rule's text in rules/*.smk, by rule name."""
+    blocks = {}
     for smk in sorted(rules_dir.glob("*.smk")):
         parts = re.split(r"^rule (\w+):\n", smk.read_text(), flags=re.M)
-        for name, body in zip(parts[1::2], parts[2::2]):
-            found = {key: int(m[1]) for key in ("mem_mb", "runtime")
-                     if (m := re.search(rf"^\s+{key}=(\d+),?$", body, re.M))}
-            out[name] = found
-    return out
+        blocks.update(zip(parts[1::2], parts[2::2]))
+    return blocks
+
+
+def requests(rules_dir: Path) -> dict[str, dict[str, int]]:
+    """{rule: {"mem_mb": ..., "runtime": ...}} from the literal requests in rules/*.smk."""
+    return {name: {key: int(m[1]) for key in ("mem_mb", "runtime")
+                   if (m := re.search(rf"^\s+{key}=(\d+),?$", body, re.M))}
+            for name, body in rule_blocks(rules_dir).items()}
 
 
 def measured(results: Path) -> pd.DataFrame:

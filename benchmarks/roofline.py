@@ -10,14 +10,17 @@ the implementation; H0 counted with the head's linearity: one rank-k product per
 subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
 per rule: seconds, minimal GFLOP, achieved rate / measured peak, start-up share, and why a rule
 sits far below the peak where the reason is known. Last, the whole run's floor on this machine:
-every heavy rule's minimal FLOPs at the peak, plus the jobs' start-ups and the rest of the run as
-measured; with ``--target SECONDS`` (say half of an earlier run's wall time), the average share of
-the peak the heavy rules would need to finish in that time.
+every heavy rule's minimal FLOPs at the peak, plus the log-sum-exps its jobs cannot skip (one per
+logit of every output a KL compares or a training step's softmax needs, at the fastest rate
+measured here for one), plus the jobs' start-ups and the rest of the run as measured; with
+``--target SECONDS`` (say half of an earlier run's wall time), the average share of the peak the
+heavy rules' products would need to finish in that time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -30,23 +33,24 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.experiments.shuffle import window_permutations
+from lensspace.lenses import LensTraining, held_out_sequences
 from lensspace.provenance import benchmark_jobs
 from lensspace.settings import (ablation_grid, experiment_layers, job_layers, layer_jobs, neuron_settings,
-                                seed_layout_layers, shuffle_pair_chunks, token_split)
+                                second_ridge, seed_layout_grid, seed_layout_layers, shuffle_pair_chunks, token_split)
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
-    "h0_layer": "one fused loop over the vocabulary per cell with an exp per logit (not in the FLOPs)",
+    "h0_layer": "one fused loop over the vocabulary per cell: three operands read, float64 sums, slower than exp_s's rate",
     "cache_activations": "attention and norms at 128 tokens; writes every residual",
     "train_lens": "float64 least squares; Adam steps of 256 tokens with a softmax each",
-    "eval_lens": "a log-softmax and KL over the vocabulary per token and layer (element-wise, not in the FLOPs)",
+    "eval_lens": "a KL over the vocabulary per token and layer, two passes (exp_s: one)",
     "ridge_lens": "float64 least squares (the peak is fp32's); start-up a large share of a short job",
     "h1_layer": "a softmax-KL over the vocabulary per cell; attention and norms at 128 tokens",
     "h2_layer": "float64 least squares per layer; a softmax-KL over the vocabulary per cell",
     "shuffle_pairs": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
     "shuffle_windows": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
-    "lens_quality": "float64 least squares per budget; log-sum-exp per H0 cell and KL per lens (exp-bound)",
-    "ood": "tokenizing and caching each corpus; log-sum-exp per H0 cell and KL per lens (exp-bound)",
+    "lens_quality": "float64 least squares per budget; a loop over the vocabulary per H0 cell and KL per lens",
+    "ood": "tokenizing and caching each corpus; a loop over the vocabulary per H0 cell and KL per lens",
     "neurons": "float64 neuron geometry; a fused entropy, KL and top-1 loop over the vocabulary per ablation",
 }
 
@@ -66,6 +70,34 @@ def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
             torch.mm(a, b, out=out)
             times.append(time.perf_counter() - started)
         rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
+    return rates
+
+
+def exp_rate(threads: int, vocab: int, repeats: int = 5) -> dict[str, float]:
+    """Median G logits/s of a log-sum-exp over ``vocab`` logits: torch's own on 1,024 rows, and
+    compiled (inductor's vectorised exp, one loop a pass) on 1,024 rows and on 128 rows of 4,096,
+    which stay in cache as a kernel fused with the head's product would keep them. The fastest
+    bounds the work (the compiled ones are left out where no compiler is found)."""
+    torch.set_num_threads(threads)
+    ways = {"torch, 1024 rows": (lambda y: torch.logsumexp(y, -1), (1024, vocab), 1)}
+    try:
+        compiled = torch.compile(lambda y: (y - y.amax(-1, keepdim=True)).exp().sum(-1).log(), dynamic=False)
+        compiled(torch.randn(8, 64))
+        ways["compiled, 1024 rows"] = (compiled, (1024, vocab), 1)
+        ways["compiled, 128 x 4096 in cache"] = (compiled, (128, 4096), 64)
+    except Exception as err:  # no C++ compiler, or an inductor limit
+        print(f"compiled log-sum-exp unavailable ({type(err).__name__}); torch's own only", file=sys.stderr)
+    rates = {}
+    for name, (way, shape, loops) in ways.items():
+        y = torch.randn(*shape)
+        way(y)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(loops):
+                way(y)
+            times.append((time.perf_counter() - started) / loops)
+        rates[name] = y.numel() / statistics.median(times) / 1e9
     return rates
 
 
@@ -124,6 +156,22 @@ class Shape:
         return 2 * self.d * self.vocab
 
 
+def refinement_tokens(lens: dict, n_sequences: int, t: int) -> tuple[int, int]:
+    """(check tokens, target tokens) of the KL refinement on ``n_sequences`` training sequences, as
+    ``lenses.held_out_sequences`` holds them out (0, 0 where the refinement is off)."""
+    fields = {f.name for f in dataclasses.fields(LensTraining)}
+    check = held_out_sequences(n_sequences, t, LensTraining(**{k: v for k, v in lens.items() if k in fields}))
+    if not len(check):  # no check, no refinement (lenses.train_lens)
+        return 0, 0
+    return len(check) * (t - 1), min(lens["refine_tokens"], check.start * (t - 1))
+
+
+def shuffle_spaces(shuffle: dict) -> int:
+    """The orders' spaces a shuffle job runs: the native one always, lens_ridge only with a second ridge."""
+    spaces = set(shuffle["spaces"]) | {"native"}
+    return len(spaces - ({"lens_ridge"} if second_ridge(shuffle) is None else set()))
+
+
 def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     """Minimal FLOPs per heavy rule from the run's settings."""
     split = token_split(config, run)
@@ -134,12 +182,13 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     flops: dict[str, float] = {}
     flops["cache_activations"] = (n_train + n_eval) * big_l * shape.block(t)
     lens = {**config["lens_training"], **{k: v for k, v in config["runs"][run]["lens"].items() if k != "source"}}
-    n_check = max(1, round(lens["check_tokens"] / (t - 1))) * (t - 1) if lens["refine_steps"] else 0
+    n_check, n_targets = refinement_tokens(lens, split.train_sequences, t)
     fit_tokens = split.train_sequences * (t - 1) - n_check
+    steps = lens["refine_steps"] if n_check else 0
     flops["train_lens"] = (big_l * (2 * fit_tokens * d * d  # the Gram matrix
-                                    + lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head  # forward + input gradient
+                                    + steps * lens["refine_batch_tokens"] * 2 * head  # forward + input gradient
                                     + 2 * n_check * head)  # the keep-or-revert check, before and after
-                           + (lens["refine_tokens"] + n_check) * head)  # the targets, once
+                           + (n_targets + n_check) * head)  # the targets, once
     flops["eval_lens"] = evaluated * (head + big_l * (2 * head + 2 * d * d))
     flops["ridge_lens"] = big_l * 2 * split.train_sequences * (t - 1) * d * d
     g0 = ablation_grid(config, "h0")
@@ -162,20 +211,25 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
 
     flops["h1_layer"] = sum(h1_job(name) for name in layer_jobs(experiment_layers(config, big_l, "h1"),
                                                                config["layers_per_job"]))
-    g2 = ablation_grid(config, "h2")
     h2 = config["h2"]
-    flops["h2_layer"] = sum(2 * split.train_sequences * (t - 1) * d * d
-                            + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
-                            + evaluated * (len(g2.variants(d)) + 3) * head  # target, clean, lens route, cells
-                            + n_eval * (big_l - layer) * shape.block(t)  # downstream route
-                            for layer in experiment_layers(config, big_l, "h2"))
+
+    def h2_job(name: str) -> float:  # the target once per job; per layer its fit, refinement, routes and cells
+        return evaluated * head + sum(2 * split.train_sequences * (t - 1) * d * d
+                                      + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
+                                      + evaluated * head  # the lens route (the cells' clean logits)
+                                      + n_eval * (big_l - layer) * shape.block(t) + evaluated * head  # downstream
+                                      + subspace_products(ablation_grid(config, "h2"), d, shape.vocab, evaluated)
+                                      for layer in job_layers(name))
+
+    flops["h2_layer"] = sum(h2_job(name) for name in layer_jobs(experiment_layers(config, big_l, "h2"),
+                                                               config["layers_per_job"]))
     shuffle = config["shuffle"]
-    n_shuffle = (shuffle.get("eval_sequences") or split.eval_sequences) * t
+    n_shuffle = min(shuffle.get("eval_sequences") or split.eval_sequences, split.eval_sequences) * t
 
     def rest(start: int) -> float:  # blocks start..L-1 and the head on the shuffle's tokens
         return n_shuffle * ((big_l - start) * shape.block(t) + head)
 
-    spaces = len(set(shuffle["spaces"]) | {"native"})  # the native order always runs
+    spaces = shuffle_spaces(shuffle)
 
     def shuffle_job(starts: list[int]) -> float:  # one clean pass from the earliest start, then every order
         return rest(min(starts)) + spaces * sum(rest(start) for start in starts)
@@ -183,8 +237,65 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     flops["shuffle_pairs"] = sum(shuffle_job([i for i, _ in chunk]) for chunk in shuffle_pair_chunks(config, big_l))
     windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
     flops["shuffle_windows"] = shuffle_job([perm.start for perm in windows])
-    flops.update(issue14_flops(config, run, shape, split, lens, n_check))
+    flops.update(issue14_flops(config, run, shape, split, lens))
     return flops
+
+
+def subspace_products(grid, d: int, vocab: int, tokens: int) -> float:
+    """An H2 layer's cells through the head's linearity: one rank-k product [tokens, k] x [k, V] per
+    subspace (a carried plan: the halves are not complements, the modes share it)."""
+    return sum(2 * tokens * k * vocab for k in grid.resolve_k(d)
+               for _ in {(c.subspace, c.basis, c.draw) for c in grid.variants(d) if c.k == k})
+
+
+def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
+    """Per heavy rule, the rows of logits (one token's output over the vocabulary) its jobs must
+    log-sum-exp at least once: every output a KL compares, every softmax a training step needs
+    (its gradient reuses it), every reference once per job. A floor, never the implementation's
+    count; rows shared across rules (H0's clean logits are the lens evaluation's) are counted in each."""
+    split = token_split(config, run)
+    t, d, big_l = split.seq_len, shape.d, shape.layers
+    evaluated = split.eval_sequences * (t - 1)
+    lens = {**config["lens_training"], **{k: v for k, v in config["runs"][run]["lens"].items() if k != "source"}}
+
+    def refinement(n_sequences: int, layers: int) -> float:  # Adam steps, the check before and after, targets
+        n_check, n_targets = refinement_tokens(lens, n_sequences, t)
+        return layers * (lens["refine_steps"] * lens["refine_batch_tokens"] + 2 * n_check) + n_targets + n_check \
+            if n_check else 0.0
+
+    rows: dict[str, float] = {"train_lens": refinement(split.train_sequences, big_l),
+                              "eval_lens": evaluated * (1 + 2 * big_l)}  # the reference; tuned and logit lens per layer
+    rows["h0_layer"] = sum(evaluated * len(job_layers(name)) * (1 + len(ablation_grid(config, "h0").variants(d)))
+                           for name in layer_jobs(experiment_layers(config, big_l, "h0"), config["layers_per_job"]))
+    h1_cells = len(ablation_grid(config, "h1").variants(d))
+    rows["h1_layer"] = sum(evaluated * (1 + h1_cells * len(job_layers(name)))
+                           for name in layer_jobs(experiment_layers(config, big_l, "h1"), config["layers_per_job"]))
+    h2 = config["h2"]
+    h2_cells = len(ablation_grid(config, "h2").variants(d))
+    rows["h2_layer"] = sum(evaluated * (1 + len(job_layers(name)) * (2 + h2_cells))  # target; lens, downstream, cells
+                           + len(job_layers(name)) * h2["refine_steps"] * h2["refine_sequences"] * (t - 1)
+                           for name in layer_jobs(experiment_layers(config, big_l, "h2"), config["layers_per_job"]))
+    shuffle = config["shuffle"]
+    shuffle_tokens = min(shuffle.get("eval_sequences") or split.eval_sequences, split.eval_sequences) * (t - 1)
+    spaces = shuffle_spaces(shuffle)
+    rows["shuffle_pairs"] = sum(shuffle_tokens * (1 + spaces * len(chunk))
+                                for chunk in shuffle_pair_chunks(config, big_l))
+    windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
+    rows["shuffle_windows"] = shuffle_tokens * (1 + spaces * len(windows))
+    q_layers = len(seed_layout_layers(config, "lens_quality", big_l))
+    q_cells = len(seed_layout_grid(config, "lens_quality").variants(d))
+    rows["lens_quality"] = evaluated + sum(  # the reference once; per lens and layer its logits and the cells
+        q_layers * evaluated * (1 + q_cells) + (refinement(n, q_layers) if refine else 0.0)
+        for n, refine in quality_budgets(config, split))
+    ood = config["ood"]
+    ood_tokens = ood["eval_sequences"] * (t - 1)
+    ood_cells = len(seed_layout_grid(config, "ood").variants(d))
+    rows["ood"] = len(config["runs"][run].get("eval_corpora", [])) * ood_tokens * (  # per corpus: the reference;
+        1 + len(seed_layout_layers(config, "ood", big_l)) * (2 + ood_cells))  # per layer tuned, logit lens, cells
+    neurons = config["neurons"]
+    ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1
+    rows["neurons"] = ablations * neurons["eval_sequences"] * (t - 1)
+    return rows
 
 
 def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
@@ -193,34 +304,40 @@ def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
     return evaluated * shape.head + (1 + config["random_draws"]) * evaluated * 2 * (shape.d // 2) * shape.vocab
 
 
-def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict, n_check: int) -> dict[str, float]:
+def quality_budgets(config: dict, split) -> list[tuple[int, bool]]:
+    """The lens-quality sweep's lenses: (training sequences, refined)."""
+    quality = config["lens_quality"]
+    return [(max(2, round(fraction * split.train_sequences)), refine)
+            for fraction in quality["fractions"] for refine in quality["refine"]]
+
+
+def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""
     t, d, big_l, head = split.seq_len, shape.d, shape.layers, shape.head
     evaluated = split.eval_sequences * (t - 1)
     flops: dict[str, float] = {}
-    quality = config["lens_quality"]
     layers = len(seed_layout_layers(config, "lens_quality", big_l))
-    total = 0.0
-    for fraction in quality["fractions"]:
-        n = max(2, round(fraction * split.train_sequences))
-        for refine in quality["refine"]:
-            fit = n * (t - 1) - (n_check if refine else 0)
-            total += layers * 2 * fit * d * d
-            if refine:
-                total += (layers * (lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head + 2 * n_check * head)
-                          + (lens["refine_tokens"] + n_check) * head)
-            total += layers * (evaluated * (2 * head + 2 * d * d) + seed_cells(config, shape, evaluated))
+    total = evaluated * head  # the model's own distribution, once
+    for n, refine in quality_budgets(config, split):
+        n_check, n_targets = refinement_tokens(lens, n, t) if refine else (0, 0)
+        total += layers * 2 * (n * (t - 1) - n_check) * d * d
+        if n_check:
+            total += (layers * (lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head + 2 * n_check * head)
+                      + (n_targets + n_check) * head)
+        # per layer: the lens map, then the seed cells, whose clean logits are the lens's
+        total += layers * (evaluated * 2 * d * d + seed_cells(config, shape, evaluated))
     flops["lens_quality"] = total
     ood = config["ood"]
     ood_layers = len(seed_layout_layers(config, "ood", big_l))
     ood_tokens = ood["eval_sequences"] * (t - 1)
     corpora = len(config["runs"][run].get("eval_corpora", []))
+    # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the seed cells
     flops["ood"] = corpora * (ood["eval_sequences"] * t * big_l * shape.block(t)
                               + ood_tokens * head + ood_layers * (ood_tokens * (head + 2 * d * d)
                                                                   + seed_cells(config, shape, ood_tokens)))
     neurons = config["neurons"]
     geometry = big_l * shape.ff * 2 * d * d + 2 * shape.vocab * d * d  # lens maps of the writes; the logit covariance
-    stats = (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * (big_l * shape.block(t) + head)
+    stats = (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * big_l * shape.block(t)  # activations only
     ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1  # and the clean run
     blocks = big_l - min(neuron_settings(config, big_l, d).candidate_layers)  # each ablation resumes there
     flops["neurons"] = geometry + stats + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t))
@@ -248,22 +365,32 @@ def main() -> None:
     rows, heavy_startup = [], 0.0
     for run in config["runs"]:
         model = Path("resources/models") / config["runs"][run]["model"]
+        shape = Shape(model)
         startup, kernels = startup_seconds(model), kernel_seconds()
+        exps = exp_rate(args.threads, shape.vocab)
+        exp_peak = max(exps.values())
         print(f"{run}: start-up of one job (imports + model load), measured now: {startup:.1f} s; "
               f"loading the fused kernels in {', '.join(sorted(FUSED_RULES))}: {kernels:.1f} s more")
+        print(f"{run}: log-sum-exp over the vocabulary, measured now: "
+              + ", ".join(f"{n} {r:.2f}" for n, r in exps.items()) + " G logits/s")
         mine = jobs[jobs["job"].str.split("/").map(lambda parts: run in parts)]
-        for rule, flops in minimal_flops(config, run, Shape(model)).items():
+        logit_rows = minimal_rows(config, run, shape)
+        for rule, flops in minimal_flops(config, run, shape).items():
             part = mine[mine["rule"] == rule]
             if part.empty:
                 continue
             seconds, n_jobs = part["s"].sum(), len(part)
             job_startup = startup + (kernels if rule in FUSED_RULES else 0.0)
             heavy_startup += n_jobs * job_startup
+            exp_s = logit_rows.get(rule, 0.0) * shape.vocab / 1e9 / exp_peak
             rows.append({"run": run, "rule": rule, "jobs": n_jobs, "s": round(seconds, 1),
                          "gflop": round(flops / 1e9), "gflop_per_s": round(flops / 1e9 / seconds, 1),
                          "of_peak": round(flops / 1e9 / seconds / peak, 2),
+                         "exp_s": round(exp_s, 1), "floor_share": round((flops / 1e9 / peak + exp_s) / seconds, 2),
                          "startup_share": round(n_jobs * job_startup / seconds, 2), "why": WHY.get(rule, "")})
     print(pd.DataFrame(rows).to_string(index=False))
+    print("exp_s: the rule's minimal log-sum-exps at the fastest rate above; floor_share: (its products at the peak "
+          "+ exp_s) / its seconds")
     torch_jobs = jobs[jobs["rule"].isin({"cache_activations", "train_lens", "eval_lens", "svd", "h0_layer", "h1_layer",
                                          "h1_heads", "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows",
                                          "lens_quality", "ood", "neurons"})]
@@ -276,21 +403,25 @@ def main() -> None:
 
 
 def whole_run_floor(rows: pd.DataFrame, peak: float, startup: float, wall: float, target: float | None) -> str:
-    """The run's lower bound here: the heavy rules' minimal FLOPs at ``peak`` GFLOP/s, plus their
-    jobs' ``startup`` seconds and the time outside them (``wall`` minus their seconds, as measured,
-    other jobs' start-ups included); with ``target``, the average share of the peak they would need."""
-    at_peak, heavy = rows["gflop"].sum() / peak, rows["s"].sum()
+    """The run's lower bound here: the heavy rules' minimal FLOPs at ``peak`` GFLOP/s and their
+    minimal log-sum-exps (``rows["exp_s"]``), plus their jobs' ``startup`` seconds and the time
+    outside them (``wall`` minus their seconds, as measured, other jobs' start-ups included); with
+    ``target``, the average share of the peak their products would need to finish in it, on the
+    same footing as the share they reached (their seconds less their log-sum-exps and start-ups)."""
+    at_peak, exps, heavy = rows["gflop"].sum() / peak, rows["exp_s"].sum(), rows["s"].sum()
     rest = max(0.0, wall - heavy)
-    floor = at_peak + startup + rest
-    line = (f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s (they took {heavy:.0f} s, "
-            f"{at_peak / heavy:.2f} of the peak on average, start-ups included); with the start-ups ({startup:.0f} s) "
-            f"and the rest of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here")
+    floor = at_peak + exps + startup + rest
+    reached = at_peak / max(heavy - exps - startup, 1e-9)
+    line = (f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s, their minimal log-sum-exps "
+            f"{exps:.0f} s; they took {heavy:.0f} s, with their start-ups ({startup:.0f} s), so their products ran at "
+            f"{reached:.2f} of the peak on average (at most: the rest of their time counted as products); with the rest "
+            f"of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here")
     if target is not None:
-        room = target - startup - rest
-        need = f"{at_peak / room:.2f} of the peak on average" if room > 0 else "more than the whole target"
-        line += f"; in {target:.0f} s the heavy rules would need {need}"
+        room = target - exps - startup - rest
+        need = at_peak / room if room > 0 else float("inf")
+        line += (f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on average"
+                 if need <= 1 else f"; {target:.0f} s is below that floor (the products would need more than the peak)")
     return line
-
 
 if __name__ == "__main__":
     main()

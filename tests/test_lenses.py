@@ -145,9 +145,10 @@ def test_refinement_check_uses_sequences_the_fit_did_not_see(tiny, tmp_path, mon
     assert check == range(9, 12)
     seen, original_kl = [], lenses._kl
 
-    def recording_kl(adapter, translator, h, target):
+    def recording_kl(adapter, translator, h, target, target_p):
         seen.append(h)
-        return original_kl(adapter, translator, h, target)
+        assert torch.equal(target_p, target.exp())
+        return original_kl(adapter, translator, h, target, target_p)
 
     monkeypatch.setattr(lenses, "_kl", recording_kl)
     lens = train_lens(adapter, cache, settings, "tiny")

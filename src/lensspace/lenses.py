@@ -133,6 +133,7 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     with torch.no_grad():
         target = kl_target(adapter.logits(final[refine_idx]).log_softmax(-1))
         check_target = adapter.logits(check_final).log_softmax(-1)
+        check_p = check_target.exp()  # once: both checks of every layer compare with it
     for layer in tqdm(range(adapter.n_layers) if layers is None else layers, desc="lens", file=sys.stderr,
                       mininterval=5):
         seqs = cache.load(layer, "train")
@@ -143,9 +144,9 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
             translator.weight.copy_(weight)
             translator.bias.copy_(bias)
         if len(check):
-            before = _kl(adapter, translator, h_check, check_target)
+            before = _kl(adapter, translator, h_check, check_target, check_p)
             _refine(adapter, translator, h[refine_idx], target, settings, gen)
-            after = _kl(adapter, translator, h_check, check_target)
+            after = _kl(adapter, translator, h_check, check_target, check_p)
             kept = after < before
             if not kept:
                 with torch.no_grad():
@@ -175,8 +176,10 @@ def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
 
 
 @torch.no_grad()
-def _kl(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor, target: torch.Tensor) -> float:
-    return float(kl_from_logprobs(target, adapter.logits(h + translator(h)).log_softmax(-1)).mean())
+def _kl(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor, target: torch.Tensor,
+        target_p: torch.Tensor) -> float:
+    """Mean token KL(target || the lens at ``h``); ``target_p = exp(target)``."""
+    return float(kl_from_logprobs(target, adapter.logits(h + translator(h)).log_softmax(-1), target_p).mean())
 
 
 def save_lens(lens: TunedLens, folder: Path) -> None:

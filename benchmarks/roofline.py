@@ -20,7 +20,6 @@ heavy rules' products would need to finish in that time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from lensspace.experiments.shuffle import window_permutations
 from lensspace.lenses import LensTraining, held_out_sequences
 from lensspace.provenance import benchmark_jobs
 from lensspace.settings import (ablation_grid, experiment_layers, job_layers, layer_jobs, neuron_settings,
-                                second_ridge, seed_layout_grid, seed_layout_layers, shuffle_pair_chunks, token_split)
+                                lens_training_params, second_ridge, seed_layout_grid, seed_layout_layers,
+                                shuffle_pair_chunks, token_split)
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
@@ -156,14 +156,24 @@ class Shape:
         return 2 * self.d * self.vocab
 
 
-def refinement_tokens(lens: dict, n_sequences: int, t: int) -> tuple[int, int]:
+def refinement_tokens(lens: LensTraining, n_sequences: int, t: int) -> tuple[int, int]:
     """(check tokens, target tokens) of the KL refinement on ``n_sequences`` training sequences, as
     ``lenses.held_out_sequences`` holds them out (0, 0 where the refinement is off)."""
-    fields = {f.name for f in dataclasses.fields(LensTraining)}
-    check = held_out_sequences(n_sequences, t, LensTraining(**{k: v for k, v in lens.items() if k in fields}))
+    check = held_out_sequences(n_sequences, t, lens)
     if not len(check):  # no check, no refinement (lenses.train_lens)
         return 0, 0
-    return len(check) * (t - 1), min(lens["refine_tokens"], check.start * (t - 1))
+    return len(check) * (t - 1), min(lens.refine_tokens, check.start * (t - 1))
+
+
+def experiment_jobs(config: dict, n_layers: int, section: str) -> list[list[int]]:
+    """The layers of each of ``section``'s per-layer jobs (``layers_per_job`` a job)."""
+    return [job_layers(name) for name in layer_jobs(experiment_layers(config, n_layers, section),
+                                                     config["layers_per_job"])]
+
+
+def shuffle_tokens(config: dict, split) -> int:
+    """Sequences a shuffle order runs on: ``shuffle.eval_sequences``, at most the held-out split's."""
+    return min(config["shuffle"].get("eval_sequences") or split.eval_sequences, split.eval_sequences)
 
 
 def shuffle_spaces(shuffle: dict) -> int:
@@ -181,12 +191,12 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     d, big_l, head = shape.d, shape.layers, shape.head
     flops: dict[str, float] = {}
     flops["cache_activations"] = (n_train + n_eval) * big_l * shape.block(t)
-    lens = {**config["lens_training"], **{k: v for k, v in config["runs"][run]["lens"].items() if k != "source"}}
+    lens = LensTraining(**lens_training_params(config, run))
     n_check, n_targets = refinement_tokens(lens, split.train_sequences, t)
     fit_tokens = split.train_sequences * (t - 1) - n_check
-    steps = lens["refine_steps"] if n_check else 0
+    steps = lens.refine_steps if n_check else 0
     flops["train_lens"] = (big_l * (2 * fit_tokens * d * d  # the Gram matrix
-                                    + steps * lens["refine_batch_tokens"] * 2 * head  # forward + input gradient
+                                    + steps * lens.refine_batch_tokens * 2 * head  # forward + input gradient
                                     + 2 * n_check * head)  # the keep-or-revert check, before and after
                            + (n_targets + n_check) * head)  # the targets, once
     flops["eval_lens"] = evaluated * (head + big_l * (2 * head + 2 * d * d))
@@ -204,27 +214,24 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     g1 = ablation_grid(config, "h1")
     h1_cells = len(g1.variants(d))
 
-    def h1_job(name: str) -> float:  # one clean pass from the job's earliest layer, then every cell
-        layers = job_layers(name)
+    def h1_job(layers: list[int]) -> float:  # one clean pass from the job's earliest layer, then every cell
         return n_eval * ((big_l - min(layers)) * shape.block(t) + head) + sum(
             h1_cells * n_eval * ((big_l - layer) * shape.block(t) + head) for layer in layers)
 
-    flops["h1_layer"] = sum(h1_job(name) for name in layer_jobs(experiment_layers(config, big_l, "h1"),
-                                                               config["layers_per_job"]))
+    flops["h1_layer"] = sum(h1_job(layers) for layers in experiment_jobs(config, big_l, "h1"))
     h2 = config["h2"]
 
-    def h2_job(name: str) -> float:  # the target once per job; per layer its fit, refinement, routes and cells
+    def h2_job(layers: list[int]) -> float:  # the target once per job; per layer its fit, refinement, routes and cells
         return evaluated * head + sum(2 * split.train_sequences * (t - 1) * d * d
                                       + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
                                       + evaluated * head  # the lens route (the cells' clean logits)
                                       + n_eval * (big_l - layer) * shape.block(t) + evaluated * head  # downstream
                                       + subspace_products(ablation_grid(config, "h2"), d, shape.vocab, evaluated)
-                                      for layer in job_layers(name))
+                                      for layer in layers)
 
-    flops["h2_layer"] = sum(h2_job(name) for name in layer_jobs(experiment_layers(config, big_l, "h2"),
-                                                               config["layers_per_job"]))
+    flops["h2_layer"] = sum(h2_job(layers) for layers in experiment_jobs(config, big_l, "h2"))
     shuffle = config["shuffle"]
-    n_shuffle = min(shuffle.get("eval_sequences") or split.eval_sequences, split.eval_sequences) * t
+    n_shuffle = shuffle_tokens(config, split) * t
 
     def rest(start: int) -> float:  # blocks start..L-1 and the head on the shuffle's tokens
         return n_shuffle * ((big_l - start) * shape.block(t) + head)
@@ -256,32 +263,30 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
     split = token_split(config, run)
     t, d, big_l = split.seq_len, shape.d, shape.layers
     evaluated = split.eval_sequences * (t - 1)
-    lens = {**config["lens_training"], **{k: v for k, v in config["runs"][run]["lens"].items() if k != "source"}}
+    lens = LensTraining(**lens_training_params(config, run))
 
     def refinement(n_sequences: int, layers: int) -> float:  # Adam steps, the check before and after, targets
         n_check, n_targets = refinement_tokens(lens, n_sequences, t)
-        return layers * (lens["refine_steps"] * lens["refine_batch_tokens"] + 2 * n_check) + n_targets + n_check \
+        return layers * (lens.refine_steps * lens.refine_batch_tokens + 2 * n_check) + n_targets + n_check \
             if n_check else 0.0
 
     rows: dict[str, float] = {"train_lens": refinement(split.train_sequences, big_l),
                               "eval_lens": evaluated * (1 + 2 * big_l)}  # the reference; tuned and logit lens per layer
-    rows["h0_layer"] = sum(evaluated * len(job_layers(name)) * (1 + len(ablation_grid(config, "h0").variants(d)))
-                           for name in layer_jobs(experiment_layers(config, big_l, "h0"), config["layers_per_job"]))
+    rows["h0_layer"] = len(experiment_layers(config, big_l, "h0")) * evaluated * (
+        1 + len(ablation_grid(config, "h0").variants(d)))
     h1_cells = len(ablation_grid(config, "h1").variants(d))
-    rows["h1_layer"] = sum(evaluated * (1 + h1_cells * len(job_layers(name)))
-                           for name in layer_jobs(experiment_layers(config, big_l, "h1"), config["layers_per_job"]))
+    rows["h1_layer"] = sum(evaluated * (1 + h1_cells * len(layers)) for layers in experiment_jobs(config, big_l, "h1"))
     h2 = config["h2"]
     h2_cells = len(ablation_grid(config, "h2").variants(d))
-    rows["h2_layer"] = sum(evaluated * (1 + len(job_layers(name)) * (2 + h2_cells))  # target; lens, downstream, cells
-                           + len(job_layers(name)) * h2["refine_steps"] * h2["refine_sequences"] * (t - 1)
-                           for name in layer_jobs(experiment_layers(config, big_l, "h2"), config["layers_per_job"]))
+    rows["h2_layer"] = sum(evaluated * (1 + len(layers) * (2 + h2_cells))  # target; lens, downstream, cells
+                           + len(layers) * h2["refine_steps"] * h2["refine_sequences"] * (t - 1)
+                           for layers in experiment_jobs(config, big_l, "h2"))
     shuffle = config["shuffle"]
-    shuffle_tokens = min(shuffle.get("eval_sequences") or split.eval_sequences, split.eval_sequences) * (t - 1)
+    per_order = shuffle_tokens(config, split) * (t - 1)
     spaces = shuffle_spaces(shuffle)
-    rows["shuffle_pairs"] = sum(shuffle_tokens * (1 + spaces * len(chunk))
-                                for chunk in shuffle_pair_chunks(config, big_l))
+    rows["shuffle_pairs"] = sum(per_order * (1 + spaces * len(chunk)) for chunk in shuffle_pair_chunks(config, big_l))
     windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
-    rows["shuffle_windows"] = shuffle_tokens * (1 + spaces * len(windows))
+    rows["shuffle_windows"] = per_order * (1 + spaces * len(windows))
     q_layers = len(seed_layout_layers(config, "lens_quality", big_l))
     q_cells = len(seed_layout_grid(config, "lens_quality").variants(d))
     rows["lens_quality"] = evaluated + sum(  # the reference once; per lens and layer its logits and the cells
@@ -311,7 +316,7 @@ def quality_budgets(config: dict, split) -> list[tuple[int, bool]]:
             for fraction in quality["fractions"] for refine in quality["refine"]]
 
 
-def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> dict[str, float]:
+def issue14_flops(config: dict, run: str, shape: Shape, split, lens: LensTraining) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""
     t, d, big_l, head = split.seq_len, shape.d, shape.layers, shape.head
     evaluated = split.eval_sequences * (t - 1)
@@ -322,7 +327,7 @@ def issue14_flops(config: dict, run: str, shape: Shape, split, lens: dict) -> di
         n_check, n_targets = refinement_tokens(lens, n, t) if refine else (0, 0)
         total += layers * 2 * (n * (t - 1) - n_check) * d * d
         if n_check:
-            total += (layers * (lens["refine_steps"] * lens["refine_batch_tokens"] * 2 * head + 2 * n_check * head)
+            total += (layers * (lens.refine_steps * lens.refine_batch_tokens * 2 * head + 2 * n_check * head)
                       + (n_targets + n_check) * head)
         # per layer: the lens map, then the seed cells, whose clean logits are the lens's
         total += layers * (evaluated * 2 * d * d + seed_cells(config, shape, evaluated))
@@ -422,6 +427,7 @@ def whole_run_floor(rows: pd.DataFrame, peak: float, startup: float, wall: float
         line += (f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on average"
                  if need <= 1 else f"; {target:.0f} s is below that floor (the products would need more than the peak)")
     return line
+
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ class _KLLoss(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, p: torch.Tensor, p_logp: torch.Tensor) -> torch.Tensor:
         shifted = y - y.amax(-1, keepdim=True)  # <= 0, near 0 where p has its mass: little cancellation
         # E_p[y - max y] as a batched dot product (no [N, V] temporary), then exp in place
-        p_shifted = (p.unsqueeze(-2) @ shifted.unsqueeze(-1)).squeeze(-1)
+        p_shifted = row_dot(p, shifted).unsqueeze(-1)
         e = shifted.exp_()
         total = e.sum(-1, keepdim=True)
         ctx.save_for_backward(e, p, total)
@@ -52,10 +52,17 @@ class _KLLoss(torch.autograd.Function):
         return torch.mul(e, scale / total).sub_(p, alpha=scale), None, None
 
 
+def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum(x * y, -1)`` for real tensors of one shape [..., V], as a batched matrix product: one
+    pass without an [..., V] temporary (``torch.linalg.vecdot`` forms the products first, about 3x
+    slower over a vocabulary on the CPU)."""
+    return (x.unsqueeze(-2) @ y.unsqueeze(-1)).reshape(x.shape[:-1])
+
+
 def kl_target(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed target of :func:`kl_loss` from its log-probabilities: ``p`` and ``sum p log p`` per row."""
     p = logp.exp()
-    return p, torch.linalg.vecdot(p, logp)
+    return p, row_dot(p, logp)
 
 
 def kl_loss(y: torch.Tensor, p: torch.Tensor, p_logp: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid, Cell, CellResults
 from lensspace.lenses import translate
+from lensspace.stats import row_dot
 from lensspace.subspaces import Basis, random_subspace, select
 
 
@@ -262,7 +263,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
     (``r``, or ``A - r``) and its dot product with ``p`` once, then per cell the fused sums
     (:func:`_fused_kl`) or, eagerly, ``t = delta - E_p[delta]`` (into reused buffers, with ``D``'s
     row minimum for the overflow bound) and :func:`_kl_from_change`."""
-    p_r = torch.linalg.vecdot(p, r).unsqueeze(-1)
+    p_r = row_dot(p, r).unsqueeze(-1)
     removed = {}  # per complement flag: D, p.D
     if any(ch.complement for ch in changes):
         removed[True] = (a - r, p_a - p_r)
@@ -338,7 +339,7 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
         def log_p_rows(rows: torch.Tensor) -> torch.Tensor:
             logits = a[rows] * inv_s[rows]
             return (logits + head.c0 if head.c0 is not None else logits) - log_z[rows]
-    p_a = torch.linalg.vecdot(p, a).unsqueeze(-1)
+    p_a = row_dot(p, a).unsqueeze(-1)
     const_keys = [(id(ab), m) for ab in ablations for m in ab.const if ab.const[m] is not None]
     p_const, const_max = {}, {}
     if const_keys:  # p . alpha (or beta) of every mean ablation, in one matrix product

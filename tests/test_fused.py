@@ -40,6 +40,35 @@ def test_compiled_kernel_equals_the_definition(scale):
     torch.testing.assert_close(kl, ref, rtol=5e-3 if scale < 1e-3 else 1e-5, atol=1e-14)
 
 
+def test_large_rows_kernel_counts_the_terms_float32_flushes_to_zero():
+    """Rows whose logit change passes SAFE_EXPONENT at tokens of clean log-probability about -110
+    (``p`` is 0 in float32) and changes of 120 to 150 (``e^t`` past float32's range): the compiled
+    loop's ``E_p[expm1 t]`` equals float64's sum over ``exp(log p) expm1(t)``, where a float32
+    ``p * expm1(t)`` would miss those terms or overflow."""
+    gen = torch.Generator().manual_seed(3)
+    n, v = 9, 4001
+    p, a, d, k1, k2, vec, k3, c = _inputs(n, v, 1.0, seed=3)
+    inv_s = torch.rand(n, 1, generator=gen) * 0.05 + 0.02
+    c0 = torch.randn(v, generator=gen)
+    rare = torch.randint(0, v, (n, 3), generator=gen)
+    rows_index = torch.arange(n).unsqueeze(-1)
+    c0[rare.flatten()] = -100.0  # log p about -110 there: below float32's smallest subnormal (e^-103)
+    log_z = torch.logsumexp((a * inv_s + c0).double(), -1, keepdim=True).float()
+    log_p = (a * inv_s + c0 - log_z).double()
+    p = log_p.exp().float()
+    assert (p[rows_index, rare] == 0).all()
+    jump = torch.linspace(120.0, 150.0, n * 3).reshape(n, 3)
+    d[rows_index, rare] -= jump / k2  # t there: about 120 to 150 nats, log p + t from about 10 to 40
+    rows = torch.tensor([0, 2, 3, 5, 8])
+    (sums,) = fused.large_rows(rows, p, a, d, k1, k2, vec, k3, c, inv_s, c0, log_z)
+    t = (a * k1 - d * k2 + vec * k3 - c).double()[rows]
+    want = (log_p[rows].exp() * torch.expm1(t)).sum(-1, keepdim=True)
+    assert (want > 100).all()  # the flushed terms dominate: the float32 sum would give about 1
+    torch.testing.assert_close(sums, want, rtol=1e-4, atol=0.0)  # float32 t: 1e-7 of 130 in an exponent
+    eager = fused.large_rows_definition(rows, p, a, d, k1, k2, vec, k3, c, inv_s, c0, log_z)[0]
+    torch.testing.assert_close(sums, eager, rtol=1e-6, atol=0.0)
+
+
 def test_expm1_keeps_relative_precision_near_zero():
     """The kernel's ``expm1`` (inductor compiles torch.expm1 as exp - 1) against float64 expm1, compiled."""
     t = torch.cat([torch.logspace(-12, 1.5, 4000), -torch.logspace(-12, 1.5, 4000), torch.zeros(1)])

@@ -5,8 +5,10 @@ binds this work on a CPU; compiled by ``torch.compile`` (inductor's C++ backend)
 becomes one loop. :data:`change_sums`: a cell's KL from its logit change ``t = a k1 - d k2 + v k3
 - c`` ([N, V]; per-row scalars [N, 1], a vector ``v`` [V]) through ``E_p[t]``, ``E_p[expm1(t)]``
 and the row maximum of ``t``, one loop reading ``p``, ``a`` and ``d`` once instead of five to seven
-passes. :data:`kl_sums`: KL(p || softmax(y)) against a fixed ``p``, with the entropy and top-1
-token of ``softmax(y)`` (the neuron ablations), two loops instead of about eleven passes;
+passes; :data:`large_rows`: ``E_p[expm1(t)]`` again for the few rows whose ``t`` passes
+:data:`SAFE_EXPONENT`, those terms in log space, the rows gathered inside the loop.
+:data:`kl_sums`: KL(p || softmax(y)) against a fixed ``p``, with the entropy and top-1 token of
+``softmax(y)`` (the neuron ablations), two loops instead of about eleven passes;
 :data:`kl_terms`: the same KL alone (H1, H2, the shuffle, lens evaluation), two loops instead of
 about nine passes.
 
@@ -26,6 +28,10 @@ import torch
 
 _Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
+# exponent above which a token's term p * (e^t - 1) is formed in log space (exp(log p + t)):
+# below it e^t cannot overflow, and a p lost to underflow (< 1.2e-38) drops under 1e-16
+SAFE_EXPONENT = 50.0
+
 
 def change_sums_definition(p: torch.Tensor, a: torch.Tensor, d: torch.Tensor, k1: torch.Tensor,
                            k2: torch.Tensor, v: torch.Tensor, k3: torch.Tensor, c: torch.Tensor) -> _Sums:
@@ -35,6 +41,21 @@ def change_sums_definition(p: torch.Tensor, a: torch.Tensor, d: torch.Tensor, k1
     s0 = (p * t).double().sum(-1, keepdim=True)
     s1 = (p * expm1(t)).double().sum(-1, keepdim=True)
     return s0, s1, t.amax(-1, keepdim=True)
+
+
+def large_rows_definition(rows: torch.Tensor, p: torch.Tensor, a: torch.Tensor, d: torch.Tensor,
+                          k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, k3: torch.Tensor, c: torch.Tensor,
+                          inv_s: torch.Tensor, c0: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor]:
+    """``E_p[expm1 t]`` [n, 1] in float64 for the ``rows`` [n] of :func:`change_sums_definition`'s
+    ``t``, each term where ``t`` passes :data:`SAFE_EXPONENT` formed as ``exp(log p + t)`` in
+    float64 (a ``p`` that float32 flushed to zero still counts; no overflow below 709), with
+    ``log p = a inv_s + c0 - log_z`` (``inv_s``, ``log_z`` [N, 1], ``c0`` [V]): the clean
+    log-probabilities, from the same ``a``."""
+    a_r = a[rows]
+    t = a_r * k1[rows] - d[rows] * k2[rows] + v * k3[rows] - c[rows]
+    log_p = a_r * inv_s[rows] + c0 - log_z[rows]
+    terms = torch.where(t > SAFE_EXPONENT, (log_p.double() + t.double()).exp(), (p[rows] * expm1(t)).double())
+    return (terms.sum(-1, keepdim=True),)
 
 
 def expm1(t: torch.Tensor) -> torch.Tensor:
@@ -104,9 +125,10 @@ class _Kernel:
 
 
 change_sums = _Kernel(change_sums_definition)
+large_rows = _Kernel(large_rows_definition)
 kl_sums = _Kernel(kl_sums_definition)
 kl_terms = _Kernel(kl_terms_definition)
-KERNELS = (change_sums, kl_sums, kl_terms)
+KERNELS = (change_sums, large_rows, kl_sums, kl_terms)
 
 
 def enable(flag: bool) -> None:

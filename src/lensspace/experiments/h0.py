@@ -170,13 +170,26 @@ class LinearHead:
         return q - q.mean(0, keepdim=True) if self.centred else q
 
 
-# exponent above which a token's term p * (e^t - 1) is formed in log space (exp(log p + t)):
-# below it e^t cannot overflow, and a p lost to underflow (< 1.2e-38) drops under 1e-16
-_SAFE_EXPONENT = 50.0
+_SAFE_EXPONENT = fused.SAFE_EXPONENT
 
 
-def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
-                    log_p_rows: Callable[[torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Clean:
+    """The clean logits' parts that give rows of ``log p = A / s + c0 - log Z`` again (``A``
+    [N, V]; ``inv_s``, ``log_z`` [N, 1]; ``c0`` [V] or None), for the rows formed in log space."""
+
+    a: torch.Tensor
+    inv_s: torch.Tensor
+    c0: torch.Tensor | None
+    log_z: torch.Tensor
+
+    def log_p(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = self.a[rows] * self.inv_s[rows]
+        return (logits + self.c0 if self.c0 is not None else logits) - self.log_z[rows]
+
+
+def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor, clean: _Clean,
+                    scratch: torch.Tensor) -> torch.Tensor:
     """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V], ``c`` a per-row
     shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
     exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
@@ -195,7 +208,7 @@ def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor,
     s1 = torch.mul(p, t.expm1_(), out=scratch).sum(-1, keepdim=True)
     kl = torch.log1p(s1) - s0
     if rows is not None:
-        kl[rows] = _large_rows_kl(t_rows, p[rows], s0[rows], log_p_rows(rows))
+        kl[rows] = _large_rows_kl(t_rows, p[rows], s0[rows], clean.log_p(rows))
     return kl.clamp_min_(0.0)
 
 
@@ -213,10 +226,10 @@ def _large_rows_kl(t_rows: torch.Tensor, p_rows: torch.Tensor, s0_rows: torch.Te
 
 
 def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
-              log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+              clean: _Clean) -> torch.Tensor | None:
     """:func:`_kl_from_change` for one cell in one compiled pass over ``p``, ``a`` and ``d``
-    (:mod:`lensspace.fused`), rows past :data:`_SAFE_EXPONENT` redone in log space; None where
-    the kernel could not be compiled."""
+    (:mod:`lensspace.fused`), rows past :data:`_SAFE_EXPONENT` redone in log space by a second
+    compiled loop (or eagerly, where it failed); None where the first could not be compiled."""
     # every argument its own tensor: the compiled graph is specialised on which inputs alias
     column = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
     k1 = change.k1 if change.k1 is not None else column.clone()
@@ -234,8 +247,13 @@ def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tens
     large = t_max.squeeze(-1) > _SAFE_EXPONENT
     if large.any():
         rows = large.nonzero().squeeze(-1)
-        t_rows = a[rows] * k1[rows] - d[rows] * change.k2[rows] + v * k3[rows] - c[rows]
-        kl[rows] = _large_rows_kl(t_rows, p[rows], s0[rows].to(p.dtype), log_p_rows(rows))
+        c0 = clean.c0 if clean.c0 is not None else torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
+        terms = fused.large_rows(rows, p, a, d, k1, change.k2, v, k3, c, clean.inv_s, c0, clean.log_z)
+        exact = torch.log1p(terms[0]) - s0[rows] if terms is not None else None
+        if exact is None or not torch.isfinite(exact).all():  # past float64's exp too (KL > 700 nats)
+            t_rows = a[rows] * k1[rows] - d[rows] * change.k2[rows] + v * k3[rows] - c[rows]
+            exact = _large_rows_kl(t_rows, p[rows], s0[rows].to(p.dtype), clean.log_p(rows))
+        kl[rows] = exact.to(p.dtype)
     return kl.clamp_min_(0.0)
 
 
@@ -258,7 +276,7 @@ class _Change:
 
 
 def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Tensor,
-                changes: list[_Change], log_p_rows: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+                changes: list[_Change], clean: _Clean) -> list[torch.Tensor]:
     """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
     (``r``, or ``A - r``) and its dot product with ``p`` once, then per cell the fused sums
     (:func:`_fused_kl`) or, eagerly, ``t = delta - E_p[delta]`` (into reused buffers, with ``D``'s
@@ -276,7 +294,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
         d, p_d = removed[change.complement]
         c = change.base - p_d * change.k2  # E_p[delta]
         if fused.change_sums.usable(a):
-            kl = _fused_kl(change, a, d, p, c, log_p_rows)
+            kl = _fused_kl(change, a, d, p, c, clean)
             if kl is not None:
                 kls.append(kl)
                 continue
@@ -294,7 +312,7 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
             t.addcmul_(change.alpha, change.k2)
         elif change.beta is not None:
             t.add_(change.beta)
-        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, log_p_rows, scratch))
+        kls.append(_kl_from_change(t, p, change.top - d_min * change.k2 - c, clean, scratch))
     return kls
 
 
@@ -335,10 +353,7 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
         p = clean.sub_(log_z).exp_()
         del clean
         a_min, a_max = torch.aminmax(a, dim=-1, keepdim=True)
-
-        def log_p_rows(rows: torch.Tensor) -> torch.Tensor:
-            logits = a[rows] * inv_s[rows]
-            return (logits + head.c0 if head.c0 is not None else logits) - log_z[rows]
+        clean_parts = _Clean(a, inv_s, head.c0, log_z)
     p_a = row_dot(p, a).unsqueeze(-1)
     const_keys = [(id(ab), m) for ab in ablations for m in ab.const if ab.const[m] is not None]
     p_const, const_max = {}, {}
@@ -383,7 +398,7 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
                     top = top + (c_max * inv_sigma if alpha is not None else c_max)
                 changes.append(_Change(cell, ab.complement, k1, inv_sigma, alpha, beta, base, top, edit))
         if changes:
-            for change, kl in zip(changes, _change_kls(a, r, p, p_a, changes, log_p_rows)):
+            for change, kl in zip(changes, _change_kls(a, r, p, p_a, changes, clean_parts)):
                 out[change.cell] = (kl.squeeze(-1), change.edit)
         del r
     return out

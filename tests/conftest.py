@@ -14,6 +14,7 @@ import torch
 import yaml
 from tuned_lens.nn import TunedLens
 
+from lensspace import gemm
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.adapter import Adapter
 from lensspace.lenses import empty_lens
@@ -205,7 +206,7 @@ def real(tmp_path_factory):
         prepare_corpus(REAL_CORPUS, config["corpora"][REAL_CORPUS], corpus,
                        resources / "downloads" / REAL_CORPUS)
     model, tokenizer = load_model(folder)
-    adapter = Adapter(model)
+    adapter = Adapter(gemm.route_linears(model))  # as runtime.open_model: products by oneDNN
     tokens = tokenize_documents(read_documents(corpus), tokenizer,
                                 TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0))
     cache_dir = tmp_path_factory.mktemp("real") / "cache"

@@ -54,7 +54,8 @@ class ComputeSettings:
     are the values the study always used). ``allow_tf32``: TF32 matrix products on GPUs that
     have them (about 1e-3 relative error instead of fp32's 1e-7); off by default.
     ``fused_cpu``: the vocabulary passes of H0, of the neuron ablations and of every KL against
-    a reference as compiled loops on the CPU (:mod:`lensspace.fused`).
+    a reference as compiled loops on the CPU (:mod:`lensspace.fused`). ``onednn_cpu``: CPU
+    float32 products by oneDNN (:mod:`lensspace.gemm`).
     """
 
     chunk_sequences: int = 4
@@ -63,6 +64,7 @@ class ComputeSettings:
     gpu_cache_batch_size: int = 32
     allow_tf32: bool = False
     fused_cpu: bool = True
+    onednn_cpu: bool = True
 
     def chunk(self, device: torch.device | str) -> int:
         return self.gpu_chunk_sequences if torch.device(device).type == "cuda" else self.chunk_sequences

@@ -86,17 +86,19 @@ def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict 
     ``compute`` (the ``compute`` settings as a dict) sets the fp32 policy before any work;
     the device, GPU and policy go into the rule's log.
     """
-    from lensspace import fused
+    from lensspace import fused, gemm
     from lensspace.adapter import Adapter
     from lensspace.devices import configure_numerics, describe
     from lensspace.models import load_model
 
     configure_numerics(bool((compute or {}).get("allow_tf32", False)))
     fused.enable(bool((compute or {}).get("fused_cpu", True)))
+    gemm.enable(bool((compute or {}).get("onednn_cpu", True)))
     model, tokenizer = load_model(Path(manifest).parent, resolve_device(device_setting))
-    adapter = Adapter(model)
+    adapter = Adapter(gemm.route_linears(model))
     print(f"[lensspace] compute: {describe(adapter.device)}; fused CPU kernel "
-          f"{'on' if fused.change_sums.enabled else 'off'}", file=sys.stderr)
+          f"{'on' if fused.change_sums.enabled else 'off'}; CPU float32 products by "
+          f"{'oneDNN' if gemm.active() else 'torch default'}", file=sys.stderr)
     return adapter, tokenizer
 
 

@@ -177,7 +177,8 @@ def compute_params(config: dict) -> dict[str, Any]:
     compute, cache = config["compute"], config["cache"]
     return {"chunk_sequences": compute["chunk_sequences"], "gpu_chunk_sequences": compute["gpu_chunk_sequences"],
             "cache_batch_size": cache["batch_size"], "gpu_cache_batch_size": cache["gpu_batch_size"],
-            "allow_tf32": compute["allow_tf32"], "fused_cpu": compute["fused_cpu"]}
+            "allow_tf32": compute["allow_tf32"], "fused_cpu": compute["fused_cpu"],
+            "onednn_cpu": compute["onednn_cpu"]}
 
 
 def compute_settings(config: dict) -> ComputeSettings:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tuned_lens.nn import TunedLens
 
-from lensspace import fused
+from lensspace import fused, gemm
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid, Cell, CellResults
@@ -113,7 +113,7 @@ class LinearHead:
         """Logits of ``z`` and the norm's scale ``s(C z)`` [..., 1]."""
         cz = self.centre(z)
         s = self.scale(cz)
-        logits = (cz / s) @ self.g.T
+        logits = gemm.linear(cz / s, self.g)
         return (logits + self.c0 if self.c0 is not None else logits), s
 
     def plan(self, qs: dict[tuple, torch.Tensor], cells: list[Cell], means: dict[str, torch.Tensor],
@@ -336,7 +336,7 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
     cz = head.centre(z)
     s = head.scale(cz)
     inv_s = 1 / s
-    a = cz @ head.g.T  # the clean logits' numerator: logits = A / s + c0
+    a = gemm.linear(cz, head.g)  # the clean logits' numerator: logits = A / s + c0
     clean = a * inv_s
     if head.c0 is not None:
         clean.add_(head.c0)
@@ -368,7 +368,7 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
         by_product.setdefault(ab.product, []).append(ab)
     before_norm = z if source is None else source
     for index, product in enumerate(products):
-        r = ((before_norm if product.source == "pre_norm" else cz) @ product.q) @ product.lin.T
+        r = gemm.linear((before_norm if product.source == "pre_norm" else cz) @ product.q, product.lin)
         changes = []
         for ab in by_product.get(index, []):
             x_site = before_norm if ab.site == "pre_norm" else cz * inv_s

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall SECONDS]
 
-In one run it measures the fp32 matrix-multiply rate (torch, the rules' thread count) on the
-unembedding's shape and on a square product, and the start-up of one job (a fresh Python that
+In one run it measures the fp32 matrix-multiply rate (the rules' thread count) on the
+unembedding's shape and on a square product, by torch's default BLAS and by oneDNN (the
+workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a fresh Python that
 imports the package and loads the run's model). From the config's settings it counts each
 heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
 the implementation; H0 counted with the head's linearity: one rank-k product per independent
@@ -31,6 +32,7 @@ import torch
 import yaml
 from snakemake.utils import validate
 
+from lensspace import gemm
 from lensspace.experiments.shuffle import window_permutations
 from lensspace.lenses import LensTraining, held_out_sequences
 from lensspace.provenance import benchmark_jobs
@@ -56,20 +58,26 @@ WHY = {
 
 
 def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
-    """Median GFLOP/s of fp32 products: the unembedding's shape and 2048^3."""
+    """Median GFLOP/s of fp32 products, the unembedding's shape and 2048^3, by torch's default
+    BLAS and by oneDNN (:mod:`lensspace.gemm`, the workflow's CPU path) where this wheel has it."""
     torch.set_num_threads(threads)
     shapes = {"[1024x576]x[576x49152]": (1024, 576, 49152), "2048^3": (2048, 2048, 2048)}
     rates = {}
     for name, (m, k, n) in shapes.items():
         a, b = torch.randn(m, k), torch.randn(k, n)
+        weight = b.T.contiguous()  # [n, k]: a linear layer's weight
         out = torch.empty(m, n)
-        torch.mm(a, b, out=out)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            torch.mm(a, b, out=out)
-            times.append(time.perf_counter() - started)
-        rates[name] = 2 * m * k * n / statistics.median(times) / 1e9
+        products = {"torch": lambda: torch.mm(a, b, out=out)}
+        if gemm.active():
+            products["oneDNN"] = lambda: gemm.linear(a, weight)
+        for backend, product in products.items():
+            product()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                product()
+                times.append(time.perf_counter() - started)
+            rates[f"{name} {backend}"] = 2 * m * k * n / statistics.median(times) / 1e9
     return rates
 
 
@@ -361,6 +369,7 @@ def main() -> None:
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     validate(config, "schemas/config.schema.yaml")
+    gemm.enable(config["compute"]["onednn_cpu"])
     rates = matmul_rate(args.threads)
     peak = max(rates.values())
     print("fp32 matrix multiply, measured now: " + ", ".join(f"{n} {r:.0f} GFLOP/s" for n, r in rates.items()))

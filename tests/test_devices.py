@@ -248,4 +248,4 @@ def test_the_cache_records_where_it_was_computed_and_the_report_says_so(tmp_path
     write_cache(adapter, {"eval": tiny_ids.int()}, tmp_path / "run-a" / "activations",
                 {"compute": describe(adapter.device)})
     assert compute_records(tmp_path, ["run-a", "run-b"]) == {
-        "compute (run-a)": "cpu; TF32 off, fp32 matmul precision highest"}
+        "compute (run-a)": "cpu; TF32 off, fp32 matmul precision highest, CPU products by oneDNN"}

@@ -81,11 +81,16 @@ def configure_numerics(allow_tf32: bool) -> None:
 
 
 def describe(device: torch.device | str) -> dict:
-    """What a result was computed on: device, GPU name, CUDA version, matmul precision."""
+    """What a result was computed on: device, GPU name and CUDA version or the CPU's product
+    library (:mod:`lensspace.gemm`), matmul precision."""
     device = torch.device(device)
     info = {"device": str(device), "torch": torch.__version__,
             "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cpu":
+        from lensspace import gemm
+
+        info["cpu_products"] = "oneDNN" if gemm.active() else "default"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

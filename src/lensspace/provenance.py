@@ -60,7 +60,9 @@ def compute_records(results: str | Path, runs: Iterable[str]) -> dict[str, str]:
         if record:
             where = record["device"] + (f" ({record['gpu']}, CUDA {record.get('cuda')})" if "gpu" in record else "")
             records[f"compute ({run})"] = (f"{where}; TF32 {'on' if record['allow_tf32'] else 'off'}, "
-                                           f"fp32 matmul precision {record['float32_matmul_precision']}")
+                                           f"fp32 matmul precision {record['float32_matmul_precision']}"
+                                           + (f", CPU products by {record['cpu_products']}"
+                                              if "cpu_products" in record else ""))
     return records
 
 

@@ -130,7 +130,7 @@ EDITS = {
     "cache.gpu_batch_size": ([(("cache", "gpu_batch_size"), 16)], DEVICE),
     **{f"compute.{key}": ([(("compute", key), value)], DEVICE)
        for key, value in (("chunk_sequences", 2), ("gpu_chunk_sequences", 8), ("allow_tf32", True),
-                                             ("fused_cpu", False))},
+                          ("fused_cpu", False), ("onednn_cpu", False))},
     "cache.storage": ([(("cache", "storage"), "float32")], AFTER_CACHE),
     # tiny-llama takes every lens_training key from the top level (tiny-gpt2 overrides refine_steps)
     **{f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens", "lens_quality"})

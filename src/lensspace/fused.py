@@ -113,6 +113,8 @@ class _Kernel:
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The sums, or None where compiling failed (the reason printed once to the log)."""
+        if self.failed is not None:
+            return None
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)

@@ -248,7 +248,9 @@ def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tens
     if large.any():
         rows = large.nonzero().squeeze(-1)
         c0 = clean.c0 if clean.c0 is not None else torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
-        terms = fused.large_rows(rows, p, a, d, k1, change.k2, v, k3, c, clean.inv_s, c0, clean.log_z)
+        inv_s = clean.inv_s.clone() if change.k2 is clean.inv_s else clean.inv_s  # after the norm, k2 is 1 / s
+        terms = (fused.large_rows(rows, p, a, d, k1, change.k2, v, k3, c, inv_s, c0, clean.log_z)
+                 if fused.large_rows.usable(a) else None)
         exact = torch.log1p(terms[0]) - s0[rows] if terms is not None else None
         if exact is None or not torch.isfinite(exact).all():  # past float64's exp too (KL > 700 nats)
             t_rows = a[rows] * k1[rows] - d[rows] * change.k2[rows] + v * k3[rows] - c[rows]

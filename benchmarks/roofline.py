@@ -5,7 +5,8 @@
 In one run it measures the fp32 matrix-multiply rate (the rules' thread count) on the
 unembedding's shape and on a square product, by torch's default BLAS and by oneDNN (the
 workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a fresh Python that
-imports the package and loads the run's model). From the config's settings it counts each
+imports the package and loads the run's model), with the allocator setting the jobs get (huge
+pages; it restarts itself with it). From the config's settings it counts each
 heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
 the implementation; H0 counted with the head's linearity: one rank-k product per independent
 subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
@@ -21,6 +22,7 @@ heavy rules' products would need to finish in that time.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from snakemake.utils import validate
 from lensspace import gemm
 from lensspace.experiments.shuffle import window_permutations
 from lensspace.lenses import LensTraining, held_out_sequences
+from lensspace.malloc import ask_for_huge_pages
 from lensspace.provenance import benchmark_jobs
 from lensspace.settings import (ablation_grid, experiment_layers, job_layers, layer_jobs, neuron_settings,
                                 lens_training_params, second_ridge, seed_layout_grid, seed_layout_layers,
@@ -367,6 +370,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="a wall time (s) to test the run against, e.g. half of an earlier run's")
     args = parser.parse_args()
+    if os.environ.get("GLIBC_TUNABLES") != ask_for_huge_pages():  # the jobs' allocator: fresh outputs fault less
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     config = yaml.safe_load(args.config.read_text())
     validate(config, "schemas/config.schema.yaml")
     gemm.enable(config["compute"]["onednn_cpu"])

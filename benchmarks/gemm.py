@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,19 +23,10 @@ from torch.nn import functional as F
 
 from lensspace import gemm
 from lensspace.malloc import ask_for_huge_pages
+from roofline import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources" / "models" / "smollm2-135m"
-
-
-def seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def relative_error(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
@@ -68,13 +57,13 @@ def main() -> None:
     for name, (rows, k, n) in shapes.items():
         x, weight = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
         flop = 2 * rows * k * n / 1e9
-        default, onednn = seconds(lambda: F.linear(x, weight), args.repeats), seconds(lambda: gemm.linear(x, weight), args.repeats)
+        default, onednn = median_seconds(lambda: F.linear(x, weight), args.repeats), median_seconds(lambda: gemm.linear(x, weight), args.repeats)
         print(f"{name:34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}  "
               f"{relative_error(F.linear(x, weight), x, weight):13.1e} {relative_error(gemm.linear(x, weight), x, weight):9.1e}")
         if n == 49152:  # the refinements' input gradient through the frozen head: g W
             g = torch.randn(rows, n, generator=gen)
-            default = seconds(lambda: g @ weight, args.repeats)
-            onednn = seconds(lambda: gemm.linear(g, weight.t()), args.repeats)
+            default = median_seconds(lambda: g @ weight, args.repeats)
+            onednn = median_seconds(lambda: gemm.linear(g, weight.t()), args.repeats)
             print(f"{'unembedding, input gradient':34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}")
     print("(GFLOP/s, median of", args.repeats, "; error: largest |got - float64| / (|x||W|))")
     if not (MODEL / "lensspace-model.json").exists():
@@ -97,7 +86,7 @@ def main() -> None:
         times = {}
         for flag in (False, True, False, True):
             gemm.enable(flag)
-            times.setdefault(flag, []).append(seconds(forward, max(1, args.repeats // 2)))
+            times.setdefault(flag, []).append(median_seconds(forward, max(1, args.repeats // 2)))
     default, onednn = min(times[False]), min(times[True])
     print(f"default model, one forward of 4 x 128 tokens: default {default:.3f} s, oneDNN {onednn:.3f} s, "
           f"ratio {default / onednn:.2f}")

@@ -60,6 +60,17 @@ WHY = {
 }
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
     """Median GFLOP/s of fp32 products, the unembedding's shape and 2048^3, by torch's default
     BLAS and by oneDNN (:mod:`lensspace.gemm`, the workflow's CPU path) where this wheel has it."""
@@ -74,13 +85,7 @@ def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
         if gemm.active():
             products["oneDNN"] = lambda: gemm.linear(a, weight)
         for backend, product in products.items():
-            product()
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                product()
-                times.append(time.perf_counter() - started)
-            rates[f"{name} {backend}"] = 2 * m * k * n / statistics.median(times) / 1e9
+            rates[f"{name} {backend}"] = 2 * m * k * n / median_seconds(product, repeats) / 1e9
     return rates
 
 

@@ -1,15 +1,15 @@
 """Size of the paired tests, at the levels a Holm correction asks for: how often each rejects a
 true null, side by side on the same draws.
 
-    .venv/bin/python benchmarks/test_size.py [--n 16] [--sigma 0.62] [--sims 2000] [--family 27 264]
+    .venv/bin/python benchmarks/test_size.py [--n 32] [--draws 8] [--sigma 0.62] [--sims 2000] [--family 27 264]
 
-Two nulls of per-sequence values, n sequences each:
+Two nulls of per-sequence values, n sequences each (the defaults: the embedded default's sample):
 - ``skewed``: differences from a centred lognormal (sigma 0.62: skewness 2.4, as measured on
   real per-sequence KLs), a true "mean difference = 0" that the bootstrap-t test
   (stats.paired_difference, the H0/H1/H2, lens-quality and OOD verdicts) is built for, beside
   a sign flip of the differences (matched_permutation_p with one draw of zeros), which tests
   that they are symmetric rather than that their mean is 0;
-- ``matched``: a candidate and its 4 matched draws drawn alike in each sequence (lognormal,
+- ``matched``: a candidate and its ``--draws`` matched draws drawn alike in each sequence (lognormal,
   sigma 1.2: heavy tails), the neuron experiment's null of "the candidate acts like its matched
   neurons"; the bootstrap-t test of candidate minus the draws' mean beside the matched
   permutation test (stats.matched_permutation_p, the neuron verdicts).
@@ -29,7 +29,8 @@ from lensspace.stats import matched_permutation_p, paired_difference
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--n", type=int, default=32, help="held-out sequences (data.eval_sequences)")
+    parser.add_argument("--draws", type=int, default=8, help="matched draws per candidate (random_draws)")
     parser.add_argument("--sigma", type=float, default=0.62)
     parser.add_argument("--sims", type=int, default=2000)
     parser.add_argument("--resamples", type=int, default=20000)
@@ -50,7 +51,7 @@ def main() -> None:
                 d = torch.randn(args.n, generator=gen, dtype=torch.float64).mul(args.sigma).exp()
                 x = torch.stack([d - math.exp(args.sigma ** 2 / 2), torch.zeros_like(d)])
             else:
-                x = torch.randn(5, args.n, generator=gen, dtype=torch.float64).mul(1.2).exp()
+                x = torch.randn(1 + args.draws, args.n, generator=gen, dtype=torch.float64).mul(1.2).exp()
             for name in names:
                 p = tests[name](x, sim)
                 for level in levels:
@@ -58,7 +59,7 @@ def main() -> None:
         for name in names:
             for level in levels:
                 rate = rejections[name, level] / args.sims
-                print(f"{null} null, n={args.n}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
+                print(f"{null} null, n={args.n}, draws={args.draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
                       f"(ratio {rate / level:.2f})")
 
 

@@ -196,13 +196,14 @@ def _lognormal_sigma_for_skew(skew: float) -> float:
     return lo
 
 
-def test_paired_test_size_coverage_and_power():
-    """Under a null of skewed mean-zero per-sequence differences (n = 16) the test rejects at
-    0.05 no more than ~6% of the time, so its interval covers >= 0.94; a clear effect (1.5 sd)
-    is found nearly always, and a strong one reaches p-values a Holm correction over 300 cells
-    can use (< 0.05 / 300)."""
-    reps, n = 2000, 16
-    gen = torch.Generator().manual_seed(6)
+@pytest.mark.parametrize("n", [16, 32])
+def test_paired_test_size_coverage_and_power(n):
+    """Under a null of skewed mean-zero per-sequence differences (n = 16, and the default's 32)
+    the test rejects at 0.05 no more than ~6% of the time, so its interval covers >= 0.94; a
+    clear effect (1.5 sd) is found nearly always, and a strong one reaches p-values a Holm
+    correction over 300 cells can use (< 0.05 / 300)."""
+    reps = 2000
+    gen = torch.Generator().manual_seed(6 + n)
     null = _skewed_differences((reps, n), gen)
     zeros = torch.zeros(n)
     rejected = covered = 0
@@ -248,15 +249,16 @@ def test_matched_permutation_p_against_every_labelling_by_hand():
         matched_permutation_p(torch.tensor([1.0, float("nan")]), torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("n,m", [(16, 4), (32, 8)])  # 32 sequences and 8 draws: the default's
 @pytest.mark.parametrize("kind", ["skewed", "discrete"])
-def test_matched_permutation_size_at_holm_levels(kind):
-    """Where the candidate acts like its 4 matched draws (the five values of each of 16
+def test_matched_permutation_size_at_holm_levels(kind, n, m):
+    """Where the candidate acts like its m matched draws (the m + 1 values of each of n
     sequences drawn alike), the test rejects at most alpha of the time, at 0.05 and at Holm's
     first threshold for the neuron family (0.05 / 27): simulated with skewed lognormal effects,
     where the candidate-minus-draws-mean difference is itself skewed, and with shares of flipped
     top-1 tokens out of 127 (discrete, tied); a shift of two sd is still found."""
-    reps, n, m, levels = 2000, 16, 4, (0.05, 0.05 / 27)
-    gen = torch.Generator().manual_seed(11)
+    reps, levels = 2000, (0.05, 0.05 / 27)
+    gen = torch.Generator().manual_seed(11 + n)
     if kind == "skewed":
         x = (torch.randn(reps, m + 1, n, generator=gen, dtype=torch.float64) * 1.2).exp()
     else:

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=20000)
     parser.add_argument("--family", type=int, nargs="*", default=[27, 264])
     args = parser.parse_args()
+    if args.draws < 1 or args.n < 2:
+        parser.error("--draws must be at least 1 and --n at least 2")
     levels = [0.05, 0.01, *(0.05 / m for m in args.family)]
     gen = torch.Generator().manual_seed(0)
     def permutation(x, sim):  # with one row of zeros beside the first: a sign flip of its values
@@ -59,7 +61,8 @@ def main() -> None:
         for name in names:
             for level in levels:
                 rate = rejections[name, level] / args.sims
-                print(f"{null} null, n={args.n}, draws={args.draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
+                draws = f", draws={args.draws}" if null == "matched" else ""
+                print(f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
                       f"(ratio {rate / level:.2f})")
 
 

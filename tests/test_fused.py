@@ -92,3 +92,27 @@ def test_a_failed_compile_falls_back_to_eager(monkeypatch, capsys):
     assert kernel(*args) is None
     assert not kernel.usable(args[0])
     assert "no C++ compiler found" in capsys.readouterr().err
+
+
+def test_first_call_is_logged_once_and_read_back_as_a_jobs_kernel_time(monkeypatch, capsys, tmp_path):
+    """A kernel's first call (loading or compiling, then the call) prints its seconds once; the
+    log line reads back through ``provenance.logged_startups`` beside a job's start-up line, as
+    ``benchmarks/roofline.py`` reads a run's logs."""
+    from lensspace import provenance
+    from lensspace.runtime import STARTUP_LINE
+
+    kernel = fused._Kernel(fused.change_sums_definition)
+    args = _inputs(4, 50, 1.0)
+    assert kernel(*args) is not None and kernel(*args) is not None
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(fused.FIRST_CALL_LINE)]
+    assert len(lines) == 1 and "change_sums_definition" in lines[0]
+    seconds = float(lines[0][len(fused.FIRST_CALL_LINE):].split()[1])
+    assert 0 < seconds < 600
+    log = tmp_path / "logs" / "h0_layer" / "run" / "0_15.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n{lines[0]}\n")
+    (tmp_path / "logs" / "tokenize").mkdir()
+    (tmp_path / "logs" / "tokenize" / "run.log").write_text("[lensspace] rule tokenize\n")  # no model: no row
+    rows = provenance.logged_startups(tmp_path)
+    assert rows.to_dict("records") == [{"rule": "h0_layer", "job": "run/0_15", "startup_s": 4.25,
+                                        "kernels_s": pytest.approx(2 * seconds)}]

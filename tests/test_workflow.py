@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
@@ -173,6 +176,34 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']" in out
     assert len(out.strip().splitlines()) <= 4, out  # the key, the value, the allowed ones: not the schema
     assert not (tmp_path / "results").exists()
+
+
+def test_every_model_job_logs_its_start_up(tiny_run):
+    """Each job that loads the model logs the seconds from its process's start to the model
+    loaded; ``provenance.logged_startups`` reads them back (what ``benchmarks/roofline.py``
+    sums), each below its job's own benchmarked time."""
+    from lensspace.provenance import benchmark_jobs, logged_startups
+
+    workdir, _ = tiny_run
+    logged = logged_startups(workdir / "results")
+    loaders = {path.stem for path in (ROOT / "scripts").glob("*.py") if "open_model(" in path.read_text()}
+    ran = benchmark_jobs(workdir / "results")
+    expected = ran[ran["rule"].isin({"h0_layer", "h1_layer", "h2_layer", "svd", "train_lens", "eval_lens",
+                                     "cache_activations", "h1_heads", "shuffle_pairs", "neurons"})]
+    assert len(expected) >= 10 and {"h0_layer", "train_lens", "svd"} <= loaders
+    merged = expected.merge(logged, on=["rule", "job"], how="left")
+    assert merged["startup_s"].notna().all(), merged[merged["startup_s"].isna()]
+    assert ((merged["startup_s"] > 0.5) & (merged["startup_s"] < merged["s"])).all(), merged
+    assert (merged["kernels_s"] == 0).all()  # tiny models stay below fused.MIN_ELEMENTS: eager
+
+
+def test_process_seconds_counts_from_the_process_start():
+    """``runtime.process_seconds`` includes what ran before lensspace was imported."""
+    code = ("import time; time.sleep(1.5); from lensspace.runtime import process_seconds; "
+            "a = process_seconds(); time.sleep(0.3); print(a, process_seconds())")
+    first, second = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    assert 1.5 <= first < 60 and 0.25 <= second - first < 5
 
 
 def test_jobs_run_with_huge_pages(tiny_run):

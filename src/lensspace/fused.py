@@ -22,6 +22,7 @@ the jobs whose work is mostly these passes use them.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -98,6 +99,9 @@ def kl_terms_definition(base: torch.Tensor, p: torch.Tensor, y: torch.Tensor) ->
 MIN_ELEMENTS = 1 << 20
 
 
+FIRST_CALL_LINE = "[lensspace] fused kernel first call:"  # provenance.logged_startups reads it
+
+
 class _Kernel:
     """A compiled ``definition``, built on first use. ``usable(x)``: on the CPU, enabled, not
     failed, and ``x`` of at least :data:`MIN_ELEMENTS`; elsewhere callers run their eager passes."""
@@ -116,9 +120,14 @@ class _Kernel:
         if self.failed is not None:
             return None
         try:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
-            return self._compiled(*args)
+            if self._compiled is not None:
+                return self._compiled(*args)
+            started = time.perf_counter()
+            self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
+            sums = self._compiled(*args)
+            print(f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} s "
+                  "(loaded from the compile cache or compiled, then one call)", file=sys.stderr)
+            return sums
         except Exception as err:  # a missing compiler or an inductor limit: many types
             self.failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
             print(f"[lensspace] fused vocabulary kernel {self.definition.__name__} unavailable "

@@ -41,6 +41,28 @@ def benchmark_jobs(results: str | Path, names: Iterable[str] | None = None) -> p
     return pd.DataFrame(rows, columns=BENCHMARK_COLUMNS)
 
 
+def logged_startups(results: str | Path) -> pd.DataFrame:
+    """One row per job whose log (``results/logs/{rule}/**.log``) records its start-up: rule, job,
+    ``startup_s`` (process start to model loaded, as ``runtime.open_model`` logs it) and
+    ``kernels_s`` (the fused kernels' first calls, as ``fused`` logs them; 0 where none ran)."""
+    from lensspace.fused import FIRST_CALL_LINE
+    from lensspace.runtime import STARTUP_LINE
+
+    root = Path(results) / "logs"
+    rows = []
+    for path in sorted(root.rglob("*.log")):
+        startup, kernels = None, 0.0
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(STARTUP_LINE):
+                startup = float(line[len(STARTUP_LINE):].split()[0])
+            elif line.startswith(FIRST_CALL_LINE):
+                kernels += float(line[len(FIRST_CALL_LINE):].split()[1])
+        if startup is not None:
+            parts = path.relative_to(root).with_suffix("").parts
+            rows.append({"rule": parts[0], "job": "/".join(parts[1:]), "startup_s": startup, "kernels_s": kernels})
+    return pd.DataFrame(rows, columns=["rule", "job", "startup_s", "kernels_s"])
+
+
 def per_rule(jobs: pd.DataFrame) -> pd.DataFrame:
     """rule | jobs | total_s | max_s | peak_rss_mb, the most expensive rule first."""
     if jobs.empty:

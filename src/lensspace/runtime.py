@@ -52,6 +52,20 @@ def write_text(text: str, path: str | Path) -> None:
     partial.replace(path)
 
 
+STARTUP_LINE = "[lensspace] start-up:"  # how open_model logs it; provenance.logged_startups reads it
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (the interpreter's own start-up included), from
+    ``/proc``; None where there is no ``/proc`` (not Linux)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def main(snakemake: Any, body: Callable[[Any], None]) -> None:
     """Run one rule's script body with its log, threads and seed set up."""
     log_path = snakemake.log[0] if len(snakemake.log) else None
@@ -96,6 +110,10 @@ def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict 
     gemm.enable(bool((compute or {}).get("onednn_cpu", True)))
     model, tokenizer = load_model(Path(manifest).parent, resolve_device(device_setting))
     adapter = Adapter(gemm.route_linears(model))
+    startup = process_seconds()
+    if startup is not None:
+        print(f"{STARTUP_LINE} {startup:.2f} s from the process's start to the model loaded "
+              "(interpreter, imports, model load)", file=sys.stderr)
     print(f"[lensspace] compute: {describe(adapter.device)}; fused CPU kernel "
           f"{'on' if fused.change_sums.enabled else 'off'}; CPU float32 products by "
           f"{'oneDNN' if gemm.active() else 'torch default'}", file=sys.stderr)

@@ -5,7 +5,7 @@
 In one run it measures the fp32 matrix-multiply rate (the rules' thread count) on the
 unembedding's shape and on a square product, by torch's default BLAS and by oneDNN (the
 workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a fresh Python that
-imports the package and loads the run's model), with the allocator setting the jobs get (huge
+imports the package, loads the run's model and exits), with the allocator setting the jobs get (huge
 pages; it restarts itself with it). From the config's settings it counts each
 heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
 the implementation; H0 counted with the head's linearity: one rank-k product per independent
@@ -119,8 +119,9 @@ def exp_rate(threads: int, vocab: int, repeats: int = 5) -> dict[str, float]:
 
 
 def startup_seconds(model: Path, repeats: int = 3) -> float:
-    """Median wall time of a fresh interpreter that imports lensspace and loads the model (the
-    fused CPU kernels' own start-up, in the jobs that use them, is counted by ``kernel_seconds``)."""
+    """Median wall time of a fresh interpreter that imports lensspace, loads the model and exits
+    (the exit, about a second with torch loaded, is in it; the fused CPU kernels' own start-up, in
+    the jobs that use them, is counted by ``kernel_seconds``)."""
     code = ("from lensspace import runtime; import lensspace.experiments.h0, lensspace.lenses; "
             f"runtime.open_model({str(model / 'lensspace-model.json')!r}, 'cpu')")
     times = []
@@ -144,8 +145,9 @@ def kernel_seconds(repeats: int = 3) -> float:
                                                   text=True).stdout.split()[-1]) for _ in range(repeats))
 
 
-# the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU)
-FUSED_RULES = {"h0_layer", "lens_quality", "ood", "neurons"}
+# the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2 and the shuffle
+# compare against their reference with fused.kl_terms), as a run's logs show them
+FUSED_RULES = {"h0_layer", "h1_layer", "h2_layer", "shuffle_pairs", "shuffle_windows", "lens_quality", "ood", "neurons"}
 
 
 class Shape:

@@ -107,7 +107,7 @@ def test_first_call_is_logged_once_and_read_back_as_a_jobs_kernel_time(monkeypat
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(fused.FIRST_CALL_LINE)]
     assert len(lines) == 1 and "change_sums_definition" in lines[0]
     seconds = float(lines[0][len(fused.FIRST_CALL_LINE):].split()[1])
-    assert 0 < seconds < 600
+    assert 0 <= seconds < 600  # 0.00 where this process compiled the definition already
     log = tmp_path / "logs" / "h0_layer" / "run" / "0_15.log"
     log.parent.mkdir(parents=True)
     log.write_text(f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n{lines[0]}\n")

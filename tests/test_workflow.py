@@ -178,6 +178,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_every_model_job_logs_its_start_up(tiny_run):
     """Each job that loads the model logs the seconds from its process's start to the model
     loaded; ``provenance.logged_startups`` reads them back (what ``benchmarks/roofline.py``
@@ -197,6 +198,7 @@ def test_every_model_job_logs_its_start_up(tiny_run):
     assert (merged["kernels_s"] == 0).all()  # tiny models stay below fused.MIN_ELEMENTS: eager
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_process_seconds_counts_from_the_process_start():
     """``runtime.process_seconds`` includes what ran before lensspace was imported."""
     code = ("import time; time.sleep(1.5); from lensspace.runtime import process_seconds; "

@@ -53,10 +53,13 @@ def logged_startups(results: str | Path) -> pd.DataFrame:
     for path in sorted(root.rglob("*.log")):
         startup, kernels = None, 0.0
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(STARTUP_LINE):
-                startup = float(line[len(STARTUP_LINE):].split()[0])
-            elif line.startswith(FIRST_CALL_LINE):
-                kernels += float(line[len(FIRST_CALL_LINE):].split()[1])
+            try:
+                if line.startswith(STARTUP_LINE):
+                    startup = float(line[len(STARTUP_LINE):].split()[0])
+                elif line.startswith(FIRST_CALL_LINE):
+                    kernels += float(line[len(FIRST_CALL_LINE):].split()[1])
+            except (IndexError, ValueError):  # a line cut short (a job killed mid-write): not a record
+                continue
         if startup is not None:
             parts = path.relative_to(root).with_suffix("").parts
             rows.append({"rule": parts[0], "job": "/".join(parts[1:]), "startup_s": startup, "kernels_s": kernels})

@@ -145,9 +145,10 @@ def kernel_seconds(repeats: int = 3) -> float:
                                                   text=True).stdout.split()[-1]) for _ in range(repeats))
 
 
-# the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2 and the shuffle
-# compare against their reference with fused.kl_terms), as a run's logs show them
-FUSED_RULES = {"h0_layer", "h1_layer", "h2_layer", "shuffle_pairs", "shuffle_windows", "lens_quality", "ood", "neurons"}
+# the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2, the shuffle and
+# the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show them
+FUSED_RULES = {"eval_lens", "h0_layer", "h1_layer", "h2_layer", "shuffle_pairs", "shuffle_windows", "lens_quality",
+               "ood", "neurons"}
 
 
 class Shape:

@@ -110,7 +110,8 @@ def test_first_call_is_logged_once_and_read_back_as_a_jobs_kernel_time(capsys, t
     assert 0 <= seconds < 600  # 0.00 where this process compiled the definition already
     log = tmp_path / "logs" / "h0_layer" / "run" / "0_15.log"
     log.parent.mkdir(parents=True)
-    log.write_text(f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n{lines[0]}\n"
+    log.write_text(f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n"
+                   f"h0:   0%|          | 0/8 [00:00<?, ?it/s]{lines[0]}\n"  # after a progress bar's first draw
                    f"{fused.FIRST_CALL_LINE} kl_terms_definition\n")  # a line cut short is skipped
     (tmp_path / "logs" / "tokenize").mkdir()
     (tmp_path / "logs" / "tokenize" / "run.log").write_text("[lensspace] rule tokenize\n")  # no model: no row

@@ -53,11 +53,13 @@ def logged_startups(results: str | Path) -> pd.DataFrame:
     for path in sorted(root.rglob("*.log")):
         startup, kernels = None, 0.0
         for line in path.read_text(errors="replace").splitlines():
+            # a progress bar's line has no end of its own: a record may follow it on the same line
+            at_startup, at_kernel = line.find(STARTUP_LINE), line.find(FIRST_CALL_LINE)
             try:
-                if line.startswith(STARTUP_LINE):
-                    startup = float(line[len(STARTUP_LINE):].split()[0])
-                elif line.startswith(FIRST_CALL_LINE):
-                    kernels += float(line[len(FIRST_CALL_LINE):].split()[1])
+                if at_startup >= 0:
+                    startup = float(line[at_startup + len(STARTUP_LINE):].split()[0])
+                elif at_kernel >= 0:
+                    kernels += float(line[at_kernel + len(FIRST_CALL_LINE):].split()[1])
             except (IndexError, ValueError):  # a line cut short (a job killed mid-write): not a record
                 continue
         if startup is not None:

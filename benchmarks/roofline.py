@@ -72,6 +72,11 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def job_keys(frame: pd.DataFrame) -> pd.Series:
+    """``rule|job`` per row: what joins benchmark files to logs (``provenance``'s rule and job)."""
+    return frame["rule"] + "|" + frame["job"]
+
+
 def matmul_rate(threads: int, repeats: int = 5) -> dict[str, float]:
     """Median GFLOP/s of fp32 products, the unembedding's shape and 2048^3, by torch's default
     BLAS and by oneDNN (:mod:`lensspace.gemm`, the workflow's CPU path) where this wheel has it."""
@@ -394,7 +399,7 @@ def main() -> None:
         raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
     rows, heavy_startup = [], 0.0
     logged = logged_startups(args.results)
-    logged_s = dict(zip(logged["rule"] + "|" + logged["job"], logged["startup_s"] + logged["kernels_s"]))
+    logged_s = dict(zip(job_keys(logged), logged["startup_s"] + logged["kernels_s"]))
     for run in config["runs"]:
         model = Path("resources/models") / config["runs"][run]["model"]
         shape = Shape(model)
@@ -413,7 +418,7 @@ def main() -> None:
                 continue
             seconds, n_jobs = part["s"].sum(), len(part)
             job_startup = startup + (kernels if rule in FUSED_RULES else 0.0)
-            keys = part["rule"] + "|" + part["job"]
+            keys = job_keys(part)
             rule_startup = (sum(logged_s[k] for k in keys) if keys.isin(logged_s.keys()).all()
                             else n_jobs * job_startup)  # as the jobs logged it, else as measured now
             heavy_startup += rule_startup
@@ -434,13 +439,14 @@ def main() -> None:
     of_wall = f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'}"
     print(f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading), one job's as measured "
           f"now times the jobs, about {total:.0f} s of {of_wall} = {total / wall:.2f} (target <= 0.10)")
-    mine = logged[(logged["rule"] + "|" + logged["job"]).isin(set(torch_jobs["rule"] + "|" + torch_jobs["job"]))]
-    if len(mine):
-        print(f"as the run's logs recorded it: {len(mine)} of the {len(torch_jobs)} torch jobs, process start to model "
-              f"loaded {mine['startup_s'].sum():.0f} s (one job {mine['startup_s'].min():.1f}-"
-              f"{mine['startup_s'].max():.1f} s), the fused kernels' first calls {mine['kernels_s'].sum():.0f} s "
-              f"(loading and one call each); {mine['startup_s'].sum() + mine['kernels_s'].sum():.0f} s of {of_wall} = "
-              f"{(mine['startup_s'].sum() + mine['kernels_s'].sum()) / wall:.2f} (target <= 0.10)")
+    recorded = logged[job_keys(logged).isin(set(job_keys(torch_jobs)))]
+    if len(recorded):
+        startups, first_calls = recorded["startup_s"], recorded["kernels_s"]
+        both = startups.sum() + first_calls.sum()
+        print(f"as the run's logs recorded it: {len(recorded)} of the {len(torch_jobs)} torch jobs, process start to "
+              f"model loaded {startups.sum():.0f} s (one job {startups.min():.1f}-{startups.max():.1f} s), the fused "
+              f"kernels' first calls {first_calls.sum():.0f} s (loading and one call each); {both:.0f} s of {of_wall} = "
+              f"{both / wall:.2f} (target <= 0.10)")
     print(whole_run_floor(pd.DataFrame(rows), peak, heavy_startup, wall, args.target))
 
 

@@ -45,6 +45,6 @@ include: "rules/neurons.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_outputs(),
-    default_target: True

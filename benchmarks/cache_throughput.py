@@ -30,14 +30,19 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer = load_model(args.model)
     adapter = Adapter(model)
-    ids = torch.randint(0, len(tokenizer), (args.sequences, args.seq_len),
-                        generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    ids = torch.randint(
+        0,
+        len(tokenizer),
+        (args.sequences, args.seq_len),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.int32,
+    )
     n_tokens = ids.numel()
 
     def bare() -> None:
         with torch.no_grad():
             for start in range(0, len(ids), args.batch_size):
-                model(ids[start: start + args.batch_size].long(), use_cache=False)
+                model(ids[start : start + args.batch_size].long(), use_cache=False)
 
     def cached(folder: Path) -> None:
         write_cache(adapter, {"eval": ids}, folder, {}, batch_size=args.batch_size)
@@ -46,12 +51,18 @@ def main() -> None:
     times = {"bare forward": [], "cache to disk": []}
     out = Path("results/benchmarks/_cache_throughput")
     for _ in range(args.repeats):
-        start = time.perf_counter(); bare(); times["bare forward"].append(time.perf_counter() - start)
-        start = time.perf_counter(); cached(out); times["cache to disk"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bare()
+        times["bare forward"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        cached(out)
+        times["cache to disk"].append(time.perf_counter() - start)
     rates = {name: n_tokens / sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     for name, rate in rates.items():
         print(f"{name:>14}: {rate:8.0f} tokens/s (median of {args.repeats})")
-    print(f"ratio cache / bare: {rates['cache to disk'] / rates['bare forward']:.2f} (target >= 0.90)")
+    print(
+        f"ratio cache / bare: {rates['cache to disk'] / rates['bare forward']:.2f} (target >= 0.90)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def module_at(revision: str, path: str, name: str):
     """The Python file ``path`` as it was at git ``revision``, imported as module ``name``."""
-    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{revision}:{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     file = Path(tempfile.mkdtemp()) / f"{name}.py"
     file.write_text(text)
     spec = importlib.util.spec_from_file_location(name, file)
@@ -47,7 +51,9 @@ def module_at(revision: str, path: str, name: str):
 def export_ref(ref: str, into: Path) -> Path:
     """The tracked files of ``ref`` in a fresh folder."""
     archive = into / "ref.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), ref], check=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), ref], check=True
+    )
     tree = into / "ref"
     with tarfile.open(archive) as tar:
         tar.extractall(tree, filter="data")
@@ -73,9 +79,24 @@ def run_tiny(tree: Path, workdir: Path, device: str, cores: int) -> float:
     # PYTHONPATH puts the tree's own package ahead of any installed lensspace
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tree / "Snakefile"),
-                           "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"),
-                           "--cores", str(cores)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(tree / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "study.yaml"),
+            "--cores",
+            str(cores),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode != 0:
         sys.exit(f"tiny run in {workdir} failed:\n{done.stderr[-4000:]}")
     return time.perf_counter() - started
@@ -83,8 +104,11 @@ def run_tiny(tree: Path, workdir: Path, device: str, cores: int) -> float:
 
 def tables(workdir: Path) -> dict[str, Path]:
     results = workdir / "results"
-    return {str(p.relative_to(results)): p for p in sorted(results.rglob("*.tsv"))
-            if p.relative_to(results).parts[0] not in ("logs", "benchmarks")}
+    return {
+        str(p.relative_to(results)): p
+        for p in sorted(results.rglob("*.tsv"))
+        if p.relative_to(results).parts[0] not in ("logs", "benchmarks")
+    }
 
 
 def numeric_difference(a: Path, b: Path, rtol: float, atol: float) -> str | None:
@@ -95,14 +119,20 @@ def numeric_difference(a: Path, b: Path, rtol: float, atol: float) -> str | None
     worst = []
     for column in fa.columns:
         x, y = fa[column], fb[column]
-        if pd.api.types.is_numeric_dtype(x) and pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(x):
+        if (
+            pd.api.types.is_numeric_dtype(x)
+            and pd.api.types.is_numeric_dtype(y)
+            and not pd.api.types.is_bool_dtype(x)
+        ):
             x, y = x.to_numpy(float), y.to_numpy(float)
             both_nan = np.isnan(x) & np.isnan(y)
             gap = np.where(both_nan, 0.0, np.abs(x - y))
             scale = np.maximum(np.abs(x), np.abs(y))
             bad = ~(gap <= rtol * scale + atol)
             if bad.any():
-                rel = float(np.nanmax(np.where(scale > 0, gap / np.where(scale > 0, scale, 1), gap)))
+                rel = float(
+                    np.nanmax(np.where(scale > 0, gap / np.where(scale > 0, scale, 1), gap))
+                )
                 worst.append(f"{column} ({int(bad.sum())} cells, max relative {rel:.2e})")
         elif not x.astype(str).equals(y.astype(str)):
             worst.append(f"{column} (text differs)")
@@ -113,11 +143,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ref", help="git ref whose code the working tree is compared with (CPU)")
-    mode.add_argument("--devices", nargs=2, metavar=("A", "B"), help="two devices, this tree's code")
+    mode.add_argument(
+        "--devices", nargs=2, metavar=("A", "B"), help="two devices, this tree's code"
+    )
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--atol", type=float, default=1e-6)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    parser.add_argument(
+        "--keep", type=Path, help="run in this folder and keep it (default: a temporary one)"
+    )
     args = parser.parse_args()
     with work_folder(args.keep) as base:
         if args.ref:
@@ -127,7 +161,10 @@ def main() -> None:
         folders = {}
         for index, (name, (tree, device)) in enumerate(runs.items()):
             folders[name] = base / f"run{index}"
-            print(f"{name}: {run_tiny(tree, folders[name], device, args.cores):.1f} s wall", flush=True)
+            print(
+                f"{name}: {run_tiny(tree, folders[name], device, args.cores):.1f} s wall",
+                flush=True,
+            )
         (name_a, dir_a), (name_b, dir_b) = folders.items()
         ta, tb = tables(dir_a), tables(dir_b)
         differing = sorted(set(ta) ^ set(tb))
@@ -141,9 +178,15 @@ def main() -> None:
             if why:
                 differing.append(name)
                 print(f"{name}: {why}")
-        criterion = "byte-identical" if args.ref else f"equal within rtol {args.rtol:g} (atol {args.atol:g})"
-        print(f"{len(set(ta) & set(tb)) - len([d for d in differing if d in ta and d in tb])} of "
-              f"{len(set(ta) | set(tb))} TSVs {criterion} between {name_a} and {name_b}")
+        criterion = (
+            "byte-identical"
+            if args.ref
+            else f"equal within rtol {args.rtol:g} (atol {args.atol:g})"
+        )
+        print(
+            f"{len(set(ta) & set(tb)) - len([d for d in differing if d in ta and d in tb])} of "
+            f"{len(set(ta) | set(tb))} TSVs {criterion} between {name_a} and {name_b}"
+        )
         sys.exit(1 if differing else 0)
 
 

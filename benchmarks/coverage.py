@@ -57,9 +57,16 @@ def measure_real(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(ROOT / "resources" / "models" / "smollm2-135m")
     adapter = Adapter(model)
-    tokens = tokenize_documents(read_documents(ROOT / "resources" / "corpora" / "web-bible.txt"), tokenizer,
-                                TokenSplit(seq_len=128, train_sequences=args.train_sequences,
-                                           eval_sequences=args.eval_sequences, seed=0))
+    tokens = tokenize_documents(
+        read_documents(ROOT / "resources" / "corpora" / "web-bible.txt"),
+        tokenizer,
+        TokenSplit(
+            seq_len=128,
+            train_sequences=args.train_sequences,
+            eval_sequences=args.eval_sequences,
+            seed=0,
+        ),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_cache(adapter, tokens, Path(tmp) / "cache", {}, storage="float16")
@@ -68,18 +75,27 @@ def measure_real(args) -> None:
         print(f"cache + lens: {time.perf_counter() - started:.0f} s")
         basis = unembedding_bases(adapter)["unembed"].vectors
         k = adapter.d_model // 2
-        qs = {"output": select(basis, "output", k), "internal": select(basis, "internal", k),
-              "random": select(basis, "random", k, seed=k)}
+        qs = {
+            "output": select(basis, "output", k),
+            "internal": select(basis, "internal", k),
+            "random": select(basis, "random", k, seed=k),
+        }
         per_seq: dict[str, list[float]] = {}
         for layer in args.layers:
             mean = translate(lens, cache.load(layer, "train")[:, 1:], layer).mean((0, 1))
             h = cache.load(layer, "eval")
             for start in range(0, len(h), 4):
-                z = translate(lens, h[start: start + 4, 1:], layer)
+                z = translate(lens, h[start : start + 4, 1:], layer)
                 clean = adapter.logits(z).log_softmax(-1)
-                for (name, q), mode in ((item, mode) for item in qs.items() for mode in ("zero", "mean")):
-                    kl = kl_from_logprobs(clean, adapter.logits(ablate(z, q, mode, mean)).log_softmax(-1))
-                    per_seq.setdefault(f"L{layer}/{name}/{mode}", []).extend(kl.double().mean(1).tolist())
+                for (name, q), mode in (
+                    (item, mode) for item in qs.items() for mode in ("zero", "mean")
+                ):
+                    kl = kl_from_logprobs(
+                        clean, adapter.logits(ablate(z, q, mode, mean)).log_softmax(-1)
+                    )
+                    per_seq.setdefault(f"L{layer}/{name}/{mode}", []).extend(
+                        kl.double().mean(1).tolist()
+                    )
     values = {key: torch.tensor(v, dtype=torch.float64) for key, v in per_seq.items()}
     for layer in args.layers:
         for mode in ("zero", "mean"):
@@ -90,12 +106,15 @@ def measure_real(args) -> None:
     table = {key: shape(v) for key, v in values.items()}
     for key, row in table.items():
         print(f"{key:32s} " + " ".join(f"{name}={val:9.4g}" for name, val in row.items()))
-    args.out.write_text(json.dumps({"values": {k: v.tolist() for k, v in values.items()}, "shape": table},
-                                   indent=1))
+    args.out.write_text(
+        json.dumps({"values": {k: v.tolist() for k, v in values.items()}, "shape": table}, indent=1)
+    )
     print(f"wrote {args.out}")
 
 
-def coverage(sampler, true_mean: float, n: int, reps: int, n_boot: int, seed: int) -> dict[str, float]:
+def coverage(
+    sampler, true_mean: float, n: int, reps: int, n_boot: int, seed: int
+) -> dict[str, float]:
     """Share of ``reps`` simulated samples of ``n`` whose interval covers ``true_mean``, per method
     (and the mean width)."""
     x = sampler((reps, n), torch.Generator().manual_seed(seed))
@@ -112,22 +131,29 @@ def simulate(args) -> None:
     families = {}
     for sigma in args.sigmas:
         families[f"lognormal(sigma={sigma})"] = (
-            lambda shape, g, s=sigma: torch.randn(shape, generator=g, dtype=torch.float64).mul(s).exp(),
-            math.exp(sigma ** 2 / 2))
+            lambda shape, g, s=sigma: (
+                torch.randn(shape, generator=g, dtype=torch.float64).mul(s).exp()
+            ),
+            math.exp(sigma**2 / 2),
+        )
     if args.values is not None:
         data = json.loads(args.values.read_text())["values"]
         for key in args.keys:
             pop = torch.tensor(data[key], dtype=torch.float64)
             families[f"real {key} (N={len(pop)})"] = (
-                lambda shape, g, p=pop: p[torch.randint(0, len(p), shape, generator=g)], float(pop.mean()))
+                lambda shape, g, p=pop: p[torch.randint(0, len(p), shape, generator=g)],
+                float(pop.mean()),
+            )
     for name, (sampler, true_mean) in families.items():
         for n in args.ns:
             started = time.perf_counter()
             cov = coverage(sampler, true_mean, n, args.reps, args.n_boot, seed=n)
             line = " ".join(f"{m}={cov[m]:.3f}" for m in METHODS)
             widths = " ".join(f"{cov[m + '_width']:.3g}" for m in METHODS)
-            print(f"{name:40s} n={n:3d}  {line}   widths {widths}  ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"{name:40s} n={n:3d}  {line}   widths {widths}  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
 
 
 def main() -> None:

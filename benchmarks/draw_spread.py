@@ -25,17 +25,22 @@ from lensspace.stats import matched_permutation_p
 CELL = ["basis", "layer", "k", "mode", "site"]
 
 
-def draw_checks(per_sequence: pd.DataFrame, family: int, resamples: int) -> tuple[int, int, list[float]]:
+def draw_checks(
+    per_sequence: pd.DataFrame, family: int, resamples: int
+) -> tuple[int, int, list[float]]:
     """(draws below 0.05 / family, draws tested, per cell: spread of draw means / residual noise)."""
     below, tested, ratios = 0, 0, []
     for _, part in per_sequence[per_sequence["subspace"] == "random"].groupby(CELL):
-        x = torch.tensor(part.pivot(index="draw", columns="sequence", values="kl").to_numpy(), dtype=torch.float64)
+        x = torch.tensor(
+            part.pivot(index="draw", columns="sequence", values="kl").to_numpy(),
+            dtype=torch.float64,
+        )
         if len(x) < 2:
             continue
         residual = x - x.mean(0, keepdim=True) - x.mean(1, keepdim=True) + x.mean()
         ratios.append(float(x.mean(1).std() / (residual.std() / x.shape[1] ** 0.5)))
         for j in range(len(x)):
-            p = matched_permutation_p(x[j], torch.cat([x[:j], x[j + 1:]]), resamples, seed=j)
+            p = matched_permutation_p(x[j], torch.cat([x[:j], x[j + 1 :]]), resamples, seed=j)
             tested += 1
             below += p <= 0.05 / family
     return below, tested, ratios
@@ -45,7 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--run", default="smollm2-bible")
-    parser.add_argument("--family", type=int, default=72, help="Holm family size whose first threshold is used")
+    parser.add_argument(
+        "--family", type=int, default=72, help="Holm family size whose first threshold is used"
+    )
     args = parser.parse_args()
     resamples = max(20000, round(8 * args.family / 0.05))
     for experiment in ("h0", "h1", "h2"):
@@ -57,9 +64,11 @@ def main() -> None:
         if not ratios:
             print(f"{experiment}: no random cell with two or more draws")
             continue
-        print(f"{experiment}: draw against the other draws, p <= 0.05/{args.family} for {below} of {tested} draws; "
-              f"spread of the draws' means / per-sequence noise: median {statistics.median(ratios):.1f}, "
-              f"range {min(ratios):.1f}-{max(ratios):.1f} over {len(ratios)} cells")
+        print(
+            f"{experiment}: draw against the other draws, p <= 0.05/{args.family} for {below} of {tested} draws; "
+            f"spread of the draws' means / per-sequence noise: median {statistics.median(ratios):.1f}, "
+            f"range {min(ratios):.1f}-{max(ratios):.1f} over {len(ratios)} cells"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,20 @@ TARGET_PEAK_MB = 8000
 # Stage targets, in seconds: the rules each stage needs, cumulatively (heavy rules take both
 # cores, so their times add up); the whole run is also held against the measured wall time.
 STAGES = {
-    "through H0": (15 * 60, {"prepare_model", "prepare_corpus", "tokenize", "cache_activations",
-                             "train_lens", "fetch_lens", "eval_lens", "svd", "h0_layer"}),
+    "through H0": (
+        15 * 60,
+        {
+            "prepare_model",
+            "prepare_corpus",
+            "tokenize",
+            "cache_activations",
+            "train_lens",
+            "fetch_lens",
+            "eval_lens",
+            "svd",
+            "h0_layer",
+        },
+    ),
     "H0 and H1": (20 * 60, {"h1_layer", "h1_heads"}),
     "everything": (25 * 60, {"h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows"}),
 }
@@ -35,29 +47,39 @@ def main() -> None:
     args = parser.parse_args()
     jobs = benchmark_jobs(args.results)
     if jobs.empty:
-        raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
+        raise SystemExit(
+            f"no benchmark files under {args.results}/benchmarks: run the workflow first"
+        )
     print(per_rule(jobs).set_index("rule").round(1).to_string())
     total = jobs["s"].sum()
     wall = args.wall if args.wall is not None else total
     peak = jobs["max_rss_mb"].max()
-    print(f"\nsum of benchmarked rule times: {total:.0f} s"
-          + (f"; measured wall: {args.wall:.0f} s" if args.wall is not None else ""))
+    print(
+        f"\nsum of benchmarked rule times: {total:.0f} s"
+        + (f"; measured wall: {args.wall:.0f} s" if args.wall is not None else "")
+    )
     rules: set[str] = set()
     for stage, (target, added) in STAGES.items():
         rules |= added
         spent = jobs[jobs["rule"].isin(rules)]["s"].sum()
         print(f"{stage}: heavy rules {spent:.0f} s / target {target} s = {spent / target:.2f}")
-    print(f"whole run: {wall:.0f} s / target {STAGES['everything'][0]} s = "
-          f"{wall / STAGES['everything'][0]:.2f}")
-    print(f"peak RSS of any job: {peak:.0f} MB; / target ({TARGET_PEAK_MB} MB): {peak / TARGET_PEAK_MB:.2f}")
+    print(
+        f"whole run: {wall:.0f} s / target {STAGES['everything'][0]} s = "
+        f"{wall / STAGES['everything'][0]:.2f}"
+    )
+    print(
+        f"peak RSS of any job: {peak:.0f} MB; / target ({TARGET_PEAK_MB} MB): {peak / TARGET_PEAK_MB:.2f}"
+    )
     for lens_eval in sorted(args.results.glob("*/lens_eval.tsv")):
         frame = pd.read_csv(lens_eval, sep="\t")
         wide = frame.pivot(index="layer", columns="lens", values="kl")
         beats = (wide["tuned"] < wide["logit"]).all()
         last = wide["tuned"].iloc[-1]
-        print(f"{lens_eval.parent.name}: tuned < logit at every layer: {beats}; "
-              f"last-layer tuned KL {last:.3f} nats (target <= {TARGET_LAST_LAYER_KL}); "
-              f"first-layer tuned {wide['tuned'].iloc[0]:.2f} vs logit {wide['logit'].iloc[0]:.2f}")
+        print(
+            f"{lens_eval.parent.name}: tuned < logit at every layer: {beats}; "
+            f"last-layer tuned KL {last:.3f} nats (target <= {TARGET_LAST_LAYER_KL}); "
+            f"first-layer tuned {wide['tuned'].iloc[0]:.2f} vs logit {wide['logit'].iloc[0]:.2f}"
+        )
 
 
 if __name__ == "__main__":

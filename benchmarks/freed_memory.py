@@ -63,22 +63,50 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = args.results / args.run
     plain = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-    settings = {"default": plain, "huge_pages": {**plain, "GLIBC_TUNABLES": huge_page_tunables(None)},
-                "keep": plain}
+    settings = {
+        "default": plain,
+        "huge_pages": {**plain, "GLIBC_TUNABLES": huge_page_tunables(None)},
+        "keep": plain,
+    }
     for work in ("eval_lens", "h1_layer"):
         got: dict[str, list[dict]] = {name: [] for name in settings}
         for _ in range(args.repeats):
             for name, env in settings.items():
-                out = subprocess.run([sys.executable, "-c", CHILD, work, name, str(run_dir), str(args.model),
-                                      str(args.h1_layer)], capture_output=True, text=True, check=True, env=env)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        CHILD,
+                        work,
+                        name,
+                        str(run_dir),
+                        str(args.model),
+                        str(args.h1_layer),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=env,
+                )
                 got[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"{work} {name}: {got[name][-1]}", file=sys.stderr)
-        med = {name: {key: statistics.median(r[key] for r in rows) for key in ("seconds", "peak_mb", "faults_m")}
-               for name, rows in got.items()}
+        med = {
+            name: {
+                key: statistics.median(r[key] for r in rows)
+                for key in ("seconds", "peak_mb", "faults_m")
+            }
+            for name, rows in got.items()
+        }
         base = med["default"]
-        print(f"{work}: " + "; ".join(
-            f"{name} {m['seconds']:.1f} s ({base['seconds'] / m['seconds']:.2f}x default's speed), "
-            f"{m['peak_mb']:.0f} MB, {m['faults_m']:.2f}M page faults" for name, m in med.items()))
+        print(
+            f"{work}: "
+            + "; ".join(
+                f"{name} {m['seconds']:.1f} s ({base['seconds'] / m['seconds']:.2f}x default's speed), "
+                f"{m['peak_mb']:.0f} MB, {m['faults_m']:.2f}M page faults"
+                for name, m in med.items()
+            )
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
+from roofline import median_seconds
 from torch.nn import functional as F
 
 from lensspace import gemm
 from lensspace.malloc import ask_for_huge_pages
-from roofline import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources" / "models" / "smollm2-135m"
@@ -46,25 +46,39 @@ def main() -> None:
     if not gemm.active():
         raise SystemExit("this PyTorch has no oneDNN linear: nothing to compare")
     m = args.tokens
-    shapes = {"q, o [576x576]": (m, 576, 576), "k, v [192x576]": (m, 576, 192),
-              "gate, up [1536x576]": (m, 576, 1536), "down [576x1536]": (m, 1536, 576),
-              "unembedding [49152x576]": (m, 576, 49152), "2048^3": (2048, 2048, 2048)}
+    shapes = {
+        "q, o [576x576]": (m, 576, 576),
+        "k, v [192x576]": (m, 576, 192),
+        "gate, up [1536x576]": (m, 576, 1536),
+        "down [576x1536]": (m, 1536, 576),
+        "unembedding [49152x576]": (m, 576, 49152),
+        "2048^3": (2048, 2048, 2048),
+    }
     gen = torch.Generator().manual_seed(0)
     warm_x, warm_w = torch.randn(m, 576, generator=gen), torch.randn(576, 576, generator=gen)
     for _ in range(20):  # both libraries' thread pools and code paths up before any timing
         F.linear(warm_x, warm_w), gemm.linear(warm_x, warm_w)
-    print(f"{'product':34s} {'default':>9s} {'oneDNN':>9s} {'ratio':>6s}  {'error default':>13s} {'oneDNN':>9s}")
+    print(
+        f"{'product':34s} {'default':>9s} {'oneDNN':>9s} {'ratio':>6s}  {'error default':>13s} {'oneDNN':>9s}"
+    )
     for name, (rows, k, n) in shapes.items():
         x, weight = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
         flop = 2 * rows * k * n / 1e9
-        default, onednn = median_seconds(lambda: F.linear(x, weight), args.repeats), median_seconds(lambda: gemm.linear(x, weight), args.repeats)
-        print(f"{name:34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}  "
-              f"{relative_error(F.linear(x, weight), x, weight):13.1e} {relative_error(gemm.linear(x, weight), x, weight):9.1e}")
+        default, onednn = (
+            median_seconds(lambda: F.linear(x, weight), args.repeats),
+            median_seconds(lambda: gemm.linear(x, weight), args.repeats),
+        )
+        print(
+            f"{name:34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}  "
+            f"{relative_error(F.linear(x, weight), x, weight):13.1e} {relative_error(gemm.linear(x, weight), x, weight):9.1e}"
+        )
         if n == 49152:  # the refinements' input gradient through the frozen head: g W
             g = torch.randn(rows, n, generator=gen)
             default = median_seconds(lambda: g @ weight, args.repeats)
             onednn = median_seconds(lambda: gemm.linear(g, weight.t()), args.repeats)
-            print(f"{'unembedding, input gradient':34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}")
+            print(
+                f"{'unembedding, input gradient':34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}"
+            )
     print("(GFLOP/s, median of", args.repeats, "; error: largest |got - float64| / (|x||W|))")
     if not (MODEL / "lensspace-model.json").exists():
         print(f"no prepared model at {MODEL}: run the README's main command for the model forward")
@@ -88,8 +102,10 @@ def main() -> None:
             gemm.enable(flag)
             times.setdefault(flag, []).append(median_seconds(forward, max(1, args.repeats // 2)))
     default, onednn = min(times[False]), min(times[True])
-    print(f"default model, one forward of 4 x 128 tokens: default {default:.3f} s, oneDNN {onednn:.3f} s, "
-          f"ratio {default / onednn:.2f}")
+    print(
+        f"default model, one forward of 4 x 128 tokens: default {default:.3f} s, oneDNN {onednn:.3f} s, "
+        f"ratio {default / onednn:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from compare_runs import module_at
 from snakemake.utils import validate
 
-from compare_runs import module_at
 from lensspace import fused
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments import h0
 from lensspace.lenses import load_lens
-from lensspace.models import load_model
 from lensspace.malloc import ask_for_huge_pages
+from lensspace.models import load_model
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--before", default=BEFORE, help="git revision of the implementation to compare with")
+    parser.add_argument(
+        "--before", default=BEFORE, help="git revision of the implementation to compare with"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = yaml.safe_load(args.config.read_text())
@@ -69,9 +71,12 @@ def main() -> None:
         def run(*run_args):
             fused.enable(flag)
             return h0.run_layer(*run_args)
+
         return run
 
-    with_kernel(True)(adapter, lens, cache, bases, args.layer, grid)  # the kernel's one-time loading, untimed
+    with_kernel(True)(
+        adapter, lens, cache, bases, args.layer, grid
+    )  # the kernel's one-time loading, untimed
     sides = {"before": before.run_layer, "eager": with_kernel(False), "now": with_kernel(True)}
     times: dict[str, list[float]] = {name: [] for name in sides}
     out = {}
@@ -89,11 +94,13 @@ def main() -> None:
             b = torch.cat(out[side].kl[cell]).mean(-1)
             worst = max(worst, float(((a - b).abs() / a.abs().clamp_min(1e-3)).max()))
     t = {name: statistics.median(values) for name, values in times.items()}
-    print(f"H0 layer {args.layer}, {n_cells} cells, {len(cache.load(args.layer, 'eval'))} sequences: "
-          f"before ({args.before}) {t['before']:.2f} s, eager {t['eager']:.2f} s, now {t['now']:.2f} s "
-          f"(medians of {args.repeats}); speed-up {t['before'] / t['now']:.2f}x (target >= 3; eager "
-          f"{t['before'] / t['eager']:.2f}x, the fused kernel {t['eager'] / t['now']:.2f}x); largest "
-          f"relative difference of a per-sequence KL {worst:.2e}")
+    print(
+        f"H0 layer {args.layer}, {n_cells} cells, {len(cache.load(args.layer, 'eval'))} sequences: "
+        f"before ({args.before}) {t['before']:.2f} s, eager {t['eager']:.2f} s, now {t['now']:.2f} s "
+        f"(medians of {args.repeats}); speed-up {t['before'] / t['now']:.2f}x (target >= 3; eager "
+        f"{t['before'] / t['eager']:.2f}x, the fused kernel {t['eager'] / t['now']:.2f}x); largest "
+        f"relative difference of a per-sequence KL {worst:.2e}"
+    )
 
 
 if __name__ == "__main__":

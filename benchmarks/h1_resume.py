@@ -31,15 +31,23 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("resources/models/smollm2-135m"))
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--config", type=Path, default=Path("config.yaml"),
-                        help="the study whose h1 layers and grid size are swept (default: the embedded default)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("config.yaml"),
+        help="the study whose h1 layers and grid size are swept (default: the embedded default)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_model(args.model)
     adapter = Adapter(model)
     runner = BlockRunner(adapter)
-    ids = torch.randint(0, len(tokenizer), (args.sequences, args.seq_len),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0,
+        len(tokenizer),
+        (args.sequences, args.seq_len),
+        generator=torch.Generator().manual_seed(0),
+    )
     config = yaml.safe_load(args.config.read_text())
     validate(config, "schemas/config.schema.yaml")
     layers = experiment_layers(config, adapter.n_layers, "h1")
@@ -48,8 +56,13 @@ def main() -> None:
     qs = [random_subspace(adapter.d_model, adapter.d_model // 2, seed) for seed in range(n_cells)]
 
     def resumed() -> list[torch.Tensor]:
-        return [runner.logits(cache[layer], layer, interventions={layer: lambda h, q=q: ablate(h, q, "zero")})
-                for layer in layers for q in qs]
+        return [
+            runner.logits(
+                cache[layer], layer, interventions={layer: lambda h, q=q: ablate(h, q, "zero")}
+            )
+            for layer in layers
+            for q in qs
+        ]
 
     def full() -> list[torch.Tensor]:
         out = []
@@ -74,8 +87,10 @@ def main() -> None:
     best = {name: min(ts) for name, ts in timings.items()}
     for name, seconds in best.items():
         print(f"{name:>20}: {seconds:6.1f} s for layers {layers} x {n_cells} ablations")
-    print(f"speed-up resumed / full: {best['full forward + hook'] / best['resumed from cache']:.2f}x "
-          "(target >= 1.6x)")
+    print(
+        f"speed-up resumed / full: {best['full forward + hook'] / best['resumed from cache']:.2f}x "
+        "(target >= 1.6x)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,16 +29,30 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
 from compare_runs import ROOT, export_ref, work_folder
 from requests import rule_blocks
+
 from lensspace.provenance import benchmark_jobs
 
 BEFORE = "a3aa689"  # main before issue 11
-TARGETS = ["{run}/lens_eval.tsv", "{run}/svd/spectrum.tsv", "{run}/h0/ablation.tsv", "tables/h0_{run}.md",
-           "figures/h0_{run}.png", "figures/lens_{run}.png", "{run}/h1/ablation.tsv", "tables/h1_{run}.md",
-           "figures/h1_{run}.png", "{run}/h1/heads.tsv", "figures/h1_heads_{run}.png", "{run}/h2/ablation.tsv",
-           "tables/h2_{run}.md", "figures/h2_{run}.png", "{run}/shuffle/swaps.tsv", "figures/shuffle_{run}.png"]
+TARGETS = [
+    "{run}/lens_eval.tsv",
+    "{run}/svd/spectrum.tsv",
+    "{run}/h0/ablation.tsv",
+    "tables/h0_{run}.md",
+    "figures/h0_{run}.png",
+    "figures/lens_{run}.png",
+    "{run}/h1/ablation.tsv",
+    "tables/h1_{run}.md",
+    "figures/h1_{run}.png",
+    "{run}/h1/heads.tsv",
+    "figures/h1_heads_{run}.png",
+    "{run}/h2/ablation.tsv",
+    "tables/h2_{run}.md",
+    "figures/h2_{run}.png",
+    "{run}/shuffle/swaps.tsv",
+    "figures/shuffle_{run}.png",
+]
 
 
 def at_earlier_sample(now: dict, earlier: dict) -> dict:
@@ -48,11 +62,16 @@ def at_earlier_sample(now: dict, earlier: dict) -> dict:
 
 def threaded_rules(tree: Path) -> list[str]:
     """The rules of ``tree`` that declare more than one thread."""
-    return [name for name, body in rule_blocks(tree / "rules").items()
-            if (m := re.search(r"^\s+threads: (\d+)$", body, re.M)) and int(m[1]) > 1]
+    return [
+        name
+        for name, body in rule_blocks(tree / "rules").items()
+        if (m := re.search(r"^\s+threads: (\d+)$", body, re.M)) and int(m[1]) > 1
+    ]
 
 
-def run(tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | None = None) -> tuple[float, float]:
+def run(
+    tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | None = None
+) -> tuple[float, float]:
     """The workflow of ``tree`` with ``config`` in ``workdir``: (wall seconds, sum of rule seconds)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -62,10 +81,26 @@ def run(tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | 
     print(f"{tree}: running in {workdir} (log {log})", flush=True)
     started = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tree / "Snakefile"),
-                               "--directory", str(workdir), "--configfile", str(workdir / "study.yaml"),
-                               "--cores", str(cores), *targets, *(extra or [])],  # extra last: --set-threads takes a list
-                              stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                str(tree / "Snakefile"),
+                "--directory",
+                str(workdir),
+                "--configfile",
+                str(workdir / "study.yaml"),
+                "--cores",
+                str(cores),
+                *targets,
+                *(extra or []),
+            ],  # extra last: --set-threads takes a list
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"the run in {workdir} failed: see {log}")
@@ -87,11 +122,18 @@ def h0_gap(a: Path, b: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default=BEFORE, help="git revision of the earlier code and sample")
+    parser.add_argument(
+        "--before", default=BEFORE, help="git revision of the earlier code and sample"
+    )
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
-    parser.add_argument("--one-thread", action="store_true",
-                        help="this tree twice: the rules' threads against one thread per job (two jobs at once)")
+    parser.add_argument(
+        "--keep", type=Path, help="run in this folder and keep it (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--one-thread",
+        action="store_true",
+        help="this tree twice: the rules' threads against one thread per job (two jobs at once)",
+    )
     args = parser.parse_args()
     with work_folder(args.keep) as base:
         earlier_tree = export_ref(args.before, base)
@@ -100,27 +142,41 @@ def main() -> None:
         if args.one_thread:
             compare_threads(now, base, args.cores)
             return
-        sides = {f"before ({args.before})": (earlier_tree, earlier, base / "before"),
-                 "this tree": (ROOT, now, base / "after")}
-        times = {name: run(tree, config, workdir, args.cores) for name, (tree, config, workdir) in sides.items()}
+        sides = {
+            f"before ({args.before})": (earlier_tree, earlier, base / "before"),
+            "this tree": (ROOT, now, base / "after"),
+        }
+        times = {
+            name: run(tree, config, workdir, args.cores)
+            for name, (tree, config, workdir) in sides.items()
+        }
         for name, (wall, rules) in times.items():
             print(f"{name}: {wall:.0f} s wall, {rules:.0f} s in benchmarked rules")
         (before_wall, before_rules), (after_wall, after_rules) = times.values()
-        print(f"after / before: wall {after_wall / before_wall:.2f}, rule time {after_rules / before_rules:.2f} "
-              "(target: wall <= 0.50)")
+        print(
+            f"after / before: wall {after_wall / before_wall:.2f}, rule time {after_rules / before_rules:.2f} "
+            "(target: wall <= 0.50)"
+        )
         run_name = next(iter(earlier["runs"]))
-        per_sequence = [workdir / "results" / run_name / "h0" / "per_sequence.tsv" for *_, workdir in sides.values()]
+        per_sequence = [
+            workdir / "results" / run_name / "h0" / "per_sequence.tsv"
+            for *_, workdir in sides.values()
+        ]
         if all(p.exists() for p in per_sequence):
             gap, relative = h0_gap(*per_sequence)
-            print(f"H0 per-sequence KL, output / internal cells: largest |before - after| = {gap:.2e} nats, "
-                  f"largest relative {relative:.1e}")
+            print(
+                f"H0 per-sequence KL, output / internal cells: largest |before - after| = {gap:.2e} nats, "
+                f"largest relative {relative:.1e}"
+            )
 
 
 def compare_threads(config: dict, base: Path, cores: int) -> None:
     """This tree at ``config``: the rules' own threads, then every multi-thread rule at one thread."""
     single = ["--set-threads", *(f"{rule}=1" for rule in threaded_rules(ROOT))]
-    (own_wall, own_rules), (one_wall, one_rules) = (run(ROOT, config, base / "own_threads", cores),
-                                                    run(ROOT, config, base / "one_thread", cores, single))
+    (own_wall, own_rules), (one_wall, one_rules) = (
+        run(ROOT, config, base / "own_threads", cores),
+        run(ROOT, config, base / "one_thread", cores, single),
+    )
     print(f"rules' threads: {own_wall:.0f} s wall, {own_rules:.0f} s in benchmarked rules")
     print(f"one thread per job: {one_wall:.0f} s wall, {one_rules:.0f} s in benchmarked rules")
     print(f"one thread / rules' threads: wall {one_wall / own_wall:.2f}")

@@ -36,7 +36,9 @@ def child(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     adapter = Adapter(model)
     runner = BlockRunner(adapter)
-    ids = torch.randint(0, len(tokenizer), (args.sequences, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, len(tokenizer), (args.sequences, 128), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         h = adapter.embed_tokens(ids)
         reference = KLReference.from_logits(adapter.logits(runner.run(h, 0)[:, 1:]))
@@ -44,23 +46,50 @@ def child(args: argparse.Namespace) -> None:
         start = runner.run(h, 0, order=range(args.start))
         ready = time.perf_counter()
         for cell in range(args.cells):
-            reference.kl(adapter.logits(runner.run(start * (1 + 1e-3 * (cell + 1)), args.start)[:, 1:]))
+            reference.kl(
+                adapter.logits(runner.run(start * (1 + 1e-3 * (cell + 1)), args.start)[:, 1:])
+            )
     print(f"{ready - started:.3f} {time.perf_counter() - ready:.3f}")
 
 
 def jobs(args: argparse.Namespace, threads: int, together: bool) -> tuple[float, float]:
     """Two jobs, one after the other or at once: (wall seconds, summed work seconds)."""
-    command = [sys.executable, __file__, "--child", str(threads), "--model", str(args.model),
-               "--sequences", str(args.sequences), "--start", str(args.start), "--cells", str(args.cells)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(threads),
+        "--model",
+        str(args.model),
+        "--sequences",
+        str(args.sequences),
+        "--start",
+        str(args.start),
+        "--cells",
+        str(args.cells),
+    ]
     env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # as the workflow's jobs run
     started = time.perf_counter()
     if together:
-        running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-                   for _ in range(2)]
+        running = [
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            )
+            for _ in range(2)
+        ]
         outputs = [p.communicate()[0] for p in running]
     else:
-        outputs = [subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  env=env, check=True).stdout for _ in range(2)]
+        outputs = [
+            subprocess.run(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+                check=True,
+            ).stdout
+            for _ in range(2)
+        ]
     wall = time.perf_counter() - started
     work = sum(float(out.split()[-1]) for out in outputs)
     return wall, work
@@ -69,29 +98,46 @@ def jobs(args: argparse.Namespace, threads: int, together: bool) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("resources/models/smollm2-135m"))
-    parser.add_argument("--sequences", type=int, default=4, help="one CPU chunk (compute.chunk_sequences)")
+    parser.add_argument(
+        "--sequences", type=int, default=4, help="one CPU chunk (compute.chunk_sequences)"
+    )
     parser.add_argument("--start", type=int, default=10, help="the layer the cells start from")
-    parser.add_argument("--cells", type=int, default=12, help="H1's cells per layer in the default grid")
+    parser.add_argument(
+        "--cells", type=int, default=12, help="H1's cells per layer in the default grid"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     if not (args.model / "config.json").is_file():
-        sys.exit(f"{args.model}: no prepared model (run the README's main command first, or pass --model)")
+        sys.exit(
+            f"{args.model}: no prepared model (run the README's main command first, or pass --model)"
+        )
     rows = {"serial, 2 threads": [], "parallel, 1 thread": []}
     for round_ in range(args.rounds):
-        for label, threads, together in (("serial, 2 threads", 2, False), ("parallel, 1 thread", 1, True)):
+        for label, threads, together in (
+            ("serial, 2 threads", 2, False),
+            ("parallel, 1 thread", 1, True),
+        ):
             wall, work = jobs(args, threads, together)
             rows[label].append((wall, work))
-            print(f"round {round_ + 1}, {label}: wall {wall:.1f} s, work {work:.1f} s summed over the 2 jobs",
-                  flush=True)
+            print(
+                f"round {round_ + 1}, {label}: wall {wall:.1f} s, work {work:.1f} s summed over the 2 jobs",
+                flush=True,
+            )
     (serial_wall, serial_work), (par_wall, par_work) = (
-        (statistics.median(w for w, _ in v), statistics.median(x for _, x in v)) for v in rows.values())
-    print(f"medians: serial wall {serial_wall:.1f} s, parallel wall {par_wall:.1f} s: ratio {par_wall / serial_wall:.2f}")
+        (statistics.median(w for w, _ in v), statistics.median(x for _, x in v))
+        for v in rows.values()
+    )
+    print(
+        f"medians: serial wall {serial_wall:.1f} s, parallel wall {par_wall:.1f} s: ratio {par_wall / serial_wall:.2f}"
+    )
     # the parallel jobs' work overlaps (each about half the sum): its span is half the summed seconds
-    print(f"work alone: {par_work / 2:.1f} s at once against {serial_work:.1f} s one after the other: "
-          f"ratio {par_work / 2 / serial_work:.2f}")
+    print(
+        f"work alone: {par_work / 2:.1f} s at once against {serial_work:.1f} s one after the other: "
+        f"ratio {par_work / 2 / serial_work:.2f}"
+    )
 
 
 if __name__ == "__main__":

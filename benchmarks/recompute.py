@@ -3,6 +3,7 @@ tuned-lens only, from the contract files) and print the largest relative differe
 
     .venv/bin/python benchmarks/recompute.py [run] [--config config.yaml]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -23,9 +24,13 @@ def main() -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     run_dir = ROOT / "results" / args.run
     model_dir = ROOT / "resources" / "models" / config["runs"][args.run]["model"]
-    both = compare_with_contract(run_dir, *recompute(run_dir, model_dir, config["cache"]["storage"]))
+    both = compare_with_contract(
+        run_dir, *recompute(run_dir, model_dir, config["cache"]["storage"])
+    )
     print(both.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
-    print(f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers (target < 1e-4)")
+    print(
+        f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers (target < 1e-4)"
+    )
 
 
 if __name__ == "__main__":

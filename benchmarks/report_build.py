@@ -29,21 +29,33 @@ def main() -> None:
     config = yaml.safe_load(args.configfile.read_text())
     missing = [run for run in config["runs"] if not (args.results / run / "lens_eval.tsv").exists()]
     if missing:
-        raise SystemExit(f"no finished results for run(s) {', '.join(missing)} under {args.results}: "
-                         "run the workflow first")
+        raise SystemExit(
+            f"no finished results for run(s) {', '.join(missing)} under {args.results}: "
+            "run the workflow first"
+        )
     start = time.perf_counter()
     from lensspace import runtime
     from lensspace.report import build
+
     imported = time.perf_counter()
-    page = build(config, results=args.results, reference=ROOT / "reference" / "seed_tables.tsv",
-                 resources=args.resources, workflow_dir=ROOT)
+    page = build(
+        config,
+        results=args.results,
+        reference=ROOT / "reference" / "seed_tables.tsv",
+        resources=args.resources,
+        workflow_dir=ROOT,
+    )
     built = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp()) / "index.html"
     runtime.write_text(page, out)
     done = time.perf_counter()
     print(f"runs: {', '.join(config['runs'])}; page {out.stat().st_size / 1e6:.1f} MB at {out}")
-    print(f"import {imported - start:.2f} s, build {built - imported:.2f} s, write {done - built:.2f} s")
-    print(f"report build: {done - start:.2f} s; / target ({TARGET_S:.0f} s): {(done - start) / TARGET_S:.2f}")
+    print(
+        f"import {imported - start:.2f} s, build {built - imported:.2f} s, write {done - built:.2f} s"
+    )
+    print(
+        f"report build: {done - start:.2f} s; / target ({TARGET_S:.0f} s): {(done - start) / TARGET_S:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,14 @@ def rule_blocks(rules_dir: Path) -> dict[str, str]:
 
 def requests(rules_dir: Path) -> dict[str, dict[str, int]]:
     """{rule: {"mem_mb": ..., "runtime": ...}} from the literal requests in rules/*.smk."""
-    return {name: {key: int(m[1]) for key in ("mem_mb", "runtime")
-                   if (m := re.search(rf"^\s+{key}=(\d+),?$", body, re.M))}
-            for name, body in rule_blocks(rules_dir).items()}
+    return {
+        name: {
+            key: int(m[1])
+            for key in ("mem_mb", "runtime")
+            if (m := re.search(rf"^\s+{key}=(\d+),?$", body, re.M))
+        }
+        for name, body in rule_blocks(rules_dir).items()
+    }
 
 
 def measured(results: Path) -> pd.DataFrame:
@@ -41,8 +46,14 @@ def measured(results: Path) -> pd.DataFrame:
         rule = tsv.relative_to(results / "benchmarks").parts[0]
         frame = pd.read_csv(tsv, sep="\t")
         rss = pd.to_numeric(frame["max_rss"], errors="coerce").max()
-        rows.append({"rule": rule, "job": str(tsv.relative_to(results / "benchmarks" / rule)),
-                     "s": float(frame["s"].max()), "max_rss": float(rss)})
+        rows.append(
+            {
+                "rule": rule,
+                "job": str(tsv.relative_to(results / "benchmarks" / rule)),
+                "s": float(frame["s"].max()),
+                "max_rss": float(rss),
+            }
+        )
     return pd.DataFrame(rows, columns=["rule", "job", "s", "max_rss"])
 
 
@@ -53,11 +64,22 @@ def table(results: Path, rules_dir: Path) -> pd.DataFrame:
     for rule, group in jobs.groupby("rule", sort=True):
         req = asked.get(rule, {})
         mem, minutes = group["max_rss"].max(), group["s"].max() / 60
-        rows.append({"rule": rule, "jobs": len(group),
-                     "max_rss_mb": round(mem), "mem_mb": req.get("mem_mb"),
-                     "mem_headroom": round(req["mem_mb"] / mem, 1) if req.get("mem_mb") and mem else None,
-                     "max_min": round(minutes, 2), "runtime_min": req.get("runtime"),
-                     "time_headroom": round(req["runtime"] / minutes, 1) if req.get("runtime") and minutes else None})
+        rows.append(
+            {
+                "rule": rule,
+                "jobs": len(group),
+                "max_rss_mb": round(mem),
+                "mem_mb": req.get("mem_mb"),
+                "mem_headroom": round(req["mem_mb"] / mem, 1)
+                if req.get("mem_mb") and mem
+                else None,
+                "max_min": round(minutes, 2),
+                "runtime_min": req.get("runtime"),
+                "time_headroom": round(req["runtime"] / minutes, 1)
+                if req.get("runtime") and minutes
+                else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -68,7 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     frame = table(args.results, args.rules)
     if frame.empty:
-        raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
+        raise SystemExit(
+            f"no benchmark files under {args.results}/benchmarks: run the workflow first"
+        )
     print(frame.to_string(index=False))
 
 

@@ -40,9 +40,19 @@ from lensspace.experiments.shuffle import window_permutations
 from lensspace.lenses import LensTraining, held_out_sequences
 from lensspace.malloc import ask_for_huge_pages
 from lensspace.provenance import benchmark_jobs, logged_startups
-from lensspace.settings import (ablation_grid, experiment_layers, job_layers, layer_jobs, neuron_settings,
-                                lens_training_params, second_ridge, seed_layout_grid, seed_layout_layers,
-                                shuffle_pair_chunks, token_split)
+from lensspace.settings import (
+    ablation_grid,
+    experiment_layers,
+    job_layers,
+    layer_jobs,
+    lens_training_params,
+    neuron_settings,
+    second_ridge,
+    seed_layout_grid,
+    seed_layout_layers,
+    shuffle_pair_chunks,
+    token_split,
+)
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
@@ -103,12 +113,17 @@ def exp_rate(threads: int, vocab: int, repeats: int = 5) -> dict[str, float]:
     torch.set_num_threads(threads)
     ways = {"torch, 1024 rows": (lambda y: torch.logsumexp(y, -1), (1024, vocab), 1)}
     try:
-        compiled = torch.compile(lambda y: (y - y.amax(-1, keepdim=True)).exp().sum(-1).log(), dynamic=False)
+        compiled = torch.compile(
+            lambda y: (y - y.amax(-1, keepdim=True)).exp().sum(-1).log(), dynamic=False
+        )
         compiled(torch.randn(8, 64))
         ways["compiled, 1024 rows"] = (compiled, (1024, vocab), 1)
         ways["compiled, 128 x 4096 in cache"] = (compiled, (128, 4096), 64)
     except Exception as err:  # no C++ compiler, or an inductor limit
-        print(f"compiled log-sum-exp unavailable ({type(err).__name__}); torch's own only", file=sys.stderr)
+        print(
+            f"compiled log-sum-exp unavailable ({type(err).__name__}); torch's own only",
+            file=sys.stderr,
+        )
     rates = {}
     for name, (way, shape, loops) in ways.items():
         y = torch.randn(*shape)
@@ -127,8 +142,10 @@ def startup_seconds(model: Path, repeats: int = 3) -> float:
     """Median wall time of a fresh interpreter that imports lensspace, loads the model and exits
     (the exit, about a second with torch loaded, is in it; the fused CPU kernels' own start-up, in
     the jobs that use them, is counted by ``kernel_seconds``)."""
-    code = ("from lensspace import runtime; import lensspace.experiments.h0, lensspace.lenses; "
-            f"runtime.open_model({str(model / 'lensspace-model.json')!r}, 'cpu')")
+    code = (
+        "from lensspace import runtime; import lensspace.experiments.h0, lensspace.lenses; "
+        f"runtime.open_model({str(model / 'lensspace-model.json')!r}, 'cpu')"
+    )
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -141,19 +158,36 @@ def kernel_seconds(repeats: int = 3) -> float:
     """Median wall time a fresh interpreter spends loading the fused CPU kernels (compiled ones
     come from the on-disk cache: the first run on a machine compiles them once), after the
     imports a job has made already (transformers' model loading imports the compiler's front end)."""
-    code = ("import time, torch, transformers.modeling_utils, lensspace.experiments.h0; from lensspace import fused; "
-            "x = torch.rand(4, 64); c = torch.rand(4, 1); "
-            "t = time.perf_counter(); fused.change_sums(x, x.clone(), x.clone(), c, c.clone(), torch.rand(64), "
-            "c.clone(), c.clone()); fused.kl_sums(x, x.clone(), x.clone()); print(time.perf_counter() - t)")
+    code = (
+        "import time, torch, transformers.modeling_utils, lensspace.experiments.h0; from lensspace import fused; "
+        "x = torch.rand(4, 64); c = torch.rand(4, 1); "
+        "t = time.perf_counter(); fused.change_sums(x, x.clone(), x.clone(), c, c.clone(), torch.rand(64), "
+        "c.clone(), c.clone()); fused.kl_sums(x, x.clone(), x.clone()); print(time.perf_counter() - t)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
-    return statistics.median(float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                                  text=True).stdout.split()[-1]) for _ in range(repeats))
+    return statistics.median(
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+        )
+        for _ in range(repeats)
+    )
 
 
 # the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2, the shuffle and
 # the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show them
-FUSED_RULES = {"eval_lens", "h0_layer", "h1_layer", "h2_layer", "shuffle_pairs", "shuffle_windows", "lens_quality",
-               "ood", "neurons"}
+FUSED_RULES = {
+    "eval_lens",
+    "h0_layer",
+    "h1_layer",
+    "h2_layer",
+    "shuffle_pairs",
+    "shuffle_windows",
+    "lens_quality",
+    "ood",
+    "neurons",
+}
 
 
 class Shape:
@@ -172,7 +206,9 @@ class Shape:
         self.ff = ff
         gated = c.get("model_type") != "gpt2"  # Llama's MLP has three matrices
         self.layernorm = c.get("model_type") == "gpt2"  # centring: H0 needs a product per site
-        self.block_params = self.d * (2 * self.d + 2 * self.d * kv // heads) + (3 if gated else 2) * self.d * ff
+        self.block_params = (
+            self.d * (2 * self.d + 2 * self.d * kv // heads) + (3 if gated else 2) * self.d * ff
+        )
 
     def block(self, seq_len: int) -> float:
         """FLOPs of one block for one token (weights, plus causal attention at ``seq_len``)."""
@@ -194,13 +230,19 @@ def refinement_tokens(lens: LensTraining, n_sequences: int, t: int) -> tuple[int
 
 def experiment_jobs(config: dict, n_layers: int, section: str) -> list[list[int]]:
     """The layers of each of ``section``'s per-layer jobs (``layers_per_job`` a job)."""
-    return [job_layers(name) for name in layer_jobs(experiment_layers(config, n_layers, section),
-                                                     config["layers_per_job"])]
+    return [
+        job_layers(name)
+        for name in layer_jobs(
+            experiment_layers(config, n_layers, section), config["layers_per_job"]
+        )
+    ]
 
 
 def shuffle_tokens(config: dict, split) -> int:
     """Sequences a shuffle order runs on: ``shuffle.eval_sequences``, at most the held-out split's."""
-    return min(config["shuffle"].get("eval_sequences") or split.eval_sequences, split.eval_sequences)
+    return min(
+        config["shuffle"].get("eval_sequences") or split.eval_sequences, split.eval_sequences
+    )
 
 
 def shuffle_spaces(shuffle: dict) -> int:
@@ -222,10 +264,15 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     n_check, n_targets = refinement_tokens(lens, split.train_sequences, t)
     fit_tokens = split.train_sequences * (t - 1) - n_check
     steps = lens.refine_steps if n_check else 0
-    flops["train_lens"] = (big_l * (2 * fit_tokens * d * d  # the Gram matrix
-                                    + steps * lens.refine_batch_tokens * 2 * head  # forward + input gradient
-                                    + 2 * n_check * head)  # the keep-or-revert check, before and after
-                           + (n_targets + n_check) * head)  # the targets, once
+    flops["train_lens"] = (
+        big_l
+        * (
+            2 * fit_tokens * d * d  # the Gram matrix
+            + steps * lens.refine_batch_tokens * 2 * head  # forward + input gradient
+            + 2 * n_check * head
+        )  # the keep-or-revert check, before and after
+        + (n_targets + n_check) * head
+    )  # the targets, once
     flops["eval_lens"] = evaluated * (head + big_l * (2 * head + 2 * d * d))
     flops["ridge_lens"] = big_l * 2 * split.train_sequences * (t - 1) * d * d
     g0 = ablation_grid(config, "h0")
@@ -233,7 +280,11 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     per_layer = 0.0
     for k in g0.resolve_k(d):
         subspaces = [s for s in g0.subspaces if s != "random"]
-        pairs = len(g0.bases) if ("output" in subspaces and "internal" in subspaces and k in half) else len(g0.bases) * len(subspaces)
+        pairs = (
+            len(g0.bases)
+            if ("output" in subspaces and "internal" in subspaces and k in half)
+            else len(g0.bases) * len(subspaces)
+        )
         sites = len(g0.sites) if shape.layernorm else 1  # RMSNorm: one product serves both sites
         randoms = g0.random_draws if "random" in g0.subspaces else 0
         per_layer += (pairs + randoms) * sites * evaluated * 2 * k * shape.vocab
@@ -241,20 +292,28 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
     g1 = ablation_grid(config, "h1")
     h1_cells = len(g1.variants(d))
 
-    def h1_job(layers: list[int]) -> float:  # one clean pass from the job's earliest layer, then every cell
+    def h1_job(
+        layers: list[int],
+    ) -> float:  # one clean pass from the job's earliest layer, then every cell
         return n_eval * ((big_l - min(layers)) * shape.block(t) + head) + sum(
-            h1_cells * n_eval * ((big_l - layer) * shape.block(t) + head) for layer in layers)
+            h1_cells * n_eval * ((big_l - layer) * shape.block(t) + head) for layer in layers
+        )
 
     flops["h1_layer"] = sum(h1_job(layers) for layers in experiment_jobs(config, big_l, "h1"))
     h2 = config["h2"]
 
-    def h2_job(layers: list[int]) -> float:  # the target once per job; per layer its fit, refinement, routes and cells
-        return evaluated * head + sum(2 * split.train_sequences * (t - 1) * d * d
-                                      + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
-                                      + evaluated * head  # the lens route (the cells' clean logits)
-                                      + n_eval * (big_l - layer) * shape.block(t) + evaluated * head  # downstream
-                                      + subspace_products(ablation_grid(config, "h2"), d, shape.vocab, evaluated)
-                                      for layer in layers)
+    def h2_job(
+        layers: list[int],
+    ) -> float:  # the target once per job; per layer its fit, refinement, routes and cells
+        return evaluated * head + sum(
+            2 * split.train_sequences * (t - 1) * d * d
+            + h2["refine_steps"] * h2["refine_sequences"] * (t - 1) * 2 * head
+            + evaluated * head  # the lens route (the cells' clean logits)
+            + n_eval * (big_l - layer) * shape.block(t)
+            + evaluated * head  # downstream
+            + subspace_products(ablation_grid(config, "h2"), d, shape.vocab, evaluated)
+            for layer in layers
+        )
 
     flops["h2_layer"] = sum(h2_job(layers) for layers in experiment_jobs(config, big_l, "h2"))
     shuffle = config["shuffle"]
@@ -265,11 +324,17 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
 
     spaces = shuffle_spaces(shuffle)
 
-    def shuffle_job(starts: list[int]) -> float:  # one clean pass from the earliest start, then every order
+    def shuffle_job(
+        starts: list[int],
+    ) -> float:  # one clean pass from the earliest start, then every order
         return rest(min(starts)) + spaces * sum(rest(start) for start in starts)
 
-    flops["shuffle_pairs"] = sum(shuffle_job([i for i, _ in chunk]) for chunk in shuffle_pair_chunks(config, big_l))
-    windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
+    flops["shuffle_pairs"] = sum(
+        shuffle_job([i for i, _ in chunk]) for chunk in shuffle_pair_chunks(config, big_l)
+    )
+    windows = window_permutations(
+        big_l, shuffle["window"], shuffle["window_samples"], config["seed"]
+    )
     flops["shuffle_windows"] = shuffle_job([perm.start for perm in windows])
     flops.update(issue14_flops(config, run, shape, split, lens))
     return flops
@@ -278,8 +343,11 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
 def subspace_products(grid, d: int, vocab: int, tokens: int) -> float:
     """An H2 layer's cells through the head's linearity: one rank-k product [tokens, k] x [k, V] per
     subspace (a carried plan: the halves are not complements, the modes share it)."""
-    return sum(2 * tokens * k * vocab for k in grid.resolve_k(d)
-               for _ in {(c.subspace, c.basis, c.draw) for c in grid.variants(d) if c.k == k})
+    return sum(
+        2 * tokens * k * vocab
+        for k in grid.resolve_k(d)
+        for _ in {(c.subspace, c.basis, c.draw) for c in grid.variants(d) if c.k == k}
+    )
 
 
 def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
@@ -292,38 +360,67 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
     evaluated = split.eval_sequences * (t - 1)
     lens = LensTraining(**lens_training_params(config, run))
 
-    def refinement(n_sequences: int, layers: int) -> float:  # Adam steps, the check before and after, targets
+    def refinement(
+        n_sequences: int, layers: int
+    ) -> float:  # Adam steps, the check before and after, targets
         n_check, n_targets = refinement_tokens(lens, n_sequences, t)
-        return layers * (lens.refine_steps * lens.refine_batch_tokens + 2 * n_check) + n_targets + n_check \
-            if n_check else 0.0
+        return (
+            layers * (lens.refine_steps * lens.refine_batch_tokens + 2 * n_check)
+            + n_targets
+            + n_check
+            if n_check
+            else 0.0
+        )
 
-    rows: dict[str, float] = {"train_lens": refinement(split.train_sequences, big_l),
-                              "eval_lens": evaluated * (1 + 2 * big_l)}  # the reference; tuned and logit lens per layer
-    rows["h0_layer"] = len(experiment_layers(config, big_l, "h0")) * evaluated * (
-        1 + len(ablation_grid(config, "h0").variants(d)))
+    rows: dict[str, float] = {
+        "train_lens": refinement(split.train_sequences, big_l),
+        "eval_lens": evaluated * (1 + 2 * big_l),
+    }  # the reference; tuned and logit lens per layer
+    rows["h0_layer"] = (
+        len(experiment_layers(config, big_l, "h0"))
+        * evaluated
+        * (1 + len(ablation_grid(config, "h0").variants(d)))
+    )
     h1_cells = len(ablation_grid(config, "h1").variants(d))
-    rows["h1_layer"] = sum(evaluated * (1 + h1_cells * len(layers)) for layers in experiment_jobs(config, big_l, "h1"))
+    rows["h1_layer"] = sum(
+        evaluated * (1 + h1_cells * len(layers)) for layers in experiment_jobs(config, big_l, "h1")
+    )
     h2 = config["h2"]
     h2_cells = len(ablation_grid(config, "h2").variants(d))
-    rows["h2_layer"] = sum(evaluated * (1 + len(layers) * (2 + h2_cells))  # target; lens, downstream, cells
-                           + len(layers) * h2["refine_steps"] * h2["refine_sequences"] * (t - 1)
-                           for layers in experiment_jobs(config, big_l, "h2"))
+    rows["h2_layer"] = sum(
+        evaluated * (1 + len(layers) * (2 + h2_cells))  # target; lens, downstream, cells
+        + len(layers) * h2["refine_steps"] * h2["refine_sequences"] * (t - 1)
+        for layers in experiment_jobs(config, big_l, "h2")
+    )
     shuffle = config["shuffle"]
     per_order = shuffle_tokens(config, split) * (t - 1)
     spaces = shuffle_spaces(shuffle)
-    rows["shuffle_pairs"] = sum(per_order * (1 + spaces * len(chunk)) for chunk in shuffle_pair_chunks(config, big_l))
-    windows = window_permutations(big_l, shuffle["window"], shuffle["window_samples"], config["seed"])
+    rows["shuffle_pairs"] = sum(
+        per_order * (1 + spaces * len(chunk)) for chunk in shuffle_pair_chunks(config, big_l)
+    )
+    windows = window_permutations(
+        big_l, shuffle["window"], shuffle["window_samples"], config["seed"]
+    )
     rows["shuffle_windows"] = per_order * (1 + spaces * len(windows))
     q_layers = len(seed_layout_layers(config, "lens_quality", big_l))
     q_cells = len(seed_layout_grid(config, "lens_quality").variants(d))
-    rows["lens_quality"] = evaluated + sum(  # the reference once; per lens and layer its logits and the cells
-        q_layers * evaluated * (1 + q_cells) + (refinement(n, q_layers) if refine else 0.0)
-        for n, refine in quality_budgets(config, split))
+    rows["lens_quality"] = (
+        evaluated
+        + sum(  # the reference once; per lens and layer its logits and the cells
+            q_layers * evaluated * (1 + q_cells) + (refinement(n, q_layers) if refine else 0.0)
+            for n, refine in quality_budgets(config, split)
+        )
+    )
     ood = config["ood"]
     ood_tokens = ood["eval_sequences"] * (t - 1)
     ood_cells = len(seed_layout_grid(config, "ood").variants(d))
-    rows["ood"] = len(config["runs"][run].get("eval_corpora", [])) * ood_tokens * (  # per corpus: the reference;
-        1 + len(seed_layout_layers(config, "ood", big_l)) * (2 + ood_cells))  # per layer tuned, logit lens, cells
+    rows["ood"] = (
+        len(config["runs"][run].get("eval_corpora", []))
+        * ood_tokens
+        * (  # per corpus: the reference;
+            1 + len(seed_layout_layers(config, "ood", big_l)) * (2 + ood_cells)
+        )
+    )  # per layer tuned, logit lens, cells
     neurons = config["neurons"]
     ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1
     rows["neurons"] = ablations * neurons["eval_sequences"] * (t - 1)
@@ -333,17 +430,25 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
 def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
     """The seed-layout H0 cells at one layer: the clean logits and one rank-d/2 product per subspace pair
     and random draw (the modes share it; pre_norm only)."""
-    return evaluated * shape.head + (1 + config["random_draws"]) * evaluated * 2 * (shape.d // 2) * shape.vocab
+    return (
+        evaluated * shape.head
+        + (1 + config["random_draws"]) * evaluated * 2 * (shape.d // 2) * shape.vocab
+    )
 
 
 def quality_budgets(config: dict, split) -> list[tuple[int, bool]]:
     """The lens-quality sweep's lenses: (training sequences, refined)."""
     quality = config["lens_quality"]
-    return [(max(2, round(fraction * split.train_sequences)), refine)
-            for fraction in quality["fractions"] for refine in quality["refine"]]
+    return [
+        (max(2, round(fraction * split.train_sequences)), refine)
+        for fraction in quality["fractions"]
+        for refine in quality["refine"]
+    ]
 
 
-def issue14_flops(config: dict, run: str, shape: Shape, split, lens: LensTraining) -> dict[str, float]:
+def issue14_flops(
+    config: dict, run: str, shape: Shape, split, lens: LensTraining
+) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""
     t, d, big_l, head = split.seq_len, shape.d, shape.layers, shape.head
     evaluated = split.eval_sequences * (t - 1)
@@ -354,8 +459,11 @@ def issue14_flops(config: dict, run: str, shape: Shape, split, lens: LensTrainin
         n_check, n_targets = refinement_tokens(lens, n, t) if refine else (0, 0)
         total += layers * 2 * (n * (t - 1) - n_check) * d * d
         if n_check:
-            total += (layers * (lens.refine_steps * lens.refine_batch_tokens * 2 * head + 2 * n_check * head)
-                      + (n_targets + n_check) * head)
+            total += (
+                layers
+                * (lens.refine_steps * lens.refine_batch_tokens * 2 * head + 2 * n_check * head)
+                + (n_targets + n_check) * head
+            )
         # per layer: the lens map, then the seed cells, whose clean logits are the lens's
         total += layers * (evaluated * 2 * d * d + seed_cells(config, shape, evaluated))
     flops["lens_quality"] = total
@@ -364,16 +472,29 @@ def issue14_flops(config: dict, run: str, shape: Shape, split, lens: LensTrainin
     ood_tokens = ood["eval_sequences"] * (t - 1)
     corpora = len(config["runs"][run].get("eval_corpora", []))
     # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the seed cells
-    flops["ood"] = corpora * (ood["eval_sequences"] * t * big_l * shape.block(t)
-                              + ood_tokens * head + ood_layers * (ood_tokens * (head + 2 * d * d)
-                                                                  + seed_cells(config, shape, ood_tokens)))
+    flops["ood"] = corpora * (
+        ood["eval_sequences"] * t * big_l * shape.block(t)
+        + ood_tokens * head
+        + ood_layers * (ood_tokens * (head + 2 * d * d) + seed_cells(config, shape, ood_tokens))
+    )
     neurons = config["neurons"]
-    geometry = big_l * shape.ff * 2 * d * d + 2 * shape.vocab * d * d  # lens maps of the writes; the logit covariance
-    stats = (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * big_l * shape.block(t)  # activations only
-    ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1  # and the clean run
-    blocks = big_l - min(neuron_settings(config, big_l, d).candidate_layers)  # each ablation resumes there
-    flops["neurons"] = geometry + stats + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t))
-                                                                                 + (t - 1) * head)
+    geometry = (
+        big_l * shape.ff * 2 * d * d + 2 * shape.vocab * d * d
+    )  # lens maps of the writes; the logit covariance
+    stats = (
+        (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * big_l * shape.block(t)
+    )  # activations only
+    ablations = (neurons["n_candidates"] + 1) * (
+        1 + config["random_draws"]
+    ) + 1  # and the clean run
+    blocks = big_l - min(
+        neuron_settings(config, big_l, d).candidate_layers
+    )  # each ablation resumes there
+    flops["neurons"] = (
+        geometry
+        + stats
+        + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t)) + (t - 1) * head)
+    )
     return flops
 
 
@@ -381,22 +502,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
-    parser.add_argument("--wall", type=float, default=None, help="measured wall time of the whole run (s)")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the heavy rules (their `threads:`)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="a wall time (s) to test the run against, e.g. half of an earlier run's")
+    parser.add_argument(
+        "--wall", type=float, default=None, help="measured wall time of the whole run (s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads of the heavy rules (their `threads:`)"
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="a wall time (s) to test the run against, e.g. half of an earlier run's",
+    )
     args = parser.parse_args()
-    if os.environ.get("GLIBC_TUNABLES") != ask_for_huge_pages():  # the jobs' allocator: fresh outputs fault less
+    if (
+        os.environ.get("GLIBC_TUNABLES") != ask_for_huge_pages()
+    ):  # the jobs' allocator: fresh outputs fault less
         os.execv(sys.executable, [sys.executable, *sys.argv])
     config = yaml.safe_load(args.config.read_text())
     validate(config, "schemas/config.schema.yaml")
     gemm.enable(config["compute"]["onednn_cpu"])
     rates = matmul_rate(args.threads)
     peak = max(rates.values())
-    print("fp32 matrix multiply, measured now: " + ", ".join(f"{n} {r:.0f} GFLOP/s" for n, r in rates.items()))
+    print(
+        "fp32 matrix multiply, measured now: "
+        + ", ".join(f"{n} {r:.0f} GFLOP/s" for n, r in rates.items())
+    )
     jobs = benchmark_jobs(args.results)
     if jobs.empty:
-        raise SystemExit(f"no benchmark files under {args.results}/benchmarks: run the workflow first")
+        raise SystemExit(
+            f"no benchmark files under {args.results}/benchmarks: run the workflow first"
+        )
     rows, heavy_startup = [], 0.0
     logged = logged_startups(args.results)
     logged_s = dict(zip(job_keys(logged), logged["startup_s"] + logged["kernels_s"]))
@@ -406,10 +542,15 @@ def main() -> None:
         startup, kernels = startup_seconds(model), kernel_seconds()
         exps = exp_rate(args.threads, shape.vocab)
         exp_peak = max(exps.values())
-        print(f"{run}: start-up of one job (imports + model load), measured now: {startup:.1f} s; "
-              f"loading the fused kernels in {', '.join(sorted(FUSED_RULES))}: {kernels:.1f} s more")
-        print(f"{run}: log-sum-exp over the vocabulary, measured now: "
-              + ", ".join(f"{n} {r:.2f}" for n, r in exps.items()) + " G logits/s")
+        print(
+            f"{run}: start-up of one job (imports + model load), measured now: {startup:.1f} s; "
+            f"loading the fused kernels in {', '.join(sorted(FUSED_RULES))}: {kernels:.1f} s more"
+        )
+        print(
+            f"{run}: log-sum-exp over the vocabulary, measured now: "
+            + ", ".join(f"{n} {r:.2f}" for n, r in exps.items())
+            + " G logits/s"
+        )
         mine = jobs[jobs["job"].str.split("/").map(lambda parts: run in parts)]
         logit_rows = minimal_rows(config, run, shape)
         for rule, flops in minimal_flops(config, run, shape).items():
@@ -419,38 +560,76 @@ def main() -> None:
             seconds, n_jobs = part["s"].sum(), len(part)
             job_startup = startup + (kernels if rule in FUSED_RULES else 0.0)
             keys = job_keys(part)
-            rule_startup = (sum(logged_s[k] for k in keys) if keys.isin(logged_s.keys()).all()
-                            else n_jobs * job_startup)  # as the jobs logged it, else as measured now
+            rule_startup = (
+                sum(logged_s[k] for k in keys)
+                if keys.isin(logged_s.keys()).all()
+                else n_jobs * job_startup
+            )  # as the jobs logged it, else as measured now
             heavy_startup += rule_startup
             exp_s = logit_rows.get(rule, 0.0) * shape.vocab / 1e9 / exp_peak
-            rows.append({"run": run, "rule": rule, "jobs": n_jobs, "s": round(seconds, 1),
-                         "gflop": round(flops / 1e9), "gflop_per_s": round(flops / 1e9 / seconds, 1),
-                         "of_peak": round(flops / 1e9 / seconds / peak, 2),
-                         "exp_s": round(exp_s, 1), "floor_share": round((flops / 1e9 / peak + exp_s) / seconds, 2),
-                         "startup_share": round(rule_startup / seconds, 2), "why": WHY.get(rule, "")})
+            rows.append(
+                {
+                    "run": run,
+                    "rule": rule,
+                    "jobs": n_jobs,
+                    "s": round(seconds, 1),
+                    "gflop": round(flops / 1e9),
+                    "gflop_per_s": round(flops / 1e9 / seconds, 1),
+                    "of_peak": round(flops / 1e9 / seconds / peak, 2),
+                    "exp_s": round(exp_s, 1),
+                    "floor_share": round((flops / 1e9 / peak + exp_s) / seconds, 2),
+                    "startup_share": round(rule_startup / seconds, 2),
+                    "why": WHY.get(rule, ""),
+                }
+            )
     print(pd.DataFrame(rows).to_string(index=False))
-    print("exp_s: the rule's minimal log-sum-exps at the fastest rate above; floor_share: (its products at the peak "
-          "+ exp_s) / its seconds")
-    torch_jobs = jobs[jobs["rule"].isin({"cache_activations", "train_lens", "eval_lens", "svd", "h0_layer", "h1_layer",
-                                         "h1_heads", "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows",
-                                         "lens_quality", "ood", "neurons"})]
+    print(
+        "exp_s: the rule's minimal log-sum-exps at the fastest rate above; floor_share: (its products at the peak "
+        "+ exp_s) / its seconds"
+    )
+    torch_jobs = jobs[
+        jobs["rule"].isin(
+            {
+                "cache_activations",
+                "train_lens",
+                "eval_lens",
+                "svd",
+                "h0_layer",
+                "h1_layer",
+                "h1_heads",
+                "h2_layer",
+                "ridge_lens",
+                "shuffle_pairs",
+                "shuffle_windows",
+                "lens_quality",
+                "ood",
+                "neurons",
+            }
+        )
+    ]
     wall = args.wall if args.wall is not None else jobs["s"].sum()
     total = len(torch_jobs) * startup + int(torch_jobs["rule"].isin(FUSED_RULES).sum()) * kernels
     of_wall = f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'}"
-    print(f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading), one job's as measured "
-          f"now times the jobs, about {total:.0f} s of {of_wall} = {total / wall:.2f} (target <= 0.10)")
+    print(
+        f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading), one job's as measured "
+        f"now times the jobs, about {total:.0f} s of {of_wall} = {total / wall:.2f} (target <= 0.10)"
+    )
     recorded = logged[job_keys(logged).isin(set(job_keys(torch_jobs)))]
     if len(recorded):
         startups, first_calls = recorded["startup_s"], recorded["kernels_s"]
         both = startups.sum() + first_calls.sum()
-        print(f"as the run's logs recorded it: {len(recorded)} of the {len(torch_jobs)} torch jobs, process start to "
-              f"model loaded {startups.sum():.0f} s (one job {startups.min():.1f}-{startups.max():.1f} s), the fused "
-              f"kernels' first calls {first_calls.sum():.0f} s (loading and one call each); {both:.0f} s of {of_wall} = "
-              f"{both / wall:.2f} (target <= 0.10)")
+        print(
+            f"as the run's logs recorded it: {len(recorded)} of the {len(torch_jobs)} torch jobs, process start to "
+            f"model loaded {startups.sum():.0f} s (one job {startups.min():.1f}-{startups.max():.1f} s), the fused "
+            f"kernels' first calls {first_calls.sum():.0f} s (loading and one call each); {both:.0f} s of {of_wall} = "
+            f"{both / wall:.2f} (target <= 0.10)"
+        )
     print(whole_run_floor(pd.DataFrame(rows), peak, heavy_startup, wall, args.target))
 
 
-def whole_run_floor(rows: pd.DataFrame, peak: float, startup: float, wall: float, target: float | None) -> str:
+def whole_run_floor(
+    rows: pd.DataFrame, peak: float, startup: float, wall: float, target: float | None
+) -> str:
     """The run's lower bound here: the heavy rules' minimal FLOPs at ``peak`` GFLOP/s and their
     minimal log-sum-exps (``rows["exp_s"]``), plus their jobs' ``startup`` seconds and the time
     outside them (``wall`` minus their seconds, as measured, other jobs' start-ups included); with
@@ -460,15 +639,20 @@ def whole_run_floor(rows: pd.DataFrame, peak: float, startup: float, wall: float
     rest = max(0.0, wall - heavy)
     floor = at_peak + exps + startup + rest
     reached = at_peak / max(heavy - exps - startup, 1e-9)
-    line = (f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s, their minimal log-sum-exps "
-            f"{exps:.0f} s; they took {heavy:.0f} s, with their start-ups ({startup:.0f} s), so their products ran at "
-            f"{reached:.2f} of the peak on average (at most: the rest of their time counted as products); with the rest "
-            f"of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here")
+    line = (
+        f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s, their minimal log-sum-exps "
+        f"{exps:.0f} s; they took {heavy:.0f} s, with their start-ups ({startup:.0f} s), so their products ran at "
+        f"{reached:.2f} of the peak on average (at most: the rest of their time counted as products); with the rest "
+        f"of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here"
+    )
     if target is not None:
         room = target - exps - startup - rest
         need = at_peak / room if room > 0 else float("inf")
-        line += (f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on average"
-                 if need <= 1 else f"; {target:.0f} s is below that floor (the products would need more than the peak)")
+        line += (
+            f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on average"
+            if need <= 1
+            else f"; {target:.0f} s is below that floor (the products would need more than the peak)"
+        )
     return line
 
 

@@ -10,6 +10,7 @@
 
     python benchmarks/shuffle_speed.py --run smollm2-bible --pairs 3 12 20 --sequences 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from compare_runs import module_at
+
 from lensspace import runtime
 from lensspace.experiments.shuffle import LensSpaceBlocks, measure, swap
 from lensspace.lenses import load_lens
@@ -39,40 +40,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="smollm2-bible")
     parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--model", type=Path, default=Path("resources/models/smollm2-135m/lensspace-model.json"))
+    parser.add_argument(
+        "--model", type=Path, default=Path("resources/models/smollm2-135m/lensspace-model.json")
+    )
     parser.add_argument("--pairs", type=int, nargs="+", default=[3, 12, 20])
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--job", type=int, nargs="+", default=[0, 4, 8, 12],
-                        help="first blocks of the adjacent swaps measured as one job")
-    parser.add_argument("--before", default="e9cc085", help="revision whose measure runs beside this one")
+    parser.add_argument(
+        "--job",
+        type=int,
+        nargs="+",
+        default=[0, 4, 8, 12],
+        help="first blocks of the adjacent swaps measured as one job",
+    )
+    parser.add_argument(
+        "--before", default="e9cc085", help="revision whose measure runs beside this one"
+    )
     args = parser.parse_args()
     run = args.results / args.run
     adapter, _ = runtime.open_model(str(args.model), "cpu")
-    cache = runtime.open_cache(str(run / "activations"), str(run / "data" / "tokens.safetensors"), adapter.device)
+    cache = runtime.open_cache(
+        str(run / "activations"), str(run / "data" / "tokens.safetensors"), adapter.device
+    )
     runner = BlockRunner(adapter)
     blocks = LensSpaceBlocks(runner, load_lens(adapter, run / "lens"))
     for i in args.pairs:
         perm = swap(adapter.n_layers, i, i + 1)
-        h = cache.load(i, "eval")[:args.sequences].float()
+        h = cache.load(i, "eval")[: args.sequences].float()
         times = {"jumps only": [], "every block": []}
         outputs = {}
         with torch.no_grad():
             for _ in range(args.repeats):
-                for name, fn in (("jumps only", blocks.run), ("every block", lambda x, p: every_block_wrapped(blocks, x, p))):
+                for name, fn in (
+                    ("jumps only", blocks.run),
+                    ("every block", lambda x, p: every_block_wrapped(blocks, x, p)),
+                ):
                     started = time.perf_counter()
                     outputs[name] = fn(h, perm)
                     times[name].append(time.perf_counter() - started)
         new, old = (statistics.median(times[k]) for k in ("jumps only", "every block"))
-        gap = float((outputs["jumps only"] - outputs["every block"]).norm() / outputs["every block"].norm())
-        print(f"swap ({i}, {i + 1}), {len(perm.order)} blocks: jumps only {new:.2f} s, every block "
-              f"{old:.2f} s, ratio {new / old:.2f}; relative gap {gap:.1e}")
+        gap = float(
+            (outputs["jumps only"] - outputs["every block"]).norm() / outputs["every block"].norm()
+        )
+        print(
+            f"swap ({i}, {i + 1}), {len(perm.order)} blocks: jumps only {new:.2f} s, every block "
+            f"{old:.2f} s, ratio {new / old:.2f}; relative gap {gap:.1e}"
+        )
 
     perms = [swap(adapter.n_layers, i, i + 1) for i in args.job]
     ridge = run / "shuffle" / "ridge_lens"
-    spaces = {"lens": blocks} | ({"lens_ridge": LensSpaceBlocks(runner, load_lens(adapter, ridge))}
-                                 if (ridge / "params.pt").exists() else {})
-    sides = {"this checkout": measure, f"before ({args.before})": module_at(args.before, "src/lensspace/experiments/shuffle.py", "shuffle_before").measure}
+    spaces = {"lens": blocks} | (
+        {"lens_ridge": LensSpaceBlocks(runner, load_lens(adapter, ridge))}
+        if (ridge / "params.pt").exists()
+        else {}
+    )
+    sides = {
+        "this checkout": measure,
+        f"before ({args.before})": module_at(
+            args.before, "src/lensspace/experiments/shuffle.py", "shuffle_before"
+        ).measure,
+    }
     times, kls = {name: [] for name in sides}, {}
     for _ in range(args.repeats):
         for name, fn in sides.items():
@@ -82,9 +109,11 @@ def main() -> None:
             kls[name] = torch.tensor([row["kl"] for row in rows])
     new, old = (statistics.median(times[name]) for name in sides)
     a, b = kls.values()
-    print(f"measure, swaps at {args.job} in {['native', *spaces]}: this checkout {new:.1f} s, before "
-          f"{old:.1f} s, ratio {new / old:.2f}; largest KL difference {float((a - b).abs().max()):.1e} "
-          f"nats (relative {float(((a - b).abs() / b.abs().clamp(min=1e-12)).max()):.1e})")
+    print(
+        f"measure, swaps at {args.job} in {['native', *spaces]}: this checkout {new:.1f} s, before "
+        f"{old:.1f} s, ratio {new / old:.2f}; largest KL difference {float((a - b).abs().max()):.1e} "
+        f"nats (relative {float(((a - b).abs() / b.abs().clamp(min=1e-12)).max()):.1e})"
+    )
 
 
 if __name__ == "__main__":

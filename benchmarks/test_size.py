@@ -29,8 +29,12 @@ from lensspace.stats import matched_permutation_p, paired_difference
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32, help="held-out sequences (data.eval_sequences)")
-    parser.add_argument("--draws", type=int, default=8, help="matched draws per candidate (random_draws)")
+    parser.add_argument(
+        "--n", type=int, default=32, help="held-out sequences (data.eval_sequences)"
+    )
+    parser.add_argument(
+        "--draws", type=int, default=8, help="matched draws per candidate (random_draws)"
+    )
     parser.add_argument("--sigma", type=float, default=0.62)
     parser.add_argument("--sims", type=int, default=2000)
     parser.add_argument("--resamples", type=int, default=20000)
@@ -40,20 +44,34 @@ def main() -> None:
         parser.error("--draws must be at least 1 and --n at least 2")
     levels = [0.05, 0.01, *(0.05 / m for m in args.family)]
     gen = torch.Generator().manual_seed(0)
+
     def permutation(x, sim):  # with one row of zeros beside the first: a sign flip of its values
         return matched_permutation_p(x[0], x[1:], args.resamples, sim)
 
-    tests = {"bootstrap-t": lambda x, sim: paired_difference(x[0], x[1:].mean(0), args.resamples, sim).p_value,
-             "matched permutation": permutation, "sign flip": permutation}
+    tests = {
+        "bootstrap-t": lambda x, sim: (
+            paired_difference(x[0], x[1:].mean(0), args.resamples, sim).p_value
+        ),
+        "matched permutation": permutation,
+        "sign flip": permutation,
+    }
     for null in ("skewed", "matched"):
-        names = ["bootstrap-t", "sign flip"] if null == "skewed" else ["bootstrap-t", "matched permutation"]
+        names = (
+            ["bootstrap-t", "sign flip"]
+            if null == "skewed"
+            else ["bootstrap-t", "matched permutation"]
+        )
         rejections = {(name, level): 0 for name in names for level in levels}
         for sim in range(args.sims):
             if null == "skewed":  # one difference per sequence against zero
                 d = torch.randn(args.n, generator=gen, dtype=torch.float64).mul(args.sigma).exp()
-                x = torch.stack([d - math.exp(args.sigma ** 2 / 2), torch.zeros_like(d)])
+                x = torch.stack([d - math.exp(args.sigma**2 / 2), torch.zeros_like(d)])
             else:
-                x = torch.randn(1 + args.draws, args.n, generator=gen, dtype=torch.float64).mul(1.2).exp()
+                x = (
+                    torch.randn(1 + args.draws, args.n, generator=gen, dtype=torch.float64)
+                    .mul(1.2)
+                    .exp()
+                )
             for name in names:
                 p = tests[name](x, sim)
                 for level in levels:
@@ -62,8 +80,10 @@ def main() -> None:
             for level in levels:
                 rate = rejections[name, level] / args.sims
                 draws = f", draws={args.draws}" if null == "matched" else ""
-                print(f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
-                      f"(ratio {rate / level:.2f})")
+                print(
+                    f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
+                    f"(ratio {rate / level:.2f})"
+                )
 
 
 if __name__ == "__main__":

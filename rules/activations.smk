@@ -8,19 +8,19 @@ rule cache_activations:
         checked=ancient(rules.check_run.output.checked),
     output:
         cache=directory(f"{RESULTS}/{{run}}/activations"),
-    params:
-        cache=config["cache"],
-        device=config["device"],
-        compute=get_compute(),
     log:
         f"{RESULTS}/logs/cache_activations/{{run}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cache_activations/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        cache=config["cache"],
+        device=config["device"],
+        compute=get_compute(),
     script:
         "../scripts/cache_activations.py"

@@ -187,7 +187,10 @@ def get_ood_tables(name):
     """Input function: ``name``.tsv of every eval corpus of the run."""
 
     def tables(wildcards):
-        return [f"{RESULTS}/{wildcards.run}/ood/{corpus}/{name}.tsv" for corpus in get_eval_corpora(wildcards.run)]
+        return [
+            f"{RESULTS}/{wildcards.run}/ood/{corpus}/{name}.tsv"
+            for corpus in get_eval_corpora(wildcards.run)
+        ]
 
     return tables
 
@@ -221,8 +224,12 @@ def get_final_outputs():
         *expand(f"{RESULTS}/figures/h2_{{run}}.png", run=runs),
         *expand(f"{RESULTS}/{{run}}/shuffle/swaps.tsv", run=runs),
         *expand(f"{RESULTS}/figures/shuffle_{{run}}.png", run=runs),
-        *[f"{RESULTS}/{kind}/ood_{run}.{ext}" for run in runs if get_eval_corpora(run)
-          for kind, ext in (("tables", "md"), ("figures", "png"))],
+        *[
+            f"{RESULTS}/{kind}/ood_{run}.{ext}"
+            for run in runs
+            if get_eval_corpora(run)
+            for kind, ext in (("tables", "md"), ("figures", "png"))
+        ],
         *expand(f"{RESULTS}/{{run}}/lens_quality/sweep.tsv", run=runs),
         *expand(f"{RESULTS}/tables/lens_quality_{{run}}.md", run=runs),
         *expand(f"{RESULTS}/figures/lens_quality_{{run}}.png", run=runs),
@@ -245,25 +252,48 @@ def get_report_inputs(wildcards):
     """Every file the report page shows, for every run, among those the DAG can produce."""
     wanted = []
     for run in config["runs"]:
-        wanted += [f"{RESULTS}/{run}/lens_eval.tsv", f"{RESULTS}/figures/lens_{run}.png",
-                   f"{RESOURCES}/models/{get_run(run)['model']}/lensspace-model.json"]
+        wanted += [
+            f"{RESULTS}/{run}/lens_eval.tsv",
+            f"{RESULTS}/figures/lens_{run}.png",
+            f"{RESOURCES}/models/{get_run(run)['model']}/lensspace-model.json",
+        ]
         for name in REPORT_EXPERIMENTS:
             if get_producible([f"{RESULTS}/{run}/{name}/ablation.tsv"]):
-                wanted += [f"{RESULTS}/tables/robustness_{name}_{run}.md",
-                           f"{RESULTS}/{run}/{name}/comparisons.tsv"]
-            wanted += [f"{RESULTS}/{run}/{name}/ablation.tsv", f"{RESULTS}/tables/{name}_{run}.md",
-                       f"{RESULTS}/figures/{name}_{run}.png"]
+                wanted += [
+                    f"{RESULTS}/tables/robustness_{name}_{run}.md",
+                    f"{RESULTS}/{run}/{name}/comparisons.tsv",
+                ]
+            wanted += [
+                f"{RESULTS}/{run}/{name}/ablation.tsv",
+                f"{RESULTS}/tables/{name}_{run}.md",
+                f"{RESULTS}/figures/{name}_{run}.png",
+            ]
         wanted += [f"{RESULTS}/{run}/h1/{name}.tsv" for name in ("heads", "heads_test", "mlp")]
-        wanted += [f"{RESULTS}/{run}/h0/shares.tsv", f"{RESULTS}/{run}/h2/fit.tsv", f"{RESULTS}/{run}/shuffle/windows.tsv",
-                   f"{RESULTS}/{run}/shuffle/conditions.tsv"]
-        wanted += [f"{RESULTS}/figures/h1_heads_{run}.png",
-                   f"{RESULTS}/{run}/shuffle/swaps.tsv", f"{RESULTS}/figures/shuffle_{run}.png"]
+        wanted += [
+            f"{RESULTS}/{run}/h0/shares.tsv",
+            f"{RESULTS}/{run}/h2/fit.tsv",
+            f"{RESULTS}/{run}/shuffle/windows.tsv",
+            f"{RESULTS}/{run}/shuffle/conditions.tsv",
+        ]
+        wanted += [
+            f"{RESULTS}/figures/h1_heads_{run}.png",
+            f"{RESULTS}/{run}/shuffle/swaps.tsv",
+            f"{RESULTS}/figures/shuffle_{run}.png",
+        ]
         for corpus in get_eval_corpora(run):
-            wanted += [f"{RESULTS}/{run}/ood/{corpus}/{name}.tsv" for name in ("lens_eval", "ablation")]
+            wanted += [
+                f"{RESULTS}/{run}/ood/{corpus}/{name}.tsv" for name in ("lens_eval", "ablation")
+            ]
         if get_eval_corpora(run):
             wanted += [f"{RESULTS}/tables/ood_{run}.md", f"{RESULTS}/figures/ood_{run}.png"]
-        wanted += [f"{RESULTS}/{run}/lens_quality/sweep.tsv", f"{RESULTS}/tables/lens_quality_{run}.md",
-                   f"{RESULTS}/figures/lens_quality_{run}.png"]
-        wanted += [f"{RESULTS}/{run}/neurons/{name}.tsv" for name in ("neurons", "candidates", "joint", "reference")]
+        wanted += [
+            f"{RESULTS}/{run}/lens_quality/sweep.tsv",
+            f"{RESULTS}/tables/lens_quality_{run}.md",
+            f"{RESULTS}/figures/lens_quality_{run}.png",
+        ]
+        wanted += [
+            f"{RESULTS}/{run}/neurons/{name}.tsv"
+            for name in ("neurons", "candidates", "joint", "reference")
+        ]
         wanted += [f"{RESULTS}/tables/neurons_{run}.md", f"{RESULTS}/figures/neurons_{run}.png"]
     return get_producible(wanted)

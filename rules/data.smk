@@ -8,16 +8,16 @@ localrules:
 rule prepare_corpus:
     output:
         text=f"{RESOURCES}/corpora/{{corpus}}.txt",
-    params:
-        spec=lambda wildcards: config["corpora"][wildcards.corpus],
-        download_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.corpus}",
     log:
         f"{RESULTS}/logs/prepare_corpus/{{corpus}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        spec=lambda wildcards: config["corpora"][wildcards.corpus],
+        download_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.corpus}",
     script:
         "../scripts/prepare_corpus.py"
 
@@ -29,14 +29,14 @@ rule tokenize:
     output:
         tokens=f"{RESULTS}/{{run}}/data/tokens.safetensors",
         meta=f"{RESULTS}/{{run}}/data/tokens.json",
-    params:
-        split=get_token_split,
     log:
         f"{RESULTS}/logs/tokenize/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        split=get_token_split,
     script:
         "../scripts/tokenize.py"

@@ -13,20 +13,20 @@ rule h0_layer:
         table=f"{RESULTS}/{{run}}/h0/layers/{{layer}}.tsv",
         sequences=f"{RESULTS}/{{run}}/h0/sequences/{{layer}}.tsv",
         shares=f"{RESULTS}/{{run}}/h0/share_layers/{{layer}}.tsv",
-    params:
-        grid=get_ablation_grid("h0"),
-        device=config["device"],
-        compute=get_compute(),
     log:
         f"{RESULTS}/logs/h0_layer/{{run}}/{{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/h0_layer/{{run}}/{{layer}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=6000,
         runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        grid=get_ablation_grid("h0"),
+        device=config["device"],
+        compute=get_compute(),
     script:
         "../scripts/h0_layer.py"
 
@@ -42,11 +42,11 @@ rule h0_merge:
         shares=f"{RESULTS}/{{run}}/h0/shares.tsv",
     log:
         f"{RESULTS}/logs/h0_merge/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/merge_tables.py"
 
@@ -64,18 +64,18 @@ rule h0_table:
             subcategory="{run}",
             labels={"run": "{run}", "table": "H0 (original layout)"},
         ),
+    log:
+        f"{RESULTS}/logs/h0_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=5,
     params:
         title="H0",
         description="KL(lens || ablated lens) in nats; lens space, ablated before the final norm",
         site="pre_norm",
         reference_table=lambda wildcards: get_reference_table(wildcards.run, "h0"),
-    log:
-        f"{RESULTS}/logs/h0_table/{{run}}.log",
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/ablation_table.py"
 
@@ -91,15 +91,15 @@ rule h0_figure:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "H0 ablation grid"},
         ),
-    params:
-        title="H0",
-        description="KL(lens || ablated lens) in lens space",
     log:
         f"{RESULTS}/logs/h0_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        title="H0",
+        description="KL(lens || ablated lens) in lens space",
     script:
         "../scripts/ablation_figure.py"

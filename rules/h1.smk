@@ -13,20 +13,20 @@ rule h1_layer:
     output:
         table=f"{RESULTS}/{{run}}/h1/layers/{{layer}}.tsv",
         sequences=f"{RESULTS}/{{run}}/h1/sequences/{{layer}}.tsv",
-    params:
-        grid=get_ablation_grid("h1"),
-        device=config["device"],
-        compute=get_compute(),
     log:
         f"{RESULTS}/logs/h1_layer/{{run}}/{{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/h1_layer/{{run}}/{{layer}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=6000,
         runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        grid=get_ablation_grid("h1"),
+        device=config["device"],
+        compute=get_compute(),
     script:
         "../scripts/h1_layer.py"
 
@@ -40,11 +40,11 @@ rule h1_merge:
         sequences=f"{RESULTS}/{{run}}/h1/per_sequence.tsv",
     log:
         f"{RESULTS}/logs/h1_merge/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/merge_tables.py"
 
@@ -62,6 +62,13 @@ rule h1_table:
             subcategory="{run}",
             labels={"run": "{run}", "table": "H1 (original layout)"},
         ),
+    log:
+        f"{RESULTS}/logs/h1_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=5,
     params:
         title="H1",
         description=(
@@ -70,13 +77,6 @@ rule h1_table:
         ),
         site="residual",
         reference_table=lambda wildcards: get_reference_table(wildcards.run, "h1"),
-    log:
-        f"{RESULTS}/logs/h1_table/{{run}}.log",
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/ablation_table.py"
 
@@ -92,16 +92,16 @@ rule h1_figure:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "H1 ablation grid"},
         ),
-    params:
-        title="H1",
-        description="KL(model || ablated model), residual stream",
     log:
         f"{RESULTS}/logs/h1_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        title="H1",
+        description="KL(model || ablated model), residual stream",
     script:
         "../scripts/ablation_figure.py"
 
@@ -117,21 +117,21 @@ rule h1_heads:
         heads=f"{RESULTS}/{{run}}/h1/heads.tsv",
         mlp=f"{RESULTS}/{{run}}/h1/mlp.tsv",
         test=f"{RESULTS}/{{run}}/h1/heads_test.tsv",
+    log:
+        f"{RESULTS}/logs/h1_heads/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h1_heads/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         settings=get_circuit_settings,
         n_boot=config["bootstrap"]["n_resamples"],
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/h1_heads/{{run}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/h1_heads/{{run}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/h1_heads.py"
 
@@ -150,10 +150,10 @@ rule h1_heads_figure:
         ),
     log:
         f"{RESULTS}/logs/h1_heads_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/h1_heads_figure.py"

@@ -12,21 +12,21 @@ rule h2_layer:
         table=f"{RESULTS}/{{run}}/h2/layers/{{layer}}.tsv",
         fit=f"{RESULTS}/{{run}}/h2/fit_layers/{{layer}}.tsv",
         sequences=f"{RESULTS}/{{run}}/h2/sequences/{{layer}}.tsv",
+    log:
+        f"{RESULTS}/logs/h2_layer/{{run}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/h2_layer/{{run}}/{{layer}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         settings=get_embedding_lens_settings,
         grid=get_ablation_grid("h2"),
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/h2_layer/{{run}}/{{layer}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/h2_layer/{{run}}/{{layer}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/h2_layer.py"
 
@@ -42,11 +42,11 @@ rule h2_merge:
         sequences=f"{RESULTS}/{{run}}/h2/per_sequence.tsv",
     log:
         f"{RESULTS}/logs/h2_merge/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/merge_tables.py"
 
@@ -65,11 +65,11 @@ rule h2_table:
         ),
     log:
         f"{RESULTS}/logs/h2_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/h2_table.py"
 
@@ -88,10 +88,10 @@ rule h2_figure:
         ),
     log:
         f"{RESULTS}/logs/h2_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/h2_figure.py"

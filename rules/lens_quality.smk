@@ -11,22 +11,22 @@ rule lens_quality:
     output:
         sweep=f"{RESULTS}/{{run}}/lens_quality/sweep.tsv",
         sequences=f"{RESULTS}/{{run}}/lens_quality/per_sequence.tsv",
+    log:
+        f"{RESULTS}/logs/lens_quality/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/lens_quality/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         config=lambda wildcards: get_lens_quality_config(),
         training=get_lens_training_values,
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/lens_quality/{{run}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/lens_quality/{{run}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/lens_quality.py"
 
@@ -44,11 +44,11 @@ rule lens_quality_table:
         ),
     log:
         f"{RESULTS}/logs/lens_quality_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/lens_quality_table.py"
 
@@ -66,10 +66,10 @@ rule lens_quality_figure:
         ),
     log:
         f"{RESULTS}/logs/lens_quality_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/lens_quality_figure.py"

@@ -13,22 +13,22 @@ rule train_lens:
     output:
         config=f"{RESULTS}/{{run}}/lens/config.json",
         params=f"{RESULTS}/{{run}}/lens/params.pt",
-    wildcard_constraints:
-        run=get_runs_with_lens_source("train"),
-    params:
-        training=get_lens_training,
-        device=config["device"],
-        compute=get_compute(),
     log:
         f"{RESULTS}/logs/train_lens/{{run}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_lens/{{run}}.tsv"
+    wildcard_constraints:
+        run=get_runs_with_lens_source("train"),
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        training=get_lens_training,
+        device=config["device"],
+        compute=get_compute(),
     script:
         "../scripts/train_lens.py"
 
@@ -40,18 +40,18 @@ rule fetch_lens:
     output:
         config=f"{RESULTS}/{{run}}/lens/config.json",
         params=f"{RESULTS}/{{run}}/lens/params.pt",
-    wildcard_constraints:
-        run=get_runs_with_lens_source("pretrained"),
-    params:
-        lens_id=lambda wildcards: get_run(wildcards.run)["lens"]["id"],
-        allow_other_model=lambda wildcards: get_run(wildcards.run)["lens"]["allow_other_model"],
     log:
         f"{RESULTS}/logs/fetch_lens/{{run}}.log",
+    wildcard_constraints:
+        run=get_runs_with_lens_source("pretrained"),
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        lens_id=lambda wildcards: get_run(wildcards.run)["lens"]["id"],
+        allow_other_model=lambda wildcards: get_run(wildcards.run)["lens"]["allow_other_model"],
     script:
         "../scripts/fetch_lens.py"
 
@@ -64,21 +64,21 @@ rule eval_lens:
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
     output:
         table=f"{RESULTS}/{{run}}/lens_eval.tsv",
+    log:
+        f"{RESULTS}/logs/eval_lens/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_lens/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
     params:
         n_boot=config["bootstrap"]["n_resamples"],
         seed=config["seed"],
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/eval_lens/{{run}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/eval_lens/{{run}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=60,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/eval_lens.py"
 
@@ -96,10 +96,10 @@ rule lens_figure:
         ),
     log:
         f"{RESULTS}/logs/lens_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/lens_figure.py"

@@ -11,18 +11,18 @@ rule prepare_model:
     output:
         manifest=f"{RESOURCES}/models/{{model}}/lensspace-model.json",
         weights=f"{RESOURCES}/models/{{model}}/model.safetensors",
-    params:
-        spec=lambda wildcards: config["models"][wildcards.model],
-        download_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.model}",
     log:
         f"{RESULTS}/logs/prepare_model/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare_model/{{model}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        spec=lambda wildcards: config["models"][wildcards.model],
+        download_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.model}",
     script:
         "../scripts/prepare_model.py"
 
@@ -39,10 +39,10 @@ rule check_run:
         checked=f"{RESULTS}/{{run}}/checked.json",
     log:
         f"{RESULTS}/logs/check_run/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/check_run.py"

@@ -17,21 +17,21 @@ rule neurons:
         candidates=f"{RESULTS}/{{run}}/neurons/candidates.tsv",
         joint=f"{RESULTS}/{{run}}/neurons/joint.tsv",
         reference=f"{RESULTS}/{{run}}/neurons/reference.tsv",
+    log:
+        f"{RESULTS}/logs/neurons/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/neurons/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=30,
     params:
         config=lambda wildcards: get_neuron_config(),
         reference=lambda wildcards: get_reference_table(wildcards.run, "neurons"),
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/neurons/{{run}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/neurons/{{run}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/neurons.py"
 
@@ -50,11 +50,11 @@ rule neurons_table:
         ),
     log:
         f"{RESULTS}/logs/neurons_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/neurons_table.py"
 
@@ -73,10 +73,10 @@ rule neurons_figure:
         ),
     log:
         f"{RESULTS}/logs/neurons_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/neurons_figure.py"

@@ -9,17 +9,17 @@ rule ood_tokenize:
         train=rules.tokenize.output.tokens,
     output:
         tokens=f"{RESULTS}/{{run}}/ood/{{corpus}}/tokens.safetensors",
+    log:
+        f"{RESULTS}/logs/ood_tokenize/{{run}}/{{corpus}}.log",
+    conda:
+        "../envs/lensspace.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=20,
     params:
         seq_len=lambda wildcards: get_token_split(wildcards)["seq_len"],
         seed=config["seed"],
         ood=config["ood"],
-    log:
-        f"{RESULTS}/logs/ood_tokenize/{{run}}/{{corpus}}.log",
-    resources:
-        mem_mb=2000,
-        runtime=20,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/ood_tokenize.py"
 
@@ -36,22 +36,22 @@ rule ood:
         lens_eval=f"{RESULTS}/{{run}}/ood/{{corpus}}/lens_eval.tsv",
         ablation=f"{RESULTS}/{{run}}/ood/{{corpus}}/ablation.tsv",
         sequences=f"{RESULTS}/{{run}}/ood/{{corpus}}/per_sequence.tsv",
+    log:
+        f"{RESULTS}/logs/ood/{{run}}/{{corpus}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ood/{{run}}/{{corpus}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         config=lambda wildcards: get_ood_config(),
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         storage=config["cache"]["storage"],
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/ood/{{run}}/{{corpus}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/ood/{{run}}/{{corpus}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/ood.py"
 
@@ -77,15 +77,15 @@ rule ood_table:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "lens KL and H0 out of distribution"},
         ),
-    params:
-        corpora=lambda wildcards: get_eval_corpora(wildcards.run),
-        train_corpus=lambda wildcards: get_run(wildcards.run)["corpus"],
     log:
         f"{RESULTS}/logs/ood_table/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        corpora=lambda wildcards: get_eval_corpora(wildcards.run),
+        train_corpus=lambda wildcards: get_run(wildcards.run)["corpus"],
     script:
         "../scripts/ood_table.py"

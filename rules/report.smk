@@ -14,18 +14,18 @@ rule robustness_table:
             subcategory="{run}",
             labels={"run": "{run}", "experiment": "{experiment}"},
         ),
-    wildcard_constraints:
-        experiment=r"h\d+",
-    params:
-        n_boot=config["bootstrap"]["test_resamples"],
-        seed=config["seed"],
     log:
         f"{RESULTS}/logs/robustness_table/{{experiment}}_{{run}}.log",
+    wildcard_constraints:
+        experiment=r"h\d+",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        n_boot=config["bootstrap"]["test_resamples"],
+        seed=config["seed"],
     script:
         "../scripts/robustness_table.py"
 
@@ -41,15 +41,15 @@ rule html_report:
             category="Report",
             labels={"page": "index.html"},
         ),
-    params:
-        # the page shows the whole config (provenance), so any edit rebuilds it
-        config=config,
     log:
         f"{RESULTS}/logs/html_report.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        # the page shows the whole config (provenance), so any edit rebuilds it
+        config=config,
     script:
         "../scripts/report.py"

@@ -11,20 +11,20 @@ rule ridge_lens:
     output:
         config=f"{RESULTS}/{{run}}/shuffle/ridge_lens/config.json",
         params=f"{RESULTS}/{{run}}/shuffle/ridge_lens/params.pt",
-    params:
-        training=get_ridge_lens_training,
-        device=config["device"],
-        compute=get_compute(),
     log:
         f"{RESULTS}/logs/ridge_lens/{{run}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/ridge_lens/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=6000,
         runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
+    params:
+        training=get_ridge_lens_training,
+        device=config["device"],
+        compute=get_compute(),
     script:
         "../scripts/train_lens.py"
 
@@ -38,8 +38,18 @@ rule shuffle_pairs:
         ridge_lens=get_shuffle_ridge_lens,
     output:
         table=f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv",
+    log:
+        f"{RESULTS}/logs/shuffle_pairs/{{run}}/{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shuffle_pairs/{{run}}/{{chunk}}.tsv"
     wildcard_constraints:
         chunk=r"\d+",
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         pairs=get_shuffle_pairs,
         shuffle=get_shuffle_settings(windows=False),
@@ -49,16 +59,6 @@ rule shuffle_pairs:
         seed=config["seed"],
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/shuffle_pairs/{{run}}/{{chunk}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/shuffle_pairs/{{run}}/{{chunk}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/shuffle.py"
 
@@ -73,6 +73,16 @@ rule shuffle_windows:
     output:
         table=f"{RESULTS}/{{run}}/shuffle/windows.tsv",
         conditions=f"{RESULTS}/{{run}}/shuffle/conditions.tsv",
+    log:
+        f"{RESULTS}/logs/shuffle_windows/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shuffle_windows/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
     params:
         pairs=[],
         shuffle=get_shuffle_settings(windows=True),
@@ -82,16 +92,6 @@ rule shuffle_windows:
         seed=config["seed"],
         device=config["device"],
         compute=get_compute(),
-    log:
-        f"{RESULTS}/logs/shuffle_windows/{{run}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/shuffle_windows/{{run}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=30,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/shuffle.py"
 
@@ -103,11 +103,11 @@ rule shuffle_merge:
         table=f"{RESULTS}/{{run}}/shuffle/swaps.tsv",
     log:
         f"{RESULTS}/logs/shuffle_merge/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/merge_tables.py"
 
@@ -126,10 +126,10 @@ rule shuffle_figure:
         ),
     log:
         f"{RESULTS}/logs/shuffle_figure/{{run}}.log",
+    conda:
+        "../envs/lensspace.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/shuffle_figure.py"

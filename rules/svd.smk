@@ -11,11 +11,11 @@ rule svd:
         f"{RESULTS}/logs/svd/{{run}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/svd/{{run}}.tsv"
+    conda:
+        "../envs/lensspace.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../envs/lensspace.yaml"
     script:
         "../scripts/svd.py"

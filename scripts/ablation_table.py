@@ -1,4 +1,5 @@
 """An ablation experiment's table in the original study's layout, beside the published one."""
+
 import json
 from pathlib import Path
 
@@ -14,11 +15,13 @@ def body(sm):
     reference = load_reference(sm.input.reference, ref_name) if ref_name else None
     ablation = pd.read_csv(sm.input.table, sep="\t")
     table = seed_layout(ablation, k=d_model // 2, site=sm.params.site, reference=reference)
-    header = (f"# {sm.params.title} — {sm.wildcards.run}\n\n{sm.params.description}, "
-              f"k = {d_model // 2} of {d_model} (d/2), basis unembed (raw W_U), zero ablation (the "
-              "seed's; mean ablation beside it where the grid has it); "
-              f"mean over {int(ablation['n_tokens'].iloc[0])} held-out tokens, 95% bootstrap "
-              "interval over sequences.")
+    header = (
+        f"# {sm.params.title} — {sm.wildcards.run}\n\n{sm.params.description}, "
+        f"k = {d_model // 2} of {d_model} (d/2), basis unembed (raw W_U), zero ablation (the "
+        "seed's; mean ablation beside it where the grid has it); "
+        f"mean over {int(ablation['n_tokens'].iloc[0])} held-out tokens, 95% bootstrap "
+        "interval over sequences."
+    )
     if ref_name:
         header += f" Published: the seed study's table {ref_name}; Δ = reproduced − published."
     runtime.write_text(header + "\n\n" + markdown(table), sm.output.markdown)

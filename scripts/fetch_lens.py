@@ -1,5 +1,6 @@
 """Load a pretrained tuned-lens lens (hub id or folder), refuse one made for another model,
 and save it as the run's lens."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Circuit ends figure: induction score against output fraction, coloured by layer."""
+
 import pandas as pd
 
 from lensspace import runtime

@@ -1,4 +1,5 @@
 """H1 at a job's layers: the ablation grid in the residual stream, resumed from the cache."""
+
 from pathlib import Path
 
 from lensspace import runtime
@@ -18,8 +19,9 @@ def body(sm):
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
     grid = AblationGrid(**sm.params.grid)
     rows, sequences = [], []
-    for layer, results in run_layers(runner, lens, cache, bases, job_layers(sm.wildcards.layer), grid,
-                                     chunk=chunk).items():
+    for results in run_layers(
+        runner, lens, cache, bases, job_layers(sm.wildcards.layer), grid, chunk=chunk
+    ).values():
         rows += results.rows()
         sequences += results.per_sequence()
     runtime.write_tsv(sequences, sm.output.sequences)

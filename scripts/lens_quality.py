@@ -1,4 +1,5 @@
 """Lens quality sweep: lenses at several budgets, their held-out KL and the seed-layout H0 cells."""
+
 from lensspace import runtime
 from lensspace.experiments.lens_quality import sweep
 from lensspace.lenses import LensTraining
@@ -10,8 +11,9 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     settings = lens_quality_settings(sm.params.config, sm.params.n_layers)
-    rows, sequences = sweep(adapter, cache, load_bases(sm.input.bases), LensTraining(**sm.params.training),
-                            settings)
+    rows, sequences = sweep(
+        adapter, cache, load_bases(sm.input.bases), LensTraining(**sm.params.training), settings
+    )
     runtime.write_tsv(sequences, sm.output.sequences)
     runtime.write_tsv(rows, sm.output.sweep)
 

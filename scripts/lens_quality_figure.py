@@ -1,4 +1,5 @@
 """Figure: output-minus-internal KL (the H0 verdict) against the lens's held-out KL."""
+
 import pandas as pd
 
 from lensspace import runtime
@@ -7,7 +8,9 @@ from lensspace.plots import lens_quality_verdict_figure
 
 def body(sm):
     sweep = pd.read_csv(sm.input.sweep, sep="\t")
-    lens_quality_verdict_figure(sweep, f"{sm.wildcards.run}: H0 verdict against lens quality", sm.output.figure)
+    lens_quality_verdict_figure(
+        sweep, f"{sm.wildcards.run}: H0 verdict against lens quality", sm.output.figure
+    )
 
 
 runtime.main(snakemake, body)  # noqa: F821

@@ -1,4 +1,5 @@
 """Single MLP neurons: geometry of every neuron, candidates, their causal test, the reference check."""
+
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +18,18 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     settings = neuron_settings(sm.params.config, adapter.n_layers, adapter.d_model)
-    table, candidates, joint = run_neurons(adapter, lens, cache, load_bases(sm.input.bases)[PULLED_BACK].vectors,
-                                           load_file(sm.input.tokens), settings)
+    table, candidates, joint = run_neurons(
+        adapter,
+        lens,
+        cache,
+        load_bases(sm.input.bases)[PULLED_BACK].vectors,
+        load_file(sm.input.tokens),
+        settings,
+    )
     reference = pd.read_csv(sm.input.reference, sep="\t", comment="#")
-    matches = reference_matches(candidates, table, reference[reference["reference"] == sm.params.reference])
+    matches = reference_matches(
+        candidates, table, reference[reference["reference"] == sm.params.reference]
+    )
     runtime.write_tsv(table, sm.output.neurons)
     runtime.write_tsv(candidates, sm.output.candidates)
     runtime.write_tsv(joint, sm.output.joint)

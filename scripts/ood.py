@@ -1,4 +1,5 @@
 """One eval corpus: the run's lens KL per layer and the seed-layout H0 cells on it."""
+
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -17,8 +18,16 @@ def body(sm):
     config = sm.params.config
     ids = load_file(sm.input.tokens)["eval"]
     lens_rows, ablation, sequences = evaluate(
-        adapter, lens, cache, ids, load_bases(sm.input.bases), seed_layout_layers(config, "ood", sm.params.n_layers),
-        seed_layout_grid(config, "ood"), config["bootstrap"]["test_resamples"], sm.params.storage)
+        adapter,
+        lens,
+        cache,
+        ids,
+        load_bases(sm.input.bases),
+        seed_layout_layers(config, "ood", sm.params.n_layers),
+        seed_layout_grid(config, "ood"),
+        config["bootstrap"]["test_resamples"],
+        sm.params.storage,
+    )
     runtime.write_tsv(lens_rows, sm.output.lens_eval)
     runtime.write_tsv(sequences, sm.output.sequences)
     runtime.write_tsv(ablation, sm.output.ablation)

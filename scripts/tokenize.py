@@ -3,6 +3,7 @@
 The meta JSON records which documents (0-based lines of the prepared corpus) went to each
 split, in stream order, and which documents each sequence spans, so the split can be audited.
 """
+
 import json
 from pathlib import Path
 
@@ -19,10 +20,14 @@ def body(sm):
     tokenizer = AutoTokenizer.from_pretrained(Path(sm.input.model).parent)
     result = split_documents(read_documents(Path(sm.input.corpus)), tokenizer, split)
     save_file(result.tokens, sm.output.tokens)
-    meta = {"split": vars(split), "shapes": {k: list(v.shape) for k, v in result.tokens.items()},
-            "documents": result.documents, "sequence_documents": result.sequence_documents,
-            "corpus_sha256": sha256_of(Path(sm.input.corpus)),
-            "tokens_sha256": sha256_of(Path(sm.output.tokens))}
+    meta = {
+        "split": vars(split),
+        "shapes": {k: list(v.shape) for k, v in result.tokens.items()},
+        "documents": result.documents,
+        "sequence_documents": result.sequence_documents,
+        "corpus_sha256": sha256_of(Path(sm.input.corpus)),
+        "tokens_sha256": sha256_of(Path(sm.output.tokens)),
+    }
     runtime.write_text(json.dumps(meta, indent=2, sort_keys=True), sm.output.meta)
     counts = {f"{split}_documents": len(docs) for split, docs in result.documents.items()}
     print(json.dumps({**meta["shapes"], **counts}))

@@ -1,4 +1,5 @@
 """Train the run's tuned lens from the activation cache and save it in tuned-lens format."""
+
 from pathlib import Path
 
 from lensspace import runtime

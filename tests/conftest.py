@@ -31,24 +31,52 @@ TINY = {
     "gpt2": {"arch": "gpt2", **_SHAPE, "seed": 3},
     "llama": {"arch": "llama", **_SHAPE, "n_kv_heads": 2, "seed": 4},
     # Pythia: parallel attention and MLP, rotary on a quarter of each head, untied unembedding
-    "gpt_neox": {"arch": "gpt_neox", **_SHAPE, "seed": 5, "norm_std": 0.1,
-                 "config": {"tie_word_embeddings": False, "use_parallel_residual": True}},
+    "gpt_neox": {
+        "arch": "gpt_neox",
+        **_SHAPE,
+        "seed": 5,
+        "norm_std": 0.1,
+        "config": {"tie_word_embeddings": False, "use_parallel_residual": True},
+    },
     # OPT-125m's shape (and every OPT but 350m): norms before the blocks' parts, a final norm
     "opt": {"arch": "opt", **_SHAPE, "seed": 6, "norm_std": 0.1, "config": {"ffn_dim": 128}},
     # OPT-350m's shape: norms after each block's parts, no final norm, project_in / project_out
     # around a narrower embedding
-    "opt_350m": {"arch": "opt", **_SHAPE, "seed": 7, "norm_std": 0.1,
-                 "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False}},
-    "mistral": {"arch": "mistral", **_SHAPE, "n_kv_heads": 2, "seed": 8, "norm_std": 0.1,
-                "config": {"sliding_window": 5}},
+    "opt_350m": {
+        "arch": "opt",
+        **_SHAPE,
+        "seed": 7,
+        "norm_std": 0.1,
+        "config": {"ffn_dim": 128, "word_embed_proj_dim": 16, "do_layer_norm_before": False},
+    },
+    "mistral": {
+        "arch": "mistral",
+        **_SHAPE,
+        "n_kv_heads": 2,
+        "seed": 8,
+        "norm_std": 0.1,
+        "config": {"sliding_window": 5},
+    },
     "qwen2": {"arch": "qwen2", **_SHAPE, "n_kv_heads": 2, "seed": 9, "norm_std": 0.1},
     "qwen3": {"arch": "qwen3", **_SHAPE, "n_kv_heads": 2, "seed": 10, "norm_std": 0.1},
     "gemma": {"arch": "gemma", **_SHAPE, "n_kv_heads": 1, "seed": 11, "norm_std": 0.1},
     # soft-cap small enough to bend the tiny model's logits
-    "gemma2": {"arch": "gemma2", **_SHAPE, "n_kv_heads": 2, "seed": 12, "norm_std": 0.1,
-               "config": {"sliding_window": 5, "final_logit_softcapping": 2.0}},
-    "gemma3_text": {"arch": "gemma3_text", **_SHAPE, "n_kv_heads": 2, "seed": 13, "norm_std": 0.1,
-                    "config": {"sliding_window": 5, "layer_types": _SLIDING, "final_logit_softcapping": 2.0}},
+    "gemma2": {
+        "arch": "gemma2",
+        **_SHAPE,
+        "n_kv_heads": 2,
+        "seed": 12,
+        "norm_std": 0.1,
+        "config": {"sliding_window": 5, "final_logit_softcapping": 2.0},
+    },
+    "gemma3_text": {
+        "arch": "gemma3_text",
+        **_SHAPE,
+        "n_kv_heads": 2,
+        "seed": 13,
+        "norm_std": 0.1,
+        "config": {"sliding_window": 5, "layer_types": _SLIDING, "final_logit_softcapping": 2.0},
+    },
 }
 
 
@@ -70,7 +98,9 @@ def model_head(adapter: Adapter, x: torch.Tensor, after_norm: bool = False) -> t
     """The model's own logits for a last residual ``x`` [n, T, d] (or, ``after_norm``, for the
     final norm's output): its forward on dummy tokens with that tensor patched in, so the final
     norm, any projection, the unembedding and any soft-cap are the model's, not the adapter's."""
-    patch_at = adapter.final_norm if after_norm and adapter.final_norm is not None else adapter.blocks[-1]
+    patch_at = (
+        adapter.final_norm if after_norm and adapter.final_norm is not None else adapter.blocks[-1]
+    )
     handle = patch_at.register_forward_hook(lambda _m, _a, _out: x)
     try:
         return adapter.model(torch.zeros(x.shape[:2], dtype=torch.long), use_cache=False).logits
@@ -97,8 +127,14 @@ def head_logp64(adapter: Adapter, u: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def direct_kl64(adapter: Adapter, z: torch.Tensor, q: torch.Tensor, mode: str, site: str,
-                mean: torch.Tensor | None) -> torch.Tensor:
+def direct_kl64(
+    adapter: Adapter,
+    z: torch.Tensor,
+    q: torch.Tensor,
+    mode: str,
+    site: str,
+    mean: torch.Tensor | None,
+) -> torch.Tensor:
     """Token KL(lens || ablated lens) [..] in float64, straight from the definitions: ablate
     ``z`` (pre_norm) or its normalised vector (post_norm, the norm's scale frozen), then norm,
     gain, bias and unembedding (the adapter's parameters, in float64), then log-softmax."""
@@ -127,11 +163,20 @@ class Cached:
     tokens: dict
 
 
-def make_cached(adapter: Adapter, folder: Path, seed: int, n_train: int, n_eval: int, seq_len: int,
-                scale: float = 0.1) -> Cached:
+def make_cached(
+    adapter: Adapter,
+    folder: Path,
+    seed: int,
+    n_train: int,
+    n_eval: int,
+    seq_len: int,
+    scale: float = 0.1,
+) -> Cached:
     gen = torch.Generator().manual_seed(seed)
-    tokens = {"train": torch.randint(0, 256, (n_train, seq_len), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (n_eval, seq_len), generator=gen, dtype=torch.int32)}
+    tokens = {
+        "train": torch.randint(0, 256, (n_train, seq_len), generator=gen, dtype=torch.int32),
+        "eval": torch.randint(0, 256, (n_eval, seq_len), generator=gen, dtype=torch.int32),
+    }
     write_cache(adapter, tokens, folder, {}, storage="float32")
     lens = empty_lens(adapter, "tiny")
     with torch.no_grad():
@@ -142,10 +187,21 @@ def make_cached(adapter: Adapter, folder: Path, seed: int, n_train: int, n_eval:
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -161,8 +217,10 @@ def tiny_run(tmp_path_factory):
             translator.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     theirs.save(workdir / "their-lens")
     config["runs"]["tiny-llama-pretrained"] = {
-        "model": "tiny-llama", "corpus": "tiny-text",
-        "lens": {"source": "pretrained", "id": str(workdir / "their-lens")}}
+        "model": "tiny-llama",
+        "corpus": "tiny-text",
+        "lens": {"source": "pretrained", "id": str(workdir / "their-lens")},
+    }
     (workdir / "study.yaml").write_text(yaml.safe_dump(config))
     # six runs of about 35 jobs each: allow for a loaded machine
     done = snakemake(workdir, "--configfile", str(workdir / "study.yaml"), timeout=2400)
@@ -200,15 +258,24 @@ def real(tmp_path_factory):
     resources = ROOT / "resources"
     folder = resources / "models" / REAL_MODEL
     if not (folder / MANIFEST).exists():
-        prepare_model(REAL_MODEL, config["models"][REAL_MODEL], folder, resources / "downloads" / REAL_MODEL)
+        prepare_model(
+            REAL_MODEL, config["models"][REAL_MODEL], folder, resources / "downloads" / REAL_MODEL
+        )
     corpus = resources / "corpora" / f"{REAL_CORPUS}.txt"
     if not corpus.exists():
-        prepare_corpus(REAL_CORPUS, config["corpora"][REAL_CORPUS], corpus,
-                       resources / "downloads" / REAL_CORPUS)
+        prepare_corpus(
+            REAL_CORPUS,
+            config["corpora"][REAL_CORPUS],
+            corpus,
+            resources / "downloads" / REAL_CORPUS,
+        )
     model, tokenizer = load_model(folder)
     adapter = Adapter(gemm.route_linears(model))  # as runtime.open_model: products by oneDNN
-    tokens = tokenize_documents(read_documents(corpus), tokenizer,
-                                TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0))
+    tokens = tokenize_documents(
+        read_documents(corpus),
+        tokenizer,
+        TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0),
+    )
     cache_dir = tmp_path_factory.mktemp("real") / "cache"
     write_cache(adapter, tokens, cache_dir, {}, storage="float16")
     cache = ActivationCache(cache_dir)

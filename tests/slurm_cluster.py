@@ -25,8 +25,19 @@ from pathlib import Path
 CONF_DIR = Path("/etc/slurm")
 MARKER = "# written by lensspace tests/slurm_cluster.py"
 PACKAGES = ["slurm-wlm", "munge", "slurmdbd", "mariadb-server"]
-BINARIES = ["slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "mariadb-install-db",
-            "sacct", "sacctmgr", "sbatch", "scancel", "squeue"]
+BINARIES = [
+    "slurmctld",
+    "slurmd",
+    "slurmdbd",
+    "munged",
+    "mariadbd",
+    "mariadb-install-db",
+    "sacct",
+    "sacctmgr",
+    "sbatch",
+    "scancel",
+    "squeue",
+]
 # Not SLURM's default ports, so a system's own daemons (if any) never answer our clients.
 PORTS = {"slurmctld": 16817, "slurmd": 16818, "slurmdbd": 16819, "mariadb": 13306}
 CLUSTER = "lensspace-ci"
@@ -60,16 +71,26 @@ def install(timeout: int = 240) -> float:
     policy = Path("/usr/sbin/policy-rc.d")
     ours = not policy.exists()
     if ours:
-        policy.write_text("#!/bin/sh\n# lensspace tests: no daemon starts during apt-get\nexit 101\n")
+        policy.write_text(
+            "#!/bin/sh\n# lensspace tests: no daemon starts during apt-get\nexit 101\n"
+        )
         policy.chmod(0o755)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        for cmd in (["apt-get", "update", "-q"],
-                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
-            done = subprocess.run(["timeout", "-s", "KILL", str(timeout), *cmd], env=env,
-                                  capture_output=True, text=True)
+        for cmd in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
+        ):
+            done = subprocess.run(
+                ["timeout", "-s", "KILL", str(timeout), *cmd],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+                raise RuntimeError(
+                    f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+                )
     finally:
         if ours:
             policy.unlink()
@@ -77,10 +98,13 @@ def install(timeout: int = 240) -> float:
 
 
 def _run(*cmd: str, timeout: int = 30, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(["timeout", "-s", "KILL", str(timeout), *cmd],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["timeout", "-s", "KILL", str(timeout), *cmd], capture_output=True, text=True
+    )
     if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout}{done.stderr}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout}{done.stderr}"
+        )
     return done
 
 
@@ -121,13 +145,22 @@ class Cluster:
         self._start_slurmdbd()
         self._start("slurmctld", ["slurmctld", "-D", "-i"])
         self._start("slurmd", ["slurmd", "-D", "-N", self.host])
-        _wait_for("the node", lambda: _run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip() == "idle")
+        _wait_for(
+            "the node",
+            lambda: _run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.strip() == "idle",
+        )
         return time.monotonic() - start
 
     def _start(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
         log = open(self.prefix / "log" / f"{name}.stdout", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kwargs,
+        )
         log.close()
         self.procs[name] = proc
         time.sleep(0.2)
@@ -138,32 +171,63 @@ class Cluster:
     def _start_munge(self) -> None:
         folder = self.prefix / "munge"
         key = folder / "munge.key"
-        key.write_bytes(os.urandom(128))   # this cluster's own key: nothing else can talk to it
+        key.write_bytes(os.urandom(128))  # this cluster's own key: nothing else can talk to it
         key.chmod(0o600)
         shutil.chown(folder, "munge", "munge")
         shutil.chown(key, "munge", "munge")
-        folder.chmod(0o711)                # munged insists on it
-        self._start("munged", ["munged", "--foreground", f"--socket={self.munge_socket}",
-                               f"--key-file={key}", f"--pid-file={folder}/munged.pid",
-                               f"--log-file={folder}/munged.log", f"--seed-file={folder}/munged.seed"],
-                    user="munge", group="munge")
+        folder.chmod(0o711)  # munged insists on it
+        self._start(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={folder}/munged.pid",
+                f"--log-file={folder}/munged.log",
+                f"--seed-file={folder}/munged.seed",
+            ],
+            user="munge",
+            group="munge",
+        )
         _wait_for("munged", self.munge_socket.exists, timeout=20)
 
     def _start_mariadb(self) -> None:
         data = self.prefix / "mysql" / "data"
         shutil.chown(self.prefix / "mysql", "mysql", "mysql")
         shutil.chown(data, "mysql", "mysql")
-        _run("mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={data}",
-             "--skip-test-db", "--auth-root-authentication-method=socket", timeout=120)
-        self._start("mariadbd", ["mariadbd", "--no-defaults", "--user=mysql", f"--datadir={data}",
-                                 f"--socket={self.db_socket}", f"--pid-file={self.prefix}/mysql/mysqld.pid",
-                                 "--bind-address=127.0.0.1", f"--port={PORTS['mariadb']}",
-                                 f"--log-error={self.prefix}/log/mariadb.err", "--skip-name-resolve"])
+        _run(
+            "mariadb-install-db",
+            "--no-defaults",
+            "--user=mysql",
+            f"--datadir={data}",
+            "--skip-test-db",
+            "--auth-root-authentication-method=socket",
+            timeout=120,
+        )
+        self._start(
+            "mariadbd",
+            [
+                "mariadbd",
+                "--no-defaults",
+                "--user=mysql",
+                f"--datadir={data}",
+                f"--socket={self.db_socket}",
+                f"--pid-file={self.prefix}/mysql/mysqld.pid",
+                "--bind-address=127.0.0.1",
+                f"--port={PORTS['mariadb']}",
+                f"--log-error={self.prefix}/log/mariadb.err",
+                "--skip-name-resolve",
+            ],
+        )
         client = ["mariadb", "--no-defaults", f"--socket={self.db_socket}", "-u", "root"]
         _wait_for("mariadbd", lambda: _run(*client, "-e", "SELECT 1", check=False).returncode == 0)
-        _run(*client, "-e",
-             "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'lensspace-ci';"
-             "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+        _run(
+            *client,
+            "-e",
+            "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY 'lensspace-ci';"
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';",
+        )
 
     def _write_configs(self) -> None:
         ncpu = os.cpu_count() or 1
@@ -174,13 +238,13 @@ class Cluster:
         node_mem = max(int(mem_mb * 0.9), 16000)
         fake_gpu = self.prefix / "dev" / "nvidia0"
         if not fake_gpu.exists():
-            os.mknod(fake_gpu, 0o666 | 0o020000, os.makedev(1, 3))   # a char device, as /dev/null
+            os.mknod(fake_gpu, 0o666 | 0o020000, os.makedev(1, 3))  # a char device, as /dev/null
         p = self.prefix
         slurm_conf = f"""{MARKER}
 ClusterName={CLUSTER}
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={PORTS['slurmctld']}
-SlurmdPort={PORTS['slurmd']}
+SlurmctldPort={PORTS["slurmctld"]}
+SlurmdPort={PORTS["slurmd"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -203,7 +267,7 @@ MinJobAge=600
 JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
-AccountingStoragePort={PORTS['slurmdbd']}
+AccountingStoragePort={PORTS["slurmdbd"]}
 AccountingStoragePass={self.munge_socket}
 AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
@@ -216,21 +280,24 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 DbdHost={self.host}
 DbdAddr=127.0.0.1
-DbdPort={PORTS['slurmdbd']}
+DbdPort={PORTS["slurmdbd"]}
 SlurmUser=root
 LogFile={p}/log/slurmdbd.log
 PidFile={p}/run/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={PORTS['mariadb']}
+StoragePort={PORTS["mariadb"]}
 StorageUser=slurm
 StoragePass=lensspace-ci
 StorageLoc=slurm_acct_db
 """
         gres_conf = f"{MARKER}\nName=gpu File={fake_gpu}\n"
         CONF_DIR.mkdir(parents=True, exist_ok=True)
-        for name, text, mode in (("slurm.conf", slurm_conf, 0o644), ("gres.conf", gres_conf, 0o644),
-                                 ("slurmdbd.conf", slurmdbd_conf, 0o600)):
+        for name, text, mode in (
+            ("slurm.conf", slurm_conf, 0o644),
+            ("gres.conf", gres_conf, 0o644),
+            ("slurmdbd.conf", slurmdbd_conf, 0o600),
+        ):
             path = CONF_DIR / name
             if path.exists() and MARKER not in path.read_text(errors="replace"):
                 raise RuntimeError(f"{path} exists and is not ours")
@@ -240,23 +307,43 @@ StorageLoc=slurm_acct_db
 
     def _start_slurmdbd(self) -> None:
         self._start("slurmdbd", ["slurmdbd", "-D"])
-        _wait_for("slurmdbd", lambda: _run("sacctmgr", "-n", "list", "cluster", timeout=10,
-                                           check=False).returncode == 0)
+        _wait_for(
+            "slurmdbd",
+            lambda: (
+                _run("sacctmgr", "-n", "list", "cluster", timeout=10, check=False).returncode == 0
+            ),
+        )
         _run("sacctmgr", "-i", "add", "cluster", CLUSTER)
         _run("sacctmgr", "-i", "add", "account", self.account, f"cluster={CLUSTER}")
-        _run("sacctmgr", "-i", "add", "user", "root", f"account={self.account}", f"cluster={CLUSTER}")
+        _run(
+            "sacctmgr", "-i", "add", "user", "root", f"account={self.account}", f"cluster={CLUSTER}"
+        )
 
     # ---- use -----------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         """Every job (allocation, not steps) in the accounting database, as dicts."""
         fields = ["JobID", "State", "Partition", "Account", "AllocTRES", "ExitCode", "Comment"]
-        out = _run("sacct", "-X", "-n", "-P", "-a", "--starttime", "2000-01-01",
-                   f"--format={','.join(fields)}").stdout
-        return [dict(zip(fields, line.split("|", len(fields) - 1))) for line in out.splitlines() if line]
+        out = _run(
+            "sacct",
+            "-X",
+            "-n",
+            "-P",
+            "-a",
+            "--starttime",
+            "2000-01-01",
+            f"--format={','.join(fields)}",
+        ).stdout
+        return [
+            dict(zip(fields, line.split("|", len(fields) - 1))) for line in out.splitlines() if line
+        ]
 
     def queue(self) -> list[dict]:
         out = _run("squeue", "-h", "-o", "%i|%T|%k").stdout
-        return [dict(zip(["JobID", "State", "Comment"], line.split("|", 2))) for line in out.splitlines() if line]
+        return [
+            dict(zip(["JobID", "State", "Comment"], line.split("|", 2)))
+            for line in out.splitlines()
+            if line
+        ]
 
     # ---- stop ----------------------------------------------------------------------------
     def stop(self) -> None:

@@ -36,7 +36,7 @@ def test_residuals_match_hidden_states(tiny, tiny_ids):
         after = adapter.final_norm(res[-1])
         after = adapter.head_projection(after) if adapter.head_projection is not None else after
         torch.testing.assert_close(after, out.hidden_states[-1], rtol=0, atol=1e-6)
-        assert not torch.allclose(res[-1][..., :after.shape[-1]], out.hidden_states[-1])
+        assert not torch.allclose(res[-1][..., : after.shape[-1]], out.hidden_states[-1])
 
 
 def test_head_reproduces_model_logits(tiny, tiny_ids):

@@ -16,13 +16,18 @@ def test_lens_quality_ood_and_neurons_outputs(tiny_run):
         n_layers = config["models"][spec["model"]]["n_layers"]
         sweep = pd.read_csv(results / run / "lens_quality" / "sweep.tsv", sep="\t")
         quality = config["lens_quality"]
-        assert len(sweep) == len(quality["fractions"]) * len(quality["refine"]) * n_layers * len(quality["modes"])
-        assert (sweep["diff_lo"] <= sweep["diff"]).all() and (sweep["diff"] <= sweep["diff_hi"]).all()
+        assert len(sweep) == len(quality["fractions"]) * len(quality["refine"]) * n_layers * len(
+            quality["modes"]
+        )
+        assert (sweep["diff_lo"] <= sweep["diff"]).all() and (
+            sweep["diff"] <= sweep["diff_hi"]
+        ).all()
         assert (sweep["diff"] - (sweep["kl_output"] - sweep["kl_internal"])).abs().max() < 1e-5
 
         neurons = pd.read_csv(results / run / "neurons" / "neurons.tsv", sep="\t")
         assert neurons["layer"].nunique() == n_layers and neurons["is_candidate"].sum() == len(
-            pd.read_csv(results / run / "neurons" / "candidates.tsv", sep="\t"))
+            pd.read_csv(results / run / "neurons" / "candidates.tsv", sep="\t")
+        )
         candidates = pd.read_csv(results / run / "neurons" / "candidates.tsv", sep="\t")
         assert (candidates["internal_fraction"] >= config["neurons"]["min_internal_share"]).all()
         for name in ("kl", "abs_d_entropy", "top1_change"):
@@ -35,7 +40,9 @@ def test_lens_quality_ood_and_neurons_outputs(tiny_run):
         corpora = spec.get("eval_corpora", [])
         for corpus in corpora:
             lens_eval = pd.read_csv(results / run / "ood" / corpus / "lens_eval.tsv", sep="\t")
-            assert len(lens_eval) == 2 * n_layers  # the tiny config's h0 (and so ood) layers are all
+            assert (
+                len(lens_eval) == 2 * n_layers
+            )  # the tiny config's h0 (and so ood) layers are all
             ablation = pd.read_csv(results / run / "ood" / corpus / "ablation.tsv", sep="\t")
             assert set(ablation["subspace"]) == {"output", "internal", "random"}
         assert (results / "tables" / f"ood_{run}.md").exists() == bool(corpora)

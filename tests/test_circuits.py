@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_cached
 from snakemake.utils import validate
 
-from conftest import make_cached
-from lensspace.experiments.circuits import (CircuitSettings, head_and_mlp_fractions,
-                                            induction_pattern_score, induction_scores,
-                                            layer_permutation_test, writes)
+from lensspace.experiments.circuits import (
+    CircuitSettings,
+    head_and_mlp_fractions,
+    induction_pattern_score,
+    induction_scores,
+    layer_permutation_test,
+    writes,
+)
 from lensspace.experiments.h1 import PULLED_BACK
 from lensspace.lenses import translate
 from lensspace.subspaces import select, unembedding_bases
@@ -48,8 +53,12 @@ def test_head_writes_sum_to_attention_output(tiny, tiny_ids):
     out_proj = adapter.attention_out(1)
     write_norm = adapter.attention_write_norm(1)
     captured = {}
-    handles = [(write_norm or out_proj).register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out)),
-               adapter.mlp(1).register_forward_hook(lambda _m, _a, out: captured.setdefault("mlp", out))]
+    handles = [
+        (write_norm or out_proj).register_forward_hook(
+            lambda _m, _a, out: captured.setdefault("out", out)
+        ),
+        adapter.mlp(1).register_forward_hook(lambda _m, _a, out: captured.setdefault("mlp", out)),
+    ]
     try:
         adapter.model(tiny_ids)
     finally:
@@ -58,7 +67,9 @@ def test_head_writes_sum_to_attention_output(tiny, tiny_ids):
     bias = out_proj.bias if out_proj.bias is not None else 0
     torch.testing.assert_close(heads[1].sum(dim=2) + bias, captured["out"], atol=1e-5, rtol=1e-5)
     assert mlps[1].shape == (*tiny_ids.shape, adapter.d_model)
-    torch.testing.assert_close(mlps[1].reshape(-1, adapter.d_model), captured["mlp"].reshape(-1, adapter.d_model))
+    torch.testing.assert_close(
+        mlps[1].reshape(-1, adapter.d_model), captured["mlp"].reshape(-1, adapter.d_model)
+    )
 
 
 def _plant(translator: torch.nn.Linear, a: torch.Tensor) -> None:
@@ -75,16 +86,18 @@ def test_shares_are_lens_space_shares_under_planted_translators(tiny, tmp_path):
     k = adapter.d_model // 2
     q_out = select(bases[PULLED_BACK].vectors, "output", k).double()
     q_int = select(bases[PULLED_BACK].vectors, "internal", k).double()
-    rotation = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(0),
-                                           dtype=torch.float64))[0]
+    rotation = torch.linalg.qr(
+        torch.randn(k, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )[0]
     shear, scale = 2.0, 3.0
     _plant(c.lens.layer_translators[1], shear * q_out @ rotation @ q_int.T)
     _plant(c.lens.layer_translators[2], (scale - 1) * q_out @ q_out.T)
     heads, mlps = head_and_mlp_fractions(adapter, c.lens, bases, c.tokens["eval"], k, chunk=2)
 
     head_w, mlp_w = writes(adapter, c.tokens["eval"].long())
-    for block, write, got in [(b, head_w[b][:, 1:, h], (heads, b, h)) for b in range(3) for h in (0, 2)] + \
-                             [(b, mlp_w[b][:, 1:], (mlps, b, ...)) for b in range(3)]:
+    for block, write, got in [
+        (b, head_w[b][:, 1:, h], (heads, b, h)) for b in range(3) for h in (0, 2)
+    ] + [(b, mlp_w[b][:, 1:], (mlps, b, ...)) for b in range(3)]:
         w = write.reshape(-1, adapter.d_model).double()
         x_out, x_int = w @ q_out, w @ q_int  # coordinates of w in the lens-space basis
         if block == 0:  # M w = w + shear q_out R q_int^T w
@@ -95,7 +108,9 @@ def test_shares_are_lens_space_shares_under_planted_translators(tiny, tmp_path):
         shares, layer, head = got
         total = out + internal
         assert float(shares.output[layer, head]) == pytest.approx(float(out / total), rel=1e-6)
-        assert float(shares.internal[layer, head]) == pytest.approx(float(internal / total), rel=1e-6)
+        assert float(shares.internal[layer, head]) == pytest.approx(
+            float(internal / total), rel=1e-6
+        )
         rms = float(w.pow(2).sum(-1).mean().sqrt())
         assert float(shares.write_norm[layer, head]) == pytest.approx(rms, rel=1e-6)
     # complementary halves of an orthonormal lens-space basis: the shares sum to one
@@ -107,11 +122,15 @@ def test_shares_are_shares_and_induction_scores_are_in_range(tiny, tmp_path):
     adapter, _ = tiny
     c = make_cached(adapter, tmp_path / "cache", seed=3, n_train=2, n_eval=4, seq_len=10)
     bases = unembedding_bases(adapter)
-    heads, mlps = head_and_mlp_fractions(adapter, c.lens, bases, c.tokens["eval"], k=adapter.d_model // 4)
+    heads, mlps = head_and_mlp_fractions(
+        adapter, c.lens, bases, c.tokens["eval"], k=adapter.d_model // 4
+    )
     for shares in (heads, mlps):
         assert ((shares.output >= 0) & (shares.internal >= 0)).all()
         assert (shares.output + shares.internal <= 1 + 1e-9).all()  # disjoint quarters
-    scores = induction_scores(adapter, CircuitSettings(k=4, induction_sequences=2, induction_half_len=8), 256)
+    scores = induction_scores(
+        adapter, CircuitSettings(k=4, induction_sequences=2, induction_half_len=8), 256
+    )
     assert scores.shape == (adapter.n_layers, adapter.n_heads)
     assert ((scores >= 0) & (scores <= 1)).all()
 
@@ -141,7 +160,9 @@ def test_real_share_equals_the_share_of_the_translated_difference(real, real_sha
     q_out = select(bases[PULLED_BACK].vectors, "output", k).double()
     w = head_w[block][:, 1:, head].double()
     with torch.no_grad():
-        delta = translate(lens, residual[1] + w, block + 1) - translate(lens, residual[1], block + 1)
+        delta = translate(lens, residual[1] + w, block + 1) - translate(
+            lens, residual[1], block + 1
+        )
     expected = (delta @ q_out).pow(2).sum() / delta.pow(2).sum()
     assert float(heads.output[block, head]) == pytest.approx(float(expected), rel=1e-6)
     # the residual-space share of the same write is a different number on the real lens
@@ -154,8 +175,14 @@ def test_real_share_equals_the_share_of_the_translated_difference(real, real_sha
     torch.testing.assert_close(heads.output + heads.internal, torch.ones_like(heads.output))
 
 
-def _layered(gen: torch.Generator, flagged_layers: range, effect: float, n_layers: int = 10,
-             n_heads: int = 9, noise: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+def _layered(
+    gen: torch.Generator,
+    flagged_layers: range,
+    effect: float,
+    n_layers: int = 10,
+    n_heads: int = 9,
+    noise: float = 0.02,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Values whose layer means rise with depth; two flagged heads in each of ``flagged_layers``
     exceed the other heads of their layer by ``effect``."""
     values = torch.arange(n_layers, dtype=torch.float64)[:, None] * 0.05
@@ -171,9 +198,15 @@ def test_stratified_test_finds_the_within_layer_effect_that_pooling_hides(one_th
     values, flags = _layered(gen, range(0, 4), effect=0.06)
     stratified = layer_permutation_test(values, flags, 2000, 1000, seed=1)
     pooled = layer_permutation_test(values.reshape(1, -1), flags.reshape(1, -1), 2000, 1000, seed=1)
-    assert stratified["p_value"] < 0.01 and stratified["effect_lo"] <= 0.06 <= stratified["effect_hi"]
+    assert (
+        stratified["p_value"] < 0.01 and stratified["effect_lo"] <= 0.06 <= stratified["effect_hi"]
+    )
     assert stratified["effect_lo"] > 0
-    assert (stratified["n_layers"], stratified["n_compared"], stratified["stratified_by"]) == (4, 8, "layer")
+    assert (stratified["n_layers"], stratified["n_compared"], stratified["stratified_by"]) == (
+        4,
+        8,
+        "layer",
+    )
     assert pooled["statistic"] < 0 and pooled["p_value"] > 0.5  # pooling layers is misled
 
 
@@ -202,8 +235,10 @@ def _random_heads(gen: torch.Generator, effect: float, n_layers: int = 12, n_hea
 def test_p_value_is_calibrated_and_interval_covers_the_effect(one_thread):
     gen = torch.Generator().manual_seed(2)
     n = 200
-    rejected = sum(layer_permutation_test(*_random_heads(gen, 0.0), 200, 200, seed=s)["p_value"] <= 0.05
-                   for s in range(n))
+    rejected = sum(
+        layer_permutation_test(*_random_heads(gen, 0.0), 200, 200, seed=s)["p_value"] <= 0.05
+        for s in range(n)
+    )
     assert 0.01 <= rejected / n <= 0.10
     effect = 0.03
     covered = 0

@@ -8,9 +8,18 @@ import yaml
 from snakemake.utils import validate
 
 from lensspace.errors import LensspaceError
-from lensspace.settings import (ablation_grid, check_references, compute_settings, embedding_lens_settings,
-                                experiment_layers, job_layers, layer_jobs, lens_training,
-                                shuffle_pair_chunks, token_split)
+from lensspace.settings import (
+    ablation_grid,
+    check_references,
+    compute_settings,
+    embedding_lens_settings,
+    experiment_layers,
+    job_layers,
+    layer_jobs,
+    lens_training,
+    shuffle_pair_chunks,
+    token_split,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")
@@ -20,9 +29,17 @@ def _load(name):
     return yaml.safe_load((ROOT / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "configs/paper-gpt2.yaml", "configs/tiny.yaml",
-                                  "configs/paper-scale-random.yaml", "configs/pythia-160m.yaml",
-                                  "configs/qwen2.5-0.5b.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.yaml",
+        "configs/paper-gpt2.yaml",
+        "configs/tiny.yaml",
+        "configs/paper-scale-random.yaml",
+        "configs/pythia-160m.yaml",
+        "configs/qwen2.5-0.5b.yaml",
+    ],
+)
 def test_shipped_configs_are_valid(name):
     config = _load(name)
     validate(config, SCHEMA)
@@ -44,13 +61,25 @@ def test_shipped_configs_are_valid(name):
     assert all(0 <= i < j < n_layers for i, j in pairs) and len(set(pairs)) == len(pairs)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="trian"), r"'trian' is not one of \['train', 'pretrained'\]"),
-    (lambda c: c["h0"].update(modes=["zero", "mena"]), r"'mena' is not one of \['zero', 'mean'\]"),
-    (lambda c: c.update(lenz=1), r"'lenz' was unexpected"),
-    (lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="pretrained"), r"'id' is a required property"),
-    (lambda c: c["data"].update(seq_len=1), r"1 is less than the minimum of 2"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="trian"),
+            r"'trian' is not one of \['train', 'pretrained'\]",
+        ),
+        (
+            lambda c: c["h0"].update(modes=["zero", "mena"]),
+            r"'mena' is not one of \['zero', 'mean'\]",
+        ),
+        (lambda c: c.update(lenz=1), r"'lenz' was unexpected"),
+        (
+            lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="pretrained"),
+            r"'id' is a required property",
+        ),
+        (lambda c: c["data"].update(seq_len=1), r"1 is less than the minimum of 2"),
+    ],
+)
 def test_bad_values_name_the_key(mutate, message):
     config = _load("config.yaml")
     mutate(config)
@@ -70,7 +99,9 @@ def test_defaults_are_filled():
 def test_unknown_model_reference_is_named():
     config = _load("config.yaml")
     config["runs"]["smollm2-bible"]["model"] = "smollm3"
-    with pytest.raises(LensspaceError, match=r"runs.smollm2-bible.model: 'smollm3' is not defined under models"):
+    with pytest.raises(
+        LensspaceError, match=r"runs.smollm2-bible.model: 'smollm3' is not defined under models"
+    ):
         check_references(config)
 
 
@@ -80,9 +111,13 @@ def test_shuffle_pairs():
     assert [len(c) for c in chunks] == [4, 4, 2]
     config["shuffle"]["pairs"] = "adjacent"
     assert shuffle_pair_chunks(config, 5) == [[(0, 1), (1, 2), (2, 3), (3, 4)]]
-    config["shuffle"]["pairs"] = "disjoint"  # every block swapped exactly once (odd count: the last not)
+    config["shuffle"]["pairs"] = (
+        "disjoint"  # every block swapped exactly once (odd count: the last not)
+    )
     assert shuffle_pair_chunks(config, 5) == [[(0, 1), (2, 3)]]
-    assert sorted(b for chunk in shuffle_pair_chunks(config, 30) for pair in chunk for b in pair) == list(range(30))
+    assert sorted(
+        b for chunk in shuffle_pair_chunks(config, 30) for pair in chunk for b in pair
+    ) == list(range(30))
 
 
 def test_h0_layer_selection():
@@ -102,7 +137,9 @@ def test_unknown_random_arch_is_refused_at_parse_time():
     config = copy.deepcopy(_load("configs/tiny.yaml"))
     config["models"]["tiny-llama"]["arch"] = "mamba"
     validate(config, SCHEMA)
-    with pytest.raises(LensspaceError, match=r"models\.tiny-llama\.arch: model_type 'mamba'") as err:
+    with pytest.raises(
+        LensspaceError, match=r"models\.tiny-llama\.arch: model_type 'mamba'"
+    ) as err:
         check_references(config)
     message = str(err.value)
     assert "gemma2" in message and "gpt_neox" in message and "src/lensspace/adapter.py" in message

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from lensspace.activations import ActivationCache, residuals, write_cache
-from lensspace.corpus import (TokenSplit, bible_documents, clean, prepare_corpus, read_documents,
-                              split_documents, tokenize_documents)
+from lensspace.corpus import (
+    TokenSplit,
+    bible_documents,
+    clean,
+    prepare_corpus,
+    read_documents,
+    split_documents,
+    tokenize_documents,
+)
 from lensspace.errors import LensspaceError
 from lensspace.models import byte_tokenizer
 
@@ -37,7 +44,9 @@ def _rebuilt(docs, tokenizer, indices):
     and where each document starts and ends in it."""
     stream, spans = [], []
     for index in indices:
-        ids = tokenizer(docs[index], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(docs[index], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         spans.append((index, len(stream), len(stream) + len(ids)))
         stream.extend(ids)
     return stream, spans
@@ -55,8 +64,9 @@ def _check_split_by_document(docs, tokenizer, settings):
     assert tokens.flatten().tolist() == stream[: n * length]
     assert spans[-1][1] < n * length  # no document more than needed
     for row, recorded in enumerate(result.sequence_documents["train"]):
-        assert recorded == [d for d, start, end in spans
-                            if start < (row + 1) * length and end > row * length]
+        assert recorded == [
+            d for d, start, end in spans if start < (row + 1) * length and end > row * length
+        ]
     # eval: one sequence per document, its first seq_len tokens: every sequence another document
     evaluated = result.tokens["eval"]
     assert evaluated.dtype == torch.int32 and evaluated.shape == (settings.eval_sequences, length)
@@ -109,11 +119,19 @@ def test_real_bible_split_by_chapter(real):
     tok = real.tokenizer
     settings = TokenSplit(seq_len=128, train_sequences=24, eval_sequences=6, seed=0)
     result = _check_split_by_document(docs, tok, settings)
-    doc_strings = {i: "".join(map(chr, tok(d, add_special_tokens=False)["input_ids"]))
-                   for i, d in enumerate(docs)}
-    located = {split: set().union(*(_documents_containing(row, doc_strings, tok.eos_token_id)
-                                    for row in real.tokens[split]))
-               for split in ("train", "eval")}
+    doc_strings = {
+        i: "".join(map(chr, tok(d, add_special_tokens=False)["input_ids"]))
+        for i, d in enumerate(docs)
+    }
+    located = {
+        split: set().union(
+            *(
+                _documents_containing(row, doc_strings, tok.eos_token_id)
+                for row in real.tokens[split]
+            )
+        )
+        for split in ("train", "eval")
+    }
     assert not located["train"] & located["eval"]
     assert located == {k: set(v) for k, v in result.documents.items()}
     other = _check_split_by_document(docs, tok, TokenSplit(128, 24, 6, seed=1))
@@ -124,8 +142,12 @@ def test_real_bible_split_by_chapter(real):
 
 def test_missing_corpus_file_names_the_key(tmp_path):
     with pytest.raises(LensspaceError, match="corpora.mine.path"):
-        prepare_corpus("mine", {"source": "file", "path": str(tmp_path / "nope.txt")},
-                       tmp_path / "o.txt", tmp_path)
+        prepare_corpus(
+            "mine",
+            {"source": "file", "path": str(tmp_path / "nope.txt")},
+            tmp_path / "o.txt",
+            tmp_path,
+        )
 
 
 def test_cache_roundtrip_and_staleness(tiny, tiny_ids, tmp_path):
@@ -170,12 +192,19 @@ def test_gguf_parsed_once_loads_the_same_model(real):
 
     from lensspace.models import gguf_parsed_once
 
-    path = real.model_folder.parents[1] / "downloads" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = (
+        real.model_folder.parents[1]
+        / "downloads"
+        / "smollm2-135m"
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     originals = gguf.GGUFReader, gguf.get_tensor_name_map
 
     def load():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
         return tokenizer, model.state_dict()
 
     with gguf_parsed_once():

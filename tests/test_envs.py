@@ -47,8 +47,11 @@ def conda_pins(env: dict) -> tuple[dict[str, str], list[str]]:
 
 
 def test_every_env_pins_what_pyproject_pins():
-    wanted = {name: version for name, version in pins(project()["dependencies"]).items()
-              if name not in ENGINE}
+    wanted = {
+        name: version
+        for name, version in pins(project()["dependencies"]).items()
+        if name not in ENGINE
+    }
     assert env_files()
     for path in env_files():
         ours, conda = conda_pins(yaml.safe_load(path.read_text()))
@@ -57,7 +60,7 @@ def test_every_env_pins_what_pyproject_pins():
 
 
 def test_env_python_is_the_projects_python():
-    requires = project()["requires-python"]            # ">=3.11,<3.12"
+    requires = project()["requires-python"]  # ">=3.11,<3.12"
     low = re.search(r">=\s*(\d+\.\d+)", requires)[1]
     high = re.search(r"<\s*(\d+)\.(\d+)", requires)
     for path in env_files():

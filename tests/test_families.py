@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from lensspace.adapter import Adapter
 from lensspace.errors import LensspaceError
 from lensspace.lenses import empty_lens, load_lens, read_lens_config, save_lens
@@ -36,10 +36,15 @@ def test_published_config_spelling_is_read(pythia, tmp_path):
     adapter, _ = pythia
     ours = _lens_folder(adapter, tmp_path / "lens")
     config = json.loads((tmp_path / "lens" / "config.json").read_text())
-    published = {"base_model_name_or_path": "EleutherAI/pythia-160m-deduped", "d_model": config["d_model"],
-                 "num_hidden_layers": config["num_hidden_layers"], "bias": True,
-                 "base_model_revision": "step143000", "unemebd_hash": "7f56aa8e" * 8,
-                 "lens_type": "linear_tuned_lens"}
+    published = {
+        "base_model_name_or_path": "EleutherAI/pythia-160m-deduped",
+        "d_model": config["d_model"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "bias": True,
+        "base_model_revision": "step143000",
+        "unemebd_hash": "7f56aa8e" * 8,
+        "lens_type": "linear_tuned_lens",
+    }
     (tmp_path / "lens" / "config.json").write_text(json.dumps(published))
     read = read_lens_config(tmp_path / "lens" / "config.json")
     assert read.unembed_hash == "7f56aa8e" * 8
@@ -50,7 +55,9 @@ def test_published_config_spelling_is_read(pythia, tmp_path):
     # saved again as the run's lens: tuned-lens's spelling, this model's hash, the revision kept
     save_lens(loaded, tmp_path / "run-lens")
     again = json.loads((tmp_path / "run-lens" / "config.json").read_text())
-    assert "unemebd_hash" not in again and again["unembed_hash"] == loaded.unembed.unembedding_hash()
+    assert (
+        "unemebd_hash" not in again and again["unembed_hash"] == loaded.unembed.unembedding_hash()
+    )
     assert again["base_model_revision"] == "step143000"
 
 
@@ -91,8 +98,12 @@ def test_hub_model_of_any_family_prepares_from_a_local_folder(tmp_path):
     folder, which from_pretrained reads like a hub id."""
     model, tokenizer = build_random_model(TINY["qwen2"])
     save_prepared(model, tokenizer, tmp_path / "hub")
-    manifest = prepare_model("q", {"source": "hub", "id": str(tmp_path / "hub"), "n_layers": 3},
-                             tmp_path / "out", tmp_path / "dl")
+    manifest = prepare_model(
+        "q",
+        {"source": "hub", "id": str(tmp_path / "hub"), "n_layers": 3},
+        tmp_path / "out",
+        tmp_path / "dl",
+    )
     assert manifest["model_type"] == "qwen2" and (tmp_path / "out" / MANIFEST).exists()
     again, _ = load_model(tmp_path / "out")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -105,9 +116,18 @@ def test_hub_model_of_unknown_family_is_refused_before_weights(tmp_path):
     is read: the folder has no weights at all, so reaching them would fail differently."""
     from transformers import AutoConfig
 
-    AutoConfig.for_model("mamba", hidden_size=16, num_hidden_layers=2, vocab_size=300).save_pretrained(tmp_path / "hub")
-    with pytest.raises(LensspaceError, match=r"model 'm' \(hub id .*\): model_type 'mamba' has no "
-                                             r"architecture adapter; supported: .*gpt_neox.*src/lensspace/adapter.py"):
-        prepare_model("m", {"source": "hub", "id": str(tmp_path / "hub"), "n_layers": 2},
-                      tmp_path / "out", tmp_path / "dl")
+    AutoConfig.for_model(
+        "mamba", hidden_size=16, num_hidden_layers=2, vocab_size=300
+    ).save_pretrained(tmp_path / "hub")
+    with pytest.raises(
+        LensspaceError,
+        match=r"model 'm' \(hub id .*\): model_type 'mamba' has no "
+        r"architecture adapter; supported: .*gpt_neox.*src/lensspace/adapter.py",
+    ):
+        prepare_model(
+            "m",
+            {"source": "hub", "id": str(tmp_path / "hub"), "n_layers": 2},
+            tmp_path / "out",
+            tmp_path / "dl",
+        )
     assert not (tmp_path / "out").exists()

@@ -52,19 +52,25 @@ def test_large_rows_kernel_counts_the_terms_float32_flushes_to_zero():
     c0 = torch.randn(v, generator=gen)
     rare = torch.randint(0, v, (n, 3), generator=gen)
     rows_index = torch.arange(n).unsqueeze(-1)
-    c0[rare.flatten()] = -100.0  # log p about -110 there: below float32's smallest subnormal (e^-103)
+    c0[
+        rare.flatten()
+    ] = -100.0  # log p about -110 there: below float32's smallest subnormal (e^-103)
     log_z = torch.logsumexp((a * inv_s + c0).double(), -1, keepdim=True).float()
     log_p = (a * inv_s + c0 - log_z).double()
     p = log_p.exp().float()
     assert (p[rows_index, rare] == 0).all()
     jump = torch.linspace(120.0, 150.0, n * 3).reshape(n, 3)
-    d[rows_index, rare] -= jump / k2  # t there: about 120 to 150 nats, log p + t from about 10 to 40
+    d[rows_index, rare] -= (
+        jump / k2
+    )  # t there: about 120 to 150 nats, log p + t from about 10 to 40
     rows = torch.tensor([0, 2, 3, 5, 8])
     (sums,) = fused.large_rows(rows, p, a, d, k1, k2, vec, k3, c, inv_s, c0, log_z)
     t = (a * k1 - d * k2 + vec * k3 - c).double()[rows]
     want = (log_p[rows].exp() * torch.expm1(t)).sum(-1, keepdim=True)
     assert (want > 100).all()  # the flushed terms dominate: the float32 sum would give about 1
-    torch.testing.assert_close(sums, want, rtol=1e-4, atol=0.0)  # float32 t: 1e-7 of 130 in an exponent
+    torch.testing.assert_close(
+        sums, want, rtol=1e-4, atol=0.0
+    )  # float32 t: 1e-7 of 130 in an exponent
     eager = fused.large_rows_definition(rows, p, a, d, k1, k2, vec, k3, c, inv_s, c0, log_z)[0]
     torch.testing.assert_close(sums, eager, rtol=1e-6, atol=0.0)
 
@@ -74,7 +80,9 @@ def test_expm1_keeps_relative_precision_near_zero():
     t = torch.cat([torch.logspace(-12, 1.5, 4000), -torch.logspace(-12, 1.5, 4000), torch.zeros(1)])
     got = torch.compile(fused.expm1, dynamic=True)(t).double()
     want = torch.expm1(t.double())
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)  # a few float32 ulps; exp - 1 misses by 1.0 near 0
+    torch.testing.assert_close(
+        got, want, rtol=1e-6, atol=0.0
+    )  # a few float32 ulps; exp - 1 misses by 1.0 near 0
 
 
 def test_a_failed_compile_falls_back_to_eager(monkeypatch, capsys):
@@ -104,17 +112,31 @@ def test_first_call_is_logged_once_and_read_back_as_a_jobs_kernel_time(capsys, t
     kernel = fused._Kernel(fused.change_sums_definition)
     args = _inputs(4, 50, 1.0)
     assert kernel(*args) is not None and kernel(*args) is not None
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(fused.FIRST_CALL_LINE)]
+    lines = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith(fused.FIRST_CALL_LINE)
+    ]
     assert len(lines) == 1 and "change_sums_definition" in lines[0]
-    seconds = float(lines[0][len(fused.FIRST_CALL_LINE):].split()[1])
+    seconds = float(lines[0][len(fused.FIRST_CALL_LINE) :].split()[1])
     assert 0 <= seconds < 600  # 0.00 where this process compiled the definition already
     log = tmp_path / "logs" / "h0_layer" / "run" / "0_15.log"
     log.parent.mkdir(parents=True)
-    log.write_text(f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n"
-                   f"h0:   0%|          | 0/8 [00:00<?, ?it/s]{lines[0]}\n"  # after a progress bar's first draw
-                   f"{fused.FIRST_CALL_LINE} kl_terms_definition\n")  # a line cut short is skipped
+    log.write_text(
+        f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n"
+        f"h0:   0%|          | 0/8 [00:00<?, ?it/s]{lines[0]}\n"  # after a progress bar's first draw
+        f"{fused.FIRST_CALL_LINE} kl_terms_definition\n"
+    )  # a line cut short is skipped
     (tmp_path / "logs" / "tokenize").mkdir()
-    (tmp_path / "logs" / "tokenize" / "run.log").write_text("[lensspace] rule tokenize\n")  # no model: no row
+    (tmp_path / "logs" / "tokenize" / "run.log").write_text(
+        "[lensspace] rule tokenize\n"
+    )  # no model: no row
     rows = provenance.logged_startups(tmp_path)
-    assert rows.to_dict("records") == [{"rule": "h0_layer", "job": "run/0_15", "startup_s": 4.25,
-                                        "kernels_s": pytest.approx(2 * seconds)}]
+    assert rows.to_dict("records") == [
+        {
+            "rule": "h0_layer",
+            "job": "run/0_15",
+            "startup_s": 4.25,
+            "kernels_s": pytest.approx(2 * seconds),
+        }
+    ]

@@ -8,7 +8,9 @@ from torch.nn import functional as F
 from lensspace import gemm
 
 
-def _scale_error(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+def _scale_error(
+    got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> float:
     """Largest error relative to the products' natural size, ``|x| |W|`` per entry."""
     size = x.double().abs() @ weight.double().abs().T
     return float(((got.double() - want) / size).abs().max())
@@ -29,7 +31,9 @@ def test_linear_is_a_float32_product(shape, out):
             got = gemm.linear(inp, weight, b)
             assert got.shape == want.shape and got.dtype == torch.float32
             default = F.linear(inp, weight, b)
-            assert _scale_error(got, want, inp, weight) < max(4 * _scale_error(default, want, inp, weight), 1e-6)
+            assert _scale_error(got, want, inp, weight) < max(
+                4 * _scale_error(default, want, inp, weight), 1e-6
+            )
 
 
 def test_gradients_are_the_products_gradients():
@@ -63,7 +67,9 @@ def test_disabled_is_torch_default(monkeypatch):
     monkeypatch.setitem(gemm._state, "enabled", False)
     assert torch.equal(gemm.linear(x, weight), F.linear(x, weight))
     monkeypatch.setitem(gemm._state, "enabled", True)
-    assert torch.equal(gemm.linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    assert torch.equal(
+        gemm.linear(x.double(), weight.double()), F.linear(x.double(), weight.double())
+    )
 
 
 def test_route_linears_keeps_parameters_and_other_modules():
@@ -79,7 +85,9 @@ def test_route_linears_keeps_parameters_and_other_modules():
     assert type(model[0]) is gemm.RoutedLinear and type(model[2]) is Custom
     assert {name: p for name, p in model.named_parameters()} == params
     x = torch.randn(3, 8)
-    torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        model[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_real_model_outputs_agree_with_torch_default(real, monkeypatch):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, direct_kl64, make_cached, model_head
+
 from lensspace import fused
 from lensspace.adapter import Adapter
 from lensspace.experiments.grid import AblationGrid
@@ -23,8 +23,16 @@ def setup(tiny, tmp_path):
 def _numpy_kl(p_logits, q_logits):
     p = p_logits.double().numpy()
     q = q_logits.double().numpy()
-    lp = p - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True)) - p.max(-1, keepdims=True)
-    lq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(-1, keepdims=True)
+    lp = (
+        p
+        - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - p.max(-1, keepdims=True)
+    )
+    lq = (
+        q
+        - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - q.max(-1, keepdims=True)
+    )
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
@@ -36,8 +44,10 @@ def test_grid_cells_and_independent_value(setup):
     assert len(rows) == (2 * 2 + 1) * 2 * 2 * 2
     # (OPT-350m: W_U project_out has rank 16 of 32, so the bottom directions are its null space
     # and their ablation's KL is 0 up to float32 rounding, about -1e-8)
-    assert all(r["kl"] >= -1e-6 and r["kl_lo"] <= r["kl"] + 1e-6 and r["kl"] <= r["kl_hi"] + 1e-6
-               for r in rows)
+    assert all(
+        r["kl"] >= -1e-6 and r["kl_lo"] <= r["kl"] + 1e-6 and r["kl"] <= r["kl_hi"] + 1e-6
+        for r in rows
+    )
     assert {r["n_tokens"] for r in rows} == {5 * 9}
 
     # independent: the model's own final norm and lm_head on z with the top-16 raw directions removed
@@ -51,8 +61,12 @@ def test_grid_cells_and_independent_value(setup):
     clean = model_head(adapter, z)
     ablated = model_head(adapter, torch.from_numpy(z_abl).float())
     expected = _numpy_kl(clean, ablated).mean()
-    got = next(r for r in rows if (r["subspace"], r["k"], r["basis"], r["mode"], r["site"])
-               == ("output", 16, "unembed", "zero", "pre_norm"))
+    got = next(
+        r
+        for r in rows
+        if (r["subspace"], r["k"], r["basis"], r["mode"], r["site"])
+        == ("output", 16, "unembed", "zero", "pre_norm")
+    )
     assert got["kl"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
 
 
@@ -61,8 +75,14 @@ def test_removing_everything_leaves_the_norm_bias_prediction(setup):
     # zero-ablating all d directions sends z to 0; the head then predicts softmax(W_U b)
     # (uniform for RMSNorm, which has no bias): KL(clean || that) by hand, through the model's
     # own head on z = 0 (the norm of 0 is its bias)
-    full = AblationGrid(subspaces=("output",), ks=(adapter.d_model,), bases=("unembed",),
-                        modes=("zero",), sites=("pre_norm", "post_norm"), n_boot=50)
+    full = AblationGrid(
+        subspaces=("output",),
+        ks=(adapter.d_model,),
+        bases=("unembed",),
+        modes=("zero",),
+        sites=("pre_norm", "post_norm"),
+        n_boot=50,
+    )
     rows = run_layer(adapter, lens, cache, bases, 0, full).rows()
     with torch.no_grad():
         h = cache.load(0, "eval")[:, 1:]
@@ -75,7 +95,9 @@ def test_removing_everything_leaves_the_norm_bias_prediction(setup):
 
 def test_random_control_is_reproducible(setup):
     adapter, lens, cache, bases = setup
-    grid = AblationGrid(subspaces=("random",), modes=("zero",), sites=("pre_norm",), n_boot=50, seed=3)
+    grid = AblationGrid(
+        subspaces=("random",), modes=("zero",), sites=("pre_norm",), n_boot=50, seed=3
+    )
     first = run_layer(adapter, lens, cache, bases, 2, grid)
     assert first.rows() == run_layer(adapter, lens, cache, bases, 2, grid).rows()
     assert first.per_sequence() == run_layer(adapter, lens, cache, bases, 2, grid).per_sequence()
@@ -102,23 +124,33 @@ def test_every_cell_equals_the_model_head_on_the_ablated_vector(setup):
             if cell.site == "pre_norm":
                 ablated = model_head(adapter, ablate(z, q, cell.mode, means["pre_norm"]))
             else:  # the norm's scale frozen: ablate the normalised vector, then gain, bias, head
-                ablated = model_head(adapter, adapter.norm_affine(
-                    ablate(adapter.normalize(z), q, cell.mode, means["post_norm"])), after_norm=True)
+                ablated = model_head(
+                    adapter,
+                    adapter.norm_affine(
+                        ablate(adapter.normalize(z), q, cell.mode, means["post_norm"])
+                    ),
+                    after_norm=True,
+                )
             expected = _numpy_kl(clean, ablated).mean(-1)
             got = [r["kl"] for r in seqs if all(r[f] == getattr(cell, f) for f in cell._fields)]
             np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("fused_cpu", [True, False])
-@pytest.mark.parametrize(("family", "gain", "bias"), [("llama", 30.0, None), ("gpt2", 1.0, 60.0), ("gpt2", 30.0, 60.0)])
-def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, bias, fused_cpu, tmp_path,
-                                                                  monkeypatch):
+@pytest.mark.parametrize(
+    ("family", "gain", "bias"), [("llama", 30.0, None), ("gpt2", 1.0, 60.0), ("gpt2", 30.0, 60.0)]
+)
+def test_fast_path_keeps_float32_precision_where_logits_are_large(
+    family, gain, bias, fused_cpu, tmp_path, monkeypatch
+):
     """A final norm gain of 30 (logits in the hundreds) or a LayerNorm bias of 60 (a large
     constant part in every logit): each sequence's KL, from about 1e-17 to 90 nats, still
     matches the float64 definition to a relative 2e-4 (measured: 3.5e-5), and none is
     negative. (Subtracting logit-sized float32 terms, as an earlier assembly did, gave errors
     of 1e-5 absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
-    monkeypatch.setattr(fused.change_sums, "enabled", fused_cpu)  # the compiled kernel, or the eager passes
+    monkeypatch.setattr(
+        fused.change_sums, "enabled", fused_cpu
+    )  # the compiled kernel, or the eager passes
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)  # also on this small vocabulary
     model, _ = build_random_model(TINY[family])
     model.requires_grad_(False)
@@ -133,7 +165,10 @@ def test_fast_path_keeps_float32_precision_where_logits_are_large(family, gain, 
     for layer in range(3):
         results = run_layer(adapter, c.lens, c.cache, bases, layer, grid)
         z_train = translate(c.lens, c.cache.load(layer, "train")[:, 1:], layer)
-        means = {"pre_norm": z_train.mean((0, 1)), "post_norm": adapter.normalize(z_train).mean((0, 1))}
+        means = {
+            "pre_norm": z_train.mean((0, 1)),
+            "post_norm": adapter.normalize(z_train).mean((0, 1)),
+        }
         z = translate(c.lens, c.cache.load(layer, "eval")[:, 1:], layer)
         for cell in grid.variants(adapter.d_model):
             q = subspace_basis(bases, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)

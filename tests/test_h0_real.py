@@ -3,8 +3,8 @@ norm-share diagnostic adds up. Real regime: large lens biases, large constant co
 
 import pytest
 import torch
-
 from conftest import direct_kl64
+
 from lensspace import fused
 from lensspace.experiments.grid import AblationGrid, relative_edit
 from lensspace.experiments.h0 import LinearHead, norm_shares, run_layer, subspace_basis
@@ -13,7 +13,9 @@ from lensspace.subspaces import ablate, unembedding_bases
 
 GRID = AblationGrid(ks=("half",), random_draws=2, n_boot=50)
 # k = 100: the halves are not complements, so each has its own product
-UNPAIRED = AblationGrid(subspaces=("output", "internal"), ks=(100,), bases=("unembed_centered",), n_boot=50)
+UNPAIRED = AblationGrid(
+    subspaces=("output", "internal"), ks=(100,), bases=("unembed_centered",), n_boot=50
+)
 # k = 1: the smallest edits and KLs, where float32 rounding shows most
 SMALLEST = AblationGrid(ks=(1,), random_draws=2, n_boot=50)
 # against float64, about 10x the largest errors measured here: per sequence (what the
@@ -22,9 +24,17 @@ SEQ_RTOL, SEQ_ATOL = 2e-5, 1e-7
 TOKEN_RTOL, TOKEN_ATOL = 2e-4, 1e-6
 
 
-@pytest.mark.parametrize(("layer", "grid", "fused_cpu"), [
-    (3, GRID, True), (24, GRID, True), (24, UNPAIRED, True), (24, SMALLEST, True),
-    (24, GRID, False), (24, SMALLEST, False)])
+@pytest.mark.parametrize(
+    ("layer", "grid", "fused_cpu"),
+    [
+        (3, GRID, True),
+        (24, GRID, True),
+        (24, UNPAIRED, True),
+        (24, SMALLEST, True),
+        (24, GRID, False),
+        (24, SMALLEST, False),
+    ],
+)
 def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_cpu, monkeypatch):
     """run_layer (products shared by modes, sites and complementary halves; KL from the logits'
     change) against the definition in float64 (ablate z, then norm, gain and unembedding, then
@@ -33,7 +43,9 @@ def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_
     relative to each KL. (Measured: per sequence within 1.6e-6 relative plus 1e-7, per token
     within 2.3e-5 relative plus 1e-6; the earlier assembly, which subtracted logit-sized terms,
     needed 7e-4 and 3e3, and gave negative token KLs.)"""
-    monkeypatch.setattr(fused.change_sums, "enabled", fused_cpu)  # the compiled kernel, or the eager passes
+    monkeypatch.setattr(
+        fused.change_sums, "enabled", fused_cpu
+    )  # the compiled kernel, or the eager passes
     adapter, bases = real.adapter, unembedding_bases(real.adapter)
     results = run_layer(adapter, real.lens, real.cache, bases, layer, grid)
     z_train = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer)
@@ -49,8 +61,9 @@ def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_
         torch.testing.assert_close(fast, expected, rtol=TOKEN_RTOL, atol=TOKEN_ATOL)
         x = z if cell.site == "pre_norm" else u
         edit = torch.cat(results.edit[cell])
-        torch.testing.assert_close(edit, relative_edit(x, ablate(x, q, cell.mode, means[cell.site])),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            edit, relative_edit(x, ablate(x, q, cell.mode, means[cell.site])), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_linear_head_clean_logits_are_the_model_head(real):
@@ -62,34 +75,54 @@ def test_linear_head_clean_logits_are_the_model_head(real):
 
 def test_run_layer_rows_and_sequences_agree(real):
     grid = AblationGrid(bases=("unembed",), modes=("mean",), random_draws=2, n_boot=200)
-    results = run_layer(real.adapter, real.lens, real.cache, unembedding_bases(real.adapter), 12, grid)
+    results = run_layer(
+        real.adapter, real.lens, real.cache, unembedding_bases(real.adapter), 12, grid
+    )
     rows, seqs = results.rows(), results.per_sequence()
     n_seq = len(real.tokens["eval"])
     random_rows = [r for r in rows if r["subspace"] == "random"]
-    assert random_rows and all(r["n_draws"] == 2 and r["draw_min"] <= r["kl"] <= r["draw_max"] for r in random_rows)
+    assert random_rows and all(
+        r["n_draws"] == 2 and r["draw_min"] <= r["kl"] <= r["draw_max"] for r in random_rows
+    )
     for row in rows:
-        mine = [s["kl"] for s in seqs if all(s[c] == row[c] for c in ("subspace", "k", "basis", "mode", "site"))]
+        mine = [
+            s["kl"]
+            for s in seqs
+            if all(s[c] == row[c] for c in ("subspace", "k", "basis", "mode", "site"))
+        ]
         assert len(mine) == n_seq * row["n_draws"]
         assert row["kl"] == pytest.approx(sum(mine) / len(mine), rel=1e-9)
         assert row["kl_lo"] <= row["kl"] <= row["kl_hi"]
 
 
 def test_random_draws_differ_across_layers_experiments_and_draws():
-    seeds = {AblationGrid(experiment=e).random_seed(layer, 288, "random", d)
-             for e in ("h0", "h1") for layer in (0, 3) for d in range(4)}
+    seeds = {
+        AblationGrid(experiment=e).random_seed(layer, 288, "random", d)
+        for e in ("h0", "h1")
+        for layer in (0, 3)
+        for d in range(4)
+    }
     assert len(seeds) == 16
 
 
 def test_norm_shares_add_up_and_show_the_constant_part(real):
-    rows = norm_shares(real.adapter, real.lens, real.cache, unembedding_bases(real.adapter), 12,
-                       AblationGrid(ks=("half",)))
+    rows = norm_shares(
+        real.adapter,
+        real.lens,
+        real.cache,
+        unembedding_bases(real.adapter),
+        12,
+        AblationGrid(ks=("half",)),
+    )
     for site in ("pre_norm", "post_norm"):
         for basis in ("unembed", "unembed_centered"):
             pair = [r for r in rows if r["site"] == site and r["basis"] == basis]
             # the halves are complementary: their shares add to the whole squared norm
             assert sum(r["share"] for r in pair) == pytest.approx(1.0, abs=1e-6)
             for r in pair:
-                assert r["share"] == pytest.approx(r["constant_share"] + r["varying_share"], rel=1e-9)
+                assert r["share"] == pytest.approx(
+                    r["constant_share"] + r["varying_share"], rel=1e-9
+                )
     # on the real model the lens vectors carry a large constant component (the issue's
     # |Q^T mean| of hundreds against a similar token-varying RMS)
     raw = [r for r in rows if r["site"] == "pre_norm" and r["basis"] == "unembed"]

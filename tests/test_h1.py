@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_cached
+
 from lensspace.experiments.grid import AblationGrid, Cell
 from lensspace.experiments.h1 import cell_edit, run_layers
 from lensspace.lenses import translate
@@ -36,12 +36,18 @@ def test_pullback_on_the_real_lens_gives_the_ablated_lens_vector(real, layer, su
     """T_i(h') = ablate(T_i(h)) with the real lens: large biases, ill-conditioned translators.
     The old orthonormal pull-back left Q^T z = Q^T b (larger than before at some layers)."""
     translator = real.lens.layer_translators[layer]
-    q = select(unembedding_bases(real.adapter)["unembed"].vectors, subspace, real.adapter.d_model // 2)
+    q = select(
+        unembedding_bases(real.adapter)["unembed"].vectors, subspace, real.adapter.d_model // 2
+    )
     h = real.cache.load(layer, "eval")[:2, 1:]
     pulled = LensPullback(translator.weight.detach(), translator.bias.detach(), q)
     z = h.double() @ pulled.m.T + pulled.b  # T_i(h) in float64
     with torch.no_grad():
-        z_mean = translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer).double().mean((0, 1))
+        z_mean = (
+            translate(real.lens, real.cache.load(layer, "train")[:, 1:], layer)
+            .double()
+            .mean((0, 1))
+        )
     for mode in ("zero", "mean"):
         edited = pulled.apply(h.double(), mode, z_mean)
         z_edited = edited @ pulled.m.T + pulled.b
@@ -50,7 +56,9 @@ def test_pullback_on_the_real_lens_gives_the_ablated_lens_vector(real, layer, su
         assert float(((z_edited - expected).norm(dim=-1, keepdim=True) / scale).max()) < 1e-8
         # the ablated coordinates are gone (zero) or at their mean, the others untouched
         coords = z_edited @ q.double()
-        target = torch.zeros_like(coords) if mode == "zero" else (z_mean @ q.double()).expand_as(coords)
+        target = (
+            torch.zeros_like(coords) if mode == "zero" else (z_mean @ q.double()).expand_as(coords)
+        )
         assert float((coords - target).abs().max()) < 1e-6 * float(scale.max())
     # in float32, as the experiment feeds the blocks, the identity holds to float tolerance
     edited32 = pulled.apply(h, "zero")
@@ -66,8 +74,9 @@ def cached(tiny, tmp_path):
 
 
 def test_grid_has_a_random_control_per_operation():
-    grid = AblationGrid(bases=("unembed", "lens_pullback"), modes=("zero",), sites=("residual",),
-                        random_draws=3)
+    grid = AblationGrid(
+        bases=("unembed", "lens_pullback"), modes=("zero",), sites=("residual",), random_draws=3
+    )
     cells = grid.variants(8)
     assert {c.basis for c in cells if c.subspace == "random"} == {"random", "random_lens_pullback"}
     assert len([c for c in cells if c.subspace == "random"]) == 2 * 3
@@ -81,9 +90,16 @@ def test_residual_ablation_against_hooked_full_forward(cached, job):
     before block 1 (up to the cache's float16 storage of the first residual)."""
     adapter, lens, cache, bases, tokens = cached
     runner = BlockRunner(adapter)
-    grid = AblationGrid(subspaces=("output", "internal", "random"), ks=("half",),
-                        bases=("unembed", "lens_pullback"), modes=("zero", "mean"),
-                        sites=("residual",), n_boot=50, random_draws=2, experiment="h1")
+    grid = AblationGrid(
+        subspaces=("output", "internal", "random"),
+        ks=("half",),
+        bases=("unembed", "lens_pullback"),
+        modes=("zero", "mean"),
+        sites=("residual",),
+        n_boot=50,
+        random_draws=2,
+        experiment="h1",
+    )
     by_layer = run_layers(runner, lens, cache, bases, job, grid=grid, chunk=3)
     assert sorted(by_layer) == list(job)
     results = by_layer[1]
@@ -94,9 +110,11 @@ def test_residual_ablation_against_hooked_full_forward(cached, job):
     h_train = cache.load(1, "train")[:, 1:]
     z_mean = translate(lens, h_train, 1).double().mean((0, 1))
     clean = adapter.model(ids).logits[:, 1:].log_softmax(-1)
-    for cell in (Cell("output", adapter.d_model // 2, "lens_pullback", "mean", "residual"),
-                 Cell("random", adapter.d_model // 2, "random_lens_pullback", "zero", "residual", 1),
-                 Cell("internal", adapter.d_model // 2, "unembed", "mean", "residual")):
+    for cell in (
+        Cell("output", adapter.d_model // 2, "lens_pullback", "mean", "residual"),
+        Cell("random", adapter.d_model // 2, "random_lens_pullback", "zero", "residual", 1),
+        Cell("internal", adapter.d_model // 2, "unembed", "mean", "residual"),
+    ):
         edit = cell_edit(cell, bases, lens, 1, grid, h_train.mean((0, 1)), z_mean)
 
         def hook(_m, args, kwargs, edit=edit):
@@ -110,7 +128,13 @@ def test_residual_ablation_against_hooked_full_forward(cached, job):
         finally:
             handle.remove()
         expected = (clean.exp() * (clean - ablated)).sum(-1).mean(-1)
-        got = [r["kl"] for r in results.per_sequence() if all(r[f] == getattr(cell, f) for f in cell._fields)]
-        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected.double(), rtol=1e-3, atol=1e-6)
+        got = [
+            r["kl"]
+            for r in results.per_sequence()
+            if all(r[f] == getattr(cell, f) for f in cell._fields)
+        ]
+        torch.testing.assert_close(
+            torch.tensor(got, dtype=torch.float64), expected.double(), rtol=1e-3, atol=1e-6
+        )
     # the edit's size is reported beside its KL
     assert all(r["edit_rel"] > 0 for r in rows)

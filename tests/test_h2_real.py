@@ -6,27 +6,41 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY, head_logp64, normalize64
+
 from lensspace.adapter import Adapter
 from lensspace.experiments import h2
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.h0 import subspace_basis
-from lensspace.experiments.h2 import (EmbeddingLensSettings, embedding_basis, embeddings_tied,
-                                      evaluate_layers, fit_embedding_lenses, mapped_residual,
-                                      route_logits)
+from lensspace.experiments.h2 import (
+    EmbeddingLensSettings,
+    embedding_basis,
+    embeddings_tied,
+    evaluate_layers,
+    fit_embedding_lenses,
+    mapped_residual,
+    route_logits,
+)
 from lensspace.models import build_random_model
 from lensspace.runner import BlockRunner, hooked
 from lensspace.stats import kl_from_logprobs
 from lensspace.subspaces import ablate, unembedding_bases
 
-GRID = AblationGrid(subspaces=("output",), ks=(8,), bases=("embed",), modes=("zero",),
-                    sites=("embedding",), n_boot=20)
+GRID = AblationGrid(
+    subspaces=("output",),
+    ks=(8,),
+    bases=("embed",),
+    modes=("zero",),
+    sites=("embedding",),
+    n_boot=20,
+)
 
 
 def _kl(target_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL(target || logits) over positions 1.. of every sequence."""
-    return float(kl_from_logprobs(target_logits[:, 1:].log_softmax(-1), logits[:, 1:].log_softmax(-1)).mean())
+    return float(
+        kl_from_logprobs(target_logits[:, 1:].log_softmax(-1), logits[:, 1:].log_softmax(-1)).mean()
+    )
 
 
 @pytest.mark.parametrize("layer", [6, 12])
@@ -42,7 +56,9 @@ def test_exact_map_runs_downstream_to_the_models_own_output(real, layer):
     logits = route_logits(runner, real.lens, layer, mapped, "downstream")
     assert _kl(target, logits) < 0.02
     embedding_at_zero = torch.cat([e[:, :1], h[:, 1:]], dim=1)
-    assert _kl(target, route_logits(runner, real.lens, layer, embedding_at_zero, "downstream")) > 0.5
+    assert (
+        _kl(target, route_logits(runner, real.lens, layer, embedding_at_zero, "downstream")) > 0.5
+    )
 
 
 def test_fit_and_evaluation_run_blocks_from_the_cached_residual_at_position_zero(real, monkeypatch):
@@ -57,19 +73,28 @@ def test_fit_and_evaluation_run_blocks_from_the_cached_residual_at_position_zero
         return out
 
     monkeypatch.setattr(h2, "mapped_residual", spy)
-    emb = fit_embedding_lenses(runner, real.lens, real.cache, [layer], EmbeddingLensSettings(
-        objective="downstream", refine_steps=1, refine_sequences=2))[layer]
+    emb = fit_embedding_lenses(
+        runner,
+        real.lens,
+        real.cache,
+        [layer],
+        EmbeddingLensSettings(objective="downstream", refine_steps=1, refine_sequences=2),
+    )[layer]
     train = real.cache.load(layer, "train")
     assert len(calls) == 1
     out, h = calls[0]
     assert len(h) == 2 and all(any(torch.equal(row, seq) for seq in train) for row in h)
-    evaluate_layers(runner, real.lens, real.cache, {layer: emb}, embedding_basis(real.adapter), GRID)
+    evaluate_layers(
+        runner, real.lens, real.cache, {layer: emb}, embedding_basis(real.adapter), GRID
+    )
     assert len(calls) == 2
     out, h = calls[1]
     torch.testing.assert_close(h, real.cache.load(layer, "eval"), rtol=0, atol=0)
     for out, h in calls:
         torch.testing.assert_close(out[:, 0], h[:, 0], rtol=0, atol=0)
-        assert out[:, 0].norm(dim=-1).min() > 100 * real.cache.load(0, "eval")[:, 0].norm(dim=-1).max()
+        assert (
+            out[:, 0].norm(dim=-1).min() > 100 * real.cache.load(0, "eval")[:, 0].norm(dim=-1).max()
+        )
 
 
 def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_in(real):
@@ -78,8 +103,12 @@ def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_
     gives the downstream-route KL of ``evaluate_layers``."""
     adapter, layer = real.adapter, 6
     runner = BlockRunner(adapter)
-    emb = fit_embedding_lenses(runner, real.lens, real.cache, [layer], EmbeddingLensSettings(refine_steps=0))[layer]
-    fit, _ = evaluate_layers(runner, real.lens, real.cache, {layer: emb}, embedding_basis(adapter), GRID)[layer]
+    emb = fit_embedding_lenses(
+        runner, real.lens, real.cache, [layer], EmbeddingLensSettings(refine_steps=0)
+    )[layer]
+    fit, _ = evaluate_layers(
+        runner, real.lens, real.cache, {layer: emb}, embedding_basis(adapter), GRID
+    )[layer]
     ids = real.tokens["eval"].long()
     with torch.no_grad():
         e = adapter.embed_tokens(ids)
@@ -90,8 +119,16 @@ def test_downstream_route_kl_equals_the_models_own_forward_with_the_map_patched_
 
 
 # the halves and k = 100 (halves whose complements are not in the grid), both modes
-CELLS = AblationGrid(subspaces=("output", "internal", "random"), ks=("half", 100), bases=("embed",),
-                     modes=("zero", "mean"), sites=("embedding",), random_draws=2, n_boot=20, experiment="h2")
+CELLS = AblationGrid(
+    subspaces=("output", "internal", "random"),
+    ks=("half", 100),
+    bases=("embed",),
+    modes=("zero", "mean"),
+    sites=("embedding",),
+    random_draws=2,
+    n_boot=20,
+    experiment="h2",
+)
 
 
 def test_embedding_cells_and_lens_route_equal_the_float64_definition(real):
@@ -102,8 +139,13 @@ def test_embedding_cells_and_lens_route_equal_the_float64_definition(real):
     lens biases and translators are large here, and the mean ablation's constant part too."""
     adapter, runner = real.adapter, BlockRunner(real.adapter)
     layers = [6, 24]
-    emb_lenses = fit_embedding_lenses(runner, real.lens, real.cache, layers,
-                                      EmbeddingLensSettings(refine_steps=1, refine_sequences=2))
+    emb_lenses = fit_embedding_lenses(
+        runner,
+        real.lens,
+        real.cache,
+        layers,
+        EmbeddingLensSettings(refine_steps=1, refine_sequences=2),
+    )
     basis = embedding_basis(adapter)
     evaluated = evaluate_layers(runner, real.lens, real.cache, emb_lenses, basis, CELLS)
     e = real.cache.load(0, "eval")[:, 1:].double()
@@ -122,7 +164,9 @@ def test_embedding_cells_and_lens_route_equal_the_float64_definition(real):
         route = kl_from_logprobs(target, clean)
         assert fit["kl_lens_route"] == pytest.approx(float(route.mean()), rel=1e-4)
         for cell in CELLS.variants(adapter.d_model):
-            q = subspace_basis({"embed": basis}, CELLS, layer, cell.subspace, cell.k, cell.basis, cell.draw)
+            q = subspace_basis(
+                {"embed": basis}, CELLS, layer, cell.subspace, cell.k, cell.basis, cell.draw
+            )
             expected = kl_from_logprobs(clean, lens_logp(ablate(e, q.double(), cell.mode, mean)))
             got = torch.cat(results.kl[cell])
             assert got.min() >= 0
@@ -136,8 +180,12 @@ def test_tied_embeddings_are_detected_by_value(real):
     untied copy is reported as untied, and so are Pythia's untied matrices and OPT-350m, whose
     tied matrices sit behind project_in / project_out."""
     assert embeddings_tied(real.adapter)
-    torch.testing.assert_close(embedding_basis(real.adapter).vectors,
-                               unembedding_bases(real.adapter)["unembed"].vectors, rtol=0, atol=0)
+    torch.testing.assert_close(
+        embedding_basis(real.adapter).vectors,
+        unembedding_bases(real.adapter)["unembed"].vectors,
+        rtol=0,
+        atol=0,
+    )
     for spec in TINY.values():
         model, _ = build_random_model(spec)
         extra = spec.get("config", {})
@@ -145,8 +193,12 @@ def test_tied_embeddings_are_detected_by_value(real):
         adapter = Adapter(model)
         assert embeddings_tied(adapter) == expected, spec["arch"]
         if expected:
-            torch.testing.assert_close(embedding_basis(adapter).vectors.abs(),
-                                       unembedding_bases(adapter)["unembed"].vectors.abs(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                embedding_basis(adapter).vectors.abs(),
+                unembedding_bases(adapter)["unembed"].vectors.abs(),
+                rtol=1e-4,
+                atol=1e-4,
+            )
         untied = model.get_output_embeddings()
         untied.weight = torch.nn.Parameter(untied.weight.detach() + 1e-3)
         assert not embeddings_tied(Adapter(model))
@@ -162,5 +214,10 @@ def test_fit_rows_and_table_say_when_the_embedding_is_tied(tiny_run):
         fit = pd.read_csv(workdir / "results" / run / "h2" / "fit.tsv", sep="\t")
         assert fit["embed_tied_to_unembed"].dtype == bool
         assert (fit["embed_tied_to_unembed"] == tied).all(), run
-        assert (h2.TIED_NOTE in (workdir / "results" / "tables" / f"h2_{run}.md").read_text()) == tied
-    assert any(not spec.get("config", {}).get("tie_word_embeddings", True) for spec in config["models"].values())
+        assert (
+            h2.TIED_NOTE in (workdir / "results" / "tables" / f"h2_{run}.md").read_text()
+        ) == tied
+    assert any(
+        not spec.get("config", {}).get("tie_word_embeddings", True)
+        for spec in config["models"].values()
+    )

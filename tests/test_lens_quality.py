@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_cached
+
 from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.lens_quality import LensQualitySettings, TrainSubset, budget_label, held_out_kl, sweep
+from lensspace.experiments.lens_quality import (
+    LensQualitySettings,
+    TrainSubset,
+    budget_label,
+    held_out_kl,
+    sweep,
+)
 from lensspace.lenses import LensTraining, train_lens
 from lensspace.subspaces import unembedding_bases
 
@@ -29,7 +35,11 @@ def test_more_training_tokens_is_not_worse_on_held_out_tokens(real):
         h = cache.load(layer, "eval")[:, 1:]
         translator = full.layer_translators[layer]
         with torch.no_grad():
-            direct = (logp.exp() * (logp - adapter.logits(h + translator(h)).log_softmax(-1))).sum(-1).mean(1)
+            direct = (
+                (logp.exp() * (logp - adapter.logits(h + translator(h)).log_softmax(-1)))
+                .sum(-1)
+                .mean(1)
+            )
         assert torch.allclose(kl_full, direct.double(), rtol=1e-4, atol=1e-5)
     # the layers outside the list were left untrained (the logit lens)
     assert float(full.layer_translators[0].weight.detach().abs().max()) == 0
@@ -47,12 +57,23 @@ def test_train_subset_sees_only_the_first_training_sequences(tiny, tmp_path):
 def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=4, n_train=8, n_eval=4, seq_len=16)
-    grid = AblationGrid(bases=("unembed",), sites=("pre_norm",), n_boot=200, random_draws=2,
-                        experiment="lens_quality")
-    settings = LensQualitySettings(fractions=(0.5, 1.0), refine=(False, True), layers=(0, 2), grid=grid,
-                                   test_resamples=200)
-    rows, sequences = sweep(adapter, cached.cache, unembedding_bases(adapter), LensTraining(refine_steps=2,
-                            refine_batch_tokens=16, refine_tokens=64, check_tokens=15), settings)
+    grid = AblationGrid(
+        bases=("unembed",),
+        sites=("pre_norm",),
+        n_boot=200,
+        random_draws=2,
+        experiment="lens_quality",
+    )
+    settings = LensQualitySettings(
+        fractions=(0.5, 1.0), refine=(False, True), layers=(0, 2), grid=grid, test_resamples=200
+    )
+    rows, sequences = sweep(
+        adapter,
+        cached.cache,
+        unembedding_bases(adapter),
+        LensTraining(refine_steps=2, refine_batch_tokens=16, refine_tokens=64, check_tokens=15),
+        settings,
+    )
     assert len(rows) == 2 * 2 * 2 * 2 and len(sequences) == len(rows) * 4
     for row in rows:
         assert row["diff"] == pytest.approx(row["kl_output"] - row["kl_internal"], abs=1e-9)
@@ -64,11 +85,20 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
     for rank, (value, i) in enumerate(p):
         running = max(running, min(1.0, (len(p) - rank) * value))
         assert rows[i]["p_adjusted"] == pytest.approx(running)
-        expected = ("not separable" if running >= 0.05 else "output > internal" if rows[i]["diff"] > 0
-                    else "internal > output")
+        expected = (
+            "not separable"
+            if running >= 0.05
+            else "output > internal"
+            if rows[i]["diff"] > 0
+            else "internal > output"
+        )
         assert rows[i]["verdict"] == expected
     assert {r["train_tokens"] for r in rows} == {4 * 15, 8 * 15}
     # with the refinement, one training sequence (check_tokens 15 / 15 per sequence) is held out of the fit
     assert {(r["refine"], r["train_tokens"], r["lstsq_tokens"]) for r in rows} == {
-        (False, 60, 60), (False, 120, 120), (True, 60, 45), (True, 120, 105)}
+        (False, 60, 60),
+        (False, 120, 120),
+        (True, 60, 45),
+        (True, 120, 105),
+    }
     assert {r["n_tokens"] for r in rows} == {4 * 15}

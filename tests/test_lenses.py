@@ -6,11 +6,20 @@ import pytest
 import torch
 from tuned_lens.nn import LogitLens, TunedLens
 
+from lensspace import lenses
 from lensspace.activations import ActivationCache, residuals, write_cache
 from lensspace.errors import LensspaceError
-from lensspace import lenses
-from lensspace.lenses import (LensTraining, empty_lens, evaluate_lens, fit_affine, held_out_sequences,
-                              load_lens, save_lens, train_lens, translate)
+from lensspace.lenses import (
+    LensTraining,
+    empty_lens,
+    evaluate_lens,
+    fit_affine,
+    held_out_sequences,
+    load_lens,
+    save_lens,
+    train_lens,
+    translate,
+)
 
 
 def _perturb(lens, seed=0):
@@ -28,8 +37,11 @@ TUNED_LENS_FAMILIES = {"gpt2", "gpt_neox", "llama", "opt"}
 
 
 def _tuned_lens_supports(adapter) -> bool:
-    return (adapter.model_type in TUNED_LENS_FAMILIES and adapter.final_norm is not None
-            and adapter.head_projection is None)
+    return (
+        adapter.model_type in TUNED_LENS_FAMILIES
+        and adapter.final_norm is not None
+        and adapter.head_projection is None
+    )
 
 
 def test_tuned_lens_support_is_as_the_readme_says(tiny):
@@ -51,8 +63,12 @@ def test_zero_translator_is_logit_lens(tiny, tiny_ids):
         torch.testing.assert_close(translate(lens, h, layer), h)
         torch.testing.assert_close(lens(h, layer), adapter.logits(h))
         if logit_lens is not None:
-            torch.testing.assert_close(adapter.logits(translate(lens, h, layer)), logit_lens(h, layer),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                adapter.logits(translate(lens, h, layer)),
+                logit_lens(h, layer),
+                atol=1e-5,
+                rtol=1e-5,
+            )
     # the lens's head on the last residual is the model's own output
     with torch.no_grad():
         final = residuals(adapter, tiny_ids)[-1]
@@ -68,8 +84,11 @@ def test_saved_lens_loads_in_tuned_lens_with_same_logits(tiny, tmp_path):
     again = load_lens(adapter, tmp_path / "lens")
     for a, b in zip(lens.layer_translators, again.layer_translators):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
-    theirs = (TunedLens.from_model_and_pretrained(adapter.model, str(tmp_path / "lens"))
-              if _tuned_lens_supports(adapter) else None)
+    theirs = (
+        TunedLens.from_model_and_pretrained(adapter.model, str(tmp_path / "lens"))
+        if _tuned_lens_supports(adapter)
+        else None
+    )
     h = torch.randn(3, 5, adapter.d_model)
     for layer in range(adapter.n_layers):
         ours = adapter.logits(translate(lens, h, layer))
@@ -105,12 +124,18 @@ def test_mismatched_lens_is_refused(tiny, tmp_path):
 def test_trained_lens_beats_logit_lens(tiny, tmp_path):
     adapter, _ = tiny
     gen = torch.Generator().manual_seed(1)
-    tokens = {"train": torch.randint(0, 256, (32, 16), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (8, 16), generator=gen, dtype=torch.int32)}
+    tokens = {
+        "train": torch.randint(0, 256, (32, 16), generator=gen, dtype=torch.int32),
+        "eval": torch.randint(0, 256, (8, 16), generator=gen, dtype=torch.int32),
+    }
     write_cache(adapter, tokens, tmp_path / "cache", {"tokens_sha256": "x"})
     cache = ActivationCache(tmp_path / "cache", tokens_sha256="x")
-    lens = train_lens(adapter, cache, LensTraining(refine_steps=5, refine_batch_tokens=32,
-                                                   refine_tokens=128), "tiny")
+    lens = train_lens(
+        adapter,
+        cache,
+        LensTraining(refine_steps=5, refine_batch_tokens=32, refine_tokens=128),
+        "tiny",
+    )
     rows = evaluate_lens(adapter, lens, cache, n_boot=50, seed=0)
     by = {(r["layer"], r["lens"]): r["kl"] for r in rows}
     for layer in range(adapter.n_layers):
@@ -135,12 +160,15 @@ def test_refinement_check_uses_sequences_the_fit_did_not_see(tiny, tmp_path, mon
     The keep-or-revert check sees exactly the held-out block."""
     adapter, _ = tiny
     gen = torch.Generator().manual_seed(2)
-    tokens = {"train": torch.randint(0, 256, (12, 16), generator=gen, dtype=torch.int32),
-              "eval": torch.randint(0, 256, (2, 16), generator=gen, dtype=torch.int32)}
+    tokens = {
+        "train": torch.randint(0, 256, (12, 16), generator=gen, dtype=torch.int32),
+        "eval": torch.randint(0, 256, (2, 16), generator=gen, dtype=torch.int32),
+    }
     write_cache(adapter, tokens, tmp_path / "cache", {}, storage="float32")
     cache = ActivationCache(tmp_path / "cache")
-    settings = LensTraining(refine_steps=2, refine_batch_tokens=16, refine_tokens=64,
-                            check_tokens=45, lr=0.0)
+    settings = LensTraining(
+        refine_steps=2, refine_batch_tokens=16, refine_tokens=64, check_tokens=45, lr=0.0
+    )
     check = held_out_sequences(12, 16, settings)
     assert check == range(9, 12)
     seen, original_kl = [], lenses._kl

@@ -63,14 +63,17 @@ def test_kl_matches_independent_numpy():
     gen = torch.Generator().manual_seed(3)
     p, q = torch.randn(20, 50, generator=gen) * 3, torch.randn(20, 50, generator=gen) * 3
     pn, qn = p.double().numpy(), q.double().numpy()
-    sp = np.exp(pn - pn.max(1, keepdims=True)); sp /= sp.sum(1, keepdims=True)
-    sq = np.exp(qn - qn.max(1, keepdims=True)); sq /= sq.sum(1, keepdims=True)
+    sp = np.exp(pn - pn.max(1, keepdims=True))
+    sp /= sp.sum(1, keepdims=True)
+    sq = np.exp(qn - qn.max(1, keepdims=True))
+    sq /= sq.sum(1, keepdims=True)
     expected = (sp * np.log(sp / sq)).sum(1)
     np.testing.assert_allclose(kl_from_logits(p, q).numpy(), expected, rtol=1e-4, atol=1e-5)
     assert (kl_from_logits(p, q) >= 0).all()
     torch.testing.assert_close(kl_from_logits(p, p), torch.zeros(20), atol=1e-6, rtol=0)
-    torch.testing.assert_close(kl_from_logprobs(p.log_softmax(-1), p.log_softmax(-1)),
-                               torch.zeros(20), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        kl_from_logprobs(p.log_softmax(-1), p.log_softmax(-1)), torch.zeros(20), atol=1e-6, rtol=0
+    )
 
 
 def test_bootstrap_interval():
@@ -98,14 +101,20 @@ def test_unembedding_bases(tiny):
     adapter, _ = tiny
     bases = unembedding_bases(adapter)
     w = adapter.unembedding.double()
-    for name, matrix in (("unembed", w),
-                         ("unembed_centered", (w - w.mean(0)) * adapter.norm_gain.double())):
+    for name, matrix in (
+        ("unembed", w),
+        ("unembed_centered", (w - w.mean(0)) * adapter.norm_gain.double()),
+    ):
         basis = bases[name]
         v = basis.vectors.double()
-        torch.testing.assert_close(v.T @ v, torch.eye(adapter.d_model, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            v.T @ v, torch.eye(adapter.d_model, dtype=torch.float64), atol=1e-5, rtol=0
+        )
         assert (basis.singular_values[:-1] >= basis.singular_values[1:]).all()
         # ||W v_i|| = s_i: the columns are right singular vectors in order
-        torch.testing.assert_close((matrix @ v).norm(dim=0).float(), basis.singular_values, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            (matrix @ v).norm(dim=0).float(), basis.singular_values, rtol=1e-4, atol=1e-4
+        )
     # the centred matrix sends the all-ones vocabulary direction to zero
     ones = torch.ones(1, w.shape[0], dtype=torch.float64)
     centered = (w - w.mean(0)) * adapter.norm_gain.double()

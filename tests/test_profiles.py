@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
-
 from conftest import ROOT, snakemake
 
 SLURM = ROOT / "profiles" / "slurm" / "config.yaml"
 DEFAULT = ROOT / "profiles" / "default" / "config.yaml"
-NETWORK_RULES = {"prepare_model", "prepare_corpus", "fetch_lens"}   # downloads: no internet on nodes
+NETWORK_RULES = {"prepare_model", "prepare_corpus", "fetch_lens"}  # downloads: no internet on nodes
 
 
 def rule_blocks() -> dict[str, str]:
@@ -53,7 +51,7 @@ def test_slurm_profile_settings_and_their_reasons():
     assert profile["executor"] == "slurm"
     assert profile["retries"] >= 1 and profile["rerun-incomplete"] is True
     assert profile["latency-wait"] >= 30 and "slurm-init-seconds-before-status-checks" in profile
-    assert profile["slurm-status-command"] == "squeue"      # see the comment there: scancel
+    assert profile["slurm-status-command"] == "squeue"  # see the comment there: scancel
     resources = profile["default-resources"]
     assert {"slurm_partition", "slurm_account", "mem_mb", "runtime"} <= set(resources)
     # every entry carries a comment saying why: top-level settings and each rule's or
@@ -62,6 +60,7 @@ def test_slurm_profile_settings_and_their_reasons():
     for i, line in enumerate(lines):
         if re.match(r"^[\w-]+:\s*[^\s#]", line) or re.match(r"^  \w+:", line):
             assert "#" in line or lines[i - 1].lstrip().startswith("#"), f"no reason given: {line}"
+
 
 def test_default_profile_does_not_undo_the_slurm_profile():
     """profiles/default is the workflow profile, so it is loaded after `--profile profiles/slurm`
@@ -78,9 +77,17 @@ def test_slurm_profile_parses_and_resolves_names_from_the_environment(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["corpora"]["tiny-text"]["path"] = str(ROOT / "tests" / "data" / "tiny_corpus.txt")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
-    done = snakemake(tmp_path, "--profile", str(SLURM.parent), "--configfile",
-                     str(tmp_path / "study.yaml"), "-n", "-p", timeout=300,
-                     env={"LENSSPACE_SLURM_PARTITION": "gpu-test", "LENSSPACE_SLURM_GPU_MODEL": "a100"})
+    done = snakemake(
+        tmp_path,
+        "--profile",
+        str(SLURM.parent),
+        "--configfile",
+        str(tmp_path / "study.yaml"),
+        "-n",
+        "-p",
+        timeout=300,
+        env={"LENSSPACE_SLURM_PARTITION": "gpu-test", "LENSSPACE_SLURM_GPU_MODEL": "a100"},
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "Using profile" in out and "profiles/slurm" in out
@@ -117,6 +124,13 @@ def test_laptop_batches_an_experiments_layers_and_slurm_runs_one_job_per_layer(t
 def test_readme_gives_the_cluster_command_for_the_paper_config():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Running on a SLURM cluster", 1)[1].split("\n## ", 1)[0]
-    assert ".venv/bin/snakemake --profile profiles/slurm --configfile configs/paper-gpt2.yaml" in section
-    for variable in ("LENSSPACE_SLURM_PARTITION", "LENSSPACE_SLURM_ACCOUNT", "LENSSPACE_SLURM_GPU_MODEL"):
+    assert (
+        ".venv/bin/snakemake --profile profiles/slurm --configfile configs/paper-gpt2.yaml"
+        in section
+    )
+    for variable in (
+        "LENSSPACE_SLURM_PARTITION",
+        "LENSSPACE_SLURM_ACCOUNT",
+        "LENSSPACE_SLURM_GPU_MODEL",
+    ):
         assert variable in section and variable in SLURM.read_text()

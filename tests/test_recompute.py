@@ -28,7 +28,9 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def recompute(run_dir: Path, model_dir: Path, storage: str, batch: int = 4) -> tuple[pd.DataFrame, pd.DataFrame]:
+def recompute(
+    run_dir: Path, model_dir: Path, storage: str, batch: int = 4
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Lens KL per layer (tuned, logit) and the seed-layout H0 cells (basis unembed, zero
     ablation before the final norm, k = d/2), from ``run_dir``'s tokens and lens folder.
 
@@ -42,14 +44,20 @@ def recompute(run_dir: Path, model_dir: Path, storage: str, batch: int = 4) -> t
     d = w_u.shape[1]
     vt = np.linalg.svd(w_u, full_matrices=False)[2]
     out_q = torch.from_numpy(vt[: d // 2].T.copy()).float()
-    int_q = torch.from_numpy(vt[d - d // 2:].T.copy()).float()
+    int_q = torch.from_numpy(vt[d - d // 2 :].T.copy()).float()
     captured = {}
     # the model's own final norm (tuned-lens's Unembed holds a copy): its input is the last residual
-    hook = get_final_norm(model).register_forward_pre_hook(lambda _m, args: captured.__setitem__("last", args[0]))
-    kl = {(layer, name): [] for layer in range(n_layers) for name in ("tuned", "logit", "output", "internal")}
+    hook = get_final_norm(model).register_forward_pre_hook(
+        lambda _m, args: captured.__setitem__("last", args[0])
+    )
+    kl = {
+        (layer, name): []
+        for layer in range(n_layers)
+        for name in ("tuned", "logit", "output", "internal")
+    }
     try:
         for start in range(0, len(ids), batch):
-            hidden = model(ids[start: start + batch], output_hidden_states=True).hidden_states
+            hidden = model(ids[start : start + batch], output_hidden_states=True).hidden_states
             rounded = [h.to(STORAGE[storage]).float()[:, 1:] for h in hidden[:n_layers]]
             last = captured["last"].to(STORAGE[storage]).float()[:, 1:]
             final = lens.unembed(last)
@@ -63,25 +71,46 @@ def recompute(run_dir: Path, model_dir: Path, storage: str, batch: int = 4) -> t
     finally:
         hook.remove()
     means = {key: float(np.concatenate(parts).mean()) for key, parts in kl.items()}
-    lens_kl = pd.DataFrame([{"layer": layer, "lens": name, "kl": means[(layer, name)]}
-                            for layer in range(n_layers) for name in ("tuned", "logit")])
-    h0 = pd.DataFrame([{"layer": layer, "subspace": name, "k": d // 2, "kl": means[(layer, name)]}
-                       for layer in range(n_layers) for name in ("output", "internal")])
+    lens_kl = pd.DataFrame(
+        [
+            {"layer": layer, "lens": name, "kl": means[(layer, name)]}
+            for layer in range(n_layers)
+            for name in ("tuned", "logit")
+        ]
+    )
+    h0 = pd.DataFrame(
+        [
+            {"layer": layer, "subspace": name, "k": d // 2, "kl": means[(layer, name)]}
+            for layer in range(n_layers)
+            for name in ("output", "internal")
+        ]
+    )
     return lens_kl, h0
 
 
 def compare_with_contract(run_dir: Path, lens_kl: pd.DataFrame, h0: pd.DataFrame) -> pd.DataFrame:
     """Each recomputed number beside the contract's, with the relative difference."""
     ours = pd.read_csv(run_dir / "lens_eval.tsv", sep="\t")
-    a = lens_kl.merge(ours[["layer", "lens", "kl"]], on=["layer", "lens"], suffixes=("_recomputed", "_contract"))
+    a = lens_kl.merge(
+        ours[["layer", "lens", "kl"]], on=["layer", "lens"], suffixes=("_recomputed", "_contract")
+    )
     a["what"] = "lens " + a["lens"]
     ablation = pd.read_csv(run_dir / "h0" / "ablation.tsv", sep="\t")
-    seed = ablation[(ablation["basis"] == "unembed") & (ablation["mode"] == "zero") & (ablation["site"] == "pre_norm")]
-    b = h0.merge(seed[["layer", "subspace", "k", "kl"]], on=["layer", "subspace", "k"],
-                 suffixes=("_recomputed", "_contract"))
+    seed = ablation[
+        (ablation["basis"] == "unembed")
+        & (ablation["mode"] == "zero")
+        & (ablation["site"] == "pre_norm")
+    ]
+    b = h0.merge(
+        seed[["layer", "subspace", "k", "kl"]],
+        on=["layer", "subspace", "k"],
+        suffixes=("_recomputed", "_contract"),
+    )
     b["what"] = "H0 " + b["subspace"]
     both = pd.concat([a, b], ignore_index=True)[["what", "layer", "kl_recomputed", "kl_contract"]]
-    both["rel_diff"] = (both["kl_contract"] - both["kl_recomputed"]).abs() / both["kl_recomputed"].abs()
+    both["rel_diff"] = (both["kl_contract"] - both["kl_recomputed"]).abs() / both[
+        "kl_recomputed"
+    ].abs()
     return both
 
 

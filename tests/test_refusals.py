@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import ROOT, make_cached, snakemake
 from tuned_lens.nn import TunedLens
 
-from conftest import ROOT, make_cached, snakemake
 from lensspace.activations import ActivationCache, layer_file
 from lensspace.adapter import Adapter
 from lensspace.configfile import check_duplicate_keys, validate_config
@@ -32,25 +32,49 @@ def _default() -> dict:
     return yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["h0"].update(sites=["pre_norm", "postnorm"]),
-     "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']"),
-    (lambda c: c.update(lenz=1), "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, data, "
-                                 "device, h0, h1, h2, layers_per_job, lens_quality, lens_training, models, neurons, ood, "
-                                 "random_draws, runs, seed, shuffle"),
-    (lambda c: c["h0"].update(layers="al"),
-     "h0.layers: 'al' is not allowed; use 'all' or a list, each an integer >= 0 or a mapping of stride"),
-    (lambda c: c["h1"].update(k=["half", "thrid"]),
-     "h1.k[1]: 'thrid' is not allowed; use an integer >= 1 or one of 'half', 'quarter'"),
-    (lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="pretrained"),
-     "runs.smollm2-bible.lens: 'id' is a required property"),
-    (lambda c: c["data"].update(seq_len="long"), "data.seq_len: 'long' is not of type 'integer'"),
-    (lambda c: c["models"].update({"../../x": c["models"]["smollm2-135m"]}),
-     "models: the name '../../x' is not allowed; names start with a letter or digit"),
-    (lambda c: c["corpora"].update({"a;b": c["corpora"]["web-bible"]}), "corpora: the name 'a;b' is not allowed"),
-    (lambda c: c["models"]["smollm2-135m"].update(package="--index-url=http://x==1"),
-     "models.smollm2-135m.package: '--index-url=http://x==1' is not allowed; pypi-gguf: an exact requirement"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["h0"].update(sites=["pre_norm", "postnorm"]),
+            "h0.sites[1]: 'postnorm' is not one of ['pre_norm', 'post_norm']",
+        ),
+        (
+            lambda c: c.update(lenz=1),
+            "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, data, "
+            "device, h0, h1, h2, layers_per_job, lens_quality, lens_training, models, neurons, ood, "
+            "random_draws, runs, seed, shuffle",
+        ),
+        (
+            lambda c: c["h0"].update(layers="al"),
+            "h0.layers: 'al' is not allowed; use 'all' or a list, each an integer >= 0 or a mapping of stride",
+        ),
+        (
+            lambda c: c["h1"].update(k=["half", "thrid"]),
+            "h1.k[1]: 'thrid' is not allowed; use an integer >= 1 or one of 'half', 'quarter'",
+        ),
+        (
+            lambda c: c["runs"]["smollm2-bible"]["lens"].update(source="pretrained"),
+            "runs.smollm2-bible.lens: 'id' is a required property",
+        ),
+        (
+            lambda c: c["data"].update(seq_len="long"),
+            "data.seq_len: 'long' is not of type 'integer'",
+        ),
+        (
+            lambda c: c["models"].update({"../../x": c["models"]["smollm2-135m"]}),
+            "models: the name '../../x' is not allowed; names start with a letter or digit",
+        ),
+        (
+            lambda c: c["corpora"].update({"a;b": c["corpora"]["web-bible"]}),
+            "corpora: the name 'a;b' is not allowed",
+        ),
+        (
+            lambda c: c["models"]["smollm2-135m"].update(package="--index-url=http://x==1"),
+            "models.smollm2-135m.package: '--index-url=http://x==1' is not allowed; pypi-gguf: an exact requirement",
+        ),
+    ],
+)
 def test_schema_error_is_one_line_with_key_value_and_allowed(mutate, message):
     config = _default()
     mutate(config)
@@ -75,12 +99,18 @@ def test_duplicate_keys_are_named_with_both_lines(tmp_path):
     seed = lines.index("seed: 0") + 1  # 1-based line numbers, found independently of the checker
     doubled = text.replace("seed: 0\n", "seed: 0\nseed: 3\n", 1)
     (tmp_path / "two_seeds.yaml").write_text(doubled)
-    with pytest.raises(LensspaceError, match=rf"key 'seed' appears twice in the top level, on lines {seed} and {seed + 1}"):
+    with pytest.raises(
+        LensspaceError,
+        match=rf"key 'seed' appears twice in the top level, on lines {seed} and {seed + 1}",
+    ):
         check_duplicate_keys(tmp_path / "two_seeds.yaml")
     first, second = lines.index("  tiny-llama:") + 1, lines.index("  tiny-gpt2:") + 1
     runs = text.replace("  tiny-gpt2:\n", "  tiny-llama:\n", 1)
     (tmp_path / "two_runs.yaml").write_text(runs)
-    with pytest.raises(LensspaceError, match=rf"key 'tiny-llama' appears twice in runs, on lines {first} and {second}"):
+    with pytest.raises(
+        LensspaceError,
+        match=rf"key 'tiny-llama' appears twice in runs, on lines {first} and {second}",
+    ):
         check_duplicate_keys(tmp_path / "two_runs.yaml")
     check_duplicate_keys(ROOT / "configs" / "tiny.yaml")
 
@@ -91,21 +121,45 @@ def test_pip_option_is_never_passed_to_pip(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["h0"].update(k=["half", 40]), "h0.k: 40 is larger than d_model 32 of model 'tiny-llama' of run "
-                                               "'tiny-llama'; use at most 32"),
-    (lambda c: c["h2"].update(k=[33]), "h2.k: 33 is larger than d_model 32"),
-    (lambda c: c["models"]["tiny-gpt2"].update(n_heads=5), "models.tiny-gpt2.n_heads: 5 heads do not divide d_model 32"),
-    (lambda c: c["models"]["tiny-llama"].update(n_kv_heads=3), "models.tiny-llama.n_kv_heads: 3 key/value heads do not "
-                                                               "divide n_heads 4"),
-    (lambda c: c["data"].update(seq_len=600), "data.seq_len: 600 is longer than the context of model 'tiny-llama' of "
-                                              "run 'tiny-llama' (512 positions); use at most 512"),
-    (lambda c: c["runs"]["tiny-gpt2"].update(data={"seq_len": 100}) or c["models"]["tiny-gpt2"].update(max_positions=64),
-     "runs.tiny-gpt2.data.seq_len: 100 is longer than the context of model 'tiny-gpt2'"),
-    (lambda c: c["h1"]["heads"].update(induction_half_len=300), "h1.heads.induction_half_len: 300 makes induction "
-                                                                 "sequences of 600 tokens"),
-    (lambda c: c["shuffle"].update(window=4), "shuffle.window: 4 is more blocks than model 'tiny-llama'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["h0"].update(k=["half", 40]),
+            "h0.k: 40 is larger than d_model 32 of model 'tiny-llama' of run "
+            "'tiny-llama'; use at most 32",
+        ),
+        (lambda c: c["h2"].update(k=[33]), "h2.k: 33 is larger than d_model 32"),
+        (
+            lambda c: c["models"]["tiny-gpt2"].update(n_heads=5),
+            "models.tiny-gpt2.n_heads: 5 heads do not divide d_model 32",
+        ),
+        (
+            lambda c: c["models"]["tiny-llama"].update(n_kv_heads=3),
+            "models.tiny-llama.n_kv_heads: 3 key/value heads do not divide n_heads 4",
+        ),
+        (
+            lambda c: c["data"].update(seq_len=600),
+            "data.seq_len: 600 is longer than the context of model 'tiny-llama' of "
+            "run 'tiny-llama' (512 positions); use at most 512",
+        ),
+        (
+            lambda c: (
+                c["runs"]["tiny-gpt2"].update(data={"seq_len": 100})
+                or c["models"]["tiny-gpt2"].update(max_positions=64)
+            ),
+            "runs.tiny-gpt2.data.seq_len: 100 is longer than the context of model 'tiny-gpt2'",
+        ),
+        (
+            lambda c: c["h1"]["heads"].update(induction_half_len=300),
+            "h1.heads.induction_half_len: 300 makes induction sequences of 600 tokens",
+        ),
+        (
+            lambda c: c["shuffle"].update(window=4),
+            "shuffle.window: 4 is more blocks than model 'tiny-llama'",
+        ),
+    ],
+)
 def test_random_model_settings_are_checked_from_the_config(mutate, message):
     config = _tiny()
     validate_config(config, SCHEMA)
@@ -116,18 +170,34 @@ def test_random_model_settings_are_checked_from_the_config(mutate, message):
 
 
 def test_prepared_model_records_its_context_and_is_checked(tmp_path):
-    spec = {"source": "random", "arch": "gpt2", "n_layers": 2, "d_model": 16, "n_heads": 2, "max_positions": 40}
+    spec = {
+        "source": "random",
+        "arch": "gpt2",
+        "n_layers": 2,
+        "d_model": 16,
+        "n_heads": 2,
+        "max_positions": 40,
+    }
     manifest = prepare_model("small", spec, tmp_path / "small", tmp_path / "downloads")
     assert manifest["context_length"] == 40
     facts = manifest_facts(tmp_path / "small" / "lensspace-model.json")
     assert facts == {"d_model": 16, "n_layers": 2, "context_length": 40}
     config = _tiny()
     validate_config(config, SCHEMA)
-    config["models"]["tiny-llama"] = {"source": "pypi-gguf", "package": "x==1", "file": "x.gguf", "sha256": "0" * 64,
-                                      "n_layers": 2}
-    with pytest.raises(LensspaceError, match="data.seq_len: 32 is longer than the context of model 'tiny-llama'"):
-        check_config({**config, "runs": {"tiny-llama": config["runs"]["tiny-llama"]}},
-                     lambda name: {**facts, "context_length": 20})
+    config["models"]["tiny-llama"] = {
+        "source": "pypi-gguf",
+        "package": "x==1",
+        "file": "x.gguf",
+        "sha256": "0" * 64,
+        "n_layers": 2,
+    }
+    with pytest.raises(
+        LensspaceError, match="data.seq_len: 32 is longer than the context of model 'tiny-llama'"
+    ):
+        check_config(
+            {**config, "runs": {"tiny-llama": config["runs"]["tiny-llama"]}},
+            lambda name: {**facts, "context_length": 20},
+        )
     assert model_checks(config, "tiny-llama")["h0.k"] == ["half", 4]
 
 
@@ -143,7 +213,9 @@ def test_bad_settings_stop_the_workflow_before_any_job_in_a_few_lines(tmp_path):
     assert len(out.strip().splitlines()) <= 4, out
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
-    duplicated = (tmp_path / "bad.yaml").read_text().replace("\nseed: 0\n", "\nseed: 0\nseed: 1\n", 1)
+    duplicated = (
+        (tmp_path / "bad.yaml").read_text().replace("\nseed: 0\n", "\nseed: 0\nseed: 1\n", 1)
+    )
     (tmp_path / "dup.yaml").write_text(duplicated)
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "dup.yaml"), "-n", timeout=300)
     out = done.stdout + done.stderr
@@ -156,17 +228,24 @@ def test_real_model_context_is_checked_before_any_job(tmp_path):
     config = _default()
     folder = ROOT / "resources" / "models" / "smollm2-135m"
     if not (folder / "lensspace-model.json").exists():  # as the fixture `real` prepares it
-        prepare_model("smollm2-135m", config["models"]["smollm2-135m"], folder,
-                      ROOT / "resources" / "downloads" / "smollm2-135m")
+        prepare_model(
+            "smollm2-135m",
+            config["models"]["smollm2-135m"],
+            folder,
+            ROOT / "resources" / "downloads" / "smollm2-135m",
+        )
     (tmp_path / "resources").symlink_to(ROOT / "resources")
     config["data"]["seq_len"] = 100_000
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(config))
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "long.yaml"), "-n", timeout=300)
-    context = json.loads((ROOT / "resources" / "models" / "smollm2-135m" / "config.json").read_text())[
-        "max_position_embeddings"]
+    context = json.loads(
+        (ROOT / "resources" / "models" / "smollm2-135m" / "config.json").read_text()
+    )["max_position_embeddings"]
     assert done.returncode != 0
-    assert (f"data.seq_len: 100000 is longer than the context of model 'smollm2-135m' of run 'smollm2-bible' "
-            f"({context} positions)") in done.stdout + done.stderr
+    assert (
+        f"data.seq_len: 100000 is longer than the context of model 'smollm2-135m' of run 'smollm2-bible' "
+        f"({context} positions)"
+    ) in done.stdout + done.stderr
 
 
 def _same_shape_models():
@@ -179,10 +258,15 @@ def _same_shape_models():
 def test_lens_for_another_model_is_refused_unless_allowed(tmp_path):
     ours, other = _same_shape_models()
     TunedLens.from_model(other.model).save(tmp_path / "theirs")
-    with pytest.raises(LensspaceError, match=r"lens .*theirs was trained for another model: unembedding hash .*"
-                                             r"lens.allow_other_model: true"):
+    with pytest.raises(
+        LensspaceError,
+        match=r"lens .*theirs was trained for another model: unembedding hash .*"
+        r"lens.allow_other_model: true",
+    ):
         check_lens_origin(ours, tmp_path / "theirs", ["tiny"], allow_other=False)
-    assert "differs (allowed" in check_lens_origin(ours, tmp_path / "theirs", ["tiny"], allow_other=True)
+    assert "differs (allowed" in check_lens_origin(
+        ours, tmp_path / "theirs", ["tiny"], allow_other=True
+    )
     TunedLens.from_model(ours.model).save(tmp_path / "own")
     assert "matches" in check_lens_origin(ours, tmp_path / "own", ["tiny"], allow_other=False)
 
@@ -197,7 +281,9 @@ def test_lens_for_another_model_is_refused_unless_allowed(tmp_path):
     (tmp_path / "theirs" / "config.json").write_text(json.dumps(config))
     with pytest.raises(LensspaceError, match="base model 'EleutherAI/pythia-70m'"):
         check_lens_origin(ours, tmp_path / "theirs", ["tiny", "org/tiny"], allow_other=False)
-    assert "matches" in check_lens_origin(ours, tmp_path / "theirs", ["pythia-70m"], allow_other=False)
+    assert "matches" in check_lens_origin(
+        ours, tmp_path / "theirs", ["pythia-70m"], allow_other=False
+    )
 
 
 def test_lens_of_the_same_shape_is_measurably_wrong(tmp_path):
@@ -213,8 +299,10 @@ def test_lens_of_the_same_shape_is_measurably_wrong(tmp_path):
             cache = cached.cache
     save_lens(lenses["other"], tmp_path / "other_lens")
     wrong = load_lens(ours, tmp_path / "other_lens")
-    kl = {name: evaluate_lens(ours, lens, cache, n_boot=50, seed=0)[0]["kl"]
-          for name, lens in (("own", lenses["ours"]), ("other", wrong))}
+    kl = {
+        name: evaluate_lens(ours, lens, cache, n_boot=50, seed=0)[0]["kl"]
+        for name, lens in (("own", lenses["ours"]), ("other", wrong))
+    }
     assert kl["other"] > kl["own"]
 
 
@@ -248,7 +336,9 @@ def test_corrupt_lens_params_give_one_line_with_the_file_and_the_fix(lens_folder
 def test_corrupt_lens_config_is_named(lens_folder):
     adapter, folder = lens_folder
     (folder / "config.json").write_text('{"d_model": ')
-    with pytest.raises(LensspaceError, match=r"lens file .*config.json is not a readable tuned-lens config"):
+    with pytest.raises(
+        LensspaceError, match=r"lens file .*config.json is not a readable tuned-lens config"
+    ):
         load_lens(adapter, folder)
 
 
@@ -256,7 +346,9 @@ def test_corrupt_lens_config_is_named(lens_folder):
 def test_damaged_cache_file_is_named_with_the_rebuild_command(tmp_path, damage):
     adapter, _ = _same_shape_models()
     cached = make_cached(adapter, tmp_path / "activations", seed=0, n_train=4, n_eval=2, seq_len=8)
-    assert torch.equal(ActivationCache(tmp_path / "activations").load(1, "eval"), cached.cache.load(1, "eval"))
+    assert torch.equal(
+        ActivationCache(tmp_path / "activations").load(1, "eval"), cached.cache.load(1, "eval")
+    )
     target = layer_file(tmp_path / "activations", 1)
     data = target.read_bytes()
     if damage == "truncate":
@@ -273,4 +365,6 @@ def test_damaged_cache_file_is_named_with_the_rebuild_command(tmp_path, damage):
     message = str(err.value)
     assert str(target) in message and f"snakemake --forcerun {tmp_path / 'activations'}" in message
     if damage == "flip":  # same size: found when read; the other files are still read
-        assert torch.equal(ActivationCache(tmp_path / "activations").load(0, "eval"), cached.cache.load(0, "eval"))
+        assert torch.equal(
+            ActivationCache(tmp_path / "activations").load(0, "eval"), cached.cache.load(0, "eval")
+        )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, snakemake
 
 pytestmark = pytest.mark.workflow
@@ -22,28 +21,87 @@ pytestmark = pytest.mark.workflow
 # Who reads whose outputs (written from the rules' inputs, independently of Snakemake). check_run
 # is an ancient() input: its consumers wait for it, but a re-check replans nothing else; it has
 # no params (settings edits are checked at parse time), so it is planned only with the model.
-LENS_USERS = {"eval_lens", "h0_layer", "h1_layer", "h1_heads", "h2_layer", "shuffle_pairs", "shuffle_windows",
-              "ood", "neurons"}
-BEYOND = {"lens_quality", "ood", "neurons"}  # issue 14's torch rules: each reads the model, tokens, cache, bases
-OOD_RULES = {"ood_tokenize", "ood", "ood_table"}  # only runs with eval_corpora (tiny-llama) have them
+LENS_USERS = {
+    "eval_lens",
+    "h0_layer",
+    "h1_layer",
+    "h1_heads",
+    "h2_layer",
+    "shuffle_pairs",
+    "shuffle_windows",
+    "ood",
+    "neurons",
+}
+BEYOND = {
+    "lens_quality",
+    "ood",
+    "neurons",
+}  # issue 14's torch rules: each reads the model, tokens, cache, bases
+OOD_RULES = {
+    "ood_tokenize",
+    "ood",
+    "ood_table",
+}  # only runs with eval_corpora (tiny-llama) have them
 CONSUMERS = {
     "prepare_corpus": {"tokenize"},
-    "prepare_model": {"tokenize", "check_run", "cache_activations", "train_lens", "fetch_lens", "eval_lens",
-                      "svd", "h0_layer", "h0_table", "h1_layer", "h1_table", "h1_heads", "h2_layer",
-                      "ridge_lens", "shuffle_pairs", "shuffle_windows", "shuffle_figure", "html_report",
-                      "ood_tokenize", *BEYOND},
-    "tokenize": {"cache_activations", "train_lens", "eval_lens", "h0_layer", "h1_layer", "h1_heads",
-                 "h2_layer", "ridge_lens", "shuffle_pairs", "shuffle_windows", "ood_tokenize", *BEYOND},
+    "prepare_model": {
+        "tokenize",
+        "check_run",
+        "cache_activations",
+        "train_lens",
+        "fetch_lens",
+        "eval_lens",
+        "svd",
+        "h0_layer",
+        "h0_table",
+        "h1_layer",
+        "h1_table",
+        "h1_heads",
+        "h2_layer",
+        "ridge_lens",
+        "shuffle_pairs",
+        "shuffle_windows",
+        "shuffle_figure",
+        "html_report",
+        "ood_tokenize",
+        *BEYOND,
+    },
+    "tokenize": {
+        "cache_activations",
+        "train_lens",
+        "eval_lens",
+        "h0_layer",
+        "h1_layer",
+        "h1_heads",
+        "h2_layer",
+        "ridge_lens",
+        "shuffle_pairs",
+        "shuffle_windows",
+        "ood_tokenize",
+        *BEYOND,
+    },
     "check_run": set(),
-    "cache_activations": {"train_lens", "eval_lens", "h0_layer", "h1_layer", "h2_layer", "ridge_lens",
-                          "shuffle_pairs", "shuffle_windows", *BEYOND},
+    "cache_activations": {
+        "train_lens",
+        "eval_lens",
+        "h0_layer",
+        "h1_layer",
+        "h2_layer",
+        "ridge_lens",
+        "shuffle_pairs",
+        "shuffle_windows",
+        *BEYOND,
+    },
     "train_lens": LENS_USERS,
     "fetch_lens": LENS_USERS,
     "svd": {"h0_layer", "h1_layer", "h1_heads", *BEYOND},
     "ridge_lens": {"shuffle_pairs", "shuffle_windows"},
     "eval_lens": {"lens_figure", "html_report", "ood_table"},
     **{f"{h}_layer": {f"{h}_merge"} for h in ("h0", "h1", "h2")},
-    **{f"{h}_merge": {f"{h}_table", f"{h}_figure", "robustness_table", "html_report"} for h in ("h0", "h1", "h2")},
+    **{
+        f"{h}_merge": {f"{h}_table", f"{h}_figure", "robustness_table", "html_report"}
+        for h in ("h0", "h1", "h2")
+    },
     "h0_merge": {"h0_table", "h0_figure", "robustness_table", "html_report", "ood_table"},
     "lens_quality": {"lens_quality_table", "lens_quality_figure", "html_report"},
     "ood_tokenize": {"ood"},
@@ -71,11 +129,32 @@ def planned_by(fed: set[str]) -> set[str]:
 LAYER_RULES = {"h0_layer", "h1_layer", "h2_layer"}
 AFTER_CACHE = {"cache_activations"}
 SHUFFLE = {"shuffle_pairs", "shuffle_windows"}
-DEVICE = {"cache_activations", "train_lens", "eval_lens", *LAYER_RULES, "h1_heads", "ridge_lens", *SHUFFLE, *BEYOND}
-SEED = {"train_lens", "eval_lens", *LAYER_RULES, "h1_heads", "ridge_lens", *SHUFFLE, "robustness_table", *BEYOND,
-        "ood_tokenize"}
+DEVICE = {
+    "cache_activations",
+    "train_lens",
+    "eval_lens",
+    *LAYER_RULES,
+    "h1_heads",
+    "ridge_lens",
+    *SHUFFLE,
+    *BEYOND,
+}
+SEED = {
+    "train_lens",
+    "eval_lens",
+    *LAYER_RULES,
+    "h1_heads",
+    "ridge_lens",
+    *SHUFFLE,
+    "robustness_table",
+    *BEYOND,
+    "ood_tokenize",
+}
 N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND}
-H0_READERS = {"lens_quality", "ood"}  # both take H0's layers (theirs are null) and read the h0 section
+H0_READERS = {
+    "lens_quality",
+    "ood",
+}  # both take H0's layers (theirs are null) and read the h0 section
 MODEL = {"prepare_model"}
 CORPUS = {"prepare_corpus"}
 LLAMA = ("models", "tiny-llama")  # the model of runs tiny-llama and tiny-llama-pretrained
@@ -89,86 +168,218 @@ EDITS = {
     "seed": ([(("seed",), 5)], SEED),
     "random_draws": ([(("random_draws",), 3)], LAYER_RULES | BEYOND),
     "layers_per_job": ([(("layers_per_job",), 2)], LAYER_RULES),
-    "runs.*.model": ([(("runs", "tiny-gpt2", "model"), "tiny-llama")], CONSUMERS["prepare_model"] - {"fetch_lens"}),
-    "runs.*.corpus": ([(("corpora", "copy"), {"source": "file", "path": COPY}),
-                       (("runs", "tiny-gpt2", "corpus"), "copy")], CORPUS),
-    "runs.*.lens.source": ([(("runs", "tiny-llama-pretrained", "lens", "source"), "train")], {"train_lens"}),
+    "runs.*.model": (
+        [(("runs", "tiny-gpt2", "model"), "tiny-llama")],
+        CONSUMERS["prepare_model"] - {"fetch_lens"},
+    ),
+    "runs.*.corpus": (
+        [
+            (("corpora", "copy"), {"source": "file", "path": COPY}),
+            (("runs", "tiny-gpt2", "corpus"), "copy"),
+        ],
+        CORPUS,
+    ),
+    "runs.*.lens.source": (
+        [(("runs", "tiny-llama-pretrained", "lens", "source"), "train")],
+        {"train_lens"},
+    ),
     "runs.*.lens.id": ([(("runs", "tiny-llama-pretrained", "lens", "id"), "gpt2")], {"fetch_lens"}),
-    "runs.*.lens.allow_other_model": ([(("runs", "tiny-llama-pretrained", "lens", "allow_other_model"), True)],
-                                      {"fetch_lens"}),
+    "runs.*.lens.allow_other_model": (
+        [(("runs", "tiny-llama-pretrained", "lens", "allow_other_model"), True)],
+        {"fetch_lens"},
+    ),
     # the lens-quality sweep retrains the run's lens at several budgets: it takes the lens settings too
-    **{f"runs.*.lens.{key}": ([(("runs", "tiny-gpt2", "lens", key), value)], {"train_lens", "lens_quality"})
-       for key, value in (("ridge", 0.01), ("refine_steps", 2), ("refine_batch_tokens", 32),
-                          ("refine_tokens", 128), ("check_tokens", 64), ("lr", 0.001))},
+    **{
+        f"runs.*.lens.{key}": (
+            [(("runs", "tiny-gpt2", "lens", key), value)],
+            {"train_lens", "lens_quality"},
+        )
+        for key, value in (
+            ("ridge", 0.01),
+            ("refine_steps", 2),
+            ("refine_batch_tokens", 32),
+            ("refine_tokens", 128),
+            ("check_tokens", 64),
+            ("lr", 0.001),
+        )
+    },
     "runs.*.data.seq_len": ([(("runs", "tiny-gpt2", "data"), {"seq_len": 16})], {"tokenize"}),
-    **{f"runs.*.data.{key}": ([(("runs", "tiny-gpt2", "data"), {key: value})], {"tokenize"})
-       for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))},
+    **{
+        f"runs.*.data.{key}": ([(("runs", "tiny-gpt2", "data"), {key: value})], {"tokenize"})
+        for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))
+    },
     "runs.*.reference.h0": ([(("runs", "tiny-gpt2", "reference"), {"h0": "H0.1"})], {"h0_table"}),
     "runs.*.reference.h1": ([(("runs", "tiny-gpt2", "reference"), {"h1": "H1.1"})], {"h1_table"}),
-    "runs.*.reference.neurons": ([(("runs", "tiny-gpt2", "reference"), {"neurons": "stolfo2024-gpt2-small"})], {"neurons"}),
-    "runs.*.eval_corpora": ([(("runs", "tiny-gpt2", "eval_corpora"), ["tiny-code"])], {"ood_tokenize"}),
+    "runs.*.reference.neurons": (
+        [(("runs", "tiny-gpt2", "reference"), {"neurons": "stolfo2024-gpt2-small"})],
+        {"neurons"},
+    ),
+    "runs.*.eval_corpora": (
+        [(("runs", "tiny-gpt2", "eval_corpora"), ["tiny-code"])],
+        {"ood_tokenize"},
+    ),
     # a model's whole spec is prepare_model's param: any key of it rebuilds the model
     "models.*.source": ([((*LLAMA, "source"), "hub"), ((*LLAMA, "id"), "gpt2")], MODEL),
-    **{f"models.*.{key}": ([((*LLAMA, key), value)], MODEL)
-       for key, value in (("n_layers", 4), ("package", "x==1"), ("package_sha256", "0" * 64),
-                          ("file", "x.gguf"), ("sha256", "0" * 64), ("id", "gpt2"), ("revision", "main"),
-                          ("arch", "gpt2"), ("d_model", 48), ("n_heads", 8), ("n_kv_heads", 4),
-                          ("max_positions", 256), ("init_std", 0.1), ("vocab_size", 300), ("seed", 7),
-                          ("config", {"rope_theta": 500.0}), ("norm_std", 0.05))},
+    **{
+        f"models.*.{key}": ([((*LLAMA, key), value)], MODEL)
+        for key, value in (
+            ("n_layers", 4),
+            ("package", "x==1"),
+            ("package_sha256", "0" * 64),
+            ("file", "x.gguf"),
+            ("sha256", "0" * 64),
+            ("id", "gpt2"),
+            ("revision", "main"),
+            ("arch", "gpt2"),
+            ("d_model", 48),
+            ("n_heads", 8),
+            ("n_kv_heads", 4),
+            ("max_positions", 256),
+            ("init_std", 0.1),
+            ("vocab_size", 300),
+            ("seed", 7),
+            ("config", {"rope_theta": 500.0}),
+            ("norm_std", 0.05),
+        )
+    },
     # a corpus's whole spec is prepare_corpus's param
     "corpora.*.source": ([((*TEXT, "source"), "hub"), ((*TEXT, "id"), "x")], CORPUS),
     "corpora.*.path": ([((*TEXT, "path"), COPY)], CORPUS),
-    **{f"corpora.*.{key}": ([((*TEXT, key), value)], CORPUS)
-       for key, value in (("package", "x==1"), ("sha256", "0" * 64), ("member", "x.csv"), ("id", "x"),
-                          ("name", "x"), ("split", "train"), ("text_column", "body"), ("python", "3.11"),
-                          ("glob", "*.txt"), ("format", "verse-lines"))},
+    **{
+        f"corpora.*.{key}": ([((*TEXT, key), value)], CORPUS)
+        for key, value in (
+            ("package", "x==1"),
+            ("sha256", "0" * 64),
+            ("member", "x.csv"),
+            ("id", "x"),
+            ("name", "x"),
+            ("split", "train"),
+            ("text_column", "body"),
+            ("python", "3.11"),
+            ("glob", "*.txt"),
+            ("format", "verse-lines"),
+        )
+    },
     "data.seq_len": ([(("data", "seq_len"), 16)], {"tokenize"}),
-    **{f"data.{key}": ([(("data", key), value)], {"tokenize"})
-       for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))},
+    **{
+        f"data.{key}": ([(("data", key), value)], {"tokenize"})
+        for key, value in (("train_sequences", 20), ("eval_sequences", 6), ("seed", 1))
+    },
     # the cache's batch sizes are also part of every torch rule's compute param
     "cache.batch_size": ([(("cache", "batch_size"), 4)], DEVICE),
     "cache.gpu_batch_size": ([(("cache", "gpu_batch_size"), 16)], DEVICE),
-    **{f"compute.{key}": ([(("compute", key), value)], DEVICE)
-       for key, value in (("chunk_sequences", 2), ("gpu_chunk_sequences", 8), ("allow_tf32", True),
-                          ("fused_cpu", False), ("onednn_cpu", False))},
+    **{
+        f"compute.{key}": ([(("compute", key), value)], DEVICE)
+        for key, value in (
+            ("chunk_sequences", 2),
+            ("gpu_chunk_sequences", 8),
+            ("allow_tf32", True),
+            ("fused_cpu", False),
+            ("onednn_cpu", False),
+        )
+    },
     "cache.storage": ([(("cache", "storage"), "float32")], AFTER_CACHE),
     # tiny-llama takes every lens_training key from the top level (tiny-gpt2 overrides refine_steps)
-    **{f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens", "lens_quality"})
-       for key, value in (("ridge", 0.01), ("refine_steps", 2), ("refine_batch_tokens", 32),
-                          ("refine_tokens", 128), ("check_tokens", 64), ("lr", 0.001))},
+    **{
+        f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens", "lens_quality"})
+        for key, value in (
+            ("ridge", 0.01),
+            ("refine_steps", 2),
+            ("refine_batch_tokens", 32),
+            ("refine_tokens", 128),
+            ("check_tokens", 64),
+            ("lr", 0.001),
+        )
+    },
     # layers_per_job groups a section's layers into jobs: a new layer list is a new job ("0_2")
     **{f"{h}.layers": ([((h, "layers"), [0, 2])], {f"{h}_layer"}) for h in ("h1", "h2")},
     "h0.layers": ([(("h0", "layers"), [0, 2])], {"h0_layer", *H0_READERS}),
-    **{f"h0.{key}": ([(("h0", key), value)], {"h0_layer", *H0_READERS})
-       for key, value in (("subspaces", ["output", "random"]), ("bases", ["unembed"]), ("modes", ["zero"]),
-                          ("sites", ["pre_norm"]))},
+    **{
+        f"h0.{key}": ([(("h0", key), value)], {"h0_layer", *H0_READERS})
+        for key, value in (
+            ("subspaces", ["output", "random"]),
+            ("bases", ["unembed"]),
+            ("modes", ["zero"]),
+            ("sites", ["pre_norm"]),
+        )
+    },
     **{f"{h}.k": ([((h, "k"), ["half", 8])], {f"{h}_layer"}) for h in ("h1", "h2")},
     "h0.k": ([(("h0", "k"), ["half", 8])], {"h0_layer", *H0_READERS}),
-    **{f"h1.{key}": ([(("h1", key), value)], {"h1_layer"})
-       for key, value in (("subspaces", ["output", "random"]), ("bases", ["unembed"]), ("modes", ["zero"]))},
-    **{f"h1.heads.{key}": ([(("h1", "heads", key), value)], {"h1_heads"})
-       for key, value in (("induction_sequences", 3), ("induction_threshold", 0.5), ("n_permutations", 300))},
+    **{
+        f"h1.{key}": ([(("h1", key), value)], {"h1_layer"})
+        for key, value in (
+            ("subspaces", ["output", "random"]),
+            ("bases", ["unembed"]),
+            ("modes", ["zero"]),
+        )
+    },
+    **{
+        f"h1.heads.{key}": ([(("h1", "heads", key), value)], {"h1_heads"})
+        for key, value in (
+            ("induction_sequences", 3),
+            ("induction_threshold", 0.5),
+            ("n_permutations", 300),
+        )
+    },
     "h1.heads.induction_half_len": ([(("h1", "heads", "induction_half_len"), 6)], {"h1_heads"}),
-    **{f"h2.{key}": ([(("h2", key), value)], {"h2_layer"})
-       for key, value in (("objective", "downstream"), ("ridge", 0.01), ("refine_steps", 2),
-                          ("refine_sequences", 2), ("lr", 0.001), ("subspaces", ["output", "random"]),
-                          ("modes", ["zero"]))},
+    **{
+        f"h2.{key}": ([(("h2", key), value)], {"h2_layer"})
+        for key, value in (
+            ("objective", "downstream"),
+            ("ridge", 0.01),
+            ("refine_steps", 2),
+            ("refine_sequences", 2),
+            ("lr", 0.001),
+            ("subspaces", ["output", "random"]),
+            ("modes", ["zero"]),
+        )
+    },
     "shuffle.pairs": ([(("shuffle", "pairs"), "adjacent")], {"shuffle_pairs", "shuffle_merge"}),
-    "shuffle.pairs_per_job": ([(("shuffle", "pairs_per_job"), 3)], {"shuffle_pairs", "shuffle_merge"}),
+    "shuffle.pairs_per_job": (
+        [(("shuffle", "pairs_per_job"), 3)],
+        {"shuffle_pairs", "shuffle_merge"},
+    ),
     "shuffle.spaces": ([(("shuffle", "spaces"), ["native", "lens"])], SHUFFLE),
     "shuffle.second_ridge": ([(("shuffle", "second_ridge"), 5)], {"ridge_lens", *SHUFFLE}),
     "shuffle.window": ([(("shuffle", "window"), 3)], {"shuffle_windows"}),
     "shuffle.window_samples": ([(("shuffle", "window_samples"), 2)], {"shuffle_windows"}),
     "shuffle.eval_sequences": ([(("shuffle", "eval_sequences"), 4)], SHUFFLE),
     "bootstrap.n_resamples": ([(("bootstrap", "n_resamples"), 150)], N_BOOT),
-    "bootstrap.test_resamples": ([(("bootstrap", "test_resamples"), 500)], {"robustness_table", *BEYOND}),
-    **{f"ood.{key}": ([(("ood", key), value)], {"ood_tokenize", "ood"})
-       for key, value in (("eval_sequences", 4), ("layers", [0, 2]), ("modes", ["zero"]), ("overlap_ngram", 12))},
-    **{f"lens_quality.{key}": ([(("lens_quality", key), value)], {"lens_quality"})
-       for key, value in (("fractions", [1.0]), ("refine", [False]), ("layers", [0, 2]), ("modes", ["zero"]))},
-    **{f"neurons.{key}": ([(("neurons", key), value)], {"neurons"})
-       for key, value in (("candidate_layers", "last"), ("n_candidates", 2), ("min_internal_share", 0.4),
-                          ("match_pool", 6), ("null_share", 0.2), ("top1_margin", 0.05), ("eval_sequences", 6), ("mean_sequences", 6))},
+    "bootstrap.test_resamples": (
+        [(("bootstrap", "test_resamples"), 500)],
+        {"robustness_table", *BEYOND},
+    ),
+    **{
+        f"ood.{key}": ([(("ood", key), value)], {"ood_tokenize", "ood"})
+        for key, value in (
+            ("eval_sequences", 4),
+            ("layers", [0, 2]),
+            ("modes", ["zero"]),
+            ("overlap_ngram", 12),
+        )
+    },
+    **{
+        f"lens_quality.{key}": ([(("lens_quality", key), value)], {"lens_quality"})
+        for key, value in (
+            ("fractions", [1.0]),
+            ("refine", [False]),
+            ("layers", [0, 2]),
+            ("modes", ["zero"]),
+        )
+    },
+    **{
+        f"neurons.{key}": ([(("neurons", key), value)], {"neurons"})
+        for key, value in (
+            ("candidate_layers", "last"),
+            ("n_candidates", 2),
+            ("min_internal_share", 0.4),
+            ("match_pool", 6),
+            ("null_share", 0.2),
+            ("top1_margin", 0.05),
+            ("eval_sequences", 6),
+            ("mean_sequences", 6),
+        )
+    },
 }
 
 
@@ -196,7 +407,7 @@ def planned_rules(output: str) -> set[str]:
     if "Job stats:" not in lines:
         assert "Nothing to be done" in output, output[-3000:]
         return set()
-    rows = lines[lines.index("Job stats:") + 3:]
+    rows = lines[lines.index("Job stats:") + 3 :]
     names = []
     for row in rows:
         name = row.split()[0] if row.split() else "total"
@@ -218,7 +429,10 @@ def _edited(config: dict, edits) -> dict:
 
 def test_each_config_edit_replans_exactly_the_rules_it_feeds(tiny_run):
     workdir, config = tiny_run
-    assert planned_rules(snakemake(workdir, "--configfile", str(workdir / "study.yaml"), "-n").stdout) == set()
+    assert (
+        planned_rules(snakemake(workdir, "--configfile", str(workdir / "study.yaml"), "-n").stdout)
+        == set()
+    )
     (workdir / COPY).write_text(Path(config["corpora"]["tiny-text"]["path"]).read_text())
 
     def dry_run(item):
@@ -228,15 +442,21 @@ def test_each_config_edit_replans_exactly_the_rules_it_feeds(tiny_run):
         done = snakemake(workdir, "--configfile", str(path), "-n", "--nolock", timeout=600)
         assert done.returncode == 0, f"{key}: {done.stderr[-2000:]}"
         want = planned_by(fed)
-        no_ood = {("runs", "tiny-gpt2"), ("runs", "tiny-llama-pretrained")}  # runs without eval corpora
+        no_ood = {
+            ("runs", "tiny-gpt2"),
+            ("runs", "tiny-llama-pretrained"),
+        }  # runs without eval corpora
         if key != "runs.*.eval_corpora" and any(path[:2] in no_ood for path, _ in edits):
             want -= OOD_RULES  # their edits plan no OOD job
         return key, planned_rules(done.stdout), want
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(dry_run, EDITS.items()))
-    wrong = {key: {"planned but not fed": sorted(got - want), "fed but not planned": sorted(want - got)}
-             for key, got, want in results if got != want}
+    wrong = {
+        key: {"planned but not fed": sorted(got - want), "fed but not planned": sorted(want - got)}
+        for key, got, want in results
+        if got != want
+    }
     assert not wrong, wrong
 
 
@@ -249,20 +469,38 @@ def test_sigkill_mid_run_then_unlock_and_rerun_matches_a_clean_run(tiny_run, tmp
     config = copy.deepcopy(clean_config)
     config["runs"] = {"tiny-llama": config["runs"]["tiny-llama"]}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
-           "--cores", "2", "--configfile", str(tmp_path / "study.yaml")]
-    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--cores",
+        "2",
+        "--configfile",
+        str(tmp_path / "study.yaml"),
+    ]
+    run = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 600
     # kill the whole process group (Snakemake and its jobs) while a heavy job is writing
     while not list((tmp_path / "results" / "tiny-llama").glob("h0/layers/*.tsv")):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        assert run.poll() is None and time.monotonic() < deadline, (
+            "the run ended before it could be killed"
+        )
         time.sleep(0.2)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
 
     locked = snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"))
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
-    assert snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"), "--unlock").returncode == 0
+    assert (
+        snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"), "--unlock").returncode
+        == 0
+    )
     rerun = snakemake(tmp_path, "--configfile", str(tmp_path / "study.yaml"))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
 

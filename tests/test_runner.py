@@ -54,12 +54,18 @@ def test_permuted_order_equals_hand_written_forward(tiny, tiny_ids):
 def test_blocks_get_their_own_masks_where_layer_types_differ(tiny, tiny_ids):
     adapter, _ = tiny
     runner = BlockRunner(adapter)
-    masks = [runner.block_context(*tiny_ids.shape, i)[1].get("attention_mask") for i in range(adapter.n_layers)]
+    masks = [
+        runner.block_context(*tiny_ids.shape, i)[1].get("attention_mask")
+        for i in range(adapter.n_layers)
+    ]
     layer_types = getattr(adapter.model.config, "layer_types", None)
     if layer_types is None or len(set(layer_types)) == 1:
         return
     differ = [i for i in range(1, adapter.n_layers) if layer_types[i] != layer_types[0]]
     # sdpa passes no mask (None) for global layers and a tensor for sliding ones
-    same = [masks[0] is masks[i] or (masks[0] is not None and masks[i] is not None
-                                     and torch.equal(masks[0], masks[i])) for i in differ]
+    same = [
+        masks[0] is masks[i]
+        or (masks[0] is not None and masks[i] is not None and torch.equal(masks[0], masks[i]))
+        for i in differ
+    ]
     assert differ and not any(same)

@@ -5,7 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lensspace.experiments.shuffle import LensSpaceBlocks, Permutation, measure, swap, translator_dominated
+from lensspace.experiments.shuffle import (
+    LensSpaceBlocks,
+    Permutation,
+    measure,
+    swap,
+    translator_dominated,
+)
 from lensspace.lenses import empty_lens, fit_affine
 from lensspace.runner import BlockRunner
 
@@ -66,8 +72,15 @@ def test_lens_space_swap_measures_the_translators(real, runner, run_blocks, ridg
     """Swap (12, 13): at the run's ridge the lens-space cost dwarfs the native one; under the
     second ridge the distortion falls below 1 and the cost comes back to the native scale."""
     spaces = {"lens": run_blocks, "lens_ridge": ridge_blocks}
-    rows = measure(runner, real.cache, [swap(real.adapter.n_layers, 12, 13)], spaces, n_boot=50,
-                   seed=0, n_sequences=2)
+    rows = measure(
+        runner,
+        real.cache,
+        [swap(real.adapter.n_layers, 12, 13)],
+        spaces,
+        n_boot=50,
+        seed=0,
+        n_sequences=2,
+    )
     by_space = {r["space"]: r for r in rows}
     native, lens, ridge = by_space["native"], by_space["lens"], by_space["lens_ridge"]
     assert lens["kl"] > 10 * native["kl"] and lens["distortion"] > 1
@@ -83,10 +96,17 @@ def _composed(real, runner, h, perm):
     """``g_{order[k]}`` composed one block at a time as defined, each wrapper translating in and
     out of lens space (float64, T_b^-1 by a linear solve): the reference for the run."""
     eye = torch.eye(real.adapter.d_model, dtype=torch.float64)
-    maps = [(eye + t.weight.detach().double(), t.bias.detach().double()) for t in real.lens.layer_translators]
+    maps = [
+        (eye + t.weight.detach().double(), t.bias.detach().double())
+        for t in real.lens.layer_translators
+    ]
 
     def to_lens(x, layer):
-        return x.double() if layer == real.adapter.n_layers else x.double() @ maps[layer][0].T + maps[layer][1]
+        return (
+            x.double()
+            if layer == real.adapter.n_layers
+            else x.double() @ maps[layer][0].T + maps[layer][1]
+        )
 
     first, z = h[:, :1], to_lens(h[:, 1:], perm.start)
     for b in perm.order:
@@ -101,9 +121,13 @@ def _composed(real, runner, h, perm):
 def test_lens_space_run_is_the_composition_of_wrapped_blocks(real, runner, run_blocks, perm_args):
     """The run translates only where the order jumps; the wrappers' T_{b+1}^-1 T_{b+1} between
     consecutive blocks cancel, so it equals the block-by-block composition on the real model."""
-    kind, i, j = perm_args  # (27, 29): the order ends in block 27, so the run ends translated by T_28
+    kind, i, j = (
+        perm_args  # (27, 29): the order ends in block 27, so the run ends translated by T_28
+    )
     n = real.adapter.n_layers
-    perm = swap(n, i, j) if kind == "swap" else Permutation((22, 20, 23, 21, *range(24, n)), i, i, j)
+    perm = (
+        swap(n, i, j) if kind == "swap" else Permutation((22, 20, 23, 21, *range(24, n)), i, i, j)
+    )
     h = real.cache.load(i, "eval")[:2].float()
     got, expected = run_blocks.run(h, perm), _composed(real, runner, h, perm)
     native = runner.run(h, i)

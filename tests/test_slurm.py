@@ -17,9 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
-
 import slurm_cluster
+import yaml
 from conftest import ROOT
 
 pytestmark = pytest.mark.workflow
@@ -29,15 +28,28 @@ RUN = "tiny-gpt2"
 # per-layer ablations; the CPU rules tokenize, SVD, merge, table, figures) in 12 jobs. The
 # other experiments add more jobs of the same kinds, not coverage, and would break the
 # 5-minute budget of this test (each job starts Snakemake twice and the script once).
-TARGETS = [f"results/{RUN}/lens_eval.tsv", f"results/{RUN}/svd/spectrum.tsv",
-           f"results/{RUN}/h0/ablation.tsv", f"results/tables/h0_{RUN}.md",
-           f"results/figures/h0_{RUN}.png", f"results/figures/lens_{RUN}.png"]
+TARGETS = [
+    f"results/{RUN}/lens_eval.tsv",
+    f"results/{RUN}/svd/spectrum.tsv",
+    f"results/{RUN}/h0/ablation.tsv",
+    f"results/tables/h0_{RUN}.md",
+    f"results/figures/h0_{RUN}.png",
+    f"results/figures/lens_{RUN}.png",
+]
 PROFILE = ROOT / "profiles" / "slurm"
-RUN_LIMIT = 600          # seconds: hard limit of one Snakemake run through SLURM
+RUN_LIMIT = 600  # seconds: hard limit of one Snakemake run through SLURM
 # Latency settings for a loopback cluster whose jobs last seconds (the profile's are for a
 # real one); everything else comes from the profile.
-FAST = ["--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1",
-        "--max-status-checks-per-second", "1", "--latency-wait", "5"]
+FAST = [
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "1",
+    "--max-status-checks-per-second",
+    "1",
+    "--latency-wait",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +60,11 @@ def cluster(request):
     t0 = time.monotonic()
     installed = slurm_cluster.install()
     c = slurm_cluster.Cluster()
-    request.addfinalizer(c.stop)         # registered before start: a half-started cluster is stopped too
+    request.addfinalizer(c.stop)  # registered before start: a half-started cluster is stopped too
     started = c.start()
-    print(f"\nSLURM: install {installed:.0f} s, daemons {started:.0f} s, total {time.monotonic() - t0:.0f} s")
+    print(
+        f"\nSLURM: install {installed:.0f} s, daemons {started:.0f} s, total {time.monotonic() - t0:.0f} s"
+    )
     return c
 
 
@@ -59,25 +73,69 @@ def gpu_rules() -> set[str]:
     return {rule for rule, res in profile["set-resources"].items() if res.get("gpu")}
 
 
-def run_snakemake(workdir: Path, cluster, *args: str, limit: int = RUN_LIMIT, background: bool = False):
-    cmd = ["timeout", "-s", "KILL", str(limit), sys.executable, "-m", "snakemake",
-           "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "study.yaml"), "--profile", str(PROFILE), *FAST, *args]
-    env = {**__import__("os").environ, "LENSSPACE_SLURM_PARTITION": cluster.partition,
-           "LENSSPACE_SLURM_ACCOUNT": cluster.account}
+def run_snakemake(
+    workdir: Path, cluster, *args: str, limit: int = RUN_LIMIT, background: bool = False
+):
+    cmd = [
+        "timeout",
+        "-s",
+        "KILL",
+        str(limit),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "study.yaml"),
+        "--profile",
+        str(PROFILE),
+        *FAST,
+        *args,
+    ]
+    env = {
+        **__import__("os").environ,
+        "LENSSPACE_SLURM_PARTITION": cluster.partition,
+        "LENSSPACE_SLURM_ACCOUNT": cluster.account,
+    }
     if background:
         log = open(workdir / f"snakemake-{time.monotonic_ns()}.log", "w+")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=workdir), log
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, timeout=limit + 30)
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=workdir
+        ), log
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=workdir, timeout=limit + 30
+    )
 
 
 def expected_jobs(workdir: Path) -> Counter:
     """Rule instances a fresh run submits to SLURM: the dry run's job stats minus local rules."""
-    dry = subprocess.run(["timeout", "-s", "KILL", "120", sys.executable, "-m", "snakemake",
-                          "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                          "--configfile", str(workdir / "study.yaml"), "-n", *TARGETS,
-                          "--config", "layers_per_job=1"],  # as profiles/slurm sets it
-                         capture_output=True, text=True, timeout=150)
+    dry = subprocess.run(
+        [
+            "timeout",
+            "-s",
+            "KILL",
+            "120",
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "study.yaml"),
+            "-n",
+            *TARGETS,
+            "--config",
+            "layers_per_job=1",
+        ],  # as profiles/slurm sets it
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
     stats = (dry.stdout + dry.stderr).split("Job stats:", 1)[1].split("\n\n", 1)[0]
     counts = Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)})
@@ -99,8 +157,10 @@ def tables(results: Path) -> dict[str, bytes]:
     """The SLURM run's tables (every TSV under results/{RUN}/ and the H0 table), as bytes; not the
     per-job intermediates, whose names follow layers_per_job (one layer a job on SLURM)."""
     per_job = {"layers", "sequences", "share_layers"}
-    files = [*(f for f in (results / RUN).rglob("*.tsv") if f.parent.name not in per_job),
-             results / "tables" / f"h0_{RUN}.md"]
+    files = [
+        *(f for f in (results / RUN).rglob("*.tsv") if f.parent.name not in per_job),
+        results / "tables" / f"h0_{RUN}.md",
+    ]
     return {str(f.relative_to(results)): f.read_bytes() for f in files}
 
 
@@ -125,17 +185,17 @@ def slurm_run(cluster, tmp_path_factory):
 def test_one_slurm_job_per_rule_instance(slurm_run, cluster):
     _, expected, jobs = slurm_run
     assert Counter(rule_of(j) for j in jobs) == expected
-    assert len({j["Comment"] for j in jobs}) == len(jobs)      # no instance submitted twice
+    assert len({j["Comment"] for j in jobs}) == len(jobs)  # no instance submitted twice
     for job in jobs:
         assert job["State"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-        assert job["Partition"] == cluster.partition, job       # from LENSSPACE_SLURM_PARTITION
-        assert job["Account"] == cluster.account, job           # from LENSSPACE_SLURM_ACCOUNT
+        assert job["Partition"] == cluster.partition, job  # from LENSSPACE_SLURM_PARTITION
+        assert job["Account"] == cluster.account, job  # from LENSSPACE_SLURM_ACCOUNT
 
 
 def test_gpu_only_on_gpu_rules(slurm_run):
     _, expected, jobs = slurm_run
     gpu = gpu_rules()
-    assert gpu & set(expected) and set(expected) - gpu          # both kinds ran
+    assert gpu & set(expected) and set(expected) - gpu  # both kinds ran
     for job in jobs:
         holds_gpu = "gres/gpu=1" in job["AllocTRES"].split(",")
         assert holds_gpu == (rule_of(job) in gpu), job
@@ -161,15 +221,21 @@ def test_cancelled_job_fails_visibly_and_rerun_completes(slurm_run, cluster, tin
     # job while it runs. --retries 0: with the profile's retries the cancelled job would be
     # reported and resubmitted at once.
     target = f"results/{RUN}/h0/layers/1.tsv"
-    for name in (target, f"results/{RUN}/h0/ablation.tsv", f"results/tables/h0_{RUN}.md",
-                 f"results/figures/h0_{RUN}.png"):
+    for name in (
+        target,
+        f"results/{RUN}/h0/ablation.tsv",
+        f"results/tables/h0_{RUN}.md",
+        f"results/figures/h0_{RUN}.png",
+    ):
         (workdir / name).unlink()
     proc, log = run_snakemake(workdir, cluster, "--retries", "0", *TARGETS, background=True)
     cancelled = None
     try:
         deadline = time.monotonic() + 120
         while cancelled is None and time.monotonic() < deadline and proc.poll() is None:
-            running = [j for j in cluster.queue() if j["State"] == "RUNNING" and "h0_layer" in j["Comment"]]
+            running = [
+                j for j in cluster.queue() if j["State"] == "RUNNING" and "h0_layer" in j["Comment"]
+            ]
             if running:
                 cancelled = running[0]
                 subprocess.run(["scancel", cancelled["JobID"]], check=True, timeout=30)
@@ -185,11 +251,13 @@ def test_cancelled_job_fails_visibly_and_rerun_completes(slurm_run, cluster, tin
     assert cancelled is not None, "no h0_layer job was seen running\n" + out[-4000:]
     assert proc.returncode != 0, out[-4000:]
     # visible: the run names the failed rule and the SLURM job id; SLURM says CANCELLED
-    assert "Error in rule h0_layer" in out and f"SLURM-job '{cancelled['JobID']}'" in out, out[-4000:]
+    assert "Error in rule h0_layer" in out and f"SLURM-job '{cancelled['JobID']}'" in out, out[
+        -4000:
+    ]
     assert "CANCELLED" in out, out[-4000:]
     state = {j["JobID"]: j["State"] for j in cluster.jobs()}[cancelled["JobID"]]
     assert state.startswith("CANCELLED"), state
-    assert cancelled["Comment"] == f"rule_h0_layer_wildcards_{RUN}_1", cancelled   # run, layer
+    assert cancelled["Comment"] == f"rule_h0_layer_wildcards_{RUN}_1", cancelled  # run, layer
     assert not (workdir / target).exists()
 
     mid = {j["JobID"] for j in cluster.jobs()}
@@ -199,5 +267,6 @@ def test_cancelled_job_fails_visibly_and_rerun_completes(slurm_run, cluster, tin
     assert sorted(rule_of(j) for j in rerun) == ["h0_figure", "h0_layer", "h0_merge", "h0_table"]
     assert all(j["State"] == "COMPLETED" for j in rerun), rerun
     assert not before & {j["JobID"] for j in rerun}
-    assert tables(workdir / "results") == {name: (local / "results" / name).read_bytes()
-                                           for name in tables(workdir / "results")}
+    assert tables(workdir / "results") == {
+        name: (local / "results" / name).read_bytes() for name in tables(workdir / "results")
+    }

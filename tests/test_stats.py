@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from lensspace.errors import LensspaceError
-from lensspace.stats import (adjust, bootstrap_interval, bootstrap_intervals, bootstrap_mean, draw_spread,
-                             matched_permutation_p, paired_difference, sequence_means)
+from lensspace.stats import (
+    adjust,
+    bootstrap_interval,
+    bootstrap_intervals,
+    bootstrap_mean,
+    draw_spread,
+    matched_permutation_p,
+    paired_difference,
+    sequence_means,
+)
 
 # ---------------------------------------------------------------- multiplicity corrections
 
@@ -115,7 +123,11 @@ def test_p_value_agrees_with_interval():
     gen = torch.Generator().manual_seed(4)
     checked = 0
     for _ in range(150):
-        d = torch.randn(12, generator=gen, dtype=torch.float64).mul(0.8).exp() - 1.3 + torch.rand(1, generator=gen)
+        d = (
+            torch.randn(12, generator=gen, dtype=torch.float64).mul(0.8).exp()
+            - 1.3
+            + torch.rand(1, generator=gen)
+        )
         cmp = paired_difference(d, torch.zeros(12), n_boot=2000, seed=checked)
         if abs(cmp.p_value - 0.05) > 0.01:
             assert (cmp.p_value < 0.05) == (not cmp.lo <= 0 <= cmp.hi), cmp
@@ -125,13 +137,16 @@ def test_p_value_agrees_with_interval():
 
 def test_draw_spread():
     gen = torch.Generator().manual_seed(5)
-    values = torch.rand(4, 10, 6, generator=gen, dtype=torch.float64) + torch.arange(4.0).view(4, 1, 1)
+    values = torch.rand(4, 10, 6, generator=gen, dtype=torch.float64) + torch.arange(4.0).view(
+        4, 1, 1
+    )
     spread = draw_spread(values, n_boot=500, seed=1)
     draw_means = values.mean((1, 2))
     assert spread.n_draws == 4
     assert spread.estimate.mean == pytest.approx(float(values.mean()))
     assert (spread.draw_sd, spread.draw_min, spread.draw_max) == pytest.approx(
-        (float(draw_means.std()), float(draw_means.min()), float(draw_means.max())))
+        (float(draw_means.std()), float(draw_means.min()), float(draw_means.max()))
+    )
     # the interval is over sequences of the draw-averaged values: the draws' offsets cancel
     expected = bootstrap_mean(values.mean((0, 2)), n_boot=500, seed=1)
     assert (spread.estimate.lo, spread.estimate.hi) == pytest.approx((expected.lo, expected.hi))
@@ -167,7 +182,7 @@ def test_interval_coverage_on_skewed_sequences(n, minimum):
     (the old default) does not."""
     reps = 4000
     x = _lognormal((reps, n), LOG_SD, torch.Generator().manual_seed(n))
-    truth = math.exp(LOG_SD ** 2 / 2)
+    truth = math.exp(LOG_SD**2 / 2)
     lo, hi = bootstrap_intervals(x, n_boot=1000, seed=1)
     covered = float(((lo <= truth) & (truth <= hi)).double().mean())
     assert covered >= minimum, covered
@@ -182,8 +197,8 @@ def test_interval_coverage_on_skewed_sequences(n, minimum):
 def _skewed_differences(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Mean-zero, unit-sd differences with skewness DIFF_SKEW (a centred, scaled lognormal)."""
     sigma = _lognormal_sigma_for_skew(DIFF_SKEW)
-    raw = _lognormal(shape, sigma, gen) - math.exp(sigma ** 2 / 2)
-    return raw / math.sqrt((math.exp(sigma ** 2) - 1) * math.exp(sigma ** 2))
+    raw = _lognormal(shape, sigma, gen) - math.exp(sigma**2 / 2)
+    return raw / math.sqrt((math.exp(sigma**2) - 1) * math.exp(sigma**2))
 
 
 def _lognormal_sigma_for_skew(skew: float) -> float:
@@ -191,7 +206,7 @@ def _lognormal_sigma_for_skew(skew: float) -> float:
     lo, hi = 1e-6, 3.0
     for _ in range(100):
         mid = (lo + hi) / 2
-        s2 = math.exp(mid ** 2)
+        s2 = math.exp(mid**2)
         lo, hi = (mid, hi) if (s2 + 2) * math.sqrt(s2 - 1) < skew else (lo, mid)
     return lo
 
@@ -214,7 +229,10 @@ def test_paired_test_size_coverage_and_power(n):
     assert rejected / reps <= 0.06
     assert covered / reps >= 0.94
     effect = _skewed_differences((200, n), gen) + 1.5
-    power = sum(paired_difference(effect[rep], zeros, n_boot=1000, seed=rep).p_value < 0.05 for rep in range(200))
+    power = sum(
+        paired_difference(effect[rep], zeros, n_boot=1000, seed=rep).p_value < 0.05
+        for rep in range(200)
+    )
     assert power / 200 >= 0.95
     strong = _skewed_differences((20, n), gen) + 3.0
     p = [paired_difference(strong[rep], zeros, seed=rep).p_value for rep in range(20)]
@@ -235,16 +253,29 @@ def test_matched_permutation_p_against_every_labelling_by_hand():
         return sum(v - (col - v) / 2 for v, col in zip(picked, values.sum(0).tolist())) / 6
 
     observed = abs(t(cand.tolist()))
-    exact = sum(abs(t([values[c, i].item() for i, c in enumerate(labels)])) >= observed - 1e-12
-                for labels in itertools.product(range(3), repeat=6)) / 3 ** 6
+    exact = (
+        sum(
+            abs(t([values[c, i].item() for i, c in enumerate(labels)])) >= observed - 1e-12
+            for labels in itertools.product(range(3), repeat=6)
+        )
+        / 3**6
+    )
     assert 0.01 < exact < 0.5  # a case that tells ties dropped (0.003) and sign flips (0.09) apart
     p = matched_permutation_p(cand, draws, n_resamples=400000, seed=1)
     assert p == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 400000) + 1e-5)
-    assert matched_permutation_p(cand, draws, 5000, seed=2) == matched_permutation_p(cand, draws, 5000, seed=2)
+    assert matched_permutation_p(cand, draws, 5000, seed=2) == matched_permutation_p(
+        cand, draws, 5000, seed=2
+    )
     same = torch.ones(6)
-    assert matched_permutation_p(same, torch.stack([same, same]), 999) == 1.0  # every labelling ties
-    far = torch.arange(6.0) + 100  # [n_seq, n_pos] candidate far above every draw: the floor 1 / (B + 1)
-    assert matched_permutation_p(far.repeat(3, 1).T, torch.randn(4, 6, 3, generator=gen), 999) == pytest.approx(1e-3)
+    assert (
+        matched_permutation_p(same, torch.stack([same, same]), 999) == 1.0
+    )  # every labelling ties
+    far = (
+        torch.arange(6.0) + 100
+    )  # [n_seq, n_pos] candidate far above every draw: the floor 1 / (B + 1)
+    assert matched_permutation_p(
+        far.repeat(3, 1).T, torch.randn(4, 6, 3, generator=gen), 999
+    ) == pytest.approx(1e-3)
     with pytest.raises(LensspaceError, match="finite"):
         matched_permutation_p(torch.tensor([1.0, float("nan")]), torch.ones(2, 2))
 
@@ -262,14 +293,26 @@ def test_matched_permutation_size_at_holm_levels(kind, n, m):
     if kind == "skewed":
         x = (torch.randn(reps, m + 1, n, generator=gen, dtype=torch.float64) * 1.2).exp()
     else:
-        rate = torch.rand(reps, 1, n, 1, generator=gen, dtype=torch.float64) * 0.05  # per-sequence rate
-        x = (torch.rand(reps, m + 1, n, 127, generator=gen, dtype=torch.float64) < rate).double().mean(-1)
+        rate = (
+            torch.rand(reps, 1, n, 1, generator=gen, dtype=torch.float64) * 0.05
+        )  # per-sequence rate
+        x = (
+            (torch.rand(reps, m + 1, n, 127, generator=gen, dtype=torch.float64) < rate)
+            .double()
+            .mean(-1)
+        )
     p = torch.tensor([matched_permutation_p(x[r, 0], x[r, 1:], 4000, seed=r) for r in range(reps)])
     for level in levels:
         # valid: P(p <= level) <= level; the simulation's own error, 3 standard errors
-        assert float((p <= level).double().mean()) <= level + 3 * math.sqrt(level * (1 - level) / reps)
-    found = [matched_permutation_p(x[r, 0] + 2 * (x[r, 0] - x[r, 1:].mean(0)).std(), x[r, 1:], 4000, seed=r)
-             for r in range(200)]
+        assert float((p <= level).double().mean()) <= level + 3 * math.sqrt(
+            level * (1 - level) / reps
+        )
+    found = [
+        matched_permutation_p(
+            x[r, 0] + 2 * (x[r, 0] - x[r, 1:].mean(0)).std(), x[r, 1:], 4000, seed=r
+        )
+        for r in range(200)
+    ]
     assert float((torch.tensor(found) < 0.05).double().mean()) >= 0.8
 
 
@@ -285,7 +328,9 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
         monkeypatch.setattr(kernel, "enabled", fused_cpu)
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)  # also on this small vocabulary
     gen = torch.Generator().manual_seed(3)
-    p_logits = torch.randn(3, 5, 4000, generator=gen) * 6 + 40  # logit-sized values, as a real head gives
+    p_logits = (
+        torch.randn(3, 5, 4000, generator=gen) * 6 + 40
+    )  # logit-sized values, as a real head gives
     q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
     logp = p_logits.log_softmax(-1)
     reference = KLReference(logp)
@@ -300,23 +345,37 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     mine = q_logits.clone()
     reference.kl(mine)
     if not fused_cpu:
-        assert not torch.equal(mine, q_logits)  # documented: the eager path consumes the logits in place
+        assert not torch.equal(
+            mine, q_logits
+        )  # documented: the eager path consumes the logits in place
     if fused_cpu:  # the same loops on both sides: exactly 0 against its own log-probabilities
         assert float(reference.compare(logp.clone()).kl.abs().max()) == 0.0
         assert float(reference.kl(logp.clone()).abs().max()) == 0.0
         # the two kernels agree (their sums differ in order only)
-        torch.testing.assert_close(reference.kl(q_logits.clone()), reference.compare(q_logits.clone()).kl,
-                                   rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(
+            reference.kl(q_logits.clone()),
+            reference.compare(q_logits.clone()).kl,
+            rtol=1e-6,
+            atol=1e-9,
+        )
     # a reference kept as logits: the same logits give 0 (exactly, fused), other logits the same KL
     from_logits = KLReference.from_logits(p_logits)
     same = from_logits.compare(p_logits.clone()).kl
     assert float(same.abs().max()) == 0.0 if fused_cpu else float(same.abs().max()) < 1e-6
-    torch.testing.assert_close(from_logits.compare(q_logits.clone()).kl.double(), exact, rtol=1e-4,
-                               atol=2e-7 if fused_cpu else 2e-6)
+    torch.testing.assert_close(
+        from_logits.compare(q_logits.clone()).kl.double(),
+        exact,
+        rtol=1e-4,
+        atol=2e-7 if fused_cpu else 2e-6,
+    )
     compared = reference.compare(q_logits.clone())
     logq = q_logits.double().log_softmax(-1)
-    torch.testing.assert_close(compared.kl.double(), exact, rtol=1e-4, atol=2e-7 if fused_cpu else 2e-6)
-    torch.testing.assert_close(compared.entropy.double(), -(logq.exp() * logq).sum(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        compared.kl.double(), exact, rtol=1e-4, atol=2e-7 if fused_cpu else 2e-6
+    )
+    torch.testing.assert_close(
+        compared.entropy.double(), -(logq.exp() * logq).sum(-1), rtol=1e-6, atol=1e-6
+    )
     assert torch.equal(compared.top1, q_logits.argmax(-1))
 
 

@@ -45,8 +45,14 @@ def residuals(adapter: Adapter, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path, meta: dict,
-                batch_size: int = 8, storage: str = "float16") -> dict:
+def write_cache(
+    adapter: Adapter,
+    tokens: dict[str, torch.Tensor],
+    folder: Path,
+    meta: dict,
+    batch_size: int = 8,
+    storage: str = "float16",
+) -> dict:
     """Run the model over every split, keep all residuals, write them; return ``meta``.
 
     The cache is assembled in a sibling ``.partial`` folder and renamed into place, so an
@@ -55,16 +61,18 @@ def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path,
     """
     folder = Path(folder)
     n_layers, d = adapter.n_layers, adapter.d_model
-    buffers = {split: torch.empty(n_layers + 1, *ids.shape, d, dtype=torch.float32)
-               for split, ids in tokens.items()}
+    buffers = {
+        split: torch.empty(n_layers + 1, *ids.shape, d, dtype=torch.float32)
+        for split, ids in tokens.items()
+    }
     total = sum(len(ids) for ids in tokens.values())
     started = time.perf_counter()
     with tqdm(total=total, unit="seq", file=sys.stderr, mininterval=5, desc="caching") as bar:
         for split, ids in tokens.items():
             for start in range(0, len(ids), batch_size):
-                batch = adapter.to_device(ids[start: start + batch_size].long())
+                batch = adapter.to_device(ids[start : start + batch_size].long())
                 for layer, h in enumerate(residuals(adapter, batch)):
-                    buffers[split][layer, start: start + len(batch)] = h.float().cpu()
+                    buffers[split][layer, start : start + len(batch)] = h.float().cpu()
                 bar.update(len(batch))
     elapsed = time.perf_counter() - started
     partial = folder.with_name(folder.name + ".partial")
@@ -76,11 +84,21 @@ def write_cache(adapter: Adapter, tokens: dict[str, torch.Tensor], folder: Path,
         dtype = torch.float16 if storage == "float16" and peak < FP16_MAX else torch.float32
         max_abs.append(peak)
         path = layer_file(partial, layer)
-        save_file({split: buf[layer].to(dtype).contiguous() for split, buf in buffers.items()}, str(path))
+        save_file(
+            {split: buf[layer].to(dtype).contiguous() for split, buf in buffers.items()}, str(path)
+        )
         files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     n_tokens = sum(ids.numel() for ids in tokens.values())
-    meta = {**meta, "n_layers": n_layers, "d_model": d, "storage": storage, "files": files,
-            "max_abs": max_abs, "seconds": elapsed, "tokens_per_second": n_tokens / elapsed}
+    meta = {
+        **meta,
+        "n_layers": n_layers,
+        "d_model": d,
+        "storage": storage,
+        "files": files,
+        "max_abs": max_abs,
+        "seconds": elapsed,
+        "tokens_per_second": n_tokens / elapsed,
+    }
     (partial / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
@@ -94,27 +112,36 @@ class ActivationCache:
     in its storage dtype, and the experiments slice their batches from it there.
     """
 
-    def __init__(self, folder: str | Path, tokens_sha256: str | None = None,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        folder: str | Path,
+        tokens_sha256: str | None = None,
+        device: torch.device | str = "cpu",
+    ):
         self.folder = Path(folder)
         self.device = torch.device(device)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
-            raise LensspaceError(f"{self.folder} is not an activation cache (no meta.json); "
-                                 "rerun the cache_activations rule")
+            raise LensspaceError(
+                f"{self.folder} is not an activation cache (no meta.json); "
+                "rerun the cache_activations rule"
+            )
         try:
             self.meta = json.loads(meta_path.read_text())
         except ValueError:
-            raise LensspaceError(f"activation cache file {meta_path} is damaged (not JSON); "
-                                 f"{self._rebuild_hint()}") from None
+            raise LensspaceError(
+                f"activation cache file {meta_path} is damaged (not JSON); {self._rebuild_hint()}"
+            ) from None
         self._verified: set[str] = set()
         for name, record in self.meta.get("files", {}).items():
             path = self.folder / name
             size = path.stat().st_size if path.exists() else None
             if size != record["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
-                raise LensspaceError(f"activation cache file {path} is truncated or damaged ({found}, "
-                                     f"{record['bytes']} written); {self._rebuild_hint()}")
+                raise LensspaceError(
+                    f"activation cache file {path} is truncated or damaged ({found}, "
+                    f"{record['bytes']} written); {self._rebuild_hint()}"
+                )
         if tokens_sha256 is not None and self.meta.get("tokens_sha256") != tokens_sha256:
             raise LensspaceError(
                 f"stale activation cache {self.folder}: it was made from other tokens "
@@ -140,8 +167,10 @@ class ActivationCache:
         if record is None or path.name in self._verified:
             return
         if sha256_of(path) != record["sha256"]:
-            raise LensspaceError(f"activation cache file {path} is damaged (its sha256 differs from the "
-                                 f"one written); {self._rebuild_hint()}")
+            raise LensspaceError(
+                f"activation cache file {path} is damaged (its sha256 differs from the "
+                f"one written); {self._rebuild_hint()}"
+            )
         self._verified.add(path.name)
 
     def _rebuild_hint(self) -> str:

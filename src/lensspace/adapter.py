@@ -7,9 +7,10 @@ or ``model.model`` directly, so a new family is one entry in :data:`ARCHITECTURE
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -42,15 +43,30 @@ class Architecture:
     embed_projection: str | None = None  # OPT-350m: project_in, embedding -> residual width
     head_projection: str | None = None  # OPT-350m: project_out, after the final norm
     logit_softcap: str | None = None  # config attribute: logits = cap * tanh(logits / cap)
-    attention_write_norm: str | None = None  # inside a block: RMSNorm applied to the attention output
+    attention_write_norm: str | None = (
+        None  # inside a block: RMSNorm applied to the attention output
+    )
 
 
-_LLAMA_LIKE = dict(blocks="model.layers", final_norm="model.norm", embed="model.embed_tokens",
-                   norm_kind="rmsnorm", attention="self_attn", attention_out="self_attn.o_proj",
-                   attention_out_transposed=False, mlp="mlp", mlp_out="mlp.down_proj",
-                   mlp_out_transposed=False)
-_GEMMA2_LIKE = dict(_LLAMA_LIKE, norm_gain_offset=1.0, logit_softcap="final_logit_softcapping",
-                    attention_write_norm="post_attention_layernorm", mlp="post_feedforward_layernorm")
+_LLAMA_LIKE = dict(
+    blocks="model.layers",
+    final_norm="model.norm",
+    embed="model.embed_tokens",
+    norm_kind="rmsnorm",
+    attention="self_attn",
+    attention_out="self_attn.o_proj",
+    attention_out_transposed=False,
+    mlp="mlp",
+    mlp_out="mlp.down_proj",
+    mlp_out_transposed=False,
+)
+_GEMMA2_LIKE = dict(
+    _LLAMA_LIKE,
+    norm_gain_offset=1.0,
+    logit_softcap="final_logit_softcapping",
+    attention_write_norm="post_attention_layernorm",
+    mlp="post_feedforward_layernorm",
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
@@ -150,7 +166,11 @@ class Adapter:
         self.embed: nn.Embedding = _get_path(model, self.arch.embed)
         self.embed_projection: nn.Module | None = self._optional(self.arch.embed_projection)
         self.head_projection: nn.Module | None = self._optional(self.arch.head_projection)
-        cap = getattr(model.config, self.arch.logit_softcap, None) if self.arch.logit_softcap else None
+        cap = (
+            getattr(model.config, self.arch.logit_softcap, None)
+            if self.arch.logit_softcap
+            else None
+        )
         self.logit_softcap: float | None = float(cap) if cap else None
         self._projected_unembedding: torch.Tensor | None = None
 
@@ -192,7 +212,9 @@ class Adapter:
         cached = self._projected_unembedding
         if cached is None or cached.device != weight.device:  # computed again after a move
             with torch.no_grad():
-                self._projected_unembedding = (weight.float() @ self.head_projection.weight.float()).contiguous()
+                self._projected_unembedding = (
+                    weight.float() @ self.head_projection.weight.float()
+                ).contiguous()
         return self._projected_unembedding
 
     @property
@@ -230,7 +252,9 @@ class Adapter:
         path = self.arch.attention_write_norm
         return _get_path(self.blocks[layer], path) if path else None
 
-    def attention_write_scale(self, layer: int, attention_output: torch.Tensor) -> torch.Tensor | float:
+    def attention_write_scale(
+        self, layer: int, attention_output: torch.Tensor
+    ) -> torch.Tensor | float:
         """Per-token divisor of the attention output on its way into the residual (1 without a norm)."""
         norm = self.attention_write_norm(layer)
         if norm is None:
@@ -313,8 +337,11 @@ class Adapter:
     def embeddings_tied(self) -> bool:
         """Whether ``W_E`` is ``W_U`` (by value), with no projection on either side, so that
         their SVD bases coincide direction for direction."""
-        return (self.embed_projection is None and self.head_projection is None
-                and torch.equal(self.embed.weight, self.output_embedding.weight))
+        return (
+            self.embed_projection is None
+            and self.head_projection is None
+            and torch.equal(self.embed.weight, self.output_embedding.weight)
+        )
 
     @torch.no_grad()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -335,7 +362,9 @@ class Adapter:
         return store[0]
 
     @contextmanager
-    def capture_residuals(self, store: dict[int, torch.Tensor], stop: bool = False) -> Iterator[None]:
+    def capture_residuals(
+        self, store: dict[int, torch.Tensor], stop: bool = False
+    ) -> Iterator[None]:
         """Record the input of every block (layers ``0..L-1``) and the last block's output (``L``).
 
         ``hidden_states[-1]`` of transformers is after the final norm; the last block's output

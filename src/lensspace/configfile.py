@@ -9,8 +9,9 @@ bad value and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, validators
@@ -26,8 +27,10 @@ def check_duplicate_keys(path: str | Path) -> None:
     except yaml.YAMLError:
         return  # not ours to report: Snakemake's own loader names the syntax error
     for where, key, first, second in _duplicates(root, ""):
-        raise LensspaceError(f"{path}: key '{key}' appears twice in {where or 'the top level'}, on "
-                             f"lines {first} and {second}; YAML would keep only the last: keep one")
+        raise LensspaceError(
+            f"{path}: key '{key}' appears twice in {where or 'the top level'}, on "
+            f"lines {first} and {second}; YAML would keep only the last: keep one"
+        )
 
 
 def _duplicates(node: yaml.Node | None, where: str) -> Iterator[tuple[str, str, int, int]]:
@@ -102,6 +105,10 @@ def _summary(schema: dict[str, Any]) -> str:
     if kind == "array":
         return f"a list, each {_summary(schema.get('items', {}))}"
     if kind == "object":
-        return "a mapping of " + ", ".join(schema.get("properties", {})) if schema.get("properties") else "a mapping"
+        return (
+            "a mapping of " + ", ".join(schema.get("properties", {}))
+            if schema.get("properties")
+            else "a mapping"
+        )
     bounds = [f">= {schema['minimum']}"] if "minimum" in schema else []
     return " ".join([f"an {kind}" if kind[0] in "aeiou" else f"a {kind}", *bounds])

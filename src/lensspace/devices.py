@@ -67,10 +67,18 @@ class ComputeSettings:
     onednn_cpu: bool = True
 
     def chunk(self, device: torch.device | str) -> int:
-        return self.gpu_chunk_sequences if torch.device(device).type == "cuda" else self.chunk_sequences
+        return (
+            self.gpu_chunk_sequences
+            if torch.device(device).type == "cuda"
+            else self.chunk_sequences
+        )
 
     def cache_batch(self, device: torch.device | str) -> int:
-        return self.gpu_cache_batch_size if torch.device(device).type == "cuda" else self.cache_batch_size
+        return (
+            self.gpu_cache_batch_size
+            if torch.device(device).type == "cuda"
+            else self.cache_batch_size
+        )
 
 
 def configure_numerics(allow_tf32: bool) -> None:
@@ -84,9 +92,12 @@ def describe(device: torch.device | str) -> dict:
     """What a result was computed on: device, GPU name and CUDA version or the CPU's product
     library (:mod:`lensspace.gemm`), matmul precision."""
     device = torch.device(device)
-    info = {"device": str(device), "torch": torch.__version__,
-            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
     if device.type == "cpu":
         from lensspace import gemm
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,8 +34,16 @@ _Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 SAFE_EXPONENT = 50.0
 
 
-def change_sums_definition(p: torch.Tensor, a: torch.Tensor, d: torch.Tensor, k1: torch.Tensor,
-                           k2: torch.Tensor, v: torch.Tensor, k3: torch.Tensor, c: torch.Tensor) -> _Sums:
+def change_sums_definition(
+    p: torch.Tensor,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    k3: torch.Tensor,
+    c: torch.Tensor,
+) -> _Sums:
     """``(E_p[t], E_p[expm1 t], max t)`` per row [N, 1], float64 sums, for
     ``t = a k1 - d k2 + v k3 - c``: what the kernel compiles."""
     t = a * k1 - d * k2 + v * k3 - c
@@ -44,9 +52,20 @@ def change_sums_definition(p: torch.Tensor, a: torch.Tensor, d: torch.Tensor, k1
     return s0, s1, t.amax(-1, keepdim=True)
 
 
-def large_rows_definition(rows: torch.Tensor, p: torch.Tensor, a: torch.Tensor, d: torch.Tensor,
-                          k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, k3: torch.Tensor, c: torch.Tensor,
-                          inv_s: torch.Tensor, c0: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor]:
+def large_rows_definition(
+    rows: torch.Tensor,
+    p: torch.Tensor,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v: torch.Tensor,
+    k3: torch.Tensor,
+    c: torch.Tensor,
+    inv_s: torch.Tensor,
+    c0: torch.Tensor,
+    log_z: torch.Tensor,
+) -> tuple[torch.Tensor]:
     """``E_p[expm1 t]`` [n, 1] in float64 for the ``rows`` [n] of :func:`change_sums_definition`'s
     ``t``, each term where ``t`` passes :data:`SAFE_EXPONENT` formed as ``exp(log p + t)`` in
     float64 (a ``p`` that float32 flushed to zero still counts; no overflow below 709), with
@@ -55,7 +74,9 @@ def large_rows_definition(rows: torch.Tensor, p: torch.Tensor, a: torch.Tensor, 
     a_r = a[rows]
     t = a_r * k1[rows] - d[rows] * k2[rows] + v * k3[rows] - c[rows]
     log_p = a_r * inv_s[rows] + c0 - log_z[rows]
-    terms = torch.where(t > SAFE_EXPONENT, (log_p.double() + t.double()).exp(), (p[rows] * expm1(t)).double())
+    terms = torch.where(
+        t > SAFE_EXPONENT, (log_p.double() + t.double()).exp(), (p[rows] * expm1(t)).double()
+    )
     return (terms.sum(-1, keepdim=True),)
 
 
@@ -67,8 +88,9 @@ def expm1(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t.abs() < 0.1, series, torch.exp(t) - 1)
 
 
-def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
-                       y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def kl_sums_definition(
+    base: torch.Tensor, p: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum p (base - y), logsumexp(y), entropy of softmax(y), argmax y)`` per row [N],
     in float64 from float32 ``base`` (logits or log-probabilities of ``p``), ``p = softmax(base)``
     and ``y`` [N, V]. With ``p`` normalised by its sum (float32 leaves it about 1e-6 off 1, which a
@@ -85,7 +107,9 @@ def kl_sums_definition(base: torch.Tensor, p: torch.Tensor,
     return cross, m.squeeze(-1).double() + s.log(), entropy, y.argmax(-1)
 
 
-def kl_terms_definition(base: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_terms_definition(
+    base: torch.Tensor, p: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum p (base - y), logsumexp(y))`` per row [N], float64 sums from float32 [N, V]: the KL
     terms of :func:`kl_sums_definition` without the entropy and top-1 token."""
     m = y.amax(-1, keepdim=True)
@@ -113,7 +137,12 @@ class _Kernel:
         self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     def usable(self, x: torch.Tensor) -> bool:
-        return self.enabled and self.failed is None and x.device.type == "cpu" and x.numel() >= MIN_ELEMENTS
+        return (
+            self.enabled
+            and self.failed is None
+            and x.device.type == "cpu"
+            and x.numel() >= MIN_ELEMENTS
+        )
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The sums, or None where compiling failed (the reason printed once to the log)."""
@@ -125,13 +154,19 @@ class _Kernel:
             started = time.perf_counter()
             self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
             sums = self._compiled(*args)
-            print(f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} s "
-                  "(loaded from the compile cache or compiled, then one call)", file=sys.stderr)
+            print(
+                f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} s "
+                "(loaded from the compile cache or compiled, then one call)",
+                file=sys.stderr,
+            )
             return sums
         except Exception as err:  # a missing compiler or an inductor limit: many types
             self.failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            print(f"[lensspace] fused vocabulary kernel {self.definition.__name__} unavailable "
-                  f"({self.failed}); running eagerly", file=sys.stderr)
+            print(
+                f"[lensspace] fused vocabulary kernel {self.definition.__name__} unavailable "
+                f"({self.failed}); running eagerly",
+                file=sys.stderr,
+            )
             return None
 
 

@@ -36,8 +36,10 @@ def _operator():
             return torch.ops.mkldnn._linear_pointwise
         except (AttributeError, RuntimeError) as err:
             _state["failed"] = f"{type(err).__name__}: {err}"
-            print(f"[lensspace] oneDNN products unavailable ({_state['failed']}); using torch's default",
-                  file=sys.stderr)
+            print(
+                f"[lensspace] oneDNN products unavailable ({_state['failed']}); using torch's default",
+                file=sys.stderr,
+            )
     return None
 
 
@@ -55,7 +57,9 @@ class _Linear(torch.autograd.Function):
     weight), ``g^T x`` and the sum of ``g``, each only where asked for."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _onednn(x, weight, bias)
@@ -75,10 +79,16 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: through oneDNN for float32 CPU tensors when :func:`active`."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
-            and (bias is None or bias.dtype == torch.float32) and active()):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+    if (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel()
+        and (bias is None or bias.dtype == torch.float32)
+        and active()
+    ):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
             return _Linear.apply(x, weight, bias)
         return _onednn(x, weight, bias)
     return F.linear(x, weight, bias)

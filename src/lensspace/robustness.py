@@ -32,11 +32,28 @@ VARIANT = ["basis", "mode", "site", "k"]
 REQUIRED = {"layer", "subspace", "k", "basis", "mode", "site", "draw", "sequence", "kl"}
 ALPHA = 0.05
 CORRECTION = "holm"
-PROCEDURE = ("paired bootstrap of the per-sequence difference (studentized), two-sided, Holm-corrected "
-             "over every comparison of the grid; against the random control also beyond the range "
-             "of its draws")
-COLUMNS = ["conclusion", *VARIANT, "layer", "verdict", "kl_a", "kl_b", "diff", "diff_lo", "diff_hi",
-           "p_value", "p_adjusted", "draw_min", "draw_max", "n_draws", "n_sequences"]
+PROCEDURE = (
+    "paired bootstrap of the per-sequence difference (studentized), two-sided, Holm-corrected "
+    "over every comparison of the grid; against the random control also beyond the range "
+    "of its draws"
+)
+COLUMNS = [
+    "conclusion",
+    *VARIANT,
+    "layer",
+    "verdict",
+    "kl_a",
+    "kl_b",
+    "diff",
+    "diff_lo",
+    "diff_hi",
+    "p_value",
+    "p_adjusted",
+    "draw_min",
+    "draw_max",
+    "n_draws",
+    "n_sequences",
+]
 
 
 @dataclass(frozen=True)
@@ -52,9 +69,9 @@ class Conclusion:
 
 
 CONCLUSIONS = (
-    Conclusion("output", "internal"),   # the study's claim
-    Conclusion("output", "random"),     # the output subspace matters more than any k directions
-    Conclusion("random", "internal"),   # the internal subspace matters less than any k directions
+    Conclusion("output", "internal"),  # the study's claim
+    Conclusion("output", "random"),  # the output subspace matters more than any k directions
+    Conclusion("random", "internal"),  # the internal subspace matters less than any k directions
 )
 
 
@@ -74,14 +91,16 @@ def _vectors(per_sequence: pd.DataFrame) -> dict[tuple, torch.Tensor]:
     return out
 
 
-def compare(per_sequence: pd.DataFrame, n_boot: int = 20000, seed: int = 0,
-            conclusions=CONCLUSIONS) -> pd.DataFrame:
+def compare(
+    per_sequence: pd.DataFrame, n_boot: int = 20000, seed: int = 0, conclusions=CONCLUSIONS
+) -> pd.DataFrame:
     """One row per conclusion x variant x layer with the paired comparison and its verdict
     (columns :data:`COLUMNS`). Conclusions whose subspaces are absent are skipped."""
     missing = REQUIRED - set(per_sequence.columns)
     if missing:
-        raise LensspaceError(f"a per-sequence table needs the columns {sorted(REQUIRED)}; "
-                             f"missing: {sorted(missing)}")
+        raise LensspaceError(
+            f"a per-sequence table needs the columns {sorted(REQUIRED)}; missing: {sorted(missing)}"
+        )
     vectors = _vectors(per_sequence)
     random_bases = {b for s, b, *_ in vectors if s == "random"}
     pairs = []
@@ -108,39 +127,72 @@ def compare(per_sequence: pd.DataFrame, n_boot: int = 20000, seed: int = 0,
     out["p_adjusted"] = adjust(out["p_value"].tolist(), CORRECTION)
     out["verdict"] = [_verdict(r) for r in out.to_dict("records")]
     order = {c.label: i for i, c in enumerate(conclusions)}
-    out = out.sort_values(["conclusion", *VARIANT, "layer"],
-                          key=lambda s: s.map(order) if s.name == "conclusion" else s)
+    out = out.sort_values(
+        ["conclusion", *VARIANT, "layer"],
+        key=lambda s: s.map(order) if s.name == "conclusion" else s,
+    )
     return out[COLUMNS].reset_index(drop=True)
 
 
-def _row(conclusion: Conclusion, basis: str, cell: list, a: torch.Tensor, b: torch.Tensor,
-         n_boot: int, seed: int) -> dict:
+def _row(
+    conclusion: Conclusion,
+    basis: str,
+    cell: list,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    n_boot: int,
+    seed: int,
+) -> dict:
     """The paired comparison of A and B (each [n_draws, n_sequences]; draws averaged)."""
     comparison = paired_difference(a.mean(0), b.mean(0), n_boot=n_boot, seed=seed)
     draws = a if conclusion.stronger == "random" else b if conclusion.weaker == "random" else None
     draw_means = draws.mean(1) if draws is not None else None
     layer, k, mode, site = cell
-    return {"conclusion": conclusion.label, "basis": basis, "mode": mode, "site": site, "k": k,
-            "layer": layer, "kl_a": float(a.mean()), "kl_b": float(b.mean()),
-            "diff": comparison.diff, "diff_lo": comparison.lo, "diff_hi": comparison.hi,
-            "p_value": comparison.p_value,
-            "draw_min": float(draw_means.min()) if draw_means is not None else float("nan"),
-            "draw_max": float(draw_means.max()) if draw_means is not None else float("nan"),
-            "n_draws": len(draws) if draws is not None else 0, "n_sequences": a.shape[1],
-            "_random_side": "a" if conclusion.stronger == "random" else "b" if draws is not None else ""}
+    return {
+        "conclusion": conclusion.label,
+        "basis": basis,
+        "mode": mode,
+        "site": site,
+        "k": k,
+        "layer": layer,
+        "kl_a": float(a.mean()),
+        "kl_b": float(b.mean()),
+        "diff": comparison.diff,
+        "diff_lo": comparison.lo,
+        "diff_hi": comparison.hi,
+        "p_value": comparison.p_value,
+        "draw_min": float(draw_means.min()) if draw_means is not None else float("nan"),
+        "draw_max": float(draw_means.max()) if draw_means is not None else float("nan"),
+        "n_draws": len(draws) if draws is not None else 0,
+        "n_sequences": a.shape[1],
+        "_random_side": "a"
+        if conclusion.stronger == "random"
+        else "b"
+        if draws is not None
+        else "",
+    }
 
 
 def _verdict(row: dict) -> str:
     side = row.pop("_random_side")
-    if side == "b":    # A > random: A must clear the draws' range
-        return verdict(row["diff"], row["p_adjusted"], row["kl_a"], row["draw_min"], row["draw_max"])
-    if side == "a":    # random > B: B must clear the draws' range (below the smallest for "holds")
-        return verdict(row["diff"], row["p_adjusted"], -row["kl_b"], -row["draw_max"], -row["draw_min"])
+    if side == "b":  # A > random: A must clear the draws' range
+        return verdict(
+            row["diff"], row["p_adjusted"], row["kl_a"], row["draw_min"], row["draw_max"]
+        )
+    if side == "a":  # random > B: B must clear the draws' range (below the smallest for "holds")
+        return verdict(
+            row["diff"], row["p_adjusted"], -row["kl_b"], -row["draw_max"], -row["draw_min"]
+        )
     return verdict(row["diff"], row["p_adjusted"])
 
 
-def verdict(diff: float, p_adjusted: float, value: float | None = None, draw_min: float | None = None,
-            draw_max: float | None = None) -> str:
+def verdict(
+    diff: float,
+    p_adjusted: float,
+    value: float | None = None,
+    draw_min: float | None = None,
+    draw_max: float | None = None,
+) -> str:
     """``holds`` / ``reversed`` / ``not separable`` for a paired difference A - B with its adjusted
     p-value; where B is random draws, A's ``value`` must also lie above (below) all of them."""
     above = below = True
@@ -158,8 +210,9 @@ def grid(verdicts: pd.DataFrame) -> pd.DataFrame:
     if verdicts.empty:
         return pd.DataFrame(columns=["conclusion", *VARIANT])
     order = list(dict.fromkeys(verdicts["conclusion"]))
-    wide = verdicts.pivot_table(index=["conclusion", *VARIANT], columns="layer", values="verdict",
-                                aggfunc="first").reset_index()
+    wide = verdicts.pivot_table(
+        index=["conclusion", *VARIANT], columns="layer", values="verdict", aggfunc="first"
+    ).reset_index()
     wide["_order"] = wide["conclusion"].map(order.index)
     wide = wide.sort_values(["_order", *VARIANT]).drop(columns="_order").reset_index(drop=True)
     wide.columns.name = None
@@ -171,8 +224,13 @@ def summary(verdicts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, part in verdicts.groupby("conclusion", sort=False):
         counts = part["verdict"].value_counts()
-        rows.append({"conclusion": label, **{v: int(counts.get(v, 0)) for v in VERDICTS},
-                     "cells": len(part)})
+        rows.append(
+            {
+                "conclusion": label,
+                **{v: int(counts.get(v, 0)) for v in VERDICTS},
+                "cells": len(part),
+            }
+        )
     return pd.DataFrame(rows, columns=["conclusion", *VERDICTS, "cells"])
 
 
@@ -180,23 +238,50 @@ def legend(verdicts: pd.DataFrame) -> str:
     """What a symbol means, with the procedure and the size of the corrected family."""
     draws = verdicts.loc[verdicts["n_draws"] > 0, "n_draws"]
     n_draws = f"{int(draws.max())} " if len(draws) else ""
-    return (f"{SYMBOL[HOLDS]} holds, {SYMBOL[REVERSED]} reversed, {SYMBOL[NOT_SEPARABLE]} not "
-            f"separable. Procedure: {PROCEDURE}; family: the {len(verdicts)} comparisons of this "
-            f"grid, family-wise error {ALPHA}; random control: the mean of {n_draws}independent "
-            "draws, and the other side must lie beyond their range. Blank: no such cell.")
+    return (
+        f"{SYMBOL[HOLDS]} holds, {SYMBOL[REVERSED]} reversed, {SYMBOL[NOT_SEPARABLE]} not "
+        f"separable. Procedure: {PROCEDURE}; family: the {len(verdicts)} comparisons of this "
+        f"grid, family-wise error {ALPHA}; random control: the mean of {n_draws}independent "
+        "draws, and the other side must lie beyond their range. Blank: no such cell."
+    )
 
 
 def markdown_grid(verdicts: pd.DataFrame) -> str:
     """The grid as Markdown, verdicts as symbols, with a legend and the per-conclusion counts."""
     wide = grid(verdicts)
     layers = [c for c in wide.columns if c not in ("conclusion", *VARIANT)]
-    header = "| conclusion | basis | mode | site | k | " + " | ".join(f"L{layer}" for layer in layers) + " |"
+    header = (
+        "| conclusion | basis | mode | site | k | "
+        + " | ".join(f"L{layer}" for layer in layers)
+        + " |"
+    )
     rule = "|---|---|---|---|---:|" + "|".join(":---:" for _ in layers) + "|"
-    body = ["| " + " | ".join([str(row["conclusion"]), str(row["basis"]), str(row["mode"]),
-                               str(row["site"]), str(row["k"]),
-                               *(SYMBOL.get(row[layer], "") for layer in layers)]) + " |"
-            for _, row in wide.iterrows()]
+    body = [
+        "| "
+        + " | ".join(
+            [
+                str(row["conclusion"]),
+                str(row["basis"]),
+                str(row["mode"]),
+                str(row["site"]),
+                str(row["k"]),
+                *(SYMBOL.get(row[layer], "") for layer in layers),
+            ]
+        )
+        + " |"
+        for _, row in wide.iterrows()
+    ]
     counts = summary(verdicts)
-    lines = [f"- {r['conclusion']}: holds in {r[HOLDS]} of {r['cells']} cells, reversed in "
-             f"{r[REVERSED]}, not separable in {r[NOT_SEPARABLE]}" for r in counts.to_dict("records")]
-    return "\n".join([header, rule, *body]) + "\n\n" + legend(verdicts) + "\n\n" + "\n".join(lines) + "\n"
+    lines = [
+        f"- {r['conclusion']}: holds in {r[HOLDS]} of {r['cells']} cells, reversed in "
+        f"{r[REVERSED]}, not separable in {r[NOT_SEPARABLE]}"
+        for r in counts.to_dict("records")
+    ]
+    return (
+        "\n".join([header, rule, *body])
+        + "\n\n"
+        + legend(verdicts)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )

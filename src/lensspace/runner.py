@@ -10,8 +10,8 @@ no per-family code beyond the :class:`~lensspace.adapter.Adapter`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -47,11 +47,14 @@ class BlockRunner:
                 return hook
 
             device = self.adapter.embed.weight.device
-            handles = [b.register_forward_pre_hook(hook_for(i), with_kwargs=True)
-                       for i, b in enumerate(self.adapter.blocks)]
+            handles = [
+                b.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+                for i, b in enumerate(self.adapter.blocks)
+            ]
             try:
-                self.adapter.model(torch.zeros(batch, seq_len, dtype=torch.long, device=device),
-                                   use_cache=False)
+                self.adapter.model(
+                    torch.zeros(batch, seq_len, dtype=torch.long, device=device), use_cache=False
+                )
             except _Captured:
                 pass
             finally:
@@ -66,8 +69,13 @@ class BlockRunner:
         return _as_tensor(self.adapter.blocks[block](h, *args, **kwargs))
 
     @torch.no_grad()
-    def run(self, h: torch.Tensor, start: int = 0, order: Sequence[int] | None = None,
-            interventions: Mapping[int, Intervention] | None = None) -> torch.Tensor:
+    def run(
+        self,
+        h: torch.Tensor,
+        start: int = 0,
+        order: Sequence[int] | None = None,
+        interventions: Mapping[int, Intervention] | None = None,
+    ) -> torch.Tensor:
         """From residual ``h`` at layer ``start``, run ``order`` (default ``start..L-1``).
 
         ``interventions[i]`` rewrites the residual at slot ``i`` (the input of the
@@ -85,8 +93,13 @@ class BlockRunner:
             h = interventions[start + len(order)](h)
         return h
 
-    def logits(self, h: torch.Tensor, start: int = 0, order: Sequence[int] | None = None,
-               interventions: Mapping[int, Intervention] | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        h: torch.Tensor,
+        start: int = 0,
+        order: Sequence[int] | None = None,
+        interventions: Mapping[int, Intervention] | None = None,
+    ) -> torch.Tensor:
         return self.adapter.logits(self.run(h, start, order, interventions))
 
 

@@ -11,8 +11,9 @@ import platform
 import random
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -34,7 +35,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_tsv(rows: list[dict] | pd.DataFrame, path: str | Path, float_format: str = "%.6g") -> None:
+def write_tsv(
+    rows: list[dict] | pd.DataFrame, path: str | Path, float_format: str = "%.6g"
+) -> None:
     """Write a TSV with one header line, via a temporary file renamed into place."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     path = Path(path)
@@ -52,7 +55,9 @@ def write_text(text: str, path: str | Path) -> None:
     partial.replace(path)
 
 
-STARTUP_LINE = "[lensspace] start-up:"  # how open_model logs it; provenance.logged_startups reads it
+STARTUP_LINE = (
+    "[lensspace] start-up:"  # how open_model logs it; provenance.logged_startups reads it
+)
 
 
 def process_seconds() -> float | None:
@@ -77,9 +82,11 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
         torch.set_num_threads(max(1, int(snakemake.threads)))
         # a rule's seed is a param (so the rerun trigger sees it); the global one is a safety net
         seed_everything(int(snakemake.params.get("seed", 0)))
-        print(f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
-              f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
-              file=log)
+        print(
+            f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
+            f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
+            file=log,
+        )
         body(snakemake)
     except LensspaceError as err:
         message = f"lensspace error in rule {snakemake.rule}: {err}"
@@ -112,11 +119,17 @@ def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict 
     adapter = Adapter(gemm.route_linears(model))
     startup = process_seconds()
     if startup is not None:
-        print(f"{STARTUP_LINE} {startup:.2f} s from the process's start to the model loaded "
-              "(interpreter, imports, model load)", file=sys.stderr)
-    print(f"[lensspace] compute: {describe(adapter.device)}; fused CPU kernel "
-          f"{'on' if fused.change_sums.enabled else 'off'}; CPU float32 products by "
-          f"{'oneDNN' if gemm.active() else 'torch default'}", file=sys.stderr)
+        print(
+            f"{STARTUP_LINE} {startup:.2f} s from the process's start to the model loaded "
+            "(interpreter, imports, model load)",
+            file=sys.stderr,
+        )
+    print(
+        f"[lensspace] compute: {describe(adapter.device)}; fused CPU kernel "
+        f"{'on' if fused.change_sums.enabled else 'off'}; CPU float32 products by "
+        f"{'oneDNN' if gemm.active() else 'torch default'}",
+        file=sys.stderr,
+    )
     return adapter, tokenizer
 
 

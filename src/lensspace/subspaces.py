@@ -36,7 +36,10 @@ def unembedding_bases(adapter: Adapter) -> dict[str, Basis]:
     """
     w = adapter.unembedding.detach().double()
     centered = (w - w.mean(0, keepdim=True)) * adapter.norm_gain.detach().double()
-    return {"unembed": _svd_basis("unembed", w), "unembed_centered": _svd_basis("unembed_centered", centered)}
+    return {
+        "unembed": _svd_basis("unembed", w),
+        "unembed_centered": _svd_basis("unembed_centered", centered),
+    }
 
 
 def _svd_basis(name: str, w: torch.Tensor) -> Basis:
@@ -52,7 +55,7 @@ def select(basis: torch.Tensor, subspace: Subspace, k: int, seed: int = 0) -> to
     if subspace == "output":
         return basis[:, :k]
     if subspace == "internal":
-        return basis[:, d - k:]
+        return basis[:, d - k :]
     if subspace == "random":
         return random_subspace(d, k, seed)
     raise LensspaceError(f"unknown subspace '{subspace}': use output, internal or random")
@@ -72,7 +75,9 @@ def project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (x @ q) @ q.T
 
 
-def ablate(x: torch.Tensor, q: torch.Tensor, mode: Mode, mean: torch.Tensor | None = None) -> torch.Tensor:
+def ablate(
+    x: torch.Tensor, q: torch.Tensor, mode: Mode, mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """Remove span(q) from ``x`` (zero) or replace its component by that of ``mean`` (mean)."""
     if mode == "zero":
         return x - project(x, q)
@@ -81,7 +86,6 @@ def ablate(x: torch.Tensor, q: torch.Tensor, mode: Mode, mean: torch.Tensor | No
             raise LensspaceError("mean ablation needs the dataset mean")
         return x - project(x - mean, q)
     raise LensspaceError(f"unknown ablation mode '{mode}': use zero or mean")
-
 
 
 def save_bases(bases: dict[str, Basis], path: str) -> None:
@@ -120,13 +124,19 @@ class LensPullback:
     which is why callers report its size.
     """
 
-    def __init__(self, translator_weight: torch.Tensor, translator_bias: torch.Tensor, q: torch.Tensor):
-        self.m = torch.eye(q.shape[0], dtype=torch.float64, device=q.device) + translator_weight.double()
+    def __init__(
+        self, translator_weight: torch.Tensor, translator_bias: torch.Tensor, q: torch.Tensor
+    ):
+        self.m = (
+            torch.eye(q.shape[0], dtype=torch.float64, device=q.device) + translator_weight.double()
+        )
         self.b = translator_bias.double()
         self.q = q.double()
         self.m_inv_q = torch.linalg.solve(self.m, self.q)  # [d, k]
 
-    def apply(self, h: torch.Tensor, mode: Mode, z_mean: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, h: torch.Tensor, mode: Mode, z_mean: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``h'`` for residuals ``h`` [..., d] (zero mode, or mean mode with ``z_mean``)."""
         z = h.double() @ self.m.T + self.b
         if mode == "mean":

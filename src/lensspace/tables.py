@@ -36,38 +36,55 @@ def load_reference(path: str | Path, table: str) -> pd.DataFrame:
     ref = pd.read_csv(path, sep="\t", comment="#")
     picked = ref[ref["table"] == table]
     if picked.empty:
-        raise LensspaceError(f"reference table '{table}' is not in {path} "
-                             f"(has: {', '.join(sorted(ref['table'].unique()))})")
+        raise LensspaceError(
+            f"reference table '{table}' is not in {path} "
+            f"(has: {', '.join(sorted(ref['table'].unique()))})"
+        )
     return picked.set_index("layer")[["kl_ablate_internal", "kl_ablate_output"]]
 
 
-def seed_layout(ablation: pd.DataFrame, k: int, site: str = "pre_norm",
-                reference: pd.DataFrame | None = None) -> pd.DataFrame:
+def seed_layout(
+    ablation: pd.DataFrame, k: int, site: str = "pre_norm", reference: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """``layer | KL ablate internal | KL ablate output`` for the seed's variant at ``k``, ``site``.
 
     Intervals follow as extra columns, then the same cells under mean ablation where the grid
     has them; with ``reference`` the published numbers and the differences
     (reproduced - published) follow too.
     """
-    cell = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
-                    & (ablation["mode"] == SEED_VARIANT["mode"]) & (ablation["site"] == site)]
+    cell = ablation[
+        (ablation["k"] == k)
+        & (ablation["basis"] == SEED_VARIANT["basis"])
+        & (ablation["mode"] == SEED_VARIANT["mode"])
+        & (ablation["site"] == site)
+    ]
     if cell.empty:
         raise LensspaceError(
             f"the ablation results have no cell k={k}, basis unembed, mode zero, site {site}: "
             "keep those values in the experiment's grid to rebuild the original table"
         )
     wide = cell.pivot(index="layer", columns="subspace", values=["kl", "kl_lo", "kl_hi"])
-    out = pd.DataFrame({
-        "layer": wide.index,
-        "KL ablate internal": wide[("kl", "internal")].to_numpy(),
-        "KL ablate output": wide[("kl", "output")].to_numpy(),
-        "internal 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
-                            zip(wide[("kl_lo", "internal")], wide[("kl_hi", "internal")])],
-        "output 95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
-                          zip(wide[("kl_lo", "output")], wide[("kl_hi", "output")])],
-    })
-    mean = ablation[(ablation["k"] == k) & (ablation["basis"] == SEED_VARIANT["basis"])
-                    & (ablation["mode"] == "mean") & (ablation["site"] == site)]
+    out = pd.DataFrame(
+        {
+            "layer": wide.index,
+            "KL ablate internal": wide[("kl", "internal")].to_numpy(),
+            "KL ablate output": wide[("kl", "output")].to_numpy(),
+            "internal 95% CI": [
+                f"[{lo:.3f}, {hi:.3f}]"
+                for lo, hi in zip(wide[("kl_lo", "internal")], wide[("kl_hi", "internal")])
+            ],
+            "output 95% CI": [
+                f"[{lo:.3f}, {hi:.3f}]"
+                for lo, hi in zip(wide[("kl_lo", "output")], wide[("kl_hi", "output")])
+            ],
+        }
+    )
+    mean = ablation[
+        (ablation["k"] == k)
+        & (ablation["basis"] == SEED_VARIANT["basis"])
+        & (ablation["mode"] == "mean")
+        & (ablation["site"] == site)
+    ]
     if not mean.empty:  # zero ablation also removes the constant part: mean ablation beside it
         by_layer = mean.pivot(index="layer", columns="subspace", values="kl").reindex(out["layer"])
         for subspace in ("internal", "output"):
@@ -88,9 +105,18 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
     mode = "zero" if "zero" in set(ablation["mode"]) else ablation["mode"].iloc[0]
     cell = ablation[(ablation["k"] == k) & (ablation["mode"] == mode)]
     wide = cell.pivot(index="layer", columns="subspace", values="kl")
-    out = fit.set_index("layer")[["r2", "kl_lens_route", "kl_downstream_route"]].rename(columns={
-        "r2": "R²", "kl_lens_route": "KL lens route", "kl_downstream_route": "KL downstream route"})
-    names = {"output": "KL ablate input (top-k)", "internal": "KL ablate bottom-k", "random": "KL ablate random"}
+    out = fit.set_index("layer")[["r2", "kl_lens_route", "kl_downstream_route"]].rename(
+        columns={
+            "r2": "R²",
+            "kl_lens_route": "KL lens route",
+            "kl_downstream_route": "KL downstream route",
+        }
+    )
+    names = {
+        "output": "KL ablate input (top-k)",
+        "internal": "KL ablate bottom-k",
+        "random": "KL ablate random",
+    }
     for subspace, label in names.items():
         if subspace in wide:
             out[label] = wide[subspace]
@@ -99,38 +125,62 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
 
 def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
     """Per candidate: geometry, then each ablation effect with its interval beside matched random neurons."""
-    def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
-        return frame.apply(lambda r: f"{r[name]:.3g} [{r[name + '_lo']:.3g}, {r[name + '_hi']:.3g}]", axis=1)
 
-    out = pd.DataFrame({"neuron": candidates.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
-                        "norm": candidates["norm"], "internal share": candidates["internal_fraction"],
-                        "logit effect / ‖Mw‖": candidates["logit_effect_rel"]})
+    def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
+        return frame.apply(
+            lambda r: f"{r[name]:.3g} [{r[name + '_lo']:.3g}, {r[name + '_hi']:.3g}]", axis=1
+        )
+
+    out = pd.DataFrame(
+        {
+            "neuron": candidates.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
+            "norm": candidates["norm"],
+            "internal share": candidates["internal_fraction"],
+            "logit effect / ‖Mw‖": candidates["logit_effect_rel"],
+        }
+    )
     if "abs_d_entropy" not in candidates:
         return out
     if "null_fraction" in candidates:
         out.insert(3, "null-space share", candidates["null_fraction"])
-    for name, label in (("abs_d_entropy", "abs ΔH"), ("kl", "KL"), ("top1_change", "top-1 changed")):
+    for name, label in (
+        ("abs_d_entropy", "abs ΔH"),
+        ("kl", "KL"),
+        ("top1_change", "top-1 changed"),
+    ):
         out[label] = with_interval(candidates, name)
         out[f"{label} random"] = with_interval(candidates, f"random_{name}")
         out[f"{label} diff"] = with_interval(candidates, f"diff_{name}")
         if f"verdict_{name}" in candidates:
             out[f"{label} verdict"] = candidates[f"verdict_{name}"]
     if "entropy_account" in candidates:
-        out["entropy-neuron account"] = candidates["entropy_account"].map({True: "fits", False: "no"})
+        out["entropy-neuron account"] = candidates["entropy_account"].map(
+            {True: "fits", False: "no"}
+        )
     return out
 
 
 def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval, verdict."""
+
     def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
         return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)
 
-    return pd.DataFrame({"budget": sweep["budget"], "lstsq tokens": sweep["lstsq_tokens"], "layer": sweep["layer"],
-                         "mode": sweep["mode"], "lens KL": interval(sweep, "lens_kl", "lens_kl_lo", "lens_kl_hi"),
-                         "KL output": sweep["kl_output"], "KL internal": sweep["kl_internal"],
-                         "KL random": sweep["kl_random"],
-                         "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
-                         "p (Holm)": sweep["p_adjusted"], "verdict": sweep["verdict"]})
+    return pd.DataFrame(
+        {
+            "budget": sweep["budget"],
+            "lstsq tokens": sweep["lstsq_tokens"],
+            "layer": sweep["layer"],
+            "mode": sweep["mode"],
+            "lens KL": interval(sweep, "lens_kl", "lens_kl_lo", "lens_kl_hi"),
+            "KL output": sweep["kl_output"],
+            "KL internal": sweep["kl_internal"],
+            "KL random": sweep["kl_random"],
+            "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
+            "p (Holm)": sweep["p_adjusted"],
+            "verdict": sweep["verdict"],
+        }
+    )
 
 
 def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
@@ -140,21 +190,37 @@ def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFr
     output − internal is shown where the ablation table carries it (the eval corpora's).
     """
     out = []
-    seed_k = int(list(frames.values())[-1][1]["k"].iloc[0])  # an eval corpus runs the seed layout's k = d/2 only
+    seed_k = int(
+        list(frames.values())[-1][1]["k"].iloc[0]
+    )  # an eval corpus runs the seed layout's k = d/2 only
     for corpus, (lens_eval, ablation) in frames.items():
         lens = lens_eval.pivot(index="layer", columns="lens", values="kl")
-        cells = ablation[(ablation["basis"].isin(["unembed", "random"])) & (ablation["site"] == "pre_norm")
-                         & (ablation["k"] == seed_k)]
+        cells = ablation[
+            (ablation["basis"].isin(["unembed", "random"]))
+            & (ablation["site"] == "pre_norm")
+            & (ablation["k"] == seed_k)
+        ]
         for (layer, mode), part in cells.groupby(["layer", "mode"], sort=True):
             kl = part.set_index("subspace")["kl"]
             row = part[part["subspace"] == "output"].iloc[0]
             diff = kl.get("output", float("nan")) - kl.get("internal", float("nan"))
-            shown = (f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, {row['output_minus_internal_hi']:.3f}]"
-                     if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
-                     else f"{diff:.3f}")
-            out.append({"corpus": corpus, "layer": int(layer), "mode": mode,
-                        "tuned lens KL": lens["tuned"].get(layer), "logit lens KL": lens["logit"].get(layer),
-                        "KL output": kl.get("output"), "KL internal": kl.get("internal"),
-                        "KL random": kl.get("random"), "output − internal": shown,
-                        "verdict (Holm)": row["verdict"] if "verdict" in row else ""})
+            shown = (
+                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, {row['output_minus_internal_hi']:.3f}]"
+                if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
+                else f"{diff:.3f}"
+            )
+            out.append(
+                {
+                    "corpus": corpus,
+                    "layer": int(layer),
+                    "mode": mode,
+                    "tuned lens KL": lens["tuned"].get(layer),
+                    "logit lens KL": lens["logit"].get(layer),
+                    "KL output": kl.get("output"),
+                    "KL internal": kl.get("internal"),
+                    "KL random": kl.get("random"),
+                    "output − internal": shown,
+                    "verdict (Holm)": row["verdict"] if "verdict" in row else "",
+                }
+            )
     return pd.DataFrame(out)

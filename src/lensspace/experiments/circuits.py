@@ -12,9 +12,9 @@ question with an effect size, its bootstrap interval and a p-value.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from tuned_lens.nn import TunedLens
@@ -22,7 +22,6 @@ from tuned_lens.nn import TunedLens
 from lensspace.adapter import Adapter
 from lensspace.experiments.h1 import PULLED_BACK
 from lensspace.subspaces import Basis, select
-
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,24 @@ def eager_attention(adapter: Adapter) -> Iterator[None]:
 def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: int) -> torch.Tensor:
     """[n_layers, n_heads] induction scores on seeded random repeated sequences."""
     gen = torch.Generator().manual_seed(settings.seed)
-    half = torch.randint(0, vocab_size, (settings.induction_sequences, settings.induction_half_len),
-                         generator=gen)
+    half = torch.randint(
+        0, vocab_size, (settings.induction_sequences, settings.induction_half_len), generator=gen
+    )
     ids = adapter.to_device(torch.cat([half, half], dim=1))
     with eager_attention(adapter):
         out = adapter.model(ids, output_attentions=True, use_cache=False)
-    return torch.stack([induction_pattern_score(a.float().cpu(), settings.induction_half_len)
-                        for a in out.attentions])
+    return torch.stack(
+        [
+            induction_pattern_score(a.float().cpu(), settings.induction_half_len)
+            for a in out.attentions
+        ]
+    )
 
 
 @torch.no_grad()
-def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def block_outputs(
+    adapter: Adapter, ids: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T, d].
 
     Where a norm follows the attention (Gemma 2/3), the head inputs are divided by its per-token
@@ -90,24 +96,31 @@ def block_outputs(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tenso
     handles = []
     for layer in range(adapter.n_layers):
         handles.append(adapter.attention_out(layer).register_forward_hook(record_heads(layer)))
-        handles.append(adapter.mlp(layer).register_forward_hook(
-            lambda _m, _args, out, layer=layer: mlp_out.__setitem__(layer, out)))
+        handles.append(
+            adapter.mlp(layer).register_forward_hook(
+                lambda _m, _args, out, layer=layer: mlp_out.__setitem__(layer, out)
+            )
+        )
     try:
         adapter.model(ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     # OPT's MLP runs on [batch * T, d]: every write is reshaped to [batch, T, d]
-    return ([head_in[i].reshape(*ids.shape, adapter.n_heads, -1) for i in range(adapter.n_layers)],
-            [mlp_out[i].reshape(*ids.shape, -1) for i in range(adapter.n_layers)])
+    return (
+        [head_in[i].reshape(*ids.shape, adapter.n_heads, -1) for i in range(adapter.n_layers)],
+        [mlp_out[i].reshape(*ids.shape, -1) for i in range(adapter.n_layers)],
+    )
 
 
 @torch.no_grad()
 def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: head writes [batch, T, n_heads, d] (``o_h @ W_O[h]``) and the MLP write [batch, T, d]."""
     head_in, mlps = block_outputs(adapter, ids)
-    heads = [torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer))
-             for layer, o in enumerate(head_in)]
+    heads = [
+        torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer))
+        for layer, o in enumerate(head_in)
+    ]
     return heads, mlps
 
 
@@ -119,8 +132,12 @@ def write_maps(adapter: Adapter, lens: TunedLens) -> list[torch.Tensor]:
     residuals, so the translator's bias cancels.
     """
     eye = torch.eye(adapter.d_model, dtype=torch.float64)
-    return [eye + lens.layer_translators[block + 1].weight.detach().double().cpu()
-            if block + 1 < adapter.n_layers else eye for block in range(adapter.n_layers)]
+    return [
+        eye + lens.layer_translators[block + 1].weight.detach().double().cpu()
+        if block + 1 < adapter.n_layers
+        else eye
+        for block in range(adapter.n_layers)
+    ]
 
 
 @dataclass(frozen=True)
@@ -138,8 +155,14 @@ class WriteShares:
     lens_write_norm: torch.Tensor
 
 
-def write_shares(moment: torch.Tensor, out_weight: torch.Tensor, m: torch.Tensor, q_out: torch.Tensor,
-                 q_int: torch.Tensor, n_tokens: int) -> WriteShares:
+def write_shares(
+    moment: torch.Tensor,
+    out_weight: torch.Tensor,
+    m: torch.Tensor,
+    q_out: torch.Tensor,
+    q_int: torch.Tensor,
+    n_tokens: int,
+) -> WriteShares:
     """Shares of writes ``w = x @ out_weight`` from the inputs' second moment ``sum_t x_t^T x_t``.
 
     ``moment`` [..., e, e], ``out_weight`` [..., e, d]: summed over tokens, ``||x A||^2`` is
@@ -151,15 +174,23 @@ def write_shares(moment: torch.Tensor, out_weight: torch.Tensor, m: torch.Tensor
         return ((moment @ a) * a).sum((-2, -1))
 
     total = energy(lens_weight)
-    return WriteShares(output=energy(lens_weight @ q_out) / total,
-                       internal=energy(lens_weight @ q_int) / total,
-                       write_norm=(energy(out_weight) / n_tokens).sqrt(),
-                       lens_write_norm=(total / n_tokens).sqrt())
+    return WriteShares(
+        output=energy(lens_weight @ q_out) / total,
+        internal=energy(lens_weight @ q_int) / total,
+        write_norm=(energy(out_weight) / n_tokens).sqrt(),
+        lens_write_norm=(total / n_tokens).sqrt(),
+    )
 
 
 @torch.no_grad()
-def head_and_mlp_fractions(adapter: Adapter, lens: TunedLens, bases: dict[str, Basis],
-                           ids: torch.Tensor, k: int, chunk: int = 4) -> tuple[WriteShares, WriteShares]:
+def head_and_mlp_fractions(
+    adapter: Adapter,
+    lens: TunedLens,
+    bases: dict[str, Basis],
+    ids: torch.Tensor,
+    k: int,
+    chunk: int = 4,
+) -> tuple[WriteShares, WriteShares]:
     """Lens-space output/internal shares of every head's and every MLP's write on real text.
 
     Position 0 (the attention sink) is excluded, as everywhere else. A head's write is
@@ -171,7 +202,7 @@ def head_and_mlp_fractions(adapter: Adapter, lens: TunedLens, bases: dict[str, B
     mlp_moment = torch.zeros(n_layers, d, d, dtype=torch.float64)
     n_tokens = 0
     for start in range(0, len(ids), chunk):
-        batch = ids[start: start + chunk].long()
+        batch = ids[start : start + chunk].long()
         head_in, mlps = block_outputs(adapter, batch)
         n_tokens += batch[:, 1:].numel()
         for layer in range(n_layers):
@@ -187,9 +218,15 @@ def head_and_mlp_fractions(adapter: Adapter, lens: TunedLens, bases: dict[str, B
         w_o = adapter.head_out_weights(layer).detach().double().cpu()
         heads.append(write_shares(head_moment[layer], w_o, m, q_out, q_int, n_tokens))
         mlps.append(write_shares(mlp_moment[layer], eye, m, q_out, q_int, n_tokens))
-    return tuple(WriteShares(*(torch.stack([getattr(s, field) for s in per_layer])
-                               for field in ("output", "internal", "write_norm", "lens_write_norm")))
-                 for per_layer in (heads, mlps))
+    return tuple(
+        WriteShares(
+            *(
+                torch.stack([getattr(s, field) for s in per_layer])
+                for field in ("output", "internal", "write_norm", "lens_write_norm")
+            )
+        )
+        for per_layer in (heads, mlps)
+    )
 
 
 def _within_layer_sum(values: torch.Tensor, chosen: torch.Tensor, n_chosen: int) -> torch.Tensor:
@@ -202,8 +239,9 @@ def _within_layer_sum(values: torch.Tensor, chosen: torch.Tensor, n_chosen: int)
     return chosen_sum - n_chosen * (total - chosen_sum) / (len(values) - n_chosen)
 
 
-def layer_permutation_test(values: torch.Tensor, is_induction: torch.Tensor, n_permutations: int,
-                           n_boot: int, seed: int) -> dict:
+def layer_permutation_test(
+    values: torch.Tensor, is_induction: torch.Tensor, n_permutations: int, n_boot: int, seed: int
+) -> dict:
     """Do flagged heads have larger ``values`` [L, H] than the unflagged heads of their layer?
 
     Only layers holding both kinds are compared. Statistic (the effect): mean over flagged
@@ -216,14 +254,29 @@ def layer_permutation_test(values: torch.Tensor, is_induction: torch.Tensor, n_p
     values, flags = values.double(), is_induction.bool()
     layers = [layer for layer in range(len(values)) if flags[layer].any() and (~flags[layer]).any()]
     n_flagged = int(flags[layers].sum()) if layers else 0
-    base = {"n_induction": int(flags.sum()), "n_compared": n_flagged, "n_layers": len(layers),
-            "stratified_by": "layer"}
+    base = {
+        "n_induction": int(flags.sum()),
+        "n_compared": n_flagged,
+        "n_layers": len(layers),
+        "stratified_by": "layer",
+    }
     if n_flagged == 0:
-        return {"statistic": float("nan"), "effect_lo": float("nan"), "effect_hi": float("nan"),
-                "p_value": float("nan"), **base, "n_permutations": 0}
+        return {
+            "statistic": float("nan"),
+            "effect_lo": float("nan"),
+            "effect_hi": float("nan"),
+            "p_value": float("nan"),
+            **base,
+            "n_permutations": 0,
+        }
     gen = torch.Generator().manual_seed(seed)
-    observed = sum(_within_layer_sum(values[layer], flags[layer], int(flags[layer].sum()))
-                   for layer in layers) / n_flagged
+    observed = (
+        sum(
+            _within_layer_sum(values[layer], flags[layer], int(flags[layer].sum()))
+            for layer in layers
+        )
+        / n_flagged
+    )
     null = torch.zeros(n_permutations, dtype=torch.float64)
     for layer in layers:
         n_heads, m = values.shape[1], int(flags[layer].sum())
@@ -243,5 +296,11 @@ def layer_permutation_test(values: torch.Tensor, is_induction: torch.Tensor, n_p
     pick = torch.randint(0, n_flagged, (n_boot, n_flagged), generator=gen)
     boot = (flagged_value[pick] - baseline.gather(1, flagged_layer[pick])).mean(-1)
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"statistic": float(observed), "effect_lo": lo, "effect_hi": hi,
-            "p_value": (1 + hits) / (1 + n_permutations), **base, "n_permutations": n_permutations}
+    return {
+        "statistic": float(observed),
+        "effect_lo": lo,
+        "effect_hi": hi,
+        "p_value": (1 + hits) / (1 + n_permutations),
+        **base,
+        "n_permutations": n_permutations,
+    }

@@ -67,10 +67,15 @@ class AblationGrid:
     def variants(self, d_model: int) -> list[Cell]:
         """Every cell at one layer; random cells carry a control basis and a draw number."""
         cells = []
-        for subspace, k, mode, site in product(self.subspaces, self.resolve_k(d_model), self.modes, self.sites):
+        for subspace, k, mode, site in product(
+            self.subspaces, self.resolve_k(d_model), self.modes, self.sites
+        ):
             if subspace == "random":
-                cells += [Cell(subspace, k, basis, mode, site, draw)
-                          for basis in self.random_bases() for draw in range(self.random_draws)]
+                cells += [
+                    Cell(subspace, k, basis, mode, site, draw)
+                    for basis in self.random_bases()
+                    for draw in range(self.random_draws)
+                ]
             else:
                 cells += [Cell(subspace, k, basis, mode, site) for basis in self.bases]
         return cells
@@ -115,14 +120,30 @@ class CellResults:
             est = spread.estimate
             edit = float(torch.stack([torch.cat(self.edit[c]) for c in cells]).mean())
             subspace, k, basis, mode, site = key
-            rows.append({"layer": self.layer, "subspace": subspace, "k": k, "basis": basis,
-                         "mode": mode, "site": site, "kl": est.mean, "kl_lo": est.lo,
-                         "kl_hi": est.hi, "n_tokens": est.n_tokens, "n_draws": spread.n_draws,
-                         "draw_sd": spread.draw_sd, "draw_min": spread.draw_min,
-                         "draw_max": spread.draw_max, "edit_rel": edit})
+            rows.append(
+                {
+                    "layer": self.layer,
+                    "subspace": subspace,
+                    "k": k,
+                    "basis": basis,
+                    "mode": mode,
+                    "site": site,
+                    "kl": est.mean,
+                    "kl_lo": est.lo,
+                    "kl_hi": est.hi,
+                    "n_tokens": est.n_tokens,
+                    "n_draws": spread.n_draws,
+                    "draw_sd": spread.draw_sd,
+                    "draw_min": spread.draw_min,
+                    "draw_max": spread.draw_max,
+                    "edit_rel": edit,
+                }
+            )
         return rows
 
 
 def relative_edit(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """``||after - before|| / ||before||`` per vector (last axis)."""
-    return (after.double() - before.double()).norm(dim=-1) / before.double().norm(dim=-1).clamp_min(1e-30)
+    return (after.double() - before.double()).norm(dim=-1) / before.double().norm(dim=-1).clamp_min(
+        1e-30
+    )

@@ -31,12 +31,21 @@ from lensspace.stats import row_dot
 from lensspace.subspaces import Basis, random_subspace, select
 
 
-def subspace_basis(bases: dict[str, Basis], grid: AblationGrid, layer: int, subspace: str, k: int,
-                   basis: str, draw: int = 0) -> torch.Tensor:
+def subspace_basis(
+    bases: dict[str, Basis],
+    grid: AblationGrid,
+    layer: int,
+    subspace: str,
+    k: int,
+    basis: str,
+    draw: int = 0,
+) -> torch.Tensor:
     """The [d, k] orthonormal basis of one cell (random: its own seeded draw)."""
     if subspace == "random":
         vectors = next(iter(bases.values())).vectors
-        return random_subspace(vectors.shape[0], k, grid.random_seed(layer, k, basis, draw), vectors.device)
+        return random_subspace(
+            vectors.shape[0], k, grid.random_seed(layer, k, basis, draw), vectors.device
+        )
     return select(bases[basis].vectors, subspace, k)
 
 
@@ -84,7 +93,11 @@ class LinearHead:
         bias, out_bias = adapter.norm_bias, adapter.unembedding_bias
         self.c0 = w @ bias.detach().float() if bias is not None else None
         if out_bias is not None:
-            self.c0 = out_bias.detach().float() if self.c0 is None else self.c0 + out_bias.detach().float()
+            self.c0 = (
+                out_bias.detach().float()
+                if self.c0 is None
+                else self.c0 + out_bias.detach().float()
+            )
         self.centred = adapter.norm_kind == "layernorm"
         self.capped = adapter.logit_softcap is not None
 
@@ -94,15 +107,18 @@ class LinearHead:
     def scale(self, cz: torch.Tensor) -> torch.Tensor:
         return self.adapter.norm_scale(cz)
 
-    def rescale(self, cz: torch.Tensor, s: torch.Tensor,
-                removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rescale(
+        self, cz: torch.Tensor, s: torch.Tensor, removed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``1 / sigma`` and ``1 / sigma - 1 / s`` for ``sigma = s(cz - removed)``: the difference
         from ``sigma^2 - s^2 = mean(removed^2 - 2 cz removed)``, not from two close inverses
         (None without a final norm, where both scales are 1)."""
         if self.adapter.norm_kind == "none":
             return 1 / s, None
         change = (removed * (removed - 2 * cz)).mean(-1, keepdim=True)
-        sigma = self.scale(cz - removed)  # directly: accurate also where the ablation removes most of cz
+        sigma = self.scale(
+            cz - removed
+        )  # directly: accurate also where the ablation removes most of cz
         return 1 / sigma, -change / (s * sigma * (s + sigma))
 
     def output(self, logits: torch.Tensor) -> torch.Tensor:
@@ -116,8 +132,13 @@ class LinearHead:
         logits = gemm.linear(cz / s, self.g)
         return (logits + self.c0 if self.c0 is not None else logits), s
 
-    def plan(self, qs: dict[tuple, torch.Tensor], cells: list[Cell], means: dict[str, torch.Tensor],
-             carried: dict[tuple, torch.Tensor] | None = None) -> tuple[list[_Product], list[_Ablation]]:
+    def plan(
+        self,
+        qs: dict[tuple, torch.Tensor],
+        cells: list[Cell],
+        means: dict[str, torch.Tensor],
+        carried: dict[tuple, torch.Tensor] | None = None,
+    ) -> tuple[list[_Product], list[_Ablation]]:
         """The products and ablations that give every cell: one product per subspace (and per
         site where the norm centres), none for a half whose complement is in the grid.
 
@@ -145,7 +166,9 @@ class LinearHead:
         grouped: dict[tuple, list[Cell]] = {}
         for cell in cells:
             site = "pre_norm" if carried is not None else cell.site
-            grouped.setdefault(((cell.subspace, cell.k, cell.basis, cell.draw), site), []).append(cell)
+            grouped.setdefault(((cell.subspace, cell.k, cell.basis, cell.draw), site), []).append(
+                cell
+            )
         ablations = []
         for (key, site), site_cells in grouped.items():
             subspace, k, basis, draw = key
@@ -159,11 +182,24 @@ class LinearHead:
                 if cell.mode == "mean":
                     m_q = means[site] @ q
                     # the mean's component, carried to the logits: (m q)(G C q)^T or (m q)(G q)^T
-                    shift["mean"], const["mean"] = m_q, (m_q @ (c_q if site == "pre_norm" else out).T) @ self.g.T
+                    shift["mean"], const["mean"] = (
+                        m_q,
+                        (m_q @ (c_q if site == "pre_norm" else out).T) @ self.g.T,
+                    )
                 else:
                     shift[cell.mode], const[cell.mode] = None, None
-            ablations.append(_Ablation(site_cells, site, q, c_q, product(partner if complement else key, site),
-                                       complement, shift, const))
+            ablations.append(
+                _Ablation(
+                    site_cells,
+                    site,
+                    q,
+                    c_q,
+                    product(partner if complement else key, site),
+                    complement,
+                    shift,
+                    const,
+                )
+            )
         return product_list, ablations
 
     def _centre_cols(self, q: torch.Tensor) -> torch.Tensor:
@@ -188,8 +224,9 @@ class _Clean:
         return (logits + self.c0 if self.c0 is not None else logits) - self.log_z[rows]
 
 
-def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor, clean: _Clean,
-                    scratch: torch.Tensor) -> torch.Tensor:
+def _kl_from_change(
+    t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor, clean: _Clean, scratch: torch.Tensor
+) -> torch.Tensor:
     """Token KL(p || softmax(l + delta)) [n, 1] from ``t = delta - c`` [n, V], ``c`` a per-row
     shift near ``E_p[delta]`` that keeps ``t`` small: ``KL = log1p(E_p[expm1(t)]) - E_p[t]``,
     exact for any shift, and without the cancellation of two log-sum-exps or of ``E_p[e^t]``
@@ -212,8 +249,9 @@ def _kl_from_change(t: torch.Tensor, p: torch.Tensor, bound: torch.Tensor, clean
     return kl.clamp_min_(0.0)
 
 
-def _large_rows_kl(t_rows: torch.Tensor, p_rows: torch.Tensor, s0_rows: torch.Tensor,
-                   log_p: torch.Tensor) -> torch.Tensor:
+def _large_rows_kl(
+    t_rows: torch.Tensor, p_rows: torch.Tensor, s0_rows: torch.Tensor, log_p: torch.Tensor
+) -> torch.Tensor:
     """The KL of rows whose ``t`` passes :data:`_SAFE_EXPONENT`: their terms ``p (e^t - 1)`` where
     ``t`` is that large formed as ``exp(log p + t)`` (``log_p``: the rows' clean log-probabilities),
     and past float32's range (KL > 88 nats) the whole sum as a log-sum-exp."""
@@ -225,8 +263,14 @@ def _large_rows_kl(t_rows: torch.Tensor, p_rows: torch.Tensor, s0_rows: torch.Te
     return exact
 
 
-def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
-              clean: _Clean) -> torch.Tensor | None:
+def _fused_kl(
+    change: _Change,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    p: torch.Tensor,
+    c: torch.Tensor,
+    clean: _Clean,
+) -> torch.Tensor | None:
     """:func:`_kl_from_change` for one cell in one compiled pass over ``p``, ``a`` and ``d``
     (:mod:`lensspace.fused`), rows past :data:`_SAFE_EXPONENT` redone in log space by a second
     compiled loop (or eagerly, where it failed); None where the first could not be compiled."""
@@ -247,12 +291,23 @@ def _fused_kl(change: "_Change", a: torch.Tensor, d: torch.Tensor, p: torch.Tens
     large = t_max.squeeze(-1) > _SAFE_EXPONENT
     if large.any():
         rows = large.nonzero().squeeze(-1)
-        c0 = clean.c0 if clean.c0 is not None else torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
-        inv_s = clean.inv_s.clone() if change.k2 is clean.inv_s else clean.inv_s  # after the norm, k2 is 1 / s
-        terms = (fused.large_rows(rows, p, a, d, k1, change.k2, v, k3, c, inv_s, c0, clean.log_z)
-                 if fused.large_rows.usable(a) else None)
+        c0 = (
+            clean.c0
+            if clean.c0 is not None
+            else torch.zeros(p.shape[1], dtype=p.dtype, device=p.device)
+        )
+        inv_s = (
+            clean.inv_s.clone() if change.k2 is clean.inv_s else clean.inv_s
+        )  # after the norm, k2 is 1 / s
+        terms = (
+            fused.large_rows(rows, p, a, d, k1, change.k2, v, k3, c, inv_s, c0, clean.log_z)
+            if fused.large_rows.usable(a)
+            else None
+        )
         exact = torch.log1p(terms[0]) - s0[rows] if terms is not None else None
-        if exact is None or not torch.isfinite(exact).all():  # past float64's exp too (KL > 700 nats)
+        if (
+            exact is None or not torch.isfinite(exact).all()
+        ):  # past float64's exp too (KL > 700 nats)
             t_rows = a[rows] * k1[rows] - d[rows] * change.k2[rows] + v * k3[rows] - c[rows]
             exact = _large_rows_kl(t_rows, p[rows], s0[rows].to(p.dtype), clean.log_p(rows))
         kl[rows] = exact.to(p.dtype)
@@ -277,8 +332,14 @@ class _Change:
     edit: torch.Tensor
 
 
-def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Tensor,
-                changes: list[_Change], clean: _Clean) -> list[torch.Tensor]:
+def _change_kls(
+    a: torch.Tensor,
+    r: torch.Tensor,
+    p: torch.Tensor,
+    p_a: torch.Tensor,
+    changes: list[_Change],
+    clean: _Clean,
+) -> list[torch.Tensor]:
     """Token KLs [N, 1] of every cell that reads the product ``r``: the removed part ``D``
     (``r``, or ``A - r``) and its dot product with ``p`` once, then per cell the fused sums
     (:func:`_fused_kl`) or, eagerly, ``t = delta - E_p[delta]`` (into reused buffers, with ``D``'s
@@ -319,9 +380,14 @@ def _change_kls(a: torch.Tensor, r: torch.Tensor, p: torch.Tensor, p_a: torch.Te
 
 
 @torch.no_grad()
-def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablations: list[_Ablation],
-             source: torch.Tensor | None = None,
-             on_clean: Callable[[torch.Tensor], None] | None = None) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:
+def grid_kls(
+    head: LinearHead,
+    z: torch.Tensor,
+    products: list[_Product],
+    ablations: list[_Ablation],
+    source: torch.Tensor | None = None,
+    on_clean: Callable[[torch.Tensor], None] | None = None,
+) -> dict[Cell, tuple[torch.Tensor, torch.Tensor]]:
     """Per cell: token KL(p_lens(z) || p_lens(z_ablated)) and relative edit size, ``z`` [N, d]
     (``source`` [N, d]: the vectors a ``carried`` plan ablates, :meth:`LinearHead.plan`;
     ``on_clean`` is handed the clean logits before they are overwritten and must not change them).
@@ -360,9 +426,11 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
     const_keys = [(id(ab), m) for ab in ablations for m in ab.const if ab.const[m] is not None]
     p_const, const_max = {}, {}
     if const_keys:  # p . alpha (or beta) of every mean ablation, in one matrix product
-        consts = torch.stack([ab.const[m] for ab in ablations for m in ab.const if ab.const[m] is not None], 1)
+        consts = torch.stack(
+            [ab.const[m] for ab in ablations for m in ab.const if ab.const[m] is not None], 1
+        )
         dots = p @ consts
-        p_const = {key: dots[:, i: i + 1] for i, key in enumerate(const_keys)}
+        p_const = {key: dots[:, i : i + 1] for i, key in enumerate(const_keys)}
         const_max = dict(zip(const_keys, consts.amax(0)))
     out = {}
     by_product: dict[int, list[_Ablation]] = {}
@@ -370,7 +438,9 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
         by_product.setdefault(ab.product, []).append(ab)
     before_norm = z if source is None else source
     for index, product in enumerate(products):
-        r = gemm.linear((before_norm if product.source == "pre_norm" else cz) @ product.q, product.lin)
+        r = gemm.linear(
+            (before_norm if product.source == "pre_norm" else cz) @ product.q, product.lin
+        )
         changes = []
         for ab in by_product.get(index, []):
             x_site = before_norm if ab.site == "pre_norm" else cz * inv_s
@@ -379,7 +449,9 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
                 shift, const = ab.shift[cell.mode], ab.const[cell.mode]
                 a_k = coeff - shift if shift is not None else coeff
                 edit = a_k.norm(dim=-1) / x_site.norm(dim=-1).clamp_min(1e-30)
-                inv_sigma, k1 = head.rescale(cz, s, a_k @ ab.c_q.T) if ab.site == "pre_norm" else (inv_s, None)
+                inv_sigma, k1 = (
+                    head.rescale(cz, s, a_k @ ab.c_q.T) if ab.site == "pre_norm" else (inv_s, None)
+                )
                 alpha = const if const is not None and ab.site == "pre_norm" else None
                 beta = const if const is not None and ab.site == "post_norm" else None
                 if head.capped:
@@ -398,7 +470,9 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
                     p_c, c_max = p_const[(id(ab), cell.mode)], const_max[(id(ab), cell.mode)]
                     base = base + (p_c * inv_sigma if alpha is not None else p_c)
                     top = top + (c_max * inv_sigma if alpha is not None else c_max)
-                changes.append(_Change(cell, ab.complement, k1, inv_sigma, alpha, beta, base, top, edit))
+                changes.append(
+                    _Change(cell, ab.complement, k1, inv_sigma, alpha, beta, base, top, edit)
+                )
         if changes:
             for change, kl in zip(changes, _change_kls(a, r, p, p_a, changes, clean_parts)):
                 out[change.cell] = (kl.squeeze(-1), change.edit)
@@ -407,13 +481,24 @@ def grid_kls(head: LinearHead, z: torch.Tensor, products: list[_Product], ablati
 
 
 @torch.no_grad()
-def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-              layer: int, grid: AblationGrid, chunk: int = 8) -> CellResults:
+def run_layer(
+    adapter: Adapter,
+    lens: TunedLens,
+    cache: ActivationCache,
+    bases: dict[str, Basis],
+    layer: int,
+    grid: AblationGrid,
+    chunk: int = 8,
+) -> CellResults:
     """Every grid cell at one layer, per held-out sequence."""
     cells = grid.variants(adapter.d_model)
     head = LinearHead(adapter)
-    qs = {(c.subspace, c.k, c.basis, c.draw): subspace_basis(bases, grid, layer, c.subspace, c.k, c.basis, c.draw)
-          for c in cells}
+    qs = {
+        (c.subspace, c.k, c.basis, c.draw): subspace_basis(
+            bases, grid, layer, c.subspace, c.k, c.basis, c.draw
+        )
+        for c in cells
+    }
     z_train = translate(lens, cache.load(layer, "train")[:, 1:], layer)
     means = {"pre_norm": z_train.mean((0, 1)), "post_norm": adapter.normalize(z_train).mean((0, 1))}
     del z_train
@@ -421,16 +506,24 @@ def run_layer(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: 
     results = CellResults(layer, grid)
     h = cache.load(layer, "eval")
     for start in range(0, len(h), chunk):
-        z = translate(lens, h[start: start + chunk, 1:], layer).float()
+        z = translate(lens, h[start : start + chunk, 1:], layer).float()
         shape = z.shape[:-1]
-        for cell, (kl, edit) in grid_kls(head, z.reshape(-1, z.shape[-1]), products, ablations).items():
+        for cell, (kl, edit) in grid_kls(
+            head, z.reshape(-1, z.shape[-1]), products, ablations
+        ).items():
             results.add(cell, kl.reshape(shape), edit.reshape(shape))
     return results
 
 
 @torch.no_grad()
-def norm_shares(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-                layer: int, grid: AblationGrid) -> list[dict]:
+def norm_shares(
+    adapter: Adapter,
+    lens: TunedLens,
+    cache: ActivationCache,
+    bases: dict[str, Basis],
+    layer: int,
+    grid: AblationGrid,
+) -> list[dict]:
     """Share of the lens vectors' squared norm in each subspace, split into the constant part
     (the held-out mean's component) and the token-varying part; they add up exactly.
 
@@ -451,10 +544,19 @@ def norm_shares(adapter: Adapter, lens: TunedLens, cache: ActivationCache, bases
                     q = select(bases[basis].vectors, subspace, k).double()
                     constant = (mu @ q).pow(2).sum()
                     varying = ((x - mu) @ q).pow(2).sum(-1).mean()
-                    rows.append({"layer": layer, "site": site, "basis": basis, "subspace": subspace,
-                                 "k": k, "share": float((constant + varying) / total),
-                                 "constant_share": float(constant / total),
-                                 "varying_share": float(varying / total),
-                                 "constant_norm": float(constant.sqrt()),
-                                 "varying_rms": float(varying.sqrt()), "n_tokens": len(x)})
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "site": site,
+                            "basis": basis,
+                            "subspace": subspace,
+                            "k": k,
+                            "share": float((constant + varying) / total),
+                            "constant_share": float(constant / total),
+                            "varying_share": float(varying / total),
+                            "constant_norm": float(constant.sqrt()),
+                            "varying_rms": float(varying.sqrt()),
+                            "n_tokens": len(x),
+                        }
+                    )
     return rows

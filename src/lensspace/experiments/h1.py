@@ -11,7 +11,7 @@ on a random lens-space subspace.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tuned_lens.nn import TunedLens
@@ -29,8 +29,15 @@ PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
-def cell_edit(cell: Cell, bases: dict[str, Basis], lens: TunedLens, layer: int, grid: AblationGrid,
-              h_mean: torch.Tensor, z_mean: torch.Tensor) -> Edit:
+def cell_edit(
+    cell: Cell,
+    bases: dict[str, Basis],
+    lens: TunedLens,
+    layer: int,
+    grid: AblationGrid,
+    h_mean: torch.Tensor,
+    z_mean: torch.Tensor,
+) -> Edit:
     """The residual edit ``h -> h'`` of one cell."""
     if cell.basis in ("lens_pullback", "random_lens_pullback"):
         lens_basis = PULLED_BACK if cell.basis == "lens_pullback" else cell.basis
@@ -43,8 +50,15 @@ def cell_edit(cell: Cell, bases: dict[str, Basis], lens: TunedLens, layer: int, 
 
 
 @torch.no_grad()
-def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bases: dict[str, Basis],
-               layers: Sequence[int], grid: AblationGrid, chunk: int = 4) -> dict[int, CellResults]:
+def run_layers(
+    runner: BlockRunner,
+    lens: TunedLens,
+    cache: ActivationCache,
+    bases: dict[str, Basis],
+    layers: Sequence[int],
+    grid: AblationGrid,
+    chunk: int = 4,
+) -> dict[int, CellResults]:
     """Every grid cell at each of ``layers``, resuming from the cache, per held-out sequence.
 
     Per chunk of sequences one clean pass from the cached residual at the earliest layer gives
@@ -61,15 +75,17 @@ def run_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, bas
         h_mean = h_train.mean((0, 1))
         z_mean = translate(lens, h_train, layer).double().mean((0, 1))
         del h_train
-        edits[layer] = {cell: cell_edit(cell, bases, lens, layer, grid, h_mean, z_mean)
-                        for cell in grid.variants(runner.adapter.d_model)}
+        edits[layer] = {
+            cell: cell_edit(cell, bases, lens, layer, grid, h_mean, z_mean)
+            for cell in grid.variants(runner.adapter.d_model)
+        }
     results = {layer: CellResults(layer, grid) for layer in layers}
     root = layers[0]
     h = cache.load(root, "eval")
     head = runner.adapter.logits
     for first in range(0, len(h), chunk):
         starts: dict[int, torch.Tensor] = {}
-        final = runner.run(h[first: first + chunk], root, interventions=recording(starts, layers))
+        final = runner.run(h[first : first + chunk], root, interventions=recording(starts, layers))
         clean = KLReference.from_logits(head(final[:, 1:]))  # the head on positions 1.. only
         del final
         for layer in layers:

@@ -13,8 +13,9 @@ directions still decide the prediction?
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -73,16 +74,18 @@ class EmbeddingLens(torch.nn.Module):
         return e + self.linear(e)
 
 
-def mapped_residual(emb_lens: Callable[[torch.Tensor], torch.Tensor], e: torch.Tensor,
-                    h: torch.Tensor) -> torch.Tensor:
+def mapped_residual(
+    emb_lens: Callable[[torch.Tensor], torch.Tensor], e: torch.Tensor, h: torch.Tensor
+) -> torch.Tensor:
     """The layer-``i`` residual that blocks run from: ``E_i(e)`` at positions ``1..``, and at
     position 0 the model's own cached ``h`` (the attention sink, whose residual the embedding
     cannot stand in for and which ``E_i`` is not fitted on)."""
     return torch.cat([h[:, :1], emb_lens(e[:, 1:])], dim=1)
 
 
-TIED_NOTE = ("W_E is tied to W_U: the embedding basis is H0's unembedding basis, "
-             "not an independent basis.")
+TIED_NOTE = (
+    "W_E is tied to W_U: the embedding basis is H0's unembedding basis, not an independent basis."
+)
 
 
 def embeddings_tied(adapter: Adapter) -> bool:
@@ -90,16 +93,22 @@ def embeddings_tied(adapter: Adapter) -> bool:
     return adapter.embeddings_tied()
 
 
-def route_logits(runner: BlockRunner, lens: TunedLens, layer: int, h: torch.Tensor,
-                 objective: Objective) -> torch.Tensor:
+def route_logits(
+    runner: BlockRunner, lens: TunedLens, layer: int, h: torch.Tensor, objective: Objective
+) -> torch.Tensor:
     """Logits of a layer-``layer`` residual ``h`` [n, T, d] by the chosen route."""
     if objective == "lens":
         return runner.adapter.logits(translate(lens, h, layer))
     return runner.logits(h, start=layer)
 
 
-def fit_embedding_lenses(runner: BlockRunner, lens: TunedLens, cache: ActivationCache, layers: Sequence[int],
-                         settings: EmbeddingLensSettings) -> dict[int, EmbeddingLens]:
+def fit_embedding_lenses(
+    runner: BlockRunner,
+    lens: TunedLens,
+    cache: ActivationCache,
+    layers: Sequence[int],
+    settings: EmbeddingLensSettings,
+) -> dict[int, EmbeddingLens]:
     """Least squares from the layer-0 residual to each of ``layers``, then KL refinement.
 
     The refinement runs its steps for all layers at once: every layer draws the same seeded
@@ -110,19 +119,26 @@ def fit_embedding_lenses(runner: BlockRunner, lens: TunedLens, cache: Activation
     hs = {layer: cache.load(layer, "train") for layer in layers}
     emb_lenses = {}
     for layer, h in hs.items():
-        weight, bias = fit_affine(e[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]),
-                                  settings.ridge)
+        weight, bias = fit_affine(
+            e[:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1]), settings.ridge
+        )
         emb_lenses[layer] = EmbeddingLens(weight, bias)
     if settings.refine_steps:
         final = cache.final("train")
         gen = torch.Generator().manual_seed(settings.seed)
-        opts = {layer: torch.optim.Adam(emb_lens.parameters(), lr=settings.lr)
-                for layer, emb_lens in emb_lenses.items()}
+        opts = {
+            layer: torch.optim.Adam(emb_lens.parameters(), lr=settings.lr)
+            for layer, emb_lens in emb_lenses.items()
+        }
         losses = {}
         for _ in range(settings.refine_steps):
-            pick = move(torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device)
+            pick = move(
+                torch.randint(0, len(e), (settings.refine_sequences,), generator=gen), e.device
+            )
             with torch.no_grad():
-                target_p, target_p_logp = kl_target(runner.adapter.logits(final[pick, 1:]).log_softmax(-1))
+                target_p, target_p_logp = kl_target(
+                    runner.adapter.logits(final[pick, 1:]).log_softmax(-1)
+                )
             for layer, emb_lens in emb_lenses.items():
                 mapped = mapped_residual(emb_lens, e[pick], hs[layer][pick])
                 if settings.objective == "lens":
@@ -136,8 +152,10 @@ def fit_embedding_lenses(runner: BlockRunner, lens: TunedLens, cache: Activation
                 opts[layer].step()
                 losses[layer] = float(loss.detach())
         for layer, loss in losses.items():
-            print(f"layer {layer}: refined E by the {settings.objective} route, last batch KL {loss:.4f}",
-                  file=sys.stderr)
+            print(
+                f"layer {layer}: refined E by the {settings.objective} route, last batch KL {loss:.4f}",
+                file=sys.stderr,
+            )
     return {layer: emb_lens.requires_grad_(False) for layer, emb_lens in emb_lenses.items()}
 
 
@@ -148,20 +166,31 @@ def _differentiable_run(runner: BlockRunner, h: torch.Tensor, start: int) -> tor
     return runner.adapter.logits(h)
 
 
-def carried_columns(lens: TunedLens, emb_lens: EmbeddingLens, layer: int,
-                    qs: dict[tuple, torch.Tensor]) -> dict[tuple, torch.Tensor]:
+def carried_columns(
+    lens: TunedLens, emb_lens: EmbeddingLens, layer: int, qs: dict[tuple, torch.Tensor]
+) -> dict[tuple, torch.Tensor]:
     """``M q`` per subspace, ``M = (I + A_i)(I + B_i)`` the linear part of ``e -> T_i(E_i(e))``
     (in float64): where an ablation of the embedding lands in lens space."""
     translator = lens.layer_translators[layer]
-    eye = torch.eye(translator.weight.shape[0], dtype=torch.float64, device=translator.weight.device)
-    m = (eye + translator.weight.detach().double()) @ (eye + emb_lens.linear.weight.detach().double())
+    eye = torch.eye(
+        translator.weight.shape[0], dtype=torch.float64, device=translator.weight.device
+    )
+    m = (eye + translator.weight.detach().double()) @ (
+        eye + emb_lens.linear.weight.detach().double()
+    )
     return {key: (m @ q.double()).float() for key, q in qs.items()}
 
 
 @torch.no_grad()
-def evaluate_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache,
-                    emb_lenses: dict[int, EmbeddingLens], basis: Basis, grid: AblationGrid,
-                    chunk: int = 4) -> dict[int, tuple[dict, CellResults]]:
+def evaluate_layers(
+    runner: BlockRunner,
+    lens: TunedLens,
+    cache: ActivationCache,
+    emb_lenses: dict[int, EmbeddingLens],
+    basis: Basis,
+    grid: AblationGrid,
+    chunk: int = 4,
+) -> dict[int, tuple[dict, CellResults]]:
     """Per layer: held-out R^2 and route KLs of ``E_layer``, and the input-direction ablation grid.
 
     ``z = T_i(E_i(e))`` is affine in ``e``, so an ablated input's lens vector is ``z`` minus
@@ -179,14 +208,28 @@ def evaluate_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache
     for layer, emb_lens in emb_lenses.items():
         h = cache.load(layer, "eval")
         mapped[layer] = mapped_residual(emb_lens, e, h)
-        fits[layer] = {"layer": layer, "r2": r_squared(mapped[layer][:, 1:].reshape(-1, e.shape[-1]),
-                                                         h[:, 1:].reshape(-1, h.shape[-1]))}
-        qs = {(c.subspace, c.k, c.basis, c.draw): subspace_basis({basis.name: basis}, grid, layer, c.subspace,
-                                                                 c.k, c.basis, c.draw) for c in cells}
-        plans[layer] = head.plan(qs, cells, {"pre_norm": mean}, carried_columns(lens, emb_lens, layer, qs))
-    route_kl = {(layer, objective): [] for layer in emb_lenses for objective in ("lens", "downstream")}
+        fits[layer] = {
+            "layer": layer,
+            "r2": r_squared(
+                mapped[layer][:, 1:].reshape(-1, e.shape[-1]), h[:, 1:].reshape(-1, h.shape[-1])
+            ),
+        }
+        qs = {
+            (c.subspace, c.k, c.basis, c.draw): subspace_basis(
+                {basis.name: basis}, grid, layer, c.subspace, c.k, c.basis, c.draw
+            )
+            for c in cells
+        }
+        plans[layer] = head.plan(
+            qs, cells, {"pre_norm": mean}, carried_columns(lens, emb_lens, layer, qs)
+        )
+    route_kl = {
+        (layer, objective): [] for layer in emb_lenses for objective in ("lens", "downstream")
+    }
     results = {layer: CellResults(layer, grid) for layer in emb_lenses}
-    for start in tqdm(range(0, len(e), chunk), desc="H2 evaluation", file=sys.stderr, mininterval=5):
+    for start in tqdm(
+        range(0, len(e), chunk), desc="H2 evaluation", file=sys.stderr, mininterval=5
+    ):
         sl = slice(start, start + chunk)
         target = KLReference(adapter.logits(final[sl, 1:]).log_softmax(-1))
         x = e[sl, 1:]
@@ -197,7 +240,9 @@ def evaluate_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache
             def lens_route(logits: torch.Tensor, layer: int = layer) -> None:
                 route_kl[(layer, "lens")].append(target.kl(logits.reshape(*shape, -1).clone()))
 
-            kls = grid_kls(head, z.reshape(-1, d), *plans[layer], source=x.reshape(-1, d), on_clean=lens_route)
+            kls = grid_kls(
+                head, z.reshape(-1, d), *plans[layer], source=x.reshape(-1, d), on_clean=lens_route
+            )
             for cell, (kl, edit) in kls.items():
                 results[layer].add(cell, kl.reshape(shape), edit.reshape(shape))
             downstream = adapter.logits(runner.run(mapped[layer][sl], start=layer)[:, 1:])
@@ -205,9 +250,16 @@ def evaluate_layers(runner: BlockRunner, lens: TunedLens, cache: ActivationCache
     out = {}
     for layer, fit in fits.items():
         for objective in ("lens", "downstream"):
-            est = bootstrap_mean(torch.cat(route_kl[(layer, objective)]), n_boot=grid.n_boot, seed=grid.seed)
-            fit.update({f"kl_{objective}_route": est.mean, f"kl_{objective}_route_lo": est.lo,
-                        f"kl_{objective}_route_hi": est.hi})
+            est = bootstrap_mean(
+                torch.cat(route_kl[(layer, objective)]), n_boot=grid.n_boot, seed=grid.seed
+            )
+            fit.update(
+                {
+                    f"kl_{objective}_route": est.mean,
+                    f"kl_{objective}_route_lo": est.lo,
+                    f"kl_{objective}_route_hi": est.hi,
+                }
+            )
         fit["n_tokens"] = est.n_tokens
         out[layer] = (fit, results[layer])
     return out

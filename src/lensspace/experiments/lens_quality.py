@@ -23,7 +23,7 @@ from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
-from lensspace.lenses import LensTraining, held_out_sequences, translate, train_lens
+from lensspace.lenses import LensTraining, held_out_sequences, train_lens, translate
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
 from lensspace.stats import KLReference, adjust, bootstrap_mean, paired_difference
 from lensspace.subspaces import Basis
@@ -36,7 +36,9 @@ class LensQualitySettings:
     fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     refine: tuple[bool, ...] = (False, True)
     layers: tuple[int, ...] = (0,)
-    grid: AblationGrid = AblationGrid(bases=("unembed",), sites=("pre_norm",), experiment="lens_quality")
+    grid: AblationGrid = AblationGrid(
+        bases=("unembed",), sites=("pre_norm",), experiment="lens_quality"
+    )
     test_resamples: int = 20000
 
 
@@ -62,14 +64,15 @@ def budget_label(fraction: float, refine: bool) -> str:
 
 
 @torch.no_grad()
-def held_out_kl(adapter: Adapter, lens: TunedLens, cache: ActivationCache, layer: int,
-                chunk: int = 4) -> torch.Tensor:
+def held_out_kl(
+    adapter: Adapter, lens: TunedLens, cache: ActivationCache, layer: int, chunk: int = 4
+) -> torch.Tensor:
     """Per held-out sequence: mean KL(p_final || p_lens) at ``layer`` over positions 1.. [n_seq]."""
     final, h = cache.final("eval"), cache.load(layer, "eval")
     parts = []
     for start in range(0, len(h), chunk):
-        reference = KLReference(adapter.logits(final[start: start + chunk, 1:]).log_softmax(-1))
-        z = translate(lens, h[start: start + chunk, 1:], layer)
+        reference = KLReference(adapter.logits(final[start : start + chunk, 1:]).log_softmax(-1))
+        z = translate(lens, h[start : start + chunk, 1:], layer)
         parts.append(reference.kl(adapter.logits(z)).double().mean(1))
     return torch.cat(parts)
 
@@ -80,8 +83,13 @@ def _per_sequence(results, subspace: str, mode: str) -> torch.Tensor:
     return torch.stack([torch.cat(results.kl[c]).mean(1) for c in cells]).mean(0)
 
 
-def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], training: LensTraining,
-          settings: LensQualitySettings) -> tuple[list[dict], list[dict]]:
+def sweep(
+    adapter: Adapter,
+    cache: ActivationCache,
+    bases: dict[str, Basis],
+    training: LensTraining,
+    settings: LensQualitySettings,
+) -> tuple[list[dict], list[dict]]:
     """Rows of sweep.tsv (budget x layer x mode) and of per_sequence.tsv."""
     grid = settings.grid
     points = len(settings.fractions) * len(settings.refine) * len(settings.layers) * len(grid.modes)
@@ -96,34 +104,73 @@ def sweep(adapter: Adapter, cache: ActivationCache, bases: dict[str, Basis], tra
         n = max(2, round(fraction * n_train))
         for refine in settings.refine:
             label = budget_label(fraction, refine)
-            lens_settings = dataclasses.replace(training, refine_steps=training.refine_steps if refine else 0)
+            lens_settings = dataclasses.replace(
+                training, refine_steps=training.refine_steps if refine else 0
+            )
             print(f"budget {label}: {n} of {n_train} training sequences", flush=True)
-            lens = train_lens(adapter, TrainSubset(cache, n), lens_settings, label, layers=settings.layers)
+            lens = train_lens(
+                adapter, TrainSubset(cache, n), lens_settings, label, layers=settings.layers
+            )
             n_fit = n - len(held_out_sequences(n, seq_len, lens_settings))
-            keys = {"budget": label, "fraction": fraction, "refine": refine, "train_tokens": n * (seq_len - 1),
-                    "lstsq_tokens": n_fit * (seq_len - 1)}
+            keys = {
+                "budget": label,
+                "fraction": fraction,
+                "refine": refine,
+                "train_tokens": n * (seq_len - 1),
+                "lstsq_tokens": n_fit * (seq_len - 1),
+            }
             for layer in settings.layers:
                 lens_kl = held_out_kl(adapter, lens, cache, layer)
                 est = bootstrap_mean(lens_kl, grid.n_boot, grid.seed)
                 results = h0.run_layer(adapter, lens, cache, bases, layer, grid)
                 for mode in grid.modes:
-                    out, internal = _per_sequence(results, "output", mode), _per_sequence(results, "internal", mode)
+                    out, internal = (
+                        _per_sequence(results, "output", mode),
+                        _per_sequence(results, "internal", mode),
+                    )
                     random = _per_sequence(results, "random", mode)
                     comp = paired_difference(out, internal, resamples, grid.seed)
                     rand = paired_difference(random, internal, resamples, grid.seed)
-                    rows.append({**keys, "layer": layer, "mode": mode, "k": k, "basis": "unembed",
-                                 "site": "pre_norm", "lens_kl": est.mean, "lens_kl_lo": est.lo,
-                                 "lens_kl_hi": est.hi, "kl_output": comp.mean_a, "kl_internal": comp.mean_b,
-                                 "kl_random": rand.mean_a, "diff": comp.diff, "diff_lo": comp.lo,
-                                 "diff_hi": comp.hi, "p_value": comp.p_value,
-                                 "random_minus_internal": rand.diff, "random_minus_internal_lo": rand.lo,
-                                 "random_minus_internal_hi": rand.hi,
-                                 "n_draws": grid.random_draws, "n_tokens": n_tokens})
-                    for s, values in enumerate(zip(lens_kl.tolist(), out.tolist(), internal.tolist(),
-                                                   random.tolist())):
-                        sequences.append({**keys, "layer": layer, "mode": mode, "sequence": s,
-                                          "lens_kl": values[0], "kl_output": values[1],
-                                          "kl_internal": values[2], "kl_random": values[3]})
+                    rows.append(
+                        {
+                            **keys,
+                            "layer": layer,
+                            "mode": mode,
+                            "k": k,
+                            "basis": "unembed",
+                            "site": "pre_norm",
+                            "lens_kl": est.mean,
+                            "lens_kl_lo": est.lo,
+                            "lens_kl_hi": est.hi,
+                            "kl_output": comp.mean_a,
+                            "kl_internal": comp.mean_b,
+                            "kl_random": rand.mean_a,
+                            "diff": comp.diff,
+                            "diff_lo": comp.lo,
+                            "diff_hi": comp.hi,
+                            "p_value": comp.p_value,
+                            "random_minus_internal": rand.diff,
+                            "random_minus_internal_lo": rand.lo,
+                            "random_minus_internal_hi": rand.hi,
+                            "n_draws": grid.random_draws,
+                            "n_tokens": n_tokens,
+                        }
+                    )
+                    for s, values in enumerate(
+                        zip(lens_kl.tolist(), out.tolist(), internal.tolist(), random.tolist())
+                    ):
+                        sequences.append(
+                            {
+                                **keys,
+                                "layer": layer,
+                                "mode": mode,
+                                "sequence": s,
+                                "lens_kl": values[0],
+                                "kl_output": values[1],
+                                "kl_internal": values[2],
+                                "kl_random": values[3],
+                            }
+                        )
     for row, p in zip(rows, adjust([row["p_value"] for row in rows], CORRECTION)):
         row["p_adjusted"] = p
         row["verdict"] = LABELS.get(verdict(row["diff"], p), "not separable")

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -40,8 +41,17 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
-from lensspace.stats import (KLReference, OutputStats, adjust, bootstrap_intervals, bootstrap_mean, draw_spread,
-                             matched_permutation_p, paired_difference, resample_counts)
+from lensspace.stats import (
+    KLReference,
+    OutputStats,
+    adjust,
+    bootstrap_intervals,
+    bootstrap_mean,
+    draw_spread,
+    matched_permutation_p,
+    paired_difference,
+    resample_counts,
+)
 from lensspace.subspaces import select
 
 # Per-token effects of an ablation; the signed entropy change may be negative.
@@ -96,11 +106,12 @@ def null_space(adapter: Adapter, k: int) -> torch.Tensor:
     output = (vh @ removed).abs() < 0.5 * removed.norm() if float(removed.norm()) > 0 else s == s
     vh, s = vh[output], s[output]
     kernel = int((s <= s[0] * 1e-5).sum())  # zero up to the float32 rounding of the stored weights
-    return vh[len(vh) - max(k, kernel):].T.contiguous()
+    return vh[len(vh) - max(k, kernel) :].T.contiguous()
 
 
-def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int,
-                    null_k: int | None = None) -> pd.DataFrame:
+def neuron_geometry(
+    adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: int, null_k: int | None = None
+) -> pd.DataFrame:
     """One row per MLP neuron: norm, lens-space norm, output / internal share, logit effect, and
     (with ``null_k``) the share of the centred write in the :func:`null_space` of that size."""
     q_out = select(basis, "output", k).double().cpu()
@@ -108,7 +119,9 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
     q_null = null_space(adapter, null_k) if null_k else None
     w_u = adapter.unembedding.detach().double().cpu()
     centred = w_u - w_u.mean(0)
-    logit_cov = centred.T @ centred / (len(w_u) - 1)  # spread over the vocabulary of W_U x is sqrt(x^T C x)
+    logit_cov = (
+        centred.T @ centred / (len(w_u) - 1)
+    )  # spread over the vocabulary of W_U x is sqrt(x^T C x)
     gain = adapter.norm_gain.detach().double().cpu()
     frames = []
     for layer, m in enumerate(write_maps(adapter, lens)):
@@ -119,17 +132,22 @@ def neuron_geometry(adapter: Adapter, lens: TunedLens, basis: torch.Tensor, k: i
         x = normalised * gain
         spread = ((x @ logit_cov) * x).sum(1).clamp_min(0).sqrt()
         lens_norm = total.sqrt()
-        frame = pd.DataFrame({
-            "layer": layer, "neuron": range(len(w)), "norm": w.norm(dim=1).numpy(),
-            "lens_norm": lens_norm.numpy(),
-            "output_fraction": ((lens_w @ q_out).square().sum(1) / total).numpy(),
-            "internal_fraction": ((lens_w @ q_int).square().sum(1) / total).numpy(),
-            "logit_effect": spread.numpy(),
-            "logit_effect_rel": (spread / lens_norm.clamp_min(1e-30)).numpy(),
-        })
+        frame = pd.DataFrame(
+            {
+                "layer": layer,
+                "neuron": range(len(w)),
+                "norm": w.norm(dim=1).numpy(),
+                "lens_norm": lens_norm.numpy(),
+                "output_fraction": ((lens_w @ q_out).square().sum(1) / total).numpy(),
+                "internal_fraction": ((lens_w @ q_int).square().sum(1) / total).numpy(),
+                "logit_effect": spread.numpy(),
+                "logit_effect_rel": (spread / lens_norm.clamp_min(1e-30)).numpy(),
+            }
+        )
         if q_null is not None:
-            frame["null_fraction"] = ((normalised @ q_null).square().sum(1)
-                                      / normalised.square().sum(1).clamp_min(1e-300)).numpy()
+            frame["null_fraction"] = (
+                (normalised @ q_null).square().sum(1) / normalised.square().sum(1).clamp_min(1e-300)
+            ).numpy()
             frame["null_k"] = q_null.shape[1]
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -141,7 +159,9 @@ def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_stats(adapter: Adapter, ids: torch.Tensor, chunk: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def activation_stats(
+    adapter: Adapter, ids: torch.Tensor, chunk: int = 4
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of ``ids``."""
     sums: dict[int, torch.Tensor] = {}
     squares: dict[int, torch.Tensor] = {}
@@ -153,6 +173,7 @@ def activation_stats(adapter: Adapter, ids: torch.Tensor, chunk: int = 4) -> tup
             a = by_position(args[0], seq_len)[:, 1:].double()
             sums[layer] = sums.get(layer, 0) + a.sum((0, 1)).cpu()
             squares[layer] = squares.get(layer, 0) + a.square().sum((0, 1)).cpu()
+
         return hook
 
     with ExitStack() as stack:
@@ -160,37 +181,53 @@ def activation_stats(adapter: Adapter, ids: torch.Tensor, chunk: int = 4) -> tup
             handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
             stack.callback(handle.remove)
         for start in range(0, len(ids), chunk):
-            adapter.model(ids[start: start + chunk].long(), use_cache=False)
+            adapter.model(ids[start : start + chunk].long(), use_cache=False)
     n = ids[:, 1:].numel()
-    return ([sums[i] / n for i in range(adapter.n_layers)],
-            [(squares[i] / n).sqrt() for i in range(adapter.n_layers)])
+    return (
+        [sums[i] / n for i in range(adapter.n_layers)],
+        [(squares[i] / n).sqrt() for i in range(adapter.n_layers)],
+    )
 
 
 def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFrame:
     """The ``n_candidates`` largest-norm neurons of the candidate layers above the share threshold."""
-    pool = table[table["layer"].isin(settings.candidate_layers)
-                 & (table["internal_fraction"] >= settings.min_internal_share)]
-    return pool.sort_values(["norm", "layer", "neuron"], ascending=[False, True, True]).head(settings.n_candidates)
+    pool = table[
+        table["layer"].isin(settings.candidate_layers)
+        & (table["internal_fraction"] >= settings.min_internal_share)
+    ]
+    return pool.sort_values(["norm", "layer", "neuron"], ascending=[False, True, True]).head(
+        settings.n_candidates
+    )
 
 
-def matched_neurons(table: pd.DataFrame, candidates: pd.DataFrame, settings: NeuronSettings) -> list[list[int]]:
+def matched_neurons(
+    table: pd.DataFrame, candidates: pd.DataFrame, settings: NeuronSettings
+) -> list[list[int]]:
     """For each random draw, one control neuron per candidate: same layer, among the ``match_pool``
     non-candidates nearest in norm, drawn without replacement (seeded); no neuron serves two
     candidates, so each draw's set for the joint test has as many distinct neurons as candidates."""
     if settings.match_pool < settings.random_draws:
-        raise LensspaceError(f"neurons.match_pool ({settings.match_pool}) must be at least random_draws "
-                             f"({settings.random_draws}): each draw needs its own matched neuron")
+        raise LensspaceError(
+            f"neurons.match_pool ({settings.match_pool}) must be at least random_draws "
+            f"({settings.random_draws}): each draw needs its own matched neuron"
+        )
     gen = torch.Generator().manual_seed(settings.seed)
     taken = set(zip(candidates["layer"], candidates["neuron"]))
     draws: list[list[int]] = [[] for _ in range(settings.random_draws)]
     for layer, norm in zip(candidates["layer"], candidates["norm"]):
-        others = table[(table["layer"] == layer)
-                       & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in taken)]
+        others = table[
+            (table["layer"] == layer)
+            & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in taken)
+        ]
         if len(others) < settings.match_pool:
-            raise LensspaceError(f"neurons: layer {layer} has {len(others)} neurons left to match a candidate "
-                                 f"with, neurons.match_pool asks for {settings.match_pool}: lower it or "
-                                 "neurons.n_candidates")
-        nearest = others.iloc[(others["norm"] - norm).abs().argsort(kind="stable")[: settings.match_pool]]
+            raise LensspaceError(
+                f"neurons: layer {layer} has {len(others)} neurons left to match a candidate "
+                f"with, neurons.match_pool asks for {settings.match_pool}: lower it or "
+                "neurons.n_candidates"
+            )
+        nearest = others.iloc[
+            (others["norm"] - norm).abs().argsort(kind="stable")[: settings.match_pool]
+        ]
         picks = torch.randperm(len(nearest), generator=gen)[: settings.random_draws]
         for draw, pick in enumerate(picks.tolist()):
             neuron = int(nearest["neuron"].iloc[pick])
@@ -222,8 +259,14 @@ class NeuronAblation:
     ``d_log_scale`` = absolute change of the log of the final norm's scale.
     """
 
-    def __init__(self, runner: BlockRunner, cache: ActivationCache, means: list[torch.Tensor],
-                 n_sequences: int, chunk: int = 4):
+    def __init__(
+        self,
+        runner: BlockRunner,
+        cache: ActivationCache,
+        means: list[torch.Tensor],
+        n_sequences: int,
+        chunk: int = 4,
+    ):
         self.runner, self.cache, self.means, self.chunk = runner, cache, means, chunk
         self.n_sequences = n_sequences
         self._clean: dict[int, list[_Clean]] = {}
@@ -238,11 +281,17 @@ class NeuronAblation:
             h = self._residual(start)
             outs = []
             for i in range(0, len(h), self.chunk):
-                z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
+                z = self.runner.run(h[i : i + self.chunk], start=start)[:, 1:]
                 logits = self.runner.adapter.logits(z)
                 reference = KLReference.from_logits(logits)
                 # a copy: the compiled comparison is specialised on inputs that do not alias
-                outs.append(_Clean(reference, reference.compare(logits.clone()), _log_scale(self.runner.adapter, z)))
+                outs.append(
+                    _Clean(
+                        reference,
+                        reference.compare(logits.clone()),
+                        _log_scale(self.runner.adapter, z),
+                    )
+                )
             self._clean[start] = outs
         return self._clean[start]
 
@@ -257,7 +306,9 @@ class NeuronAblation:
 
         def hook_for(layer: int):
             if len(set(neurons[layer])) != len(neurons[layer]):
-                raise LensspaceError(f"neurons: layer {layer}'s set names a neuron twice: {neurons[layer]}")
+                raise LensspaceError(
+                    f"neurons: layer {layer}'s set names a neuron twice: {neurons[layer]}"
+                )
             idx = torch.tensor(sorted(neurons[layer]), dtype=torch.long)
             value = self.means[layer][idx]
 
@@ -265,6 +316,7 @@ class NeuronAblation:
                 a = args[0].clone()
                 by_position(a, h.shape[1])[:, 1:, idx.to(a.device)] = value.to(a.device, a.dtype)
                 return (a, *args[1:])
+
             return hook
 
         with ExitStack() as stack:
@@ -272,12 +324,16 @@ class NeuronAblation:
                 handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
                 stack.callback(handle.remove)
             for clean, i in zip(reference, range(0, len(h), self.chunk)):
-                z = self.runner.run(h[i: i + self.chunk], start=start)[:, 1:]
+                z = self.runner.run(h[i : i + self.chunk], start=start)[:, 1:]
                 out = clean.reference.compare(adapter.logits(z))
                 d_entropy = out.entropy - clean.output.entropy
-                per_token = {"abs_d_entropy": d_entropy.abs(), "d_entropy": d_entropy, "kl": out.kl,
-                             "top1_change": (out.top1 != clean.output.top1).double(),
-                             "d_log_scale": (_log_scale(adapter, z) - clean.log_scale).abs()}
+                per_token = {
+                    "abs_d_entropy": d_entropy.abs(),
+                    "d_entropy": d_entropy,
+                    "kl": out.kl,
+                    "top1_change": (out.top1 != clean.output.top1).double(),
+                    "d_log_scale": (_log_scale(adapter, z) - clean.log_scale).abs(),
+                }
                 for name, values in per_token.items():
                     parts[name].append(values.double().mean(1).cpu())
         return {name: torch.cat(values) for name, values in parts.items()}
@@ -289,12 +345,20 @@ def _estimate(prefix: str, name: str, values: torch.Tensor, settings: NeuronSett
     if values.dim() == 2:  # [draws, n_seq]: the draws' mean, with their spread
         spread = draw_spread(values, settings.n_boot, settings.seed, method=method)
         est = spread.estimate
-        extra = {f"{prefix}{name}_draw_min": spread.draw_min, f"{prefix}{name}_draw_max": spread.draw_max}
+        extra = {
+            f"{prefix}{name}_draw_min": spread.draw_min,
+            f"{prefix}{name}_draw_max": spread.draw_max,
+        }
         lo = max(est.lo, floor) if floor is not None else est.lo
     else:
         est = bootstrap_mean(values, settings.n_boot, settings.seed, method=method, floor=floor)
         extra, lo = {}, est.lo
-    return {f"{prefix}{name}": est.mean, f"{prefix}{name}_lo": lo, f"{prefix}{name}_hi": est.hi, **extra}
+    return {
+        f"{prefix}{name}": est.mean,
+        f"{prefix}{name}_lo": lo,
+        f"{prefix}{name}_hi": est.hi,
+        **extra,
+    }
 
 
 def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSettings) -> dict:
@@ -306,13 +370,21 @@ def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSet
     comp = paired_difference(a, b, settings.test_resamples, settings.seed)
     lo, hi = comp.lo, comp.hi
     if name in DISCRETE:
-        bca = bootstrap_intervals((a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca")
+        bca = bootstrap_intervals(
+            (a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca"
+        )
         lo, hi = float(bca[0][0]), float(bca[1][0])
-    return {f"diff_{name}": comp.diff, f"diff_{name}_lo": lo, f"diff_{name}_hi": hi,
-            f"p_{name}": matched_permutation_p(a, draws, settings.test_resamples, settings.seed)}
+    return {
+        f"diff_{name}": comp.diff,
+        f"diff_{name}_lo": lo,
+        f"diff_{name}_hi": hi,
+        f"p_{name}": matched_permutation_p(a, draws, settings.test_resamples, settings.seed),
+    }
 
 
-def _entropy_per_kl(h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings) -> tuple[float, float]:
+def _entropy_per_kl(
+    h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings
+) -> tuple[float, float]:
     """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of means)."""
     counts = resample_counts(len(h), settings.n_boot, settings.seed).double()
     ratio = (counts @ h.double()) / (counts @ kl.double()).clamp_min(1e-300)
@@ -320,8 +392,11 @@ def _entropy_per_kl(h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings)
     return lo, hi
 
 
-def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Tensor]],
-            settings: NeuronSettings) -> dict:
+def compare(
+    candidate: dict[str, torch.Tensor],
+    random: list[dict[str, torch.Tensor]],
+    settings: NeuronSettings,
+) -> dict:
     """Every metric for the candidate(s) and the matched random draws, and their paired differences
     (p-values not yet adjusted: :func:`add_verdicts` does that over the experiment)."""
     row: dict = {}
@@ -333,11 +408,18 @@ def compare(candidate: dict[str, torch.Tensor], random: list[dict[str, torch.Ten
         row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]), settings))
     row["entropy_per_kl"] = row["abs_d_entropy"] / row["kl"] if row["kl"] > 0 else float("nan")
     row["entropy_per_kl_lo"], row["entropy_per_kl_hi"] = (
-        _entropy_per_kl(candidate["abs_d_entropy"], candidate["kl"], settings) if row["kl"] > 0
-        else (float("nan"), float("nan")))
-    row["random_entropy_per_kl"] = (row["random_abs_d_entropy"] / row["random_kl"]
-                                    if row["random_kl"] > 0 else float("nan"))
-    per_draw = [float(r["abs_d_entropy"].mean() / r["kl"].mean()) for r in random if float(r["kl"].mean()) > 0]
+        _entropy_per_kl(candidate["abs_d_entropy"], candidate["kl"], settings)
+        if row["kl"] > 0
+        else (float("nan"), float("nan"))
+    )
+    row["random_entropy_per_kl"] = (
+        row["random_abs_d_entropy"] / row["random_kl"] if row["random_kl"] > 0 else float("nan")
+    )
+    per_draw = [
+        float(r["abs_d_entropy"].mean() / r["kl"].mean())
+        for r in random
+        if float(r["kl"].mean()) > 0
+    ]
     row["random_entropy_per_kl_draw_max"] = max(per_draw) if per_draw else float("nan")
     return row
 
@@ -354,41 +436,74 @@ def add_verdicts(rows: list[dict], top1_margin: float) -> None:
     for (i, name), p in zip(keys, adjusted):
         row = rows[i]
         row[f"p_{name}_adjusted"] = p
-        row[f"verdict_{name}"] = verdict(row[f"diff_{name}"], p, row[name], row[f"random_{name}_draw_min"],
-                                         row[f"random_{name}_draw_max"])
+        row[f"verdict_{name}"] = verdict(
+            row[f"diff_{name}"],
+            p,
+            row[name],
+            row[f"random_{name}_draw_min"],
+            row[f"random_{name}_draw_max"],
+        )
     for row in rows:
-        row["entropy_account"] = bool(row["verdict_abs_d_entropy"] == HOLDS
-                                      and row["diff_top1_change_hi"] <= top1_margin
-                                      and row["entropy_per_kl_lo"] > row["random_entropy_per_kl_draw_max"])
+        row["entropy_account"] = bool(
+            row["verdict_abs_d_entropy"] == HOLDS
+            and row["diff_top1_change_hi"] <= top1_margin
+            and row["entropy_per_kl_lo"] > row["random_entropy_per_kl_draw_max"]
+        )
 
 
-def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.DataFrame,
-                settings: NeuronSettings) -> tuple[list[dict], list[dict]]:
+def causal_test(
+    ablation: NeuronAblation,
+    table: pd.DataFrame,
+    candidates: pd.DataFrame,
+    settings: NeuronSettings,
+) -> tuple[list[dict], list[dict]]:
     """Rows of candidates.tsv (each candidate alone) and joint.tsv (all candidates together)."""
     draws = matched_neurons(table, candidates, settings)
     # resolution: the smallest permutation p-value stays a quarter of Holm's first threshold
     family = len(COMPARED) * (len(candidates) + 1)
-    settings = dataclasses.replace(settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA)))
+    settings = dataclasses.replace(
+        settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA))
+    )
     # a relabelling test cannot tell apart more than its (m + 1)^n labellings: 1 / (m + 1)^n is
     # about the smallest p-value it can give (the observed labelling is one of them)
     floor = float(settings.random_draws + 1) ** -ablation.n_sequences
     if floor > ALPHA / family:
-        print(f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the smallest "
-              f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no neuron "
-              "verdict can hold; raise neurons.eval_sequences", flush=True)
+        print(
+            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the smallest "
+            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no neuron "
+            "verdict can hold; raise neurons.eval_sequences",
+            flush=True,
+        )
     n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
-    base = {"n_draws": settings.random_draws, "n_sequences": ablation.n_sequences, "n_tokens": n_tokens}
+    base = {
+        "n_draws": settings.random_draws,
+        "n_sequences": ablation.n_sequences,
+        "n_tokens": n_tokens,
+    }
     norms = table.set_index(["layer", "neuron"])["norm"]
     rows = []
     for index, (layer, neuron) in enumerate(zip(candidates["layer"], candidates["neuron"])):
         mine = ablation.effects({int(layer): [int(neuron)]})
         random = [ablation.effects({int(layer): [draw[index]]}) for draw in draws]
-        print(f"candidate {index + 1}/{len(candidates)}: {int(layer)}.{int(neuron)} ablated with "
-              f"{len(draws)} matched random neurons", flush=True)
-        ratio = sum(norms[(layer, draw[index])] for draw in draws) / len(draws) / norms[(layer, neuron)]
-        rows.append({"layer": int(layer), "neuron": int(neuron), "rank": index + 1,
-                     "matched": ",".join(str(draw[index]) for draw in draws), "matched_norm_ratio": float(ratio),
-                     **compare(mine, random, settings), **base})
+        print(
+            f"candidate {index + 1}/{len(candidates)}: {int(layer)}.{int(neuron)} ablated with "
+            f"{len(draws)} matched random neurons",
+            flush=True,
+        )
+        ratio = (
+            sum(norms[(layer, draw[index])] for draw in draws) / len(draws) / norms[(layer, neuron)]
+        )
+        rows.append(
+            {
+                "layer": int(layer),
+                "neuron": int(neuron),
+                "rank": index + 1,
+                "matched": ",".join(str(draw[index]) for draw in draws),
+                "matched_norm_ratio": float(ratio),
+                **compare(mine, random, settings),
+                **base,
+            }
+        )
     if candidates.empty:
         return rows, []
 
@@ -400,12 +515,21 @@ def causal_test(ablation: NeuronAblation, table: pd.DataFrame, candidates: pd.Da
 
     mine = ablation.effects(grouped(list(candidates["neuron"])))
     random = [ablation.effects(grouped(draw)) for draw in draws]
-    joint = [{"set": "candidates", "n_neurons": len(candidates), **compare(mine, random, settings), **base}]
+    joint = [
+        {
+            "set": "candidates",
+            "n_neurons": len(candidates),
+            **compare(mine, random, settings),
+            **base,
+        }
+    ]
     add_verdicts(rows + joint, settings.top1_margin)
     return rows, joint
 
 
-def reference_matches(candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+def reference_matches(
+    candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame
+) -> pd.DataFrame:
     """Each reference neuron: is it a candidate, its internal share, and its norm rank in its layer."""
     rows = []
     chosen = set(zip(candidates["layer"], candidates["neuron"]))
@@ -415,15 +539,37 @@ def reference_matches(candidates: pd.DataFrame, table: pd.DataFrame, reference: 
         if hit.empty:
             raise LensspaceError(f"reference neuron {layer}.{neuron} does not exist in this model")
         norm_rank = int((part["norm"] > float(hit["norm"].iloc[0])).sum()) + 1
-        rows.append({"layer": int(layer), "neuron": int(neuron), "is_candidate": (layer, neuron) in chosen,
-                     "norm": float(hit["norm"].iloc[0]), "norm_rank_in_layer": norm_rank,
-                     "internal_fraction": float(hit["internal_fraction"].iloc[0])})
-    return pd.DataFrame(rows, columns=["layer", "neuron", "is_candidate", "norm", "norm_rank_in_layer",
-                                       "internal_fraction"])
+        rows.append(
+            {
+                "layer": int(layer),
+                "neuron": int(neuron),
+                "is_candidate": (layer, neuron) in chosen,
+                "norm": float(hit["norm"].iloc[0]),
+                "norm_rank_in_layer": norm_rank,
+                "internal_fraction": float(hit["internal_fraction"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "layer",
+            "neuron",
+            "is_candidate",
+            "norm",
+            "norm_rank_in_layer",
+            "internal_fraction",
+        ],
+    )
 
 
-def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis: torch.Tensor,
-                tokens: dict[str, torch.Tensor], settings: NeuronSettings) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def run_neurons(
+    adapter: Adapter,
+    lens: TunedLens,
+    cache: ActivationCache,
+    basis: torch.Tensor,
+    tokens: dict[str, torch.Tensor],
+    settings: NeuronSettings,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """neurons.tsv (every neuron, with its activation statistics), candidates.tsv, joint.tsv."""
     table = neuron_geometry(adapter, lens, basis, settings.k, settings.null_k)
     device = adapter.embed.weight.device
@@ -436,8 +582,11 @@ def run_neurons(adapter: Adapter, lens: TunedLens, cache: ActivationCache, basis
     table["in_candidate_layers"] = table["layer"].isin(settings.candidate_layers)
     candidates = pick_candidates(table, settings)
     table["is_candidate"] = table.index.isin(candidates.index)
-    print(f"{len(candidates)} candidates among {int(table['layer'].isin(settings.candidate_layers).sum())} "
-          f"neurons of layers {list(settings.candidate_layers)}", flush=True)
+    print(
+        f"{len(candidates)} candidates among {int(table['layer'].isin(settings.candidate_layers).sum())} "
+        f"neurons of layers {list(settings.candidate_layers)}",
+        flush=True,
+    )
     ablation = NeuronAblation(BlockRunner(adapter), cache, means, len(eval_ids))
     rows, joint = causal_test(ablation, table, candidates, settings)
     geometry = candidates.drop(columns=["in_candidate_layers"]).reset_index(drop=True)

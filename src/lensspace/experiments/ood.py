@@ -30,15 +30,20 @@ from lensspace.stats import adjust, paired_difference
 from lensspace.subspaces import Basis
 
 
-def eval_tokens(docs: list[str], tokenizer, seq_len: int, n_sequences: int, seed: int) -> torch.Tensor:
+def eval_tokens(
+    docs: list[str], tokenizer, seq_len: int, n_sequences: int, seed: int
+) -> torch.Tensor:
     """[n_sequences, seq_len] int32: the start of as many different documents (no train split)."""
-    return split_documents(docs, tokenizer, TokenSplit(seq_len, 0, n_sequences, seed)).tokens["eval"]
+    return split_documents(docs, tokenizer, TokenSplit(seq_len, 0, n_sequences, seed)).tokens[
+        "eval"
+    ]
 
 
 def shared_ngrams(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
     """How many token n-grams of the rows of ``a`` also occur in some row of ``b``."""
+
     def grams(rows: torch.Tensor) -> list[tuple[int, ...]]:
-        return [tuple(row[i: i + n]) for row in rows.tolist() for i in range(len(row) - n + 1)]
+        return [tuple(row[i : i + n]) for row in rows.tolist() for i in range(len(row) - n + 1)]
 
     seen = set(grams(b))
     return sum(g in seen for g in grams(a))
@@ -48,8 +53,10 @@ def check_disjoint(corpus: str, ood: torch.Tensor, train: torch.Tensor, n: int) 
     """Refuse an eval corpus whose sequences overlap the training tokens (an n-gram in common)."""
     shared = shared_ngrams(ood, train, n)
     if shared:
-        raise LensspaceError(f"eval corpus '{corpus}' shares {shared} token {n}-grams with the run's training "
-                             "tokens: it is not out of distribution; remove it from the run's eval_corpora")
+        raise LensspaceError(
+            f"eval corpus '{corpus}' shares {shared} token {n}-grams with the run's training "
+            "tokens: it is not out of distribution; remove it from the run's eval_corpora"
+        )
 
 
 class SplitCache:
@@ -66,13 +73,23 @@ class SplitCache:
         return self.load(self.n_layers, split)
 
 
-def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids: torch.Tensor,
-             bases: dict[str, Basis], layers: list[int], grid: AblationGrid, test_resamples: int,
-             storage: str = "float16") -> tuple[list[dict], list[dict], list[dict]]:
+def evaluate(
+    adapter: Adapter,
+    lens: TunedLens,
+    run_cache: ActivationCache,
+    ids: torch.Tensor,
+    bases: dict[str, Basis],
+    layers: list[int],
+    grid: AblationGrid,
+    test_resamples: int,
+    storage: str = "float16",
+) -> tuple[list[dict], list[dict], list[dict]]:
     """lens_eval.tsv rows, ablation.tsv rows and per_sequence.tsv rows on ``ids``, at ``layers``."""
     with tempfile.TemporaryDirectory() as folder:
         write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage)
-        cache = SplitCache(run_cache, ActivationCache(Path(folder) / "cache", device=adapter.device))
+        cache = SplitCache(
+            run_cache, ActivationCache(Path(folder) / "cache", device=adapter.device)
+        )
         lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed, layers=layers)
         ablation, sequences, tests = [], [], []
         # the smallest bootstrap p-value stays a quarter of Holm's first threshold
@@ -82,16 +99,28 @@ def evaluate(adapter: Adapter, lens: TunedLens, run_cache: ActivationCache, ids:
             rows = results.rows()
             per_seq = {cell: torch.cat(parts).mean(1) for cell, parts in results.kl.items()}
             for mode in grid.modes:
+
                 def cell_mean(subspace: str) -> torch.Tensor:
-                    return torch.stack([v for c, v in per_seq.items()
-                                        if c.subspace == subspace and c.mode == mode]).mean(0)
-                comp = paired_difference(cell_mean("output"), cell_mean("internal"), test_resamples, grid.seed)
+                    return torch.stack(
+                        [v for c, v in per_seq.items() if c.subspace == subspace and c.mode == mode]
+                    ).mean(0)
+
+                comp = paired_difference(
+                    cell_mean("output"), cell_mean("internal"), test_resamples, grid.seed
+                )
                 tests.append((comp, [row for row in rows if row["mode"] == mode]))
             ablation += rows
             sequences += results.per_sequence()
         for (comp, rows), p in zip(tests, adjust([comp.p_value for comp, _ in tests], CORRECTION)):
             for row in rows:
-                row.update({"output_minus_internal": comp.diff, "output_minus_internal_lo": comp.lo,
-                            "output_minus_internal_hi": comp.hi, "p_value": comp.p_value, "p_adjusted": p,
-                            "verdict": verdict(comp.diff, p)})
+                row.update(
+                    {
+                        "output_minus_internal": comp.diff,
+                        "output_minus_internal_lo": comp.lo,
+                        "output_minus_internal_hi": comp.hi,
+                        "p_value": comp.p_value,
+                        "p_adjusted": p,
+                        "verdict": verdict(comp.diff, p),
+                    }
+                )
     return lens_rows, ablation, sequences

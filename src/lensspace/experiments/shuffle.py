@@ -18,8 +18,8 @@ input by more than its own norm.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import pandas as pd
 import torch
@@ -63,8 +63,14 @@ def window_permutations(n_layers: int, window: int, samples: int, seed: int) -> 
     for _ in range(samples):
         start = int(torch.randint(0, n_layers - window + 1, (1,), generator=gen))
         inner = (torch.randperm(window, generator=gen) + start).tolist()
-        perms.append(Permutation(tuple(inner + list(range(start + window, n_layers))), start,
-                                 start, start + window - 1))
+        perms.append(
+            Permutation(
+                tuple(inner + list(range(start + window, n_layers))),
+                start,
+                start,
+                start + window - 1,
+            )
+        )
     return perms
 
 
@@ -80,7 +86,10 @@ class LensSpaceBlocks:
         self.maps, self.inverses, self.conditions = [], [], []
         for layer in range(n):
             translator = lens.layer_translators[layer]
-            m = torch.eye(d, dtype=torch.float64, device=translator.weight.device) + translator.weight.detach().double()
+            m = (
+                torch.eye(d, dtype=torch.float64, device=translator.weight.device)
+                + translator.weight.detach().double()
+            )
             condition = float(torch.linalg.cond(m))
             self.conditions.append(condition)
             if not condition < MAX_CONDITION:
@@ -135,9 +144,16 @@ class LensSpaceBlocks:
 
 
 @torch.no_grad()
-def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation],
-            lens_spaces: Mapping[str, LensSpaceBlocks], n_boot: int, seed: int, chunk: int = 4,
-            n_sequences: int | None = None) -> list[dict]:
+def measure(
+    runner: BlockRunner,
+    cache: ActivationCache,
+    perms: list[Permutation],
+    lens_spaces: Mapping[str, LensSpaceBlocks],
+    n_boot: int,
+    seed: int,
+    chunk: int = 4,
+    n_sequences: int | None = None,
+) -> list[dict]:
     """KL(p_model || p_permuted) and top-1 agreement for every order, natively and in each
     lens space of ``lens_spaces`` (name -> blocks), with each lens space's ``distortion`` and
     ``ridge`` (on the first ``n_sequences`` held-out sequences; all by default).
@@ -159,9 +175,13 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
     distortion = [{space: [] for space in lens_spaces} for _ in perms]
     for first in range(0, len(residuals), chunk):
         start_residual: dict[int, torch.Tensor] = {}
-        final = runner.run(residuals[first: first + chunk], root, interventions=recording(start_residual, starts))
+        final = runner.run(
+            residuals[first : first + chunk], root, interventions=recording(start_residual, starts)
+        )
         clean_logits = adapter.logits(final[:, 1:])
-        clean_top = clean_logits.argmax(-1)  # of the logits on both sides (log_softmax can merge ties)
+        clean_top = clean_logits.argmax(
+            -1
+        )  # of the logits on both sides (log_softmax can merge ties)
         clean = KLReference.from_logits(clean_logits)  # an unchanged output: KL exactly 0 (fused)
         for n, perm in enumerate(perms):
             hb = start_residual[perm.start]
@@ -176,11 +196,21 @@ def measure(runner: BlockRunner, cache: ActivationCache, perms: list[Permutation
         for space in spaces:
             est = bootstrap_mean(torch.cat(kls[n][space]), n_boot=n_boot, seed=seed)
             blocks = lens_spaces.get(space)
-            rows.append({"i": perm.i, "j": perm.j, "space": space, "kl": est.mean, "kl_lo": est.lo,
-                         "kl_hi": est.hi, "top1_agreement": float(torch.cat(agree[n][space]).mean()),
-                         "n_tokens": est.n_tokens, "order": " ".join(map(str, perm.order)),
-                         "distortion": float(torch.cat(distortion[n][space]).mean()) if blocks else None,
-                         "ridge": blocks.ridge if blocks else None})
+            rows.append(
+                {
+                    "i": perm.i,
+                    "j": perm.j,
+                    "space": space,
+                    "kl": est.mean,
+                    "kl_lo": est.lo,
+                    "kl_hi": est.hi,
+                    "top1_agreement": float(torch.cat(agree[n][space]).mean()),
+                    "n_tokens": est.n_tokens,
+                    "order": " ".join(map(str, perm.order)),
+                    "distortion": float(torch.cat(distortion[n][space]).mean()) if blocks else None,
+                    "ridge": blocks.ridge if blocks else None,
+                }
+            )
     return rows
 
 
@@ -215,13 +245,16 @@ def translator_dominated(swaps: pd.DataFrame) -> str | None:
             f"{ratio:.3g} times as much) and keeps the top-1 token {part.loc[pairs, 'top1_agreement'].median():.2f} "
             f"of the time (native {native.loc[pairs, 'top1_agreement'].median():.2f}), while the "
             f"wrapper moves the first swapped block's input by a median {distortion:.3g} times its "
-            f"own norm ({'dominated' if hit else 'not dominated'})")
+            f"own norm ({'dominated' if hit else 'not dominated'})"
+        )
     if not dominated:
         return None
-    return ("Lens-space swaps here measure the translators rather than the model. Over "
-            f"{len(native)} adjacent pairs: " + "; ".join(findings) + ". Natively an adjacent "
-            "swap hands block j the residual h that block i would have read; in lens space it "
-            "hands it T_j^-1(T_i(h)), and where that differs from h by more than h itself the "
-            "swap cost is the cost of feeding a block a residual it never sees, set by how "
-            "ill-conditioned the translators I + A are, not by how much the blocks depend on "
-            "their order. Read the native swap costs as the model's layer-order dependence.")
+    return (
+        "Lens-space swaps here measure the translators rather than the model. Over "
+        f"{len(native)} adjacent pairs: " + "; ".join(findings) + ". Natively an adjacent "
+        "swap hands block j the residual h that block i would have read; in lens space it "
+        "hands it T_j^-1(T_i(h)), and where that differs from h by more than h itself the "
+        "swap cost is the cost of feeding a block a residual it never sees, set by how "
+        "ill-conditioned the translators I + A are, not by how much the blocks depend on "
+        "their order. Read the native swap costs as the model's layer-order dependence."
+    )

@@ -28,20 +28,23 @@ except LensspaceError as err:
 report: "report/workflow.rst"
 
 
+# The stages in order. Each experiment's rule file registers its outputs (register_experiment),
+# so one include line is all a new experiment adds here; the report comes last and shows them.
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/activations.smk"
 include: "rules/lenses.smk"
 include: "rules/svd.smk"
+include: "rules/robustness.smk"
 include: "rules/h0.smk"
-include: "rules/report.smk"
 include: "rules/h1.smk"
 include: "rules/h2.smk"
 include: "rules/shuffle.smk"
-include: "rules/lens_quality.smk"
 include: "rules/ood.smk"
+include: "rules/lens_quality.smk"
 include: "rules/neurons.smk"
+include: "rules/report.smk"
 
 
 rule all:

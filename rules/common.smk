@@ -1,4 +1,5 @@
-# Helpers shared by every stage: config look-ups and target lists (get_* names only).
+# Helpers shared by every stage (get_* names), and the registry through which each experiment's
+# rule file declares its outputs; the targets of `all` and the report's file map come from it.
 # Every settings value passed as params is a plain dict or builtin (settings.*_params):
 # Snakemake's params rerun-trigger sees only those, so a config edit replans what it feeds.
 import re
@@ -8,17 +9,12 @@ from lensspace.errors import LensspaceError
 from lensspace.settings import (
     ablation_grid_params,
     check_config,
-    circuit_params,
     compute_params,
-    embedding_lens_params,
     experiment_layers,
-    layer_jobs,
     known_model_facts,
+    layer_jobs,
     lens_training_params,
-    ridge_lens_params,
-    second_ridge,
     shuffle_pair_chunks,
-    shuffle_params,
     token_split_params,
 )
 from lensspace.malloc import ask_for_huge_pages
@@ -29,6 +25,8 @@ ask_for_huge_pages()
 RESULTS = "results"
 RESOURCES = "resources"
 REFERENCE = str(Path(workflow.basedir) / "reference" / "seed_tables.tsv")
+# What prepare_model writes of a model; read at parse time, before any job, where it exists.
+MODEL_MANIFEST = f"{RESOURCES}/models/{{model}}/lensspace-model.json"
 
 
 wildcard_constraints:
@@ -40,7 +38,7 @@ wildcard_constraints:
 
 def get_model_facts(model):
     """What is known of a model before any job runs (None until a pretrained one is prepared)."""
-    manifest = f"{RESOURCES}/models/{model}/lensspace-model.json"
+    manifest = MODEL_MANIFEST.format(model=model)
     return known_model_facts(model, config["models"][model], manifest)
 
 
@@ -62,12 +60,29 @@ def get_runs_with_lens_source(source):
     return "|".join(names) if names else "(?!)"
 
 
+def get_lens_training(wildcards):
+    """The run's lens training settings as a plain dict."""
+    return lens_training_params(config, wildcards.run)
+
+
+def get_lens_ridge(wildcards):
+    """The ridge the run's lens was fitted with (None for a pretrained lens)."""
+    trained = get_run(wildcards.run)["lens"]["source"] == "train"
+    return lens_training_params(config, wildcards.run)["ridge"] if trained else None
+
+
+def get_pretrained_lens_files(wildcards):
+    """A local pretrained lens folder's files (an edit of them refetches); nothing for a hub id."""
+    folder = Path(get_run(wildcards.run)["lens"]["id"])
+    return [str(folder / "config.json"), str(folder / "params.pt")] if folder.is_dir() else []
+
+
 def get_model_manifest(wildcards):
-    return f"{RESOURCES}/models/{get_run(wildcards.run)['model']}/lensspace-model.json"
+    return MODEL_MANIFEST.format(model=get_run(wildcards.run)["model"])
 
 
 def get_corpus_text(wildcards):
-    return f"{RESOURCES}/corpora/{get_run(wildcards.run)['corpus']}.txt"
+    return expand(rules.prepare_corpus.output.text, corpus=get_run(wildcards.run)["corpus"])
 
 
 def get_n_layers(run):
@@ -78,82 +93,50 @@ def get_experiment_layers(run, section):
     return experiment_layers(config, get_n_layers(run), section)
 
 
-def get_layer_jobs(run, section):
-    """The names of experiment ``section``'s per-layer jobs: its layers, ``layers_per_job`` a job."""
-    return layer_jobs(get_experiment_layers(run, section), config["layers_per_job"])
+def get_layer_jobs(section):
+    """A function of the run: the names of experiment ``section``'s per-layer jobs (its layers,
+    ``layers_per_job`` a job)."""
+    return lambda run: layer_jobs(get_experiment_layers(run, section), config["layers_per_job"])
 
 
-def get_layer_tables(section, folder="layers"):
-    """Input function: the per-job TSVs of experiment ``section`` (h0, h1, h2) for a run."""
+def get_expanded(*patterns, **values):
+    """Input function: each of ``patterns`` (rules' outputs) for the job's run, with each other
+    wildcard it has taken over ``values[name](run)`` (e.g. a per-layer rule's jobs)."""
 
-    def layer_tables(wildcards):
-        return expand(
-            f"{RESULTS}/{{run}}/{section}/{folder}/{{layer}}.tsv",
-            run=wildcards.run,
-            layer=get_layer_jobs(wildcards.run, section),
-        )
+    def paths(wildcards):
+        over = {name: list(items(wildcards.run)) for name, items in values.items()}
+        return [
+            path
+            for pattern in patterns
+            for path in expand(
+                pattern,
+                run=wildcards.run,
+                **{name: v for name, v in over.items() if f"{{{name}}}" in pattern},
+            )
+        ]
 
-    return layer_tables
+    return paths
 
 
-def get_embedding_lens_settings(wildcards):
-    return embedding_lens_params(config)
+def get_config_values(*keys):
+    """The config's top-level ``keys`` as plain values (an experiment's params: the params
+    rerun trigger sees an edit of any of them)."""
+    return {key: config[key] for key in keys}
 
 
 def get_shuffle_chunks(run):
+    """The layer shuffle's swap pairs of a run, in batches (one job each)."""
     return shuffle_pair_chunks(config, get_n_layers(run))
 
 
-def get_shuffle_pairs(wildcards):
-    return get_shuffle_chunks(wildcards.run)[int(wildcards.chunk)]
-
-
-def get_shuffle_tables(wildcards):
-    chunks = range(len(get_shuffle_chunks(wildcards.run)))
-    return [
-        *expand(f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv", run=wildcards.run, chunk=chunks),
-        f"{RESULTS}/{wildcards.run}/shuffle/windows.tsv",
-    ]
+def get_eval_corpora(run):
+    """The run's out-of-distribution corpora (keys of corpora:)."""
+    return list(get_run(run).get("eval_corpora", []))
 
 
 def get_compute():
     """Batch sizes per device and the TF32 switch, as plain values (seen by the params trigger)."""
     return compute_params(config)
-
-
-def get_lens_training(wildcards):
-    return lens_training_params(config, wildcards.run)
-
-
-def get_pretrained_lens_files(wildcards):
-    """A local pretrained lens folder's files (an edit of them refetches); nothing for a hub id."""
-    folder = Path(get_run(wildcards.run)["lens"]["id"])
-    return [str(folder / "config.json"), str(folder / "params.pt")] if folder.is_dir() else []
-
-
-def get_lens_ridge(wildcards):
-    """The ridge the run's lens was fitted with (None for a pretrained lens)."""
-    trained = get_run(wildcards.run)["lens"]["source"] == "train"
-    return lens_training_params(config, wildcards.run)["ridge"] if trained else None
-
-
-def get_ridge_lens_training(wildcards):
-    return ridge_lens_params(config["shuffle"], config["seed"])
-
-
-def get_shuffle_settings(windows):
-    return shuffle_params(config, windows)
-
-
-def get_circuit_settings(wildcards):
-    return circuit_params(config)
-
-
-def get_shuffle_ridge_lens(wildcards):
-    """The second lens of the lens_ridge space, where that space is on (else nothing)."""
-    if second_ridge(config["shuffle"]) is None:
-        return []
-    return f"{RESULTS}/{wildcards.run}/shuffle/ridge_lens/params.pt"
 
 
 def get_token_split(wildcards):
@@ -164,136 +147,86 @@ def get_ablation_grid(section):
     return ablation_grid_params(config, section)
 
 
-def get_lens_quality_config():
-    """The config keys the lens-quality sweep reads, as plain values (seen by the params trigger)."""
-    return {key: config[key] for key in ("lens_quality", "h0", "random_draws", "bootstrap", "seed")}
-
-
-def get_lens_training_values(wildcards):
-    """The run's lens training settings as a plain dict."""
-    return lens_training_params(config, wildcards.run)
-
-
-def get_ood_config():
-    """The config keys the out-of-distribution evaluation reads, as plain values."""
-    return {key: config[key] for key in ("ood", "h0", "random_draws", "bootstrap", "seed")}
-
-
-def get_eval_corpora(run):
-    return list(get_run(run).get("eval_corpora", []))
-
-
-def get_ood_tables(name):
-    """Input function: ``name``.tsv of every eval corpus of the run."""
-
-    def tables(wildcards):
-        return [
-            f"{RESULTS}/{wildcards.run}/ood/{corpus}/{name}.tsv"
-            for corpus in get_eval_corpora(wildcards.run)
-        ]
-
-    return tables
-
-
-def get_neuron_config():
-    """The config keys the neuron experiment reads, as plain values (seen by the params trigger)."""
-    return {key: config[key] for key in ("neurons", "random_draws", "bootstrap", "seed")}
-
-
 def get_reference_table(run, hypothesis):
     return get_run(run).get("reference", {}).get(hypothesis, "")
 
 
-def get_final_outputs():
-    runs = list(config["runs"])
-    return [
-        *expand(f"{RESULTS}/{{run}}/lens_eval.tsv", run=runs),
-        *expand(f"{RESULTS}/{{run}}/svd/spectrum.tsv", run=runs),
-        *expand(f"{RESULTS}/{{run}}/h0/ablation.tsv", run=runs),
-        *expand(f"{RESULTS}/tables/h0_{{run}}.md", run=runs),
-        *expand(f"{RESULTS}/figures/h0_{{run}}.png", run=runs),
-        *expand(f"{RESULTS}/figures/lens_{{run}}.png", run=runs),
-        f"{RESULTS}/report/index.html",
-        *expand(f"{RESULTS}/{{run}}/h1/ablation.tsv", run=runs),
-        *expand(f"{RESULTS}/tables/h1_{{run}}.md", run=runs),
-        *expand(f"{RESULTS}/figures/h1_{{run}}.png", run=runs),
-        *expand(f"{RESULTS}/{{run}}/h1/heads.tsv", run=runs),
-        *expand(f"{RESULTS}/figures/h1_heads_{{run}}.png", run=runs),
-        *expand(f"{RESULTS}/{{run}}/h2/ablation.tsv", run=runs),
-        *expand(f"{RESULTS}/tables/h2_{{run}}.md", run=runs),
-        *expand(f"{RESULTS}/figures/h2_{{run}}.png", run=runs),
-        *expand(f"{RESULTS}/{{run}}/shuffle/swaps.tsv", run=runs),
-        *expand(f"{RESULTS}/figures/shuffle_{{run}}.png", run=runs),
-        *[
-            f"{RESULTS}/{kind}/ood_{run}.{ext}"
-            for run in runs
-            if get_eval_corpora(run)
-            for kind, ext in (("tables", "md"), ("figures", "png"))
-        ],
-        *expand(f"{RESULTS}/{{run}}/lens_quality/sweep.tsv", run=runs),
-        *expand(f"{RESULTS}/tables/lens_quality_{{run}}.md", run=runs),
-        *expand(f"{RESULTS}/figures/lens_quality_{{run}}.png", run=runs),
-        *expand(f"{RESULTS}/{{run}}/neurons/candidates.tsv", run=runs),
-        *expand(f"{RESULTS}/tables/neurons_{{run}}.md", run=runs),
-        *expand(f"{RESULTS}/figures/neurons_{{run}}.png", run=runs),
-    ]
+def get_robustness_files(experiment):
+    """The robustness rule's outputs for ablation experiment ``experiment`` (registry patterns)."""
+    outputs = rules.robustness_table.output
+    return {
+        key: expand(outputs[name], experiment=experiment, allow_missing=True)[0]
+        for key, name in (("comparisons", "comparisons"), ("robustness", "markdown"))
+    }
 
 
-# Ablation experiments (results/{run}/{name}/ablation.tsv) the report shows when their rules exist.
-REPORT_EXPERIMENTS = ["h0", "h1", "h2"]
+# ---------------------------------------------------------------- the experiment registry
+EXPERIMENTS = {}
 
 
-def get_producible(paths):
-    """The paths that some rule of the workflow can produce (stages not included are left out)."""
-    return [p for p in paths if any(rule.is_producer(p) for rule in workflow.rules)]
+def register_experiment(name, files, section=None, items=None, applies=None):
+    """Declare experiment ``name``'s outputs, once, at the end of its rule file.
+
+    ``files`` maps each key its report section reads to a rule's output pattern (wildcard
+    ``{run}``). A pattern with a wildcard named in ``items`` (name -> function of the run giving
+    the items) becomes a dict {item: path}. ``section`` is the module of lensspace.report that
+    shows them (None: none); ``applies`` (a function of the run) limits the runs it has.
+    """
+    if name in EXPERIMENTS:
+        raise WorkflowError(f"experiment {name!r} is registered twice")
+    EXPERIMENTS[name] = {
+        "files": files,
+        "section": section,
+        "items": items or {},
+        "applies": applies,
+    }
+
+
+def get_experiment_files(name, run):
+    """Experiment ``name``'s outputs for ``run``: key -> path, or key -> {item: path}."""
+    experiment = EXPERIMENTS[name]
+    if experiment["applies"] is not None and not experiment["applies"](run):
+        return {}
+    files = {}
+    for key, pattern in experiment["files"].items():
+        over = [name for name in experiment["items"] if f"{{{name}}}" in pattern]
+        if not over:
+            files[key] = expand(pattern, run=run)[0]
+            continue
+        (name,) = over
+        files[key] = {
+            item: expand(pattern, run=run, **{name: item})[0]
+            for item in experiment["items"][name](run)
+        }
+    return files
+
+
+def get_experiment_paths(run):
+    """Every registered output of ``run``, as a flat list of paths."""
+    paths = []
+    for name in EXPERIMENTS:
+        for value in get_experiment_files(name, run).values():
+            paths += list(value.values()) if isinstance(value, dict) else [value]
+    return paths
 
 
 def get_report_inputs(wildcards):
-    """Every file the report page shows, for every run, among those the DAG can produce."""
-    wanted = []
-    for run in config["runs"]:
-        wanted += [
-            f"{RESULTS}/{run}/lens_eval.tsv",
-            f"{RESULTS}/figures/lens_{run}.png",
-            f"{RESOURCES}/models/{get_run(run)['model']}/lensspace-model.json",
-        ]
-        for name in REPORT_EXPERIMENTS:
-            if get_producible([f"{RESULTS}/{run}/{name}/ablation.tsv"]):
-                wanted += [
-                    f"{RESULTS}/tables/robustness_{name}_{run}.md",
-                    f"{RESULTS}/{run}/{name}/comparisons.tsv",
-                ]
-            wanted += [
-                f"{RESULTS}/{run}/{name}/ablation.tsv",
-                f"{RESULTS}/tables/{name}_{run}.md",
-                f"{RESULTS}/figures/{name}_{run}.png",
-            ]
-        wanted += [f"{RESULTS}/{run}/h1/{name}.tsv" for name in ("heads", "heads_test", "mlp")]
-        wanted += [
-            f"{RESULTS}/{run}/h0/shares.tsv",
-            f"{RESULTS}/{run}/h2/fit.tsv",
-            f"{RESULTS}/{run}/shuffle/windows.tsv",
-            f"{RESULTS}/{run}/shuffle/conditions.tsv",
-        ]
-        wanted += [
-            f"{RESULTS}/figures/h1_heads_{run}.png",
-            f"{RESULTS}/{run}/shuffle/swaps.tsv",
-            f"{RESULTS}/figures/shuffle_{run}.png",
-        ]
-        for corpus in get_eval_corpora(run):
-            wanted += [
-                f"{RESULTS}/{run}/ood/{corpus}/{name}.tsv" for name in ("lens_eval", "ablation")
-            ]
-        if get_eval_corpora(run):
-            wanted += [f"{RESULTS}/tables/ood_{run}.md", f"{RESULTS}/figures/ood_{run}.png"]
-        wanted += [
-            f"{RESULTS}/{run}/lens_quality/sweep.tsv",
-            f"{RESULTS}/tables/lens_quality_{run}.md",
-            f"{RESULTS}/figures/lens_quality_{run}.png",
-        ]
-        wanted += [
-            f"{RESULTS}/{run}/neurons/{name}.tsv"
-            for name in ("neurons", "candidates", "joint", "reference")
-        ]
-        wanted += [f"{RESULTS}/tables/neurons_{run}.md", f"{RESULTS}/figures/neurons_{run}.png"]
-    return get_producible(wanted)
+    """Every file the report shows: the registered outputs of every run."""
+    return [path for run in config["runs"] for path in get_experiment_paths(run)]
+
+
+def get_report_experiments():
+    """The report's file map, in registration order: name, section module, files per run."""
+    return [
+        {
+            "name": name,
+            "section": experiment["section"],
+            "files": {run: get_experiment_files(name, run) for run in config["runs"]},
+        }
+        for name, experiment in EXPERIMENTS.items()
+    ]
+
+
+def get_final_outputs():
+    """The targets of `all`: every registered output of every run, and the report page."""
+    return [*get_report_inputs(None), rules.html_report.output.html]

@@ -33,9 +33,9 @@ rule h0_layer:
 
 rule h0_merge:
     input:
-        table=get_layer_tables("h0"),
-        sequences=get_layer_tables("h0", "sequences"),
-        shares=get_layer_tables("h0", "share_layers"),
+        table=get_expanded(rules.h0_layer.output.table, layer=get_layer_jobs("h0")),
+        sequences=get_expanded(rules.h0_layer.output.sequences, layer=get_layer_jobs("h0")),
+        shares=get_expanded(rules.h0_layer.output.shares, layer=get_layer_jobs("h0")),
     output:
         table=f"{RESULTS}/{{run}}/h0/ablation.tsv",
         sequences=f"{RESULTS}/{{run}}/h0/per_sequence.tsv",
@@ -103,3 +103,17 @@ rule h0_figure:
         description="KL(lens || ablated lens) in lens space",
     script:
         "../scripts/ablation_figure.py"
+
+
+register_experiment(
+    "h0",
+    section="lensspace.report.h0",
+    files={
+        "ablation": rules.h0_merge.output.table,
+        "per_sequence": rules.h0_merge.output.sequences,
+        "shares": rules.h0_merge.output.shares,
+        "table": rules.h0_table.output.markdown,
+        "figure": rules.h0_figure.output.figure,
+        **get_robustness_files("h0"),
+    },
+)

@@ -1,6 +1,8 @@
 # H1: the subspaces in the model's own residual stream, one job per `layers_per_job` layers
 # (resumed from the activation cache), then merge, tabulate, plot; and the circuit ends of every head.
 
+from lensspace.settings import circuit_params
+
 
 rule h1_layer:
     input:
@@ -33,8 +35,8 @@ rule h1_layer:
 
 rule h1_merge:
     input:
-        table=get_layer_tables("h1"),
-        sequences=get_layer_tables("h1", "sequences"),
+        table=get_expanded(rules.h1_layer.output.table, layer=get_layer_jobs("h1")),
+        sequences=get_expanded(rules.h1_layer.output.sequences, layer=get_layer_jobs("h1")),
     output:
         table=f"{RESULTS}/{{run}}/h1/ablation.tsv",
         sequences=f"{RESULTS}/{{run}}/h1/per_sequence.tsv",
@@ -128,7 +130,7 @@ rule h1_heads:
         mem_mb=6000,
         runtime=30,
     params:
-        settings=get_circuit_settings,
+        settings=circuit_params(config),
         n_boot=config["bootstrap"]["n_resamples"],
         device=config["device"],
         compute=get_compute(),
@@ -157,3 +159,20 @@ rule h1_heads_figure:
         runtime=10,
     script:
         "../scripts/h1_heads_figure.py"
+
+
+register_experiment(
+    "h1",
+    section="lensspace.report.h1",
+    files={
+        "ablation": rules.h1_merge.output.table,
+        "per_sequence": rules.h1_merge.output.sequences,
+        "heads": rules.h1_heads.output.heads,
+        "heads_test": rules.h1_heads.output.test,
+        "mlp": rules.h1_heads.output.mlp,
+        "heads_figure": rules.h1_heads_figure.output.figure,
+        "table": rules.h1_table.output.markdown,
+        "figure": rules.h1_figure.output.figure,
+        **get_robustness_files("h1"),
+    },
+)

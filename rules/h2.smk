@@ -1,5 +1,7 @@
 # H2: embedding lenses (circuit beginnings), one job per `layers_per_job` layers, then merge, tabulate, plot.
 
+from lensspace.settings import embedding_lens_params
+
 
 rule h2_layer:
     input:
@@ -23,7 +25,7 @@ rule h2_layer:
         mem_mb=6000,
         runtime=30,
     params:
-        settings=get_embedding_lens_settings,
+        settings=embedding_lens_params(config),
         grid=get_ablation_grid("h2"),
         device=config["device"],
         compute=get_compute(),
@@ -33,9 +35,9 @@ rule h2_layer:
 
 rule h2_merge:
     input:
-        table=get_layer_tables("h2"),
-        fit=get_layer_tables("h2", "fit_layers"),
-        sequences=get_layer_tables("h2", "sequences"),
+        table=get_expanded(rules.h2_layer.output.table, layer=get_layer_jobs("h2")),
+        fit=get_expanded(rules.h2_layer.output.fit, layer=get_layer_jobs("h2")),
+        sequences=get_expanded(rules.h2_layer.output.sequences, layer=get_layer_jobs("h2")),
     output:
         table=f"{RESULTS}/{{run}}/h2/ablation.tsv",
         fit=f"{RESULTS}/{{run}}/h2/fit.tsv",
@@ -95,3 +97,17 @@ rule h2_figure:
         runtime=10,
     script:
         "../scripts/h2_figure.py"
+
+
+register_experiment(
+    "h2",
+    section="lensspace.report.h2",
+    files={
+        "ablation": rules.h2_merge.output.table,
+        "per_sequence": rules.h2_merge.output.sequences,
+        "fit": rules.h2_merge.output.fit,
+        "table": rules.h2_table.output.markdown,
+        "figure": rules.h2_figure.output.figure,
+        **get_robustness_files("h2"),
+    },
+)

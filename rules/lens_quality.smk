@@ -22,8 +22,8 @@ rule lens_quality:
         mem_mb=8000,
         runtime=60,
     params:
-        config=lambda wildcards: get_lens_quality_config(),
-        training=get_lens_training_values,
+        config=get_config_values("lens_quality", "h0", "random_draws", "bootstrap", "seed"),
+        training=get_lens_training,
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
         compute=get_compute(),
@@ -73,3 +73,14 @@ rule lens_quality_figure:
         runtime=10,
     script:
         "../scripts/lens_quality_figure.py"
+
+
+register_experiment(
+    "lens_quality",
+    section="lensspace.report.lens_quality",
+    files={
+        "sweep": rules.lens_quality.output.sweep,
+        "table": rules.lens_quality_table.output.markdown,
+        "figure": rules.lens_quality_figure.output.figure,
+    },
+)

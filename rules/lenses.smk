@@ -103,3 +103,10 @@ rule lens_figure:
         runtime=10,
     script:
         "../scripts/lens_figure.py"
+
+
+register_experiment(
+    "lens",
+    section="lensspace.report.lens",
+    files={"lens_eval": rules.eval_lens.output.table, "figure": rules.lens_figure.output.figure},
+)

@@ -9,7 +9,7 @@ localrules:
 
 rule prepare_model:
     output:
-        manifest=f"{RESOURCES}/models/{{model}}/lensspace-model.json",
+        manifest=MODEL_MANIFEST,
         weights=f"{RESOURCES}/models/{{model}}/model.safetensors",
     log:
         f"{RESULTS}/logs/prepare_model/{{model}}.log",
@@ -46,3 +46,10 @@ rule check_run:
         runtime=5,
     script:
         "../scripts/check_run.py"
+
+
+register_experiment(
+    "model",
+    files={"manifest": MODEL_MANIFEST},
+    items={"model": lambda run: [get_run(run)["model"]]},
+)

@@ -28,7 +28,7 @@ rule neurons:
         mem_mb=8000,
         runtime=30,
     params:
-        config=lambda wildcards: get_neuron_config(),
+        config=get_config_values("neurons", "random_draws", "bootstrap", "seed"),
         reference=lambda wildcards: get_reference_table(wildcards.run, "neurons"),
         device=config["device"],
         compute=get_compute(),
@@ -80,3 +80,17 @@ rule neurons_figure:
         runtime=10,
     script:
         "../scripts/neurons_figure.py"
+
+
+register_experiment(
+    "neurons",
+    section="lensspace.report.neurons",
+    files={
+        "neurons": rules.neurons.output.neurons,
+        "candidates": rules.neurons.output.candidates,
+        "joint": rules.neurons.output.joint,
+        "reference": rules.neurons.output.reference,
+        "table": rules.neurons_table.output.markdown,
+        "figure": rules.neurons_figure.output.figure,
+    },
+)

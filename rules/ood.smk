@@ -4,7 +4,7 @@
 
 rule ood_tokenize:
     input:
-        corpus=lambda wildcards: f"{RESOURCES}/corpora/{wildcards.corpus}.txt",
+        corpus=rules.prepare_corpus.output.text,
         model=get_model_manifest,
         train=rules.tokenize.output.tokens,
     output:
@@ -47,7 +47,7 @@ rule ood:
         mem_mb=8000,
         runtime=60,
     params:
-        config=lambda wildcards: get_ood_config(),
+        config=get_config_values("ood", "h0", "random_draws", "bootstrap", "seed"),
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         storage=config["cache"]["storage"],
         device=config["device"],
@@ -60,8 +60,8 @@ rule ood_table:
     input:
         lens_eval=rules.eval_lens.output.table,
         h0=rules.h0_merge.output.table,
-        ood_lens=get_ood_tables("lens_eval"),
-        ood_ablation=get_ood_tables("ablation"),
+        ood_lens=get_expanded(rules.ood.output.lens_eval, corpus=get_eval_corpora),
+        ood_ablation=get_expanded(rules.ood.output.ablation, corpus=get_eval_corpora),
     output:
         markdown=report(
             f"{RESULTS}/tables/ood_{{run}}.md",
@@ -89,3 +89,17 @@ rule ood_table:
         train_corpus=lambda wildcards: get_run(wildcards.run)["corpus"],
     script:
         "../scripts/ood_table.py"
+
+
+register_experiment(
+    "ood",
+    section="lensspace.report.ood",
+    files={
+        "lens_eval": rules.ood.output.lens_eval,
+        "ablation": rules.ood.output.ablation,
+        "table": rules.ood_table.output.markdown,
+        "figure": rules.ood_table.output.figure,
+    },
+    items={"corpus": get_eval_corpora},
+    applies=get_eval_corpora,
+)

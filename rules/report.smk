@@ -1,33 +1,5 @@
-# The report: robustness grids per ablation experiment, and one self-contained HTML page.
-
-
-rule robustness_table:
-    input:
-        table=f"{RESULTS}/{{run}}/{{experiment}}/ablation.tsv",
-        sequences=f"{RESULTS}/{{run}}/{{experiment}}/per_sequence.tsv",
-    output:
-        comparisons=f"{RESULTS}/{{run}}/{{experiment}}/comparisons.tsv",
-        markdown=report(
-            f"{RESULTS}/tables/robustness_{{experiment}}_{{run}}.md",
-            caption="../report/robustness.rst",
-            category="Robustness",
-            subcategory="{run}",
-            labels={"run": "{run}", "experiment": "{experiment}"},
-        ),
-    log:
-        f"{RESULTS}/logs/robustness_table/{{experiment}}_{{run}}.log",
-    wildcard_constraints:
-        experiment=r"h\d+",
-    conda:
-        "../envs/lensspace.yaml"
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    params:
-        n_boot=config["bootstrap"]["test_resamples"],
-        seed=config["seed"],
-    script:
-        "../scripts/robustness_table.py"
+# The report: one self-contained HTML page of every registered experiment of every run.
+# Included last: it shows what the rule files before it registered.
 
 
 rule html_report:
@@ -51,5 +23,6 @@ rule html_report:
     params:
         # the page shows the whole config (provenance), so any edit rebuilds it
         config=config,
+        experiments=lambda wildcards: get_report_experiments(),
     script:
         "../scripts/report.py"

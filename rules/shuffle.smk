@@ -2,6 +2,8 @@
 # then one table of swaps and the heatmaps. A second least-squares lens at a larger ridge
 # (shuffle.second_ridge) gives the lens_ridge space.
 
+from lensspace.settings import ridge_lens_params, second_ridge, shuffle_pair_chunks, shuffle_params
+
 
 rule ridge_lens:
     input:
@@ -22,11 +24,19 @@ rule ridge_lens:
         mem_mb=6000,
         runtime=30,
     params:
-        training=get_ridge_lens_training,
+        training=ridge_lens_params(config["shuffle"], config["seed"]),
         device=config["device"],
         compute=get_compute(),
     script:
         "../scripts/train_lens.py"
+
+
+# The lens_ridge space's second lens, where that space is on (shuffle.second_ridge).
+SECOND_RIDGE_LENS = (
+    get_expanded(rules.ridge_lens.output.params)
+    if second_ridge(config["shuffle"]) is not None
+    else []
+)
 
 
 rule shuffle_pairs:
@@ -35,7 +45,7 @@ rule shuffle_pairs:
         cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
-        ridge_lens=get_shuffle_ridge_lens,
+        ridge_lens=SECOND_RIDGE_LENS,
     output:
         table=f"{RESULTS}/{{run}}/shuffle/pairs/{{chunk}}.tsv",
     log:
@@ -51,8 +61,8 @@ rule shuffle_pairs:
         mem_mb=6000,
         runtime=30,
     params:
-        pairs=get_shuffle_pairs,
-        shuffle=get_shuffle_settings(windows=False),
+        pairs=lambda wildcards: get_shuffle_chunks(wildcards.run)[int(wildcards.chunk)],
+        shuffle=shuffle_params(config, windows=False),
         lens_ridge=get_lens_ridge,
         second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],
@@ -69,7 +79,7 @@ rule shuffle_windows:
         cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
-        ridge_lens=get_shuffle_ridge_lens,
+        ridge_lens=SECOND_RIDGE_LENS,
     output:
         table=f"{RESULTS}/{{run}}/shuffle/windows.tsv",
         conditions=f"{RESULTS}/{{run}}/shuffle/conditions.tsv",
@@ -85,7 +95,7 @@ rule shuffle_windows:
         runtime=30,
     params:
         pairs=[],
-        shuffle=get_shuffle_settings(windows=True),
+        shuffle=shuffle_params(config, windows=True),
         lens_ridge=get_lens_ridge,
         second_ridge=second_ridge(config["shuffle"]),
         n_boot=config["bootstrap"]["n_resamples"],
@@ -98,7 +108,11 @@ rule shuffle_windows:
 
 rule shuffle_merge:
     input:
-        table=get_shuffle_tables,
+        table=get_expanded(
+            rules.shuffle_pairs.output.table,
+            rules.shuffle_windows.output.table,
+            chunk=lambda run: range(len(get_shuffle_chunks(run))),
+        ),
     output:
         table=f"{RESULTS}/{{run}}/shuffle/swaps.tsv",
     log:
@@ -133,3 +147,15 @@ rule shuffle_figure:
         runtime=10,
     script:
         "../scripts/shuffle_figure.py"
+
+
+register_experiment(
+    "shuffle",
+    section="lensspace.report.shuffle",
+    files={
+        "swaps": rules.shuffle_merge.output.table,
+        "windows": rules.shuffle_windows.output.table,
+        "conditions": rules.shuffle_windows.output.conditions,
+        "figure": rules.shuffle_figure.output.figure,
+    },
+)

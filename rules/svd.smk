@@ -19,3 +19,6 @@ rule svd:
         runtime=20,
     script:
         "../scripts/svd.py"
+
+
+register_experiment("svd", files={"spectrum": rules.svd.output.spectrum})

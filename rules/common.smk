@@ -82,7 +82,7 @@ def get_model_manifest(wildcards):
 
 
 def get_corpus_text(wildcards):
-    return expand(rules.prepare_corpus.output.text, corpus=get_run(wildcards.run)["corpus"])
+    return rules.prepare_corpus.output.text.format(corpus=get_run(wildcards.run)["corpus"])
 
 
 def get_n_layers(run):

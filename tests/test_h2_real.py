@@ -10,8 +10,7 @@ from conftest import TINY, head_logp64, normalize64
 
 from lensspace.adapter import Adapter
 from lensspace.experiments import h2
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import AblationGrid, subspace_basis
 from lensspace.experiments.h2 import (
     EmbeddingLensSettings,
     embedding_basis,

@@ -7,8 +7,7 @@ from conftest import make_cached, model_head
 
 from lensspace.activations import ActivationCache, write_cache
 from lensspace.errors import LensspaceError
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import AblationGrid, subspace_basis
 from lensspace.experiments.h2 import (
     EmbeddingLensSettings,
     embedding_basis,

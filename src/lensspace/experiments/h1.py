@@ -17,8 +17,13 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
-from lensspace.experiments.grid import AblationGrid, Cell, CellResults, relative_edit
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import (
+    AblationGrid,
+    Cell,
+    CellResults,
+    relative_edit,
+    subspace_basis,
+)
 from lensspace.lenses import translate
 from lensspace.runner import BlockRunner, recording
 from lensspace.stats import KLReference

@@ -24,8 +24,8 @@ from tuned_lens.nn import TunedLens
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move
-from lensspace.experiments.grid import AblationGrid, CellResults
-from lensspace.experiments.h0 import LinearHead, grid_kls, subspace_basis
+from lensspace.experiments.grid import AblationGrid, CellResults, subspace_basis
+from lensspace.head import LinearHead, grid_kls
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
 from lensspace.stats import KLReference, bootstrap_mean, kl_loss, kl_target
@@ -195,7 +195,7 @@ def evaluate_layers(
 
     ``z = T_i(E_i(e))`` is affine in ``e``, so an ablated input's lens vector is ``z`` minus
     ``M q`` times the removed coefficients, and each cell's KL comes from the head's linearity
-    (:func:`~lensspace.experiments.h0.grid_kls`: a rank-k product per subspace, no ``[V, d]``
+    (:func:`~lensspace.head.grid_kls`: a rank-k product per subspace, no ``[V, d]``
     work); the clean logits are the lens route's. The model's own distribution, the target of
     both routes, is computed once per chunk for all layers.
     """

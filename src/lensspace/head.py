@@ -21,7 +21,7 @@ import torch
 
 from lensspace import fused, gemm
 from lensspace.adapter import Adapter
-from lensspace.stats import row_dot
+from lensspace.divergences import row_dot
 
 if TYPE_CHECKING:
     from lensspace.experiments.grid import Cell

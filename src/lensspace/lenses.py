@@ -22,15 +22,9 @@ from tuned_lens.nn.unembed import Unembed
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
+from lensspace.divergences import KLReference, kl_from_logprobs, kl_loss, kl_target
 from lensspace.errors import LensspaceError
-from lensspace.stats import (
-    Estimate,
-    KLReference,
-    bootstrap_mean,
-    kl_from_logprobs,
-    kl_loss,
-    kl_target,
-)
+from lensspace.stats import Estimate, bootstrap_mean
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
+from lensspace.divergences import KLReference
 from lensspace.experiments.grid import (
     AblationGrid,
     Cell,
@@ -26,7 +27,6 @@ from lensspace.experiments.grid import (
 )
 from lensspace.lenses import translate
 from lensspace.runner import BlockRunner, recording
-from lensspace.stats import KLReference
 from lensspace.subspaces import Basis, LensPullback, ablate
 
 PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into the residual

@@ -24,11 +24,12 @@ from tuned_lens.nn import TunedLens
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move
+from lensspace.divergences import KLReference, kl_loss, kl_target
 from lensspace.experiments.grid import AblationGrid, CellResults, subspace_basis
 from lensspace.head import LinearHead, grid_kls
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
-from lensspace.stats import KLReference, bootstrap_mean, kl_loss, kl_target
+from lensspace.stats import bootstrap_mean
 from lensspace.subspaces import Basis
 
 Objective = Literal["lens", "downstream"]

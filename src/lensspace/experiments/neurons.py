@@ -37,13 +37,12 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
+from lensspace.divergences import KLReference, OutputStats
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
 from lensspace.stats import (
-    KLReference,
-    OutputStats,
     adjust,
     bootstrap_intervals,
     bootstrap_mean,

@@ -26,9 +26,10 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
+from lensspace.divergences import KLReference
 from lensspace.errors import LensspaceError
 from lensspace.runner import BlockRunner, recording
-from lensspace.stats import KLReference, bootstrap_mean
+from lensspace.stats import bootstrap_mean
 
 # T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
 MAX_CONDITION = 1e12

@@ -1,4 +1,5 @@
-"""Table and figure: lens KL and the seed-layout H0 cells in distribution and on every eval corpus."""
+"""Table and figure: lens KL and the seed-layout H0 cells in distribution and on every eval
+corpus."""
 
 import pandas as pd
 

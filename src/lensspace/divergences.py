@@ -48,7 +48,8 @@ def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def kl_target(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed target of :func:`kl_loss` from its log-probabilities: ``p`` and ``sum p log p`` per row."""
+    """A fixed target of :func:`kl_loss` from its log-probabilities: ``p`` and ``sum p log p`` per
+    row."""
     p = logp.exp()
     return p, row_dot(p, logp)
 
@@ -62,7 +63,8 @@ def kl_loss(y: torch.Tensor, p: torch.Tensor, p_logp: torch.Tensor) -> torch.Ten
 
 
 class OutputStats(NamedTuple):
-    """One ``q`` against the reference, per row: KL(p || q), the entropy of ``q`` (float64) and its top-1 index."""
+    """One ``q`` against the reference, per row: KL(p || q), the entropy of ``q`` (float64) and its
+    top-1 index."""
 
     kl: torch.Tensor
     entropy: torch.Tensor

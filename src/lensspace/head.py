@@ -120,8 +120,8 @@ class LinearHead:
         """The products and ablations that give every cell: one product per subspace (and per
         site where the norm centres), none for a half whose complement is in the grid.
 
-        ``carried`` (per subspace, [d, k]) is for an ablation made before an affine map ``z = M x + b``
-        (H2's ``T_i E_i``): the subspace ``q`` is removed from ``x`` (the ``source`` of
+        ``carried`` (per subspace, [d, k]) is for an ablation made before an affine map ``z = M x +
+        b`` (H2's ``T_i E_i``): the subspace ``q`` is removed from ``x`` (the ``source`` of
         :func:`grid_kls`, whose mean is ``means["pre_norm"]``) and reaches ``z`` through
         ``M q``, so every cell acts at the norm's input whatever its site label, and the halves
         are not complements in ``z``."""

@@ -338,7 +338,8 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
 def _check_translators(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
 ) -> None:
-    """The file holds exactly this lens's translator tensors, in their shapes (else one clear line)."""
+    """The file holds exactly this lens's translator tensors, in their shapes (else one clear
+    line)."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
@@ -422,7 +423,8 @@ def evaluate_lens(
     chunk: int = 4,
     layers: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and the logit lens.
+    """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and
+    the logit lens.
 
     Chunks of sequences run outside the layer loop, so the model's own distribution is
     computed once per chunk rather than once per layer.

@@ -134,7 +134,8 @@ def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict 
 
 
 def compute_settings(compute: dict | None):
-    """The rule's ``compute`` param (plain values) as :class:`~lensspace.devices.ComputeSettings`."""
+    """The rule's ``compute`` param (plain values) as
+    :class:`~lensspace.devices.ComputeSettings`."""
     from lensspace.devices import ComputeSettings
 
     return ComputeSettings(**(compute or {}))

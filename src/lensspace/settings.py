@@ -104,7 +104,8 @@ def ridge_lens_params(shuffle: Mapping, seed: int) -> dict[str, Any] | None:
 
 
 def shuffle_params(config: dict, windows: bool) -> dict[str, Any]:
-    """What a swap-pairs job (``windows`` False) or the window-permutations job reads of ``shuffle``."""
+    """What a swap-pairs job (``windows`` False) or the window-permutations job reads of
+    ``shuffle``."""
     shuffle = config["shuffle"]
     keys = ("spaces", "eval_sequences", *(("window", "window_samples") if windows else ()))
     return {key: shuffle.get(key) for key in keys}
@@ -241,7 +242,8 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
 
 
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
-    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default: H0's)."""
+    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default:
+    H0's)."""
     from lensspace.experiments.lens_quality import LensQualitySettings
 
     section = config["lens_quality"]
@@ -266,7 +268,8 @@ def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:
 
 
 def seed_layout_grid(config: dict, section: str) -> AblationGrid:
-    """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in ``section``'s modes."""
+    """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in
+    ``section``'s modes."""
     from lensspace.experiments.grid import AblationGrid
 
     return AblationGrid(

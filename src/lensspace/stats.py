@@ -78,7 +78,8 @@ def _studentized(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _row_quantiles(values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Linear-interpolated quantiles of each row of ``values`` [R, B] at per-row ``probs`` [R, k]."""
+    """Linear-interpolated quantiles of each row of ``values`` [R, B] at per-row ``probs`` [R,
+    k]."""
     ordered = values.sort(dim=1).values
     pos = probs.clamp(0, 1) * (values.shape[1] - 1)
     below = pos.floor().long()
@@ -146,7 +147,8 @@ def bootstrap_interval(
 
 def _bca_levels(x: torch.Tensor, m_star: torch.Tensor, alpha: float) -> torch.Tensor:
     """BCa's adjusted percentile levels [R, 2] for the mean: bias ``z0`` from the share of
-    resample means below the observed one, acceleration from the jackknife (``skew / (6 sqrt n)``)."""
+    resample means below the observed one, acceleration from the jackknife (``skew / (6 sqrt
+    n)``)."""
     m = x.mean(dim=1, keepdim=True)
     below = (m_star < m).double().mean(dim=1) + 0.5 * (m_star == m).double().mean(dim=1)
     z0 = torch.special.ndtri(below.clamp(1e-12, 1 - 1e-12)).unsqueeze(1)

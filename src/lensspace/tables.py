@@ -124,7 +124,8 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
 
 
 def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
-    """Per candidate: geometry, then each ablation effect with its interval beside matched random neurons."""
+    """Per candidate: geometry, then each ablation effect with its interval beside matched random
+    neurons."""
 
     def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
         return frame.apply(
@@ -161,7 +162,8 @@ def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
 
 
 def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval, verdict."""
+    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval,
+    verdict."""
 
     def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
         return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)

@@ -123,7 +123,8 @@ def known_model_facts(
 
 
 def model_checks(config: dict, run: str) -> dict[str, Any]:
-    """The run's settings that must fit its model, by config key (what :func:`check_model_fit` compares)."""
+    """The run's settings that must fit its model, by config key (what :func:`check_model_fit`
+    compares)."""
     spec = run_spec(config, run)
     seq_key = f"runs.{run}.data.seq_len" if "seq_len" in spec.get("data", {}) else "data.seq_len"
     return {

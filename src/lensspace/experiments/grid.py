@@ -56,7 +56,8 @@ class AblationGrid:
     experiment: str = "h0"
 
     def resolve_k(self, d_model: int) -> list[int]:
-        """Subspace sizes: integers as given, ``half`` = d_model // 2, ``quarter`` = d_model // 4."""
+        """Subspace sizes: integers as given, ``half`` = d_model // 2, ``quarter`` = d_model //
+        4."""
         named = {"half": d_model // 2, "quarter": d_model // 4}
         return sorted({named[k] if isinstance(k, str) else int(k) for k in self.ks})
 

@@ -48,7 +48,8 @@ class EmbeddingLensSettings:
 
 
 def embedding_basis(adapter: Adapter) -> Basis:
-    """Right singular vectors of ``W_E`` as the residual sees it (any scale or projection), descending."""
+    """Right singular vectors of ``W_E`` as the residual sees it (any scale or projection),
+    descending."""
     _, s, vh = torch.linalg.svd(adapter.embedding_matrix.detach().double(), full_matrices=False)
     return Basis("embed", vh.T.float().contiguous(), s.float())
 
@@ -90,7 +91,8 @@ TIED_NOTE = (
 
 
 def embeddings_tied(adapter: Adapter) -> bool:
-    """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding basis."""
+    """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding
+    basis."""
     return adapter.embeddings_tied()
 
 

@@ -44,7 +44,8 @@ class LensQualitySettings:
 
 
 class TrainSubset:
-    """An activation cache seen through its first ``n_train`` training sequences (eval unchanged)."""
+    """An activation cache seen through its first ``n_train`` training sequences (eval
+    unchanged)."""
 
     def __init__(self, cache: ActivationCache, n_train: int):
         self.cache, self.n_train = cache, n_train

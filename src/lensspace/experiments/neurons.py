@@ -94,7 +94,8 @@ def null_space(adapter: Adapter, k: int) -> torch.Tensor:
     least, the bottom right singular vectors of ``(W_U - mean) diag(g)`` among those the final
     norm can output (LayerNorm's output has zero mean: its all-ones direction, read by no logit
     difference, is left out). ``k' = k``, or the whole exact kernel where that is larger (OPT-350m's
-    ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary choice."""
+    ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary
+    choice."""
     w_u = adapter.unembedding.detach().double().cpu()
     folded = adapter.centre((w_u - w_u.mean(0)) * adapter.norm_gain.detach().double().cpu())
     # the right singular vectors only: a full U would be [vocab, vocab] (19 GB for SmolLM2)
@@ -153,7 +154,8 @@ def neuron_geometry(
 
 
 def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The MLP activations as a [batch, position, neuron] view (OPT runs its MLP on flattened tokens)."""
+    """The MLP activations as a [batch, position, neuron] view (OPT runs its MLP on flattened
+    tokens)."""
     return a.view(-1, seq_len, a.shape[-1])
 
 
@@ -161,7 +163,8 @@ def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
 def activation_stats(
     adapter: Adapter, ids: torch.Tensor, chunk: int = 4
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of ``ids``."""
+    """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of
+    ``ids``."""
     sums: dict[int, torch.Tensor] = {}
     squares: dict[int, torch.Tensor] = {}
 
@@ -189,7 +192,8 @@ def activation_stats(
 
 
 def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFrame:
-    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share threshold."""
+    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share
+    threshold."""
     pool = table[
         table["layer"].isin(settings.candidate_layers)
         & (table["internal_fraction"] >= settings.min_internal_share)
@@ -296,7 +300,8 @@ class NeuronAblation:
 
     @torch.no_grad()
     def effects(self, neurons: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
-        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]}) together."""
+        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]})
+        together."""
         adapter = self.runner.adapter
         start = min(neurons)
         h = self._residual(start)
@@ -384,7 +389,8 @@ def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSet
 def _entropy_per_kl(
     h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings
 ) -> tuple[float, float]:
-    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of means)."""
+    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of
+    means)."""
     counts = resample_counts(len(h), settings.n_boot, settings.seed).double()
     ratio = (counts @ h.double()) / (counts @ kl.double()).clamp_min(1e-300)
     lo, hi = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -529,7 +535,8 @@ def causal_test(
 def reference_matches(
     candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame
 ) -> pd.DataFrame:
-    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its layer."""
+    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its
+    layer."""
     rows = []
     chosen = set(zip(candidates["layer"], candidates["neuron"]))
     for layer, neuron in zip(reference["layer"], reference["neuron"]):

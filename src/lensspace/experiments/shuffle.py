@@ -121,7 +121,8 @@ class LensSpaceBlocks:
 
     def distortion(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
         """Per evaluated token, ``||T_b^-1(T_s(h)) - h|| / ||h||`` for the first block ``b`` of
-        the order and its start ``s``: how far the wrapper moves that block's input ([batch, pos-1])."""
+        the order and its start ``s``: how far the wrapper moves that block's input ([batch,
+        pos-1])."""
         h = h[:, 1:].double()
         moved = self._inverse(self.to_lens(h, perm.start), perm.order[0])
         return (moved - h).norm(dim=-1) / h.norm(dim=-1)

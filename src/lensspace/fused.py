@@ -157,7 +157,8 @@ class _Kernel:
             self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
             sums = self._compiled(*args)
             print(
-                f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} s "
+                f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} "
+                "s "
                 "(loaded from the compile cache or compiled, then one call)",
                 file=sys.stderr,
             )

@@ -319,7 +319,8 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
         )
     if config.d_model != adapter.d_model:
         raise LensspaceError(
-            f"lens {folder} is for d_model={config.d_model}; the model has d_model={adapter.d_model}"
+            f"lens {folder} is for d_model={config.d_model}; the model has "
+            f"d_model={adapter.d_model}"
         )
     state = read_lens_params(folder / "params.pt")
     count = _translator_count(state, folder)
@@ -345,7 +346,8 @@ def _check_translators(
     if missing or unexpected or wrong:
         raise LensspaceError(
             f"lens file {path} does not hold this lens's translators (missing "
-            f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'}; "
+            f"{', '.join(missing[:4]) or 'none'}; unexpected "
+            f"{', '.join(unexpected[:4]) or 'none'}; "
             f"wrong shape {', '.join(wrong[:4]) or 'none'}); {_rebuild_hint(path)}"
         )
 
@@ -405,7 +407,8 @@ def check_lens_origin(
             f"lens {folder} was trained for another model: {what}; use the lens made for "
             "this model, or set lens.allow_other_model: true in the run if this is intended"
         )
-    return f"lens {folder}: {what} {'matches' if matches else 'differs (allowed by lens.allow_other_model)'}"
+    verdict = "matches" if matches else "differs (allowed by lens.allow_other_model)"
+    return f"lens {folder}: {what} {verdict}"
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,8 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
         seed_everything(int(snakemake.params.get("seed", 0)))
         print(
             f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
-            f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
+            f"{torch.get_num_threads()} threads, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
             file=log,
         )
         body(snakemake)

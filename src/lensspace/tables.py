@@ -207,7 +207,8 @@ def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFr
             row = part[part["subspace"] == "output"].iloc[0]
             diff = kl.get("output", float("nan")) - kl.get("internal", float("nan"))
             shown = (
-                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, {row['output_minus_internal_hi']:.3f}]"
+                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, "
+                f"{row['output_minus_internal_hi']:.3f}]"
                 if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
                 else f"{diff:.3f}"
             )

@@ -53,7 +53,8 @@ def check_references(config: dict[str, Any]) -> None:
             for layer in chosen if isinstance(chosen, list) else []:
                 if not 0 <= layer < n_layers:
                     raise LensspaceError(
-                        f"{section}.layers: layer {layer} does not exist in model '{spec['model']}' "
+                        f"{section}.layers: layer {layer} does not exist in model "
+                        f"'{spec['model']}' "
                         f"of run '{run}' (layers 0..{n_layers - 1})"
                     )
         window = config.get("shuffle", {}).get("window", 0)

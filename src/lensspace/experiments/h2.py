@@ -156,7 +156,8 @@ def fit_embedding_lenses(
                 losses[layer] = float(loss.detach())
         for layer, loss in losses.items():
             print(
-                f"layer {layer}: refined E by the {settings.objective} route, last batch KL {loss:.4f}",
+                f"layer {layer}: refined E by the {settings.objective} route, last batch KL "
+                f"{loss:.4f}",
                 file=sys.stderr,
             )
     return {layer: emb_lens.requires_grad_(False) for layer, emb_lens in emb_lenses.items()}

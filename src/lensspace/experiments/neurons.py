@@ -56,8 +56,10 @@ from lensspace.subspaces import select
 # Per-token effects of an ablation; the signed entropy change may be negative.
 METRICS = ("abs_d_entropy", "d_entropy", "kl", "top1_change", "d_log_scale")
 NONNEGATIVE = {"abs_d_entropy", "kl", "top1_change", "d_log_scale"}
+# Compared as paired candidate-minus-random differences.
 COMPARED = ("abs_d_entropy", "kl", "top1_change")
-NULL_SPACE = "unembed_centered"  # the basis whose bottom directions are the effective null space  # paired candidate-minus-random differences
+# The basis whose bottom directions are the effective null space.
+NULL_SPACE = "unembed_centered"
 # Per-sequence shares of flipped tokens are discrete and often tied: a bootstrap-t interval
 # degenerates on them (resamples with no spread), so their intervals are BCa.
 DISCRETE = {"top1_change"}
@@ -474,8 +476,10 @@ def causal_test(
     floor = float(settings.random_draws + 1) ** -ablation.n_sequences
     if floor > ALPHA / family:
         print(
-            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the smallest "
-            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no neuron "
+            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the "
+            "smallest "
+            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no "
+            "neuron "
             "verdict can hold; raise neurons.eval_sequences",
             flush=True,
         )
@@ -589,7 +593,8 @@ def run_neurons(
     candidates = pick_candidates(table, settings)
     table["is_candidate"] = table.index.isin(candidates.index)
     print(
-        f"{len(candidates)} candidates among {int(table['layer'].isin(settings.candidate_layers).sum())} "
+        f"{len(candidates)} candidates among "
+        f"{int(table['layer'].isin(settings.candidate_layers).sum())} "
         f"neurons of layers {list(settings.candidate_layers)}",
         flush=True,
     )

@@ -244,7 +244,8 @@ def translator_dominated(swaps: pd.DataFrame) -> str | None:
         lens = f"the {space} space" + (f" (lens ridge {ridge:g})" if pd.notna(ridge) else "")
         findings.append(
             f"in {lens} the median adjacent swap costs {kl:.3g} nats (native {native_kl:.3g}; "
-            f"{ratio:.3g} times as much) and keeps the top-1 token {part.loc[pairs, 'top1_agreement'].median():.2f} "
+            f"{ratio:.3g} times as much) and keeps the top-1 token "
+            f"{part.loc[pairs, 'top1_agreement'].median():.2f} "
             f"of the time (native {native.loc[pairs, 'top1_agreement'].median():.2f}), while the "
             f"wrapper moves the first swapped block's input by a median {distortion:.3g} times its "
             f"own norm ({'dominated' if hit else 'not dominated'})"

@@ -49,9 +49,9 @@ def measure_real(args) -> None:
     from lensspace.activations import ActivationCache, write_cache
     from lensspace.adapter import Adapter
     from lensspace.corpus import TokenSplit, read_documents, tokenize_documents
+    from lensspace.divergences import kl_from_logprobs
     from lensspace.lenses import LensTraining, train_lens, translate
     from lensspace.models import load_model
-    from lensspace.stats import kl_from_logprobs
     from lensspace.subspaces import ablate, select, unembedding_bases
 
     torch.set_num_threads(args.threads)

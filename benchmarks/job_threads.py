@@ -29,9 +29,9 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.child)
     started = time.perf_counter()
     from lensspace.adapter import Adapter
+    from lensspace.divergences import KLReference
     from lensspace.models import load_model
     from lensspace.runner import BlockRunner
-    from lensspace.stats import KLReference
 
     model, tokenizer = load_model(args.model)
     adapter = Adapter(model)

@@ -39,4 +39,4 @@ rule tokenize:
     params:
         split=get_token_split,
     script:
-        "../scripts/tokenize.py"
+        "../scripts/tokenize_corpus.py"

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lensspace import runtime
-from lensspace.settings import check_model_fit, manifest_facts, model_checks
+from lensspace.validation import check_model_fit, manifest_facts, model_checks
 
 
 def body(sm):

@@ -1,4 +1,5 @@
-"""H0 at a job's layers: the whole ablation grid in lens space, per sequence, and the norm shares."""
+"""H0 at a job's layers: the whole ablation grid in lens space, per sequence, and the norm
+shares."""
 
 import sys
 from pathlib import Path

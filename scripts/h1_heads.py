@@ -1,4 +1,5 @@
-"""Circuit ends: induction score and lens-space output/internal write shares of every head and MLP."""
+"""Circuit ends: induction score and lens-space output/internal write shares of every head and
+MLP."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""H2 at a job's layers: fit the embedding lens E_i, its held-out quality, and the input ablations."""
+"""H2 at a job's layers: fit the embedding lens E_i, its held-out quality, and the input
+ablations."""
 
 from pathlib import Path
 

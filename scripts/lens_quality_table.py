@@ -5,9 +5,12 @@ import pandas as pd
 from lensspace import runtime, tables
 
 LEGEND = (
-    "Held-out KL(p_final ‖ p_lens) of lenses trained at each budget, and the seed-layout H0 cell (unembed "
-    "basis, k = d/2, pre_norm): KL of ablating the output and internal subspace, their paired difference "
-    "output − internal over held-out sequences with its 95% bootstrap-t interval; the verdict needs the "
+    "Held-out KL(p_final ‖ p_lens) of lenses trained at each budget, and the seed-layout H0 cell "
+    "(unembed "
+    "basis, k = d/2, pre_norm): KL of ablating the output and internal subspace, their paired "
+    "difference "
+    "output − internal over held-out sequences with its 95% bootstrap-t interval; the verdict "
+    "needs the "
     "p-value Holm-corrected over the sweep (`p (Holm)`) below 0.05."
 )
 

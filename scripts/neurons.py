@@ -1,4 +1,5 @@
-"""Single MLP neurons: geometry of every neuron, candidates, their causal test, the reference check."""
+"""Single MLP neurons: geometry of every neuron, candidates, their causal test, the reference
+check."""
 
 from pathlib import Path
 

@@ -5,9 +5,12 @@ import pandas as pd
 from lensspace import runtime, tables
 
 LEGEND = (
-    "Mean ablation of each candidate alone; 95% bootstrap intervals over held-out sequences; `random`: random "
-    "neurons of the same layer and matched norm (mean over draws); `diff`: paired difference candidate − "
-    "random; a verdict holds when the Holm-corrected p-value (over every comparison of the experiment) is "
+    "Mean ablation of each candidate alone; 95% bootstrap intervals over held-out sequences; "
+    "`random`: random "
+    "neurons of the same layer and matched norm (mean over draws); `diff`: paired difference "
+    "candidate − "
+    "random; a verdict holds when the Holm-corrected p-value (over every comparison of the "
+    "experiment) is "
     "below 0.05 and the candidate lies beyond every matched draw."
 )
 

@@ -1,4 +1,5 @@
-"""Table and figure: lens KL and the seed-layout H0 cells in distribution and on every eval corpus."""
+"""Table and figure: lens KL and the seed-layout H0 cells in distribution and on every eval
+corpus."""
 
 import pandas as pd
 
@@ -16,9 +17,12 @@ def body(sm):
     for corpus, lens, ablation in zip(sm.params.corpora, sm.input.ood_lens, sm.input.ood_ablation):
         frames[corpus] = (pd.read_csv(lens, sep="\t"), pd.read_csv(ablation, sep="\t"))
     legend = (
-        "Held-out KL(p_final ‖ p_lens) of the tuned and logit lens, and the seed-layout H0 cells (unembed "
-        "basis, k = d/2, pre_norm): KL of ablating the output, internal and random subspace; output − internal "
-        "with its paired 95% bootstrap-t interval over the eval corpus's sequences, and its verdict, Holm-corrected "
+        "Held-out KL(p_final ‖ p_lens) of the tuned and logit lens, and the seed-layout H0 cells "
+        "(unembed "
+        "basis, k = d/2, pre_norm): KL of ablating the output, internal and random subspace; "
+        "output − internal "
+        "with its paired 95% bootstrap-t interval over the eval corpus's sequences, and its "
+        "verdict, Holm-corrected "
         "over the corpus's layers and modes."
     )
     page = tables.document(

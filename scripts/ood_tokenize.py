@@ -1,4 +1,5 @@
-"""An eval corpus tokenized with the run's tokenizer: held-out sequences only, checked disjoint from training."""
+"""An eval corpus tokenized with the run's tokenizer: held-out sequences only, checked disjoint from
+training."""
 
 from pathlib import Path
 

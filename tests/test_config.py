@@ -10,7 +10,6 @@ from snakemake.utils import validate
 from lensspace.errors import LensspaceError
 from lensspace.settings import (
     ablation_grid,
-    check_references,
     compute_settings,
     embedding_lens_settings,
     experiment_layers,
@@ -20,6 +19,7 @@ from lensspace.settings import (
     shuffle_pair_chunks,
     token_split,
 )
+from lensspace.validation import check_references
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "schemas" / "config.schema.yaml")

@@ -7,8 +7,8 @@ from conftest import TINY, direct_kl64, make_cached, model_head
 
 from lensspace import fused
 from lensspace.adapter import Adapter
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h0 import run_layer, subspace_basis
+from lensspace.experiments.grid import AblationGrid, subspace_basis
+from lensspace.experiments.h0 import run_layer
 from lensspace.lenses import translate
 from lensspace.models import build_random_model
 from lensspace.subspaces import ablate, unembedding_bases

@@ -6,8 +6,9 @@ import torch
 from conftest import direct_kl64
 
 from lensspace import fused
-from lensspace.experiments.grid import AblationGrid, relative_edit
-from lensspace.experiments.h0 import LinearHead, norm_shares, run_layer, subspace_basis
+from lensspace.experiments.grid import AblationGrid, relative_edit, subspace_basis
+from lensspace.experiments.h0 import norm_shares, run_layer
+from lensspace.head import LinearHead
 from lensspace.lenses import translate
 from lensspace.subspaces import ablate, unembedding_bases
 

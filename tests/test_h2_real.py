@@ -9,9 +9,9 @@ import torch
 from conftest import TINY, head_logp64, normalize64
 
 from lensspace.adapter import Adapter
+from lensspace.divergences import kl_from_logprobs
 from lensspace.experiments import h2
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import AblationGrid, subspace_basis
 from lensspace.experiments.h2 import (
     EmbeddingLensSettings,
     embedding_basis,
@@ -23,7 +23,6 @@ from lensspace.experiments.h2 import (
 )
 from lensspace.models import build_random_model
 from lensspace.runner import BlockRunner, hooked
-from lensspace.stats import kl_from_logprobs
 from lensspace.subspaces import ablate, unembedding_bases
 
 GRID = AblationGrid(

@@ -6,9 +6,9 @@ import torch
 from conftest import make_cached, model_head
 
 from lensspace.activations import ActivationCache, write_cache
+from lensspace.divergences import kl_from_logprobs
 from lensspace.errors import LensspaceError
-from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.experiments.grid import AblationGrid, subspace_basis
 from lensspace.experiments.h2 import (
     EmbeddingLensSettings,
     embedding_basis,
@@ -27,7 +27,6 @@ from lensspace.experiments.shuffle import (
 from lensspace.lenses import LensTraining, empty_lens
 from lensspace.runner import BlockRunner
 from lensspace.settings import ridge_lens_params, second_ridge
-from lensspace.stats import kl_from_logprobs
 from lensspace.subspaces import ablate
 
 

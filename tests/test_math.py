@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from lensspace.divergences import kl_from_logits, kl_from_logprobs
 from lensspace.errors import LensspaceError
 from lensspace.lenses import fit_affine
-from lensspace.stats import bootstrap_mean, kl_from_logits, kl_from_logprobs
+from lensspace.stats import bootstrap_mean
 from lensspace.subspaces import ablate, project, random_subspace, select, unembedding_bases
 
 D = 16

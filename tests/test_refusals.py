@@ -18,8 +18,8 @@ from lensspace.configfile import check_duplicate_keys, validate_config
 from lensspace.errors import LensspaceError
 from lensspace.lenses import check_lens_origin, empty_lens, load_lens, save_lens
 from lensspace.models import build_random_model, prepare_model
-from lensspace.settings import check_config, manifest_facts, model_checks, random_model_facts
 from lensspace.sources import pip_download
+from lensspace.validation import check_config, manifest_facts, model_checks, random_model_facts
 
 SCHEMA = ROOT / "schemas" / "config.schema.yaml"
 

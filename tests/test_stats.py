@@ -322,7 +322,7 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     sums, float32 exp; and eager passes, ``kl``'s in place), against the float64 definition on
     logit-sized values."""
     from lensspace import fused
-    from lensspace.stats import KLReference, kl_from_logprobs
+    from lensspace.divergences import KLReference, kl_from_logprobs
 
     for kernel in (fused.kl_sums, fused.kl_terms):
         monkeypatch.setattr(kernel, "enabled", fused_cpu)
@@ -383,7 +383,7 @@ def test_kl_loss_value_and_gradient_equal_autograd_of_the_definition():
     """The training loss's closed-form gradient, ``(softmax(y) - p) / N``: torch's numerical
     gradient check in float64, and on logit-sized float32 values the value and gradient of autograd
     through the definition (mean of KL(p || softmax(y))), computed in float64."""
-    from lensspace.stats import kl_from_logprobs, kl_loss
+    from lensspace.divergences import kl_from_logprobs, kl_loss
 
     gen = torch.Generator().manual_seed(5)
     logp = (torch.randn(3, 4, 50, generator=gen, dtype=torch.float64) * 3).log_softmax(-1)

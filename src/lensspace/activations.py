@@ -162,7 +162,8 @@ class ActivationCache:
             return move(handle.get_tensor(split), self.device).float()
 
     def _verify(self, path: Path) -> None:
-        """The file's sha256 against the one written (once per file; caches without records pass)."""
+        """The file's sha256 against the one written (once per file; caches without records
+        pass)."""
         record = self.meta.get("files", {}).get(path.name)
         if record is None or path.name in self._verified:
             return

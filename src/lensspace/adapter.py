@@ -122,7 +122,8 @@ def supported_families() -> list[str]:
 
 
 def require_family(model_type: str | None, what: str) -> None:
-    """Refuse a ``model_type`` without an adapter entry, naming the families and the file to edit."""
+    """Refuse a ``model_type`` without an adapter entry, naming the families and the file to
+    edit."""
     if model_type not in ARCHITECTURES:
         raise LensspaceError(
             f"{what}: model_type '{model_type}' has no architecture adapter; supported: "
@@ -255,7 +256,8 @@ class Adapter:
     def attention_write_scale(
         self, layer: int, attention_output: torch.Tensor
     ) -> torch.Tensor | float:
-        """Per-token divisor of the attention output on its way into the residual (1 without a norm)."""
+        """Per-token divisor of the attention output on its way into the residual (1 without a
+        norm)."""
         norm = self.attention_write_norm(layer)
         if norm is None:
             return 1.0
@@ -269,7 +271,8 @@ class Adapter:
         return _get_path(self.blocks[layer], self.arch.mlp_out)
 
     def neuron_out_weights(self, layer: int) -> torch.Tensor:
-        """Every MLP neuron's output weight as [n_neurons, d_model]: neuron ``j`` writes ``a_j * W[j]``."""
+        """Every MLP neuron's output weight as [n_neurons, d_model]: neuron ``j`` writes ``a_j *
+        W[j]``."""
         weight = self.mlp_out(layer).weight
         return weight if self.arch.mlp_out_transposed else weight.T
 
@@ -277,7 +280,8 @@ class Adapter:
         """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``.
 
         Where an RMSNorm follows the attention (Gemma 2/3), its gain is folded in, so that with
-        ``o_h`` divided by :meth:`attention_write_scale` the heads' writes sum to the residual write.
+        ``o_h`` divided by :meth:`attention_write_scale` the heads' writes sum to the residual
+        write.
         """
         weight = self.attention_out(layer).weight
         weight = weight if self.arch.attention_out_transposed else weight.T  # -> [in, out]
@@ -345,7 +349,8 @@ class Adapter:
 
     @torch.no_grad()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """The layer-0 residual of ``ids``: token embedding plus positions, as the model builds it."""
+        """The layer-0 residual of ``ids``: token embedding plus positions, as the model builds
+        it."""
         store: dict[int, torch.Tensor] = {}
 
         def hook(_module, args, kwargs):

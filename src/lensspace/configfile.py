@@ -87,9 +87,11 @@ def describe(error: ValidationError) -> str:
         unexpected = ", ".join(repr(k) for k in sorted(set(value) - set(allowed)))
         return f"{where}: unknown key {unexpected}; allowed keys: {', '.join(allowed)}"
     if kind in ("oneOf", "anyOf"):
-        return f"{where}: {value!r} is not allowed; use {' or '.join(_summary(s) for s in error.validator_value)}"
+        allowed = " or ".join(_summary(s) for s in error.validator_value)
+        return f"{where}: {value!r} is not allowed; use {allowed}"
     if "propertyNames" in error.absolute_schema_path:
-        return f"{where}: the name {value!r} is not allowed; {schema.get('description', error.message)}"
+        description = schema.get("description", error.message)
+        return f"{where}: the name {value!r} is not allowed; {description}"
     if kind == "pattern" and "description" in schema:
         return f"{where}: {value!r} is not allowed; {schema['description']}"
     return f"{where}: {error.message}"

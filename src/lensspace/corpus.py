@@ -47,7 +47,8 @@ _VERSE_LINE = re.compile(r"^(\S+) (\d+):\d+ \S+ \d+:\d+ (.*)$")
 
 
 def verse_line_documents(text_gz: Path) -> list[str]:
-    """Chapters of a verse-per-line bible (``Ge 1:1 <book> 1:1 <text>``; ``=`` lines are headings)."""
+    """Chapters of a verse-per-line bible (``Ge 1:1 <book> 1:1 <text>``; ``=`` lines are
+    headings)."""
     with gzip.open(text_gz, "rt", encoding="utf-8-sig") as handle:
         lines = handle.read().splitlines()
     chapters: dict[tuple[str, str], list[str]] = {}
@@ -134,7 +135,8 @@ def _first_definition(source: str) -> int | None:
 
 
 def encode_document(doc: str) -> str:
-    """One line of a prepared corpus: backslashes doubled, line breaks written as ``\\n`` (``\\r``)."""
+    """One line of a prepared corpus: backslashes doubled, line breaks written as ``\\n``
+    (``\\r``)."""
     return doc.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 

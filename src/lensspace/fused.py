@@ -82,8 +82,9 @@ def large_rows_definition(
 
 def expm1(t: torch.Tensor) -> torch.Tensor:
     """``e^t - 1`` to a few float32 ulps also for small ``t``: a Taylor series below |t| = 0.1
-    (truncation about 2e-10 relative), ``exp(t) - 1`` above (about 5 ulps just past 0.1). Inductor's C++ backend
-    compiles ``torch.expm1`` as ``exp(t) - 1``, which loses every digit as ``t`` goes to 0."""
+    (truncation about 2e-10 relative), ``exp(t) - 1`` above (about 5 ulps just past 0.1). Inductor's
+    C++ backend compiles ``torch.expm1`` as ``exp(t) - 1``, which loses every digit as ``t`` goes to
+    0."""
     series = t * (1 + t / 2 * (1 + t / 3 * (1 + t / 4 * (1 + t / 5 * (1 + t / 6)))))
     return torch.where(t.abs() < 0.1, series, torch.exp(t) - 1)
 
@@ -95,8 +96,9 @@ def kl_sums_definition(
     in float64 from float32 ``base`` (logits or log-probabilities of ``p``), ``p = softmax(base)``
     and ``y`` [N, V]. With ``p`` normalised by its sum (float32 leaves it about 1e-6 off 1, which a
     logit-sized log-sum-exp would multiply; the caller sums ``p`` once), KL(p || softmax(y)) = the
-    first / sum p + the second - logsumexp(base). The differences ``base - y`` are exact in float64, so no logit-sized
-    rounding enters the KL (float32's ``exp`` leaves an absolute floor of about 1e-7); the entropy
+    first / sum p + the second - logsumexp(base). The differences ``base - y`` are exact in float64,
+    so no logit-sized rounding enters the KL (float32's ``exp`` leaves an absolute floor of about
+    1e-7); the entropy
     is ``log s - sum e^u u / s`` with ``u = y - max y`` and ``s = sum e^u``."""
     m = y.amax(-1, keepdim=True)
     u = y - m
@@ -155,7 +157,8 @@ class _Kernel:
             self._compiled = torch.compile(self.definition, dynamic=True, fullgraph=True)
             sums = self._compiled(*args)
             print(
-                f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} s "
+                f"{FIRST_CALL_LINE} {self.definition.__name__} {time.perf_counter() - started:.2f} "
+                "s "
                 "(loaded from the compile cache or compiled, then one call)",
                 file=sys.stderr,
             )

@@ -37,7 +37,8 @@ def _operator():
         except (AttributeError, RuntimeError) as err:
             _state["failed"] = f"{type(err).__name__}: {err}"
             print(
-                f"[lensspace] oneDNN products unavailable ({_state['failed']}); using torch's default",
+                f"[lensspace] oneDNN products unavailable ({_state['failed']}); using torch's "
+                "default",
                 file=sys.stderr,
             )
     return None

@@ -22,15 +22,9 @@ from tuned_lens.nn.unembed import Unembed
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move, move_module
+from lensspace.divergences import KLReference, kl_from_logprobs, kl_loss, kl_target
 from lensspace.errors import LensspaceError
-from lensspace.stats import (
-    Estimate,
-    KLReference,
-    bootstrap_mean,
-    kl_from_logprobs,
-    kl_loss,
-    kl_target,
-)
+from lensspace.stats import Estimate, bootstrap_mean
 
 
 @dataclass(frozen=True)
@@ -325,7 +319,8 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
         )
     if config.d_model != adapter.d_model:
         raise LensspaceError(
-            f"lens {folder} is for d_model={config.d_model}; the model has d_model={adapter.d_model}"
+            f"lens {folder} is for d_model={config.d_model}; the model has "
+            f"d_model={adapter.d_model}"
         )
     state = read_lens_params(folder / "params.pt")
     count = _translator_count(state, folder)
@@ -344,13 +339,15 @@ def load_lens(adapter: Adapter, resource: str | Path) -> TunedLens:
 def _check_translators(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
 ) -> None:
-    """The file holds exactly this lens's translator tensors, in their shapes (else one clear line)."""
+    """The file holds exactly this lens's translator tensors, in their shapes (else one clear
+    line)."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
         raise LensspaceError(
             f"lens file {path} does not hold this lens's translators (missing "
-            f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'}; "
+            f"{', '.join(missing[:4]) or 'none'}; unexpected "
+            f"{', '.join(unexpected[:4]) or 'none'}; "
             f"wrong shape {', '.join(wrong[:4]) or 'none'}); {_rebuild_hint(path)}"
         )
 
@@ -410,7 +407,8 @@ def check_lens_origin(
             f"lens {folder} was trained for another model: {what}; use the lens made for "
             "this model, or set lens.allow_other_model: true in the run if this is intended"
         )
-    return f"lens {folder}: {what} {'matches' if matches else 'differs (allowed by lens.allow_other_model)'}"
+    verdict = "matches" if matches else "differs (allowed by lens.allow_other_model)"
+    return f"lens {folder}: {what} {verdict}"
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
@@ -428,7 +426,8 @@ def evaluate_lens(
     chunk: int = 4,
     layers: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and the logit lens.
+    """Held-out KL(p_final || p_lens) per layer (every one, or ``layers``) for the tuned lens and
+    the logit lens.
 
     Chunks of sequences run outside the layer loop, so the model's own distribution is
     computed once per chunk rather than once per layer.

@@ -46,9 +46,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
     Not used by the rules: it saves the page faults of every fresh vocabulary-sized tensor, but
     the heap can fragment without bound: measured by ``benchmarks/freed_memory.py`` before the
-    lens evaluation computed its KL in place, it peaked at 16-23 GB against 1.2 GB with glibc's default (the rules ask for huge
-    pages instead, :func:`huge_page_tunables`). Kept for that benchmark.
-    A no-op (False) where the C library has no mallopt (not glibc).
+    lens evaluation computed its KL in place, it peaked at 16-23 GB against 1.2 GB with glibc's
+    default (the rules ask for huge pages instead, :func:`huge_page_tunables`). Kept for that
+    benchmark. A no-op (False) where the C library has no mallopt (not glibc).
     """
     try:
         libc = ctypes.CDLL(None)

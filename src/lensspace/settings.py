@@ -1,21 +1,15 @@
 """From the validated config (plain dicts) to the settings each stage takes.
 
-The JSON schema (``schemas/config.schema.yaml``) checks shapes and values and fills defaults;
-:func:`check_references` and :func:`check_model_fit` check what a schema cannot: that names
-point at defined entries and that the settings fit the model.
-
 Rules pass settings as ``params:`` in plain values (the ``*_params`` functions: dicts of
 builtins), because Snakemake's params rerun-trigger only sees builtin types and would miss
 an edit carried by a dataclass; scripts rebuild the typed settings with ``Settings(**params)``.
 This module imports no torch (parsing the Snakefile stays fast); the typed functions import
-their dataclass when called.
+their dataclass when called. The checks of the config live in :mod:`lensspace.validation`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lensspace.errors import LensspaceError
@@ -32,154 +26,12 @@ if TYPE_CHECKING:
 
 # The context of a ``source: random`` model without ``max_positions`` (models.build_random_model).
 RANDOM_MAX_POSITIONS = 512
-ABLATION_SECTIONS = ("h0", "h1", "h2")
-
-
-def check_references(config: dict[str, Any]) -> None:
-    """Every run names a defined model and corpus; a run-level override names real keys;
-    a random model's ``arch`` is a family the adapter knows."""
-    for name, model in config["models"].items():
-        if model["source"] == "random":
-            from lensspace.adapter import (
-                require_family,
-            )  # torch: only where a random model is built
-
-            require_family(model["arch"], f"models.{name}.arch")
-    for run, spec in config["runs"].items():
-        for kind, table in (("model", "models"), ("corpus", "corpora")):
-            if spec[kind] not in config[table]:
-                raise LensspaceError(
-                    f"runs.{run}.{kind}: '{spec[kind]}' is not defined under {table}: "
-                    f"(defined: {', '.join(sorted(config[table])) or 'none'})"
-                )
-        for corpus in spec.get("eval_corpora", []):
-            if corpus not in config["corpora"]:
-                raise LensspaceError(
-                    f"runs.{run}.eval_corpora: '{corpus}' is not defined under corpora: "
-                    f"(defined: {', '.join(sorted(config['corpora']))})"
-                )
-            if corpus == spec["corpus"]:
-                raise LensspaceError(
-                    f"runs.{run}.eval_corpora: '{corpus}' is the run's training corpus; "
-                    "an eval corpus must be another one"
-                )
-        n_layers = config["models"][spec["model"]]["n_layers"]
-        for section in ABLATION_SECTIONS:
-            chosen = config.get(section, {}).get("layers")
-            for layer in chosen if isinstance(chosen, list) else []:
-                if not 0 <= layer < n_layers:
-                    raise LensspaceError(
-                        f"{section}.layers: layer {layer} does not exist in model '{spec['model']}' "
-                        f"of run '{run}' (layers 0..{n_layers - 1})"
-                    )
-        window = config.get("shuffle", {}).get("window", 0)
-        if window > n_layers:
-            raise LensspaceError(
-                f"shuffle.window: {window} is more blocks than model '{spec['model']}' "
-                f"of run '{run}' has ({n_layers}); use at most {n_layers}"
-            )
-
-
-def check_config(
-    config: dict[str, Any], model_facts: Callable[[str], Mapping[str, int] | None]
-) -> None:
-    """Everything checkable before any job: the references, and the fit of every run's settings
-    to its model wherever ``model_facts(name)`` already knows the model."""
-    check_references(config)
-    for run, spec in config["runs"].items():
-        facts = model_facts(spec["model"])
-        if facts is not None:
-            check_model_fit(model_checks(config, run), facts, spec["model"], run)
 
 
 def run_spec(config: dict, run: str) -> dict:
     if run not in config["runs"]:
         raise LensspaceError(f"run '{run}' is not in runs: ({', '.join(config['runs'])})")
     return config["runs"][run]
-
-
-def random_model_facts(name: str, spec: Mapping[str, Any]) -> dict[str, int]:
-    """What a ``source: random`` model's config already says (the model need not exist yet);
-    refuses head counts the architecture cannot build."""
-    d_model, n_heads = spec["d_model"], spec["n_heads"]
-    n_kv_heads = spec.get("n_kv_heads", n_heads)
-    if d_model % n_heads:
-        raise LensspaceError(
-            f"models.{name}.n_heads: {n_heads} heads do not divide d_model {d_model}; "
-            "choose n_heads so that d_model / n_heads is a whole number"
-        )
-    if n_heads % n_kv_heads:
-        raise LensspaceError(
-            f"models.{name}.n_kv_heads: {n_kv_heads} key/value heads do not divide "
-            f"n_heads {n_heads}; choose a divisor of {n_heads}"
-        )
-    return {
-        "d_model": d_model,
-        "n_layers": spec["n_layers"],
-        "context_length": spec.get("max_positions", RANDOM_MAX_POSITIONS),
-    }
-
-
-def manifest_facts(manifest: str | Path) -> dict[str, int]:
-    """``d_model``, ``n_layers`` and ``context_length`` of a prepared model, from its manifest
-    (a folder prepared before the manifest recorded the context: from its ``config.json``)."""
-    facts = json.loads(Path(manifest).read_text())
-    if "context_length" not in facts:
-        model_config = json.loads((Path(manifest).parent / "config.json").read_text())
-        facts["context_length"] = model_config.get(
-            "max_position_embeddings", model_config.get("n_positions")
-        )
-    return {key: facts[key] for key in ("d_model", "n_layers", "context_length")}
-
-
-def known_model_facts(
-    name: str, spec: Mapping[str, Any], manifest: str | Path
-) -> dict[str, int] | None:
-    """What is known of a model before any job: a random model's config, or the manifest of a
-    folder prepared from this very spec; None until the model is prepared."""
-    if spec["source"] == "random":
-        return random_model_facts(name, spec)
-    if Path(manifest).exists() and json.loads(Path(manifest).read_text()).get("spec") == dict(spec):
-        return manifest_facts(manifest)
-    return None
-
-
-def model_checks(config: dict, run: str) -> dict[str, Any]:
-    """The run's settings that must fit its model, by config key (what :func:`check_model_fit` compares)."""
-    spec = run_spec(config, run)
-    seq_key = f"runs.{run}.data.seq_len" if "seq_len" in spec.get("data", {}) else "data.seq_len"
-    return {
-        seq_key: token_split_params(config, run)["seq_len"],
-        "h1.heads.induction_half_len": config["h1"]["heads"]["induction_half_len"],
-        **{f"{section}.k": list(config[section]["k"]) for section in ABLATION_SECTIONS},
-    }
-
-
-def check_model_fit(
-    checks: Mapping[str, Any], facts: Mapping[str, int], model: str, run: str
-) -> None:
-    """Refuse settings the model cannot take, naming the config key: ``k`` above ``d_model``,
-    sequences (or the induction probe) longer than the model's context."""
-    where = f"model '{model}' of run '{run}'"
-    d_model, context = facts["d_model"], facts.get("context_length")
-    for key, value in checks.items():
-        if key.endswith(".k"):
-            for k in value:
-                if not isinstance(k, str) and k > d_model:
-                    raise LensspaceError(
-                        f"{key}: {k} is larger than d_model {d_model} of {where}; "
-                        f"use at most {d_model}, or half / quarter"
-                    )
-        elif key.endswith("seq_len") and context is not None and value > context:
-            raise LensspaceError(
-                f"{key}: {value} is longer than the context of {where} "
-                f"({context} positions); use at most {context}"
-            )
-        elif key.endswith("induction_half_len") and context is not None and 2 * value > context:
-            raise LensspaceError(
-                f"{key}: {value} makes induction sequences of {2 * value} tokens, longer "
-                f"than the context of {where} ({context} positions); use at most {context // 2}"
-            )
 
 
 def token_split_params(config: dict, run: str) -> dict[str, int]:
@@ -252,7 +104,8 @@ def ridge_lens_params(shuffle: Mapping, seed: int) -> dict[str, Any] | None:
 
 
 def shuffle_params(config: dict, windows: bool) -> dict[str, Any]:
-    """What a swap-pairs job (``windows`` False) or the window-permutations job reads of ``shuffle``."""
+    """What a swap-pairs job (``windows`` False) or the window-permutations job reads of
+    ``shuffle``."""
     shuffle = config["shuffle"]
     keys = ("spaces", "eval_sequences", *(("window", "window_samples") if windows else ()))
     return {key: shuffle.get(key) for key in keys}
@@ -389,7 +242,8 @@ def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings
 
 
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
-    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default: H0's)."""
+    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default:
+    H0's)."""
     from lensspace.experiments.lens_quality import LensQualitySettings
 
     section = config["lens_quality"]
@@ -414,7 +268,8 @@ def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:
 
 
 def seed_layout_grid(config: dict, section: str) -> AblationGrid:
-    """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in ``section``'s modes."""
+    """The seed's H0 cells (output / internal / random, unembed basis, k = d/2, pre_norm) in
+    ``section``'s modes."""
     from lensspace.experiments.grid import AblationGrid
 
     return AblationGrid(

@@ -124,7 +124,8 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
 
 
 def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
-    """Per candidate: geometry, then each ablation effect with its interval beside matched random neurons."""
+    """Per candidate: geometry, then each ablation effect with its interval beside matched random
+    neurons."""
 
     def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
         return frame.apply(
@@ -161,7 +162,8 @@ def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
 
 
 def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval, verdict."""
+    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval,
+    verdict."""
 
     def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
         return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)
@@ -205,7 +207,8 @@ def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFr
             row = part[part["subspace"] == "output"].iloc[0]
             diff = kl.get("output", float("nan")) - kl.get("internal", float("nan"))
             shown = (
-                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, {row['output_minus_internal_hi']:.3f}]"
+                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, "
+                f"{row['output_minus_internal_hi']:.3f}]"
                 if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
                 else f"{diff:.3f}"
             )

@@ -79,10 +79,12 @@ def induction_scores(adapter: Adapter, settings: CircuitSettings, vocab_size: in
 def block_outputs(
     adapter: Adapter, ids: torch.Tensor
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T, d].
+    """Per layer: each head's input to ``W_O`` [batch, T, H, head_dim] and the MLP write [batch, T,
+    d].
 
     Where a norm follows the attention (Gemma 2/3), the head inputs are divided by its per-token
-    scale, so that with :meth:`~lensspace.adapter.Adapter.head_out_weights` they give the residual write.
+    scale, so that with :meth:`~lensspace.adapter.Adapter.head_out_weights` they give the residual
+    write.
     """
     head_in: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
@@ -115,7 +117,8 @@ def block_outputs(
 
 @torch.no_grad()
 def writes(adapter: Adapter, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: head writes [batch, T, n_heads, d] (``o_h @ W_O[h]``) and the MLP write [batch, T, d]."""
+    """Per layer: head writes [batch, T, n_heads, d] (``o_h @ W_O[h]``) and the MLP write [batch, T,
+    d]."""
     head_in, mlps = block_outputs(adapter, ids)
     heads = [
         torch.einsum("bthe,hed->bthd", o, adapter.head_out_weights(layer))

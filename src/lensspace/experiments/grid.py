@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from lensspace.stats import draw_spread
+from lensspace.subspaces import Basis, random_subspace, select
 
 
 class Cell(NamedTuple):
@@ -55,7 +56,8 @@ class AblationGrid:
     experiment: str = "h0"
 
     def resolve_k(self, d_model: int) -> list[int]:
-        """Subspace sizes: integers as given, ``half`` = d_model // 2, ``quarter`` = d_model // 4."""
+        """Subspace sizes: integers as given, ``half`` = d_model // 2, ``quarter`` = d_model //
+        4."""
         named = {"half": d_model // 2, "quarter": d_model // 4}
         return sorted({named[k] if isinstance(k, str) else int(k) for k in self.ks})
 
@@ -84,6 +86,24 @@ class AblationGrid:
         """A seed for one random draw, different across experiments, layers, sizes and draws."""
         text = f"{self.seed}/{self.experiment}/{layer}/{k}/{basis}/{draw}"
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+
+def subspace_basis(
+    bases: dict[str, Basis],
+    grid: AblationGrid,
+    layer: int,
+    subspace: str,
+    k: int,
+    basis: str,
+    draw: int = 0,
+) -> torch.Tensor:
+    """The [d, k] orthonormal basis of one cell (random: its own seeded draw)."""
+    if subspace == "random":
+        vectors = next(iter(bases.values())).vectors
+        return random_subspace(
+            vectors.shape[0], k, grid.random_seed(layer, k, basis, draw), vectors.device
+        )
+    return select(bases[basis].vectors, subspace, k)
 
 
 class CellResults:

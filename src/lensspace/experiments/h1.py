@@ -2,7 +2,8 @@
 
 At layer ``i``, ablate a subspace at every position but the first, run the rest of the model
 with the block runner, and measure KL(p_model || p_ablated) of the final output. A job's layers
-resume from the cached residual at its earliest layer (:func:`run_layers`). Bases: the unembedding's (``unembed``, ``unembed_centered``), projected out of
+resume from the cached residual at its earliest layer (:func:`run_layers`). Bases: the unembedding's
+(``unembed``, ``unembed_centered``), projected out of
 ``h_i`` directly; and ``lens_pullback``, the lens-space ablation of the ``unembed`` subspace
 carried exactly into the residual through translator ``i`` (:class:`LensPullback`:
 ``T_i(h') = ablate(T_i(h))``). Its control, ``random_lens_pullback``, is the same operation
@@ -17,11 +18,16 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
-from lensspace.experiments.grid import AblationGrid, Cell, CellResults, relative_edit
-from lensspace.experiments.h0 import subspace_basis
+from lensspace.divergences import KLReference
+from lensspace.experiments.grid import (
+    AblationGrid,
+    Cell,
+    CellResults,
+    relative_edit,
+    subspace_basis,
+)
 from lensspace.lenses import translate
 from lensspace.runner import BlockRunner, recording
-from lensspace.stats import KLReference
 from lensspace.subspaces import Basis, LensPullback, ablate
 
 PULLED_BACK = "unembed"  # the lens-space basis that lens_pullback carries into the residual
@@ -64,9 +70,9 @@ def run_layers(
     Per chunk of sequences one clean pass from the cached residual at the earliest layer gives
     every layer its starting residual (in float32, as the model computes it) and the reference
     output for all of them: the reference runs the same path as the cells without the ablation,
-    so no storage rounding lies between them, and it costs one pass per job instead of one per layer.
-    A layer's numbers therefore depend on how ``layers_per_job`` groups the layers by the cache's
-    float16 storage rounding only (its start is recomputed from the job's first layer).
+    so no storage rounding lies between them, and it costs one pass per job instead of one per
+    layer. A layer's numbers therefore depend on how ``layers_per_job`` groups the layers by the
+    cache's float16 storage rounding only (its start is recomputed from the job's first layer).
     """
     layers = sorted(set(layers))
     edits: dict[int, dict[Cell, Edit]] = {}

@@ -24,11 +24,12 @@ from tuned_lens.nn import TunedLens
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
 from lensspace.devices import move
-from lensspace.experiments.grid import AblationGrid, CellResults
-from lensspace.experiments.h0 import LinearHead, grid_kls, subspace_basis
+from lensspace.divergences import KLReference, kl_loss, kl_target
+from lensspace.experiments.grid import AblationGrid, CellResults, subspace_basis
+from lensspace.head import LinearHead, grid_kls
 from lensspace.lenses import fit_affine, translate
 from lensspace.runner import BlockRunner
-from lensspace.stats import KLReference, bootstrap_mean, kl_loss, kl_target
+from lensspace.stats import bootstrap_mean
 from lensspace.subspaces import Basis
 
 Objective = Literal["lens", "downstream"]
@@ -47,7 +48,8 @@ class EmbeddingLensSettings:
 
 
 def embedding_basis(adapter: Adapter) -> Basis:
-    """Right singular vectors of ``W_E`` as the residual sees it (any scale or projection), descending."""
+    """Right singular vectors of ``W_E`` as the residual sees it (any scale or projection),
+    descending."""
     _, s, vh = torch.linalg.svd(adapter.embedding_matrix.detach().double(), full_matrices=False)
     return Basis("embed", vh.T.float().contiguous(), s.float())
 
@@ -89,7 +91,8 @@ TIED_NOTE = (
 
 
 def embeddings_tied(adapter: Adapter) -> bool:
-    """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding basis."""
+    """Whether ``W_E`` equals ``W_U`` (by value): then H2's embedding basis is H0's unembedding
+    basis."""
     return adapter.embeddings_tied()
 
 
@@ -153,7 +156,8 @@ def fit_embedding_lenses(
                 losses[layer] = float(loss.detach())
         for layer, loss in losses.items():
             print(
-                f"layer {layer}: refined E by the {settings.objective} route, last batch KL {loss:.4f}",
+                f"layer {layer}: refined E by the {settings.objective} route, last batch KL "
+                f"{loss:.4f}",
                 file=sys.stderr,
             )
     return {layer: emb_lens.requires_grad_(False) for layer, emb_lens in emb_lenses.items()}
@@ -195,7 +199,7 @@ def evaluate_layers(
 
     ``z = T_i(E_i(e))`` is affine in ``e``, so an ablated input's lens vector is ``z`` minus
     ``M q`` times the removed coefficients, and each cell's KL comes from the head's linearity
-    (:func:`~lensspace.experiments.h0.grid_kls`: a rank-k product per subspace, no ``[V, d]``
+    (:func:`~lensspace.head.grid_kls`: a rank-k product per subspace, no ``[V, d]``
     work); the clean logits are the lens route's. The model's own distribution, the target of
     both routes, is computed once per chunk for all layers.
     """

@@ -21,11 +21,12 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
+from lensspace.divergences import KLReference
 from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import LensTraining, held_out_sequences, train_lens, translate
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
-from lensspace.stats import KLReference, adjust, bootstrap_mean, paired_difference
+from lensspace.stats import adjust, bootstrap_mean, paired_difference
 from lensspace.subspaces import Basis
 
 
@@ -43,7 +44,8 @@ class LensQualitySettings:
 
 
 class TrainSubset:
-    """An activation cache seen through its first ``n_train`` training sequences (eval unchanged)."""
+    """An activation cache seen through its first ``n_train`` training sequences (eval
+    unchanged)."""
 
     def __init__(self, cache: ActivationCache, n_train: int):
         self.cache, self.n_train = cache, n_train

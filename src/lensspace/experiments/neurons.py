@@ -37,13 +37,12 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
+from lensspace.divergences import KLReference, OutputStats
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
 from lensspace.runner import BlockRunner
 from lensspace.stats import (
-    KLReference,
-    OutputStats,
     adjust,
     bootstrap_intervals,
     bootstrap_mean,
@@ -57,8 +56,10 @@ from lensspace.subspaces import select
 # Per-token effects of an ablation; the signed entropy change may be negative.
 METRICS = ("abs_d_entropy", "d_entropy", "kl", "top1_change", "d_log_scale")
 NONNEGATIVE = {"abs_d_entropy", "kl", "top1_change", "d_log_scale"}
+# Compared as paired candidate-minus-random differences.
 COMPARED = ("abs_d_entropy", "kl", "top1_change")
-NULL_SPACE = "unembed_centered"  # the basis whose bottom directions are the effective null space  # paired candidate-minus-random differences
+# The basis whose bottom directions are the effective null space.
+NULL_SPACE = "unembed_centered"
 # Per-sequence shares of flipped tokens are discrete and often tied: a bootstrap-t interval
 # degenerates on them (resamples with no spread), so their intervals are BCa.
 DISCRETE = {"top1_change"}
@@ -95,7 +96,8 @@ def null_space(adapter: Adapter, k: int) -> torch.Tensor:
     least, the bottom right singular vectors of ``(W_U - mean) diag(g)`` among those the final
     norm can output (LayerNorm's output has zero mean: its all-ones direction, read by no logit
     difference, is left out). ``k' = k``, or the whole exact kernel where that is larger (OPT-350m's
-    ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary choice."""
+    ``project_out`` leaves one), so that the subspace never depends on the SVD's arbitrary
+    choice."""
     w_u = adapter.unembedding.detach().double().cpu()
     folded = adapter.centre((w_u - w_u.mean(0)) * adapter.norm_gain.detach().double().cpu())
     # the right singular vectors only: a full U would be [vocab, vocab] (19 GB for SmolLM2)
@@ -154,7 +156,8 @@ def neuron_geometry(
 
 
 def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The MLP activations as a [batch, position, neuron] view (OPT runs its MLP on flattened tokens)."""
+    """The MLP activations as a [batch, position, neuron] view (OPT runs its MLP on flattened
+    tokens)."""
     return a.view(-1, seq_len, a.shape[-1])
 
 
@@ -162,7 +165,8 @@ def by_position(a: torch.Tensor, seq_len: int) -> torch.Tensor:
 def activation_stats(
     adapter: Adapter, ids: torch.Tensor, chunk: int = 4
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of ``ids``."""
+    """Per layer: every neuron's mean and root-mean-square activation over positions 1.. of
+    ``ids``."""
     sums: dict[int, torch.Tensor] = {}
     squares: dict[int, torch.Tensor] = {}
 
@@ -190,7 +194,8 @@ def activation_stats(
 
 
 def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFrame:
-    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share threshold."""
+    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share
+    threshold."""
     pool = table[
         table["layer"].isin(settings.candidate_layers)
         & (table["internal_fraction"] >= settings.min_internal_share)
@@ -297,7 +302,8 @@ class NeuronAblation:
 
     @torch.no_grad()
     def effects(self, neurons: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
-        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]}) together."""
+        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]})
+        together."""
         adapter = self.runner.adapter
         start = min(neurons)
         h = self._residual(start)
@@ -385,7 +391,8 @@ def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSet
 def _entropy_per_kl(
     h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings
 ) -> tuple[float, float]:
-    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of means)."""
+    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of
+    means)."""
     counts = resample_counts(len(h), settings.n_boot, settings.seed).double()
     ratio = (counts @ h.double()) / (counts @ kl.double()).clamp_min(1e-300)
     lo, hi = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -469,8 +476,10 @@ def causal_test(
     floor = float(settings.random_draws + 1) ** -ablation.n_sequences
     if floor > ALPHA / family:
         print(
-            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the smallest "
-            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no neuron "
+            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the "
+            "smallest "
+            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no "
+            "neuron "
             "verdict can hold; raise neurons.eval_sequences",
             flush=True,
         )
@@ -530,7 +539,8 @@ def causal_test(
 def reference_matches(
     candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame
 ) -> pd.DataFrame:
-    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its layer."""
+    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its
+    layer."""
     rows = []
     chosen = set(zip(candidates["layer"], candidates["neuron"]))
     for layer, neuron in zip(reference["layer"], reference["neuron"]):
@@ -583,7 +593,8 @@ def run_neurons(
     candidates = pick_candidates(table, settings)
     table["is_candidate"] = table.index.isin(candidates.index)
     print(
-        f"{len(candidates)} candidates among {int(table['layer'].isin(settings.candidate_layers).sum())} "
+        f"{len(candidates)} candidates among "
+        f"{int(table['layer'].isin(settings.candidate_layers).sum())} "
         f"neurons of layers {list(settings.candidate_layers)}",
         flush=True,
     )

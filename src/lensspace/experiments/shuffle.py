@@ -26,9 +26,10 @@ import torch
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
+from lensspace.divergences import KLReference
 from lensspace.errors import LensspaceError
 from lensspace.runner import BlockRunner, recording
-from lensspace.stats import KLReference, bootstrap_mean
+from lensspace.stats import bootstrap_mean
 
 # T_i^-1 is applied in float64, where a condition number up to this loses at most ~4 digits.
 MAX_CONDITION = 1e12
@@ -120,7 +121,8 @@ class LensSpaceBlocks:
 
     def distortion(self, h: torch.Tensor, perm: Permutation) -> torch.Tensor:
         """Per evaluated token, ``||T_b^-1(T_s(h)) - h|| / ||h||`` for the first block ``b`` of
-        the order and its start ``s``: how far the wrapper moves that block's input ([batch, pos-1])."""
+        the order and its start ``s``: how far the wrapper moves that block's input ([batch,
+        pos-1])."""
         h = h[:, 1:].double()
         moved = self._inverse(self.to_lens(h, perm.start), perm.order[0])
         return (moved - h).norm(dim=-1) / h.norm(dim=-1)
@@ -242,7 +244,8 @@ def translator_dominated(swaps: pd.DataFrame) -> str | None:
         lens = f"the {space} space" + (f" (lens ridge {ridge:g})" if pd.notna(ridge) else "")
         findings.append(
             f"in {lens} the median adjacent swap costs {kl:.3g} nats (native {native_kl:.3g}; "
-            f"{ratio:.3g} times as much) and keeps the top-1 token {part.loc[pairs, 'top1_agreement'].median():.2f} "
+            f"{ratio:.3g} times as much) and keeps the top-1 token "
+            f"{part.loc[pairs, 'top1_agreement'].median():.2f} "
             f"of the time (native {native.loc[pairs, 'top1_agreement'].median():.2f}), while the "
             f"wrapper moves the first swapped block's input by a median {distortion:.3g} times its "
             f"own norm ({'dominated' if hit else 'not dominated'})"

@@ -8,16 +8,15 @@ from pathlib import Path
 from lensspace.errors import LensspaceError
 from lensspace.settings import (
     ablation_grid_params,
-    check_config,
     compute_params,
     experiment_layers,
-    known_model_facts,
     layer_jobs,
     lens_training_params,
     shuffle_pair_chunks,
     token_split_params,
 )
 from lensspace.malloc import ask_for_huge_pages
+from lensspace.validation import check_config, known_model_facts
 
 # Every job inherits it: glibc's malloc backs large tensors with huge pages (lensspace.malloc).
 ask_for_huge_pages()

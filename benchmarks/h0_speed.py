@@ -1,10 +1,10 @@
 """H0 at one layer: this checkout's run_layer against the implementation of an earlier commit
-(default: the last one before issue 11's changes), alternating in one process, on the embedded
+(default: the baseline before the H0 speed-ups, with the first linear-head shortcut), alternating in one process, on the embedded
 default's cache and lens (target: >= 3x faster at the same grid; the values must agree). This
 checkout runs twice: with the fused CPU kernel (``now``, what the jobs run) and without it
 (``eager``, ``compute.fused_cpu: false``).
 
-    .venv/bin/python benchmarks/h0_speed.py [--layer 15] [--repeats 3] [--before a3aa689]
+    .venv/bin/python benchmarks/h0_speed.py [--layer 15] [--repeats 3] [--before REV]
 
 Needs a finished `results/{run}/lens/params.pt` (e.g. `snakemake results/smollm2-bible/lens/params.pt`)
 and git (the earlier implementation is read with `git show`). Both sides get the same grid (the
@@ -37,7 +37,7 @@ from lensspace.models import load_model
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
-BEFORE = "a3aa689"  # main before issue 11: the first linear-head shortcut
+BEFORE = "a3aa689"  # the baseline: the first linear-head shortcut, before the speed-ups
 
 
 def main() -> None:

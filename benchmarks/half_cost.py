@@ -1,8 +1,8 @@
-"""Issue 11's first target, side by side in one run: the embedded default at the sample it had
-before issue 11 (commit ``--before``), run once with that commit's code and once with this
+"""The halving target, side by side in one run: the embedded default at the smaller sample it had
+at the baseline commit (``--before``), run once with that commit's code and once with this
 working tree's, each from scratch in its own folder, on this machine.
 
-    .venv/bin/python benchmarks/half_cost.py [--before a3aa689] [--keep /tmp/half_cost]
+    .venv/bin/python benchmarks/half_cost.py [--before REV] [--keep /tmp/half_cost]
 
 The earlier code runs its own default config. This tree runs its default config with every
 section the earlier config has put back to the earlier values (layers, random draws, shuffle
@@ -34,7 +34,7 @@ from requests import rule_blocks
 
 from lensspace.provenance import benchmark_jobs
 
-BEFORE = "a3aa689"  # main before issue 11
+BEFORE = "a3aa689"  # the baseline: the default before the speed-ups, at its smaller sample
 TARGETS = [
     "{run}/lens_eval.tsv",
     "{run}/svd/spectrum.tsv",

@@ -336,7 +336,7 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
         big_l, shuffle["window"], shuffle["window_samples"], config["seed"]
     )
     flops["shuffle_windows"] = shuffle_job([perm.start for perm in windows])
-    flops.update(issue14_flops(config, run, shape, split, lens))
+    flops.update(beyond_seed_flops(config, run, shape, split, lens))
     return flops
 
 
@@ -446,7 +446,7 @@ def quality_budgets(config: dict, split) -> list[tuple[int, bool]]:
     ]
 
 
-def issue14_flops(
+def beyond_seed_flops(
     config: dict, run: str, shape: Shape, split, lens: LensTraining
 ) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""

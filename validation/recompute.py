@@ -1,7 +1,7 @@
 """Recompute a finished run's lens KL and seed-layout H0 cells independently (transformers and
 tuned-lens only, from the contract files) and print the largest relative difference.
 
-    .venv/bin/python benchmarks/recompute.py [run] [--config config.yaml]
+    .venv/bin/python validation/recompute.py [run] [--config config.yaml]
 """
 
 import argparse

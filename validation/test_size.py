@@ -1,7 +1,7 @@
 """Size of the paired tests, at the levels a Holm correction asks for: how often each rejects a
 true null, side by side on the same draws.
 
-    .venv/bin/python benchmarks/test_size.py [--n 32] [--draws 8] [--sigma 0.62] [--sims 2000] [--family 27 264]
+    .venv/bin/python validation/test_size.py [--n 32] [--draws 8] [--sigma 0.62] [--sims 2000] [--family 27 264]
 
 Two nulls of per-sequence values, n sequences each (the defaults: the embedded default's sample):
 - ``skewed``: differences from a centred lognormal (sigma 0.62: skewness 2.4, as measured on

@@ -133,7 +133,8 @@ def main() -> None:
     print(
         f"medians: serial wall {serial_wall:.1f} s, parallel wall {par_wall:.1f} s: ratio {par_wall / serial_wall:.2f}"
     )
-    # the parallel jobs' work overlaps (each about half the sum): its span is half the summed seconds
+    # the parallel jobs' work overlaps (each about half the sum): its span is half the summed
+    # seconds
     print(
         f"work alone: {par_work / 2:.1f} s at once against {serial_work:.1f} s one after the other: "
         f"ratio {par_work / 2 / serial_work:.2f}"

@@ -1,10 +1,12 @@
 """How close to this machine's limit each heavy rule of a finished run ran.
 
-    .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall SECONDS]
+    .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall
+        SECONDS]
 
 In one run it measures the fp32 matrix-multiply rate (the rules' thread count) on the
 unembedding's shape and on a square product, by torch's default BLAS and by oneDNN (the
-workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a fresh Python that
+workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a
+fresh Python that
 imports the package, loads the run's model and exits), with the allocator setting the jobs get (huge
 pages; it restarts itself with it). From the config's settings it counts each
 heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
@@ -12,7 +14,8 @@ the implementation; H0 counted with the head's linearity: one rank-k product per
 subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
 per rule: seconds, minimal GFLOP, achieved rate / measured peak, start-up share (as the jobs'
 logs recorded it, where they did: ``provenance.logged_startups``; else one job's as measured now),
-and why a rule sits far below the peak where the reason is known. Last, the whole run's floor on this machine:
+and why a rule sits far below the peak where the reason is known. Last, the whole run's floor on
+this machine:
 every heavy rule's minimal FLOPs at the peak, plus the log-sum-exps its jobs cannot skip (one per
 logit of every output a KL compares or a training step's softmax needs, at the fastest rate
 measured here for one), plus the jobs' start-ups and the rest of the run as measured; with
@@ -176,7 +179,8 @@ def kernel_seconds(repeats: int = 3) -> float:
 
 
 # the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2, the shuffle and
-# the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show them
+# the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show
+# them
 FUSED_RULES = {
     "eval_lens",
     "h0_layer",
@@ -471,7 +475,8 @@ def beyond_seed_flops(
     ood_layers = len(seed_layout_layers(config, "ood", big_l))
     ood_tokens = ood["eval_sequences"] * (t - 1)
     corpora = len(config["runs"][run].get("eval_corpora", []))
-    # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the seed cells
+    # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the
+    # seed cells
     flops["ood"] = corpora * (
         ood["eval_sequences"] * t * big_l * shape.block(t)
         + ood_tokens * head

@@ -1,6 +1,7 @@
 """Do the random draws of a finished run differ from one another by more than the sequences' noise?
 
-    .venv/bin/python validation/draw_spread.py [--results results] [--run smollm2-bible] [--family 72]
+    .venv/bin/python validation/draw_spread.py [--results results] [--run smollm2-bible] \
+        [--family 72]
 
 Each random draw is one subspace used on every held-out sequence. Per random cell of H0, H1 and
 H2 (``per_sequence.tsv``) it tests each draw against the cell's other draws with the per-sequence

@@ -152,7 +152,8 @@ def simulate(args) -> None:
             line = " ".join(f"{m}={cov[m]:.3f}" for m in METHODS)
             widths = " ".join(f"{cov[m + '_width']:.3g}" for m in METHODS)
             print(
-                f"{name:40s} n={n:3d}  {line}   widths {widths}  ({time.perf_counter() - started:.0f} s)",
+                f"{name:40s} n={n:3d}  {line}   widths {widths}  "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
 

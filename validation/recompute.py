@@ -29,7 +29,8 @@ def main() -> None:
     )
     print(both.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     print(
-        f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers (target < 1e-4)"
+        f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers "
+        "(target < 1e-4)"
     )
 
 

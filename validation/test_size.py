@@ -82,7 +82,8 @@ def main() -> None:
                 rate = rejections[name, level] / args.sims
                 draws = f", draws={args.draws}" if null == "matched" else ""
                 print(
-                    f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
+                    f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha "
+                    f"{level:.5f} "
                     f"(ratio {rate / level:.2f})"
                 )
 

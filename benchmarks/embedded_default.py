@@ -68,7 +68,8 @@ def main() -> None:
         f"{wall / STAGES['everything'][0]:.2f}"
     )
     print(
-        f"peak RSS of any job: {peak:.0f} MB; / target ({TARGET_PEAK_MB} MB): {peak / TARGET_PEAK_MB:.2f}"
+        f"peak RSS of any job: {peak:.0f} MB; / target ({TARGET_PEAK_MB} MB): "
+        f"{peak / TARGET_PEAK_MB:.2f}"
     )
     for lens_eval in sorted(args.results.glob("*/lens_eval.tsv")):
         frame = pd.read_csv(lens_eval, sep="\t")

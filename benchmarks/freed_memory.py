@@ -34,7 +34,8 @@ from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 from lensspace.experiments import h1
 
-work, keep, run_dir, model_dir, layer = sys.argv[1], sys.argv[2] == "keep", sys.argv[3], sys.argv[4], int(sys.argv[5])
+work, keep, run_dir = sys.argv[1], sys.argv[2] == "keep", sys.argv[3]
+model_dir, layer = sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(2)
 keep_freed_memory(keep)
 model, _ = load_model(model_dir)
@@ -46,10 +47,12 @@ if work == "eval_lens":
     evaluate_lens(adapter, lens, cache, 200, 0)
 else:
     grid = ablation_grid(yaml.safe_load(open("config.yaml")), "h1")
-    h1.run_layers(BlockRunner(adapter), lens, cache, load_bases(f"{run_dir}/svd/bases.safetensors"), [layer], grid)
+    bases = load_bases(f"{run_dir}/svd/bases.safetensors")
+    h1.run_layers(BlockRunner(adapter), lens, cache, bases, [layer], grid)
 seconds = time.perf_counter() - started
 usage = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024, "faults_m": usage.ru_minflt / 1e6}))
+peak_mb, faults_m = usage.ru_maxrss / 1024, usage.ru_minflt / 1e6
+print(json.dumps({"seconds": seconds, "peak_mb": peak_mb, "faults_m": faults_m}))
 """
 
 
@@ -101,7 +104,8 @@ def main() -> None:
         print(
             f"{work}: "
             + "; ".join(
-                f"{name} {m['seconds']:.1f} s ({base['seconds'] / m['seconds']:.2f}x default's speed), "
+                f"{name} {m['seconds']:.1f} s ({base['seconds'] / m['seconds']:.2f}x default's "
+                "speed), "
                 f"{m['peak_mb']:.0f} MB, {m['faults_m']:.2f}M page faults"
                 for name, m in med.items()
             )

@@ -59,7 +59,8 @@ def main() -> None:
     for _ in range(20):  # both libraries' thread pools and code paths up before any timing
         F.linear(warm_x, warm_w), gemm.linear(warm_x, warm_w)
     print(
-        f"{'product':34s} {'default':>9s} {'oneDNN':>9s} {'ratio':>6s}  {'error default':>13s} {'oneDNN':>9s}"
+        f"{'product':34s} {'default':>9s} {'oneDNN':>9s} {'ratio':>6s}  {'error default':>13s} "
+        f"{'oneDNN':>9s}"
     )
     for name, (rows, k, n) in shapes.items():
         x, weight = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
@@ -70,14 +71,16 @@ def main() -> None:
         )
         print(
             f"{name:34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}  "
-            f"{relative_error(F.linear(x, weight), x, weight):13.1e} {relative_error(gemm.linear(x, weight), x, weight):9.1e}"
+            f"{relative_error(F.linear(x, weight), x, weight):13.1e} "
+            f"{relative_error(gemm.linear(x, weight), x, weight):9.1e}"
         )
         if n == 49152:  # the refinements' input gradient through the frozen head: g W
             g = torch.randn(rows, n, generator=gen)
             default = median_seconds(lambda: g @ weight, args.repeats)
             onednn = median_seconds(lambda: gemm.linear(g, weight.t()), args.repeats)
             print(
-                f"{'unembedding, input gradient':34s} {flop / default:9.0f} {flop / onednn:9.0f} {default / onednn:6.2f}"
+                f"{'unembedding, input gradient':34s} {flop / default:9.0f} {flop / onednn:9.0f} "
+                f"{default / onednn:6.2f}"
             )
     print("(GFLOP/s, median of", args.repeats, "; error: largest |got - float64| / (|x||W|))")
     if not (MODEL / "lensspace-model.json").exists():
@@ -103,7 +106,8 @@ def main() -> None:
             times.setdefault(flag, []).append(median_seconds(forward, max(1, args.repeats // 2)))
     default, onednn = min(times[False]), min(times[True])
     print(
-        f"default model, one forward of 4 x 128 tokens: default {default:.3f} s, oneDNN {onednn:.3f} s, "
+        f"default model, one forward of 4 x 128 tokens: default {default:.3f} s, oneDNN "
+        f"{onednn:.3f} s, "
         f"ratio {default / onednn:.2f}"
     )
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run of issue 12, prepared to run as one command on a machine with a CUDA GPU:
+# The GPU measurements, prepared to run as one command on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_run.sh [OUT]        (OUT: where logs and tables go; default results/gpu_run)
 # 1. the GPU and its fp32 matrix-multiply rate (TF32 off), measured here;
 # 2. the device tests (the fake-device guard, and the real-GPU comparison they skip without one);

@@ -1,14 +1,15 @@
 """H0 at one layer: this checkout's run_layer against the implementation of an earlier commit
-(default: the last one before issue 11's changes), alternating in one process, on the embedded
-default's cache and lens (target: >= 3x faster at the same grid; the values must agree). This
-checkout runs twice: with the fused CPU kernel (``now``, what the jobs run) and without it
-(``eager``, ``compute.fused_cpu: false``).
+(default: the baseline before the H0 speed-ups, with the first linear-head shortcut),
+alternating in one process, on the embedded default's cache and lens (target: >= 3x faster at
+the same grid; the values must agree). This checkout runs twice: with the fused CPU kernel
+(``now``, what the jobs run) and without it (``eager``, ``compute.fused_cpu: false``).
 
-    .venv/bin/python benchmarks/h0_speed.py [--layer 15] [--repeats 3] [--before a3aa689]
+    .venv/bin/python benchmarks/h0_speed.py [--layer 15] [--repeats 3] [--before REV]
 
-Needs a finished `results/{run}/lens/params.pt` (e.g. `snakemake results/smollm2-bible/lens/params.pt`)
-and git (the earlier implementation is read with `git show`). Both sides get the same grid (the
-config's h0 grid) and the same inputs; the per-sequence KLs of every cell are compared. Both
+Needs a finished `results/{run}/lens/params.pt` (e.g.
+`snakemake results/smollm2-bible/lens/params.pt`) and git (the earlier implementation is read
+with `git show`). Both sides get the same grid (the config's h0 grid) and the same inputs; the
+per-sequence KLs of every cell are compared. Both
 run with the allocator setting the workflow gives its jobs (huge pages, lensspace.malloc): the
 script restarts itself with it when it is not set.
 """
@@ -37,7 +38,7 @@ from lensspace.models import load_model
 from lensspace.settings import ablation_grid
 from lensspace.subspaces import load_bases
 
-BEFORE = "a3aa689"  # main before issue 11: the first linear-head shortcut
+BEFORE = "a3aa689"  # the baseline: the first linear-head shortcut, before the speed-ups
 
 
 def main() -> None:
@@ -96,7 +97,8 @@ def main() -> None:
     t = {name: statistics.median(values) for name, values in times.items()}
     print(
         f"H0 layer {args.layer}, {n_cells} cells, {len(cache.load(args.layer, 'eval'))} sequences: "
-        f"before ({args.before}) {t['before']:.2f} s, eager {t['eager']:.2f} s, now {t['now']:.2f} s "
+        f"before ({args.before}) {t['before']:.2f} s, eager {t['eager']:.2f} s, now {t['now']:.2f} "
+        "s "
         f"(medians of {args.repeats}); speed-up {t['before'] / t['now']:.2f}x (target >= 3; eager "
         f"{t['before'] / t['eager']:.2f}x, the fused kernel {t['eager'] / t['now']:.2f}x); largest "
         f"relative difference of a per-sequence KL {worst:.2e}"

@@ -1,8 +1,8 @@
-"""Issue 11's first target, side by side in one run: the embedded default at the sample it had
-before issue 11 (commit ``--before``), run once with that commit's code and once with this
+"""The halving target, side by side in one run: the embedded default at the smaller sample it had
+at the baseline commit (``--before``), run once with that commit's code and once with this
 working tree's, each from scratch in its own folder, on this machine.
 
-    .venv/bin/python benchmarks/half_cost.py [--before a3aa689] [--keep /tmp/half_cost]
+    .venv/bin/python benchmarks/half_cost.py [--before REV] [--keep /tmp/half_cost]
 
 The earlier code runs its own default config. This tree runs its default config with every
 section the earlier config has put back to the earlier values (layers, random draws, shuffle
@@ -34,7 +34,7 @@ from requests import rule_blocks
 
 from lensspace.provenance import benchmark_jobs
 
-BEFORE = "a3aa689"  # main before issue 11
+BEFORE = "a3aa689"  # the baseline: the default before the speed-ups, at its smaller sample
 TARGETS = [
     "{run}/lens_eval.tsv",
     "{run}/svd/spectrum.tsv",
@@ -72,7 +72,7 @@ def threaded_rules(tree: Path) -> list[str]:
 def run(
     tree: Path, config: dict, workdir: Path, cores: int, extra: list[str] | None = None
 ) -> tuple[float, float]:
-    """The workflow of ``tree`` with ``config`` in ``workdir``: (wall seconds, sum of rule seconds)."""
+    """The workflow of ``tree`` with ``config`` in ``workdir``: (wall s, sum of rule seconds)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     targets = [f"results/{t.format(run=name)}" for name in config["runs"] for t in TARGETS]
@@ -108,7 +108,8 @@ def run(
 
 
 def h0_gap(a: Path, b: Path) -> tuple[float, float]:
-    """Largest absolute (nats) and relative difference of the deterministic H0 cells' per-sequence KLs
+    """Largest absolute (nats) and relative difference of the deterministic H0 cells' per-sequence
+    KLs
     (random cells aside: the two versions draw their subspaces differently)."""
     keys = ["layer", "subspace", "k", "basis", "mode", "site", "sequence"]
     frames = [pd.read_csv(p, sep="\t") for p in (a, b)]
@@ -154,7 +155,8 @@ def main() -> None:
             print(f"{name}: {wall:.0f} s wall, {rules:.0f} s in benchmarked rules")
         (before_wall, before_rules), (after_wall, after_rules) = times.values()
         print(
-            f"after / before: wall {after_wall / before_wall:.2f}, rule time {after_rules / before_rules:.2f} "
+            f"after / before: wall {after_wall / before_wall:.2f}, rule time "
+            f"{after_rules / before_rules:.2f} "
             "(target: wall <= 0.50)"
         )
         run_name = next(iter(earlier["runs"]))
@@ -165,13 +167,14 @@ def main() -> None:
         if all(p.exists() for p in per_sequence):
             gap, relative = h0_gap(*per_sequence)
             print(
-                f"H0 per-sequence KL, output / internal cells: largest |before - after| = {gap:.2e} nats, "
+                "H0 per-sequence KL, output / internal cells: largest |before - after| = "
+                f"{gap:.2e} nats, "
                 f"largest relative {relative:.1e}"
             )
 
 
 def compare_threads(config: dict, base: Path, cores: int) -> None:
-    """This tree at ``config``: the rules' own threads, then every multi-thread rule at one thread."""
+    """This tree at ``config``: the rules' own threads, then every multi-thread rule at one."""
     single = ["--set-threads", *(f"{rule}=1" for rule in threaded_rules(ROOT))]
     (own_wall, own_rules), (one_wall, one_rules) = (
         run(ROOT, config, base / "own_threads", cores),

@@ -112,7 +112,8 @@ def main() -> None:
         return child(args)
     if not (args.model / "config.json").is_file():
         sys.exit(
-            f"{args.model}: no prepared model (run the README's main command first, or pass --model)"
+            f"{args.model}: no prepared model (run the README's main command first, or pass "
+            "--model)"
         )
     rows = {"serial, 2 threads": [], "parallel, 1 thread": []}
     for round_ in range(args.rounds):
@@ -123,7 +124,8 @@ def main() -> None:
             wall, work = jobs(args, threads, together)
             rows[label].append((wall, work))
             print(
-                f"round {round_ + 1}, {label}: wall {wall:.1f} s, work {work:.1f} s summed over the 2 jobs",
+                f"round {round_ + 1}, {label}: wall {wall:.1f} s, work {work:.1f} s summed over "
+                "the 2 jobs",
                 flush=True,
             )
     (serial_wall, serial_work), (par_wall, par_work) = (
@@ -131,11 +133,14 @@ def main() -> None:
         for v in rows.values()
     )
     print(
-        f"medians: serial wall {serial_wall:.1f} s, parallel wall {par_wall:.1f} s: ratio {par_wall / serial_wall:.2f}"
+        f"medians: serial wall {serial_wall:.1f} s, parallel wall {par_wall:.1f} s: ratio "
+        f"{par_wall / serial_wall:.2f}"
     )
-    # the parallel jobs' work overlaps (each about half the sum): its span is half the summed seconds
+    # the parallel jobs' work overlaps (each about half the sum): its span is half the summed
+    # seconds
     print(
-        f"work alone: {par_work / 2:.1f} s at once against {serial_work:.1f} s one after the other: "
+        f"work alone: {par_work / 2:.1f} s at once against {serial_work:.1f} s one after the "
+        "other: "
         f"ratio {par_work / 2 / serial_work:.2f}"
     )
 

@@ -51,10 +51,12 @@ def main() -> None:
     done = time.perf_counter()
     print(f"runs: {', '.join(config['runs'])}; page {out.stat().st_size / 1e6:.1f} MB at {out}")
     print(
-        f"import {imported - start:.2f} s, build {built - imported:.2f} s, write {done - built:.2f} s"
+        f"import {imported - start:.2f} s, build {built - imported:.2f} s, write "
+        f"{done - built:.2f} s"
     )
     print(
-        f"report build: {done - start:.2f} s; / target ({TARGET_S:.0f} s): {(done - start) / TARGET_S:.2f}"
+        f"report build: {done - start:.2f} s; / target ({TARGET_S:.0f} s): "
+        f"{(done - start) / TARGET_S:.2f}"
     )
 
 

@@ -1,10 +1,12 @@
 """How close to this machine's limit each heavy rule of a finished run ran.
 
-    .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall SECONDS]
+    .venv/bin/python benchmarks/roofline.py [--results results] [--config config.yaml] [--wall
+        SECONDS]
 
 In one run it measures the fp32 matrix-multiply rate (the rules' thread count) on the
 unembedding's shape and on a square product, by torch's default BLAS and by oneDNN (the
-workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a fresh Python that
+workflow's CPU path, ``lensspace.gemm``; the peak is the faster), and the start-up of one job (a
+fresh Python that
 imports the package, loads the run's model and exits), with the allocator setting the jobs get (huge
 pages; it restarts itself with it). From the config's settings it counts each
 heavy rule's minimal FLOPs: the matrix products the work needs (the cost of the work, not of
@@ -12,7 +14,8 @@ the implementation; H0 counted with the head's linearity: one rank-k product per
 subspace). From the run's `benchmark:` files it reads each rule's seconds and jobs, and prints
 per rule: seconds, minimal GFLOP, achieved rate / measured peak, start-up share (as the jobs'
 logs recorded it, where they did: ``provenance.logged_startups``; else one job's as measured now),
-and why a rule sits far below the peak where the reason is known. Last, the whole run's floor on this machine:
+and why a rule sits far below the peak where the reason is known. Last, the whole run's floor on
+this machine:
 every heavy rule's minimal FLOPs at the peak, plus the log-sum-exps its jobs cannot skip (one per
 logit of every output a KL compares or a training step's softmax needs, at the fastest rate
 measured here for one), plus the jobs' start-ups and the rest of the run as measured; with
@@ -56,18 +59,34 @@ from lensspace.settings import (
 
 # Where a rule cannot reach the matrix-multiply rate, and why.
 WHY = {
-    "h0_layer": "one fused loop over the vocabulary per cell: three operands read, float64 sums, slower than exp_s's rate",
+    "h0_layer": (
+        "one fused loop over the vocabulary per cell: three operands read, float64 sums, "
+        "slower than exp_s's rate"
+    ),
     "cache_activations": "attention and norms at 128 tokens; writes every residual",
     "train_lens": "float64 least squares; Adam steps of 256 tokens with a softmax each",
     "eval_lens": "a KL over the vocabulary per token and layer, two passes (exp_s: one)",
-    "ridge_lens": "float64 least squares (the peak is fp32's); start-up a large share of a short job",
+    "ridge_lens": (
+        "float64 least squares (the peak is fp32's); start-up a large share of a short job"
+    ),
     "h1_layer": "a softmax-KL over the vocabulary per cell; attention and norms at 128 tokens",
     "h2_layer": "float64 least squares per layer; a softmax-KL over the vocabulary per cell",
-    "shuffle_pairs": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
-    "shuffle_windows": "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens",
-    "lens_quality": "float64 least squares per budget; a loop over the vocabulary per H0 cell and KL per lens",
-    "ood": "tokenizing and caching each corpus; a loop over the vocabulary per H0 cell and KL per lens",
-    "neurons": "float64 neuron geometry; a fused entropy, KL and top-1 loop over the vocabulary per ablation",
+    "shuffle_pairs": (
+        "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens"
+    ),
+    "shuffle_windows": (
+        "a softmax-KL over the vocabulary per order; attention and norms at 128 tokens"
+    ),
+    "lens_quality": (
+        "float64 least squares per budget; a loop over the vocabulary per H0 cell and KL per lens"
+    ),
+    "ood": (
+        "tokenizing and caching each corpus; a loop over the vocabulary per H0 cell and KL per lens"
+    ),
+    "neurons": (
+        "float64 neuron geometry; a fused entropy, KL and top-1 loop over the vocabulary "
+        "per ablation"
+    ),
 }
 
 
@@ -157,12 +176,16 @@ def startup_seconds(model: Path, repeats: int = 3) -> float:
 def kernel_seconds(repeats: int = 3) -> float:
     """Median wall time a fresh interpreter spends loading the fused CPU kernels (compiled ones
     come from the on-disk cache: the first run on a machine compiles them once), after the
-    imports a job has made already (transformers' model loading imports the compiler's front end)."""
+    imports a job has made already (transformers' model loading imports the compiler's front end).
+    """
     code = (
-        "import time, torch, transformers.modeling_utils, lensspace.experiments.h0; from lensspace import fused; "
+        "import time, torch, transformers.modeling_utils, lensspace.experiments.h0; from lensspace "
+        "import fused; "
         "x = torch.rand(4, 64); c = torch.rand(4, 1); "
-        "t = time.perf_counter(); fused.change_sums(x, x.clone(), x.clone(), c, c.clone(), torch.rand(64), "
-        "c.clone(), c.clone()); fused.kl_sums(x, x.clone(), x.clone()); print(time.perf_counter() - t)"
+        "t = time.perf_counter(); fused.change_sums(x, x.clone(), x.clone(), c, c.clone(), "
+        "torch.rand(64), "
+        "c.clone(), c.clone()); fused.kl_sums(x, x.clone(), x.clone()); print(time.perf_counter() "
+        "- t)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)  # fills the cache
     return statistics.median(
@@ -176,7 +199,8 @@ def kernel_seconds(repeats: int = 3) -> float:
 
 
 # the rules whose jobs load the fused kernels (compute.fused_cpu on a CPU; H1, H2, the shuffle and
-# the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show them
+# the lens evaluation compare against their reference with fused.kl_terms), as a run's logs show
+# them
 FUSED_RULES = {
     "eval_lens",
     "h0_layer",
@@ -239,14 +263,17 @@ def experiment_jobs(config: dict, n_layers: int, section: str) -> list[list[int]
 
 
 def shuffle_tokens(config: dict, split) -> int:
-    """Sequences a shuffle order runs on: ``shuffle.eval_sequences``, at most the held-out split's."""
+    """Sequences a shuffle order runs on: ``shuffle.eval_sequences``, at most the held-out
+    split's."""
     return min(
         config["shuffle"].get("eval_sequences") or split.eval_sequences, split.eval_sequences
     )
 
 
 def shuffle_spaces(shuffle: dict) -> int:
-    """The orders' spaces a shuffle job runs: the native one always, lens_ridge only with a second ridge."""
+    """The orders' spaces a shuffle job runs: the native one always, lens_ridge only with a second
+    ridge.
+    """
     spaces = set(shuffle["spaces"]) | {"native"}
     return len(spaces - ({"lens_ridge"} if second_ridge(shuffle) is None else set()))
 
@@ -336,7 +363,7 @@ def minimal_flops(config: dict, run: str, shape: Shape) -> dict[str, float]:
         big_l, shuffle["window"], shuffle["window_samples"], config["seed"]
     )
     flops["shuffle_windows"] = shuffle_job([perm.start for perm in windows])
-    flops.update(issue14_flops(config, run, shape, split, lens))
+    flops.update(beyond_seed_flops(config, run, shape, split, lens))
     return flops
 
 
@@ -354,7 +381,8 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
     """Per heavy rule, the rows of logits (one token's output over the vocabulary) its jobs must
     log-sum-exp at least once: every output a KL compares, every softmax a training step needs
     (its gradient reuses it), every reference once per job. A floor, never the implementation's
-    count; rows shared across rules (H0's clean logits are the lens evaluation's) are counted in each."""
+    count; rows shared across rules (H0's clean logits are the lens evaluation's) are counted in
+    each."""
     split = token_split(config, run)
     t, d, big_l = split.seq_len, shape.d, shape.layers
     evaluated = split.eval_sequences * (t - 1)
@@ -428,7 +456,8 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
 
 
 def seed_cells(config: dict, shape: Shape, evaluated: int) -> float:
-    """The seed-layout H0 cells at one layer: the clean logits and one rank-d/2 product per subspace pair
+    """The seed-layout H0 cells at one layer: the clean logits and one rank-d/2 product per subspace
+    pair
     and random draw (the modes share it; pre_norm only)."""
     return (
         evaluated * shape.head
@@ -446,7 +475,7 @@ def quality_budgets(config: dict, split) -> list[tuple[int, bool]]:
     ]
 
 
-def issue14_flops(
+def beyond_seed_flops(
     config: dict, run: str, shape: Shape, split, lens: LensTraining
 ) -> dict[str, float]:
     """Lens quality, out of distribution and neurons: their minimal FLOPs."""
@@ -471,7 +500,8 @@ def issue14_flops(
     ood_layers = len(seed_layout_layers(config, "ood", big_l))
     ood_tokens = ood["eval_sequences"] * (t - 1)
     corpora = len(config["runs"][run].get("eval_corpora", []))
-    # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the seed cells
+    # per corpus: caching, the model's distribution, per layer the lens map, the logit lens and the
+    # seed cells
     flops["ood"] = corpora * (
         ood["eval_sequences"] * t * big_l * shape.block(t)
         + ood_tokens * head
@@ -584,7 +614,8 @@ def main() -> None:
             )
     print(pd.DataFrame(rows).to_string(index=False))
     print(
-        "exp_s: the rule's minimal log-sum-exps at the fastest rate above; floor_share: (its products at the peak "
+        "exp_s: the rule's minimal log-sum-exps at the fastest rate above; floor_share: (its "
+        "products at the peak "
         "+ exp_s) / its seconds"
     )
     torch_jobs = jobs[
@@ -611,17 +642,22 @@ def main() -> None:
     total = len(torch_jobs) * startup + int(torch_jobs["rule"].isin(FUSED_RULES).sum()) * kernels
     of_wall = f"{wall:.0f} s {'wall' if args.wall is not None else '(sum of job times)'}"
     print(
-        f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading), one job's as measured "
-        f"now times the jobs, about {total:.0f} s of {of_wall} = {total / wall:.2f} (target <= 0.10)"
+        f"torch jobs: {len(torch_jobs)}; their start-up (with the fused kernels' loading), one "
+        "job's as measured "
+        f"now times the jobs, about {total:.0f} s of {of_wall} = {total / wall:.2f} (target <= "
+        "0.10)"
     )
     recorded = logged[job_keys(logged).isin(set(job_keys(torch_jobs)))]
     if len(recorded):
         startups, first_calls = recorded["startup_s"], recorded["kernels_s"]
         both = startups.sum() + first_calls.sum()
         print(
-            f"as the run's logs recorded it: {len(recorded)} of the {len(torch_jobs)} torch jobs, process start to "
-            f"model loaded {startups.sum():.0f} s (one job {startups.min():.1f}-{startups.max():.1f} s), the fused "
-            f"kernels' first calls {first_calls.sum():.0f} s (loading and one call each); {both:.0f} s of {of_wall} = "
+            f"as the run's logs recorded it: {len(recorded)} of the {len(torch_jobs)} torch jobs, "
+            "process start to "
+            f"model loaded {startups.sum():.0f} s (one job "
+            f"{startups.min():.1f}-{startups.max():.1f} s), the fused "
+            f"kernels' first calls {first_calls.sum():.0f} s (loading and one call each); "
+            f"{both:.0f} s of {of_wall} = "
             f"{both / wall:.2f} (target <= 0.10)"
         )
     print(whole_run_floor(pd.DataFrame(rows), peak, heavy_startup, wall, args.target))
@@ -640,18 +676,23 @@ def whole_run_floor(
     floor = at_peak + exps + startup + rest
     reached = at_peak / max(heavy - exps - startup, 1e-9)
     line = (
-        f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s, their minimal log-sum-exps "
-        f"{exps:.0f} s; they took {heavy:.0f} s, with their start-ups ({startup:.0f} s), so their products ran at "
-        f"{reached:.2f} of the peak on average (at most: the rest of their time counted as products); with the rest "
+        f"whole run: the heavy rules' minimal FLOPs at the peak take {at_peak:.0f} s, their "
+        "minimal log-sum-exps "
+        f"{exps:.0f} s; they took {heavy:.0f} s, with their start-ups ({startup:.0f} s), so their "
+        "products ran at "
+        f"{reached:.2f} of the peak on average (at most: the rest of their time counted as "
+        "products); with the rest "
         f"of the run ({rest:.0f} s), it cannot go below about {floor:.0f} s here"
     )
     if target is not None:
         room = target - exps - startup - rest
         need = at_peak / room if room > 0 else float("inf")
         line += (
-            f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on average"
+            f"; in {target:.0f} s the heavy rules' products would need {need:.2f} of the peak on "
+            "average"
             if need <= 1
-            else f"; {target:.0f} s is below that floor (the products would need more than the peak)"
+            else f"; {target:.0f} s is below that floor "
+            "(the products would need more than the peak)"
         )
     return line
 

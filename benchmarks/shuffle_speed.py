@@ -111,7 +111,8 @@ def main() -> None:
     a, b = kls.values()
     print(
         f"measure, swaps at {args.job} in {['native', *spaces]}: this checkout {new:.1f} s, before "
-        f"{old:.1f} s, ratio {new / old:.2f}; largest KL difference {float((a - b).abs().max()):.1e} "
+        f"{old:.1f} s, ratio {new / old:.2f}; largest KL difference "
+        f"{float((a - b).abs().max()):.1e} "
         f"nats (relative {float(((a - b).abs() / b.abs().clamp(min=1e-12)).max()):.1e})"
     )
 

@@ -1,7 +1,7 @@
 """Bootstrap intervals, paired tests and multiplicity corrections of ``lensspace.stats``.
 
 The coverage and size checks simulate samples shaped like the real per-sequence values
-(measured with ``benchmarks/coverage.py real``; numbers in ``REAL_SHAPE``), since on few
+(measured with ``validation/coverage.py real``; numbers in ``REAL_SHAPE``), since on few
 right-skewed sequences a percentile bootstrap covers far less often than it says.
 """
 
@@ -156,7 +156,7 @@ def test_draw_spread():
 
 # ---------------------------------------------------------------- coverage, size and power by simulation
 #
-# The real shape (benchmarks/coverage.py real): per-sequence mean KLs of H0-style lens-space
+# The real shape (validation/coverage.py real): per-sequence mean KLs of H0-style lens-space
 # ablations (top / bottom / random 288 directions of W_U, zero and mean, pre-norm) on the real
 # default model (SmolLM2-135M, WEB bible, 128 held-out sequences of 128 tokens, least-squares
 # lens fitted on 64 others), layers 3, 6, 12, 18, 24. Per-ablation values: coefficient of
@@ -166,7 +166,7 @@ def test_draw_spread():
 # internal, mean, layer 18). The families below match the largest skewness: a lognormal with
 # sigma 0.62 (skewness 2.36) for per-sequence values, a centred lognormal with skewness 1.84 for
 # differences. (Drawing sequences from the 128 real values themselves is harsher, because the
-# skew sits in a few outliers: see the report of issue 9 / benchmarks/coverage.py simulate.)
+# skew sits in a few outliers: see the report of issue 9 / validation/coverage.py simulate.)
 LOG_SD = 0.62
 DIFF_SKEW = 1.84
 

@@ -6,7 +6,7 @@ right-skewed, where a percentile bootstrap covers too rarely (0.89 for a nominal
 sequences drawn from a lognormal as skewed as the real values, 0.86-0.90 drawing from the real
 values themselves). The default is the studentized bootstrap (bootstrap-t), the best of
 percentile, BCa and bootstrap-t in that simulation (0.93 at 16 sequences on the lognormal);
-``benchmarks/coverage.py`` measures it, ``tests/test_stats.py`` keeps the check."""
+``validation/coverage.py`` measures it, ``tests/test_stats.py`` keeps the check."""
 
 from __future__ import annotations
 

@@ -371,7 +371,7 @@ def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSet
     """Mean of ``a`` minus the matched draws' mean over sequences, its interval (bootstrap-t; BCa
     for discrete metrics) and the matched permutation p-value: few, heavy-tailed or discrete
     per-sequence effects, where the bootstrap-t test is liberal at Holm's levels
-    (``benchmarks/test_size.py``)."""
+    (``validation/test_size.py``)."""
     b = draws.mean(0)
     comp = paired_difference(a, b, settings.test_resamples, settings.seed)
     lo, hi = comp.lo, comp.hi

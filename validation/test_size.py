@@ -1,7 +1,8 @@
 """Size of the paired tests, at the levels a Holm correction asks for: how often each rejects a
 true null, side by side on the same draws.
 
-    .venv/bin/python benchmarks/test_size.py [--n 32] [--draws 8] [--sigma 0.62] [--sims 2000] [--family 27 264]
+    .venv/bin/python validation/test_size.py [--n 32] [--draws 8] [--sigma 0.62] [--sims 2000] \
+        [--family 27 264]
 
 Two nulls of per-sequence values, n sequences each (the defaults: the embedded default's sample):
 - ``skewed``: differences from a centred lognormal (sigma 0.62: skewness 2.4, as measured on
@@ -9,9 +10,9 @@ Two nulls of per-sequence values, n sequences each (the defaults: the embedded d
   (stats.paired_difference, the H0/H1/H2, lens-quality and OOD verdicts) is built for, beside
   a sign flip of the differences (matched_permutation_p with one draw of zeros), which tests
   that they are symmetric rather than that their mean is 0;
-- ``matched``: a candidate and its ``--draws`` matched draws drawn alike in each sequence (lognormal,
-  sigma 1.2: heavy tails), the neuron experiment's null of "the candidate acts like its matched
-  neurons"; the bootstrap-t test of candidate minus the draws' mean beside the matched
+- ``matched``: a candidate and its ``--draws`` matched draws drawn alike in each sequence
+  (lognormal, sigma 1.2: heavy tails), the neuron experiment's null of "the candidate acts like
+  its matched neurons"; the bootstrap-t test of candidate minus the draws' mean beside the matched
   permutation test (stats.matched_permutation_p, the neuron verdicts).
 A valid test rejects at most alpha of the time. --family lists Holm family sizes m whose first
 threshold 0.05 / m is also checked.
@@ -81,7 +82,8 @@ def main() -> None:
                 rate = rejections[name, level] / args.sims
                 draws = f", draws={args.draws}" if null == "matched" else ""
                 print(
-                    f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha {level:.5f} "
+                    f"{null} null, n={args.n}{draws}, {name}: rejects {rate:.4f} at alpha "
+                    f"{level:.5f} "
                     f"(ratio {rate / level:.2f})"
                 )
 

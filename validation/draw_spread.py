@@ -1,6 +1,7 @@
 """Do the random draws of a finished run differ from one another by more than the sequences' noise?
 
-    .venv/bin/python benchmarks/draw_spread.py [--results results] [--run smollm2-bible] [--family 72]
+    .venv/bin/python validation/draw_spread.py [--results results] [--run smollm2-bible] \
+        [--family 72]
 
 Each random draw is one subspace used on every held-out sequence. Per random cell of H0, H1 and
 H2 (``per_sequence.tsv``) it tests each draw against the cell's other draws with the per-sequence
@@ -28,7 +29,8 @@ CELL = ["basis", "layer", "k", "mode", "site"]
 def draw_checks(
     per_sequence: pd.DataFrame, family: int, resamples: int
 ) -> tuple[int, int, list[float]]:
-    """(draws below 0.05 / family, draws tested, per cell: spread of draw means / residual noise)."""
+    """(draws below 0.05 / family, draws tested, per cell: spread of draw means / residual
+    noise)."""
     below, tested, ratios = 0, 0, []
     for _, part in per_sequence[per_sequence["subspace"] == "random"].groupby(CELL):
         x = torch.tensor(
@@ -65,8 +67,10 @@ def main() -> None:
             print(f"{experiment}: no random cell with two or more draws")
             continue
         print(
-            f"{experiment}: draw against the other draws, p <= 0.05/{args.family} for {below} of {tested} draws; "
-            f"spread of the draws' means / per-sequence noise: median {statistics.median(ratios):.1f}, "
+            f"{experiment}: draw against the other draws, p <= 0.05/{args.family} for {below} of "
+            f"{tested} draws; "
+            "spread of the draws' means / per-sequence noise: median "
+            f"{statistics.median(ratios):.1f}, "
             f"range {min(ratios):.1f}-{max(ratios):.1f} over {len(ratios)} cells"
         )
 

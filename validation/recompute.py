@@ -1,7 +1,7 @@
 """Recompute a finished run's lens KL and seed-layout H0 cells independently (transformers and
 tuned-lens only, from the contract files) and print the largest relative difference.
 
-    .venv/bin/python benchmarks/recompute.py [run] [--config config.yaml]
+    .venv/bin/python validation/recompute.py [run] [--config config.yaml]
 """
 
 import argparse
@@ -29,7 +29,8 @@ def main() -> None:
     )
     print(both.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
     print(
-        f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers (target < 1e-4)"
+        f"largest relative difference: {both['rel_diff'].max():.2e} over {len(both)} numbers "
+        "(target < 1e-4)"
     )
 
 

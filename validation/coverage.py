@@ -1,8 +1,9 @@
 """Coverage of the bootstrap intervals over sequences, and the shape of the real per-sequence
-values they must cover (issue 9, items 5-6).
+values they must cover.
 
-    .venv/bin/python benchmarks/coverage.py real --out /tmp/real.json       # measure the real shape (~15 min, 2 cores)
-    .venv/bin/python benchmarks/coverage.py simulate --sigmas 0.62 --values /tmp/real.json --keys L6/random/mean
+    .venv/bin/python validation/coverage.py real --out /tmp/real.json   # about 15 min, 2 cores
+    .venv/bin/python validation/coverage.py simulate --sigmas 0.62 --values /tmp/real.json \
+        --keys L6/random/mean
 
 ``real`` builds a larger real cache of the embedded default's model (SmolLM2-135M on the WEB
 bible), fits a least-squares tuned lens on its train split and reports, for H0-style lens-space
@@ -151,7 +152,8 @@ def simulate(args) -> None:
             line = " ".join(f"{m}={cov[m]:.3f}" for m in METHODS)
             widths = " ".join(f"{cov[m + '_width']:.3g}" for m in METHODS)
             print(
-                f"{name:40s} n={n:3d}  {line}   widths {widths}  ({time.perf_counter() - started:.0f} s)",
+                f"{name:40s} n={n:3d}  {line}   widths {widths}  "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
 

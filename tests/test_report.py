@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, snakemake
 from PIL import Image, ImageStat
 
-from lensspace import provenance, robustness
+from lensspace import plots, provenance, robustness
 from lensspace.report import build
 from lensspace.report.ablation import compare
 from lensspace.report.h0 import H0
@@ -269,6 +269,55 @@ def test_shuffle_sentence_names_the_costliest_and_cheapest_swap():
         "Of the 3 swaps of two blocks in the native space, swapping blocks 0 and 2 costs most "
         "(KL 2.000 nats), swapping 1 and 2 least (0.250 nats)."
     )
+
+
+# ------------------------------------------------------------------ the ablation figure
+def test_ablation_figure_draws_each_line_as_a_function_of_the_layer():
+    """H1's grid has two random controls (random, random_lens_pullback) per layer: each panel
+    draws one of them, so no line goes back and forth between them along the layers."""
+    rows = []
+    for layer in range(4):
+        for basis, subspace, kl in (
+            ("unembed", "output", 2.0),
+            ("unembed", "internal", 1.0),
+            ("lens_pullback", "output", 5.0),
+            ("lens_pullback", "internal", 4.0),
+            ("random", "random", 0.5),
+            ("random_lens_pullback", "random", 8.0),
+        ):
+            rows.append(
+                {
+                    "layer": layer,
+                    "subspace": subspace,
+                    "k": 4,
+                    "basis": basis,
+                    "mode": "zero",
+                    "site": "residual",
+                    "kl": kl + layer,
+                    "kl_lo": kl + layer - 0.1,
+                    "kl_hi": kl + layer + 0.1,
+                    "n_tokens": 100,
+                    "n_draws": 2 if subspace == "random" else 1,
+                    "draw_min": kl + layer - 0.3,
+                    "draw_max": kl + layer + 0.3,
+                }
+            )
+    ablation = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # rows in any order
+    fig = plots.ablation_axes(ablation, "H1")
+    try:
+        titles = [ax.get_title().split(" | ")[0] for ax in fig.axes]
+        assert titles == ["lens_pullback", "unembed"]  # no panel of a control alone
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if line.get_label() != "_nolegend_"]
+            assert len(lines) == 3  # output, internal, one control
+            for line in lines:
+                x = list(line.get_xdata())
+                assert x == sorted(set(x)), (ax.get_title(), line.get_label(), x)
+            control = [line for line in lines if "control" in line.get_label()]
+            want = 8.0 if ax.get_title().startswith("lens_pullback") else 0.5
+            assert list(control[0].get_ydata()) == [want + layer for layer in range(4)]
+    finally:
+        plots.plt.close(fig)
 
 
 def test_benchmark_jobs_keep_only_the_named_runs(tmp_path):

@@ -18,7 +18,7 @@ from conftest import ROOT, snakemake
 from PIL import Image, ImageStat
 
 from lensspace import plots, provenance, robustness
-from lensspace.report import build
+from lensspace.report import build, words
 from lensspace.report.ablation import compare
 from lensspace.report.h0 import H0
 from lensspace.report.lens import quality_table
@@ -254,6 +254,17 @@ def test_compare_with_a_zero_kl_and_ties():
     )
     said = compare(pd.Series([1.0, 2.0], layers), pd.Series([1.0, 1.0], layers), names)
     assert said.endswith("at 1 of 2 layers (layer 1), the same at 1.")
+
+
+def test_ratios_above_one_are_never_written_as_one():
+    assert [words.ratio(v) for v in (3.21, 1.04, 1.0004, 0.96, 15.5, 1.0)] == [
+        "3.2",
+        "1.04",
+        "1.0004",
+        "0.96",
+        "16",
+        "1",
+    ]
 
 
 def test_shuffle_sentence_names_the_costliest_and_cheapest_swap():

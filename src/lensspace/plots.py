@@ -106,7 +106,8 @@ def ablation_axes(ablation: pd.DataFrame, title: str):
             ax.set_title(f"{basis} | {mode}, {site} | k={k}", fontsize=8)
             ax.set_ylabel("KL (nats)")
             ax.set_xlabel("layer")
-    axes[0, 0].legend(fontsize=7, frameon=False)
+    for ax in axes[0]:  # each column has its own control
+        ax.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     return fig
 

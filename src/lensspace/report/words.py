@@ -74,8 +74,14 @@ def listing(values, words: dict) -> str:
 
 
 def ratio(value: float) -> str:
-    """A ratio of two KLs: two significant digits (``3.2``), whole numbers from 10."""
-    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
+    """A ratio of two KLs: two significant digits (``3.2``), whole numbers from 10, and as many
+    digits as it takes not to round a ratio above 1 to ``1`` (``1.04``)."""
+    if value >= 10:
+        return f"{value:.0f}"
+    digits = 2
+    while f"{value:.{digits}g}" == "1" and value != 1 and digits < 6:
+        digits += 1
+    return f"{value:.{digits}g}"
 
 
 def times(value: float) -> str:

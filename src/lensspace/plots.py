@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PALETTE = {
     "output": "#c0392b",
@@ -103,6 +104,7 @@ def ablation_axes(ablation: pd.DataFrame, title: str):
                 if not control.empty:
                     label = "random (control)" if name == "random" else f"{name} (control)"
                     _control(ax, control, label)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{basis} | {mode}, {site} | k={k}", fontsize=8)
             ax.set_ylabel("KL (nats)")
             ax.set_xlabel("layer")

@@ -13,8 +13,8 @@ import pandas as pd
 from lensspace import robustness, tables
 from lensspace.errors import LensspaceError
 from lensspace.report import words
-from lensspace.report.blocks import Figure, Finding, Grid, Section, Table, Text
-from lensspace.report.sections import Context, existing
+from lensspace.report.blocks import Finding, Grid, Section, Table, Text
+from lensspace.report.sections import Context, existing, figure
 
 # A hook of one experiment: (run, files, context, ablation table) -> blocks, or -> finding lines.
 Hook = Callable[[str, dict, Context, pd.DataFrame], list]
@@ -53,18 +53,14 @@ class AblationExperiment:
             section.blocks += self.original_layout(run, files, context, ablation)
         if self.summary is not None:
             section.blocks += self.summary(run, files, context, ablation)
-        figure = existing(files.get("figure"))
-        if figure is not None:
-            section.blocks.append(Figure(figure, self.caption(run, context, ablation)))
+        section.blocks += figure(files.get("figure"), self.caption(run, context, ablation))
         verdicts = self.verdicts(files)
         if not verdicts.empty:
             section.blocks.append(
                 Grid(verdicts, self.robustness_caption(run, files["comparisons"], verdicts))
             )
         for key, caption in self.extra_figures:
-            extra = existing(files.get(key))
-            if extra is not None:
-                section.blocks.append(Figure(extra, f"{caption} Run {run}."))
+            section.blocks += figure(files.get(key), f"{caption} Run {run}.")
         for key, caption, collapsed in self.extra_tables:
             extra = existing(files.get(key))
             if extra is not None:

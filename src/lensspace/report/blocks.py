@@ -55,4 +55,4 @@ class Finding:
     details: list[str] = field(default_factory=list)
 
     def text(self) -> str:
-        return " ".join([f"{self.title}: {self.sentence}", *self.details])
+        return f"{self.title}: " + " ".join(part for part in (self.sentence, *self.details) if part)

@@ -26,6 +26,8 @@ from types import ModuleType
 
 import pandas as pd
 
+from lensspace.report.blocks import Figure
+
 
 @dataclass
 class Context:
@@ -81,7 +83,5 @@ def read_tsv(path) -> pd.DataFrame:
 
 def figure(path, caption: str) -> list:
     """The registered figure at ``path`` as a block, where the run has made it ([] if not)."""
-    from lensspace.report.blocks import Figure
-
     found = existing(path)
     return [Figure(found, caption)] if found is not None else []

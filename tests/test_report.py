@@ -17,8 +17,13 @@ import torch
 from conftest import ROOT, snakemake
 from PIL import Image, ImageStat
 
-from lensspace import provenance, robustness
-from lensspace.report import build, html_grid, lens_quality_table
+from lensspace import plots, provenance, robustness
+from lensspace.report import build, words
+from lensspace.report.ablation import compare
+from lensspace.report.h0 import H0
+from lensspace.report.lens import quality_table
+from lensspace.report.render import html_grid
+from lensspace.report.shuffle import extremes
 
 ABLATION_COLUMNS = [
     "layer",
@@ -49,7 +54,8 @@ BASE = [0.3, 2.5, 0.8, 4.0, 1.2, 0.5, 3.1, 0.9, 1.7, 0.6, 2.2, 1.0, 0.4, 5.0, 1.
 
 
 def per_sequence(cells: dict) -> pd.DataFrame:
-    """{(layer, subspace, basis): [draws x sequences] KLs} as a per-sequence table (k 4, zero, pre_norm)."""
+    """{(layer, subspace, basis): [draws x sequences] KLs} as a per-sequence table (k 4, zero,
+    pre_norm)."""
     rows = [
         (layer, subspace, 4, basis, "zero", "pre_norm", draw, seq, kl)
         for (layer, subspace, basis), draws in cells.items()
@@ -71,8 +77,8 @@ def hand_made():
             (0, "output", "unembed_centered"): [scaled(0.5)],
             (0, "internal", "unembed_centered"): [scaled(1.6)],
             (0, "random", "random"): [scaled(1.5), scaled(1.6), scaled(1.7), scaled(1.8)],
-            # layer 1: a small shift that is the same in every sequence: the marginal intervals overlap
-            # (sequences vary 0.3-5.0), the paired difference does not
+            # layer 1: a small shift that is the same in every sequence: the marginal intervals
+            # overlap (sequences vary 0.3-5.0), the paired difference does not
             (1, "output", "unembed"): [scaled(1, 0.05)],
             (1, "internal", "unembed"): [scaled(1)],
             (1, "output", "unembed_centered"): [scaled(1)],
@@ -189,10 +195,140 @@ def test_lens_quality_table():
             "n_tokens": 10,
         }
     )
-    table = lens_quality_table(frame)
+    table = quality_table(frame)
     assert list(table.columns) == ["layer", "tuned KL", "tuned 95% CI", "logit KL", "logit 95% CI"]
     assert table["tuned KL"].tolist() == [0.5, 0.004]
     assert table["tuned 95% CI"].tolist() == ["[0.400, 0.600]", "[0.003, 0.005]"]
+
+
+# ------------------------------------------------------------------ findings' plain sentences
+def seed_cells(kls: dict) -> pd.DataFrame:
+    """H0 ablation rows of the seed's cell (unembed, zero, pre_norm, k 4), {layer: (output,
+    internal)} KLs, with a mean-mode row of the opposite sign that the sentence must ignore."""
+    rows = []
+    for layer, (output, internal) in kls.items():
+        for subspace, kl in (("output", output), ("internal", internal)):
+            rows.append((layer, subspace, 4, "unembed", "zero", "pre_norm", kl, kl, kl, 100))
+            other = internal if subspace == "output" else output
+            rows.append((layer, subspace, 4, "unembed", "mean", "pre_norm", other, 0, 0, 100))
+        rows.append((layer, "random", 4, "random", "zero", "pre_norm", 9.0, 9.0, 9.0, 100))
+    return pd.DataFrame(rows, columns=ABLATION_COLUMNS)
+
+
+def test_headline_says_which_subspace_costs_more_by_how_much_and_where():
+    kls = {0: (3.2, 1.0), 15: (6.4, 2.0), 29: (9.6, 3.0)}
+    said = H0.headline(seed_cells(kls))
+    assert said.startswith(
+        "Ablating the output subspace costs 3.2 times the KL of ablating the internal "
+        "subspace at every one of layers 0, 15, 29 ("
+    )
+    assert "from 3.2 to 3.2 times" in said and "basis unembed, zero ablation, pre_norm" in said
+    swapped = H0.headline(seed_cells({layer: (b, a) for layer, (a, b) in kls.items()}))
+    assert swapped.startswith(
+        "Ablating the internal subspace costs 3.2 times the KL of ablating the output "
+        "subspace at every one of layers 0, 15, 29 ("
+    )
+
+
+def test_headline_of_a_split_verdict_counts_the_layers_each_way():
+    kls = {0: (2.0, 1.0), 1: (1.0, 4.0), 2: (0.5, 3.0)}
+    said = H0.headline(seed_cells(kls))
+    assert said.startswith(
+        "Ablating the internal subspace costs more KL than ablating the output subspace at 2 "
+        "of 3 layers (layers 1–2), less at 1 (layer 0) ("
+    )
+    swapped = H0.headline(seed_cells({layer: (b, a) for layer, (a, b) in kls.items()}))
+    assert swapped.startswith(
+        "Ablating the output subspace costs more KL than ablating the internal subspace at 2 "
+        "of 3 layers (layers 1–2), less at 1 (layer 0) ("
+    )
+
+
+def test_compare_with_a_zero_kl_and_ties():
+    names = {"output": "output subspace", "internal": "internal subspace"}
+    layers = pd.Index([0, 1], name="layer")
+    said = compare(pd.Series([1.0, 2.0], layers), pd.Series([0.0, 1.0], layers), names)
+    assert said == (
+        "Ablating the output subspace costs more KL than ablating the internal subspace at every "
+        "one of layers 0–1."
+    )
+    said = compare(pd.Series([1.0, 2.0], layers), pd.Series([1.0, 1.0], layers), names)
+    assert said.endswith("at 1 of 2 layers (layer 1), the same at 1.")
+
+
+def test_ratios_above_one_are_never_written_as_one():
+    assert [words.ratio(v) for v in (3.21, 1.04, 1.0004, 0.96, 15.5, 1.0)] == [
+        "3.2",
+        "1.04",
+        "1.0004",
+        "0.96",
+        "16",
+        "1",
+    ]
+
+
+def test_shuffle_sentence_names_the_costliest_and_cheapest_swap():
+    swaps = pd.DataFrame(
+        {
+            "i": [0, 0, 1, 0],
+            "j": [1, 2, 2, 1],
+            "space": ["native", "native", "native", "lens"],
+            "kl": [0.5, 2.0, 0.25, 9.0],
+        }
+    )
+    assert extremes(swaps) == (
+        "Of the 3 swaps of two blocks in the native space, swapping blocks 0 and 2 costs most "
+        "(KL 2.000 nats), swapping 1 and 2 least (0.250 nats)."
+    )
+
+
+# ------------------------------------------------------------------ the ablation figure
+def test_ablation_figure_draws_each_line_as_a_function_of_the_layer():
+    """H1's grid has two random controls (random, random_lens_pullback) per layer: each panel
+    draws one of them, so no line goes back and forth between them along the layers."""
+    rows = []
+    for layer in range(4):
+        for basis, subspace, kl in (
+            ("unembed", "output", 2.0),
+            ("unembed", "internal", 1.0),
+            ("lens_pullback", "output", 5.0),
+            ("lens_pullback", "internal", 4.0),
+            ("random", "random", 0.5),
+            ("random_lens_pullback", "random", 8.0),
+        ):
+            rows.append(
+                {
+                    "layer": layer,
+                    "subspace": subspace,
+                    "k": 4,
+                    "basis": basis,
+                    "mode": "zero",
+                    "site": "residual",
+                    "kl": kl + layer,
+                    "kl_lo": kl + layer - 0.1,
+                    "kl_hi": kl + layer + 0.1,
+                    "n_tokens": 100,
+                    "n_draws": 2 if subspace == "random" else 1,
+                    "draw_min": kl + layer - 0.3,
+                    "draw_max": kl + layer + 0.3,
+                }
+            )
+    ablation = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # rows in any order
+    fig = plots.ablation_axes(ablation, "H1")
+    try:
+        titles = [ax.get_title().split(" | ")[0] for ax in fig.axes]
+        assert titles == ["lens_pullback", "unembed"]  # no panel of a control alone
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if line.get_label() != "_nolegend_"]
+            assert len(lines) == 3  # output, internal, one control
+            for line in lines:
+                x = list(line.get_xdata())
+                assert x == sorted(set(x)), (ax.get_title(), line.get_label(), x)
+            control = [line for line in lines if "control" in line.get_label()]
+            want = 8.0 if ax.get_title().startswith("lens_pullback") else 0.5
+            assert list(control[0].get_ydata()) == [want + layer for layer in range(4)]
+    finally:
+        plots.plt.close(fig)
 
 
 def test_benchmark_jobs_keep_only_the_named_runs(tmp_path):
@@ -294,12 +430,56 @@ def results(tmp_path):
     return tmp_path, config
 
 
+def registry(root: Path, config: dict) -> list[dict]:
+    """The report's experiment list for a hand-made results folder under ``root``, in the
+    workflow's layout (what rule html_report passes; files that do not exist are skipped)."""
+    res = root / "results"
+
+    def ablation(run: str, key: str, **extra: str) -> dict:
+        return {
+            "ablation": f"{res}/{run}/{key}/ablation.tsv",
+            "comparisons": f"{res}/{run}/{key}/comparisons.tsv",
+            "table": f"{res}/tables/{key}_{run}.md",
+            "figure": f"{res}/figures/{key}_{run}.png",
+            **{name: f"{res}/{run}/{key}/{file}" for name, file in extra.items()},
+        }
+
+    def files(run: str) -> dict:
+        model = config["runs"][run]["model"]
+        h1 = ablation(run, "h1", heads="heads.tsv", heads_test="heads_test.tsv", mlp="mlp.tsv")
+        return {
+            "model": {"manifest": {model: f"{root}/resources/models/{model}/lensspace-model.json"}},
+            "lens": {
+                "lens_eval": f"{res}/{run}/lens_eval.tsv",
+                "figure": f"{res}/figures/lens_{run}.png",
+            },
+            "h0": ablation(run, "h0", shares="shares.tsv"),
+            "h1": {**h1, "heads_figure": f"{res}/figures/h1_heads_{run}.png"},
+            "h2": ablation(run, "h2", fit="fit.tsv"),
+            "shuffle": {
+                "swaps": f"{res}/{run}/shuffle/swaps.tsv",
+                "conditions": f"{res}/{run}/shuffle/conditions.tsv",
+                "figure": f"{res}/figures/shuffle_{run}.png",
+            },
+        }
+
+    per_run = {run: files(run) for run in config["runs"]}
+    return [
+        {
+            "name": name,
+            "section": None if name == "model" else f"lensspace.report.{name}",
+            "files": {run: per_run[run][name] for run in per_run},
+        }
+        for name in ("model", "lens", "h0", "h1", "h2", "shuffle")
+    ]
+
+
 def _build(tmp_path, config) -> str:
     return build(
         config,
+        registry(tmp_path, config),
         results=tmp_path / "results",
         reference=ROOT / "reference" / "seed_tables.tsv",
-        resources=tmp_path / "resources",
         workflow_dir=ROOT,
     )
 
@@ -309,8 +489,18 @@ def test_page_has_every_section_with_published_numbers_and_generated_captions(re
     page = _build(tmp_path, config)
     sections = re.findall(r"data-section='([^']+)'", page)
     assert sections == ["findings", "lens-quality", "h0", "provenance"]
-    # the findings state each verdict with its procedure, from comparisons.tsv
-    assert '"output > internal" holds in 24' in html.unescape(page) and "Holm" in page
+    # the findings state each verdict with its procedure, from comparisons.tsv, after a plain
+    # sentence of what the experiment found, from its table (output 10 + layer, internal 1)
+    text = html.unescape(page)
+    assert '"output > internal" holds in 24' in text and "Holm" in page
+    headline = (
+        "H0: SVD subspaces ablated in lens space: Ablating the output subspace costs 16 times "
+        "the KL of ablating the internal subspace at every one of layers 0–11 (median over "
+        "layers, from 10 to 21 times; basis unembed, zero ablation, pre_norm, k = 4)."
+    )
+    assert headline in text
+    assert text.index(headline) < text.index('"output > internal" holds in 24')
+    assert "Lens quality: The tuned lens has a lower held-out KL" in text
     assert page.count('src="data:image/png;base64,') == 2
     # the original layout at k = d/2 = 4, the published H0.2 beside it, with the difference
     assert "published output" in page and "Δ output" in page

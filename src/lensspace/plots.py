@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PALETTE = {
     "output": "#c0392b",
@@ -48,39 +49,74 @@ def save(fig, path: str | Path) -> None:
     partial.replace(path)
 
 
-def ablation_figure(ablation: pd.DataFrame, title: str, path: str | Path) -> None:
-    """KL against layer per subspace; one panel per (mode, site) row and basis column, per k."""
+def _controls(cell: pd.DataFrame, basis: str) -> list[tuple[str, pd.DataFrame]]:
+    """The random controls of ``basis``'s panel, each its own line: the control made by the
+    basis's own operation (``random_<basis>``) where the grid has one, else the plain random
+    subspaces, else every random basis there is."""
+    random = cell[cell["subspace"] == "random"]
+    names = list(dict.fromkeys(random["basis"]))
+    own = f"random_{basis}"
+    chosen = [own] if own in names else ["random"] if "random" in names else names
+    return [(name, random[random["basis"] == name]) for name in chosen]
+
+
+def _control(ax, frame: pd.DataFrame, label: str) -> None:
+    """A random control: the mean over its draws as a dashed line, the draws' range as a band
+    (the mean's interval where there is one draw)."""
+    frame = frame.sort_values("layer")
+    spread = "draw_min" in frame and frame["n_draws"].max() > 1
+    lo, hi = ("draw_min", "draw_max") if spread else ("kl_lo", "kl_hi")
+    color = PALETTE["random"]
+    ax.plot(
+        frame["layer"], frame["kl"], color=color, label=label, lw=1.4, ls="--", marker="o", ms=2.5
+    )
+    ax.fill_between(frame["layer"], frame[lo], frame[hi], color=color, alpha=0.2, lw=0)
+
+
+def ablation_axes(ablation: pd.DataFrame, title: str):
+    """KL against layer per subspace; one panel per (mode, site) row and basis column, per k.
+    Each line is a function of the layer: one per subspace and one per random control."""
     style()
-    bases = sorted(b for b in ablation["basis"].unique() if b != "random")
+    bases = sorted(b for b in ablation["basis"].unique() if not b.startswith("random"))
+    if not bases:
+        bases = sorted(ablation["basis"].unique())
     rows = sorted({(m, s) for m, s in zip(ablation["mode"], ablation["site"])})
     ks = sorted(ablation["k"].unique())
     fig, axes = plt.subplots(
         len(rows) * len(ks),
-        max(1, len(bases)),
+        len(bases),
         squeeze=False,
         sharex=True,
-        figsize=(3.3 * max(1, len(bases)), 2.3 * len(rows) * len(ks)),
+        figsize=(3.3 * len(bases), 2.3 * len(rows) * len(ks)),
         layout="constrained",
     )
     for r, (k, (mode, site)) in enumerate((k, ms) for k in ks for ms in rows):
         cell = ablation[
             (ablation["k"] == k) & (ablation["mode"] == mode) & (ablation["site"] == site)
         ]
-        for c, basis in enumerate(bases or ["random"]):
+        for c, basis in enumerate(bases):
             ax = axes[r, c]
             for subspace in ("output", "internal"):
                 part = cell[(cell["basis"] == basis) & (cell["subspace"] == subspace)]
                 if not part.empty:
                     _band(ax, part, subspace, PALETTE[subspace])
-            control = cell[cell["subspace"] == "random"]
-            if not control.empty:
-                _band(ax, control, "random (control)", PALETTE["random"], dashed=True)
+            for name, control in _controls(cell, basis):
+                if not control.empty:
+                    label = "random (control)" if name == "random" else f"{name} (control)"
+                    _control(ax, control, label)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{basis} | {mode}, {site} | k={k}", fontsize=8)
             ax.set_ylabel("KL (nats)")
             ax.set_xlabel("layer")
-    axes[0, 0].legend(fontsize=7, frameon=False)
+    for ax in axes[0]:  # each column has its own control
+        ax.legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    save(fig, path)
+    return fig
+
+
+def ablation_figure(ablation: pd.DataFrame, title: str, path: str | Path) -> None:
+    """:func:`ablation_axes`, saved to ``path``."""
+    save(ablation_axes(ablation, title), path)
 
 
 def lens_quality_figure(lens_eval: pd.DataFrame, title: str, path: str | Path) -> None:
@@ -308,7 +344,8 @@ def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Pat
 def ood_figure(
     frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path
 ) -> None:
-    """Left: tuned (solid) and logit (dotted) lens KL by layer per corpus. Right: output − internal (zero mode)."""
+    """Left: tuned (solid) and logit (dotted) lens KL by layer per corpus. Right: output −
+    internal (zero mode)."""
     style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
     colors = sns.color_palette("colorblind", len(frames))

@@ -33,9 +33,7 @@ rule ridge_lens:
 
 # The lens_ridge space's second lens, where that space is on (shuffle.second_ridge).
 SECOND_RIDGE_LENS = (
-    get_expanded(rules.ridge_lens.output.params)
-    if second_ridge(config["shuffle"]) is not None
-    else []
+    rules.ridge_lens.output.params if second_ridge(config["shuffle"]) is not None else []
 )
 
 

@@ -12,11 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import ROOT, snakemake
-
-pytestmark = pytest.mark.workflow
 
 # Who reads whose outputs (written from the rules' inputs, independently of Snakemake). check_run
 # is an ancient() input: its consumers wait for it, but a re-check replans nothing else; it has

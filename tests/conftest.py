@@ -87,6 +87,19 @@ def pytest_runtest_protocol(item, nextitem):
         _running.pop()
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Unit tests run on one thread: their tensors are tiny, so hand-offs between threads would
+    dominate them (four times slower on a loaded two-core machine, with the same results)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def require_tier(*tiers: str, what: str) -> None:
     """Fail the running test unless it is in one of ``tiers``: a test in the fast loop that
     starts Snakemake or the real model would make the fast loop slow without anyone noticing."""

@@ -2,7 +2,7 @@
 the tokens, the lens folder (loaded by tuned-lens itself) and the prepared model (loaded by
 transformers itself). None of lensspace's own code runs on this side.
 
-``recompute`` is also used by ``benchmarks/recompute.py`` on a finished default run.
+``recompute`` is also used by ``validation/recompute.py`` on a finished default run.
 """
 
 from __future__ import annotations

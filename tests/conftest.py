@@ -1,5 +1,14 @@
-"""Shared fixtures: tiny randomly initialised models of every supported family, built in the test, and
-one real Snakemake run of the tiny config (session-scoped: several test files read it)."""
+"""Shared fixtures: tiny randomly initialised models of every supported family, built in the
+test, the real default model, and one real Snakemake run of the tiny config (session-scoped:
+several test files read it).
+
+Every test belongs to exactly one tier (markers registered in pyproject.toml):
+- ``workflow``: runs Snakemake, a SLURM cluster or a browser. A test that uses one of
+  ``WORKFLOW_FIXTURES`` is put here; a test that runs Snakemake without such a fixture carries
+  ``@pytest.mark.workflow`` itself (``snakemake()`` below refuses to run in any other tier).
+- ``real_model``: uses the real default model (the ``real`` fixture, prepared once a session).
+- ``unit``: everything else; the fast loop, ``pytest -m unit``.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +30,82 @@ from lensspace.lenses import empty_lens
 from lensspace.models import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+TIERS = ("unit", "real_model", "workflow")  # from the fastest to the slowest
+REAL_MODEL_FIXTURES = frozenset({"real"})
+WORKFLOW_FIXTURES = frozenset({"tiny_run", "slurm_run", "cluster", "chromium"})
+
+
+def tier_of(fixtures, marked) -> str:
+    """The tier of a test that uses ``fixtures`` (names, transitively) and carries the tier
+    markers ``marked``: what its fixtures need, or its own marker where that is slower. A test
+    marked as faster than its fixtures (unit with the real model, say) is an error, as is a test
+    with two tier markers."""
+    marked = sorted(set(marked))
+    if len(marked) > 1:
+        raise ValueError(f"more than one tier marker: {marked}")
+    fixtures = set(fixtures)
+    if fixtures & WORKFLOW_FIXTURES:
+        needed = "workflow"
+    elif fixtures & REAL_MODEL_FIXTURES:
+        needed = "real_model"
+    else:
+        needed = "unit"
+    if not marked:
+        return needed
+    if TIERS.index(marked[0]) < TIERS.index(needed):
+        used = sorted(fixtures & (WORKFLOW_FIXTURES | REAL_MODEL_FIXTURES))
+        raise ValueError(f"marked {marked[0]}, but its fixtures {used} make it {needed}")
+    return marked[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test its one tier marker (see the module's docstring)."""
+    errors = []
+    for item in items:
+        marked = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        try:
+            tier = tier_of(getattr(item, "fixturenames", ()), marked)
+        except ValueError as error:
+            errors.append(f"{item.nodeid}: {error}")
+            continue
+        if tier not in marked:
+            item.add_marker(getattr(pytest.mark, tier))
+    if errors:
+        raise pytest.UsageError("tier markers that contradict the tests:\n" + "\n".join(errors))
+
+
+_running: list = []  # the test being run, for the tier checks of snakemake() and `real`
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Unit tests run on one thread: their tensors are tiny, so hand-offs between threads would
+    dominate them (four times slower on a loaded two-core machine, with the same results)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def require_tier(*tiers: str, what: str) -> None:
+    """Fail the running test unless it is in one of ``tiers``: a test in the fast loop that
+    starts Snakemake or the real model would make the fast loop slow without anyone noticing."""
+    if _running and not any(_running[-1].get_closest_marker(t) for t in tiers):
+        pytest.fail(f"{what} in a test outside the tiers {tiers}: mark it (see tests/conftest.py)")
+
 
 _SHAPE = {"n_layers": 3, "d_model": 32, "n_heads": 4}
 _SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -187,6 +272,7 @@ def make_cached(
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None):
+    require_tier("workflow", what="Snakemake run")
     cmd = [
         sys.executable,
         "-m",
@@ -250,6 +336,7 @@ REAL_CORPUS = "web-bible"
 def real(tmp_path_factory):
     """Prepared once: the model and corpus go where the workflow puts them (``resources/``,
     shared with the README's main command), the cache and lens into a temporary folder."""
+    require_tier("real_model", "workflow", what="the real model")
     from lensspace.corpus import TokenSplit, prepare_corpus, read_documents, tokenize_documents
     from lensspace.lenses import LensTraining, train_lens
     from lensspace.models import MANIFEST, load_model, prepare_model

@@ -1,5 +1,5 @@
-"""Issue 14's experiments in the real Snakemake run of the tiny config: lens-quality sweep,
-out-of-distribution corpora and single neurons, with their tables, figures and report sections."""
+"""The lens-quality sweep, out-of-distribution corpora and single neurons in the real Snakemake
+run of the tiny config, with their tables, figures and report sections."""
 
 from __future__ import annotations
 

@@ -22,15 +22,6 @@ from lensspace.lenses import translate
 from lensspace.subspaces import select, unembedding_bases
 
 
-@pytest.fixture
-def one_thread():
-    """The permutation simulations run many tiny ops: thread hand-offs would dominate them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_induction_score_on_planted_and_uniform_patterns():
     half, t = 6, 12
     planted = torch.zeros(1, 2, t, t)
@@ -192,7 +183,7 @@ def _layered(
     return values + effect * flags, flags
 
 
-def test_stratified_test_finds_the_within_layer_effect_that_pooling_hides(one_thread):
+def test_stratified_test_finds_the_within_layer_effect_that_pooling_hides():
     gen = torch.Generator().manual_seed(0)
     # induction heads sit in shallow layers (low shares) but beat their own layer by 0.06
     values, flags = _layered(gen, range(0, 4), effect=0.06)
@@ -210,7 +201,7 @@ def test_stratified_test_finds_the_within_layer_effect_that_pooling_hides(one_th
     assert pooled["statistic"] < 0 and pooled["p_value"] > 0.5  # pooling layers is misled
 
 
-def test_stratified_test_is_not_fooled_by_deep_induction_heads(one_thread):
+def test_stratified_test_is_not_fooled_by_deep_induction_heads():
     gen = torch.Generator().manual_seed(1)
     # induction heads sit in deep layers (high shares) and equal their own layer's heads
     values, flags = _layered(gen, range(6, 10), effect=0.0)
@@ -232,7 +223,7 @@ def _random_heads(gen: torch.Generator, effect: float, n_layers: int = 12, n_hea
     return values + (effect + spread) * flags, flags
 
 
-def test_p_value_is_calibrated_and_interval_covers_the_effect(one_thread):
+def test_p_value_is_calibrated_and_interval_covers_the_effect():
     gen = torch.Generator().manual_seed(2)
     n = 200
     rejected = sum(

@@ -1,4 +1,5 @@
-"""Corpus cleaning, tokenization into splits disjoint by document, and the activation cache on disk."""
+"""Corpus cleaning, tokenization into splits disjoint by document, and the activation cache on
+disk."""
 
 import csv
 import gzip

@@ -148,7 +148,8 @@ def test_the_adapter_owns_the_device_and_moves_tensors(world):
 def test_cache_activations_runs_on_the_device(world, monkeypatch):
     adapter, _, tokens, _, _, tmp = world
     written = {}
-    # fake tensors cannot be serialized: an empty file stands in (the cache records its size and sha256)
+    # fake tensors cannot be serialized: an empty file stands in (the cache records its size
+    # and sha256)
     monkeypatch.setattr(
         activations,
         "save_file",

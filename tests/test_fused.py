@@ -25,7 +25,8 @@ def _inputs(n: int, v: int, scale: float, seed: int = 0) -> list[torch.Tensor]:
 def test_compiled_kernel_equals_the_definition(scale):
     """Every sum, and the KL ``log1p(E_p[expm1 t]) - E_p[t]`` built from them, for KLs from about
     1e-9 to several nats: the compiled loop equals the definition run eagerly on the same float32
-    inputs (only the order of summation differs), and both equal float64 to the rounding of ``t``."""
+    inputs (only the order of summation differs), and both equal float64 to the rounding of
+    ``t``."""
     args = _inputs(37, 5003, scale)
     sums = fused.change_sums(*args)
     assert sums is not None, fused.change_sums.failed
@@ -76,7 +77,8 @@ def test_large_rows_kernel_counts_the_terms_float32_flushes_to_zero():
 
 
 def test_expm1_keeps_relative_precision_near_zero():
-    """The kernel's ``expm1`` (inductor compiles torch.expm1 as exp - 1) against float64 expm1, compiled."""
+    """The kernel's ``expm1`` (inductor compiles torch.expm1 as exp - 1) against float64 expm1,
+    compiled."""
     t = torch.cat([torch.logspace(-12, 1.5, 4000), -torch.logspace(-12, 1.5, 4000), torch.zeros(1)])
     got = torch.compile(fused.expm1, dynamic=True)(t).double()
     want = torch.expm1(t.double())
@@ -124,7 +126,8 @@ def test_first_call_is_logged_once_and_read_back_as_a_jobs_kernel_time(capsys, t
     log.parent.mkdir(parents=True)
     log.write_text(
         f"[lensspace] rule h0_layer\n{STARTUP_LINE} 4.25 s from the process's start\n{lines[0]}\n"
-        f"h0:   0%|          | 0/8 [00:00<?, ?it/s]{lines[0]}\n"  # after a progress bar's first draw
+        # after a progress bar's first draw
+        f"h0:   0%|          | 0/8 [00:00<?, ?it/s]{lines[0]}\n"
         f"{fused.FIRST_CALL_LINE} kl_terms_definition\n"
     )  # a line cut short is skipped
     (tmp_path / "logs" / "tokenize").mkdir()

@@ -37,7 +37,8 @@ def test_linear_is_a_float32_product(shape, out):
 
 
 def test_gradients_are_the_products_gradients():
-    """Through ``_Linear``: d/dx = g W, d/dW = g^T x, d/db = sum g, each against float64 autograd."""
+    """Through ``_Linear``: d/dx = g W, d/dW = g^T x, d/db = sum g, each against float64
+    autograd."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 9, 48, generator=gen, requires_grad=True)
     weight = torch.randn(300, 48, generator=gen, requires_grad=True)

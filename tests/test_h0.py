@@ -50,7 +50,8 @@ def test_grid_cells_and_independent_value(setup):
     )
     assert {r["n_tokens"] for r in rows} == {5 * 9}
 
-    # independent: the model's own final norm and lm_head on z with the top-16 raw directions removed
+    # independent: the model's own final norm and lm_head on z with the top-16 raw directions
+    # removed
     h = cache.load(1, "eval")[:, 1:]
     t = lens.layer_translators[1]
     with torch.no_grad():
@@ -146,8 +147,8 @@ def test_fast_path_keeps_float32_precision_where_logits_are_large(
     """A final norm gain of 30 (logits in the hundreds) or a LayerNorm bias of 60 (a large
     constant part in every logit): each sequence's KL, from about 1e-17 to 90 nats, still
     matches the float64 definition to a relative 2e-4 (measured: 3.5e-5), and none is
-    negative. (Subtracting logit-sized float32 terms, as an earlier assembly did, gave errors
-    of 1e-5 absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
+    negative. (An assembly that subtracts logit-sized float32 terms gives errors of 1e-5
+    absolute here: negative means, relative errors of 1000 on the smallest KLs.)"""
     monkeypatch.setattr(
         fused.change_sums, "enabled", fused_cpu
     )  # the compiled kernel, or the eager passes

@@ -42,8 +42,8 @@ def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_
     log-softmax), every cell, sequence and token, to float32's precision: the fast path
     subtracts no two logit-sized terms (SmolLM2's logits reach about 90), so its errors stay
     relative to each KL. (Measured: per sequence within 1.6e-6 relative plus 1e-7, per token
-    within 2.3e-5 relative plus 1e-6; the earlier assembly, which subtracted logit-sized terms,
-    needed 7e-4 and 3e3, and gave negative token KLs.)"""
+    within 2.3e-5 relative plus 1e-6; an assembly that subtracts logit-sized terms needs 7e-4
+    and 3e3, and gives negative token KLs.)"""
     monkeypatch.setattr(
         fused.change_sums, "enabled", fused_cpu
     )  # the compiled kernel, or the eager passes
@@ -124,7 +124,7 @@ def test_norm_shares_add_up_and_show_the_constant_part(real):
                 assert r["share"] == pytest.approx(
                     r["constant_share"] + r["varying_share"], rel=1e-9
                 )
-    # on the real model the lens vectors carry a large constant component (the issue's
-    # |Q^T mean| of hundreds against a similar token-varying RMS)
+    # on the real model the lens vectors carry a large constant component (|Q^T mean| of
+    # hundreds against a token-varying RMS of the same size)
     raw = [r for r in rows if r["site"] == "pre_norm" and r["basis"] == "unembed"]
     assert max(r["constant_share"] for r in raw) > 0.2

@@ -94,7 +94,8 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
         )
         assert rows[i]["verdict"] == expected
     assert {r["train_tokens"] for r in rows} == {4 * 15, 8 * 15}
-    # with the refinement, one training sequence (check_tokens 15 / 15 per sequence) is held out of the fit
+    # with the refinement, one training sequence (check_tokens 15 / 15 per sequence) is held out
+    # of the fit
     assert {(r["refine"], r["train_tokens"], r["lstsq_tokens"]) for r in rows} == {
         (False, 60, 60),
         (False, 120, 120),

@@ -34,7 +34,8 @@ def _svd_right(adapter) -> torch.Tensor:
 @pytest.fixture
 def planted(tiny, tmp_path):
     """A tiny model with a lens of random translators, and neuron 5 of block 0 rewritten to write
-    (through translator 1) only into the bottom half of W_U's right singular vectors, with a large norm."""
+    (through translator 1) only into the bottom half of W_U's right singular vectors, with a
+    large norm."""
     adapter, _ = tiny
     cached = make_cached(adapter, tmp_path / "cache", seed=7, n_train=6, n_eval=4, seq_len=16)
     v = _svd_right(adapter)
@@ -235,7 +236,8 @@ def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float =
 def test_verdicts_are_holm_corrected_and_need_the_draws_range():
     rows = [_row(0.001, 1.0, 5.0, 4.0), _row(0.001, 1.0, 3.0, 4.0), _row(0.02, 1.0, 5.0, 4.0)]
     add_verdicts(rows, top1_margin=0.01)
-    # Holm over 9 p-values: the six of 0.001 become 9 x 0.001 .. (rank 6) 4 x 0.001; the three of 0.02 3 x 0.02
+    # Holm over 9 p-values: the six of 0.001 become 9 x 0.001 .. (rank 6) 4 x 0.001; the three
+    # of 0.02 3 x 0.02
     assert [rows[0][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.009] * 3)
     assert [rows[2][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.06] * 3)
     assert rows[0]["verdict_kl"] == "holds"
@@ -243,7 +245,8 @@ def test_verdicts_are_holm_corrected_and_need_the_draws_range():
         rows[1]["verdict_kl"] == "not separable"
     )  # significant, but inside the matched draws' range
     assert rows[2]["verdict_kl"] == "not separable"  # p 0.02 alone, 0.06 after Holm
-    # the account needs |dH| to hold and evidence that top-1 barely moves: an interval bounded by the margin
+    # the account needs |dH| to hold and evidence that top-1 barely moves: an interval bounded
+    # by the margin
     assert not rows[0]["entropy_account"]
     unsure = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
     unsure.update({"p_top1_change": 0.9, "diff_top1_change": 0.0, "diff_top1_change_hi": 0.3})

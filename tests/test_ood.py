@@ -55,8 +55,8 @@ def prose_share(text: str) -> float:
 
 
 def test_code_corpus_sequences_are_code_with_their_layout(real, tmp_path):
-    # each eval sequence is the start of a file: it must be code (not the module docstring and
-    # licence of old, where whitespace was collapsed too), with line breaks and indentation
+    # each eval sequence is the start of a file: it must be code (not only the module docstring
+    # and licence, and not with whitespace collapsed), with line breaks and indentation
     prepare_corpus("code", STDLIB, tmp_path / "code.txt", tmp_path)
     docs = read_documents(tmp_path / "code.txt")
     assert docs == python_stdlib_documents(

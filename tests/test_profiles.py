@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 from conftest import ROOT, snakemake
 
@@ -72,6 +73,7 @@ def test_default_profile_does_not_undo_the_slurm_profile():
     assert "executor" not in default and "default-resources" not in default
 
 
+@pytest.mark.workflow
 def test_slurm_profile_parses_and_resolves_names_from_the_environment(tmp_path):
     """A dry run under the profile: Snakemake reads it, evaluates every resource expression."""
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
@@ -99,6 +101,7 @@ def _planned_jobs(out: str, rule: str) -> int:
     return int(found[1]) if found else 0
 
 
+@pytest.mark.workflow
 def test_laptop_batches_an_experiments_layers_and_slurm_runs_one_job_per_layer(tmp_path):
     """layers_per_job: the schema's default batches the tiny model's 3 H0 layers into one job
     (start-up paid once); the SLURM profile passes layers_per_job=1, so the cluster gets one

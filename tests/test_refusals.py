@@ -41,13 +41,14 @@ def _default() -> dict:
         ),
         (
             lambda c: c.update(lenz=1),
-            "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, data, "
-            "device, h0, h1, h2, layers_per_job, lens_quality, lens_training, models, neurons, ood, "
-            "random_draws, runs, seed, shuffle",
+            "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, "
+            "data, device, h0, h1, h2, layers_per_job, lens_quality, lens_training, models, "
+            "neurons, ood, random_draws, runs, seed, shuffle",
         ),
         (
             lambda c: c["h0"].update(layers="al"),
-            "h0.layers: 'al' is not allowed; use 'all' or a list, each an integer >= 0 or a mapping of stride",
+            "h0.layers: 'al' is not allowed; use 'all' or a list, each an integer >= 0 or a "
+            "mapping of stride",
         ),
         (
             lambda c: c["h1"].update(k=["half", "thrid"]),
@@ -71,7 +72,8 @@ def _default() -> dict:
         ),
         (
             lambda c: c["models"]["smollm2-135m"].update(package="--index-url=http://x==1"),
-            "models.smollm2-135m.package: '--index-url=http://x==1' is not allowed; pypi-gguf: an exact requirement",
+            "models.smollm2-135m.package: '--index-url=http://x==1' is not allowed; pypi-gguf: "
+            "an exact requirement",
         ),
     ],
 )
@@ -243,8 +245,8 @@ def test_real_model_context_is_checked_before_any_job(tmp_path):
     )["max_position_embeddings"]
     assert done.returncode != 0
     assert (
-        f"data.seq_len: 100000 is longer than the context of model 'smollm2-135m' of run 'smollm2-bible' "
-        f"({context} positions)"
+        "data.seq_len: 100000 is longer than the context of model 'smollm2-135m' of run "
+        f"'smollm2-bible' ({context} positions)"
     ) in done.stdout + done.stderr
 
 

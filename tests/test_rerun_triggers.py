@@ -12,11 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import ROOT, snakemake
-
-pytestmark = pytest.mark.workflow
 
 # Who reads whose outputs (written from the rules' inputs, independently of Snakemake). check_run
 # is an ancient() input: its consumers wait for it, but a re-check replans nothing else; it has
@@ -36,7 +33,7 @@ BEYOND = {
     "lens_quality",
     "ood",
     "neurons",
-}  # issue 14's torch rules: each reads the model, tokens, cache, bases
+}  # torch rules beyond H0-H2: each reads the model, tokens, cache, bases
 OOD_RULES = {
     "ood_tokenize",
     "ood",
@@ -188,7 +185,8 @@ EDITS = {
         [(("runs", "tiny-llama-pretrained", "lens", "allow_other_model"), True)],
         {"fetch_lens"},
     ),
-    # the lens-quality sweep retrains the run's lens at several budgets: it takes the lens settings too
+    # the lens-quality sweep retrains the run's lens at several budgets: it takes the lens
+    # settings too
     **{
         f"runs.*.lens.{key}": (
             [(("runs", "tiny-gpt2", "lens", key), value)],

@@ -1,5 +1,6 @@
-"""Lens-space layer shuffle on the real default model (SmolLM2-135M): the regime of issue 9,
-where position 0 is an attention sink and the translators are ill-conditioned."""
+"""Lens-space layer shuffle on the real default model (SmolLM2-135M): the regime where
+position 0 is an attention sink and the translators are ill-conditioned, which tiny random
+models do not reach."""
 
 import pandas as pd
 import pytest
@@ -17,7 +18,7 @@ from lensspace.runner import BlockRunner
 
 RUN_RIDGE = 1e-3  # the real fixture's lens: least squares at the run's default ridge
 SECOND_RIDGE = 10.0
-PAIRS = (3, 12, 20)  # adjacent swaps (i, i + 1), as measured in the issue
+PAIRS = (3, 12, 20)  # adjacent swaps (i, i + 1): early, middle and late blocks
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_position_zero_is_the_native_permuted_run(real, runner, run_blocks):
 
 def test_run_lens_moves_adjacent_blocks_inputs_by_more_than_their_norm(real, run_blocks):
     """At the run's ridge the wrapper hands the first swapped block T_{i+1}^-1(T_i(h)), which
-    differs from h by several times its norm (the issue measured 35x / 6x / 7x on the refined lens)."""
+    differs from h by several times its norm (35x / 6x / 7x measured on the refined lens)."""
     n_layers = real.adapter.n_layers
     for i in PAIRS:
         h = real.cache.load(i, "eval")[:2].float()

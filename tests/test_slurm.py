@@ -62,9 +62,8 @@ def cluster(request):
     c = slurm_cluster.Cluster()
     request.addfinalizer(c.stop)  # registered before start: a half-started cluster is stopped too
     started = c.start()
-    print(
-        f"\nSLURM: install {installed:.0f} s, daemons {started:.0f} s, total {time.monotonic() - t0:.0f} s"
-    )
+    total = time.monotonic() - t0
+    print(f"\nSLURM: install {installed:.0f} s, daemons {started:.0f} s, total {total:.0f} s")
     return c
 
 

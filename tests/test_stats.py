@@ -54,7 +54,8 @@ def _holm_rejects(p: list[float], alpha: float) -> set[int]:
 
 
 def _bh_rejects(p: list[float], alpha: float) -> set[int]:
-    """Benjamini-Hochberg as stated: the largest k with p_(k) <= k alpha / m; reject the k smallest."""
+    """Benjamini-Hochberg as stated: the largest k with p_(k) <= k alpha / m; reject the k
+    smallest."""
     m = len(p)
     order = sorted(range(m), key=lambda i: p[i])
     k = max((j + 1 for j, i in enumerate(order) if p[i] <= (j + 1) * alpha / m), default=0)
@@ -154,7 +155,7 @@ def test_draw_spread():
     assert math.isnan(draw_spread(values[:1], n_boot=50).draw_sd)
 
 
-# ---------------------------------------------------------------- coverage, size and power by simulation
+# ------------------------------------------------------- coverage, size and power by simulation
 #
 # The real shape (validation/coverage.py real): per-sequence mean KLs of H0-style lens-space
 # ablations (top / bottom / random 288 directions of W_U, zero and mean, pre-norm) on the real
@@ -162,11 +163,11 @@ def test_draw_spread():
 # lens fitted on 64 others), layers 3, 6, 12, 18, 24. Per-ablation values: coefficient of
 # variation 0.06-0.24, sd of the log 0.06-0.23, skewness up to 2.36 (random, mean ablation,
 # layer 6; mean ablations 1.0-2.4, zero ablations -0.3-0.9), kurtosis 9-10 in the most skewed
-# cells (a few outlying sequences). Paired differences of two ablations: |skewness| up to 1.84 (random -
-# internal, mean, layer 18). The families below match the largest skewness: a lognormal with
-# sigma 0.62 (skewness 2.36) for per-sequence values, a centred lognormal with skewness 1.84 for
-# differences. (Drawing sequences from the 128 real values themselves is harsher, because the
-# skew sits in a few outliers: see the report of issue 9 / validation/coverage.py simulate.)
+# cells (a few outlying sequences). Paired differences of two ablations: |skewness| up to 1.84
+# (random - internal, mean, layer 18). The families below match the largest skewness: a
+# lognormal with sigma 0.62 (skewness 2.36) for per-sequence values, a centred lognormal with
+# skewness 1.84 for differences. (Drawing sequences from the 128 real values themselves is
+# harsher, because the skew sits in a few outliers: see validation/coverage.py simulate.)
 LOG_SD = 0.62
 DIFF_SKEW = 1.84
 
@@ -334,7 +335,8 @@ def test_kl_reference_matches_float64_and_is_zero_against_itself(fused_cpu, monk
     q_logits = p_logits + torch.randn(3, 5, 4000, generator=gen) * 0.05
     logp = p_logits.log_softmax(-1)
     reference = KLReference(logp)
-    # the reference distribution is softmax(logp): float32 log-probabilities sum to 1 only to about 1e-6
+    # the reference distribution is softmax(logp): float32 log-probabilities sum to 1 only to
+    # about 1e-6
     exact = kl_from_logprobs(logp.double().log_softmax(-1), q_logits.double().log_softmax(-1))
     got = reference.kl(q_logits.clone())
     assert got.shape == exact.shape

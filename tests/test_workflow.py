@@ -15,8 +15,6 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.models import build_random_model
 
-pytestmark = pytest.mark.workflow
-
 
 def test_every_contract_output_is_well_formed(tiny_run):
     workdir, config = tiny_run
@@ -173,12 +171,14 @@ def test_second_run_has_nothing_to_do(tiny_run):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+@pytest.mark.workflow
 def test_lint_is_clean(tmp_path):
     lint = snakemake(tmp_path, "--lint", timeout=300)
     assert lint.returncode == 0
     assert "Lints for" not in lint.stdout + lint.stderr
 
 
+@pytest.mark.workflow
 def test_offline_hub_model_gives_one_clear_error(tmp_path):
     target = "resources/models/gpt2/lensspace-model.json"
     done = snakemake(
@@ -196,6 +196,7 @@ def test_offline_hub_model_gives_one_clear_error(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize(
     "name, model, hub_id",
     [
@@ -220,6 +221,7 @@ def test_family_examples_offline_give_one_clear_error(tmp_path, name, model, hub
     assert not (tmp_path / "resources" / "models" / model / "model.safetensors").exists()
 
 
+@pytest.mark.workflow
 def test_unknown_family_stops_before_any_job(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["models"]["tiny-gpt2"]["arch"] = "mamba"
@@ -232,6 +234,7 @@ def test_unknown_family_stops_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 
 
+@pytest.mark.workflow
 def test_bad_config_stops_before_any_job(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     config["h0"]["sites"] = ["pre_norm", "postnorm"]

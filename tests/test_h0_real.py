@@ -23,6 +23,9 @@ SMALLEST = AblationGrid(ks=(1,), random_draws=2, n_boot=50)
 # statistics read) and per token (the float32 direct path misses the latter by 100x)
 SEQ_RTOL, SEQ_ATOL = 2e-5, 1e-7
 TOKEN_RTOL, TOKEN_ATOL = 2e-4, 1e-6
+# The float64 references, per (layer, grid, cell): the same cells are checked with the compiled
+# kernel and with the eager passes, and the reference depends on neither.
+REFERENCE_KLS: dict = {}
 
 
 @pytest.mark.parametrize(
@@ -55,7 +58,10 @@ def test_fast_path_equals_direct_ablation_cell_by_cell(real, layer, grid, fused_
     u = adapter.normalize(z)
     for cell in grid.variants(adapter.d_model):
         q = subspace_basis(bases, grid, layer, cell.subspace, cell.k, cell.basis, cell.draw)
-        expected = direct_kl64(adapter, z, q, cell.mode, cell.site, means[cell.site])
+        key = (layer, grid, cell)
+        if key not in REFERENCE_KLS:
+            REFERENCE_KLS[key] = direct_kl64(adapter, z, q, cell.mode, cell.site, means[cell.site])
+        expected = REFERENCE_KLS[key]
         fast = torch.cat(results.kl[cell])
         assert fast.min() >= 0
         torch.testing.assert_close(fast.mean(-1), expected.mean(-1), rtol=SEQ_RTOL, atol=SEQ_ATOL)

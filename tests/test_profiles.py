@@ -126,7 +126,7 @@ def test_laptop_batches_an_experiments_layers_and_slurm_runs_one_job_per_layer(t
 
 def test_readme_gives_the_cluster_command_for_the_paper_config():
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Running on a SLURM cluster", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## SLURM", 1)[1].split("\n## ", 1)[0]
     assert (
         ".venv/bin/snakemake --profile profiles/slurm --configfile configs/paper-gpt2.yaml"
         in section

@@ -49,7 +49,6 @@ from lensspace.settings import (
     job_layers,
     layer_jobs,
     lens_training_params,
-    neuron_settings,
     second_ridge,
     seed_layout_grid,
     seed_layout_layers,
@@ -450,8 +449,8 @@ def minimal_rows(config: dict, run: str, shape: Shape) -> dict[str, float]:
         )
     )  # per layer tuned, logit lens, cells
     neurons = config["neurons"]
-    ablations = (neurons["n_candidates"] + 1) * (1 + config["random_draws"]) + 1
-    rows["neurons"] = ablations * neurons["eval_sequences"] * (t - 1)
+    ablated = neurons["n_matched"] + neurons["n_candidates"] + neurons["n_largest"]
+    rows["neurons"] = 2 * ablated * neurons["eval_sequences"] * (t - 1)
     return rows
 
 
@@ -514,16 +513,17 @@ def beyond_seed_flops(
     stats = (
         (neurons["mean_sequences"] + neurons["eval_sequences"]) * t * big_l * shape.block(t)
     )  # activations only
-    ablations = (neurons["n_candidates"] + 1) * (
-        1 + config["random_draws"]
-    ) + 1  # and the clean run
-    blocks = big_l - min(
-        neuron_settings(config, big_l, d).candidate_layers
-    )  # each ablation resumes there
+    tokens = neurons["eval_sequences"] * (t - 1)
+    # the clean last block and head once; then per ablated neuron (the measured ones and their
+    # matched neurons, mostly shared), total and direct: about 8 elementwise passes of the
+    # vocabulary per token
+    ablated = min(shape.ff, neurons["n_matched"] + neurons["n_candidates"] + neurons["n_largest"])
     flops["neurons"] = (
         geometry
         + stats
-        + ablations * neurons["eval_sequences"] * ((t * blocks * shape.block(t)) + (t - 1) * head)
+        + neurons["eval_sequences"] * t * shape.block(t)
+        + tokens * head
+        + ablated * 2 * tokens * 8 * shape.vocab
     )
     return flops
 

@@ -1,5 +1,5 @@
-# Circuit ends down to single MLP neurons: the geometry of every neuron, the entropy-neuron
-# candidates and their causal test (mean ablation beside random neurons of matched norm).
+# Circuit ends down to single MLP neurons: the geometry of every neuron, and the entropy-neuron
+# test of the last block (total against direct effect, each neuron against its matched ones).
 
 ENTROPY_NEURONS = str(Path(workflow.basedir) / "reference" / "entropy_neurons.tsv")
 
@@ -14,8 +14,7 @@ rule neurons:
         reference=ENTROPY_NEURONS,
     output:
         neurons=f"{RESULTS}/{{run}}/neurons/neurons.tsv",
-        candidates=f"{RESULTS}/{{run}}/neurons/candidates.tsv",
-        joint=f"{RESULTS}/{{run}}/neurons/joint.tsv",
+        measured=f"{RESULTS}/{{run}}/neurons/measured.tsv",
         reference=f"{RESULTS}/{{run}}/neurons/reference.tsv",
     log:
         f"{RESULTS}/logs/neurons/{{run}}.log",
@@ -28,7 +27,7 @@ rule neurons:
         mem_mb=8000,
         runtime=30,
     params:
-        config=get_config_values("neurons", "random_draws", "bootstrap", "seed"),
+        config=get_config_values("neurons", "bootstrap", "seed"),
         reference=lambda wildcards: get_reference_table(wildcards.run, "neurons"),
         device=config["device"],
         compute=get_compute(),
@@ -38,7 +37,7 @@ rule neurons:
 
 rule neurons_table:
     input:
-        candidates=rules.neurons.output.candidates,
+        measured=rules.neurons.output.measured,
         reference=rules.neurons.output.reference,
     output:
         markdown=report(
@@ -46,7 +45,7 @@ rule neurons_table:
             caption="../report/neurons_table.rst",
             category="Neurons",
             subcategory="{run}",
-            labels={"run": "{run}", "table": "entropy-neuron candidates"},
+            labels={"run": "{run}", "table": "entropy neurons"},
         ),
     log:
         f"{RESULTS}/logs/neurons_table/{{run}}.log",
@@ -55,6 +54,8 @@ rule neurons_table:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        config=get_config_values("neurons"),
     script:
         "../scripts/neurons_table.py"
 
@@ -69,7 +70,7 @@ rule neurons_figure:
             caption="../report/neurons_figure.rst",
             category="Neurons",
             subcategory="{run}",
-            labels={"run": "{run}", "figure": "neuron share against norm"},
+            labels={"run": "{run}", "figure": "entropy neurons"},
         ),
     log:
         f"{RESULTS}/logs/neurons_figure/{{run}}.log",
@@ -87,8 +88,7 @@ register_experiment(
     section="lensspace.report.neurons",
     files={
         "neurons": rules.neurons.output.neurons,
-        "candidates": rules.neurons.output.candidates,
-        "joint": rules.neurons.output.joint,
+        "measured": rules.neurons.output.measured,
         "reference": rules.neurons.output.reference,
         "table": rules.neurons_table.output.markdown,
         "figure": rules.neurons_figure.output.figure,

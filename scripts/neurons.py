@@ -1,5 +1,5 @@
-"""Single MLP neurons: geometry of every neuron, candidates, their causal test, the reference
-check."""
+"""Single MLP neurons: the geometry of every neuron, and the entropy-neuron test of the last
+block's candidates, largest-norm and published neurons against their matched neurons."""
 
 from pathlib import Path
 
@@ -8,9 +8,8 @@ from safetensors.torch import load_file
 
 from lensspace import runtime
 from lensspace.experiments.h1 import PULLED_BACK
-from lensspace.experiments.neurons import reference_matches, run_neurons
+from lensspace.experiments.neurons import NeuronSettings, reference_matches, run_neurons
 from lensspace.lenses import load_lens
-from lensspace.settings import neuron_settings
 from lensspace.subspaces import load_bases
 
 
@@ -18,22 +17,22 @@ def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
-    settings = neuron_settings(sm.params.config, adapter.n_layers, adapter.d_model)
-    table, candidates, joint = run_neurons(
+    settings = NeuronSettings.from_config(sm.params.config, adapter.d_model)
+    reference = pd.read_csv(sm.input.reference, sep="\t", comment="#")
+    reference = reference[reference["reference"] == sm.params.reference]
+    last = adapter.n_layers - 1
+    table, measured = run_neurons(
         adapter,
         lens,
         cache,
         load_bases(sm.input.bases)[PULLED_BACK].vectors,
         load_file(sm.input.tokens),
         settings,
+        published=reference.loc[reference["layer"] == last, "neuron"],
     )
-    reference = pd.read_csv(sm.input.reference, sep="\t", comment="#")
-    matches = reference_matches(
-        candidates, table, reference[reference["reference"] == sm.params.reference]
-    )
+    matches = reference_matches(table, measured, reference)
     runtime.write_tsv(table, sm.output.neurons)
-    runtime.write_tsv(candidates, sm.output.candidates)
-    runtime.write_tsv(joint, sm.output.joint)
+    runtime.write_tsv(measured, sm.output.measured)
     runtime.write_tsv(matches.assign(reference=sm.params.reference), sm.output.reference)
 
 

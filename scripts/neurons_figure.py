@@ -1,16 +1,19 @@
-"""Figure: every MLP neuron's internal share against its norm, candidates marked."""
+"""Figure: the last block's null-space shares against norm, and mediated shares."""
 
 import pandas as pd
 
 from lensspace import runtime
-from lensspace.plots import neurons_figure
+from lensspace.report.neurons import plot
 
 
 def body(sm):
     neurons = pd.read_csv(sm.input.neurons, sep="\t")
     reference = pd.read_csv(sm.input.reference, sep="\t")
-    neurons_figure(
-        neurons, reference, f"{sm.wildcards.run}: MLP neurons in lens space", sm.output.figure
+    plot(
+        neurons,
+        reference,
+        f"{sm.wildcards.run}: entropy neurons of the last block",
+        sm.output.figure,
     )
 
 

@@ -1,24 +1,18 @@
-"""Markdown table of the entropy-neuron candidates and their causal test."""
+"""Markdown table of the last block's measured neurons and their entropy-neuron test."""
 
 import pandas as pd
 
 from lensspace import runtime, tables
-
-LEGEND = (
-    "Mean ablation of each candidate alone; 95% bootstrap intervals over held-out sequences; "
-    "`random`: random "
-    "neurons of the same layer and matched norm (mean over draws); `diff`: paired difference "
-    "candidate − "
-    "random; a verdict holds when the Holm-corrected p-value (over every comparison of the "
-    "experiment) is "
-    "below 0.05 and the candidate lies beyond every matched draw."
-)
+from lensspace.report.neurons import legend, measured_table
 
 
 def body(sm):
-    table = tables.neuron_candidates_table(pd.read_csv(sm.input.candidates, sep="\t"))
+    measured = pd.read_csv(sm.input.measured, sep="\t")
     page = tables.document(
-        f"Entropy-neuron candidates, {sm.wildcards.run}", LEGEND, table, digits=4
+        f"Entropy neurons, {sm.wildcards.run}",
+        legend(measured, sm.params.config),
+        measured_table(measured),
+        digits=4,
     )
     runtime.write_text(page, sm.output.markdown)
 

@@ -25,14 +25,16 @@ def test_lens_quality_ood_and_neurons_outputs(tiny_run):
         assert (sweep["diff"] - (sweep["kl_output"] - sweep["kl_internal"])).abs().max() < 1e-5
 
         neurons = pd.read_csv(results / run / "neurons" / "neurons.tsv", sep="\t")
-        assert neurons["layer"].nunique() == n_layers and neurons["is_candidate"].sum() == len(
-            pd.read_csv(results / run / "neurons" / "candidates.tsv", sep="\t")
-        )
-        candidates = pd.read_csv(results / run / "neurons" / "candidates.tsv", sep="\t")
-        assert (candidates["internal_fraction"] >= config["neurons"]["min_internal_share"]).all()
-        for name in ("kl", "abs_d_entropy", "top1_change"):
-            assert (candidates[f"{name}_lo"] <= candidates[name]).all()
-            assert (candidates[name] <= candidates[f"{name}_hi"]).all()
+        measured = pd.read_csv(results / run / "neurons" / "measured.tsv", sep="\t")
+        last = neurons[neurons["layer"] == n_layers - 1]
+        assert neurons["layer"].nunique() == n_layers
+        assert set(measured["neuron"]) == set(last.loc[last["role"].notna(), "neuron"])
+        # every measured neuron and its matched ones were ablated: the last block only
+        assert neurons["mediated_share"].notna().sum() >= config["neurons"]["n_matched"]
+        assert (neurons.loc[neurons["mediated_share"].notna(), "layer"] == n_layers - 1).all()
+        for name in ("kl_total", "abs_dh_total", "mediated_share"):
+            assert (measured[f"{name}_lo"] <= measured[name] + 1e-12).all()
+            assert (measured[name] <= measured[f"{name}_hi"] + 1e-12).all()
         assert (results / "tables" / f"neurons_{run}.md").exists()
         assert (results / "figures" / f"neurons_{run}.png").stat().st_size > 0
         assert (results / "figures" / f"lens_quality_{run}.png").stat().st_size > 0

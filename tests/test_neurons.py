@@ -1,27 +1,34 @@
-"""Single MLP neurons: geometry against independent computations, a planted bottom-subspace
-neuron found, and the ablation's effects against a full forward pass of the model."""
+"""Single MLP neurons: geometry against independent computations; the last block's ablation,
+total and with the norm's scale frozen, against the model's own forward pass; the rank p-value's
+level when a neuron is just another matched neuron; and on the real model, a planted entropy
+neuron found and a planted ordinary neuron rejected."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
-from conftest import make_cached
+from conftest import make_cached, model_head
 
 from lensspace.errors import LensspaceError
 from lensspace.experiments.neurons import (
-    COMPARED,
-    NeuronAblation,
+    FinalResidualAblation,
+    LastBlock,
     NeuronSettings,
-    add_verdicts,
-    matched_neurons,
+    linear_write,
+    matched_pools,
+    measured_neurons,
+    mediated_share,
     neuron_geometry,
     null_space,
-    pick_candidates,
+    rank_p_value,
+    reference_matches,
     run_neurons,
 )
-from lensspace.runner import BlockRunner
+from lensspace.robustness import ALPHA
+from lensspace.stats import adjust
 from lensspace.subspaces import unembedding_bases
 
 
@@ -58,7 +65,7 @@ def planted(tiny, tmp_path):
         weights[5] = original
 
 
-def test_planted_bottom_subspace_neuron_is_found(planted):
+def test_planted_bottom_subspace_neuron_lies_in_the_internal_subspace(planted):
     adapter, cached = planted
     d = adapter.d_model
     basis = unembedding_bases(adapter)["unembed"].vectors
@@ -66,15 +73,7 @@ def test_planted_bottom_subspace_neuron_is_found(planted):
     layer0 = table[table["layer"] == 0].set_index("neuron")
     assert layer0.loc[5, "internal_fraction"] == pytest.approx(1.0, abs=1e-4)
     assert layer0.loc[5, "output_fraction"] == pytest.approx(0.0, abs=1e-4)
-    settings = NeuronSettings(
-        k=d // 2,
-        candidate_layers=tuple(range(adapter.n_layers)),
-        n_candidates=1,
-        min_internal_share=0.95,
-    )
-    found = pick_candidates(table, settings)
-    assert list(zip(found["layer"], found["neuron"])) == [(0, 5)]
-    # the other neurons do not pass: random directions split about evenly
+    # the other neurons do not: random directions split about evenly
     assert (table["internal_fraction"] >= 0.95).sum() == 1
 
 
@@ -110,6 +109,9 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
     )  # an exact kernel (OPT-350m's project_out) is taken whole
     null = vectors[:, : max(3, kernel)]
     assert (table["null_k"] == max(3, kernel)).all()
+    # a random direction of the space the norm outputs: its expected share is k / dim
+    dim = d - 1 if adapter.norm_kind == "layernorm" else d
+    assert table["null_random"].sub(max(3, kernel) / dim).abs().max() < 1e-12
     for layer in (0, last):
         m = (
             torch.eye(d, dtype=torch.float64)
@@ -143,141 +145,220 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
             )
 
 
-def test_ablation_effects_match_a_full_forward_pass(tiny, tmp_path):
-    adapter, _ = tiny
-    cached = make_cached(adapter, tmp_path / "cache", seed=5, n_train=4, n_eval=3, seq_len=12)
-    layer, neurons = 1, [2, 9]
-    n_neurons = adapter.neuron_out_weights(layer).shape[0]
-    means = [torch.linspace(-0.5, 0.5, n_neurons) for _ in range(adapter.n_layers)]
-    ablation = NeuronAblation(BlockRunner(adapter), cached.cache, means, n_sequences=3, chunk=2)
-    got = ablation.effects({layer: neurons})
-
-    ids = cached.tokens["eval"].long()
-    clean = adapter.logits(_final(adapter, ids))[:, 1:].double().log_softmax(-1)
-
-    def hook(_module, args):
-        a = args[0].clone()
-        a.view(len(ids), ids.shape[1], -1)[:, 1:, neurons] = means[layer][
-            neurons
-        ]  # OPT: flat tokens
-        return (a,)
-
-    handle = adapter.mlp_out(layer).register_forward_pre_hook(hook)
-    try:
-        ablated = adapter.logits(_final(adapter, ids))[:, 1:].double().log_softmax(-1)
-    finally:
-        handle.remove()
-    entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
-    d_entropy = entropy(ablated) - entropy(clean)
-    kl = (clean.exp() * (clean - ablated)).sum(-1)
-    top1 = (clean.argmax(-1) != ablated.argmax(-1)).double()
-    assert torch.allclose(got["d_entropy"], d_entropy.mean(1), atol=2e-4)
-    assert torch.allclose(got["abs_d_entropy"], d_entropy.abs().mean(1), atol=2e-4)
-    assert torch.allclose(got["kl"], kl.mean(1), atol=2e-4)
-    assert torch.allclose(got["top1_change"], top1.mean(1), atol=1e-9)
-    assert float(got["kl"].sum()) > 1e-4  # the ablation does something on this model
-
-
-def _final(adapter, ids):
+def _final(adapter, ids, hook=None):
+    """The final residual before the norm, from the model's own forward pass (``hook`` on the last
+    MLP's down projection, if given)."""
     store: dict = {}
-    with torch.no_grad(), adapter.capture_residuals(store):
-        adapter.model(ids, use_cache=False)
+    handle = adapter.mlp_out(adapter.n_layers - 1).register_forward_pre_hook(hook) if hook else None
+    try:
+        with torch.no_grad(), adapter.capture_residuals(store):
+            adapter.model(ids, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
     return store[adapter.n_layers]
 
 
-def test_matched_neurons_are_same_layer_near_norm_distinct_and_not_candidates(planted):
-    adapter, cached = planted
-    d = adapter.d_model
-    table = neuron_geometry(
-        adapter, cached.lens, unembedding_bases(adapter)["unembed"].vectors, d // 2
+def test_last_block_ablation_matches_the_models_forward_pass_total_and_scale_frozen(tiny, tmp_path):
+    """Total: the model run with the neuron's activation replaced by its mean. Direct: that
+    ablated residual through the model's head with the norm's scale of the clean residual."""
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=5, n_train=4, n_eval=3, seq_len=12)
+    last = adapter.n_layers - 1
+    weights = adapter.neuron_out_weights(last).detach()
+    means = torch.linspace(-0.5, 0.5, len(weights))
+    block = LastBlock(adapter, cached.cache, 3)
+    z, activations = block.clean()
+    neurons = [2, 9]
+    rerun = None if linear_write(adapter) else block.ablated
+    got = FinalResidualAblation(adapter, z, activations, means, rerun, chunk=5).effects(
+        neurons, weights
     )
-    settings = NeuronSettings(
-        k=d // 2,
-        candidate_layers=(1,),
-        n_candidates=3,
-        min_internal_share=0.0,
-        random_draws=4,
-        match_pool=5,
-    )
-    candidates = pick_candidates(table, settings)
-    draws = matched_neurons(table, candidates, settings)
-    layer1 = table[table["layer"] == 1].set_index("neuron")
-    assert len(draws) == 4 and all(len(draw) == 3 for draw in draws)
-    used = set(candidates["neuron"])
-    for index, norm in enumerate(candidates["norm"]):
-        mine = [draw[index] for draw in draws]
-        assert len(set(mine)) == len(mine)  # without replacement
-        nearest = (layer1.drop(index=sorted(used))["norm"] - norm).abs().nsmallest(5).index
-        assert set(mine) <= set(nearest) and not set(mine) & used
-        used |= set(mine)  # later candidates never reuse a control: the joint sets are disjoint
-    with pytest.raises(LensspaceError, match="neurons.match_pool"):
-        matched_neurons(table, candidates, dataclasses.replace(settings, match_pool=3))
+    if linear_write(adapter):  # the rank-one shortcut against the block run again
+        slow = FinalResidualAblation(adapter, z, activations, means, block.ablated, chunk=5)
+        for name, values in slow.effects(neurons, weights).items():
+            assert torch.allclose(got[name], values, atol=1e-5), name
+    ids = cached.tokens["eval"].long()
+    final = _final(adapter, ids)
+    clean = model_head(adapter, final)[:, 1:].double().log_softmax(-1)
+
+    def entropy(logp):
+        return -(logp.exp() * logp).sum(-1)
+
+    centred = adapter.centre(final.double())
+    clean_scale = centred.square().mean(-1, keepdim=True).add(adapter.norm_eps).sqrt()
+    if adapter.norm_kind == "none":
+        clean_scale = torch.ones_like(clean_scale)
+    for i, j in enumerate(neurons):
+
+        def hook(_module, args, j=j):
+            a = args[0].clone()
+            a.view(len(ids), ids.shape[1], -1)[:, 1:, j] = means[j]  # OPT: flat tokens
+            return (a,)
+
+        ablated = _final(adapter, ids, hook)
+        total = model_head(adapter, ablated)[:, 1:].double().log_softmax(-1)
+        if adapter.norm_kind == "none":  # no final norm (OPT-350m): no scale to freeze
+            direct = total
+        else:
+            frozen = adapter.centre(ablated.double()) / clean_scale
+            direct = model_head(adapter, adapter.norm_affine(frozen.float()), after_norm=True)
+            direct = direct[:, 1:].double().log_softmax(-1)
+        dh_total = entropy(total) - entropy(clean)
+        dh_direct = entropy(direct) - entropy(clean)
+        scale = adapter.centre(ablated.double()).square().mean(-1).add(adapter.norm_eps).sqrt()
+        if adapter.norm_kind == "none":
+            scale = torch.ones_like(scale)
+        expected = {
+            "abs_dh_total": dh_total.abs(),
+            "abs_dh_direct": dh_direct.abs(),
+            "abs_dh_mediated": (dh_total - dh_direct).abs(),
+            "kl_total": (clean.exp() * (clean - total)).sum(-1),
+            "kl_direct": (clean.exp() * (clean - direct)).sum(-1),
+            "top1_total": (clean.argmax(-1) != total.argmax(-1)).double(),
+            "top1_direct": (clean.argmax(-1) != direct.argmax(-1)).double(),
+            "d_log_scale": (scale.log() - clean_scale.squeeze(-1).log())[:, 1:].abs(),
+        }
+        for name, values in expected.items():
+            assert torch.allclose(got[name][i], values.mean(1), atol=2e-4), name
+        assert float(got["kl_total"][i].sum()) > 1e-5  # the ablation does something here
 
 
-def _row(p: float, diff: float, value: float, draw_max: float, ratio_lo: float = 0.0) -> dict:
-    row = {
-        "entropy_per_kl_lo": ratio_lo,
-        "random_entropy_per_kl_draw_max": 1.0,
-        "diff_top1_change_hi": 0.5,
+def _last_block(norms, nulls, null_random=0.01) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "layer": 3,
+            "neuron": range(len(norms)),
+            "norm": norms,
+            "null_fraction": nulls,
+            "null_random": null_random,
+        }
+    )
+
+
+def test_measured_neurons_are_candidates_by_null_share_the_largest_and_the_published():
+    norms = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]
+    nulls = [0.05, 0.5, 0.02, 0.2, 0.09, 0.11, 0.9, 0.01]
+    earlier = _last_block([100.0] * 8, [0.9] * 8).assign(layer=2)  # never measured
+    table = pd.concat([earlier, _last_block(norms, nulls)], ignore_index=True)
+    settings = NeuronSettings(k=4, null_k=1, null_ratio=10, n_candidates=3, n_largest=2)
+    got = measured_neurons(table, settings, published=[7])
+    # candidates: null share >= 10 x 0.01, the three largest norms among them: 1, 3, 5
+    assert list(got["neuron"]) == [0, 1, 3, 5, 7]  # largest norm first
+    assert list(got["role"]) == [
+        "largest",
+        "candidate+largest",
+        "candidate",
+        "candidate",
+        "published",
+    ]
+    assert (got["layer"] == 3).all()
+
+
+def test_matched_pools_are_the_nearest_in_norm_and_never_a_measured_neuron():
+    table = _last_block([float(n) for n in range(20)], [0.0] * 20)
+    measured = table[table["neuron"].isin([10, 19])]
+    pools = matched_pools(table, measured, 4)
+    assert pools[10] == [8, 9, 11, 12]
+    assert pools[19] == [15, 16, 17, 18]
+    with pytest.raises(LensspaceError, match="neurons.n_matched"):
+        matched_pools(table, measured, 19)
+
+
+def test_rank_p_value_holds_its_level_when_the_neuron_is_just_another_matched_neuron():
+    """Draw the measured neuron at random from a population of n_matched + 1 exchangeable neurons
+    (heavy-tailed and tied values, as per-neuron effects are), as the default tests 12 neurons:
+    each p-value rejects at most its level, and Holm over the 12 keeps the family-wise error."""
+    gen = torch.Generator().manual_seed(0)
+    n_matched, n_sims, n_measured = 300, 2000, 12
+    levels = (0.01, 0.05, 0.2)
+    rejected = dict.fromkeys(levels, 0)
+    family_errors = 0
+    for _ in range(n_sims):
+        ps = []
+        for _ in range(n_measured):
+            population = (torch.randn(n_matched + 1, generator=gen, dtype=torch.float64) * 2).exp()
+            population = population.round(decimals=1)  # ties
+            pick = int(torch.randint(n_matched + 1, (1,), generator=gen))
+            others = torch.cat([population[:pick], population[pick + 1 :]])
+            ps.append(rank_p_value(float(population[pick]), others))
+        for level in levels:
+            rejected[level] += ps[0] <= level
+        family_errors += min(adjust(ps, "holm")) < ALPHA
+    for level in levels:
+        se = (level * (1 - level) / n_sims) ** 0.5
+        assert rejected[level] / n_sims <= level + 3 * se, level
+    assert family_errors / n_sims <= ALPHA + 3 * (ALPHA * (1 - ALPHA) / n_sims) ** 0.5
+    # and the test can reject: a neuron above all of its matched ones gets 1 / (n_matched + 1)
+    assert rank_p_value(2.0, torch.ones(n_matched)) == 1 / (n_matched + 1)
+
+
+def test_mediated_share_is_a_share():
+    share = mediated_share(torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.0, 1.0, 1.0]))
+    assert share.tolist() == [0.0, 0.5, 0.75]
+
+
+def test_settings_from_config_size_the_null_space_from_d_model():
+    config = {
+        "neurons": {
+            "null_share": 0.01,
+            "null_ratio": 10,
+            "n_candidates": 8,
+            "n_largest": 4,
+            "n_matched": 300,
+            "min_mediated_share": 0.5,
+            "eval_sequences": 8,
+            "mean_sequences": 32,
+        },
+        "bootstrap": {"n_resamples": 1000},
+        "seed": 0,
     }
-    for name in COMPARED:
-        row.update(
-            {
-                f"p_{name}": p,
-                f"diff_{name}": diff,
-                name: value,
-                f"random_{name}_draw_min": 0.0,
-                f"random_{name}_draw_max": draw_max,
-            }
-        )
-    return row
+    assert NeuronSettings.from_config(config, 576).null_k == 6  # SmolLM2: 1% of 576
+    assert NeuronSettings.from_config(config, 768).null_k == 8  # GPT-2 small
+    assert NeuronSettings.from_config(config, 32).null_k == 1  # at least one direction
 
 
-def test_verdicts_are_holm_corrected_and_need_the_draws_range():
-    rows = [_row(0.001, 1.0, 5.0, 4.0), _row(0.001, 1.0, 3.0, 4.0), _row(0.02, 1.0, 5.0, 4.0)]
-    add_verdicts(rows, top1_margin=0.01)
-    # Holm over 9 p-values: the six of 0.001 become 9 x 0.001 .. (rank 6) 4 x 0.001; the three
-    # of 0.02 3 x 0.02
-    assert [rows[0][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.009] * 3)
-    assert [rows[2][f"p_{n}_adjusted"] for n in COMPARED] == pytest.approx([0.06] * 3)
-    assert rows[0]["verdict_kl"] == "holds"
-    assert (
-        rows[1]["verdict_kl"] == "not separable"
-    )  # significant, but inside the matched draws' range
-    assert rows[2]["verdict_kl"] == "not separable"  # p 0.02 alone, 0.06 after Holm
-    # the account needs |dH| to hold and evidence that top-1 barely moves: an interval bounded
-    # by the margin
-    assert not rows[0]["entropy_account"]
-    unsure = _row(0.001, 1.0, 5.0, 4.0, ratio_lo=2.0)
-    unsure.update({"p_top1_change": 0.9, "diff_top1_change": 0.0, "diff_top1_change_hi": 0.3})
-    add_verdicts([unsure], top1_margin=0.01)
-    assert unsure["verdict_top1_change"] == "not separable" and not unsure["entropy_account"]
-    fits = dict(unsure, diff_top1_change_hi=0.005)
-    add_verdicts([fits], top1_margin=0.01)
-    assert fits["entropy_account"]
-    low = dict(
-        fits, entropy_per_kl_lo=0.9
-    )  # the ratio's interval reaches below a matched draw's ratio
-    add_verdicts([low], top1_margin=0.01)
-    assert not low["entropy_account"]
+def test_reference_neurons_report_rank_share_and_the_verdict_where_measured():
+    table = _last_block([3.0, 1.0, 2.0], [0.2, 0.4, 0.6])
+    table = pd.concat([table.assign(layer=2), table], ignore_index=True)
+    measured = pd.DataFrame(
+        {
+            "neuron": [1],
+            "role": ["published"],
+            "mediated_share": [0.8],
+            "p_mediated_share_adjusted": [0.01],
+            "entropy_neuron": [True],
+        }
+    )
+    reference = pd.DataFrame({"layer": [3, 2], "neuron": [1, 2]})
+    got = reference_matches(table, measured, reference)
+    assert got.loc[0, "norm_rank_in_layer"] == 3 and got.loc[0, "entropy_neuron"]
+    assert got.loc[1, "norm_rank_in_layer"] == 2 and pd.isna(got.loc[1, "mediated_share"])
+    with pytest.raises(LensspaceError, match="3.7 does not exist"):
+        reference_matches(table, measured, pd.DataFrame({"layer": [3], "neuron": [7]}))
 
 
-def test_run_on_real_model_finds_last_layer_candidates(real):
-    """SmolLM2: candidates of the last block, each ablated with its matched random neurons."""
-    adapter = real.adapter
-    settings = NeuronSettings(
+def _real_settings(adapter, **changes) -> NeuronSettings:
+    base = NeuronSettings(
         k=adapter.d_model // 2,
-        candidate_layers=(adapter.n_layers - 1,),
+        null_k=max(1, round(0.01 * adapter.d_model)),
         n_candidates=2,
-        min_internal_share=0.5,
-        random_draws=2,
-        match_pool=8,
+        n_largest=1,
+        n_matched=40,
         eval_sequences=3,
         mean_sequences=4,
         n_boot=200,
-        test_resamples=200,
     )
-    table, candidates, joint = run_neurons(
+    return dataclasses.replace(base, **changes)
+
+
+def test_run_on_the_real_model_measures_last_block_neurons_against_matched_ones(real):
+    """SmolLM2: candidates by the published geometry and the largest-norm neuron, each ablated
+    beside its matched neurons; the level of the rank p-value on these neurons' own shares."""
+    adapter = real.adapter
+    last = adapter.n_layers - 1
+    settings = _real_settings(adapter)
+    table, measured = run_neurons(
         adapter,
         real.lens,
         real.cache,
@@ -286,21 +367,76 @@ def test_run_on_real_model_finds_last_layer_candidates(real):
         settings,
     )
     assert len(table) == adapter.n_layers * adapter.neuron_out_weights(0).shape[0]
+    assert (table["null_k"] == 6).all()
+    ablated = table[table["mediated_share"].notna()]
+    assert (ablated["layer"] == last).all() and len(ablated) >= settings.n_matched
+    assert ablated["mediated_share"].between(0, 1).all()
+    # per token |total - direct| <= |total| + |direct|: so are the means
     assert (
-        table["internal_fraction"].between(0, 1).all()
-        and table["output_fraction"].between(0, 1).all()
+        ablated["abs_dh_mediated"] <= ablated["abs_dh_total"] + ablated["abs_dh_direct"] + 1e-9
+    ).all()
+    assert "largest" in measured["role"].iloc[0]  # the layer's largest-norm neuron, first
+    candidates = measured[measured["role"].str.contains("candidate")]
+    assert len(candidates) == 2
+    assert (candidates["null_fraction"] >= 10 * candidates["null_random"]).all()
+    for name in ("abs_dh_total", "kl_total", "mediated_share"):
+        assert (measured[f"{name}_lo"] <= measured[name] + 1e-12).all()
+        assert (measured[name] <= measured[f"{name}_hi"] + 1e-12).all()
+    assert measured["p_mediated_share"].between(1 / 41, 1).all()
+    assert (measured["p_mediated_share_adjusted"] >= measured["p_mediated_share"]).all()
+    # the level on these neurons: each ablated control in turn as the "measured" neuron, ranked
+    # among the others; at most a share alpha of them may reach p <= alpha
+    shares = torch.tensor(ablated["mediated_share"].to_numpy())
+    ps = torch.tensor(
+        [
+            rank_p_value(float(s), torch.cat([shares[:i], shares[i + 1 :]]))
+            for i, s in enumerate(shares)
+        ]
     )
-    assert (table["output_fraction"] + table["internal_fraction"]).sub(1).abs().max() < 1e-6
-    assert len(candidates) == 2 and (candidates["layer"] == adapter.n_layers - 1).all()
-    for name in ("abs_d_entropy", "kl", "top1_change"):
-        assert (candidates[f"{name}_lo"] <= candidates[name]).all()
-        assert (candidates[name] <= candidates[f"{name}_hi"]).all()
-    assert (candidates["kl"] > 0).all()
-    assert len(joint) == 1 and joint["n_neurons"].iloc[0] == 2
-    for name in COMPARED:
-        assert candidates[f"verdict_{name}"].isin(["holds", "reversed", "not separable"]).all()
-        assert (candidates[f"p_{name}_adjusted"] >= candidates[f"p_{name}"]).all()
-    assert candidates["matched_norm_ratio"].between(0.3, 3).all()
+    assert float((ps <= 0.1).double().mean()) <= 0.1 + 1e-9
+
+
+def test_planted_entropy_neuron_passes_and_planted_ordinary_neuron_fails_on_the_real_model(real):
+    """Two of SmolLM2's smallest last-block neurons rewritten with twice the block's largest
+    norm: one into the effective null space (an entropy neuron by construction), one along the
+    direction the logits read most (an ordinary, logit-moving neuron)."""
+    adapter = real.adapter
+    last = adapter.n_layers - 1
+    weights = adapter.neuron_out_weights(last)
+    norms = weights.detach().norm(dim=1)
+    small = norms.argsort()[:2].tolist()
+    null = null_space(adapter, 6)
+    w_u = adapter.unembedding.detach().double()
+    folded = (w_u - w_u.mean(0)) * adapter.norm_gain.detach().double()
+    top = torch.linalg.svd(folded, full_matrices=False).Vh[0]
+    size = 2 * float(norms.max())
+    original = weights[small].detach().clone()
+    try:
+        with torch.no_grad():
+            weights[small[0]] = (null[:, 0] * size).float()
+            weights[small[1]] = (top * size).float()
+        settings = _real_settings(adapter, n_candidates=0, n_largest=0, n_matched=60)
+        _, measured = run_neurons(
+            adapter,
+            real.lens,
+            real.cache,
+            unembedding_bases(adapter)["unembed"].vectors,
+            real.tokens,
+            settings,
+            published=small,
+        )
+    finally:
+        with torch.no_grad():
+            weights[small] = original
+    rows = measured.set_index("neuron")
+    entropy, ordinary = rows.loc[small[0]], rows.loc[small[1]]
+    assert entropy["null_fraction"] > 0.99 and ordinary["null_fraction"] < 0.01
+    assert entropy["entropy_neuron"] and entropy["mediated_share"] >= settings.min_mediated_share
+    assert entropy["p_mediated_share_adjusted"] < ALPHA
+    assert not ordinary["entropy_neuron"] and ordinary["mediated_share"] < 0.1
+    # the scale changes more for the entropy neuron, the ranking far more for the ordinary one
+    assert entropy["d_log_scale"] > ordinary["d_log_scale"]
+    assert ordinary["top1_total"] > 3 * entropy["top1_total"]
 
 
 def test_null_space_on_the_real_vocabulary_matches_the_gram_eigenvectors(real):

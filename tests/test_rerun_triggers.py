@@ -368,12 +368,12 @@ EDITS = {
     **{
         f"neurons.{key}": ([(("neurons", key), value)], {"neurons"})
         for key, value in (
-            ("candidate_layers", "last"),
-            ("n_candidates", 2),
-            ("min_internal_share", 0.4),
-            ("match_pool", 6),
+            ("n_candidates", 1),
+            ("n_largest", 1),
+            ("n_matched", 20),
             ("null_share", 0.2),
-            ("top1_margin", 0.05),
+            ("null_ratio", 5),
+            ("min_mediated_share", 0.6),
             ("eval_sequences", 6),
             ("mean_sequences", 6),
         )

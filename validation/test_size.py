@@ -10,10 +10,10 @@ Two nulls of per-sequence values, n sequences each (the defaults: the embedded d
   (stats.paired_difference, the H0/H1/H2, lens-quality and OOD verdicts) is built for, beside
   a sign flip of the differences (matched_permutation_p with one draw of zeros), which tests
   that they are symmetric rather than that their mean is 0;
-- ``matched``: a candidate and its ``--draws`` matched draws drawn alike in each sequence
-  (lognormal, sigma 1.2: heavy tails), the neuron experiment's null of "the candidate acts like
-  its matched neurons"; the bootstrap-t test of candidate minus the draws' mean beside the matched
-  permutation test (stats.matched_permutation_p, the neuron verdicts).
+- ``matched``: a fixed condition and its ``--draws`` random draws drawn alike in each sequence
+  (lognormal, sigma 1.2: heavy tails), "the condition acts like its draws"; the bootstrap-t test
+  of the condition minus the draws' mean beside the matched permutation test
+  (stats.matched_permutation_p), which relabels the condition and its draws per sequence.
 A valid test rejects at most alpha of the time. --family lists Holm family sizes m whose first
 threshold 0.05 / m is also checked.
 """

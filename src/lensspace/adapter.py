@@ -46,6 +46,7 @@ class Architecture:
     attention_write_norm: str | None = (
         None  # inside a block: RMSNorm applied to the attention output
     )
+    mlp_write_norm: str | None = None  # inside a block: a norm applied to the MLP's output
 
 
 _LLAMA_LIKE = dict(
@@ -66,6 +67,7 @@ _GEMMA2_LIKE = dict(
     logit_softcap="final_logit_softcapping",
     attention_write_norm="post_attention_layernorm",
     mlp="post_feedforward_layernorm",
+    mlp_write_norm="post_feedforward_layernorm",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -266,6 +268,12 @@ class Adapter:
     def mlp(self, layer: int) -> nn.Module:
         return _get_path(self.blocks[layer], self.arch.mlp)
 
+    def mlp_write_norm(self, layer: int) -> nn.Module | None:
+        """Gemma 2/3: the norm between the MLP's down projection and the residual (a neuron's write
+        is then not ``a_j w_j`` alone)."""
+        path = self.arch.mlp_write_norm
+        return _get_path(self.blocks[layer], path) if path else None
+
     def mlp_out(self, layer: int) -> nn.Module:
         """The MLP's down projection: its input holds one activation per neuron."""
         return _get_path(self.blocks[layer], self.arch.mlp_out)
@@ -317,11 +325,16 @@ class Adapter:
             return logits
         return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
 
-    def logits_from_normalized(self, u: torch.Tensor) -> torch.Tensor:
+    def logits_before_cap(self, u: torch.Tensor) -> torch.Tensor:
+        """The head's affine map from the normalised residual ``u`` to the logits, before any
+        soft-cap: gain and bias, any projection, the unembedding and its bias."""
         x = self.norm_affine(u)
         if self.head_projection is not None:
             x = self.head_projection(x)
-        return self.cap_logits(self.output_embedding(x))
+        return self.output_embedding(x)
+
+    def logits_from_normalized(self, u: torch.Tensor) -> torch.Tensor:
+        return self.cap_logits(self.logits_before_cap(u))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Logits of a residual taken before the final norm (the model's own head)."""

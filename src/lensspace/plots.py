@@ -244,61 +244,6 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     save(fig, path)
 
 
-def neurons_figure(
-    neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str | Path
-) -> None:
-    """Internal share against norm for every MLP neuron; candidates and reference neurons marked."""
-    style()
-    fig, ax = plt.subplots(figsize=(3.8, 2.9), layout="constrained")
-    points = ax.scatter(
-        neurons["norm"],
-        neurons["internal_fraction"],
-        c=neurons["layer"],
-        cmap="viridis",
-        s=3,
-        alpha=0.35,
-        edgecolors="none",
-        rasterized=True,
-    )
-    fig.colorbar(points, ax=ax, label="layer")
-    chosen = neurons[neurons["is_candidate"]]
-    ax.scatter(
-        chosen["norm"],
-        chosen["internal_fraction"],
-        s=26,
-        facecolors="none",
-        edgecolors=PALETTE["output"],
-        lw=1.0,
-        label=f"candidates ({len(chosen)})",
-    )
-    if not reference.empty:
-        ref = neurons.merge(reference[["layer", "neuron"]], on=["layer", "neuron"])
-        ax.scatter(
-            ref["norm"],
-            ref["internal_fraction"],
-            marker="x",
-            s=30,
-            color="black",
-            lw=1.0,
-            label="published entropy neurons",
-        )
-        for _, row in ref.iterrows():
-            ax.annotate(
-                f"{int(row['layer'])}.{int(row['neuron'])}",
-                (row["norm"], row["internal_fraction"]),
-                fontsize=6,
-                xytext=(3, -6),
-                textcoords="offset points",
-            )
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("output weight norm ||w||")
-    ax.set_ylabel(f"lens-space internal share (k={int(neurons['k'].iloc[0])})")
-    ax.legend(fontsize=6, loc="lower left")
-    ax.set_title(title, fontsize=8)
-    save(fig, path)
-
-
 def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Path) -> None:
     """Output − internal KL (with its interval) against lens KL; colour: layer; filled: refined."""
     style()

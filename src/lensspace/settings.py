@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from lensspace.experiments.grid import AblationGrid
     from lensspace.experiments.h2 import EmbeddingLensSettings
     from lensspace.experiments.lens_quality import LensQualitySettings
-    from lensspace.experiments.neurons import NeuronSettings
     from lensspace.lenses import LensTraining
 
 # The context of a ``source: random`` model without ``max_positions`` (models.build_random_model).
@@ -205,40 +204,6 @@ def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[
         picked = set(range(0, n_layers, layers["stride"])) | {n_layers - 1}
         return sorted(picked)
     return sorted(set(layers))
-
-
-def neuron_settings(config: dict, n_layers: int, d_model: int) -> NeuronSettings:
-    """The neuron experiment's settings; ``candidate_layers`` ``last``, ``all`` or a list."""
-    from lensspace.experiments.neurons import NeuronSettings
-
-    section = config["neurons"]
-    chosen = section["candidate_layers"]
-    layers = (
-        [n_layers - 1]
-        if chosen == "last"
-        else list(range(n_layers))
-        if chosen == "all"
-        else sorted(set(chosen))
-    )
-    if any(not 0 <= layer < n_layers for layer in layers):
-        raise LensspaceError(
-            f"neurons.candidate_layers: {chosen} names a layer outside 0..{n_layers - 1}"
-        )
-    return NeuronSettings(
-        k=d_model // 2,
-        null_k=max(1, round(section["null_share"] * d_model)),
-        candidate_layers=tuple(layers),
-        n_candidates=section["n_candidates"],
-        min_internal_share=section["min_internal_share"],
-        top1_margin=section["top1_margin"],
-        random_draws=config["random_draws"],
-        match_pool=section["match_pool"],
-        eval_sequences=section["eval_sequences"],
-        mean_sequences=section["mean_sequences"],
-        n_boot=config["bootstrap"]["n_resamples"],
-        test_resamples=config["bootstrap"]["test_resamples"],
-        seed=config["seed"],
-    )
 
 
 def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:

@@ -123,44 +123,6 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
     return out.reset_index(), k
 
 
-def neuron_candidates_table(candidates: pd.DataFrame) -> pd.DataFrame:
-    """Per candidate: geometry, then each ablation effect with its interval beside matched random
-    neurons."""
-
-    def with_interval(frame: pd.DataFrame, name: str) -> pd.Series:
-        return frame.apply(
-            lambda r: f"{r[name]:.3g} [{r[name + '_lo']:.3g}, {r[name + '_hi']:.3g}]", axis=1
-        )
-
-    out = pd.DataFrame(
-        {
-            "neuron": candidates.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
-            "norm": candidates["norm"],
-            "internal share": candidates["internal_fraction"],
-            "logit effect / ‖Mw‖": candidates["logit_effect_rel"],
-        }
-    )
-    if "abs_d_entropy" not in candidates:
-        return out
-    if "null_fraction" in candidates:
-        out.insert(3, "null-space share", candidates["null_fraction"])
-    for name, label in (
-        ("abs_d_entropy", "abs ΔH"),
-        ("kl", "KL"),
-        ("top1_change", "top-1 changed"),
-    ):
-        out[label] = with_interval(candidates, name)
-        out[f"{label} random"] = with_interval(candidates, f"random_{name}")
-        out[f"{label} diff"] = with_interval(candidates, f"diff_{name}")
-        if f"verdict_{name}" in candidates:
-            out[f"{label} verdict"] = candidates[f"verdict_{name}"]
-    if "entropy_account" in candidates:
-        out["entropy-neuron account"] = candidates["entropy_account"].map(
-            {True: "fits", False: "no"}
-        )
-    return out
-
-
 def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
     """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval,
     verdict."""

@@ -1,35 +1,38 @@
-"""Circuit ends down to single MLP neurons, and a causal test of the entropy-neuron account.
+"""Circuit ends down to single MLP neurons, and the entropy neurons of the last block.
 
-Neuron ``j`` of block ``l`` writes ``a_j * w_j`` into residual ``l + 1`` (``w_j`` a row of
-:meth:`~lensspace.adapter.Adapter.neuron_out_weights`). In lens space that write is
-``M w_j`` with ``M`` the translator map of :func:`~lensspace.experiments.circuits.write_maps`
-(``I + A_{l+1}``; ``I`` for the last block). Per neuron: ``||w||``, the shares
-``||Q^T M w||^2 / ||M w||^2`` of the output (top-k) and internal (bottom-k) subspaces, and its
-direct effect on the logits through the lens: the spread over the vocabulary of
-``W_U (g * center(M w))``, the logit change per unit of the normalised input (the final norm's
-scale held fixed; a constant added to every logit changes nothing, so the spread is what can
-re-rank), and the share of ``center(M w)`` in the bottom ``null_k`` directions of the centred,
-gain-folded unembedding (its effective null space, the geometry Stolfo et al. 2024 use).
+Geometry, every neuron of every block: neuron ``j`` of block ``l`` writes ``a_j * w_j`` into
+residual ``l + 1`` (``w_j`` a row of :meth:`~lensspace.adapter.Adapter.neuron_out_weights`); in
+lens space that write is ``M w_j``, ``M`` the translator map of
+:func:`~lensspace.experiments.circuits.write_maps` (``I + A_{l+1}``; ``I`` after the last block).
+Per neuron: ``||w||``, the output (top-k) and internal (bottom-k) shares ``||Q^T M w||^2 /
+||M w||^2``, the spread of its direct logit effect, and its share in the effective null space of
+the unembedding (:func:`null_space`).
 
-Entropy neurons (Stolfo et al. 2024) write large vectors the unembedding almost ignores: they
-act through the final norm's scale, so they move the output's entropy but not its ranking.
-Candidates here are the largest-norm neurons whose internal share passes a threshold; each is
-mean-ablated (its activation replaced by its training mean at every position but the first)
-and compared, on the same held-out sequences, with random neurons of the same layer and
-nearly the same norm (drawn without replacement among the ``match_pool`` nearest, no neuron
-twice in one experiment). A verdict "candidate > matched" on a metric needs the paired test's
-Holm-adjusted p-value (over every comparison of the experiment) below 0.05 and the candidate's
-mean beyond every matched draw's mean, as for the random subspaces of the other experiments.
+Entropy neurons (Stolfo et al. 2024) are last-block neurons of large norm that write into that
+null space: the logits barely read the write, but it changes the final norm's scale, and so the
+output's entropy. Here they are found and tested in three steps.
+
+* Which neurons: the ``n_candidates`` largest-norm neurons of the last block whose null-space
+  share is at least ``null_ratio`` times a random direction's expected share, and always the
+  block's ``n_largest`` largest-norm neurons and any published ones.
+* What is measured: each neuron mean-ablated alone (its activation replaced by its training mean
+  at positions 1..), which adds ``(mean - a) w`` to the final residual. The total effect runs that
+  residual through the final norm; the direct effect freezes the norm's scale at its clean value;
+  their difference is the effect the scale mediates. Per neuron: the mean absolute entropy change
+  total, direct and mediated, the mediated share ``|dH_med| / (|dH_med| + |dH_dir|)``, KL and top-1
+  changes total and direct, and the change of the log of the norm's scale.
+* Against what: the neuron is the unit. Each measured neuron is ranked on its mediated share among
+  the ``n_matched`` other last-block neurons nearest in norm, ``p = (1 + #{matched >= it}) /
+  (n_matched + 1)`` (exact when the neuron is just another matched neuron), Holm-adjusted over the
+  measured neurons. An entropy neuron has mediated share at least ``min_mediated_share`` and an
+  adjusted p below 0.05.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -37,58 +40,69 @@ from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
 from lensspace.adapter import Adapter
-from lensspace.divergences import KLReference, OutputStats
+from lensspace.divergences import KLReference
 from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import write_maps
-from lensspace.robustness import ALPHA, CORRECTION, HOLDS, verdict
+from lensspace.robustness import ALPHA, CORRECTION
 from lensspace.runner import BlockRunner
-from lensspace.stats import (
-    adjust,
-    bootstrap_intervals,
-    bootstrap_mean,
-    draw_spread,
-    matched_permutation_p,
-    paired_difference,
-    resample_counts,
-)
+from lensspace.stats import adjust, bootstrap_mean, resample_counts
 from lensspace.subspaces import select
 
-# Per-token effects of an ablation; the signed entropy change may be negative.
-METRICS = ("abs_d_entropy", "d_entropy", "kl", "top1_change", "d_log_scale")
-NONNEGATIVE = {"abs_d_entropy", "kl", "top1_change", "d_log_scale"}
-# Compared as paired candidate-minus-random differences.
-COMPARED = ("abs_d_entropy", "kl", "top1_change")
-# The basis whose bottom directions are the effective null space.
-NULL_SPACE = "unembed_centered"
-# Per-sequence shares of flipped tokens are discrete and often tied: a bootstrap-t interval
-# degenerates on them (resamples with no spread), so their intervals are BCa.
-DISCRETE = {"top1_change"}
+# Per-token effects of one neuron's ablation, averaged per sequence.
+METRICS = (
+    "abs_dh_total",
+    "abs_dh_direct",
+    "abs_dh_mediated",
+    "kl_total",
+    "kl_direct",
+    "top1_total",
+    "top1_direct",
+    "d_log_scale",
+)
+# Per-sequence shares of flipped tokens are discrete and often tied: their intervals are BCa.
+DISCRETE = {"top1_total", "top1_direct"}
+ROLES = ("candidate", "largest", "published")
 
 
 @dataclass(frozen=True)
 class NeuronSettings:
-    """Which neurons are candidates and how the causal test is sized.
+    """Which last-block neurons are measured, against how many matched ones, and the criterion.
 
-    ``candidate_layers``: the blocks whose neurons may be candidates; ``match_pool``: a random
-    control neuron is drawn from the non-candidate neurons of the same layer nearest in norm;
-    ``null_k``: the size of the effective null space of the ``null_fraction`` column;
-    ``top1_margin``: how much more often than the matched neurons a candidate may change the
-    top-1 token (share of positions, upper end of the interval) and still leave the ranking alone.
+    ``null_k``: size of the effective null space; ``null_ratio``: a candidate's null-space share is
+    at least this many times a random direction's; ``n_matched``: the control neurons per measured
+    neuron, nearest in norm; ``min_mediated_share``: the share of the entropy effect an entropy
+    neuron passes through the norm's scale.
     """
 
     k: int
-    candidate_layers: tuple[int, ...]
-    null_k: int = 1
-    top1_margin: float = 0.01
+    null_k: int
+    null_ratio: float = 10.0
     n_candidates: int = 8
-    min_internal_share: float = 0.9
-    random_draws: int = 4
-    match_pool: int = 16
+    n_largest: int = 4
+    n_matched: int = 300
+    min_mediated_share: float = 0.5
     eval_sequences: int = 8
-    mean_sequences: int = 16
+    mean_sequences: int = 32
     n_boot: int = 1000
-    test_resamples: int = 20000
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict, d_model: int) -> NeuronSettings:
+        """From the config's ``neurons`` block (``null_share`` of d_model, at least 1)."""
+        section = config["neurons"]
+        return cls(
+            k=d_model // 2,
+            null_k=max(1, round(section["null_share"] * d_model)),
+            null_ratio=section["null_ratio"],
+            n_candidates=section["n_candidates"],
+            n_largest=section["n_largest"],
+            n_matched=section["n_matched"],
+            min_mediated_share=section["min_mediated_share"],
+            eval_sequences=section["eval_sequences"],
+            mean_sequences=section["mean_sequences"],
+            n_boot=config["bootstrap"]["n_resamples"],
+            seed=config["seed"],
+        )
 
 
 def null_space(adapter: Adapter, k: int) -> torch.Tensor:
@@ -109,6 +123,12 @@ def null_space(adapter: Adapter, k: int) -> torch.Tensor:
     vh, s = vh[output], s[output]
     kernel = int((s <= s[0] * 1e-5).sum())  # zero up to the float32 rounding of the stored weights
     return vh[len(vh) - max(k, kernel) :].T.contiguous()
+
+
+def random_null_share(adapter: Adapter, null_k: int) -> float:
+    """The expected share of a random direction in a ``null_k``-dimensional subspace of what the
+    final norm outputs (LayerNorm's output is centred: one dimension fewer)."""
+    return null_k / (adapter.d_model - (adapter.norm_kind == "layernorm"))
 
 
 def neuron_geometry(
@@ -151,6 +171,7 @@ def neuron_geometry(
                 (normalised @ q_null).square().sum(1) / normalised.square().sum(1).clamp_min(1e-300)
             ).numpy()
             frame["null_k"] = q_null.shape[1]
+            frame["null_random"] = random_null_share(adapter, q_null.shape[1])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -193,383 +214,292 @@ def activation_stats(
     )
 
 
-def pick_candidates(table: pd.DataFrame, settings: NeuronSettings) -> pd.DataFrame:
-    """The ``n_candidates`` largest-norm neurons of the candidate layers above the share
-    threshold."""
-    pool = table[
-        table["layer"].isin(settings.candidate_layers)
-        & (table["internal_fraction"] >= settings.min_internal_share)
-    ]
-    return pool.sort_values(["norm", "layer", "neuron"], ascending=[False, True, True]).head(
-        settings.n_candidates
+def measured_neurons(
+    table: pd.DataFrame, settings: NeuronSettings, published: Iterable[int] = ()
+) -> pd.DataFrame:
+    """The last block's neurons to measure, largest norm first, each with its ``role``s
+    (``candidate``, ``largest``, ``published``, joined by ``+``)."""
+    last = table[table["layer"] == table["layer"].max()]
+    by_norm = last.sort_values(["norm", "neuron"], ascending=[False, True])
+    threshold = settings.null_ratio * float(last["null_random"].iloc[0])
+    roles: dict[int, list[str]] = {}
+    chosen = (
+        by_norm[by_norm["null_fraction"] >= threshold].head(settings.n_candidates),
+        by_norm.head(settings.n_largest),
+        last[last["neuron"].isin(list(published))],
     )
+    for role, rows in zip(ROLES, chosen):
+        for neuron in rows["neuron"]:
+            roles.setdefault(int(neuron), []).append(role)
+    out = by_norm[by_norm["neuron"].isin(list(roles))].copy()
+    out["role"] = [("+".join(roles[int(n)])) for n in out["neuron"]]
+    return out.reset_index(drop=True)
 
 
-def matched_neurons(
-    table: pd.DataFrame, candidates: pd.DataFrame, settings: NeuronSettings
-) -> list[list[int]]:
-    """For each random draw, one control neuron per candidate: same layer, among the ``match_pool``
-    non-candidates nearest in norm, drawn without replacement (seeded); no neuron serves two
-    candidates, so each draw's set for the joint test has as many distinct neurons as candidates."""
-    if settings.match_pool < settings.random_draws:
+def matched_pools(
+    table: pd.DataFrame, measured: pd.DataFrame, n_matched: int
+) -> dict[int, list[int]]:
+    """Per measured neuron, the ``n_matched`` other last-block neurons nearest in norm (none of
+    them measured)."""
+    last = table[table["layer"] == table["layer"].max()]
+    others = last[~last["neuron"].isin(measured["neuron"])]
+    if len(others) < n_matched:
         raise LensspaceError(
-            f"neurons.match_pool ({settings.match_pool}) must be at least random_draws "
-            f"({settings.random_draws}): each draw needs its own matched neuron"
+            f"neurons.n_matched ({n_matched}) is more than the {len(others)} last-block neurons "
+            "left beside the measured ones: lower it"
         )
-    gen = torch.Generator().manual_seed(settings.seed)
-    taken = set(zip(candidates["layer"], candidates["neuron"]))
-    draws: list[list[int]] = [[] for _ in range(settings.random_draws)]
-    for layer, norm in zip(candidates["layer"], candidates["norm"]):
-        others = table[
-            (table["layer"] == layer)
-            & ~table["neuron"].map(lambda j, layer=layer: (layer, j) in taken)
-        ]
-        if len(others) < settings.match_pool:
-            raise LensspaceError(
-                f"neurons: layer {layer} has {len(others)} neurons left to match a candidate "
-                f"with, neurons.match_pool asks for {settings.match_pool}: lower it or "
-                "neurons.n_candidates"
-            )
-        nearest = others.iloc[
-            (others["norm"] - norm).abs().argsort(kind="stable")[: settings.match_pool]
-        ]
-        picks = torch.randperm(len(nearest), generator=gen)[: settings.random_draws]
-        for draw, pick in enumerate(picks.tolist()):
-            neuron = int(nearest["neuron"].iloc[pick])
-            draws[draw].append(neuron)
-            taken.add((layer, neuron))
-    return draws
+    pools = {}
+    for neuron, norm in zip(measured["neuron"], measured["norm"]):
+        order = (others["norm"] - norm).abs().argsort(kind="stable")
+        pools[int(neuron)] = sorted(int(j) for j in others["neuron"].iloc[order[:n_matched]])
+    return pools
 
 
-class _Clean(NamedTuple):
-    """One chunk's unablated output: its distribution, that distribution's own entropy and
-    top-1 token (``output``), and the log of the final norm's scale."""
-
-    reference: KLReference
-    output: OutputStats
-    log_scale: torch.Tensor
+def rank_p_value(value: float, matched: torch.Tensor) -> float:
+    """``(1 + #{matched >= value}) / (len(matched) + 1)``: the rank p-value of one neuron among its
+    matched ones (ties count against it), at most ``a`` with probability at most ``a`` when the
+    neuron is exchangeable with them."""
+    return (1 + int((matched >= value).sum())) / (len(matched) + 1)
 
 
-def _log_scale(adapter: Adapter, z: torch.Tensor) -> torch.Tensor:
-    """Log of the final norm's per-token scale (root mean square of the centred residual)."""
-    return adapter.centre(z.float()).square().mean(-1).add(adapter.norm_eps).log().mul(0.5)
+class FinalResidualAblation:
+    """Mean ablation of single last-block neurons, total and with the final norm's scale frozen.
 
-
-class NeuronAblation:
-    """Mean-ablates sets of neurons (resuming from the cached residual) and measures the output.
-
-    Each effect is per held-out sequence (mean over positions 1..): ``abs_d_entropy`` /
-    ``d_entropy`` = (absolute / signed) change of the output's entropy, ``kl`` =
-    KL(p_model || p_ablated), ``top1_change`` = share of positions whose top-1 token changes,
-    ``d_log_scale`` = absolute change of the log of the final norm's scale.
+    A last-block neuron's ablation adds ``D_t = d_t w`` to the final residual ``z_t`` (``d_t =
+    mean - a_t``); with ``c`` the norm's centring, ``s`` its scale and ``A`` the head's linear map,
+    the logits before any soft-cap are ``(A c(z) + A c(D)) / s' + b``, where ``s'`` is the scale of
+    ``c(z) + c(D)`` (total) or of ``c(z)`` (direct). So one product ``A c(z)`` serves every
+    neuron, and ``A c(D) = d A c(w)`` makes the vocabulary-sized work per neuron elementwise.
+    Where the write does not enter the final residual linearly (a norm after the MLP, Gemma 2/3;
+    a block that normalises its output, OPT-350m), ``D`` comes from running the last block again
+    with the neuron ablated (``rerun``), and ``A c(D)`` is a product per neuron.
     """
 
     def __init__(
         self,
-        runner: BlockRunner,
-        cache: ActivationCache,
-        means: list[torch.Tensor],
-        n_sequences: int,
-        chunk: int = 4,
+        adapter: Adapter,
+        z: torch.Tensor,
+        activations: torch.Tensor,
+        means: torch.Tensor,
+        rerun: Callable[[int, float], torch.Tensor] | None = None,
+        chunk: int = 64,
     ):
-        self.runner, self.cache, self.means, self.chunk = runner, cache, means, chunk
-        self.n_sequences = n_sequences
-        self._clean: dict[int, list[_Clean]] = {}
+        """``z`` [n_seq, n_pos, d]: final residuals before the norm; ``activations`` [n_seq, n_pos,
+        n_neurons]: the last MLP's; ``means``: the training means that replace them; ``rerun(j,
+        value)``: the final residual with neuron ``j`` held at ``value``, where the write is not
+        linear (:func:`linear_write`)."""
+        self.adapter, self.chunk, self.rerun, self.means = adapter, chunk, rerun, means
+        self.z = z.reshape(-1, z.shape[-1]).float()
+        self.n_seq, self.n_pos = z.shape[:2]
+        with torch.no_grad():
+            zc = adapter.centre(z.reshape(-1, z.shape[-1]).float())
+            self.zc = zc
+            self.square = zc.square().sum(-1)
+            self.scale = adapter.norm_scale(zc).squeeze(-1)
+            self.bias = adapter.logits_before_cap(torch.zeros_like(zc[:1]))[0]
+            self.linear = adapter.logits_before_cap(zc) - self.bias
+        self.delta = means.float() - activations.reshape(-1, activations.shape[-1]).float()
 
-    def _residual(self, layer: int) -> torch.Tensor:
-        return self.cache.load(layer, "eval")[: self.n_sequences]
-
-    def _clean_outputs(self, start: int) -> list[_Clean]:
-        """Per chunk: the unablated run's distribution (its entropy and top-1 token) and final
-        residual, on the same path as the ablated runs."""
-        if start not in self._clean:
-            h = self._residual(start)
-            outs = []
-            for i in range(0, len(h), self.chunk):
-                z = self.runner.run(h[i : i + self.chunk], start=start)[:, 1:]
-                logits = self.runner.adapter.logits(z)
-                reference = KLReference.from_logits(logits)
-                # a copy: the compiled comparison is specialised on inputs that do not alias
-                outs.append(
-                    _Clean(
-                        reference,
-                        reference.compare(logits.clone()),
-                        _log_scale(self.runner.adapter, z),
-                    )
-                )
-            self._clean[start] = outs
-        return self._clean[start]
+    def _logits(
+        self,
+        rows: slice,
+        inv_scale: torch.Tensor,
+        change: torch.Tensor | None = None,
+        along: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Capped logits of the tokens ``rows``: ``(A c(z) + change) * inv_scale + b``, the change
+        given as [rows, V], or as ``change`` [rows] times one vocabulary vector ``along``."""
+        if change is not None and along is None:
+            out = torch.add(self.linear[rows], change).mul_(inv_scale.unsqueeze(-1))
+        else:
+            out = torch.mul(self.linear[rows], inv_scale.unsqueeze(-1))
+            if change is not None:
+                out.addr_(change * inv_scale, along)
+        out += self.bias
+        return self.adapter.cap_logits(out)
 
     @torch.no_grad()
-    def effects(self, neurons: Mapping[int, list[int]]) -> dict[str, torch.Tensor]:
-        """Per-sequence effects [n_seq] of mean-ablating ``neurons`` ({layer: [neuron, ...]})
-        together."""
-        adapter = self.runner.adapter
-        start = min(neurons)
-        h = self._residual(start)
-        reference = self._clean_outputs(start)  # before the hooks go on
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in METRICS}
-
-        def hook_for(layer: int):
-            if len(set(neurons[layer])) != len(neurons[layer]):
-                raise LensspaceError(
-                    f"neurons: layer {layer}'s set names a neuron twice: {neurons[layer]}"
-                )
-            idx = torch.tensor(sorted(neurons[layer]), dtype=torch.long)
-            value = self.means[layer][idx]
-
-            def hook(_module, args):
-                a = args[0].clone()
-                by_position(a, h.shape[1])[:, 1:, idx.to(a.device)] = value.to(a.device, a.dtype)
-                return (a, *args[1:])
-
-            return hook
-
-        with ExitStack() as stack:
-            for layer in neurons:
-                handle = adapter.mlp_out(layer).register_forward_pre_hook(hook_for(layer))
-                stack.callback(handle.remove)
-            for clean, i in zip(reference, range(0, len(h), self.chunk)):
-                z = self.runner.run(h[i : i + self.chunk], start=start)[:, 1:]
-                out = clean.reference.compare(adapter.logits(z))
-                d_entropy = out.entropy - clean.output.entropy
+    def effects(self, neurons: list[int], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per metric, [len(neurons), n_seq]: each neuron's effects, mean over positions per
+        sequence (``weights``: the last block's output weights [n_neurons, d])."""
+        adapter, d = self.adapter, self.zc.shape[-1]
+        w = adapter.centre(weights[neurons].float())
+        moved = {
+            j: adapter.centre(self.rerun(j, float(self.means[j])).reshape(self.z.shape) - self.z)
+            for j in (neurons if self.rerun is not None else ())
+        }
+        u = adapter.logits_before_cap(w) - self.bias  # A c(w) per neuron
+        cross = self.zc @ w.T  # [T, n]
+        w_square = w.square().sum(-1)
+        sums = {
+            name: torch.zeros(
+                len(neurons), self.n_seq * self.n_pos, dtype=torch.float64, device=w.device
+            )
+            for name in METRICS
+        }
+        no_norm = adapter.norm_kind == "none"
+        for start in range(0, len(self.zc), self.chunk):
+            rows = slice(start, start + self.chunk)
+            inv = 1 / self.scale[rows]
+            clean_logits = self._logits(rows, inv)
+            reference = KLReference.from_logits(clean_logits)
+            clean = reference.compare(clean_logits.clone())
+            for i, j in enumerate(neurons):
+                step = self.delta[rows, j]
+                if self.rerun is None:
+                    change, along = step, u[i]
+                    mean_square = (
+                        self.square[rows] + 2 * step * cross[rows, i] + step.square() * w_square[i]
+                    ) / d
+                else:
+                    change, along = adapter.logits_before_cap(moved[j][rows]) - self.bias, None
+                    mean_square = (self.zc[rows] + moved[j][rows]).square().mean(-1)
+                scale = self.scale[rows] if no_norm else (mean_square + adapter.norm_eps).sqrt()
+                total = reference.compare(self._logits(rows, 1 / scale, change, along))
+                direct = reference.compare(self._logits(rows, inv, change, along))
+                dh_total = total.entropy.double() - clean.entropy.double()
+                dh_direct = direct.entropy.double() - clean.entropy.double()
                 per_token = {
-                    "abs_d_entropy": d_entropy.abs(),
-                    "d_entropy": d_entropy,
-                    "kl": out.kl,
-                    "top1_change": (out.top1 != clean.output.top1).double(),
-                    "d_log_scale": (_log_scale(adapter, z) - clean.log_scale).abs(),
+                    "abs_dh_total": dh_total.abs(),
+                    "abs_dh_direct": dh_direct.abs(),
+                    "abs_dh_mediated": (dh_total - dh_direct).abs(),
+                    "kl_total": total.kl.double(),
+                    "kl_direct": direct.kl.double(),
+                    "top1_total": (total.top1 != clean.top1).double(),
+                    "top1_direct": (direct.top1 != clean.top1).double(),
+                    "d_log_scale": (scale.log() - self.scale[rows].log()).abs().double(),
                 }
                 for name, values in per_token.items():
-                    parts[name].append(values.double().mean(1).cpu())
-        return {name: torch.cat(values) for name, values in parts.items()}
-
-
-def _estimate(prefix: str, name: str, values: torch.Tensor, settings: NeuronSettings) -> dict:
-    floor = 0.0 if name in NONNEGATIVE else None
-    method = "bca" if name in DISCRETE else "studentized"
-    if values.dim() == 2:  # [draws, n_seq]: the draws' mean, with their spread
-        spread = draw_spread(values, settings.n_boot, settings.seed, method=method)
-        est = spread.estimate
-        extra = {
-            f"{prefix}{name}_draw_min": spread.draw_min,
-            f"{prefix}{name}_draw_max": spread.draw_max,
+                    sums[name][i, rows] = values
+        return {
+            name: values.view(len(neurons), self.n_seq, self.n_pos).mean(-1).cpu()
+            for name, values in sums.items()
         }
-        lo = max(est.lo, floor) if floor is not None else est.lo
-    else:
-        est = bootstrap_mean(values, settings.n_boot, settings.seed, method=method, floor=floor)
-        extra, lo = {}, est.lo
-    return {
-        f"{prefix}{name}": est.mean,
-        f"{prefix}{name}_lo": lo,
-        f"{prefix}{name}_hi": est.hi,
-        **extra,
-    }
 
 
-def _paired(name: str, a: torch.Tensor, draws: torch.Tensor, settings: NeuronSettings) -> dict:
-    """Mean of ``a`` minus the matched draws' mean over sequences, its interval (bootstrap-t; BCa
-    for discrete metrics) and the matched permutation p-value: few, heavy-tailed or discrete
-    per-sequence effects, where the bootstrap-t test is liberal at Holm's levels
-    (``validation/test_size.py``)."""
-    b = draws.mean(0)
-    comp = paired_difference(a, b, settings.test_resamples, settings.seed)
-    lo, hi = comp.lo, comp.hi
-    if name in DISCRETE:
-        bca = bootstrap_intervals(
-            (a - b).double().unsqueeze(0), settings.n_boot, settings.seed, method="bca"
-        )
-        lo, hi = float(bca[0][0]), float(bca[1][0])
-    return {
-        f"diff_{name}": comp.diff,
-        f"diff_{name}_lo": lo,
-        f"diff_{name}_hi": hi,
-        f"p_{name}": matched_permutation_p(a, draws, settings.test_resamples, settings.seed),
-    }
+def mediated_share(mediated: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
+    """``mediated / (mediated + direct)`` of mean absolute entropy changes; 0 where both are 0."""
+    total = mediated + direct
+    return torch.where(total > 0, mediated / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def _entropy_per_kl(
-    h: torch.Tensor, kl: torch.Tensor, settings: NeuronSettings
+def linear_write(adapter: Adapter) -> bool:
+    """Whether a last-block neuron's ablation adds ``d w`` to the final residual: no norm after
+    the MLP, and a final norm after the blocks (OPT-350m's blocks normalise their own output)."""
+    return adapter.final_norm is not None and adapter.mlp_write_norm(adapter.n_layers - 1) is None
+
+
+class LastBlock:
+    """The last block on the held-out sequences, from its cached input: the final residual and the
+    MLP's activations at positions 1.., and the final residual again with one neuron held fixed."""
+
+    def __init__(self, adapter: Adapter, cache: ActivationCache, n_sequences: int, chunk: int = 4):
+        self.adapter, self.chunk = adapter, chunk
+        self.layer = adapter.n_layers - 1
+        self.h = cache.load(self.layer, "eval")[:n_sequences]
+        self.runner = BlockRunner(adapter)
+
+    @torch.no_grad()
+    def _run(self, hook) -> torch.Tensor:
+        finals = []
+        with ExitStack() as stack:
+            handle = self.adapter.mlp_out(self.layer).register_forward_pre_hook(hook)
+            stack.callback(handle.remove)
+            for i in range(0, len(self.h), self.chunk):
+                finals.append(self.runner.run(self.h[i : i + self.chunk], start=self.layer))
+        return torch.cat(finals)[:, 1:].float()
+
+    def clean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final residual [n_seq, n_pos - 1, d] and the activations [..., n_neurons]."""
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args):
+            captured.append(by_position(args[0], self.h.shape[1])[:, 1:].float())
+
+        return self._run(hook), torch.cat(captured)
+
+    def ablated(self, neuron: int, value: float) -> torch.Tensor:
+        """The final residual with ``neuron``'s activation set to ``value`` at positions 1.."""
+
+        def hook(_module, args):
+            a = args[0].clone()
+            by_position(a, self.h.shape[1])[:, 1:, neuron] = value
+            return (a, *args[1:])
+
+        return self._run(hook)
+
+
+def _interval(name: str, values: torch.Tensor, settings: NeuronSettings) -> dict:
+    method = "bca" if name in DISCRETE else "studentized"
+    est = bootstrap_mean(values, settings.n_boot, settings.seed, method=method)
+    return {name: est.mean, f"{name}_lo": est.lo, f"{name}_hi": est.hi}
+
+
+def _share_interval(
+    mediated: torch.Tensor, direct: torch.Tensor, settings: NeuronSettings
 ) -> tuple[float, float]:
-    """95% percentile bootstrap interval over sequences of mean |dH| / mean KL (a ratio of
+    """95% percentile bootstrap interval over sequences of the mediated share (a ratio of
     means)."""
-    counts = resample_counts(len(h), settings.n_boot, settings.seed).double()
-    ratio = (counts @ h.double()) / (counts @ kl.double()).clamp_min(1e-300)
-    lo, hi = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    counts = resample_counts(len(mediated), settings.n_boot, settings.seed)
+    share = mediated_share(counts @ mediated, counts @ direct)
+    lo, hi = torch.quantile(share, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
 
 
-def compare(
-    candidate: dict[str, torch.Tensor],
-    random: list[dict[str, torch.Tensor]],
-    settings: NeuronSettings,
-) -> dict:
-    """Every metric for the candidate(s) and the matched random draws, and their paired differences
-    (p-values not yet adjusted: :func:`add_verdicts` does that over the experiment)."""
-    row: dict = {}
-    for name in METRICS:
-        row.update(_estimate("", name, candidate[name], settings))
-    for name in METRICS:
-        row.update(_estimate("random_", name, torch.stack([r[name] for r in random]), settings))
-    for name in COMPARED:
-        row.update(_paired(name, candidate[name], torch.stack([r[name] for r in random]), settings))
-    row["entropy_per_kl"] = row["abs_d_entropy"] / row["kl"] if row["kl"] > 0 else float("nan")
-    row["entropy_per_kl_lo"], row["entropy_per_kl_hi"] = (
-        _entropy_per_kl(candidate["abs_d_entropy"], candidate["kl"], settings)
-        if row["kl"] > 0
-        else (float("nan"), float("nan"))
-    )
-    row["random_entropy_per_kl"] = (
-        row["random_abs_d_entropy"] / row["random_kl"] if row["random_kl"] > 0 else float("nan")
-    )
-    per_draw = [
-        float(r["abs_d_entropy"].mean() / r["kl"].mean())
-        for r in random
-        if float(r["kl"].mean()) > 0
-    ]
-    row["random_entropy_per_kl_draw_max"] = max(per_draw) if per_draw else float("nan")
-    return row
-
-
-def add_verdicts(rows: list[dict], top1_margin: float) -> None:
-    """Holm-adjust the paired p-values of every row and metric together (one family: the
-    experiment), then each metric's verdict against the matched draws, and whether the row fits
-    the entropy-neuron account: |dH| above the matched neurons', the top-1 token changed at most
-    ``top1_margin`` of positions more often than theirs (the upper end of the paired interval:
-    evidence the ranking is left alone, not the mere absence of a verdict), and |dH| / KL with
-    its interval above every matched draw's."""
-    keys = [(i, name) for i in range(len(rows)) for name in COMPARED]
-    adjusted = adjust([rows[i][f"p_{name}"] for i, name in keys], CORRECTION)
-    for (i, name), p in zip(keys, adjusted):
-        row = rows[i]
-        row[f"p_{name}_adjusted"] = p
-        row[f"verdict_{name}"] = verdict(
-            row[f"diff_{name}"],
-            p,
-            row[name],
-            row[f"random_{name}_draw_min"],
-            row[f"random_{name}_draw_max"],
-        )
-    for row in rows:
-        row["entropy_account"] = bool(
-            row["verdict_abs_d_entropy"] == HOLDS
-            and row["diff_top1_change_hi"] <= top1_margin
-            and row["entropy_per_kl_lo"] > row["random_entropy_per_kl_draw_max"]
-        )
-
-
-def causal_test(
-    ablation: NeuronAblation,
+def entropy_test(
+    ablation: FinalResidualAblation,
+    weights: torch.Tensor,
     table: pd.DataFrame,
-    candidates: pd.DataFrame,
+    measured: pd.DataFrame,
     settings: NeuronSettings,
-) -> tuple[list[dict], list[dict]]:
-    """Rows of candidates.tsv (each candidate alone) and joint.tsv (all candidates together)."""
-    draws = matched_neurons(table, candidates, settings)
-    # resolution: the smallest permutation p-value stays a quarter of Holm's first threshold
-    family = len(COMPARED) * (len(candidates) + 1)
-    settings = dataclasses.replace(
-        settings, test_resamples=max(settings.test_resamples, math.ceil(8 * family / ALPHA))
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of measured.tsv (each measured neuron: effects with intervals, its matched neurons'
+    medians, rank p-values, the verdict) and the per-neuron means of every neuron ablated."""
+    pools = matched_pools(table, measured, settings.n_matched)
+    evaluated = sorted(set(measured["neuron"]) | {j for pool in pools.values() for j in pool})
+    print(
+        f"ablating {len(evaluated)} last-block neurons: {len(measured)} measured and their "
+        f"{settings.n_matched} matched each",
+        flush=True,
     )
-    # a relabelling test cannot tell apart more than its (m + 1)^n labellings: 1 / (m + 1)^n is
-    # about the smallest p-value it can give (the observed labelling is one of them)
-    floor = float(settings.random_draws + 1) ** -ablation.n_sequences
-    if floor > ALPHA / family:
-        print(
-            f"warning: at {ablation.n_sequences} sequences and {settings.random_draws} draws the "
-            "smallest "
-            f"p-value, about {floor:.2g}, is above Holm's first threshold {ALPHA / family:.2g}: no "
-            "neuron "
-            "verdict can hold; raise neurons.eval_sequences",
-            flush=True,
-        )
-    n_tokens = ablation.n_sequences * (ablation.cache.load(0, "eval").shape[1] - 1)
-    base = {
-        "n_draws": settings.random_draws,
-        "n_sequences": ablation.n_sequences,
-        "n_tokens": n_tokens,
-    }
-    norms = table.set_index(["layer", "neuron"])["norm"]
-    rows = []
-    for index, (layer, neuron) in enumerate(zip(candidates["layer"], candidates["neuron"])):
-        mine = ablation.effects({int(layer): [int(neuron)]})
-        random = [ablation.effects({int(layer): [draw[index]]}) for draw in draws]
-        print(
-            f"candidate {index + 1}/{len(candidates)}: {int(layer)}.{int(neuron)} ablated with "
-            f"{len(draws)} matched random neurons",
-            flush=True,
-        )
-        ratio = (
-            sum(norms[(layer, draw[index])] for draw in draws) / len(draws) / norms[(layer, neuron)]
-        )
-        rows.append(
-            {
-                "layer": int(layer),
-                "neuron": int(neuron),
-                "rank": index + 1,
-                "matched": ",".join(str(draw[index]) for draw in draws),
-                "matched_norm_ratio": float(ratio),
-                **compare(mine, random, settings),
-                **base,
-            }
-        )
-    if candidates.empty:
-        return rows, []
-
-    def grouped(neurons: list[int]) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for layer, neuron in zip(candidates["layer"], neurons):
-            out.setdefault(int(layer), []).append(int(neuron))
-        return out
-
-    mine = ablation.effects(grouped(list(candidates["neuron"])))
-    random = [ablation.effects(grouped(draw)) for draw in draws]
-    joint = [
-        {
-            "set": "candidates",
-            "n_neurons": len(candidates),
-            **compare(mine, random, settings),
-            **base,
-        }
-    ]
-    add_verdicts(rows + joint, settings.top1_margin)
-    return rows, joint
-
-
-def reference_matches(
-    candidates: pd.DataFrame, table: pd.DataFrame, reference: pd.DataFrame
-) -> pd.DataFrame:
-    """Each reference neuron: is it a candidate, its internal share, and its norm rank in its
-    layer."""
-    rows = []
-    chosen = set(zip(candidates["layer"], candidates["neuron"]))
-    for layer, neuron in zip(reference["layer"], reference["neuron"]):
-        part = table[table["layer"] == layer]
-        hit = part[part["neuron"] == neuron]
-        if hit.empty:
-            raise LensspaceError(f"reference neuron {layer}.{neuron} does not exist in this model")
-        norm_rank = int((part["norm"] > float(hit["norm"].iloc[0])).sum()) + 1
-        rows.append(
-            {
-                "layer": int(layer),
-                "neuron": int(neuron),
-                "is_candidate": (layer, neuron) in chosen,
-                "norm": float(hit["norm"].iloc[0]),
-                "norm_rank_in_layer": norm_rank,
-                "internal_fraction": float(hit["internal_fraction"].iloc[0]),
-            }
-        )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "layer",
-            "neuron",
-            "is_candidate",
-            "norm",
-            "norm_rank_in_layer",
-            "internal_fraction",
-        ],
+    effects = ablation.effects(evaluated, weights)
+    index = {j: i for i, j in enumerate(evaluated)}
+    means = {name: values.mean(1) for name, values in effects.items()}
+    share = mediated_share(means["abs_dh_mediated"], means["abs_dh_direct"])
+    per_neuron = pd.DataFrame(
+        {"neuron": evaluated, **{n: v.numpy() for n, v in means.items()}, "mediated_share": share}
     )
+    norms = table[table["layer"] == table["layer"].max()].set_index("neuron")["norm"]
+    rows = []
+    for neuron in measured["neuron"]:
+        i = index[int(neuron)]
+        pool = torch.tensor([index[j] for j in pools[int(neuron)]])
+        row: dict = {"neuron": int(neuron)}
+        for name in METRICS:
+            row.update(_interval(name, effects[name][i], settings))
+        row["mediated_share"] = float(share[i])
+        row["mediated_share_lo"], row["mediated_share_hi"] = _share_interval(
+            effects["abs_dh_mediated"][i], effects["abs_dh_direct"][i], settings
+        )
+        for name in ("mediated_share", "abs_dh_mediated", "kl_total", "top1_total"):
+            values = share[pool] if name == "mediated_share" else means[name][pool]
+            row[f"matched_{name}_median"] = float(values.median())
+        matched_norms = norms.loc[pools[int(neuron)]]
+        row["matched_norm_min"], row["matched_norm_max"] = (
+            float(matched_norms.min()),
+            float(matched_norms.max()),
+        )
+        row["p_mediated_share"] = rank_p_value(float(share[i]), share[pool])
+        row["n_matched"] = len(pool)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["p_mediated_share_adjusted"] = adjust(list(frame["p_mediated_share"]), CORRECTION)
+    frame["entropy_neuron"] = (frame["mediated_share"] >= settings.min_mediated_share) & (
+        frame["p_mediated_share_adjusted"] < ALPHA
+    )
+    frame["n_sequences"] = ablation.n_seq
+    frame["n_tokens"] = ablation.n_seq * ablation.n_pos
+    return measured.merge(frame, on="neuron"), per_neuron
 
 
 def run_neurons(
@@ -579,8 +509,11 @@ def run_neurons(
     basis: torch.Tensor,
     tokens: dict[str, torch.Tensor],
     settings: NeuronSettings,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """neurons.tsv (every neuron, with its activation statistics), candidates.tsv, joint.tsv."""
+    published: Iterable[int] = (),
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """neurons.tsv (every neuron: geometry, activation statistics, and the effects of those of the
+    last block that were ablated) and measured.tsv (``published``: last-block neurons to measure
+    whatever their geometry)."""
     table = neuron_geometry(adapter, lens, basis, settings.k, settings.null_k)
     device = adapter.embed.weight.device
     means, _ = activation_stats(adapter, tokens["train"][: settings.mean_sequences].to(device))
@@ -589,17 +522,61 @@ def run_neurons(
     table["mean_activation"] = torch.cat(means).numpy()
     table["rms_activation"] = torch.cat(rms).numpy()
     table["k"] = settings.k
-    table["in_candidate_layers"] = table["layer"].isin(settings.candidate_layers)
-    candidates = pick_candidates(table, settings)
-    table["is_candidate"] = table.index.isin(candidates.index)
-    print(
-        f"{len(candidates)} candidates among "
-        f"{int(table['layer'].isin(settings.candidate_layers).sum())} "
-        f"neurons of layers {list(settings.candidate_layers)}",
-        flush=True,
+    measured = measured_neurons(table, settings, published)
+    last = adapter.n_layers - 1
+    block = LastBlock(adapter, cache, len(eval_ids))
+    z, activations = block.clean()
+    ablation = FinalResidualAblation(
+        adapter,
+        z,
+        activations,
+        means[last].to(z.device),
+        rerun=None if linear_write(adapter) else block.ablated,
     )
-    ablation = NeuronAblation(BlockRunner(adapter), cache, means, len(eval_ids))
-    rows, joint = causal_test(ablation, table, candidates, settings)
-    geometry = candidates.drop(columns=["in_candidate_layers"]).reset_index(drop=True)
-    merged = geometry.merge(pd.DataFrame(rows), on=["layer", "neuron"]) if rows else geometry
-    return table, merged, pd.DataFrame(joint)
+    weights = adapter.neuron_out_weights(last).detach()
+    rows, per_neuron = entropy_test(ablation, weights, table, measured, settings)
+    table = table.merge(per_neuron.assign(layer=last), on=["layer", "neuron"], how="left")
+    roles = dict(zip(measured["neuron"], measured["role"]))
+    table["role"] = [
+        roles.get(n, "") if layer == last else ""
+        for layer, n in zip(table["layer"], table["neuron"])
+    ]
+    return table, rows
+
+
+def reference_matches(
+    table: pd.DataFrame, measured: pd.DataFrame, reference: pd.DataFrame
+) -> pd.DataFrame:
+    """Each published neuron: its norm rank and null-space share in its layer, and, for those of the
+    last block (all measured), its mediated share and verdict."""
+    columns = [
+        "layer",
+        "neuron",
+        "norm",
+        "norm_rank_in_layer",
+        "null_fraction",
+        "role",
+        "mediated_share",
+        "p_mediated_share_adjusted",
+        "entropy_neuron",
+    ]
+    rows = []
+    verdicts = measured.set_index("neuron")
+    last = int(table["layer"].max())
+    for layer, neuron in zip(reference["layer"], reference["neuron"]):
+        part = table[table["layer"] == layer]
+        hit = part[part["neuron"] == neuron]
+        if hit.empty:
+            raise LensspaceError(f"reference neuron {layer}.{neuron} does not exist in this model")
+        row = {
+            "layer": int(layer),
+            "neuron": int(neuron),
+            "norm": float(hit["norm"].iloc[0]),
+            "norm_rank_in_layer": int((part["norm"] > float(hit["norm"].iloc[0])).sum()) + 1,
+            "null_fraction": float(hit["null_fraction"].iloc[0]),
+        }
+        if layer == last and neuron in verdicts.index:
+            mine = verdicts.loc[neuron]
+            row.update({name: mine[name] for name in columns[5:]})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)

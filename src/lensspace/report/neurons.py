@@ -1,177 +1,234 @@
-"""Single MLP neurons: their lens-space geometry, the entropy-neuron candidates, each
-candidate's causal test against matched random neurons, and the published list."""
+"""Single MLP neurons: their lens-space geometry, and the entropy-neuron test of the last block
+(which neurons are entropy neurons by the published definition, measured against matched
+neurons), with the table and figure the workflow writes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from lensspace import tables
-from lensspace.report import words
 from lensspace.report.blocks import Finding, Section, Table, Text
 from lensspace.report.sections import Context, existing, figure, read_tsv
 
 
-def _separated(frame: pd.DataFrame, name: str) -> tuple[int, int]:
-    """How many rows hold / are reversed on metric ``name`` (Holm-adjusted, beyond the matched
-    draws)."""
-    return int((frame[f"verdict_{name}"] == "holds").sum()), int(
-        (frame[f"verdict_{name}"] == "reversed").sum()
+def legend(measured: pd.DataFrame, config: dict) -> str:
+    """Every procedure behind the table, with the run's sizes."""
+    settings = config.get("neurons", {})
+    n_tokens = int(measured["n_tokens"].iloc[0]) if not measured.empty else 0
+    n_matched = int(measured["n_matched"].iloc[0]) if not measured.empty else 0
+    return (
+        "Each last-block neuron mean-ablated alone (its activation replaced by its mean over "
+        f"{settings.get('mean_sequences', '?')} training sequences, positions 1..) on "
+        f"{n_tokens:,} held-out tokens. |ΔH| total: mean absolute change of the output's entropy "
+        "(nats) through every path; direct: the final norm's scale frozen at its clean value; "
+        "mediated: the per-token difference total − direct, in absolute value; mediated share = "
+        "mediated / (mediated + direct). KL(model ‖ ablated) and the share of positions whose "
+        "top-1 token changes, total. [ ]: 95% bootstrap intervals over sequences (bootstrap-t; "
+        "BCa for top-1 shares; percentile for the mediated share). p: the rank of the neuron's "
+        f"mediated share among its {n_matched} last-block neurons nearest in norm, (1 + #matched "
+        "≥ it) / (matched + 1), Holm-adjusted over the measured neurons. Entropy neuron: mediated "
+        f"share ≥ {settings.get('min_mediated_share', 0.5):g} and adjusted p < 0.05. Roles: "
+        "candidate = among the largest-norm neurons whose null-space share is at least "
+        f"{settings.get('null_ratio', 10):g}× a random direction's; largest = among the block's "
+        "largest norms; published = on the run's reference list."
     )
 
 
+def measured_table(measured: pd.DataFrame) -> pd.DataFrame:
+    """Per measured neuron: role, geometry, the mediated share against its matched neurons, the
+    effects with their intervals, the verdict."""
+
+    def with_interval(name: str) -> pd.Series:
+        return measured.apply(
+            lambda r: f"{r[name]:.3g} [{r[name + '_lo']:.3g}, {r[name + '_hi']:.3g}]", axis=1
+        )
+
+    return pd.DataFrame(
+        {
+            "neuron": measured.apply(lambda r: f"{int(r['layer'])}.{int(r['neuron'])}", axis=1),
+            "role": measured["role"],
+            "norm": measured["norm"],
+            "null-space share": measured["null_fraction"],
+            "mediated share": with_interval("mediated_share"),
+            "matched median": measured["matched_mediated_share_median"],
+            "p (Holm)": measured["p_mediated_share_adjusted"],
+            "abs ΔH total": with_interval("abs_dh_total"),
+            "abs ΔH direct": with_interval("abs_dh_direct"),
+            "abs ΔH mediated": with_interval("abs_dh_mediated"),
+            "KL total": with_interval("kl_total"),
+            "top-1 changed": with_interval("top1_total"),
+            "entropy neuron": measured["entropy_neuron"].map({True: "yes", False: "no"}),
+        }
+    )
+
+
+def plot(neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str | Path) -> None:
+    """Two panels of the last block: null-space share against norm (the geometry that picks
+    candidates), and the mediated share against the null-space share for every ablated neuron."""
+    from lensspace.plots import PALETTE, plt, save, style
+
+    style()
+    last = neurons[neurons["layer"] == neurons["layer"].max()]
+    measured = last[last["role"].fillna("") != ""]
+    ablated = last[last["mediated_share"].notna()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.9), layout="constrained")
+    left.scatter(last["norm"], last["null_fraction"], s=3, color=PALETTE["random"], alpha=0.4)
+    left.axhline(
+        float(last["null_random"].iloc[0]), color="black", lw=0.8, ls=":", label="random direction"
+    )
+    right.scatter(
+        ablated["null_fraction"],
+        ablated["mediated_share"],
+        s=4,
+        color=PALETTE["random"],
+        alpha=0.5,
+        label=f"ablated controls ({len(ablated) - len(measured)})",
+    )
+    for ax, y in ((left, "null_fraction"), (right, "mediated_share")):
+        x = "norm" if ax is left else "null_fraction"
+        ax.scatter(
+            measured[x],
+            measured[y],
+            s=28,
+            facecolors="none",
+            edgecolors=PALETTE["output"],
+            lw=1.0,
+            label=f"measured ({len(measured)})",
+        )
+        for row in measured.itertuples():
+            ax.annotate(
+                str(int(row.neuron)),
+                (getattr(row, x), getattr(row, y)),
+                fontsize=5.5,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
+        if not reference.empty:
+            ref = last.merge(reference[["layer", "neuron"]], on=["layer", "neuron"])
+            ax.scatter(ref[x], ref[y], marker="x", s=30, color="black", lw=1.0, label="published")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("output weight norm ||w||")
+    left.set_ylabel(f"null-space share ({int(last['null_k'].iloc[0])} directions)")
+    right.set_xscale("log")
+    right.set_xlabel("null-space share")
+    right.set_ylabel("share of |ΔH| mediated by the norm's scale")
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        ax.legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=8)
+    save(fig, path)
+
+
 def section(run: str, files: dict, context: Context) -> Section | None:
-    """Single MLP neurons: geometry, entropy-neuron candidates, their causal test, the published
-    list."""
+    """Single MLP neurons: geometry, the entropy-neuron test, the published list."""
     path = existing(files.get("neurons"))
     if path is None:
         return None
     neurons = pd.read_csv(path, sep="\t")
-    candidates = read_tsv(files["candidates"])
-    joint = read_tsv(files["joint"])
-    settings = context.config.get("neurons", {})
-    threshold = settings.get("min_internal_share", 0.9)
+    measured = read_tsv(files["measured"])
     k = int(neurons["k"].iloc[0])
     n_layers = neurons["layer"].nunique()
-    pool = neurons[neurons["in_candidate_layers"].astype(bool)]
-    passing = pool[pool["internal_fraction"] >= threshold]
-    blocks: list = []
+    last = neurons[neurons["layer"] == neurons["layer"].max()]
+    ratio = context.config.get("neurons", {}).get("null_ratio", 10)
+    random_share = float(last["null_random"].iloc[0])
     lines = [
         f"{len(neurons):,} MLP neurons ({n_layers} blocks × {len(neurons) // n_layers:,}); the "
         "lens-space share of each neuron's output weight w is ||Qᵀ M w||² / ||M w||² in the "
         f"unembed basis, k = {k} (M = I + A_(l+1) of the residual block l writes into; I after the "
-        f"last block). Median internal share {neurons['internal_fraction'].median():.3f}; "
-        f"{len(passing):,} of the {len(pool):,} neurons of {words.layers(pool['layer'])} reach "
-        f"{threshold:g} or more."
+        f"last block); median internal share {neurons['internal_fraction'].median():.3f}.",
+        "Entropy neurons (Stolfo et al. 2024) write into the effective null space of the "
+        f"unembedding: here its {int(last['null_k'].iloc[0])} bottom directions (about 1% of "
+        "d_model) of the centred unembedding with the final norm's gain folded in, where a random "
+        f"direction has share {random_share:.4f}. In the last block "
+        f"{int((last['null_fraction'] >= ratio * random_share).sum())} of {len(last):,} neurons "
+        f"have {ratio:g}× that or more; the largest-norm neuron has "
+        f"{float(last.loc[last['norm'].idxmax(), 'null_fraction']):.3f}.",
     ]
-    if candidates.empty:
-        lines.append("No neuron passes the threshold: there are no candidates to ablate.")
-    else:
-        n = len(candidates)
+    if not measured.empty:
+        found = measured[measured["entropy_neuron"].astype(bool)]
         lines.append(
-            f"Candidates: the {n} largest-norm of them ({words.layers(candidates['layer'])}; norms "
-            f"{candidates['norm'].min():.2f}–{candidates['norm'].max():.2f} against a median of "
-            f"{neurons['norm'].median():.2f})."
-        )
-        if "null_fraction" in neurons:
-            ranks = pool.assign(
-                rel=pool.groupby("layer")["logit_effect_rel"].rank(pct=True),
-                null=pool.groupby("layer")["null_fraction"].rank(pct=True),
+            f"{len(measured)} neurons measured, each against its "
+            f"{int(measured['n_matched'].iloc[0])} matched neurons: "
+            + ", ".join(
+                f"{int(r.neuron)} ({r.role}; mediated share {r.mediated_share:.2f} against a "
+                f"matched median {r.matched_mediated_share_median:.2f}, "
+                f"p {r.p_mediated_share_adjusted:.2g})"
+                for r in measured.itertuples()
             )
-            chosen = ranks.set_index(["layer", "neuron"]).loc[
-                list(zip(candidates["layer"], candidates["neuron"]))
-            ]
-            lines.append(
-                "In the geometry of Stolfo et al. (the centred, gain-folded unembedding's bottom "
-                f"{int(neurons['null_k'].iloc[0])} directions as its effective null space) the "
-                "candidates' null-space share has median "
-                f"{candidates['null_fraction'].median():.3f} against "
-                f"{pool['null_fraction'].median():.3f} for their layers' neurons (median "
-                f"percentile in their layer {chosen['null'].median():.0%}), and their logit effect "
-                f"per unit of lens norm sits at median percentile {chosen['rel'].median():.0%} "
-                "(low: the unembedding barely reads them)."
-            )
-        if "verdict_abs_d_entropy" in candidates:
-            up_h, down_h = _separated(candidates, "abs_d_entropy")
-            up_k, _ = _separated(candidates, "kl")
-            up_t, down_t = _separated(candidates, "top1_change")
-            n_tokens = int(candidates["n_tokens"].iloc[0])
-            ratio = candidates["matched_norm_ratio"]
-            lines.append(
-                f"Each candidate mean-ablated alone ({n_tokens:,} held-out tokens, against "
-                f"{int(candidates['n_draws'].iloc[0])} random neurons of its layer and matched "
-                "norm, their norms "
-                f"{ratio.min():.2f}–{ratio.max():.2f}× "
-                "the candidate's): the output's entropy changes more than for the matched neurons "
-                f"at {up_h} of {n} candidates (less at {down_h}), the KL is larger at {up_k}, the "
-                f"top-1 token changes more often at {up_t} (less at {down_t}). Each verdict: a "
-                "matched permutation test over sequences, Holm-corrected over the experiment's "
-                f"{3 * (n + len(joint))} comparisons (family-wise 0.05), and the candidate beyond "
-                "every matched draw. Mean |ΔH| / KL: candidates "
-                f"{candidates['entropy_per_kl'].mean():.2f}, matched random "
-                f"{candidates['random_entropy_per_kl'].mean():.2f}."
-            )
-            entropy_like = candidates[candidates["entropy_account"].astype(bool)]
-            lines.append(
-                "The entropy-neuron account (|ΔH| above the matched neurons', the top-1 token "
-                f"changed at most {settings.get('top1_margin', 0.01):g} of positions more often "
-                "than theirs (upper end of the paired 95% interval), and |ΔH| / KL with its 95% "
-                f"interval above every matched draw's) fits {len(entropy_like)} of {n}: "
-                + (
-                    ", ".join(f"{int(r.layer)}.{int(r.neuron)}" for r in entropy_like.itertuples())
-                    or "none"
-                )
+            + ". "
+            + (
+                "Entropy neurons by that criterion: "
+                + ", ".join(str(int(n)) for n in found["neuron"])
                 + "."
+                if not found.empty
+                else "None of them is an entropy neuron by that criterion."
             )
-        if not joint.empty:
-            row = joint.iloc[0]
-            lines.append(
-                f"All {int(row['n_neurons'])} together: |ΔH| {row['abs_d_entropy']:.4f} "
-                f"[{row['abs_d_entropy_lo']:.4f}, {row['abs_d_entropy_hi']:.4f}] vs random sets "
-                f"{row['random_abs_d_entropy']:.4f}; KL {words.number(row['kl'])} vs "
-                f"{words.number(row['random_kl'])}; top-1 changed {row['top1_change']:.4f} vs "
-                f"{row['random_top1_change']:.4f}."
-            )
+        )
     reference_path = existing(files.get("reference"))
     reference = read_tsv(reference_path) if reference_path is not None else pd.DataFrame()
     if not reference.empty:
-        hits = reference[reference["is_candidate"].astype(bool)]
         named = "; ".join(
-            f"{int(r.layer)}.{int(r.neuron)}: "
-            f"{'a candidate' if r.is_candidate else 'not a candidate'} (internal share "
-            f"{r.internal_fraction:.3f}, norm rank {int(r.norm_rank_in_layer)} in its layer)"
+            f"{int(r.layer)}.{int(r.neuron)}: norm rank {int(r.norm_rank_in_layer)}, null-space "
+            f"share {r.null_fraction:.3f}"
+            + (
+                f", mediated share {r.mediated_share:.2f}, "
+                f"{'an entropy neuron' if bool(r.entropy_neuron) else 'not an entropy neuron'} here"
+                if pd.notna(r.mediated_share)
+                else ""
+            )
             for r in reference.itertuples()
         )
-        lines.append(
-            f"Published entropy neurons ({reference['reference'].iloc[0]}): ours include "
-            f"{len(hits)} of {len(reference)}. {named}."
-        )
-    blocks.append(Text(" ".join(lines)))
+        lines.append(f"Published entropy neurons ({reference['reference'].iloc[0]}): {named}.")
+    blocks: list = [Text(" ".join(lines))]
     blocks += figure(
         files.get("figure"),
         (
-            f"MLP neurons of {run}: output weight norm ||w|| (log scale) against the "
-            f"internal share of the lens-space write, k = {k}; colour: block; circles: the "
-            f"{len(candidates)} candidates (share ≥ {threshold:g}, largest norms)"
+            f"Last block of {run}. Left: every neuron's output weight norm against its null-space "
+            "share (dotted: a random direction's). Right: every ablated neuron's null-space share "
+            "against the share of its entropy effect mediated by the final norm's scale; circles: "
+            "the measured neurons"
             + ("; crosses: the published entropy neurons." if not reference.empty else ".")
         ),
     )
-    if not candidates.empty:
+    if not measured.empty:
         blocks.append(
             Table(
-                tables.neuron_candidates_table(candidates),
-                (
-                    "Candidates, each mean-ablated alone: abs ΔH = mean absolute change of the "
-                    "output's entropy (nats), KL(model ‖ ablated), share of positions whose top-1 "
-                    "token changes; 'random': random neurons of the same layer and matched norm "
-                    "(mean over draws); 'diff': paired difference; [ ]: "
-                    f"{words.interval(context.n_resamples)} (BCa for the top-1 share, whose "
-                    "per-sequence values are discrete)."
-                ),
+                measured_table(measured),
+                legend(measured, context.config),
                 markdown_path=files.get("table"),
             )
         )
-    return Section("neurons", "Single neurons (entropy-neuron candidates)", blocks)
+    return Section("neurons", "Single neurons (entropy neurons)", blocks)
 
 
 def finding(run: str, files: dict, context: Context) -> Finding | None:
-    """How many candidates the entropy-neuron account fits (or that there are none)."""
-    path = existing(files.get("neurons"))
+    """Whether the model has entropy neurons by the published definition, and which."""
+    path = existing(files.get("measured"))
     if path is None:
         return None
-    candidates = read_tsv(files["candidates"])
-    threshold = context.config.get("neurons", {}).get("min_internal_share", 0.9)
-    if candidates.empty:
+    measured = read_tsv(path)
+    if measured.empty:
+        return Finding("Single neurons", "No last-block neuron was measured.")
+    found = measured[measured["entropy_neuron"].astype(bool)]
+    share = context.config.get("neurons", {}).get("min_mediated_share", 0.5)
+    criterion = (
+        f"(a last-block neuron that passes at least {share:g} of its entropy effect through the "
+        "final norm's scale, more than its neurons of like norm, Holm-corrected)"
+    )
+    if found.empty:
         sentence = (
-            f"No MLP neuron writes {threshold:g} or more of its lens-space output into the "
-            "internal subspace: there are no entropy-neuron candidates."
-        )
-    elif "entropy_account" in candidates:
-        fits = int(candidates["entropy_account"].astype(bool).sum())
-        sentence = (
-            f"The entropy-neuron account fits {fits} of the {len(candidates)} candidates "
-            f"(neurons writing {threshold:g} or more of their lens-space output into the "
-            "internal subspace, largest norms first)."
+            f"This model has no entropy neuron among the {len(measured)} measured {criterion}."
         )
     else:
-        sentence = f"{len(candidates)} neurons are entropy-neuron candidates."
+        sentence = (
+            f"This model has {len(found)} entropy neuron{'s' if len(found) > 1 else ''} "
+            f"among the {len(measured)} measured {criterion}: "
+            + ", ".join(
+                f"{int(r.neuron)} (mediated share {r.mediated_share:.2f})"
+                for r in found.itertuples()
+            )
+            + "."
+        )
     return Finding("Single neurons", sentence)

@@ -64,6 +64,11 @@ def get_lens_training(wildcards):
     return lens_training_params(config, wildcards.run)
 
 
+def get_lens_source(wildcards):
+    """Where the run's lens comes from: train, pretrained, ..."""
+    return get_run(wildcards.run)["lens"]["source"]
+
+
 def get_lens_ridge(wildcards):
     """The ridge the run's lens was fitted with (None for a pretrained lens)."""
     trained = get_run(wildcards.run)["lens"]["source"] == "train"

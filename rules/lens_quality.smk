@@ -24,6 +24,7 @@ rule lens_quality:
     params:
         config=get_config_values("lens_quality", "h0", "random_draws", "bootstrap", "seed"),
         training=get_lens_training,
+        lens_source=get_lens_source,
         n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
         compute=get_compute(),

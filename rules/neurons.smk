@@ -29,6 +29,7 @@ rule neurons:
     params:
         config=get_config_values("neurons", "bootstrap", "seed"),
         reference=lambda wildcards: get_reference_table(wildcards.run, "neurons"),
+        model=lambda wildcards: get_run(wildcards.run)["model"],
         device=config["device"],
         compute=get_compute(),
     script:

@@ -12,7 +12,12 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     settings = lens_quality_settings(sm.params.config, sm.params.n_layers)
     rows, sequences = sweep(
-        adapter, cache, load_bases(sm.input.bases), LensTraining(**sm.params.training), settings
+        adapter,
+        cache,
+        load_bases(sm.input.bases),
+        LensTraining(**sm.params.training),
+        settings,
+        run_lens_trained=sm.params.lens_source == "train",
     )
     runtime.write_tsv(sequences, sm.output.sequences)
     runtime.write_tsv(rows, sm.output.sweep)

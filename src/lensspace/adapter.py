@@ -284,6 +284,14 @@ class Adapter:
         weight = self.mlp_out(layer).weight
         return weight if self.arch.mlp_out_transposed else weight.T
 
+    def neuron_write_directions(self, layer: int) -> torch.Tensor:
+        """Each MLP neuron's direction in the residual [n_neurons, d_model]: its output weight,
+        times the gain of a norm after the MLP (Gemma 2/3, whose per-token scale aside the write
+        lies along ``g * W[j]``)."""
+        weight = self.neuron_out_weights(layer)
+        norm = self.mlp_write_norm(layer)
+        return weight if norm is None else weight * (norm.weight + self.arch.norm_gain_offset)
+
     def head_out_weights(self, layer: int) -> torch.Tensor:
         """``W_O`` of every head as [n_heads, head_dim, d_model]: head ``h`` writes ``o_h @ W[h]``.
 

@@ -26,6 +26,9 @@ from lensspace.divergences import KLReference, kl_from_logprobs, kl_loss, kl_tar
 from lensspace.errors import LensspaceError
 from lensspace.stats import Estimate, bootstrap_mean
 
+# Each layer's refinement generator is seeded with seed + LAYER_SEED_STRIDE * (layer + 1).
+LAYER_SEED_STRIDE = 1_000_003
+
 
 @dataclass(frozen=True)
 class LensTraining:
@@ -119,6 +122,14 @@ def held_out_sequences(n_sequences: int, seq_len: int, settings: LensTraining) -
     return range(n_sequences - n_check, n_sequences)
 
 
+@dataclass
+class LensFit:
+    """A trained lens and, per layer whose refinement was checked, whether it was kept."""
+
+    lens: TunedLens
+    refinement_kept: dict[int, bool]
+
+
 def train_lens(
     adapter: Adapter,
     cache: ActivationCache,
@@ -126,12 +137,25 @@ def train_lens(
     name: str,
     layers: Sequence[int] | None = None,
 ) -> TunedLens:
+    """The lens of :func:`fit_lens`."""
+    return fit_lens(adapter, cache, settings, name, layers).lens
+
+
+def fit_lens(
+    adapter: Adapter,
+    cache: ActivationCache,
+    settings: LensTraining,
+    name: str,
+    layers: Sequence[int] | None = None,
+) -> LensFit:
     """Fit every translator (or those of ``layers``; the others stay zero) by ridge least squares
     to the last residual, then refine by KL.
 
     The least-squares fit and the refinement use the training sequences outside
     ``held_out_sequences``; the refinement is kept only where it lowers the KL on those held-out
     sequences, which neither saw, so a kept refinement improved the lens beyond its fitting data.
+    Each layer's refinement draws from its own seeded generator, so a layer's translator is the
+    same whichever other layers are trained with it.
     """
     lens = empty_lens(adapter, name)
     final_seqs = cache.final("train")
@@ -148,6 +172,7 @@ def train_lens(
         target = kl_target(adapter.logits(final[refine_idx]).log_softmax(-1))
         check_target = adapter.logits(check_final).log_softmax(-1)
         check_p = check_target.exp()  # once: both checks of every layer compare with it
+    kept_by_layer: dict[int, bool] = {}
     for layer in tqdm(
         range(adapter.n_layers) if layers is None else layers,
         desc="lens",
@@ -163,9 +188,13 @@ def train_lens(
             translator.bias.copy_(bias)
         if len(check):
             before = _kl(adapter, translator, h_check, check_target, check_p)
-            _refine(adapter, translator, h[refine_idx], target, settings, gen)
+            layer_gen = torch.Generator().manual_seed(
+                settings.seed + LAYER_SEED_STRIDE * (layer + 1)
+            )
+            _refine(adapter, translator, h[refine_idx], target, settings, layer_gen)
             after = _kl(adapter, translator, h_check, check_target, check_p)
             kept = after < before
+            kept_by_layer[layer] = kept
             if not kept:
                 with torch.no_grad():
                     translator.weight.copy_(weight)
@@ -175,7 +204,7 @@ def train_lens(
                 f"least squares, {after:.4f} after refinement ({'kept' if kept else 'reverted'})",
                 file=sys.stderr,
             )
-    return lens
+    return LensFit(lens, kept_by_layer)
 
 
 def _refine(

@@ -244,48 +244,6 @@ def swap_heatmaps(swaps: pd.DataFrame, n_layers: int, title: str, path: str | Pa
     save(fig, path)
 
 
-def lens_quality_verdict_figure(sweep: pd.DataFrame, title: str, path: str | Path) -> None:
-    """Output − internal KL (with its interval) against lens KL; colour: layer; filled: refined."""
-    style()
-    modes = list(dict.fromkeys(sweep["mode"]))
-    fig, axes = plt.subplots(
-        1, len(modes), figsize=(3.4 * len(modes), 2.8), layout="constrained", squeeze=False
-    )
-    norm = matplotlib.colors.Normalize(
-        sweep["layer"].min(), max(sweep["layer"].max(), sweep["layer"].min() + 1)
-    )
-    cmap = matplotlib.colormaps["viridis"]
-    for ax, mode in zip(axes[0], modes):
-        part = sweep[sweep["mode"] == mode]
-        for (layer, refine), group in part.groupby(["layer", "refine"]):
-            group = group.sort_values("lens_kl")
-            color = cmap(norm(layer))
-            ax.errorbar(
-                group["lens_kl"],
-                group["diff"],
-                yerr=[group["diff"] - group["diff_lo"], group["diff_hi"] - group["diff"]],
-                color=color,
-                lw=0.8,
-                marker="o",
-                ms=3.5,
-                capsize=1.5,
-                mfc=color if refine else "white",
-                ls="-" if refine else "--",
-            )
-        ax.axhline(0, color="#7f8c8d", lw=0.8)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("lens KL, held out (nats)")
-        ax.set_ylabel("KL(output) − KL(internal)")
-        ax.set_title(f"mode {mode}", fontsize=8)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0, -1], label="layer")
-    fig.suptitle(
-        f"{title}\nfilled / solid: with KL refinement; open / dashed: least squares only",
-        fontsize=8,
-    )
-    save(fig, path)
-
-
 def ood_figure(
     frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path
 ) -> None:

@@ -123,30 +123,6 @@ def embedding_lens_table(fit: pd.DataFrame, ablation: pd.DataFrame) -> tuple[pd.
     return out.reset_index(), k
 
 
-def lens_budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per budget, layer and mode: lens KL, ablation KLs, output − internal with its interval,
-    verdict."""
-
-    def interval(frame: pd.DataFrame, name: str, lo: str, hi: str) -> pd.Series:
-        return frame.apply(lambda r: f"{r[name]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]", axis=1)
-
-    return pd.DataFrame(
-        {
-            "budget": sweep["budget"],
-            "lstsq tokens": sweep["lstsq_tokens"],
-            "layer": sweep["layer"],
-            "mode": sweep["mode"],
-            "lens KL": interval(sweep, "lens_kl", "lens_kl_lo", "lens_kl_hi"),
-            "KL output": sweep["kl_output"],
-            "KL internal": sweep["kl_internal"],
-            "KL random": sweep["kl_random"],
-            "output − internal": interval(sweep, "diff", "diff_lo", "diff_hi"),
-            "p (Holm)": sweep["p_adjusted"],
-            "verdict": sweep["verdict"],
-        }
-    )
-
-
 def ood_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
     """Per corpus, layer and mode: tuned / logit lens KL and the seed-layout H0 cells.
 

@@ -24,7 +24,7 @@ from lensspace.adapter import Adapter
 from lensspace.divergences import KLReference
 from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
-from lensspace.lenses import LensTraining, held_out_sequences, train_lens, translate
+from lensspace.lenses import LensTraining, fit_lens, held_out_sequences, translate
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
 from lensspace.stats import adjust, bootstrap_mean, paired_difference
 from lensspace.subspaces import Basis
@@ -60,9 +60,19 @@ class TrainSubset:
 
 
 def budget_label(fraction: float, refine: bool) -> str:
-    """``1/8 lstsq``, ``all lstsq+kl``, ..."""
+    """``1/8 lstsq``, ``all lstsq+kl``, ...: the budget as configured."""
     share = "all" if fraction == 1 else str(Fraction(fraction).limit_denominator(64))
     return f"{share} {'lstsq+kl' if refine else 'lstsq'}"
+
+
+def trained_label(fraction: float, refine: bool, kept: bool | None) -> str:
+    """What a layer's lens is: ``1/8 lstsq``, ``1/8 lstsq+kl``, or ``1/8 lstsq, kl reverted``
+    (least squares on the tokens the refinement's check left, where the check reverted it);
+    ``kept`` None: no refinement ran (no steps, or too few sequences to check it)."""
+    if refine and kept is None:
+        return budget_label(fraction, False)
+    label = budget_label(fraction, refine)
+    return label.replace("lstsq+kl", "lstsq, kl reverted") if refine and not kept else label
 
 
 @torch.no_grad()
@@ -91,8 +101,13 @@ def sweep(
     bases: dict[str, Basis],
     training: LensTraining,
     settings: LensQualitySettings,
+    run_lens_trained: bool = True,
 ) -> tuple[list[dict], list[dict]]:
-    """Rows of sweep.tsv (budget x layer x mode) and of per_sequence.tsv."""
+    """Rows of sweep.tsv (budget x layer x mode) and of per_sequence.tsv.
+
+    ``run_lens_trained``: the run's own lens was trained here with ``training``; the budget of
+    every training sequence with the run's refinement setting then is that lens (each layer's fit
+    and refinement are seeded per layer, whatever other layers are trained)."""
     grid = settings.grid
     points = len(settings.fractions) * len(settings.refine) * len(settings.layers) * len(grid.modes)
     # the smallest bootstrap p-value stays a quarter of Holm's first threshold
@@ -110,9 +125,10 @@ def sweep(
                 training, refine_steps=training.refine_steps if refine else 0
             )
             print(f"budget {label}: {n} of {n_train} training sequences", flush=True)
-            lens = train_lens(
+            fit = fit_lens(
                 adapter, TrainSubset(cache, n), lens_settings, label, layers=settings.layers
             )
+            lens = fit.lens
             n_fit = n - len(held_out_sequences(n, seq_len, lens_settings))
             keys = {
                 "budget": label,
@@ -120,8 +136,14 @@ def sweep(
                 "refine": refine,
                 "train_tokens": n * (seq_len - 1),
                 "lstsq_tokens": n_fit * (seq_len - 1),
+                "run_lens": run_lens_trained
+                and n == n_train
+                and refine == bool(training.refine_steps),
             }
             for layer in settings.layers:
+                kept = fit.refinement_kept.get(layer) if refine else None
+                keys["refine_kept"] = kept
+                keys["trained"] = trained_label(fraction, refine, kept)
                 lens_kl = held_out_kl(adapter, lens, cache, layer)
                 est = bootstrap_mean(lens_kl, grid.n_boot, grid.seed)
                 results = h0.run_layer(adapter, lens, cache, bases, layer, grid)

@@ -30,6 +30,7 @@ output's entropy. Here they are found and tested in three steps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class NeuronSettings:
     n_largest: int = 4
     n_matched: int = 300
     min_mediated_share: float = 0.5
-    eval_sequences: int = 8
+    eval_sequences: int = 16
     mean_sequences: int = 32
     n_boot: int = 1000
     seed: int = 0
@@ -147,7 +148,7 @@ def neuron_geometry(
     gain = adapter.norm_gain.detach().double().cpu()
     frames = []
     for layer, m in enumerate(write_maps(adapter, lens)):
-        w = adapter.neuron_out_weights(layer).detach().double().cpu()  # [n, d]
+        w = adapter.neuron_write_directions(layer).detach().double().cpu()  # [n, d]
         lens_w = w @ m.T
         total = lens_w.square().sum(1)
         normalised = adapter.centre(lens_w)
@@ -493,9 +494,23 @@ def entropy_test(
         row["n_matched"] = len(pool)
         rows.append(row)
     frame = pd.DataFrame(rows)
+    smallest = len(frame) / (settings.n_matched + 1)  # Holm's smallest adjusted rank p-value
+    if smallest >= ALPHA:
+        print(
+            f"warning: {len(frame)} measured neurons against {settings.n_matched} matched each: "
+            f"the smallest adjusted p-value is {smallest:.3g}, not below {ALPHA}, so no neuron "
+            f"can be an entropy neuron; raise neurons.n_matched above "
+            f"{math.ceil(len(frame) / ALPHA) - 1}",
+            flush=True,
+        )
     frame["p_mediated_share_adjusted"] = adjust(list(frame["p_mediated_share"]), CORRECTION)
-    frame["entropy_neuron"] = (frame["mediated_share"] >= settings.min_mediated_share) & (
-        frame["p_mediated_share_adjusted"] < ALPHA
+    frame["verdict_possible"] = smallest < ALPHA
+    frame["final_norm"] = ablation.adapter.norm_kind != "none"
+    # without a final norm (OPT-350m) there is no scale to freeze: the test does not apply
+    frame["entropy_neuron"] = (
+        (frame["mediated_share"] >= settings.min_mediated_share)
+        & (frame["p_mediated_share_adjusted"] < ALPHA)
+        & frame["final_norm"]
     )
     frame["n_sequences"] = ablation.n_seq
     frame["n_tokens"] = ablation.n_seq * ablation.n_pos

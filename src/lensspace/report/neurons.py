@@ -28,7 +28,11 @@ def legend(measured: pd.DataFrame, config: dict) -> str:
         "BCa for top-1 shares; percentile for the mediated share). p: the rank of the neuron's "
         f"mediated share among its {n_matched} last-block neurons nearest in norm, (1 + #matched "
         "≥ it) / (matched + 1), Holm-adjusted over the measured neurons. Entropy neuron: mediated "
-        f"share ≥ {settings.get('min_mediated_share', 0.5):g} and adjusted p < 0.05. Roles: "
+        f"share ≥ {settings.get('min_mediated_share', 0.5):g} and adjusted p < 0.05 (Stolfo et "
+        "al. report the norm-mediated fraction of the loss change; this is of the entropy "
+        "change). Null-space share: of the write's centred direction in the bottom "
+        f"{int(measured['null_k'].iloc[0]) if 'null_k' in measured else '?'} right singular "
+        "directions of the centred, gain-folded unembedding. Roles: "
         "candidate = among the largest-norm neurons whose null-space share is at least "
         f"{settings.get('null_ratio', 10):g}× a random direction's; largest = among the block's "
         "largest norms; published = on the run's reference list."
@@ -211,6 +215,19 @@ def finding(run: str, files: dict, context: Context) -> Finding | None:
     measured = read_tsv(path)
     if measured.empty:
         return Finding("Single neurons", "No last-block neuron was measured.")
+    if not measured["final_norm"].astype(bool).all():
+        return Finding(
+            "Single neurons",
+            "The model has no final norm (its blocks normalise their own output): there is no "
+            "scale to freeze, and the entropy-neuron test does not apply.",
+        )
+    if not measured["verdict_possible"].astype(bool).all():
+        return Finding(
+            "Single neurons",
+            f"No entropy-neuron verdict was possible: {len(measured)} measured neurons against "
+            f"{int(measured['n_matched'].iloc[0])} matched each cannot clear Holm's correction "
+            "(raise neurons.n_matched).",
+        )
     found = measured[measured["entropy_neuron"].astype(bool)]
     share = context.config.get("neurons", {}).get("min_mediated_share", 0.5)
     criterion = (

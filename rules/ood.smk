@@ -9,6 +9,7 @@ rule ood_tokenize:
         train=rules.tokenize.output.tokens,
     output:
         tokens=f"{RESULTS}/{{run}}/ood/{{corpus}}/tokens.safetensors",
+        sample=f"{RESULTS}/{{run}}/ood/{{corpus}}/sample.tsv",
     log:
         f"{RESULTS}/logs/ood_tokenize/{{run}}/{{corpus}}.log",
     conda:
@@ -20,6 +21,7 @@ rule ood_tokenize:
         seq_len=lambda wildcards: get_token_split(wildcards)["seq_len"],
         seed=config["seed"],
         ood=config["ood"],
+        source=lambda wildcards: config["corpora"][wildcards.corpus]["source"],
     script:
         "../scripts/ood_tokenize.py"
 
@@ -27,8 +29,6 @@ rule ood_tokenize:
 rule ood:
     input:
         tokens=rules.ood_tokenize.output.tokens,
-        run_tokens=rules.tokenize.output.tokens,
-        cache=rules.cache_activations.output.cache,
         model=get_model_manifest,
         lens=f"{RESULTS}/{{run}}/lens/params.pt",
         bases=rules.svd.output.bases,
@@ -97,6 +97,7 @@ register_experiment(
     files={
         "lens_eval": rules.ood.output.lens_eval,
         "ablation": rules.ood.output.ablation,
+        "sample": rules.ood_tokenize.output.sample,
         "table": rules.ood_table.output.markdown,
         "figure": rules.ood_table.output.figure,
     },

@@ -13,15 +13,12 @@ from lensspace.subspaces import load_bases
 
 def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
-    cache = runtime.open_cache(sm.input.cache, sm.input.run_tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     config = sm.params.config
-    ids = load_file(sm.input.tokens)["eval"]
     lens_rows, ablation, sequences = evaluate(
         adapter,
         lens,
-        cache,
-        ids,
+        load_file(sm.input.tokens),
         load_bases(sm.input.bases),
         seed_layout_layers(config, "ood", sm.params.n_layers),
         seed_layout_grid(config, "ood"),

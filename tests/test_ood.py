@@ -1,10 +1,11 @@
-"""Out-of-distribution corpora: offline sources parsed deterministically, eval sequences that
-never appear in the training tokens, and the evaluation's rows on a tiny model."""
+"""Out-of-distribution corpora: offline sources parsed deterministically, held-out windows at
+seeded offsets (their docstring and comment share measured) that never appear in the training
+tokens, means from the corpus's own other documents, a test whose size holds at the sample used,
+and the evaluation's rows on a tiny model."""
 
 from __future__ import annotations
 
 import io
-import statistics
 import tokenize
 
 import pytest
@@ -21,7 +22,15 @@ from lensspace.corpus import (
 )
 from lensspace.errors import LensspaceError
 from lensspace.experiments.grid import AblationGrid
-from lensspace.experiments.ood import check_disjoint, eval_tokens, evaluate, shared_ngrams
+from lensspace.experiments.ood import (
+    check_disjoint,
+    compare_ablations,
+    docstring_comment_mask,
+    docstring_comment_shares,
+    evaluate,
+    sample_tokens,
+    shared_ngrams,
+)
 from lensspace.sources import extract_member
 from lensspace.subspaces import unembedding_bases
 
@@ -54,19 +63,46 @@ def prose_share(text: str) -> float:
     return sum(mask) / max(1, len(text))
 
 
-def test_code_corpus_sequences_are_code_with_their_layout(real, tmp_path):
-    # each eval sequence is the start of a file: it must be code (not only the module docstring
-    # and licence, and not with whitespace collapsed), with line breaks and indentation
+def test_code_corpus_windows_are_code_at_seeded_offsets_with_their_layout(real, tmp_path):
+    """Each held-out window lies at a seeded offset of its own file, with line breaks and
+    indentation; the means come from other files; the windows' docstring and comment share is
+    measured beside the corpus's."""
     prepare_corpus("code", STDLIB, tmp_path / "code.txt", tmp_path)
     docs = read_documents(tmp_path / "code.txt")
-    assert docs == python_stdlib_documents(
-        "code", STDLIB
-    )  # the one-line-per-document file round-trips
-    ids = eval_tokens(docs, real.tokenizer, 128, 16, 0)
-    texts = [real.tokenizer.decode(row) for row in ids.tolist()]
+    assert docs == python_stdlib_documents("code", STDLIB)  # one line per document round-trips
+    sample = sample_tokens(docs, real.tokenizer, 128, 16, 8, 0)
+    assert sample.tokens["eval"].shape == (16, 128) and sample.tokens["train"].shape == (8, 128)
+    texts = [real.tokenizer.decode(row) for row in sample.tokens["eval"].tolist()]
     assert all("\n    " in text for text in texts)
-    assert statistics.median(prose_share(text) for text in texts) < 0.5
-    assert prose_share('"""A docstring."""\n# a comment\n') > 0.9 and prose_share("x = f(1)\n") == 0
+    for row, text in zip(sample.rows, texts):
+        assert docs[row["document"]][row["char_start"] : row["char_end"]] == text
+    assert len({row["token_offset"] for row in sample.rows}) > 12  # not every file's start
+    again = sample_tokens(docs, real.tokenizer, 128, 16, 8, 0)
+    assert torch.equal(again.tokens["eval"], sample.tokens["eval"])
+    # the means' sequences come from other documents than the held-out windows
+    used = {row["document"] for row in sample.rows}
+    train_text = real.tokenizer.decode(sample.tokens["train"].flatten().tolist())
+    assert not any(docs[d][:200] in train_text for d in used)
+    windows, corpus = docstring_comment_shares(docs, sample.rows)
+    assert all(0 <= share <= 1 for share in windows)  # every stdlib file tokenizes
+    assert 0.05 < corpus < 0.6
+    # the mask against an independent reading (comments and every string literal) on whole files
+    for doc in docs[:20]:
+        mask = docstring_comment_mask(doc)
+        assert mask is not None and float(mask.double().mean()) <= prose_share(doc) + 1e-9
+
+
+def test_docstring_comment_mask_marks_docstrings_and_comments_not_other_strings():
+    source = '''def f(x):
+    """Doc."""
+    y = "not a docstring"  # note
+    "bare string statement"
+    return y
+'''
+    mask = docstring_comment_mask(source)
+    marked = "".join(c for c, m in zip(source, mask.tolist()) if m)
+    assert marked == '"""Doc."""# note"bare string statement"'
+    assert docstring_comment_mask("def f(:\n") is None
 
 
 def test_prepared_corpus_lines_encode_line_breaks_and_backslashes():
@@ -89,16 +125,39 @@ def test_japanese_bible_parses_into_chapters(tmp_path):
 
 def test_eval_corpus_never_appears_in_training_tokens(real):
     train = real.tokens["train"]
-    code = eval_tokens(python_stdlib_documents("code", STDLIB), real.tokenizer, 128, 4, 0)
-    assert code.shape == (4, 128)
-    assert shared_ngrams(code, train, 16) == 0
-    check_disjoint("code", code, train, 16)
+    code = sample_tokens(python_stdlib_documents("code", STDLIB), real.tokenizer, 128, 4, 2, 0)
+    assert code.tokens["eval"].shape == (4, 128)
+    for ids in code.tokens.values():
+        assert shared_ngrams(ids, train, 16) == 0
+        check_disjoint("code", ids, train, 16)
     # the check is not vacuous: text taken from the training sequences is refused
-    leaked = [real.tokenizer.decode(row) for row in train[:4].tolist()]
-    copied = eval_tokens(leaked, real.tokenizer, 64, 2, 0)
+    leaked = [real.tokenizer.decode(row) for row in train[:6].tolist()]
+    copied = sample_tokens(leaked, real.tokenizer, 64, 2, 1, 0).tokens["eval"]
     assert shared_ngrams(copied, train, 16) > 0
     with pytest.raises(LensspaceError, match="not out of distribution"):
         check_disjoint("leaked", copied, train, 16)
+
+
+def test_sign_flip_test_holds_its_level_at_the_default_sample_and_holms_levels():
+    """16 sequences whose two ablations are exchangeable within each sequence (a skewed,
+    heavy-tailed pair, as per-sequence KLs are): the rejection rate stays within its level at
+    0.05 and at Holm's first threshold over the default's 6 comparisons (3 layers, 2 modes)."""
+    gen = torch.Generator().manual_seed(0)
+    n_sims, n_seq = 1500, 16
+    levels = (0.05, 0.05 / 6)
+    rejected = dict.fromkeys(levels, 0)
+    for sim in range(n_sims):
+        base = (torch.randn(n_seq, generator=gen, dtype=torch.float64) * 1.2).exp()
+        pair = base * (torch.randn(2, n_seq, generator=gen, dtype=torch.float64) * 0.62).exp()
+        _, p = compare_ablations(pair[0], pair[1], 2000, sim)
+        for level in levels:
+            rejected[level] += p <= level
+    for level in levels:
+        se = (level * (1 - level) / n_sims) ** 0.5
+        assert rejected[level] / n_sims <= level + 3 * se, level
+    # and it can reject: a consistent difference at 16 sequences
+    a = torch.arange(1.0, 17.0, dtype=torch.float64)
+    assert compare_ablations(a + 1, a, 20000, 0)[1] < 0.001
 
 
 def test_shared_ngrams_counts_against_direct_search():
@@ -117,17 +176,27 @@ def test_evaluate_gives_its_layers_and_the_seed_cells(tiny, tmp_path):
     grid = AblationGrid(
         bases=("unembed",), sites=("pre_norm",), n_boot=100, random_draws=2, experiment="ood"
     )
-    lens_rows, ablation, sequences = evaluate(
-        adapter,
-        cached.lens,
-        cached.cache,
-        ids,
-        unembedding_bases(adapter),
-        [0, 2],
-        grid,
-        200,
-        storage="float32",
+    means = torch.randint(
+        0, 256, (3, 12), generator=torch.Generator().manual_seed(10), dtype=torch.int32
     )
+    run = [
+        evaluate(
+            adapter,
+            cached.lens,
+            {"train": train, "eval": ids},
+            unembedding_bases(adapter),
+            [0, 2],
+            grid,
+            200,
+            storage="float32",
+        )
+        for train in (means, means.flip(1))
+    ]
+    lens_rows, ablation, sequences = run[0]
+    # the mean mode uses the corpus's own mean sequences; the zero mode does not read them
+    for mode, same in (("zero", True), ("mean", False)):
+        kls = [[r["kl"] for r in rows if r["mode"] == mode] for _, rows, _ in run]
+        assert (kls[0] == kls[1]) == same
     assert {(r["layer"], r["lens"]) for r in lens_rows} == {
         (layer, n) for layer in (0, 2) for n in ("tuned", "logit")
     }

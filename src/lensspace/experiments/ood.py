@@ -1,18 +1,25 @@
 """Out of distribution: the run's lens and the seed-layout H0 cells on corpora it never saw.
 
-Each eval corpus is tokenized with the run's tokenizer into held-out sequences (one per
-document, the first ``seq_len`` tokens); a corpus sharing a long token n-gram with the run's
-training tokens is refused (:func:`check_disjoint`). On those sequences: the tuned and the logit
-lens's KL(p_final || p_lens) and the H0 cells (unembed basis, k = d/2,
-pre_norm) with the random control, whose mean-mode means stay the in-distribution training means.
-Output minus internal is a paired bootstrap-t comparison over the corpus's sequences, its
-p-value Holm-corrected over the corpus's (layer, mode) comparisons.
+Each eval corpus is tokenized with the run's tokenizer and split by whole document: held-out
+sequences (one per document, a window of ``seq_len`` tokens at a seeded offset within it, so a
+file's opening docstring is no likelier than any other part of it) and, from other documents, the
+sequences whose means the mean-mode cells use, so a mean ablation replaces a component by its mean
+on the same kind of text. A corpus sharing a long token n-gram with the run's training tokens is
+refused (:func:`check_disjoint`). On the held-out sequences: the tuned and the logit lens's
+KL(p_final || p_lens) and the H0 cells (unembed basis, k = d/2, pre_norm) with the random
+control. Output minus internal per sequence is compared by a sign-flip randomization test (exact
+size under the null that the two ablations are exchangeable within each sequence, at any number
+of sequences), its p-value Holm-corrected over the corpus's (layer, mode) comparisons; the
+interval is the paired bootstrap-t one.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import tempfile
+import tokenize
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,17 +33,86 @@ from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import evaluate_lens
 from lensspace.robustness import ALPHA, CORRECTION, verdict
-from lensspace.stats import adjust, paired_difference
+from lensspace.stats import Comparison, adjust, matched_permutation_p, paired_difference
 from lensspace.subspaces import Basis
 
 
-def eval_tokens(
-    docs: list[str], tokenizer, seq_len: int, n_sequences: int, seed: int
-) -> torch.Tensor:
-    """[n_sequences, seq_len] int32: the start of as many different documents (no train split)."""
-    return split_documents(docs, tokenizer, TokenSplit(seq_len, 0, n_sequences, seed)).tokens[
-        "eval"
-    ]
+@dataclass(frozen=True)
+class Sample:
+    """An eval corpus's sequences: ``tokens`` ``eval`` (held out) and ``train`` (for the means),
+    and per held-out sequence its document, token offset and character span."""
+
+    tokens: dict[str, torch.Tensor]
+    rows: list[dict]
+
+
+def sample_tokens(
+    docs: list[str], tokenizer, seq_len: int, n_eval: int, n_mean: int, seed: int
+) -> Sample:
+    """Held-out windows at seeded offsets of ``n_eval`` documents, and ``n_mean`` sequences from
+    other documents (a stream, as a training split)."""
+    split = split_documents(docs, tokenizer, TokenSplit(seq_len, n_mean, n_eval, seed))
+    gen = torch.Generator().manual_seed(seed)
+    windows, rows = [], []
+    for sequence, document in enumerate(split.documents["eval"]):
+        encoded = tokenizer(docs[document], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        start = int(torch.randint(len(ids) - seq_len + 1, (1,), generator=gen))
+        windows.append(ids[start : start + seq_len])
+        rows.append(
+            {
+                "sequence": sequence,
+                "document": document,
+                "token_offset": start,
+                "char_start": offsets[start][0],
+                "char_end": offsets[start + seq_len - 1][1],
+            }
+        )
+    tokens = {"train": split.tokens["train"], "eval": torch.tensor(windows, dtype=torch.int32)}
+    return Sample(tokens, rows)
+
+
+def docstring_comment_mask(source: str) -> torch.Tensor | None:
+    """Per character of Python ``source``: inside a comment or a docstring (a string literal that
+    is a statement of its own); None where the source does not tokenize."""
+    starts = [0]
+    for line in source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    mask = torch.zeros(len(source), dtype=torch.bool)
+    skip = {tokenize.NL, tokenize.COMMENT}
+    statement_start = {tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, None}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+    significant = [t for t in tokens if t.type not in skip]
+    for t in tokens:
+        if t.type == tokenize.COMMENT:
+            mask[starts[t.start[0] - 1] + t.start[1] : starts[t.end[0] - 1] + t.end[1]] = True
+    for i, t in enumerate(significant):
+        before = significant[i - 1].type if i else None
+        after = significant[i + 1].type if i + 1 < len(significant) else tokenize.ENDMARKER
+        if (
+            t.type == tokenize.STRING
+            and before in statement_start
+            and after in (tokenize.NEWLINE, tokenize.ENDMARKER)
+        ):
+            mask[starts[t.start[0] - 1] + t.start[1] : starts[t.end[0] - 1] + t.end[1]] = True
+    return mask
+
+
+def docstring_comment_shares(docs: list[str], rows: list[dict]) -> tuple[list[float], float]:
+    """The docstring-and-comment share of each held-out window's characters, and of the whole
+    corpus's (documents that do not tokenize count in neither: NaN for their windows)."""
+    masks = {i: docstring_comment_mask(doc) for i, doc in enumerate(docs)}
+    marked = sum(int(m.sum()) for m in masks.values() if m is not None)
+    total = sum(len(m) for m in masks.values() if m is not None)
+    windows = []
+    for row in rows:
+        mask = masks[row["document"]]
+        part = None if mask is None else mask[row["char_start"] : row["char_end"]]
+        windows.append(float(part.double().mean()) if part is not None and len(part) else math.nan)
+    return windows, marked / total if total else math.nan
 
 
 def shared_ngrams(a: torch.Tensor, b: torch.Tensor, n: int) -> int:
@@ -59,37 +135,31 @@ def check_disjoint(corpus: str, ood: torch.Tensor, train: torch.Tensor, n: int) 
         )
 
 
-class SplitCache:
-    """The run's training split (its means) beside another corpus's held-out split."""
-
-    def __init__(self, train: ActivationCache, eval_: ActivationCache):
-        self.train, self.eval = train, eval_
-        self.n_layers = train.n_layers
-
-    def load(self, layer: int, split: str) -> torch.Tensor:
-        return (self.train if split == "train" else self.eval).load(layer, split)
-
-    def final(self, split: str) -> torch.Tensor:
-        return self.load(self.n_layers, split)
+def compare_ablations(
+    a: torch.Tensor, b: torch.Tensor, n_resamples: int, seed: int
+) -> tuple[Comparison, float]:
+    """Paired comparison of per-sequence values ``a`` and ``b``: the bootstrap-t interval of the
+    mean difference, and the two-sided sign-flip randomization p-value (which of the pair is
+    ``a`` relabelled per sequence)."""
+    comp = paired_difference(a, b, n_resamples, seed)
+    return comp, matched_permutation_p(a, b.unsqueeze(0), n_resamples, seed)
 
 
 def evaluate(
     adapter: Adapter,
     lens: TunedLens,
-    run_cache: ActivationCache,
-    ids: torch.Tensor,
+    tokens: dict[str, torch.Tensor],
     bases: dict[str, Basis],
     layers: list[int],
     grid: AblationGrid,
     test_resamples: int,
     storage: str = "float16",
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """lens_eval.tsv rows, ablation.tsv rows and per_sequence.tsv rows on ``ids``, at ``layers``."""
+    """lens_eval.tsv rows, ablation.tsv rows and per_sequence.tsv rows on ``tokens["eval"]`` (means
+    from ``tokens["train"]``), at ``layers``."""
     with tempfile.TemporaryDirectory() as folder:
-        write_cache(adapter, {"eval": ids}, Path(folder) / "cache", {}, storage=storage)
-        cache = SplitCache(
-            run_cache, ActivationCache(Path(folder) / "cache", device=adapter.device)
-        )
+        write_cache(adapter, tokens, Path(folder) / "cache", {}, storage=storage)
+        cache = ActivationCache(Path(folder) / "cache", device=adapter.device)
         lens_rows = evaluate_lens(adapter, lens, cache, grid.n_boot, grid.seed, layers=layers)
         ablation, sequences, tests = [], [], []
         # the smallest bootstrap p-value stays a quarter of Holm's first threshold
@@ -105,22 +175,23 @@ def evaluate(
                         [v for c, v in per_seq.items() if c.subspace == subspace and c.mode == mode]
                     ).mean(0)
 
-                comp = paired_difference(
+                comp, p = compare_ablations(
                     cell_mean("output"), cell_mean("internal"), test_resamples, grid.seed
                 )
-                tests.append((comp, [row for row in rows if row["mode"] == mode]))
+                tests.append((comp, p, [row for row in rows if row["mode"] == mode]))
             ablation += rows
             sequences += results.per_sequence()
-        for (comp, rows), p in zip(tests, adjust([comp.p_value for comp, _ in tests], CORRECTION)):
+        adjusted = adjust([p for _, p, _ in tests], CORRECTION)
+        for (comp, p, rows), p_adjusted in zip(tests, adjusted):
             for row in rows:
                 row.update(
                     {
                         "output_minus_internal": comp.diff,
                         "output_minus_internal_lo": comp.lo,
                         "output_minus_internal_hi": comp.hi,
-                        "p_value": comp.p_value,
-                        "p_adjusted": p,
-                        "verdict": verdict(comp.diff, p),
+                        "p_value": p,
+                        "p_adjusted": p_adjusted,
+                        "verdict": verdict(comp.diff, p_adjusted),
                     }
                 )
     return lens_rows, ablation, sequences

@@ -2,13 +2,132 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from lensspace import tables
 from lensspace.report import words
 from lensspace.report.blocks import Finding, Section, Table, Text
 from lensspace.report.h0 import H0
 from lensspace.report.sections import Context, existing, figure
+
+LEGEND = (
+    "Held-out KL(p_final ‖ p_lens) of the tuned and logit lens, and the seed-layout H0 cells "
+    "(unembed basis, k = d/2, pre_norm): KL of ablating the output, internal and random subspace "
+    "(mean mode: the mean over the corpus's own other documents); output − internal with its "
+    "paired 95% bootstrap-t interval over the eval corpus's sequences, and its verdict: a "
+    "two-sided sign-flip randomization test of the per-sequence differences, Holm-corrected over "
+    "the corpus's layers and modes."
+)
+
+
+def comparison_table(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+    """Per corpus, layer and mode: tuned / logit lens KL and the seed-layout H0 cells.
+
+    ``frames``: corpus -> (lens_eval, ablation); in-distribution first. The paired interval of
+    output − internal is shown where the ablation table carries it (the eval corpora's).
+    """
+    out = []
+    seed_k = int(
+        list(frames.values())[-1][1]["k"].iloc[0]
+    )  # an eval corpus runs the seed layout's k = d/2 only
+    for corpus, (lens_eval, ablation) in frames.items():
+        lens = lens_eval.pivot(index="layer", columns="lens", values="kl")
+        cells = ablation[
+            (ablation["basis"].isin(["unembed", "random"]))
+            & (ablation["site"] == "pre_norm")
+            & (ablation["k"] == seed_k)
+        ]
+        for (layer, mode), part in cells.groupby(["layer", "mode"], sort=True):
+            kl = part.set_index("subspace")["kl"]
+            row = part[part["subspace"] == "output"].iloc[0]
+            diff = kl.get("output", float("nan")) - kl.get("internal", float("nan"))
+            shown = (
+                f"{diff:.3f} [{row['output_minus_internal_lo']:.3f}, "
+                f"{row['output_minus_internal_hi']:.3f}]"
+                if "output_minus_internal_lo" in row and pd.notna(row["output_minus_internal_lo"])
+                else f"{diff:.3f}"
+            )
+            out.append(
+                {
+                    "corpus": corpus,
+                    "layer": int(layer),
+                    "mode": mode,
+                    "tuned lens KL": lens["tuned"].get(layer),
+                    "logit lens KL": lens["logit"].get(layer),
+                    "KL output": kl.get("output"),
+                    "KL internal": kl.get("internal"),
+                    "KL random": kl.get("random"),
+                    "output − internal": shown,
+                    "verdict (Holm)": row["verdict"] if "verdict" in row else "",
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def plot(
+    frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], title: str, path: str | Path
+) -> None:
+    """Left: tuned (solid) and logit (dotted) lens KL by layer per corpus. Right: output −
+    internal (zero mode)."""
+    import seaborn as sns
+
+    from lensspace.plots import plt, save, style
+
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.8), layout="constrained")
+    colors = sns.color_palette("colorblind", len(frames))
+    for color, (corpus, (lens_eval, ablation)) in zip(colors, frames.items()):
+        for lens, ls in (("tuned", "-"), ("logit", ":")):
+            part = lens_eval[lens_eval["lens"] == lens].sort_values("layer")
+            left.plot(
+                part["layer"],
+                part["kl"],
+                color=color,
+                ls=ls,
+                lw=1.2,
+                label=corpus if lens == "tuned" else None,
+            )
+            if lens == "tuned":
+                left.fill_between(
+                    part["layer"], part["kl_lo"], part["kl_hi"], color=color, alpha=0.2, lw=0
+                )
+        cells = ablation[
+            (ablation["basis"] == "unembed")
+            & (ablation["site"] == "pre_norm")
+            & (ablation["mode"] == "zero")
+            & (ablation["k"] == ablation["k"].max())
+        ]
+        wide = cells.pivot(index="layer", columns="subspace", values="kl").sort_index()
+        diff = wide["output"] - wide["internal"]
+        if "output_minus_internal_lo" in cells:
+            bounds = cells[cells["subspace"] == "output"].set_index("layer").sort_index()
+            right.errorbar(
+                diff.index,
+                diff,
+                yerr=[
+                    diff - bounds["output_minus_internal_lo"],
+                    bounds["output_minus_internal_hi"] - diff,
+                ],
+                color=color,
+                marker="o",
+                ms=3,
+                lw=1.0,
+                capsize=1.5,
+                label=corpus,
+            )
+        else:
+            right.plot(diff.index, diff, color=color, marker="o", ms=3, lw=1.0, label=corpus)
+    left.set_yscale("log")
+    left.set_xlabel("layer")
+    left.set_ylabel("KL(p_final ‖ p_lens), nats")
+    left.legend(fontsize=6, title="solid: tuned; dotted: logit", title_fontsize=6)
+    right.axhline(0, color="#7f8c8d", lw=0.8)
+    right.set_xlabel("layer")
+    right.set_ylabel("KL(output) − KL(internal), zero mode")
+    right.legend(fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    save(fig, path)
 
 
 def corpora(files: dict) -> list[str]:
@@ -60,18 +179,32 @@ def section(run: str, files: dict, context: Context) -> Section | None:
                 f"{mode} mode: output > internal at {len(above)} of {len(part)} layers, "
                 f"internal > output at {len(below)}"
             )
+        code = ""
+        sample_path = existing(files.get("sample", {}).get(corpus))
+        if sample_path is not None:
+            sample = pd.read_csv(sample_path, sep="\t")
+            shares = sample["docstring_comment_share"].dropna()
+            if len(shares):
+                code = (
+                    f" Docstrings and comments are {shares.mean():.0%} of the evaluated windows' "
+                    f"characters (mean over {len(shares)} windows) against "
+                    f"{sample['corpus_docstring_comment_share'].iloc[0]:.0%} of the corpus's."
+                )
         lines.append(
             f"{corpus} ({words.tokens(lens)} held-out tokens): the tuned lens beats the logit "
             f"lens at {better} of {len(wide)} layers{moved}. H0 (unembed, k = d/2, pre_norm): "
             + "; ".join(verdicts)
             + "."
+            + code
         )
     lines.append(
-        "Verdicts: paired bootstrap-t test of KL(ablate output) − KL(ablate internal) over the "
-        "eval corpus's sequences, Holm-corrected over the corpus's layers and modes (family-wise "
-        "0.05); the mean mode keeps the in-distribution training means. Eval corpora are "
-        "tokenized with the run's tokenizer and refused if they share a token n-gram with its "
-        "training tokens."
+        "Each held-out sequence is a window at a seeded offset of its own document. Verdicts: a "
+        "two-sided sign-flip randomization test of the per-sequence KL(ablate output) − KL(ablate "
+        "internal) (exact size under the null that the two ablations are exchangeable within a "
+        "sequence), Holm-corrected over the corpus's layers and modes (family-wise 0.05); the "
+        "mean mode replaces a component by its mean over the corpus's own other documents. Eval "
+        "corpora are tokenized with the run's tokenizer and refused if they share a token n-gram "
+        "with its training tokens."
     )
     interval = words.interval(context.n_resamples)
     blocks: list = [Text(" ".join(lines))]
@@ -95,7 +228,7 @@ def section(run: str, files: dict, context: Context) -> Section | None:
         frames[corpus] = (read(files, "lens_eval", corpus), read(files, "ablation", corpus))
     blocks.append(
         Table(
-            tables.ood_table(frames),
+            comparison_table(frames),
             (
                 "Per corpus, layer and mode: tuned and logit lens KL and the seed-layout H0 cells "
                 "(random: mean of its draws); output − internal with its paired 95% interval "

@@ -71,6 +71,18 @@ def _default() -> dict:
             "corpora: the name 'a;b' is not allowed",
         ),
         (
+            lambda c: c["lens_training"].update(lr=float("nan")),
+            "lens_training.lr: nan is not a finite number; numeric settings must be finite",
+        ),
+        (
+            lambda c: c["lens_quality"].update(fractions=[0.5, float("inf")]),
+            "lens_quality.fractions[1]: inf is not a finite number",
+        ),
+        (
+            lambda c: c["neurons"].update(min_mediated_share=float("-inf")),
+            "neurons.min_mediated_share: -inf is not a finite number",
+        ),
+        (
             lambda c: c["models"]["smollm2-135m"].update(package="--index-url=http://x==1"),
             "models.smollm2-135m.package: '--index-url=http://x==1' is not allowed; pypi-gguf: "
             "an exact requirement",
@@ -212,6 +224,17 @@ def test_bad_settings_stop_the_workflow_before_any_job_in_a_few_lines(tmp_path):
     done = snakemake(tmp_path, "--configfile", str(tmp_path / "bad.yaml"), timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "h0.k: 40 is larger than d_model 32" in out
+    assert len(out.strip().splitlines()) <= 4, out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+    # YAML's .nan passes every bound of the schema: refused when the config is read
+    config["h0"]["k"] = ["half", 4]
+    config["lens_training"] = {**config.get("lens_training", {}), "lr": float("nan")}
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump(config))
+    assert ".nan" in (tmp_path / "nan.yaml").read_text()
+    done = snakemake(tmp_path, "--configfile", str(tmp_path / "nan.yaml"), timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "lens_training.lr: nan is not a finite number" in out
     assert len(out.strip().splitlines()) <= 4, out
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
 

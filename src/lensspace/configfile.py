@@ -9,6 +9,7 @@ bad value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,26 @@ def _with_defaults(validator_class):
 
 def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
     """Check ``config`` against the schema and fill its defaults in place; one clear error."""
+    check_finite(config)
     schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
     error = best_match(_with_defaults(Draft202012Validator)(schema).iter_errors(config))
     if error is not None:
         raise LensspaceError(describe(error))
+
+
+def check_finite(node: Any, path: tuple = ()) -> None:
+    """Refuse NaN and infinity anywhere in the config (YAML's ``.nan``, ``.inf``): a NaN defeats
+    every bound of the schema, and would surface as a traceback deep in some job."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise LensspaceError(
+            f"{key_path(path)}: {node} is not a finite number; numeric settings must be finite"
+        )
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            check_finite(value, (*path, index))
 
 
 def key_path(parts: Iterable[Any]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lensspace.report import words
 from lensspace.report.blocks import Finding, Section, Table, Text
 from lensspace.report.sections import Context, existing, figure, read_tsv
 
@@ -143,8 +144,9 @@ def section(run: str, files: dict, context: Context) -> Section | None:
         f"unembed basis, k = {k} (M = I + A_(l+1) of the residual block l writes into; I after the "
         f"last block); median internal share {neurons['internal_fraction'].median():.3f}.",
         "Entropy neurons (Stolfo et al. 2024) write into the effective null space of the "
-        f"unembedding: here its {int(last['null_k'].iloc[0])} bottom directions (about 1% of "
-        "d_model) of the centred unembedding with the final norm's gain folded in, where a random "
+        f"unembedding: here the bottom {words.count(int(last['null_k'].iloc[0]), 'direction')} "
+        "(about 1% of d_model) of the centred unembedding with the final norm's gain folded in, "
+        "where a random "
         f"direction has share {random_share:.4f}. In the last block "
         f"{int((last['null_fraction'] >= ratio * random_share).sum())} of {len(last):,} neurons "
         f"have {ratio:g}× that or more; the largest-norm neuron has "

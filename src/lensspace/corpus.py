@@ -93,45 +93,15 @@ def python_stdlib_documents(name: str, spec: dict[str, Any]) -> list[str]:
     ]
 
 
-_FIRST_DEFINITION = re.compile(r"^(?:(?:async\s+)?def|class)\b|^@", re.MULTILINE)
-
-
 def code_document(source: str) -> str:
-    """A Python file as code: from its first top-level ``def``, ``class`` or decorator on, so a
-    sequence cut from its start is code rather than the module's docstring, licence and imports;
-    line breaks and indentation kept, trailing spaces dropped. A file without one is dropped."""
-    start = _first_definition(source)
-    if start is None:
-        return ""
-    lines = [line.rstrip() for line in source[start:].splitlines()]
+    """A Python file as code, whole (its docstrings, licence and imports are part of what the
+    eval windows, drawn at seeded offsets, may land on): line breaks and indentation kept,
+    trailing spaces dropped. An empty file gives an empty document (dropped)."""
+    lines = [line.rstrip() for line in source.splitlines()]
     return "\n".join(lines).strip("\n")
 
 
 _ESCAPE = re.compile(r"\\(.)")
-
-
-def _first_definition(source: str) -> int | None:
-    """Offset of the first top-level ``def`` / ``class`` / decorator line outside a string (a
-    docstring line may start with "class"); by Python's tokenizer, falling back to the pattern."""
-    import io
-    import tokenize
-
-    offsets = [0]
-    for line in io.StringIO(source).readlines():  # the lines tokenize numbers (split at \n only)
-        offsets.append(offsets[-1] + len(line))
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.start[1] == 0 and (
-                tok.type == tokenize.OP
-                and tok.string == "@"
-                or tok.type == tokenize.NAME
-                and tok.string in ("def", "class", "async")
-            ):
-                return offsets[tok.start[0] - 1]
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        match = _FIRST_DEFINITION.search(source)
-        return match.start() if match else None
-    return None
 
 
 def encode_document(doc: str) -> str:

@@ -294,6 +294,22 @@ def matched_permutation_p(
     return (1 + hits) / (n_resamples + 1)
 
 
+def sign_test_p(differences: torch.Tensor) -> float:
+    """Two-sided exact sign test of "the median difference is 0": among the non-zero per-sequence
+    differences, how unlikely so many of one sign are under Binomial(n, 1/2). Its size is at most
+    the level at any number of sequences, for any continuous distribution of differences (zeros
+    dropped, the test is conditional on their number); the smallest p is 2 / 2^n."""
+    d = differences.double().flatten()
+    if not torch.isfinite(d).all():
+        raise LensspaceError("a sign test needs finite differences (NaN or inf in the values)")
+    positive, negative = int((d > 0).sum()), int((d < 0).sum())
+    n = positive + negative
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(positive, negative) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def adjust(p_values: Sequence[float] | torch.Tensor, method: Literal["holm", "bh"]) -> list[float]:
     """Multiplicity-adjusted p-values, in the input order.
 

@@ -116,6 +116,8 @@ def sweep(
     k = grid.resolve_k(adapter.d_model)[0]
     n_eval, seq_len = cache.load(0, "eval").shape[:2]
     n_tokens = n_eval * (seq_len - 1)
+    # whether the run's own lens is refined: steps to take and sequences to check them on
+    refines = bool(training.refine_steps) and bool(held_out_sequences(n_train, seq_len, training))
     rows, sequences = [], []
     for fraction in settings.fractions:
         n = max(2, round(fraction * n_train))
@@ -136,9 +138,10 @@ def sweep(
                 "refine": refine,
                 "train_tokens": n * (seq_len - 1),
                 "lstsq_tokens": n_fit * (seq_len - 1),
+                # without a refinement of its own, the run's lens equals both full budgets
                 "run_lens": run_lens_trained
                 and n == n_train
-                and refine == bool(training.refine_steps),
+                and (refine == refines or not refines),
             }
             for layer in settings.layers:
                 kept = fit.refinement_kept.get(layer) if refine else None

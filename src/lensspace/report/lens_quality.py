@@ -40,6 +40,9 @@ def budget_table(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "trained": sweep["trained"],
+            "refinement": sweep["refine_kept"]
+            .map({True: "kept", False: "reverted"})
+            .fillna("none"),
             "run's lens": sweep["run_lens"].map({True: "yes", False: "no"}),
             "lstsq tokens": sweep["lstsq_tokens"],
             "layer": sweep["layer"],
@@ -128,7 +131,7 @@ def section(run: str, files: dict, context: Context) -> Section | None:
     by_budget = sweep.groupby("budget", sort=False)["lens_kl"].mean()
     fits = sweep.drop_duplicates("budget")
     interval = words.interval(context.n_resamples)
-    refined = sweep[sweep["refine"].astype(bool)].drop_duplicates(["budget", "layer"])
+    refined = sweep[sweep["refine_kept"].notna()].drop_duplicates(["budget", "layer"])
     reverted = refined[refined["trained"].str.contains("reverted")]
     own = sweep[sweep["run_lens"].astype(bool)]
     lines = [
@@ -155,8 +158,8 @@ def section(run: str, files: dict, context: Context) -> Section | None:
             f"The '{own['budget'].iloc[0]}' budget is the run's own lens (same tokens, settings "
             "and per-layer seeds)."
             if len(own)
-            else "No budget is the run's own lens (the run's lens was not trained here with "
-            "these settings)."
+            else "No budget is the run's own lens (the run's lens was not trained here, or the "
+            "sweep has no budget of all its training sequences)."
         ),
     ]
     for mode, part in sweep.groupby("mode", sort=False):

@@ -15,9 +15,9 @@ LEGEND = (
     "Held-out KL(p_final ‖ p_lens) of the tuned and logit lens, and the seed-layout H0 cells "
     "(unembed basis, k = d/2, pre_norm): KL of ablating the output, internal and random subspace "
     "(mean mode: the mean over the corpus's own other documents); output − internal with its "
-    "paired 95% bootstrap-t interval over the eval corpus's sequences, and its verdict: a "
-    "two-sided sign-flip randomization test of the per-sequence differences, Holm-corrected over "
-    "the corpus's layers and modes."
+    "paired 95% bootstrap-t interval over the eval corpus's sequences, and its verdict: the "
+    "exact two-sided sign test of the per-sequence differences (is the median difference 0), "
+    "Holm-corrected over the corpus's layers and modes."
 )
 
 
@@ -198,10 +198,11 @@ def section(run: str, files: dict, context: Context) -> Section | None:
             + code
         )
     lines.append(
-        "Each held-out sequence is a window at a seeded offset of its own document. Verdicts: a "
-        "two-sided sign-flip randomization test of the per-sequence KL(ablate output) − KL(ablate "
-        "internal) (exact size under the null that the two ablations are exchangeable within a "
-        "sequence), Holm-corrected over the corpus's layers and modes (family-wise 0.05); the "
+        "Each held-out sequence is a window at a seeded offset of its own document. Verdicts: the "
+        "exact two-sided sign test of the per-sequence KL(ablate output) − KL(ablate internal) "
+        "(does one ablation cost more on more sequences than chance allows; nominal size at any "
+        "number of sequences), Holm-corrected over the corpus's layers and modes (family-wise "
+        "0.05); the intervals are of the mean difference. The "
         "mean mode replaces a component by its mean over the corpus's own other documents. Eval "
         "corpora are tokenized with the run's tokenizer and refused if they share a token n-gram "
         "with its training tokens."

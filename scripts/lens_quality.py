@@ -1,16 +1,15 @@
 """Lens quality sweep: lenses at several budgets, their held-out KL and the seed-layout H0 cells."""
 
 from lensspace import runtime
-from lensspace.experiments.lens_quality import sweep
+from lensspace.experiments.lens_quality import LensQualitySettings, sweep
 from lensspace.lenses import LensTraining
-from lensspace.settings import lens_quality_settings
 from lensspace.subspaces import load_bases
 
 
 def body(sm):
     adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
-    settings = lens_quality_settings(sm.params.config, sm.params.n_layers)
+    settings = LensQualitySettings.from_config(sm.params.config, sm.params.n_layers)
     rows, sequences = sweep(
         adapter,
         cache,

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from lensspace.experiments.circuits import CircuitSettings
     from lensspace.experiments.grid import AblationGrid
     from lensspace.experiments.h2 import EmbeddingLensSettings
-    from lensspace.experiments.lens_quality import LensQualitySettings
     from lensspace.lenses import LensTraining
 
 # The context of a ``source: random`` model without ``max_positions`` (models.build_random_model).
@@ -204,23 +203,6 @@ def experiment_layers(config: dict, n_layers: int, section: str = "h0") -> list[
         picked = set(range(0, n_layers, layers["stride"])) | {n_layers - 1}
         return sorted(picked)
     return sorted(set(layers))
-
-
-def lens_quality_settings(config: dict, n_layers: int) -> LensQualitySettings:
-    """The lens-quality sweep: budgets, and the seed-layout H0 cells at its layers (default:
-    H0's)."""
-    from lensspace.experiments.lens_quality import LensQualitySettings
-
-    section = config["lens_quality"]
-    layers = seed_layout_layers(config, "lens_quality", n_layers)
-    grid = seed_layout_grid(config, "lens_quality")
-    return LensQualitySettings(
-        fractions=tuple(section["fractions"]),
-        refine=tuple(section["refine"]),
-        layers=tuple(layers),
-        grid=grid,
-        test_resamples=config["bootstrap"]["test_resamples"],
-    )
 
 
 def seed_layout_layers(config: dict, section: str, n_layers: int) -> list[int]:

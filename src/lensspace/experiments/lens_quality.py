@@ -26,6 +26,7 @@ from lensspace.experiments import h0
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import LensTraining, fit_lens, held_out_sequences, translate
 from lensspace.robustness import ALPHA, CORRECTION, HOLDS, REVERSED, verdict
+from lensspace.settings import seed_layout_grid, seed_layout_layers
 from lensspace.stats import adjust, bootstrap_mean, paired_difference
 from lensspace.subspaces import Basis
 
@@ -41,6 +42,18 @@ class LensQualitySettings:
         bases=("unembed",), sites=("pre_norm",), experiment="lens_quality"
     )
     test_resamples: int = 20000
+
+    @classmethod
+    def from_config(cls, config: dict, n_layers: int) -> LensQualitySettings:
+        """The config's ``lens_quality`` block; its cells at its layers (default: H0's)."""
+        section = config["lens_quality"]
+        return cls(
+            fractions=tuple(section["fractions"]),
+            refine=tuple(section["refine"]),
+            layers=tuple(seed_layout_layers(config, "lens_quality", n_layers)),
+            grid=seed_layout_grid(config, "lens_quality"),
+            test_resamples=config["bootstrap"]["test_resamples"],
+        )
 
 
 class TrainSubset:

@@ -101,7 +101,7 @@ CONSUMERS = {
     },
     "h0_merge": {"h0_table", "h0_figure", "robustness_table", "html_report", "ood_table"},
     "lens_quality": {"lens_quality_table", "lens_quality_figure", "html_report"},
-    "ood_tokenize": {"ood"},
+    "ood_tokenize": {"ood", "html_report"},
     "ood": {"ood_table", "html_report"},
     "neurons": {"neurons_table", "neurons_figure", "html_report"},
     "h1_heads": {"h1_heads_figure", "html_report"},
@@ -351,6 +351,7 @@ EDITS = {
         f"ood.{key}": ([(("ood", key), value)], {"ood_tokenize", "ood"})
         for key, value in (
             ("eval_sequences", 4),
+            ("mean_sequences", 2),
             ("layers", [0, 2]),
             ("modes", ["zero"]),
             ("overlap_ngram", 12),

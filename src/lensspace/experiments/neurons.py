@@ -79,10 +79,10 @@ class NeuronSettings:
     null_k: int
     null_ratio: float = 10.0
     n_candidates: int = 8
-    n_largest: int = 4
+    n_largest: int = 4  # at least 1: the block's largest neurons are always reported
     n_matched: int = 300
     min_mediated_share: float = 0.5
-    eval_sequences: int = 16
+    eval_sequences: int = 8
     mean_sequences: int = 32
     n_boot: int = 1000
     seed: int = 0

@@ -18,7 +18,7 @@ from lensspace.experiments.neurons import (
     LastBlock,
     NeuronSettings,
     linear_write,
-    matched_pools,
+    matched_pool,
     measured_neurons,
     mediated_share,
     neuron_geometry,
@@ -261,14 +261,14 @@ def test_measured_neurons_are_candidates_by_null_share_the_largest_and_the_publi
     assert (got["layer"] == 3).all()
 
 
-def test_matched_pools_are_the_nearest_in_norm_and_never_a_measured_neuron():
-    table = _last_block([float(n) for n in range(20)], [0.0] * 20)
+def test_matched_pool_is_nearest_in_log_norm_to_the_measured_and_never_one_of_them():
+    table = _last_block([float(2**n) for n in range(20)], [0.0] * 20)
     measured = table[table["neuron"].isin([10, 19])]
-    pools = matched_pools(table, measured, 4)
-    assert pools[10] == [8, 9, 11, 12]
-    assert pools[19] == [15, 16, 17, 18]
+    # log2 norms 0..19: nearest to 10 or 19 are 9, 11 (distance 1), 18 (1), 8, 12, 17 (2), ...
+    assert matched_pool(table, measured, 3) == [9, 11, 18]
+    assert set(matched_pool(table, measured, 6)) == {8, 9, 11, 12, 17, 18}
     with pytest.raises(LensspaceError, match="neurons.n_matched"):
-        matched_pools(table, measured, 19)
+        matched_pool(table, measured, 19)
 
 
 def test_rank_p_value_holds_its_level_when_the_neuron_is_just_another_matched_neuron():

@@ -22,21 +22,23 @@ output's entropy. Here they are found and tested in three steps.
   total, direct and mediated, the mediated share ``|dH_med| / (|dH_med| + |dH_dir|)``, KL and top-1
   changes total and direct, and the change of the log of the norm's scale.
 * Against what: the neuron is the unit. Each measured neuron is ranked on its mediated share among
-  the ``n_matched`` other last-block neurons nearest in norm, ``p = (1 + #{matched >= it}) /
-  (n_matched + 1)`` (exact when the neuron is just another matched neuron), Holm-adjusted over the
-  measured neurons. An entropy neuron has mediated share at least ``min_mediated_share`` and an
-  adjusted p below 0.05.
+  the ``n_matched`` other last-block neurons nearest in log norm to the measured ones (one shared
+  pool), ``p = (1 + #{matched >= it}) / (n_matched + 1)`` (exact when the neuron is just another
+  matched neuron), Holm-adjusted over the measured neurons. An entropy neuron has mediated share
+  at least ``min_mediated_share`` and an adjusted p below 0.05.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 from tuned_lens.nn import TunedLens
 
 from lensspace.activations import ActivationCache
@@ -70,9 +72,9 @@ class NeuronSettings:
     """Which last-block neurons are measured, against how many matched ones, and the criterion.
 
     ``null_k``: size of the effective null space; ``null_ratio``: a candidate's null-space share is
-    at least this many times a random direction's; ``n_matched``: the control neurons per measured
-    neuron, nearest in norm; ``min_mediated_share``: the share of the entropy effect an entropy
-    neuron passes through the norm's scale.
+    at least this many times a random direction's; ``n_matched``: the control neurons, the block's
+    others nearest in log norm to the measured ones; ``min_mediated_share``: the share of the
+    entropy effect an entropy neuron passes through the norm's scale.
     """
 
     k: int
@@ -82,7 +84,7 @@ class NeuronSettings:
     n_largest: int = 4  # at least 1: the block's largest neurons are always reported
     n_matched: int = 300
     min_mediated_share: float = 0.5
-    eval_sequences: int = 8
+    eval_sequences: int = 16
     mean_sequences: int = 32
     n_boot: int = 1000
     seed: int = 0
@@ -237,11 +239,9 @@ def measured_neurons(
     return out.reset_index(drop=True)
 
 
-def matched_pools(
-    table: pd.DataFrame, measured: pd.DataFrame, n_matched: int
-) -> dict[int, list[int]]:
-    """Per measured neuron, the ``n_matched`` other last-block neurons nearest in norm (none of
-    them measured)."""
+def matched_pool(table: pd.DataFrame, measured: pd.DataFrame, n_matched: int) -> list[int]:
+    """The ``n_matched`` other last-block neurons nearest in log norm to any measured neuron: one
+    pool of neurons like them that every measured neuron is ranked in (the ablations are shared)."""
     last = table[table["layer"] == table["layer"].max()]
     others = last[~last["neuron"].isin(measured["neuron"])]
     if len(others) < n_matched:
@@ -249,11 +249,11 @@ def matched_pools(
             f"neurons.n_matched ({n_matched}) is more than the {len(others)} last-block neurons "
             "left beside the measured ones: lower it"
         )
-    pools = {}
-    for neuron, norm in zip(measured["neuron"], measured["norm"]):
-        order = (others["norm"] - norm).abs().argsort(kind="stable")
-        pools[int(neuron)] = sorted(int(j) for j in others["neuron"].iloc[order[:n_matched]])
-    return pools
+    logs = torch.tensor(others["norm"].to_numpy(), dtype=torch.float64).log()
+    targets = torch.tensor(measured["norm"].to_numpy(), dtype=torch.float64).log()
+    distance = (logs.unsqueeze(1) - targets.unsqueeze(0)).abs().min(1).values
+    order = torch.argsort(distance, stable=True)[:n_matched]
+    return sorted(int(j) for j in others["neuron"].iloc[order.numpy()])
 
 
 def rank_p_value(value: float, matched: torch.Tensor) -> float:
@@ -291,6 +291,7 @@ class FinalResidualAblation:
         linear (:func:`linear_write`)."""
         self.adapter, self.chunk, self.rerun, self.means = adapter, chunk, rerun, means
         self.z = z.reshape(-1, z.shape[-1]).float()
+        self._buffer: torch.Tensor | None = None
         self.n_seq, self.n_pos = z.shape[:2]
         with torch.no_grad():
             zc = adapter.centre(z.reshape(-1, z.shape[-1]).float())
@@ -309,11 +310,17 @@ class FinalResidualAblation:
         along: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Capped logits of the tokens ``rows``: ``(A c(z) + change) * inv_scale + b``, the change
-        given as [rows, V], or as ``change`` [rows] times one vocabulary vector ``along``."""
+        given as [rows, V], or as ``change`` [rows] times one vocabulary vector ``along``. Written
+        into one reused buffer (a fresh vocabulary-sized tensor per call costs more than the
+        arithmetic)."""
+        linear = self.linear[rows]
+        if self._buffer is None or self._buffer.shape != linear.shape:
+            self._buffer = torch.empty_like(linear)
+        out = self._buffer
         if change is not None and along is None:
-            out = torch.add(self.linear[rows], change).mul_(inv_scale.unsqueeze(-1))
+            torch.add(linear, change, out=out).mul_(inv_scale.unsqueeze(-1))
         else:
-            out = torch.mul(self.linear[rows], inv_scale.unsqueeze(-1))
+            torch.mul(linear, inv_scale.unsqueeze(-1), out=out)
             if change is not None:
                 out.addr_(change * inv_scale, along)
         out += self.bias
@@ -339,10 +346,16 @@ class FinalResidualAblation:
             for name in METRICS
         }
         no_norm = adapter.norm_kind == "none"
-        for start in range(0, len(self.zc), self.chunk):
+        for start in tqdm(
+            range(0, len(self.zc), self.chunk),
+            desc=f"{len(neurons)} neurons",
+            unit="chunk",
+            file=sys.stderr,
+            mininterval=10,
+        ):
             rows = slice(start, start + self.chunk)
             inv = 1 / self.scale[rows]
-            clean_logits = self._logits(rows, inv)
+            clean_logits = self._logits(rows, inv).clone()  # the reference keeps it
             reference = KLReference.from_logits(clean_logits)
             clean = reference.compare(clean_logits.clone())
             for i, j in enumerate(neurons):
@@ -456,11 +469,11 @@ def entropy_test(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows of measured.tsv (each measured neuron: effects with intervals, its matched neurons'
     medians, rank p-values, the verdict) and the per-neuron means of every neuron ablated."""
-    pools = matched_pools(table, measured, settings.n_matched)
-    evaluated = sorted(set(measured["neuron"]) | {j for pool in pools.values() for j in pool})
+    matched = matched_pool(table, measured, settings.n_matched)
+    evaluated = sorted(set(measured["neuron"]) | set(matched))
     print(
-        f"ablating {len(evaluated)} last-block neurons: {len(measured)} measured and their "
-        f"{settings.n_matched} matched each",
+        f"ablating {len(evaluated)} last-block neurons: {len(measured)} measured and "
+        f"{settings.n_matched} matched",
         flush=True,
     )
     effects = ablation.effects(evaluated, weights)
@@ -474,7 +487,7 @@ def entropy_test(
     rows = []
     for neuron in measured["neuron"]:
         i = index[int(neuron)]
-        pool = torch.tensor([index[j] for j in pools[int(neuron)]])
+        pool = torch.tensor([index[j] for j in matched])
         row: dict = {"neuron": int(neuron)}
         for name in METRICS:
             row.update(_interval(name, effects[name][i], settings))
@@ -485,7 +498,7 @@ def entropy_test(
         for name in ("mediated_share", "abs_dh_mediated", "kl_total", "top1_total"):
             values = share[pool] if name == "mediated_share" else means[name][pool]
             row[f"matched_{name}_median"] = float(values.median())
-        matched_norms = norms.loc[pools[int(neuron)]]
+        matched_norms = norms.loc[matched]
         row["matched_norm_min"], row["matched_norm_max"] = (
             float(matched_norms.min()),
             float(matched_norms.max()),

@@ -119,7 +119,7 @@ def plot(neurons: pd.DataFrame, reference: pd.DataFrame, title: str, path: str |
     left.set_ylabel(f"null-space share ({int(last['null_k'].iloc[0])} directions)")
     right.set_xscale("log")
     right.set_xlabel("null-space share")
-    right.set_ylabel("share of |ΔH| mediated by the norm's scale")
+    right.set_ylabel("mediated share of |ΔH|")
     right.set_ylim(-0.02, 1.02)
     for ax in (left, right):
         ax.legend(fontsize=6, loc="best")

@@ -75,7 +75,9 @@ def test_code_corpus_windows_are_code_at_seeded_offsets_with_their_layout(real, 
     sample = sample_tokens(docs, real.tokenizer, 128, 16, 8, 0)
     assert sample.tokens["eval"].shape == (16, 128) and sample.tokens["train"].shape == (8, 128)
     texts = [real.tokenizer.decode(row) for row in sample.tokens["eval"].tolist()]
-    assert all("\n    " in text for text in texts)
+    # line breaks and indentation kept (a window among module-level lines may have no indent)
+    assert all("\n" in text for text in texts)
+    assert sum("\n    " in text for text in texts) >= len(texts) // 2
     for row, text in zip(sample.rows, texts):
         assert docs[row["document"]][row["char_start"] : row["char_end"]] == text
     assert len({row["token_offset"] for row in sample.rows}) > 12  # not every file's start

@@ -163,7 +163,8 @@ COPY = "copy_of_corpus.txt"  # relative to the working directory, written by the
 EDITS = {
     "device": ([(("device",), "auto")], DEVICE),
     "seed": ([(("seed",), 5)], SEED),
-    "random_draws": ([(("random_draws",), 3)], LAYER_RULES | BEYOND),
+    # the neurons' control is a pool of matched neurons, not random draws
+    "random_draws": ([(("random_draws",), 3)], LAYER_RULES | (BEYOND - {"neurons"})),
     "layers_per_job": ([(("layers_per_job",), 2)], LAYER_RULES),
     "runs.*.model": (
         [(("runs", "tiny-gpt2", "model"), "tiny-llama")],
@@ -178,7 +179,7 @@ EDITS = {
     ),
     "runs.*.lens.source": (
         [(("runs", "tiny-llama-pretrained", "lens", "source"), "train")],
-        {"train_lens"},
+        {"train_lens", "lens_quality"},  # whether a budget is the run's own lens
     ),
     "runs.*.lens.id": ([(("runs", "tiny-llama-pretrained", "lens", "id"), "gpt2")], {"fetch_lens"}),
     "runs.*.lens.allow_other_model": (

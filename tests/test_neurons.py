@@ -358,20 +358,21 @@ def _real_settings(adapter, **changes) -> NeuronSettings:
     return dataclasses.replace(base, **changes)
 
 
+def _run_real(real, settings: NeuronSettings, published=()):
+    """The experiment on the real model, its lens and cache, in the unembed basis."""
+    basis = unembedding_bases(real.adapter)["unembed"].vectors
+    return run_neurons(
+        real.adapter, real.lens, real.cache, basis, real.tokens, settings, published=published
+    )
+
+
 def test_run_on_the_real_model_measures_last_block_neurons_against_matched_ones(real):
     """SmolLM2: candidates by the published geometry and the largest-norm neuron, each ablated
     beside its matched neurons; the level of the rank p-value on these neurons' own shares."""
     adapter = real.adapter
     last = adapter.n_layers - 1
     settings = _real_settings(adapter)
-    table, measured = run_neurons(
-        adapter,
-        real.lens,
-        real.cache,
-        unembedding_bases(adapter)["unembed"].vectors,
-        real.tokens,
-        settings,
-    )
+    table, measured = _run_real(real, settings)
     assert len(table) == adapter.n_layers * adapter.neuron_out_weights(0).shape[0]
     assert (table["null_k"] == 6).all()
     ablated = table[table["mediated_share"].notna()]
@@ -413,15 +414,7 @@ def test_planted_entropy_neuron_passes_and_planted_ordinary_neuron_fails_on_the_
             weights[small[0]] = (null[:, 0] * size).float()
             weights[small[1]] = (top * size).float()
         settings = _real_settings(adapter, n_candidates=0, n_largest=0, n_matched=60)
-        _, measured = run_neurons(
-            adapter,
-            real.lens,
-            real.cache,
-            unembedding_bases(adapter)["unembed"].vectors,
-            real.tokens,
-            settings,
-            published=small,
-        )
+        _, measured = _run_real(real, settings, published=small)
     finally:
         with torch.no_grad():
             weights[small] = original

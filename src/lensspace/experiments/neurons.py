@@ -291,7 +291,6 @@ class FinalResidualAblation:
         linear (:func:`linear_write`)."""
         self.adapter, self.chunk, self.rerun, self.means = adapter, chunk, rerun, means
         self.z = z.reshape(-1, z.shape[-1]).float()
-        self._buffer: torch.Tensor | None = None
         self.n_seq, self.n_pos = z.shape[:2]
         with torch.no_grad():
             zc = adapter.centre(z.reshape(-1, z.shape[-1]).float())
@@ -310,17 +309,12 @@ class FinalResidualAblation:
         along: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Capped logits of the tokens ``rows``: ``(A c(z) + change) * inv_scale + b``, the change
-        given as [rows, V], or as ``change`` [rows] times one vocabulary vector ``along``. Written
-        into one reused buffer (a fresh vocabulary-sized tensor per call costs more than the
-        arithmetic)."""
+        given as [rows, V], or as ``change`` [rows] times one vocabulary vector ``along``."""
         linear = self.linear[rows]
-        if self._buffer is None or self._buffer.shape != linear.shape:
-            self._buffer = torch.empty_like(linear)
-        out = self._buffer
         if change is not None and along is None:
-            torch.add(linear, change, out=out).mul_(inv_scale.unsqueeze(-1))
+            out = torch.add(linear, change).mul_(inv_scale.unsqueeze(-1))
         else:
-            torch.mul(linear, inv_scale.unsqueeze(-1), out=out)
+            out = torch.mul(linear, inv_scale.unsqueeze(-1))
             if change is not None:
                 out.addr_(change * inv_scale, along)
         out += self.bias
@@ -355,7 +349,7 @@ class FinalResidualAblation:
         ):
             rows = slice(start, start + self.chunk)
             inv = 1 / self.scale[rows]
-            clean_logits = self._logits(rows, inv).clone()  # the reference keeps it
+            clean_logits = self._logits(rows, inv)
             reference = KLReference.from_logits(clean_logits)
             clean = reference.compare(clean_logits.clone())
             for i, j in enumerate(neurons):

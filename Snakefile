@@ -44,6 +44,7 @@ include: "rules/shuffle.smk"
 include: "rules/ood.smk"
 include: "rules/lens_quality.smk"
 include: "rules/neurons.smk"
+include: "rules/readouts.smk"
 include: "rules/report.smk"
 
 

@@ -138,6 +138,11 @@ def get_eval_corpora(run):
     return list(get_run(run).get("eval_corpora", []))
 
 
+def get_run_readouts(run):
+    """The run's readouts (keys of readouts.define)."""
+    return list(get_run(run).get("readouts", []))
+
+
 def get_compute():
     """Batch sizes per device and the TF32 switch, as plain values (seen by the params trigger)."""
     return compute_params(config)

@@ -48,6 +48,7 @@ def check_references(config: dict[str, Any]) -> None:
                     "an eval corpus must be another one"
                 )
         n_layers = config["models"][spec["model"]]["n_layers"]
+        check_readouts(config, run, spec, n_layers)
         for section in ABLATION_SECTIONS:
             chosen = config.get(section, {}).get("layers")
             for layer in chosen if isinstance(chosen, list) else []:
@@ -62,6 +63,30 @@ def check_references(config: dict[str, Any]) -> None:
             raise LensspaceError(
                 f"shuffle.window: {window} is more blocks than model '{spec['model']}' "
                 f"of run '{run}' has ({n_layers}); use at most {n_layers}"
+            )
+
+
+def check_readouts(config: dict[str, Any], run: str, spec: Mapping[str, Any], n_layers: int) -> None:
+    """A run's readouts are defined, a back half starts inside the model, a corpus probe has
+    eval corpora to tell apart."""
+    defined = config.get("readouts", {}).get("define", {})
+    for name in spec.get("readouts", []):
+        if name not in defined:
+            raise LensspaceError(
+                f"runs.{run}.readouts: '{name}' is not defined under readouts.define: "
+                f"(defined: {', '.join(sorted(defined)) or 'none'})"
+            )
+        readout = defined[name]
+        if readout["kind"] == "back_half" and readout["layer"] > n_layers:
+            raise LensspaceError(
+                f"readouts.define.{name}.layer: {readout['layer']} is beyond model "
+                f"'{spec['model']}' of run '{run}' (layers 1..{n_layers}; {n_layers} = the "
+                "unembedding alone)"
+            )
+        if readout.get("target") == "corpus" and not spec.get("eval_corpora"):
+            raise LensspaceError(
+                f"runs.{run}.readouts: the corpus probe '{name}' needs the run's eval_corpora "
+                "(its classes are the run's corpus and each eval corpus); add one or drop it"
             )
 
 

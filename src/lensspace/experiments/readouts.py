@@ -1,0 +1,836 @@
+"""Any readout in place of the unembedding: a masked unembedding, a probe, the model's back half.
+
+A readout maps a residual-space vector to a distribution over its own classes. The study's
+machinery takes it as a parameter: its labels are the right singular vectors of its linear map
+on the normalised residual, centred over its classes (softmax ignores a shift of every logit),
+so the output subspace is where the readout moves its logits most; its fidelity is the held-out
+KL between the readout of the model's own state and of the lens's; and the H0 cells ablate its
+output, internal and random subspaces in front of it.
+
+- ``masked``: ``W_U`` restricted to a token set built from the tokenizer by a rule; the
+  distribution over the set, renormalised. Over every token it *is* the unembedding, and its
+  labels are ``unembed_centered``.
+- ``probe``: a linear classifier on the normalised final residual, trained here (which corpus a
+  token comes from, or whether the next token is in a token set); labels from its weights.
+- ``back_half``: blocks ``m..L`` and the unembedding, read from layer ``m``'s residual, with
+  lenses trained from each layer ``i < m`` to ``h_m``; labels from the SVD of the back half's
+  average Jacobian (the final norm's scale frozen), which is ``W_U``'s own at ``m = L``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lensspace.adapter import Adapter
+from lensspace.divergences import KLReference, kl_loss, kl_target
+from lensspace.errors import LensspaceError
+from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit, subspace_basis
+from lensspace.lenses import fit_affine
+from lensspace.robustness import CORRECTION, verdict
+from lensspace.runner import BlockRunner
+from lensspace.stats import adjust, bootstrap_mean, paired_difference, sign_test_p
+from lensspace.subspaces import Basis, ablate, random_subspace
+
+KINDS = ("masked", "probe", "back_half")
+TOKEN_SETS = ("all", "digits", "python", "japanese", "capitalised")
+PYTHON_OPERATORS = frozenset(
+    "+ - * / // % ** @ == != < > <= >= = += -= *= /= //= %= **= -> ( ) [ ] { } : . , ; & | ^ ~ "
+    "<< >> := ...".split()
+)
+
+
+# ----------------------------------------------------------------------------- token sets
+
+
+def _in_set(text: str, rule: str) -> bool:
+    word = text.strip()
+    if rule == "all":
+        return True
+    if not word or "\ufffd" in word:  # a piece of a multi-byte character names nothing
+        return False
+    if rule == "digits":
+        return word.isascii() and word.isdigit()
+    if rule == "python":
+        return keyword.iskeyword(word) or keyword.issoftkeyword(word) or word in PYTHON_OPERATORS
+    if rule == "japanese":
+        return all(
+            "\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" or c in "、。ー" for c in word
+        )
+    if rule == "capitalised":
+        return word.isalpha() and word[0].isupper() and (len(word) == 1 or word[1:].islower())
+    raise LensspaceError(f"unknown token set '{rule}': use one of {', '.join(TOKEN_SETS)}")
+
+
+def token_set(tokenizer, vocab: int, rule: str) -> torch.Tensor:
+    """The ids below ``vocab`` whose decoded text (spaces stripped) satisfies ``rule``."""
+    if rule == "all":
+        return torch.arange(vocab)
+    n = min(vocab, len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    ids = [i for i, text in enumerate(texts) if _in_set(text, rule)]
+    if not ids:
+        raise LensspaceError(f"token set '{rule}' is empty for this tokenizer: choose another")
+    return torch.tensor(ids)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ReadoutSpec:
+    """One declared readout (``readouts.define.<name>``)."""
+
+    name: str
+    kind: str
+    tokens: str | None = None
+    target: str | None = None
+    layer: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, name: str) -> ReadoutSpec:
+        spec = config["readouts"]["define"][name]
+        return cls(name, spec["kind"], spec.get("tokens"), spec.get("target"), spec.get("layer"))
+
+
+@dataclass(frozen=True)
+class ReadoutSettings:
+    """What every readout of a run shares: layers, modes, the probe's fit, the back half's."""
+
+    layers: list[int]
+    modes: tuple[str, ...]
+    probe_l2: float
+    probe_iterations: int
+    jacobian_sequences: int
+    chunk: int = 4
+
+    @classmethod
+    def from_config(cls, config: dict, layers: list[int]) -> ReadoutSettings:
+        block = config["readouts"]
+        return cls(
+            layers,
+            tuple(block["modes"]),
+            block["probe"]["l2"],
+            block["probe"]["iterations"],
+            block["back_half"]["jacobian_sequences"],
+        )
+
+
+def readout_layers(spec: ReadoutSpec, layers: list[int]) -> list[int]:
+    """The run's readout layers this readout is read at: below ``m`` for a back half."""
+    return [i for i in layers if spec.kind != "back_half" or i < spec.layer]
+
+
+def needed_layers(specs: list[ReadoutSpec], layers: list[int], n_layers: int) -> list[int]:
+    """Residual layers the readouts of a run read on another corpus: theirs, the final one and
+    each back half's ``m``."""
+    wanted = set(layers) | {n_layers}
+    wanted |= {s.layer for s in specs if s.kind == "back_half"}
+    return sorted(wanted)
+
+
+# ----------------------------------------------------------------------------- readouts
+
+
+class Readout:
+    """A map from residuals [n, T, d] to logits [n, T, C] over the readout's classes."""
+
+    name: str
+    classes: int
+    source_layer: int  # the residual the readout reads: the final one, or the back half's m
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matrix(self) -> torch.Tensor:
+        """The readout's linear map on the normalised residual, centred over its classes
+        [C, d] (a back half: its average Jacobian); its right singular vectors are the labels."""
+        raise NotImplementedError
+
+
+class MaskedReadout(Readout):
+    """The model's head restricted to token ids ``ids`` (renormalised over them)."""
+
+    def __init__(self, adapter: Adapter, name: str, ids: torch.Tensor):
+        self.adapter, self.name = adapter, name
+        self.ids = ids.to(adapter.unembedding.device)
+        self.classes, self.source_layer = len(ids), adapter.n_layers
+        weight = adapter.output_embedding.weight
+        self.weight = weight.detach()[self.ids].float()
+        bias = adapter.unembedding_bias
+        self.bias = None if bias is None else bias.detach()[self.ids].float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        y = a.norm_affine(a.normalize(x))
+        if a.head_projection is not None:
+            y = a.head_projection(y)
+        out = y @ self.weight.T
+        return a.cap_logits(out if self.bias is None else out + self.bias)
+
+    def matrix(self) -> torch.Tensor:
+        w = self.adapter.unembedding.detach().double()[self.ids]
+        return (w - w.mean(0, keepdim=True)) * self.adapter.norm_gain.detach().double()
+
+
+class ProbeReadout(Readout):
+    """A linear classifier ``W u + b`` on the normalised residual ``u`` of the final norm."""
+
+    def __init__(
+        self, adapter: Adapter, name: str, weight: torch.Tensor, bias: torch.Tensor
+    ):
+        self.adapter, self.name = adapter, name
+        self.weight, self.bias = weight.float(), bias.float()
+        self.classes, self.source_layer = len(weight), adapter.n_layers
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.normalize(x) @ self.weight.T + self.bias
+
+    def matrix(self) -> torch.Tensor:
+        w = self.weight.double()
+        return w - w.mean(0, keepdim=True)
+
+
+class BackHalfReadout(Readout):
+    """Blocks ``m..L``, the final norm and the unembedding, on a residual at layer ``m``."""
+
+    def __init__(self, adapter: Adapter, name: str, layer: int, jacobian: torch.Tensor | None):
+        self.adapter, self.name, self.source_layer = adapter, name, layer
+        self.classes = adapter.unembedding.shape[0]
+        self.runner = BlockRunner(adapter)
+        self.jacobian = jacobian
+
+    def final_residual(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for block in range(self.source_layer, self.adapter.n_layers):
+            h = self.runner.call_block(block, h)
+        return h
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.logits(self.final_residual(x))
+
+    def matrix(self) -> torch.Tensor:
+        w = self.adapter.unembedding.detach().double()
+        head = (w - w.mean(0, keepdim=True)) * self.adapter.norm_gain.detach().double()
+        return head @ self.jacobian.double()
+
+
+def back_half_jacobian(
+    readout: BackHalfReadout, h: torch.Tensor, rows_per_pass: int = 32
+) -> torch.Tensor:
+    """``E_t[ d(C h_L[t] / s_t) / d delta ]`` [d, d]: the response of the final residual, centred
+    as the final norm centres and divided by its frozen scale ``s_t``, at each position
+    ``t >= 1``, to one shift ``delta`` of ``h_m`` at every position ``t >= 1`` (an ablation edits
+    them all). At ``m = L`` it is ``E[1/s] C``.
+
+    Computed row by row by reverse mode: the batch ``h`` [n, T, d] is replicated once per row of
+    a pass, each replica with its own zero shift, so one backward pass gives ``rows_per_pass``
+    rows.
+    """
+    adapter = readout.adapter
+    d = h.shape[-1]
+    with torch.no_grad():
+        scale = adapter.norm_scale(adapter.centre(readout.final_residual(h)))[:, 1:]
+    out = torch.zeros(d, d, dtype=torch.float64)
+    for start in tqdm(
+        range(0, d, rows_per_pass), desc="jacobian", file=sys.stderr, mininterval=5
+    ):
+        rows = torch.arange(start, min(start + rows_per_pass, d))
+        delta = torch.zeros(len(rows), d, device=h.device, requires_grad=True)
+        shifted = h.unsqueeze(0).expand(len(rows), *h.shape).clone()
+        shifted[:, :, 1:] = shifted[:, :, 1:] + delta[:, None, None, :]
+        with torch.enable_grad():
+            final = readout.final_residual(shifted.reshape(-1, *h.shape[1:]))
+            final = adapter.centre(final).reshape(len(rows), *h.shape)[:, :, 1:] / scale
+            picked = final.mean((1, 2))[torch.arange(len(rows)), rows.to(h.device)]
+            (grad,) = torch.autograd.grad(picked.sum(), delta)
+        out[rows] = grad.double().cpu()
+    return out
+
+
+def labels(readout: Readout) -> Basis:
+    """The readout's basis: right singular vectors of :meth:`Readout.matrix`, descending."""
+    _, s, vh = torch.linalg.svd(readout.matrix().cpu(), full_matrices=True)
+    values = torch.zeros(vh.shape[0], dtype=torch.float64)
+    values[: len(s)] = s
+    return Basis(readout.name, vh.T.float().contiguous(), values.float())
+
+
+def label_rank(basis: Basis, rtol: float = 1e-6) -> int:
+    s = basis.singular_values
+    return int((s > rtol * s[0]).sum()) if float(s[0]) > 0 else 0
+
+
+def subspace_size(basis: Basis) -> int:
+    """The H0 size for a readout: half the residual, or its rank where that is smaller (a probe
+    of C classes moves its logits along at most C - 1 directions)."""
+    return max(1, min(basis.vectors.shape[0] // 2, label_rank(basis)))
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between span(a) and span(b) (orthonormal columns),
+    descending."""
+    return torch.linalg.svdvals(a.double().T @ b.double()).clamp(0, 1)
+
+
+def angle_row(basis: Basis, reference: Basis, k: int, seed: int, draws: int = 8) -> dict:
+    """The readout's output subspace (top ``k``) against ``W_U``'s (top d/2): mean squared cosine
+    of the principal angles, the smallest and largest angle, and the same mean for random
+    ``k``-dim subspaces (its expectation is ``(d/2)/d``)."""
+    d = basis.vectors.shape[0]
+    ours, theirs = basis.vectors[:, :k], reference.vectors[:, : d // 2]
+    cos = principal_angles(ours, theirs)
+    random = [
+        float(principal_angles(random_subspace(d, k, seed + i), theirs).pow(2).mean())
+        for i in range(draws)
+    ]
+    return {
+        "readout": basis.name,
+        "d_model": d,
+        "rank": label_rank(basis),
+        "k": k,
+        "reference_k": d // 2,
+        "mean_cos2": float(cos.pow(2).mean()),
+        "random_mean_cos2": sum(random) / len(random),
+        "smallest_angle_deg": math.degrees(math.acos(float(cos[0]))),
+        "largest_angle_deg": math.degrees(math.acos(float(cos[-1]))),
+        "top_singular_value": float(basis.singular_values[0]),
+    }
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+@dataclass
+class ProbeData:
+    """Normalised final residuals [N, d] and class labels [N] of one split."""
+
+    u: torch.Tensor
+    y: torch.Tensor
+
+
+def next_token_labels(tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position ``t`` in ``1..T-2`` (a next token exists): whether token ``t + 1`` is in
+    ``ids``. Returns (labels [n, T-2], position mask)."""
+    member = torch.isin(tokens.long(), ids.long())
+    return member[:, 2:].long(), torch.arange(1, tokens.shape[1] - 1)
+
+
+def fit_probe(
+    data: ProbeData, classes: int, l2: float, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression ``W u + b`` (L2 ``l2`` on ``W``, mean loss), by L-BFGS in
+    float64 from zero; unweighted, so its probabilities are calibrated to the training mix."""
+    u, y = data.u.double(), data.y.long()
+    w = torch.zeros(classes, u.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=iterations, line_search_fn="strong_wolfe", tolerance_grad=1e-9
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(u @ w.T + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach().float(), b.detach().float()
+
+
+def classification_scores(logits: torch.Tensor, y: torch.Tensor, bins: int = 10) -> dict:
+    """Accuracy, balanced accuracy, expected calibration error (``bins`` equal-width bins of the
+    top probability), Brier score and the majority class's share, of logits [N, C] for labels."""
+    p = logits.double().softmax(-1)
+    top, pred = p.max(-1)
+    right = (pred == y).double()
+    classes = p.shape[-1]
+    present = [c for c in range(classes) if bool((y == c).any())]
+    balanced = sum(float(right[y == c].mean()) for c in present) / len(present)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(top, edges[1:-1])
+    ece = sum(
+        float((which == i).double().mean()) * abs(float(right[which == i].mean() - top[which == i].mean()))
+        for i in range(bins)
+        if bool((which == i).any())
+    )
+    onehot = torch.nn.functional.one_hot(y.long(), classes).double()
+    counts = torch.bincount(y.long(), minlength=classes).double()
+    return {
+        "accuracy": float(right.mean()),
+        "balanced_accuracy": balanced,
+        "ece": ece,
+        "brier": float((p - onehot).pow(2).sum(-1).mean()),
+        "majority_share": float(counts.max() / counts.sum()),
+    }
+
+
+# ----------------------------------------------------------------------------- back-half lenses
+
+
+@dataclass(frozen=True)
+class BackHalfLensTraining:
+    """Least squares from ``h_i`` to ``h_m``, then Adam on the KL of the final output through the
+    back half, kept only where it lowers that KL on held-out training sequences."""
+
+    ridge: float
+    refine_steps: int
+    refine_sequences: int
+    lr: float
+    seed: int
+
+
+def fit_back_half_lens(
+    readout: BackHalfReadout,
+    h_train: torch.Tensor,
+    h_m_train: torch.Tensor,
+    final_train: torch.Tensor,
+    layer: int,
+    settings: BackHalfLensTraining,
+) -> tuple[torch.nn.Linear, bool]:
+    """A translator ``z = h + A h + b`` from layer ``layer`` to the back half's input (position 0
+    excluded from the fit), and whether its KL refinement was kept."""
+    d = h_train.shape[-1]
+    n_check = max(1, len(h_train) // 4) if settings.refine_steps and len(h_train) > 1 else 0
+    fit, check = slice(0, len(h_train) - n_check), slice(len(h_train) - n_check, None)
+    weight, bias = fit_affine(
+        h_train[fit, 1:].reshape(-1, d), h_m_train[fit, 1:].reshape(-1, d), settings.ridge
+    )
+    translator = torch.nn.Linear(d, d).to(h_train.device)
+    with torch.no_grad():
+        translator.weight.copy_(weight)
+        translator.bias.copy_(bias)
+    if not n_check:
+        return translator, False
+
+    def kl(rows: slice) -> float:
+        with torch.no_grad():
+            target = readout.adapter.logits(final_train[rows, 1:]).log_softmax(-1)
+            z = apply_translator(translator, h_train[rows], h_m_train[rows])
+            reference = KLReference(target)
+            return float(reference.kl(readout.logits(z)[:, 1:]).mean())
+
+    before = kl(check)
+    gen = torch.Generator().manual_seed(settings.seed + 7919 * (layer + 1))
+    opt = torch.optim.Adam(translator.parameters(), lr=settings.lr)
+    n_fit = len(h_train) - n_check
+    with torch.enable_grad():
+        for _ in range(settings.refine_steps):
+            rows = torch.randint(0, n_fit, (min(settings.refine_sequences, n_fit),), generator=gen)
+            with torch.no_grad():
+                target = kl_target(
+                    readout.adapter.logits(final_train[rows, 1:]).log_softmax(-1).reshape(
+                        -1, readout.classes
+                    )
+                )
+            z = apply_translator(translator, h_train[rows], h_m_train[rows])
+            out = readout.logits(z)[:, 1:].reshape(-1, readout.classes)
+            loss = kl_loss(out, *target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    translator.requires_grad_(False)
+    after = kl(check)
+    if after >= before:
+        with torch.no_grad():
+            translator.weight.copy_(weight)
+            translator.bias.copy_(bias)
+    print(
+        f"back half from layer {layer}: KL on {n_check} held-out training sequences "
+        f"{before:.4f} after least squares, {after:.4f} after refinement "
+        f"({'kept' if after < before else 'reverted'})",
+        file=sys.stderr,
+    )
+    return translator, after < before
+
+
+def apply_translator(
+    translator: torch.nn.Module, h: torch.Tensor, anchor: torch.Tensor
+) -> torch.Tensor:
+    """``z = h + T(h)`` at positions ``>= 1``; position 0 (the attention sink) is ``anchor``'s,
+    the readout's own source residual, untouched."""
+    z = h[:, 1:] + translator(h[:, 1:])
+    return torch.cat([anchor[:, :1], z], dim=1)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+@dataclass
+class Views:
+    """One corpus's residuals for a readout: per layer the lens-space vectors ``z`` [n, T, d]
+    (position 0 the readout's source residual) and the identity view (``h_i`` itself), plus the
+    source residual and, for probes, labels and their positions."""
+
+    lens: dict[int, torch.Tensor]
+    identity: dict[int, torch.Tensor]
+    source: torch.Tensor
+    labels: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+def _kl_chunks(readout: Readout, reference: torch.Tensor, x: torch.Tensor, chunk: int):
+    """Per-token KL(readout(reference) || readout(x)) at positions >= 1, [n, T-1]."""
+    parts = []
+    with torch.no_grad():
+        for s in range(0, len(x), chunk):
+            ref = KLReference(readout.logits(reference[s : s + chunk])[:, 1:].log_softmax(-1))
+            parts.append(ref.kl(readout.logits(x[s : s + chunk])[:, 1:]))
+    return torch.cat(parts)
+
+
+def fidelity_rows(
+    readout: Readout,
+    views: Views,
+    corpus: str,
+    n_boot: int,
+    seed: int,
+    chunk: int,
+    full_head: Adapter | None = None,
+) -> list[dict]:
+    """Per layer: held-out KL(readout(source) || readout(view)) for the lens and the identity
+    view, with bootstrap intervals over sequences; a probe's scores per view; a masked
+    readout's probability mass under the whole head."""
+    rows = []
+
+    def scores(x: torch.Tensor) -> dict:
+        out: dict[str, Any] = {}
+        if views.labels is not None:
+            with torch.no_grad():
+                logits = readout.logits(x)[:, views.positions]
+            out.update(
+                classification_scores(logits.reshape(-1, readout.classes), views.labels.reshape(-1))
+            )
+        if full_head is not None:
+            out["set_mass"] = set_mass(full_head, readout, x, chunk)
+        return out
+
+    for layer in views.lens:
+        for name, x in (("tuned", views.lens[layer]), ("identity", views.identity[layer])):
+            est = bootstrap_mean(
+                _kl_chunks(readout, views.source, x, chunk), n_boot=n_boot, seed=seed
+            )
+            row = {
+                "readout": readout.name,
+                "corpus": corpus,
+                "layer": layer,
+                "view": name,
+                "kl": est.mean,
+                "kl_lo": est.lo,
+                "kl_hi": est.hi,
+                "n_tokens": est.n_tokens,
+            }
+            rows.append({**row, **scores(x)})
+    rows.append(
+        {
+            "readout": readout.name,
+            "corpus": corpus,
+            "layer": readout.source_layer,
+            "view": "model",
+            "kl": 0.0,
+            "kl_lo": 0.0,
+            "kl_hi": 0.0,
+            "n_tokens": views.source[:, 1:].shape[0] * views.source[:, 1:].shape[1],
+            **scores(views.source),
+        }
+    )
+    return rows
+
+
+def set_mass(adapter: Adapter, readout: MaskedReadout, x: torch.Tensor, chunk: int) -> float:
+    """Mean probability the whole head gives the readout's token set, at positions >= 1."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(x), chunk):
+            p = adapter.logits(x[s : s + chunk, 1:]).softmax(-1)
+            total += float(p[..., readout.ids].sum(-1).double().sum())
+            count += p.shape[0] * p.shape[1]
+    return total / count
+
+
+def cell_results(
+    readout: Readout,
+    basis: Basis,
+    z_eval: torch.Tensor,
+    z_mean: torch.Tensor,
+    layer: int,
+    grid: AblationGrid,
+    chunk: int,
+) -> CellResults:
+    """The H0 cells of one readout at one layer: KL(readout(z) || readout(z')) per token, with
+    ``z'`` the ablation of a subspace of the readout's basis at positions >= 1 (the mean over
+    training tokens for mean mode)."""
+    d = z_eval.shape[-1]
+    cells = grid.variants(d)
+    bases = {basis.name: basis}
+    qs = {
+        c: subspace_basis(bases, grid, layer, c.subspace, c.k, c.basis, c.draw).to(z_eval.device)
+        for c in cells
+    }
+    results = CellResults(layer, grid)
+    with torch.no_grad():
+        for s in range(0, len(z_eval), chunk):
+            z = z_eval[s : s + chunk]
+            reference = KLReference(readout.logits(z)[:, 1:].log_softmax(-1))
+            for cell in cells:
+                edited = ablate(z[:, 1:], qs[cell], cell.mode, z_mean)
+                x = torch.cat([z[:, :1], edited], dim=1)
+                kl = reference.kl(readout.logits(x)[:, 1:])
+                results.add(cell, kl, relative_edit(z[:, 1:], edited))
+    return results
+
+
+def verdict_rows(results: list[CellResults], name: str, n_resamples: int, seed: int) -> list[dict]:
+    """Per layer and mode: output - internal and output - random (the draws' mean) per
+    sequence, the paired bootstrap-t interval of the mean difference and the exact sign test,
+    Holm-corrected over the readout's comparisons."""
+    rows = []
+    for res in results:
+        per_seq = {cell: torch.cat(parts).mean(1) for cell, parts in res.kl.items()}
+        for mode in res.grid.modes:
+
+            def mean_of(subspace: str) -> torch.Tensor:
+                return torch.stack(
+                    [v for c, v in per_seq.items() if c.subspace == subspace and c.mode == mode]
+                ).mean(0)
+
+            output = mean_of("output")
+            for other in ("internal", "random"):
+                b = mean_of(other)
+                comp = paired_difference(output, b, n_resamples, seed)
+                rows.append(
+                    {
+                        "readout": name,
+                        "layer": res.layer,
+                        "mode": mode,
+                        "comparison": f"output - {other}",
+                        "diff": comp.diff,
+                        "lo": comp.lo,
+                        "hi": comp.hi,
+                        "p_value": sign_test_p(output - b),
+                        "n_sequences": len(output),
+                    }
+                )
+    for row, p in zip(rows, adjust([r["p_value"] for r in rows], CORRECTION)):
+        row["p_adjusted"] = p
+        row["verdict"] = verdict(row["diff"], p)
+    return rows
+
+
+# ----------------------------------------------------------------------------- one job
+
+
+@torch.no_grad()
+def corpus_residuals(
+    adapter: Adapter, tokens: dict[str, torch.Tensor], layers: list[int], batch: int = 8
+) -> dict[str, torch.Tensor]:
+    """``{"<split>.<layer>": residuals [n, T, d]}`` of an eval corpus at ``layers`` (``L``: before
+    the final norm), and ``"<split>.tokens"``."""
+    from lensspace.activations import residuals
+
+    out: dict[str, torch.Tensor] = {}
+    for split, ids in tokens.items():
+        parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for s in range(0, len(ids), batch):
+            hs = residuals(adapter, adapter.to_device(ids[s : s + batch].long()))
+            for layer in layers:
+                parts[layer].append(hs[layer].float().cpu())
+        for layer in layers:
+            out[f"{split}.{layer}"] = torch.cat(parts[layer]).contiguous()
+        out[f"{split}.tokens"] = ids.to(torch.int32).contiguous()
+    return out
+
+
+@dataclass
+class Corpus:
+    """One corpus's residuals by split and layer, and its tokens by split."""
+
+    name: str
+    residual: Any  # (layer, split) -> [n, T, d]
+    tokens: dict[str, torch.Tensor]
+
+
+@dataclass
+class ReadoutResult:
+    """The TSV rows of one readout."""
+
+    fidelity: list[dict]
+    ablation: list[dict]
+    verdicts: list[dict]
+    summary: dict
+
+
+def _probe_split(
+    spec: ReadoutSpec,
+    corpora: list[Corpus],
+    split: str,
+    source: int,
+    ids: torch.Tensor | None,
+    normalize,
+) -> tuple[ProbeData, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A probe's data of ``split``: pooled, and per corpus (labels [n, P], positions [P])."""
+    us, ys, per = [], [], {}
+    for index, corpus in enumerate(corpora):
+        if spec.target == "next_token" and index and split == "train":
+            continue  # the next-token probe is trained on the run's own corpus only
+        tokens = corpus.tokens[split]
+        if spec.target == "corpus":
+            positions = torch.arange(1, tokens.shape[1])
+            labels = torch.full((len(tokens), len(positions)), index, dtype=torch.long)
+        else:
+            labels, positions = next_token_labels(tokens, ids)
+        per[corpus.name] = (labels, positions)
+        if spec.target == "next_token" and index:
+            continue  # read on the other corpora, never pooled with the run's own
+        h = corpus.residual(source, split)[:, positions]
+        us.append(normalize(h).reshape(-1, h.shape[-1]).cpu())
+        ys.append(labels.reshape(-1))
+    return ProbeData(torch.cat(us), torch.cat(ys)), per
+
+
+def build_readout(
+    adapter: Adapter,
+    tokenizer,
+    spec: ReadoutSpec,
+    corpora: list[Corpus],
+    settings: ReadoutSettings,
+) -> tuple[Readout, dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The readout of ``spec`` (a probe trained, a back half's Jacobian computed), facts for its
+    summary row, and a probe's held-out labels per corpus."""
+    own = corpora[0]
+    vocab = adapter.unembedding.shape[0]
+    if spec.kind == "masked":
+        ids = token_set(tokenizer, vocab, spec.tokens)
+        return MaskedReadout(adapter, spec.name, ids), {"classes": len(ids)}, {}
+    if spec.kind == "probe":
+        ids = token_set(tokenizer, vocab, spec.tokens) if spec.target == "next_token" else None
+        if spec.target == "corpus" and len(corpora) < 2:
+            raise LensspaceError(
+                f"readouts.define.{spec.name}: a corpus probe needs the run's eval_corpora "
+                "(the classes are the run's corpus and each eval corpus); add one"
+            )
+        train, _ = _probe_split(spec, corpora, "train", adapter.n_layers, ids, adapter.normalize)
+        test, per = _probe_split(spec, corpora, "eval", adapter.n_layers, ids, adapter.normalize)
+        classes = len(corpora) if spec.target == "corpus" else 2
+        weight, bias = fit_probe(train, classes, settings.probe_l2, settings.probe_iterations)
+        readout = ProbeReadout(adapter, spec.name, weight.to(adapter.device), bias.to(adapter.device))
+        scores = classification_scores(test.u.float() @ weight.T + bias, test.y)
+        fit = classification_scores(train.u.float() @ weight.T + bias, train.y)
+        return (
+            readout,
+            {
+                "classes": classes,
+                "train_accuracy": fit["accuracy"],
+                **{f"heldout_{k}": v for k, v in scores.items()},
+                "n_train": len(train.y),
+                "n_heldout": len(test.y),
+            },
+            per,
+        )
+    readout = BackHalfReadout(adapter, spec.name, spec.layer, None)
+    h = own.residual(spec.layer, "train")[: settings.jacobian_sequences]
+    readout.jacobian = back_half_jacobian(readout, h)
+    return readout, {"classes": vocab, "jacobian_tokens": h[:, 1:].shape[0] * h[:, 1:].shape[1]}, {}
+
+
+def run_readout(
+    adapter: Adapter,
+    tokenizer,
+    lens,
+    spec: ReadoutSpec,
+    corpora: list[Corpus],
+    reference: Basis,
+    settings: ReadoutSettings,
+    grid: AblationGrid,
+    lens_training: BackHalfLensTraining,
+    test_resamples: int,
+) -> ReadoutResult:
+    """Everything one readout reports: ``corpora[0]`` is the run's own (its train split fits the
+    probe, the back-half lenses and the means; its eval split carries the H0 cells); the others
+    are read for fidelity only."""
+    from lensspace.lenses import translate
+
+    readout, facts, probe_labels = build_readout(adapter, tokenizer, spec, corpora, settings)
+    basis = labels(readout)
+    k = subspace_size(basis)
+    grid = AblationGrid(
+        subspaces=("output", "internal", "random"),
+        ks=(k,),
+        bases=(basis.name,),
+        modes=settings.modes,
+        sites=("pre_norm",),
+        seed=grid.seed,
+        n_boot=grid.n_boot,
+        random_draws=grid.random_draws,
+        experiment=f"readouts/{spec.name}",
+    )
+    layers = readout_layers(spec, settings.layers)
+    own = corpora[0]
+    source = readout.source_layer
+    translators = {}
+    kept = {}
+    for layer in layers:
+        if spec.kind == "back_half":
+            translators[layer], kept[layer] = fit_back_half_lens(
+                readout,
+                own.residual(layer, "train"),
+                own.residual(source, "train"),
+                own.residual(adapter.n_layers, "train"),
+                layer,
+                lens_training,
+            )
+
+    def lens_view(layer: int, split: str, corpus: Corpus) -> torch.Tensor:
+        h, anchor = corpus.residual(layer, split), corpus.residual(source, split)
+        with torch.no_grad():
+            if spec.kind == "back_half":
+                return apply_translator(translators[layer], h, anchor)
+            return torch.cat([anchor[:, :1], translate(lens, h[:, 1:], layer)], dim=1)
+
+    fidelity = []
+    for corpus in corpora:
+        identity = {}
+        for layer in layers:
+            anchor = corpus.residual(source, "eval")
+            identity[layer] = torch.cat([anchor[:, :1], corpus.residual(layer, "eval")[:, 1:]], 1)
+        labels_, positions = probe_labels.get(corpus.name, (None, None))
+        views = Views(
+            {layer: lens_view(layer, "eval", corpus) for layer in layers},
+            identity,
+            corpus.residual(source, "eval"),
+            None if labels_ is None else labels_.to(adapter.device),
+            positions,
+        )
+        fidelity += fidelity_rows(
+            readout,
+            views,
+            corpus.name,
+            grid.n_boot,
+            grid.seed,
+            settings.chunk,
+            adapter if spec.kind == "masked" else None,
+        )
+    results, ablation = [], []
+    for layer in tqdm(layers, desc=f"readout {spec.name}", file=sys.stderr, mininterval=5):
+        z_mean = lens_view(layer, "train", own)[:, 1:].mean((0, 1))
+        res = cell_results(
+            readout, basis, lens_view(layer, "eval", own), z_mean, layer, grid, settings.chunk
+        )
+        results.append(res)
+        ablation += [{"readout": spec.name, **row} for row in res.rows()]
+    verdicts = verdict_rows(results, spec.name, test_resamples, grid.seed)
+    summary = {
+        **angle_row(basis, reference, k, grid.seed),
+        "kind": spec.kind,
+        "definition": spec.tokens or spec.target or f"blocks {spec.layer}..{adapter.n_layers - 1}",
+        **facts,
+        "refinement_kept": ",".join(str(layer) for layer, kept_ in kept.items() if kept_),
+    }
+    return ReadoutResult(fidelity, ablation, verdicts, summary)

@@ -12,6 +12,7 @@ from lensspace.settings import (
     experiment_layers,
     layer_jobs,
     lens_training_params,
+    seed_layout_layers,
     shuffle_pair_chunks,
     token_split_params,
 )
@@ -141,6 +142,36 @@ def get_eval_corpora(run):
 def get_run_readouts(run):
     """The run's readouts (keys of readouts.define)."""
     return list(get_run(run).get("readouts", []))
+
+
+def get_readout_layers(run):
+    """The layers a run's readouts are read at (readouts.layers; null: those of h0)."""
+    return seed_layout_layers(config, "readouts", get_n_layers(run))
+
+
+def get_readout_residual_layers(run):
+    """The residuals a run's readouts read on its eval corpora: their layers, the final one and
+    each back half's first layer."""
+    defined = config["readouts"]["define"]
+    starts = {defined[r]["layer"] for r in get_run_readouts(run) if defined[r]["kind"] == "back_half"}
+    return sorted(set(get_readout_layers(run)) | {get_n_layers(run)} | starts)
+
+
+def get_readout_settings(wildcards):
+    """One readout's settings: its definition, layers and modes, and only the blocks its kind
+    reads (a probe's fit, a back half's Jacobian and lens training)."""
+    spec = config["readouts"]["define"][wildcards.readout]
+    settings = {
+        "spec": spec,
+        "layers": get_readout_layers(wildcards.run),
+        "modes": config["readouts"]["modes"],
+    }
+    if spec["kind"] == "probe":
+        settings["probe"] = config["readouts"]["probe"]
+    if spec["kind"] == "back_half":
+        settings["back_half"] = config["readouts"]["back_half"]
+        settings["lens_training"] = lens_training_params(config, wildcards.run)
+    return settings
 
 
 def get_compute():

@@ -20,10 +20,8 @@ rule readouts_residuals:
         mem_mb=4000,
         runtime=20,
     params:
-        config=get_config_values("readouts", "h0"),
-        readouts=lambda wildcards: get_run(wildcards.run).get("readouts", []),
+        layers=lambda wildcards: get_readout_residual_layers(wildcards.run),
         corpora=lambda wildcards: get_eval_corpora(wildcards.run),
-        n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
         compute=get_compute(),
     script:
@@ -54,12 +52,10 @@ rule readout:
         mem_mb=8000,
         runtime=60,
     params:
-        config=get_config_values(
-            "readouts", "h0", "lens_training", "random_draws", "bootstrap", "seed"
-        ),
+        readout=get_readout_settings,
+        config=get_config_values("random_draws", "bootstrap", "seed"),
         corpus=lambda wildcards: get_run(wildcards.run)["corpus"],
         corpora=lambda wildcards: get_eval_corpora(wildcards.run),
-        n_layers=lambda wildcards: get_n_layers(wildcards.run),
         device=config["device"],
         compute=get_compute(),
     script:

@@ -6,15 +6,8 @@ from safetensors.torch import load_file
 
 from lensspace import runtime
 from lensspace.devices import move
-from lensspace.experiments.readouts import (
-    BackHalfLensTraining,
-    Corpus,
-    ReadoutSettings,
-    ReadoutSpec,
-    run_readout,
-)
+from lensspace.experiments.readouts import Corpus, ReadoutSettings, ReadoutSpec, run_readout
 from lensspace.lenses import load_lens
-from lensspace.settings import seed_layout_grid, seed_layout_layers
 from lensspace.subspaces import load_bases
 
 
@@ -33,26 +26,14 @@ def body(sm):
         )
         for name in sm.params.corpora
     ]
-    training = config["lens_training"]
     result = run_readout(
         adapter,
         tokenizer,
         lens,
-        ReadoutSpec.from_config(config, sm.wildcards.readout),
+        ReadoutSpec.from_params(sm.wildcards.readout, sm.params.readout["spec"]),
         corpora,
         load_bases(sm.input.bases, adapter.device)["unembed_centered"],
-        ReadoutSettings.from_config(
-            config, seed_layout_layers(config, "readouts", sm.params.n_layers)
-        ),
-        seed_layout_grid(config, "readouts"),
-        BackHalfLensTraining(
-            ridge=training["ridge"],
-            refine_steps=training["refine_steps"],
-            refine_sequences=max(1, training["refine_batch_tokens"] // own.tokens["train"].shape[1]),
-            lr=training["lr"],
-            seed=config["seed"],
-        ),
-        config["bootstrap"]["test_resamples"],
+        ReadoutSettings.from_params(sm.params.readout, config, own.tokens["train"].shape[1]),
     )
     runtime.write_tsv(result.fidelity, sm.output.fidelity)
     runtime.write_tsv(result.ablation, sm.output.ablation)

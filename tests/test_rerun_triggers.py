@@ -28,11 +28,13 @@ LENS_USERS = {
     "shuffle_windows",
     "ood",
     "neurons",
+    "readout",
 }
 BEYOND = {
     "lens_quality",
     "ood",
     "neurons",
+    "readout",
 }  # torch rules beyond H0-H2: each reads the model, tokens, cache, bases
 OOD_RULES = {
     "ood_tokenize",
@@ -61,6 +63,7 @@ CONSUMERS = {
         "shuffle_figure",
         "html_report",
         "ood_tokenize",
+        "readouts_residuals",
         *BEYOND,
     },
     "tokenize": {
@@ -101,7 +104,10 @@ CONSUMERS = {
     },
     "h0_merge": {"h0_table", "h0_figure", "robustness_table", "html_report", "ood_table"},
     "lens_quality": {"lens_quality_table", "lens_quality_figure", "html_report"},
-    "ood_tokenize": {"ood", "html_report"},
+    "ood_tokenize": {"ood", "readouts_residuals", "html_report"},
+    "readouts_residuals": {"readout"},
+    "readout": {"readouts_table", "html_report"},
+    "readouts_table": {"html_report"},
     "ood": {"ood_table", "html_report"},
     "neurons": {"neurons_table", "neurons_figure", "html_report"},
     "h1_heads": {"h1_heads_figure", "html_report"},
@@ -135,6 +141,7 @@ DEVICE = {
     "ridge_lens",
     *SHUFFLE,
     *BEYOND,
+    "readouts_residuals",
 }
 SEED = {
     "train_lens",
@@ -151,7 +158,9 @@ N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND}
 H0_READERS = {
     "lens_quality",
     "ood",
-}  # both take H0's layers (theirs are null) and read the h0 section
+    "readouts_residuals",
+    "readout",
+}  # they take H0's layers (theirs are null); lens quality and ood read the h0 section
 MODEL = {"prepare_model"}
 CORPUS = {"prepare_corpus"}
 LLAMA = ("models", "tiny-llama")  # the model of runs tiny-llama and tiny-llama-pretrained
@@ -280,7 +289,10 @@ EDITS = {
     "cache.storage": ([(("cache", "storage"), "float32")], AFTER_CACHE),
     # tiny-llama takes every lens_training key from the top level (tiny-gpt2 overrides refine_steps)
     **{
-        f"lens_training.{key}": ([(("lens_training", key), value)], {"train_lens", "lens_quality"})
+        f"lens_training.{key}": (
+            [(("lens_training", key), value)],
+            {"train_lens", "lens_quality", "readout"},  # readout: the back half's lenses
+        )
         for key, value in (
             ("ridge", 0.01),
             ("refine_steps", 2),
@@ -294,7 +306,7 @@ EDITS = {
     **{f"{h}.layers": ([((h, "layers"), [0, 2])], {f"{h}_layer"}) for h in ("h1", "h2")},
     "h0.layers": ([(("h0", "layers"), [0, 2])], {"h0_layer", *H0_READERS}),
     **{
-        f"h0.{key}": ([(("h0", key), value)], {"h0_layer", *H0_READERS})
+        f"h0.{key}": ([(("h0", key), value)], {"h0_layer", "lens_quality", "ood"})
         for key, value in (
             ("subspaces", ["output", "random"]),
             ("bases", ["unembed"]),
@@ -303,7 +315,7 @@ EDITS = {
         )
     },
     **{f"{h}.k": ([((h, "k"), ["half", 8])], {f"{h}_layer"}) for h in ("h1", "h2")},
-    "h0.k": ([(("h0", "k"), ["half", 8])], {"h0_layer", *H0_READERS}),
+    "h0.k": ([(("h0", "k"), ["half", 8])], {"h0_layer", "lens_quality", "ood"}),
     **{
         f"h1.{key}": ([(("h1", key), value)], {"h1_layer"})
         for key, value in (
@@ -347,6 +359,32 @@ EDITS = {
     "bootstrap.test_resamples": (
         [(("bootstrap", "test_resamples"), 500)],
         {"robustness_table", *BEYOND},
+    ),
+    "runs.*.readouts": (
+        [(("runs", "tiny-gpt2", "readouts"), ["all-tokens"])],
+        {"readouts_residuals", "readout"},
+    ),
+    # one definition's edit reruns that readout alone
+    "readouts.define.*.kind": (
+        [(("readouts", "define", "all-tokens"), {"kind": "probe", "target": "corpus"})],
+        {"readout"},
+    ),
+    "readouts.define.*.tokens": ([(("readouts", "define", "python", "tokens"), "digits")], {"readout"}),
+    "readouts.define.*.target": (
+        [(("readouts", "define", "next-python"), {"kind": "probe", "target": "corpus"})],
+        {"readout"},
+    ),
+    # the residuals the readouts read elsewhere: layers 0..3 whether the back half starts at 1 or 2
+    "readouts.define.*.layer": ([(("readouts", "define", "back-half", "layer"), 1)], {"readout"}),
+    "readouts.layers": ([(("readouts", "layers"), [0, 2])], {"readouts_residuals", "readout"}),
+    "readouts.modes": ([(("readouts", "modes"), ["zero"])], {"readout"}),
+    **{
+        f"readouts.probe.{key}": ([(("readouts", "probe", key), value)], {"readout"})
+        for key, value in (("l2", 0.01), ("iterations", 50))
+    },
+    "readouts.back_half.jacobian_sequences": (
+        [(("readouts", "back_half", "jacobian_sequences"), 2)],
+        {"readout"},
     ),
     **{
         f"ood.{key}": ([(("ood", key), value)], {"ood_tokenize", "ood"})

@@ -22,7 +22,8 @@ from __future__ import annotations
 import keyword
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from lensspace.adapter import Adapter
 from lensspace.divergences import KLReference, kl_loss, kl_target
 from lensspace.errors import LensspaceError
-from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit, subspace_basis
+from lensspace.experiments.grid import AblationGrid, CellResults, relative_edit
 from lensspace.lenses import fit_affine
 from lensspace.robustness import CORRECTION, verdict
 from lensspace.runner import BlockRunner
@@ -61,7 +62,12 @@ def _in_set(text: str, rule: str) -> bool:
         return keyword.iskeyword(word) or keyword.issoftkeyword(word) or word in PYTHON_OPERATORS
     if rule == "japanese":
         return all(
-            "\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" or c in "、。ー" for c in word
+            "\u3040" <= c <= "\u30ff"  # kana
+            or "\u3400" <= c <= "\u4dbf"  # CJK extension A
+            or "\u4e00" <= c <= "\u9fff"  # CJK unified ideographs
+            or "\uff66" <= c <= "\uff9d"  # half-width katakana
+            or c in "、。々〆ー"
+            for c in word
         )
     if rule == "capitalised":
         return word.isalpha() and word[0].isupper() and (len(word) == 1 or word[1:].islower())
@@ -94,45 +100,71 @@ class ReadoutSpec:
     layer: int | None = None
 
     @classmethod
-    def from_config(cls, config: dict, name: str) -> ReadoutSpec:
-        spec = config["readouts"]["define"][name]
+    def from_params(cls, name: str, spec: dict) -> ReadoutSpec:
         return cls(name, spec["kind"], spec.get("tokens"), spec.get("target"), spec.get("layer"))
 
 
 @dataclass(frozen=True)
+class BackHalfLensTraining:
+    """Least squares from ``h_i`` to ``h_m``, then Adam on the KL of the final output through the
+    back half, kept only where it lowers that KL on held-out training sequences."""
+
+    ridge: float = 1e-3
+    refine_steps: int = 8
+    refine_sequences: int = 2
+    lr: float = 2e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ReadoutSettings:
-    """What every readout of a run shares: layers, modes, the probe's fit, the back half's."""
+    """One readout's layers and cells, and what its kind needs: the probe's fit, the back
+    half's Jacobian sample and lens training."""
 
     layers: list[int]
-    modes: tuple[str, ...]
-    probe_l2: float
-    probe_iterations: int
-    jacobian_sequences: int
+    grid: AblationGrid
+    test_resamples: int = 1000
+    probe_l2: float = 1e-4
+    probe_iterations: int = 200
+    jacobian_sequences: int = 2
+    lens_training: BackHalfLensTraining = BackHalfLensTraining()
     chunk: int = 4
 
     @classmethod
-    def from_config(cls, config: dict, layers: list[int]) -> ReadoutSettings:
-        block = config["readouts"]
+    def from_params(cls, readout: dict, config: dict, seq_len: int) -> ReadoutSettings:
+        """From the rule's ``readout`` param (common.smk's get_readout_settings) and the
+        config's ``random_draws``, ``bootstrap`` and ``seed``."""
+        probe = readout.get("probe", {"l2": cls.probe_l2, "iterations": cls.probe_iterations})
+        back = readout.get("back_half", {"jacobian_sequences": cls.jacobian_sequences})
+        training = readout.get("lens_training")
+        lens_training = BackHalfLensTraining()
+        if training is not None:
+            lens_training = BackHalfLensTraining(
+                training["ridge"],
+                training["refine_steps"],
+                max(1, training["refine_batch_tokens"] // seq_len),
+                training["lr"],
+                training["seed"],
+            )
         return cls(
-            layers,
-            tuple(block["modes"]),
-            block["probe"]["l2"],
-            block["probe"]["iterations"],
-            block["back_half"]["jacobian_sequences"],
+            list(readout["layers"]),
+            AblationGrid(
+                modes=tuple(readout["modes"]),
+                seed=config["seed"],
+                n_boot=config["bootstrap"]["n_resamples"],
+                random_draws=config["random_draws"],
+            ),
+            config["bootstrap"]["test_resamples"],
+            probe["l2"],
+            probe["iterations"],
+            back["jacobian_sequences"],
+            lens_training,
         )
 
 
 def readout_layers(spec: ReadoutSpec, layers: list[int]) -> list[int]:
     """The run's readout layers this readout is read at: below ``m`` for a back half."""
     return [i for i in layers if spec.kind != "back_half" or i < spec.layer]
-
-
-def needed_layers(specs: list[ReadoutSpec], layers: list[int], n_layers: int) -> list[int]:
-    """Residual layers the readouts of a run read on another corpus: theirs, the final one and
-    each back half's ``m``."""
-    wanted = set(layers) | {n_layers}
-    wanted |= {s.layer for s in specs if s.kind == "back_half"}
-    return sorted(wanted)
 
 
 # ----------------------------------------------------------------------------- readouts
@@ -224,10 +256,11 @@ class BackHalfReadout(Readout):
 def back_half_jacobian(
     readout: BackHalfReadout, h: torch.Tensor, rows_per_pass: int = 32
 ) -> torch.Tensor:
-    """``E_t[ d(C h_L[t] / s_t) / d delta ]`` [d, d]: the response of the final residual, centred
-    as the final norm centres and divided by its frozen scale ``s_t``, at each position
-    ``t >= 1``, to one shift ``delta`` of ``h_m`` at every position ``t >= 1`` (an ablation edits
-    them all). At ``m = L`` it is ``E[1/s] C``.
+    """``E_t[ d(h_L[t] / s_t) / d delta ]`` [d, d]: the response of the final residual, divided by
+    the final norm's frozen scale ``s_t``, at each position ``t >= 1``, to one shift ``delta`` of
+    ``h_m`` at every position ``t >= 1`` (as an ablation edits them all). At ``m = L`` it is
+    ``E[1/s] I``, so the labels are ``unembed_centered``'s (whose matrix, like every readout's,
+    acts on the normalised residual).
 
     Computed row by row by reverse mode: the batch ``h`` [n, T, d] is replicated once per row of
     a pass, each replica with its own zero shift, so one backward pass gives ``rows_per_pass``
@@ -247,7 +280,7 @@ def back_half_jacobian(
         shifted[:, :, 1:] = shifted[:, :, 1:] + delta[:, None, None, :]
         with torch.enable_grad():
             final = readout.final_residual(shifted.reshape(-1, *h.shape[1:]))
-            final = adapter.centre(final).reshape(len(rows), *h.shape)[:, :, 1:] / scale
+            final = final.reshape(len(rows), *h.shape)[:, :, 1:] / scale
             picked = final.mean((1, 2))[torch.arange(len(rows)), rows.to(h.device)]
             (grad,) = torch.autograd.grad(picked.sum(), delta)
         out[rows] = grad.double().cpu()
@@ -255,8 +288,12 @@ def back_half_jacobian(
 
 
 def labels(readout: Readout) -> Basis:
-    """The readout's basis: right singular vectors of :meth:`Readout.matrix`, descending."""
-    _, s, vh = torch.linalg.svd(readout.matrix().cpu(), full_matrices=True)
+    """The readout's basis: right singular vectors of :meth:`Readout.matrix`, descending (a
+    readout of fewer classes than dimensions: completed by an orthonormal basis of its null
+    space)."""
+    matrix = readout.matrix().cpu()
+    full = matrix.shape[0] < matrix.shape[1]  # U is then C x C: small
+    _, s, vh = torch.linalg.svd(matrix, full_matrices=full)
     values = torch.zeros(vh.shape[0], dtype=torch.float64)
     values[: len(s)] = s
     return Basis(readout.name, vh.T.float().contiguous(), values.float())
@@ -268,9 +305,30 @@ def label_rank(basis: Basis, rtol: float = 1e-6) -> int:
 
 
 def subspace_size(basis: Basis) -> int:
-    """The H0 size for a readout: half the residual, or its rank where that is smaller (a probe
-    of C classes moves its logits along at most C - 1 directions)."""
-    return max(1, min(basis.vectors.shape[0] // 2, label_rank(basis)))
+    """The H0 size for a readout: half its rank (half the residual for a full-rank one, as for
+    W_U). Output and internal are the top and the bottom ``k`` of its row space: a readout of C
+    classes moves its logits along at most C - 1 directions, and its null space would be an
+    internal subspace by construction."""
+    return max(1, label_rank(basis) // 2)
+
+
+def readout_subspaces(rank: int) -> tuple[str, ...]:
+    """The cells' subspaces: a rank-1 readout has no internal part of its row space."""
+    return ("output", "internal", "random") if rank >= 2 else ("output", "random")
+
+
+def readout_subspace(
+    basis: Basis, rank: int, grid: AblationGrid, layer: int, subspace: str, k: int, draw: int
+) -> torch.Tensor:
+    """The [d, k] orthonormal basis of one cell: the top ``k`` of the readout's row space
+    (output), its bottom ``k`` (internal), or a seeded random ``k``-dim subspace of the whole
+    residual."""
+    if subspace == "output":
+        return basis.vectors[:, :k]
+    if subspace == "internal":
+        return basis.vectors[:, rank - k : rank]
+    seed = grid.random_seed(layer, k, "random", draw)
+    return random_subspace(basis.vectors.shape[0], k, seed, basis.vectors.device)
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -284,7 +342,7 @@ def angle_row(basis: Basis, reference: Basis, k: int, seed: int, draws: int = 8)
     of the principal angles, the smallest and largest angle, and the same mean for random
     ``k``-dim subspaces (its expectation is ``(d/2)/d``)."""
     d = basis.vectors.shape[0]
-    ours, theirs = basis.vectors[:, :k], reference.vectors[:, : d // 2]
+    ours, theirs = basis.vectors[:, :k].cpu(), reference.vectors[:, : d // 2].cpu()
     cos = principal_angles(ours, theirs)
     random = [
         float(principal_angles(random_subspace(d, k, seed + i), theirs).pow(2).mean())
@@ -323,11 +381,17 @@ def next_token_labels(tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Te
 
 
 def fit_probe(
-    data: ProbeData, classes: int, l2: float, iterations: int
+    data: ProbeData, classes: int, l2: float, iterations: int, balanced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression ``W u + b`` (L2 ``l2`` on ``W``, mean loss), by L-BFGS in
-    float64 from zero; unweighted, so its probabilities are calibrated to the training mix."""
+    float64 from zero. Unweighted, its probabilities are calibrated to the training mix;
+    ``balanced`` weighs each class by its inverse frequency (a uniform prior), for classes
+    whose mix is a choice of the sample (which corpus a token comes from)."""
     u, y = data.u.double(), data.y.long()
+    weight = None
+    if balanced:
+        counts = torch.bincount(y, minlength=classes).double().clamp_min(1)
+        weight = counts.sum() / (classes * counts)
     w = torch.zeros(classes, u.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -336,7 +400,8 @@ def fit_probe(
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(u @ w.T + b, y) + l2 * w.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(u @ w.T + b, y, weight=weight)
+        loss = loss + l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -373,18 +438,6 @@ def classification_scores(logits: torch.Tensor, y: torch.Tensor, bins: int = 10)
 
 
 # ----------------------------------------------------------------------------- back-half lenses
-
-
-@dataclass(frozen=True)
-class BackHalfLensTraining:
-    """Least squares from ``h_i`` to ``h_m``, then Adam on the KL of the final output through the
-    back half, kept only where it lowers that KL on held-out training sequences."""
-
-    ridge: float
-    refine_steps: int
-    refine_sequences: int
-    lr: float
-    seed: int
 
 
 def fit_back_half_lens(
@@ -465,24 +518,30 @@ def apply_translator(
 
 @dataclass
 class Views:
-    """One corpus's residuals for a readout: per layer the lens-space vectors ``z`` [n, T, d]
-    (position 0 the readout's source residual) and the identity view (``h_i`` itself), plus the
-    source residual and, for probes, labels and their positions."""
+    """One corpus's residuals for a readout, each [n, T, d] with position 0 the readout's source
+    residual: per layer the named views (``tuned``: the lens; ``identity``: ``h_i`` read as it
+    is), the source residual, the model's final residual, and for probes labels and positions."""
 
-    lens: dict[int, torch.Tensor]
-    identity: dict[int, torch.Tensor]
+    views: dict[int, dict[str, torch.Tensor]]
     source: torch.Tensor
+    final: torch.Tensor
     labels: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
 
-def _kl_chunks(readout: Readout, reference: torch.Tensor, x: torch.Tensor, chunk: int):
-    """Per-token KL(readout(reference) || readout(x)) at positions >= 1, [n, T-1]."""
+def _kl_chunks(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    reference_x: torch.Tensor,
+    other: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """Per-token KL(softmax(reference(reference_x)) || softmax(other(x))) at positions >= 1."""
     parts = []
     with torch.no_grad():
         for s in range(0, len(x), chunk):
-            ref = KLReference(readout.logits(reference[s : s + chunk])[:, 1:].log_softmax(-1))
-            parts.append(ref.kl(readout.logits(x[s : s + chunk])[:, 1:]))
+            ref = KLReference(reference(reference_x[s : s + chunk])[:, 1:].log_softmax(-1))
+            parts.append(ref.kl(other(x[s : s + chunk])[:, 1:]))
     return torch.cat(parts)
 
 
@@ -493,11 +552,13 @@ def fidelity_rows(
     n_boot: int,
     seed: int,
     chunk: int,
-    full_head: Adapter | None = None,
 ) -> list[dict]:
-    """Per layer: held-out KL(readout(source) || readout(view)) for the lens and the identity
-    view, with bootstrap intervals over sequences; a probe's scores per view; a masked
-    readout's probability mass under the whole head."""
+    """Per layer and view: held-out KL(readout(source) || readout(view)) with its bootstrap
+    interval over sequences (a back half's ``logit`` view: the model's own head on ``h_i``, the
+    logit lens); a probe's scores per view; a masked readout's set mass under the whole head.
+    The ``model`` row is the readout of the source against the model's own output read the same
+    way (a back half: the model's head on its final residual; 0 for the others by definition)."""
+    adapter = readout.adapter
     rows = []
 
     def scores(x: torch.Tensor) -> dict:
@@ -508,48 +569,35 @@ def fidelity_rows(
             out.update(
                 classification_scores(logits.reshape(-1, readout.classes), views.labels.reshape(-1))
             )
-        if full_head is not None:
-            out["set_mass"] = set_mass(full_head, readout, x, chunk)
+        if isinstance(readout, MaskedReadout):
+            out["set_mass"] = set_mass(readout, x, chunk)
         return out
 
-    for layer in views.lens:
-        for name, x in (("tuned", views.lens[layer]), ("identity", views.identity[layer])):
-            est = bootstrap_mean(
-                _kl_chunks(readout, views.source, x, chunk), n_boot=n_boot, seed=seed
-            )
-            row = {
-                "readout": readout.name,
-                "corpus": corpus,
-                "layer": layer,
-                "view": name,
-                "kl": est.mean,
-                "kl_lo": est.lo,
-                "kl_hi": est.hi,
-                "n_tokens": est.n_tokens,
-            }
-            rows.append({**row, **scores(x)})
-    rows.append(
-        {
-            "readout": readout.name,
-            "corpus": corpus,
-            "layer": readout.source_layer,
-            "view": "model",
-            "kl": 0.0,
-            "kl_lo": 0.0,
-            "kl_hi": 0.0,
-            "n_tokens": views.source[:, 1:].shape[0] * views.source[:, 1:].shape[1],
-            **scores(views.source),
-        }
-    )
+    def row(layer: int, view: str, kl: torch.Tensor, x: torch.Tensor | None) -> dict:
+        est = bootstrap_mean(kl, n_boot=n_boot, seed=seed)
+        keys = {"readout": readout.name, "corpus": corpus, "layer": layer, "view": view}
+        values = {"kl": est.mean, "kl_lo": est.lo, "kl_hi": est.hi, "n_tokens": est.n_tokens}
+        return {**keys, **values, **(scores(x) if x is not None else {})}
+
+    for layer, named in views.views.items():
+        for view, x in named.items():
+            kl = _kl_chunks(readout.logits, views.source, readout.logits, x, chunk)
+            rows.append(row(layer, view, kl, x))
+        if isinstance(readout, BackHalfReadout):
+            kl = _kl_chunks(readout.logits, views.source, adapter.logits, named["identity"], chunk)
+            rows.append(row(layer, "logit", kl, None))
+    final = adapter.logits if isinstance(readout, BackHalfReadout) else readout.logits
+    kl = _kl_chunks(readout.logits, views.source, final, views.final, chunk)
+    rows.append(row(readout.source_layer, "model", kl, views.source))
     return rows
 
 
-def set_mass(adapter: Adapter, readout: MaskedReadout, x: torch.Tensor, chunk: int) -> float:
+def set_mass(readout: MaskedReadout, x: torch.Tensor, chunk: int) -> float:
     """Mean probability the whole head gives the readout's token set, at positions >= 1."""
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(x), chunk):
-            p = adapter.logits(x[s : s + chunk, 1:]).softmax(-1)
+            p = readout.adapter.logits(x[s : s + chunk, 1:]).softmax(-1)
             total += float(p[..., readout.ids].sum(-1).double().sum())
             count += p.shape[0] * p.shape[1]
     return total / count
@@ -565,13 +613,12 @@ def cell_results(
     chunk: int,
 ) -> CellResults:
     """The H0 cells of one readout at one layer: KL(readout(z) || readout(z')) per token, with
-    ``z'`` the ablation of a subspace of the readout's basis at positions >= 1 (the mean over
-    training tokens for mean mode)."""
-    d = z_eval.shape[-1]
-    cells = grid.variants(d)
-    bases = {basis.name: basis}
+    ``z'`` the ablation of a subspace of the readout's labels (:func:`readout_subspace`) at
+    positions >= 1, toward the training mean ``z_mean`` in mean mode; position 0 untouched."""
+    rank = label_rank(basis)
+    cells = grid.variants(z_eval.shape[-1])
     qs = {
-        c: subspace_basis(bases, grid, layer, c.subspace, c.k, c.basis, c.draw).to(z_eval.device)
+        c: readout_subspace(basis, rank, grid, layer, c.subspace, c.k, c.draw).to(z_eval.device)
         for c in cells
     }
     results = CellResults(layer, grid)
@@ -588,23 +635,27 @@ def cell_results(
 
 
 def verdict_rows(results: list[CellResults], name: str, n_resamples: int, seed: int) -> list[dict]:
-    """Per layer and mode: output - internal and output - random (the draws' mean) per
-    sequence, the paired bootstrap-t interval of the mean difference and the exact sign test,
-    Holm-corrected over the readout's comparisons."""
+    """Per layer and mode: output - internal and output - random (the draws' mean) per sequence.
+    The exact sign test gives the p-value, Holm-corrected over the readout's comparisons, and the
+    direction (more sequences above 0 than below); against random the output's mean KL must also
+    lie beyond every draw's. Beside them: the mean difference with its paired bootstrap-t
+    interval, and the median."""
     rows = []
     for res in results:
         per_seq = {cell: torch.cat(parts).mean(1) for cell, parts in res.kl.items()}
         for mode in res.grid.modes:
 
-            def mean_of(subspace: str) -> torch.Tensor:
-                return torch.stack(
-                    [v for c, v in per_seq.items() if c.subspace == subspace and c.mode == mode]
-                ).mean(0)
+            def of(subspace: str) -> list[torch.Tensor]:
+                return [v for c, v in per_seq.items() if c.subspace == subspace and c.mode == mode]
 
-            output = mean_of("output")
+            output = torch.stack(of("output")).mean(0)
             for other in ("internal", "random"):
-                b = mean_of(other)
-                comp = paired_difference(output, b, n_resamples, seed)
+                if not of(other):
+                    continue
+                draws = torch.stack(of(other))
+                diff = output - draws.mean(0)
+                comp = paired_difference(output, draws.mean(0), n_resamples, seed)
+                draw_means = draws.mean(1)
                 rows.append(
                     {
                         "readout": name,
@@ -614,13 +665,26 @@ def verdict_rows(results: list[CellResults], name: str, n_resamples: int, seed: 
                         "diff": comp.diff,
                         "lo": comp.lo,
                         "hi": comp.hi,
-                        "p_value": sign_test_p(output - b),
-                        "n_sequences": len(output),
+                        "median": float(diff.median()),
+                        "n_above": int((diff > 0).sum()),
+                        "n_below": int((diff < 0).sum()),
+                        "p_value": sign_test_p(diff),
+                        "n_sequences": len(diff),
+                        "output_kl": float(output.mean()),
+                        "draw_min": float(draw_means.min()) if other == "random" else math.nan,
+                        "draw_max": float(draw_means.max()) if other == "random" else math.nan,
                     }
                 )
     for row, p in zip(rows, adjust([r["p_value"] for r in rows], CORRECTION)):
         row["p_adjusted"] = p
-        row["verdict"] = verdict(row["diff"], p)
+        against_draws = row["comparison"] == "output - random"
+        row["verdict"] = verdict(
+            row["n_above"] - row["n_below"],
+            p,
+            row["output_kl"] if against_draws else None,
+            row["draw_min"] if against_draws else None,
+            row["draw_max"] if against_draws else None,
+        )
     return rows
 
 
@@ -719,7 +783,13 @@ def build_readout(
         train, _ = _probe_split(spec, corpora, "train", adapter.n_layers, ids, adapter.normalize)
         test, per = _probe_split(spec, corpora, "eval", adapter.n_layers, ids, adapter.normalize)
         classes = len(corpora) if spec.target == "corpus" else 2
-        weight, bias = fit_probe(train, classes, settings.probe_l2, settings.probe_iterations)
+        weight, bias = fit_probe(
+            train,
+            classes,
+            settings.probe_l2,
+            settings.probe_iterations,
+            balanced=spec.target == "corpus",
+        )
         readout = ProbeReadout(adapter, spec.name, weight.to(adapter.device), bias.to(adapter.device))
         scores = classification_scores(test.u.float() @ weight.T + bias, test.y)
         fit = classification_scores(train.u.float() @ weight.T + bias, train.y)
@@ -740,6 +810,15 @@ def build_readout(
     return readout, {"classes": vocab, "jacobian_tokens": h[:, 1:].shape[0] * h[:, 1:].shape[1]}, {}
 
 
+def definition(spec: ReadoutSpec, n_layers: int) -> str:
+    """A readout in words, for its tables."""
+    if spec.kind == "masked":
+        return f"W_U over {spec.tokens} tokens"
+    if spec.kind == "probe":
+        return "which corpus" if spec.target == "corpus" else f"next token {spec.tokens}?"
+    return f"blocks {spec.layer}..{n_layers - 1} and W_U"
+
+
 def run_readout(
     adapter: Adapter,
     tokenizer,
@@ -748,88 +827,79 @@ def run_readout(
     corpora: list[Corpus],
     reference: Basis,
     settings: ReadoutSettings,
-    grid: AblationGrid,
-    lens_training: BackHalfLensTraining,
-    test_resamples: int,
 ) -> ReadoutResult:
-    """Everything one readout reports: ``corpora[0]`` is the run's own (its train split fits the
-    probe, the back-half lenses and the means; its eval split carries the H0 cells); the others
-    are read for fidelity only."""
+    """Everything one readout reports. ``corpora[0]`` is the run's own: its train split fits the
+    probe, the back-half lenses and the means, its eval split carries the H0 cells (a corpus
+    probe's cells: every corpus's eval split, so every class is read); every corpus's eval
+    split is read for fidelity."""
     from lensspace.lenses import translate
 
     readout, facts, probe_labels = build_readout(adapter, tokenizer, spec, corpora, settings)
     basis = labels(readout)
     k = subspace_size(basis)
-    grid = AblationGrid(
-        subspaces=("output", "internal", "random"),
+    grid = replace(
+        settings.grid,
+        subspaces=readout_subspaces(label_rank(basis)),
         ks=(k,),
         bases=(basis.name,),
-        modes=settings.modes,
         sites=("pre_norm",),
-        seed=grid.seed,
-        n_boot=grid.n_boot,
-        random_draws=grid.random_draws,
         experiment=f"readouts/{spec.name}",
     )
     layers = readout_layers(spec, settings.layers)
     own = corpora[0]
     source = readout.source_layer
-    translators = {}
-    kept = {}
-    for layer in layers:
-        if spec.kind == "back_half":
+    translators, kept = {}, {}
+    if spec.kind == "back_half":
+        for layer in layers:
             translators[layer], kept[layer] = fit_back_half_lens(
                 readout,
                 own.residual(layer, "train"),
                 own.residual(source, "train"),
                 own.residual(adapter.n_layers, "train"),
                 layer,
-                lens_training,
+                settings.lens_training,
             )
 
-    def lens_view(layer: int, split: str, corpus: Corpus) -> torch.Tensor:
+    def view(layer: int, split: str, corpus: Corpus, tuned: bool = True) -> torch.Tensor:
+        """Position 0 the source residual's, the others the lens's (or ``h_i`` itself)."""
         h, anchor = corpus.residual(layer, split), corpus.residual(source, split)
         with torch.no_grad():
-            if spec.kind == "back_half":
-                return apply_translator(translators[layer], h, anchor)
-            return torch.cat([anchor[:, :1], translate(lens, h[:, 1:], layer)], dim=1)
+            if not tuned:
+                rest = h[:, 1:]
+            elif spec.kind == "back_half":
+                rest = h[:, 1:] + translators[layer](h[:, 1:])
+            else:
+                rest = translate(lens, h[:, 1:], layer)
+            return torch.cat([anchor[:, :1], rest], dim=1)
 
     fidelity = []
     for corpus in corpora:
-        identity = {}
-        for layer in layers:
-            anchor = corpus.residual(source, "eval")
-            identity[layer] = torch.cat([anchor[:, :1], corpus.residual(layer, "eval")[:, 1:]], 1)
         labels_, positions = probe_labels.get(corpus.name, (None, None))
         views = Views(
-            {layer: lens_view(layer, "eval", corpus) for layer in layers},
-            identity,
+            {
+                layer: {"tuned": view(layer, "eval", corpus), "identity": view(layer, "eval", corpus, False)}
+                for layer in layers
+            },
             corpus.residual(source, "eval"),
+            corpus.residual(adapter.n_layers, "eval"),
             None if labels_ is None else labels_.to(adapter.device),
             positions,
         )
-        fidelity += fidelity_rows(
-            readout,
-            views,
-            corpus.name,
-            grid.n_boot,
-            grid.seed,
-            settings.chunk,
-            adapter if spec.kind == "masked" else None,
-        )
+        fidelity += fidelity_rows(readout, views, corpus.name, grid.n_boot, grid.seed, settings.chunk)
+    read = corpora if spec.target == "corpus" else corpora[:1]
     results, ablation = [], []
     for layer in tqdm(layers, desc=f"readout {spec.name}", file=sys.stderr, mininterval=5):
-        z_mean = lens_view(layer, "train", own)[:, 1:].mean((0, 1))
-        res = cell_results(
-            readout, basis, lens_view(layer, "eval", own), z_mean, layer, grid, settings.chunk
-        )
+        z_mean = torch.cat([view(layer, "train", c)[:, 1:] for c in read]).mean((0, 1))
+        z_eval = torch.cat([view(layer, "eval", c) for c in read])
+        res = cell_results(readout, basis, z_eval, z_mean, layer, grid, settings.chunk)
         results.append(res)
         ablation += [{"readout": spec.name, **row} for row in res.rows()]
-    verdicts = verdict_rows(results, spec.name, test_resamples, grid.seed)
+    verdicts = verdict_rows(results, spec.name, settings.test_resamples, grid.seed)
     summary = {
         **angle_row(basis, reference, k, grid.seed),
         "kind": spec.kind,
-        "definition": spec.tokens or spec.target or f"blocks {spec.layer}..{adapter.n_layers - 1}",
+        "definition": definition(spec, adapter.n_layers),
+        "cells_on": ",".join(c.name for c in read),
         **facts,
         "refinement_kept": ",".join(str(layer) for layer, kept_ in kept.items() if kept_),
     }

@@ -17,7 +17,7 @@ from conftest import ROOT
 
 from lensspace.errors import LensspaceError
 from lensspace.experiments import readouts as ro
-from lensspace.experiments.grid import AblationGrid, CellResults, Cell
+from lensspace.experiments.grid import AblationGrid, Cell, CellResults
 from lensspace.subspaces import ablate, unembedding_bases
 
 
@@ -87,7 +87,10 @@ def test_masked_readout_renormalises_over_its_set(tiny):
     x = torch.randn(1, 4, adapter.d_model, generator=torch.Generator().manual_seed(1))
     full = adapter.logits(x).double().softmax(-1)[..., ids]
     torch.testing.assert_close(
-        readout.logits(x).double().softmax(-1), full / full.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5
+        readout.logits(x).double().softmax(-1),
+        full / full.sum(-1, keepdim=True),
+        atol=1e-6,
+        rtol=1e-5,
     )
 
 
@@ -242,7 +245,9 @@ def constructed(output: float, internal: float, n: int = 24) -> CellResults:
     res.add(Cell("output", 4, "b", "zero", "pre_norm"), output + noise(), torch.zeros(n, 5))
     res.add(Cell("internal", 4, "b", "zero", "pre_norm"), internal + noise(), torch.zeros(n, 5))
     for draw in range(2):
-        res.add(Cell("random", 4, "random", "zero", "pre_norm", draw), 0.5 + noise(), torch.zeros(n, 5))
+        res.add(
+            Cell("random", 4, "random", "zero", "pre_norm", draw), 0.5 + noise(), torch.zeros(n, 5)
+        )
     return res
 
 
@@ -252,7 +257,11 @@ def test_verdicts_follow_the_direction_of_the_difference():
     first = {r["comparison"]: r for r in holds}
     assert first["output - internal"]["verdict"] == "holds"
     assert first["output - internal"]["diff"] == pytest.approx(1.0, abs=0.05)
-    assert first["output - internal"]["lo"] < first["output - internal"]["diff"] < first["output - internal"]["hi"]
+    assert (
+        first["output - internal"]["lo"]
+        < first["output - internal"]["diff"]
+        < first["output - internal"]["hi"]
+    )
     assert {r["comparison"]: r for r in swapped}["output - internal"]["verdict"] == "reversed"
     assert all(r["p_adjusted"] >= r["p_value"] for r in holds + swapped)
 

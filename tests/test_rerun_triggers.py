@@ -369,7 +369,10 @@ EDITS = {
         [(("readouts", "define", "all-tokens"), {"kind": "probe", "target": "corpus"})],
         {"readout"},
     ),
-    "readouts.define.*.tokens": ([(("readouts", "define", "python", "tokens"), "digits")], {"readout"}),
+    "readouts.define.*.tokens": (
+        [(("readouts", "define", "python", "tokens"), "digits")],
+        {"readout"},
+    ),
     "readouts.define.*.target": (
         [(("readouts", "define", "next-python"), {"kind": "probe", "target": "corpus"})],
         {"readout"},

@@ -66,7 +66,9 @@ def check_references(config: dict[str, Any]) -> None:
             )
 
 
-def check_readouts(config: dict[str, Any], run: str, spec: Mapping[str, Any], n_layers: int) -> None:
+def check_readouts(
+    config: dict[str, Any], run: str, spec: Mapping[str, Any], n_layers: int
+) -> None:
     """A run's readouts are defined, a back half starts inside the model, a corpus probe has
     eval corpora to tell apart."""
     defined = config.get("readouts", {}).get("define", {})

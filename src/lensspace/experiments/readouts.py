@@ -214,9 +214,7 @@ class MaskedReadout(Readout):
 class ProbeReadout(Readout):
     """A linear classifier ``W u + b`` on the normalised residual ``u`` of the final norm."""
 
-    def __init__(
-        self, adapter: Adapter, name: str, weight: torch.Tensor, bias: torch.Tensor
-    ):
+    def __init__(self, adapter: Adapter, name: str, weight: torch.Tensor, bias: torch.Tensor):
         self.adapter, self.name = adapter, name
         self.weight, self.bias = weight.float(), bias.float()
         self.classes, self.source_layer = len(weight), adapter.n_layers
@@ -271,9 +269,7 @@ def back_half_jacobian(
     with torch.no_grad():
         scale = adapter.norm_scale(adapter.centre(readout.final_residual(h)))[:, 1:]
     out = torch.zeros(d, d, dtype=torch.float64)
-    for start in tqdm(
-        range(0, d, rows_per_pass), desc="jacobian", file=sys.stderr, mininterval=5
-    ):
+    for start in tqdm(range(0, d, rows_per_pass), desc="jacobian", file=sys.stderr, mininterval=5):
         rows = torch.arange(start, min(start + rows_per_pass, d))
         delta = torch.zeros(len(rows), d, device=h.device, requires_grad=True)
         shifted = h.unsqueeze(0).expand(len(rows), *h.shape).clone()
@@ -422,7 +418,8 @@ def classification_scores(logits: torch.Tensor, y: torch.Tensor, bins: int = 10)
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     which = torch.bucketize(top, edges[1:-1])
     ece = sum(
-        float((which == i).double().mean()) * abs(float(right[which == i].mean() - top[which == i].mean()))
+        float((which == i).double().mean())
+        * abs(float(right[which == i].mean() - top[which == i].mean()))
         for i in range(bins)
         if bool((which == i).any())
     )
@@ -479,9 +476,9 @@ def fit_back_half_lens(
             rows = torch.randint(0, n_fit, (min(settings.refine_sequences, n_fit),), generator=gen)
             with torch.no_grad():
                 target = kl_target(
-                    readout.adapter.logits(final_train[rows, 1:]).log_softmax(-1).reshape(
-                        -1, readout.classes
-                    )
+                    readout.adapter.logits(final_train[rows, 1:])
+                    .log_softmax(-1)
+                    .reshape(-1, readout.classes)
                 )
             z = apply_translator(translator, h_train[rows], h_m_train[rows])
             out = readout.logits(z)[:, 1:].reshape(-1, readout.classes)
@@ -790,7 +787,9 @@ def build_readout(
             settings.probe_iterations,
             balanced=spec.target == "corpus",
         )
-        readout = ProbeReadout(adapter, spec.name, weight.to(adapter.device), bias.to(adapter.device))
+        readout = ProbeReadout(
+            adapter, spec.name, weight.to(adapter.device), bias.to(adapter.device)
+        )
         scores = classification_scores(test.u.float() @ weight.T + bias, test.y)
         fit = classification_scores(train.u.float() @ weight.T + bias, train.y)
         return (
@@ -877,7 +876,10 @@ def run_readout(
         labels_, positions = probe_labels.get(corpus.name, (None, None))
         views = Views(
             {
-                layer: {"tuned": view(layer, "eval", corpus), "identity": view(layer, "eval", corpus, False)}
+                layer: {
+                    "tuned": view(layer, "eval", corpus),
+                    "identity": view(layer, "eval", corpus, False),
+                }
                 for layer in layers
             },
             corpus.residual(source, "eval"),
@@ -885,7 +887,9 @@ def run_readout(
             None if labels_ is None else labels_.to(adapter.device),
             positions,
         )
-        fidelity += fidelity_rows(readout, views, corpus.name, grid.n_boot, grid.seed, settings.chunk)
+        fidelity += fidelity_rows(
+            readout, views, corpus.name, grid.n_boot, grid.seed, settings.chunk
+        )
     read = corpora if spec.target == "corpus" else corpora[:1]
     results, ablation = [], []
     for layer in tqdm(layers, desc=f"readout {spec.name}", file=sys.stderr, mininterval=5):

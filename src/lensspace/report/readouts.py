@@ -150,7 +150,9 @@ def plot(
     for name in probes:
         for c in corpora:
             part = fidelity[
-                (fidelity["readout"] == name) & (fidelity["corpus"] == c) & (fidelity["view"] == "tuned")
+                (fidelity["readout"] == name)
+                & (fidelity["corpus"] == c)
+                & (fidelity["view"] == "tuned")
             ].sort_values("layer")
             if "accuracy" in part and part["accuracy"].notna().any():
                 right.plot(
@@ -181,7 +183,9 @@ def plot(
 
 
 def _frames(files: dict) -> tuple[pd.DataFrame, ...]:
-    return tuple(read_all(files.get(key, {})) for key in ("summary", "fidelity", "ablation", "verdicts"))
+    return tuple(
+        read_all(files.get(key, {})) for key in ("summary", "fidelity", "ablation", "verdicts")
+    )
 
 
 def section(run: str, files: dict, context: Context) -> Section | None:
@@ -225,7 +229,9 @@ def describe(
     lines = []
     for _, s in summary.iterrows():
         name = s["readout"]
-        v = verdicts[(verdicts["readout"] == name) & (verdicts["comparison"] == "output - internal")]
+        v = verdicts[
+            (verdicts["readout"] == name) & (verdicts["comparison"] == "output - internal")
+        ]
         held = v[v["verdict"] == "holds"]
         rev = v[v["verdict"] == "reversed"]
         fid = fidelity[
@@ -233,7 +239,9 @@ def describe(
             & (fidelity["corpus"] == corpus)
             & (fidelity["view"] == "tuned")
         ]
-        overlap = s["mean_cos2"] / s["random_mean_cos2"] if s["random_mean_cos2"] > 0 else float("nan")
+        overlap = (
+            s["mean_cos2"] / s["random_mean_cos2"] if s["random_mean_cos2"] > 0 else float("nan")
+        )
         text = (
             f"{name} ({s['kind']}: {s['definition']}, k = {int(s['k'])}): ablating its output "
             f"subspace costs more than its internal one in {len(held)} of {len(v)} layer-mode "

@@ -170,7 +170,7 @@ def test_cells_ablate_the_readouts_own_subspaces(tiny):
         torch.testing.assert_close(torch.cat(results.kl[cell]), want, atol=2e-5, rtol=1e-3)
 
 
-# ----------------------------------------------------------------------------- labels and statistics
+# ----------------------------------------------------------------- labels and statistics
 
 
 def test_principal_angles_of_known_subspaces():

@@ -145,7 +145,8 @@ def get_run_readouts(run):
 
 
 def get_readout_layers(run):
-    """The layers a run's readouts are read at (readouts.layers; null: those of h0)."""
+    """The layers a run's readouts are read at (readouts.layers; null: those of h0), unless a
+    definition names its own."""
     return seed_layout_layers(config, "readouts", get_n_layers(run))
 
 
@@ -153,8 +154,12 @@ def get_readout_residual_layers(run):
     """The residuals a run's readouts read on its eval corpora: their layers, the final one and
     each back half's first layer."""
     defined = config["readouts"]["define"]
-    starts = {defined[r]["layer"] for r in get_run_readouts(run) if defined[r]["kind"] == "back_half"}
-    return sorted(set(get_readout_layers(run)) | {get_n_layers(run)} | starts)
+    wanted = {get_n_layers(run)}
+    for name in get_run_readouts(run):
+        wanted |= set(defined[name].get("layers") or get_readout_layers(run))
+        if defined[name]["kind"] == "back_half":
+            wanted.add(defined[name]["layer"])
+    return sorted(wanted)
 
 
 def get_readout_settings(wildcards):
@@ -163,7 +168,7 @@ def get_readout_settings(wildcards):
     spec = config["readouts"]["define"][wildcards.readout]
     settings = {
         "spec": spec,
-        "layers": get_readout_layers(wildcards.run),
+        "layers": spec.get("layers") or get_readout_layers(wildcards.run),
         "modes": config["readouts"]["modes"],
     }
     if spec["kind"] == "probe":

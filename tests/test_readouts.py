@@ -170,6 +170,61 @@ def test_cells_ablate_the_readouts_own_subspaces(tiny):
         torch.testing.assert_close(torch.cat(results.kl[cell]), want, atol=2e-5, rtol=1e-3)
 
 
+def corpus_of(adapter, name: str, seed: int, n: int = 12, length: int = 10) -> ro.Corpus:
+    """A corpus of random tokens with every residual of the model, train and eval splits."""
+    from lensspace.activations import residuals
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = {
+        split: torch.randint(0, 256, (n, length), generator=gen) for split in ("train", "eval")
+    }
+    stored = {split: residuals(adapter, ids) for split, ids in tokens.items()}
+    return ro.Corpus(name, lambda layer, split: stored[split][layer], tokens)
+
+
+def test_fidelity_rows_against_a_direct_kl(tiny):
+    adapter, _ = tiny
+    corpus = corpus_of(adapter, "c", 10)
+    readout = ro.MaskedReadout(adapter, "some", torch.arange(0, 120, 2))
+    source = corpus.residual(adapter.n_layers, "eval")
+    h = corpus.residual(1, "eval")
+    tuned = torch.cat([source[:, :1], h[:, 1:] * 1.5], 1)
+    views = ro.Views({1: {"tuned": tuned}}, source, source)
+    rows = {r["view"]: r for r in ro.fidelity_rows(readout, views, "c", 100, 0, chunk=5)}
+    p = readout.logits(source).double().log_softmax(-1)[:, 1:]
+    q = readout.logits(tuned).double().log_softmax(-1)[:, 1:]
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    assert rows["tuned"]["kl"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert rows["tuned"]["kl_lo"] <= rows["tuned"]["kl"] <= rows["tuned"]["kl_hi"]
+    assert rows["model"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    full = adapter.logits(tuned[:, 1:]).double().softmax(-1)
+    assert rows["tuned"]["set_mass"] == pytest.approx(float(full[..., readout.ids].sum(-1).mean()))
+
+
+def test_a_back_halfs_model_row_is_the_models_own_output(tiny):
+    """The back half read from the model's own h_m reproduces its output: KL about 0."""
+    adapter, _ = tiny
+    corpus = corpus_of(adapter, "c", 11)
+    readout = ro.BackHalfReadout(adapter, "back", 1, torch.eye(adapter.d_model))
+    source = corpus.residual(1, "eval")
+    views = ro.Views({}, source, corpus.residual(adapter.n_layers, "eval"))
+    (row,) = ro.fidelity_rows(readout, views, "c", 100, 0, chunk=4)
+    assert row["view"] == "model" and row["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_corpus_probe_between_two_samples_of_one_distribution_is_at_chance(tiny):
+    """Two 'corpora' of the same random tokens: nothing tells them apart, so the probe built
+    and scored by the experiment is at chance on held-out tokens."""
+    adapter, _ = tiny
+    corpora = [corpus_of(adapter, "a", 12, n=30), corpus_of(adapter, "b", 13, n=30)]
+    spec = ro.ReadoutSpec("corpus", "probe", target="corpus")
+    settings = ro.ReadoutSettings([0], AblationGrid(), probe_l2=1e-2)
+    _, facts, per = ro.build_readout(adapter, None, spec, corpora, settings)
+    n = facts["n_heldout"]
+    assert abs(facts["heldout_balanced_accuracy"] - 0.5) < 3 * math.sqrt(0.25 / n)
+    assert set(per) == {"a", "b"} and (per["b"][0] == 1).all()
+
+
 # ----------------------------------------------------------------- labels and statistics
 
 

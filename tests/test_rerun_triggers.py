@@ -379,6 +379,7 @@ EDITS = {
     ),
     # the residuals the readouts read elsewhere: layers 0..3 whether the back half starts at 1 or 2
     "readouts.define.*.layer": ([(("readouts", "define", "back-half", "layer"), 1)], {"readout"}),
+    "readouts.define.*.layers": ([(("readouts", "define", "python", "layers"), [1])], {"readout"}),
     "readouts.layers": ([(("readouts", "layers"), [0, 2])], {"readouts_residuals", "readout"}),
     "readouts.modes": ([(("readouts", "modes"), ["zero"])], {"readout"}),
     **{

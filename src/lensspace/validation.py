@@ -85,6 +85,17 @@ def check_readouts(
                 f"'{spec['model']}' of run '{run}' (layers 1..{n_layers}; {n_layers} = the "
                 "unembedding alone)"
             )
+        for layer in readout.get("layers") or []:
+            if not 0 <= layer < n_layers:
+                raise LensspaceError(
+                    f"readouts.define.{name}.layers: layer {layer} does not exist in model "
+                    f"'{spec['model']}' of run '{run}' (layers 0..{n_layers - 1})"
+                )
+        if readout["kind"] == "back_half" and min(readout.get("layers") or [0]) >= readout["layer"]:
+            raise LensspaceError(
+                f"readouts.define.{name}.layers: a back half is read at layers below its layer "
+                f"{readout['layer']}; name at least one"
+            )
         if readout.get("target") == "corpus" and not spec.get("eval_corpora"):
             raise LensspaceError(
                 f"runs.{run}.readouts: the corpus probe '{name}' needs the run's eval_corpora "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import keyword
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -526,22 +525,6 @@ class Views:
     positions: torch.Tensor | None = None
 
 
-def _kl_chunks(
-    reference: Callable[[torch.Tensor], torch.Tensor],
-    reference_x: torch.Tensor,
-    other: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    chunk: int,
-) -> torch.Tensor:
-    """Per-token KL(softmax(reference(reference_x)) || softmax(other(x))) at positions >= 1."""
-    parts = []
-    with torch.no_grad():
-        for s in range(0, len(x), chunk):
-            ref = KLReference(reference(reference_x[s : s + chunk])[:, 1:].log_softmax(-1))
-            parts.append(ref.kl(other(x[s : s + chunk])[:, 1:]))
-    return torch.cat(parts)
-
-
 def fidelity_rows(
     readout: Readout,
     views: Views,
@@ -554,11 +537,31 @@ def fidelity_rows(
     interval over sequences (a back half's ``logit`` view: the model's own head on ``h_i``, the
     logit lens); a probe's scores per view; a masked readout's set mass under the whole head.
     The ``model`` row is the readout of the source against the model's own output read the same
-    way (a back half: the model's head on its final residual; 0 for the others by definition)."""
+    way (a back half: the model's head on its final residual; 0 for the others by definition).
+    The reference distribution is computed once per chunk of sequences."""
     adapter = readout.adapter
-    rows = []
+    back_half = isinstance(readout, BackHalfReadout)
+    # (layer, view name, residuals, how they are read)
+    compared = [
+        (layer, view, x, readout.logits)
+        for layer, named in views.views.items()
+        for view, x in named.items()
+    ]
+    if back_half:
+        compared += [
+            (layer, "logit", named["identity"], adapter.logits)
+            for layer, named in views.views.items()
+        ]
+    final = adapter.logits if back_half else readout.logits
+    compared.append((readout.source_layer, "model", views.final, final))
+    kls: list[list[torch.Tensor]] = [[] for _ in compared]
+    with torch.no_grad():
+        for s in range(0, len(views.source), chunk):
+            ref = KLReference(readout.logits(views.source[s : s + chunk])[:, 1:].log_softmax(-1))
+            for parts, (_, _, x, read) in zip(kls, compared):
+                parts.append(ref.kl(read(x[s : s + chunk])[:, 1:]))
 
-    def scores(x: torch.Tensor) -> dict:
+    def scores(x: torch.Tensor, view: str) -> dict:
         out: dict[str, Any] = {}
         if views.labels is not None:
             with torch.no_grad():
@@ -566,26 +569,17 @@ def fidelity_rows(
             out.update(
                 classification_scores(logits.reshape(-1, readout.classes), views.labels.reshape(-1))
             )
-        if isinstance(readout, MaskedReadout):
+        if isinstance(readout, MaskedReadout) and view in ("tuned", "model"):
             out["set_mass"] = set_mass(readout, x, chunk)
         return out
 
-    def row(layer: int, view: str, kl: torch.Tensor, x: torch.Tensor | None) -> dict:
-        est = bootstrap_mean(kl, n_boot=n_boot, seed=seed)
+    rows = []
+    for parts, (layer, view, x, _) in zip(kls, compared):
+        est = bootstrap_mean(torch.cat(parts), n_boot=n_boot, seed=seed)
         keys = {"readout": readout.name, "corpus": corpus, "layer": layer, "view": view}
         values = {"kl": est.mean, "kl_lo": est.lo, "kl_hi": est.hi, "n_tokens": est.n_tokens}
-        return {**keys, **values, **(scores(x) if x is not None else {})}
-
-    for layer, named in views.views.items():
-        for view, x in named.items():
-            kl = _kl_chunks(readout.logits, views.source, readout.logits, x, chunk)
-            rows.append(row(layer, view, kl, x))
-        if isinstance(readout, BackHalfReadout):
-            kl = _kl_chunks(readout.logits, views.source, adapter.logits, named["identity"], chunk)
-            rows.append(row(layer, "logit", kl, None))
-    final = adapter.logits if isinstance(readout, BackHalfReadout) else readout.logits
-    kl = _kl_chunks(readout.logits, views.source, final, views.final, chunk)
-    rows.append(row(readout.source_layer, "model", kl, views.source))
+        shown = views.source if view == "model" else x
+        rows.append({**keys, **values, **scores(shown, view)})  # a back half has no scores
     return rows
 
 
@@ -845,6 +839,11 @@ def run_readout(
         experiment=f"readouts/{spec.name}",
     )
     layers = readout_layers(spec, settings.layers)
+    if not layers:
+        raise LensspaceError(
+            f"readouts.define.{spec.name}: none of its layers {settings.layers} lies below its "
+            f"layer {spec.layer}; name one in its layers"
+        )
     own = corpora[0]
     source = readout.source_layer
     translators, kept = {}, {}

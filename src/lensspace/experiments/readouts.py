@@ -799,8 +799,25 @@ def build_readout(
         )
     readout = BackHalfReadout(adapter, spec.name, spec.layer, None)
     h = own.residual(spec.layer, "train")[: settings.jacobian_sequences]
-    readout.jacobian = back_half_jacobian(readout, h)
-    return readout, {"classes": vocab, "jacobian_tokens": h[:, 1:].shape[0] * h[:, 1:].shape[1]}, {}
+    halves = [h[: len(h) // 2], h[len(h) // 2 :]] if len(h) > 1 else [h]
+    parts = [back_half_jacobian(readout, half) for half in halves]
+    readout.jacobian = sum(len(half) * j for half, j in zip(halves, parts)) / len(h)
+    facts = {"classes": vocab, "jacobian_tokens": h[:, 1:].shape[0] * h[:, 1:].shape[1]}
+    if len(parts) == 2:
+        facts["jacobian_split_half_cos2"] = split_half_agreement(readout, parts)
+    return readout, facts, {}
+
+
+def split_half_agreement(readout: BackHalfReadout, parts: list[torch.Tensor]) -> float:
+    """Mean squared cosine of the principal angles between the output subspaces (top half of
+    the rank) of the labels from each half of the Jacobian's sequences: 1 = the sample pins
+    the labels down; ``1/2`` = no better than chance."""
+    bases = []
+    for jacobian in parts:
+        half = BackHalfReadout(readout.adapter, readout.name, readout.source_layer, jacobian)
+        bases.append(labels(half))
+    k = subspace_size(bases[0])
+    return float(principal_angles(bases[0].vectors[:, :k], bases[1].vectors[:, :k]).pow(2).mean())
 
 
 def definition(spec: ReadoutSpec, n_layers: int) -> str:

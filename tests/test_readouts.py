@@ -471,3 +471,73 @@ def test_workflow_readouts_tsvs(tiny_run):
     assert everything["mean_cos2"] == pytest.approx(1.0, abs=1e-4)
     assert (workdir / "results" / "tables" / f"readouts_{run}.md").exists()
     assert (workdir / "results" / "figures" / f"readouts_{run}.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------- the report
+
+
+def report_frames(output: float, internal: float):
+    """Constructed TSVs of one readout at two layers (zero mode): what the section reads."""
+    summary = pd.DataFrame(
+        [
+            {
+                "readout": "r",
+                "kind": "masked",
+                "definition": "W_U over digits tokens",
+                "classes": 10,
+                "k": 4,
+                "mean_cos2": 0.8,
+                "random_mean_cos2": 0.5,
+                "smallest_angle_deg": 1.0,
+            }
+        ]
+    )
+    fidelity = pd.DataFrame(
+        [
+            {"readout": "r", "corpus": "c", "layer": layer, "view": view, "kl": kl}
+            | {"kl_lo": kl * 0.9, "kl_hi": kl * 1.1}
+            for layer, kl in ((0, 2.0), (5, 0.5))
+            for view in ("tuned", "identity")
+        ]
+    )
+    ablation = pd.DataFrame(
+        [
+            {"readout": "r", "layer": layer, "mode": "zero", "subspace": sub, "kl": kl}
+            for layer in (0, 5)
+            for sub, kl in (("output", output), ("internal", internal), ("random", 1.0))
+        ]
+    )
+    sign = 1 if output > internal else -1
+    verdicts = pd.DataFrame(
+        [
+            {
+                "readout": "r",
+                "layer": layer,
+                "mode": "zero",
+                "comparison": "output - internal",
+                "diff": output - internal,
+                "lo": output - internal - 0.1,
+                "hi": output - internal + 0.1,
+                "n_above": 30 if sign > 0 else 2,
+                "n_sequences": 32,
+                "verdict": "holds" if sign > 0 else "reversed",
+            }
+            for layer in (0, 5)
+        ]
+    )
+    return summary, fidelity, ablation, verdicts
+
+
+def test_report_sentence_follows_the_direction_of_the_verdicts():
+    from lensspace.report.readouts import cell_table, describe
+
+    summary, fidelity, ablation, verdicts = report_frames(3.0, 1.0)
+    text = " ".join(describe(summary, fidelity, verdicts, "c"))
+    assert "costs more than its internal one in 2 of 2 layer-mode cells, less in 0" in text
+    assert "1.6 times as much as a random one" in text  # 0.8 / 0.5
+    assert "2.000 at worst and 0.500 at best (layers 0, 5)" in text
+    swapped = " ".join(describe(*report_frames(1.0, 3.0)[:2], report_frames(1.0, 3.0)[3], "c"))
+    assert "in 0 of 2 layer-mode cells, less in 2" in swapped
+    table = cell_table(fidelity, ablation, verdicts, "c")
+    assert table["output − internal"].iloc[0].endswith("30 of 32 above: holds")
+    assert list(table["KL output"]) == [3.0, 3.0] and list(table["layer"]) == [0, 5]

@@ -12,16 +12,19 @@ from lensspace.report.sections import Context, existing, figure
 
 LEGEND = (
     "Per readout: its kind and definition, the size k of its output and internal subspaces "
-    "(half the residual, or the readout's rank where smaller), the mean squared cosine of the "
+    "(half its rank: the top and the bottom k of its row space), the mean squared cosine of the "
     "principal angles between its output subspace and W_U's (centred, gain folded in, top d/2) "
     "beside that of random k-dim subspaces (mean of 8), and a probe's held-out accuracy, "
     "balanced accuracy and expected calibration error (10 bins). Per readout, layer and mode: "
     "the held-out KL(readout(model's state) ‖ readout(lens)) on the run's corpus with its 95% "
     "bootstrap interval over sequences, the identity view's (the residual read as it is), the "
     "KL of ablating the readout's output, internal and random subspaces (random: mean of the "
-    "draws) and output − internal, output − random with paired 95% bootstrap-t intervals over "
-    "sequences; verdicts by the exact two-sided sign test of the per-sequence differences, "
-    "Holm-corrected over the readout's layers, modes and both comparisons."
+    "draws) and output − internal, output − random: the mean difference with its paired 95% "
+    "bootstrap-t interval over sequences, how many sequences lie above 0, and the verdict: the "
+    "exact two-sided sign test of the per-sequence differences, Holm-corrected over the "
+    "readout's layers, modes and both comparisons, its direction that of the majority of "
+    "sequences (so it can disagree with the mean's sign where a few sequences dominate), and "
+    "against random the output's KL beyond every draw's."
 )
 
 
@@ -86,7 +89,10 @@ def cell_table(
             ]
             if len(v):
                 v = v.iloc[0]
-                row[f"output − {other}"] = f"{_interval(v, 'diff', 'lo', 'hi')} {v['verdict']}"
+                row[f"output − {other}"] = (
+                    f"{_interval(v, 'diff', 'lo', 'hi')}; {int(v['n_above'])} of "
+                    f"{int(v['n_sequences'])} above: {v['verdict']}"
+                )
         out.append(row)
     return pd.DataFrame(out)
 
@@ -253,7 +259,7 @@ def describe(
             text += (
                 f"; through the lens its KL to the model's own readout is "
                 f"{words.number(fid['kl'].max())} at worst and {words.number(fid['kl'].min())} at "
-                f"best (layers {words.layers(fid['layer'])})"
+                f"best ({words.layers(fid['layer'])})"
             )
         if pd.notna(s.get("heldout_accuracy", float("nan"))):
             text += (

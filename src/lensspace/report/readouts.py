@@ -17,7 +17,8 @@ LEGEND = (
     "beside that of random k-dim subspaces (mean of 8), and a probe's held-out accuracy, "
     "balanced accuracy and expected calibration error (10 bins). Per readout, layer and mode: "
     "the held-out KL(readout(model's state) ‖ readout(lens)) on the run's corpus with its 95% "
-    "bootstrap interval over sequences, the identity view's (the residual read as it is), the "
+    "bootstrap interval over sequences, the identity view's (the residual read as it is), a "
+    "masked readout's set mass (the whole head's probability of its tokens, through the lens), the "
     "KL of ablating the readout's output, internal and random subspaces (random: mean of the "
     "draws) and output − internal, output − random: the mean difference with its paired 95% "
     "bootstrap-t interval over sequences, how many sequences lie above 0, and the verdict: the "
@@ -76,6 +77,7 @@ def cell_table(
             "mode": mode,
             "lens KL": _interval(fid.loc["tuned"]) if "tuned" in fid.index else "",
             "identity KL": fid["kl"].get("identity"),
+            "set mass": (fid["set_mass"].get("tuned") if "set_mass" in fid else float("nan")),
             "KL output": kl.get("output"),
             "KL internal": kl.get("internal"),
             "KL random": kl.get("random"),

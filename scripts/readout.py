@@ -2,11 +2,18 @@
 
 from pathlib import Path
 
+import pandas as pd
 from safetensors.torch import load_file
 
 from lensspace import runtime
 from lensspace.devices import move
-from lensspace.experiments.readouts import Corpus, ReadoutSettings, ReadoutSpec, run_readout
+from lensspace.experiments.readouts import (
+    VERDICT_COLUMNS,
+    Corpus,
+    ReadoutSettings,
+    ReadoutSpec,
+    run_readout,
+)
 from lensspace.lenses import load_lens
 from lensspace.subspaces import load_bases
 
@@ -37,7 +44,7 @@ def body(sm):
     )
     runtime.write_tsv(result.fidelity, sm.output.fidelity)
     runtime.write_tsv(result.ablation, sm.output.ablation)
-    runtime.write_tsv(result.verdicts, sm.output.verdicts)
+    runtime.write_tsv(pd.DataFrame(result.verdicts, columns=VERDICT_COLUMNS), sm.output.verdicts)
     runtime.write_tsv([result.summary], sm.output.summary)
 
 

@@ -266,7 +266,10 @@ def test_a_probes_subspace_size_is_its_rank():
     row_space = projector(torch.linalg.qr((w - w.mean(0)).T.double())[0])
     for q in (internal, output):
         torch.testing.assert_close(row_space @ q.double(), q.double(), atol=1e-6, rtol=0)
-    assert ro.readout_subspaces(1) == ("output", "random")
+    assert ro.readout_subspaces(1) == ("output",)
+    # the random control is drawn inside the row space too
+    random = ro.readout_subspace(basis, 2, grid, 0, "random", 1, 0)
+    torch.testing.assert_close(row_space @ random.double(), random.double(), atol=1e-6, rtol=0)
 
 
 def test_probe_recovers_a_separable_rule_and_its_direction():
@@ -520,6 +523,7 @@ def report_frames(output: float, internal: float):
                 "hi": output - internal + 0.1,
                 "n_above": 30 if sign > 0 else 2,
                 "n_sequences": 32,
+                "p_adjusted": 1e-6,
                 "verdict": "holds" if sign > 0 else "reversed",
             }
             for layer in (0, 5)
@@ -533,11 +537,14 @@ def test_report_sentence_follows_the_direction_of_the_verdicts():
 
     summary, fidelity, ablation, verdicts = report_frames(3.0, 1.0)
     text = " ".join(describe(summary, fidelity, verdicts, "c"))
-    assert "costs more than its internal one in 2 of 2 layer-mode cells, less in 0" in text
+    assert (
+        "costs more than its internal one on a significant majority of sequences in 2 of 2 "
+        "layer-mode cells and less in 0" in text
+    )
     assert "1.6 times as much as a random one" in text  # 0.8 / 0.5
     assert "2.000 at worst and 0.500 at best (layers 0, 5)" in text
     swapped = " ".join(describe(*report_frames(1.0, 3.0)[:2], report_frames(1.0, 3.0)[3], "c"))
-    assert "in 0 of 2 layer-mode cells, less in 2" in swapped
+    assert "in 0 of 2 layer-mode cells and less in 2" in swapped
     table = cell_table(fidelity, ablation, verdicts, "c")
-    assert table["output − internal"].iloc[0].endswith("30 of 32 above: holds")
+    assert table["output − internal"].iloc[0].endswith("30 of 32 above, p_adj 1e-06: holds")
     assert list(table["KL output"]) == [3.0, 3.0] and list(table["layer"]) == [0, 5]

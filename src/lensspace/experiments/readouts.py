@@ -270,10 +270,10 @@ def back_half_jacobian(
     out = torch.zeros(d, d, dtype=torch.float64)
     for start in tqdm(range(0, d, rows_per_pass), desc="jacobian", file=sys.stderr, mininterval=5):
         rows = torch.arange(start, min(start + rows_per_pass, d))
-        delta = torch.zeros(len(rows), d, device=h.device, requires_grad=True)
-        shifted = h.unsqueeze(0).expand(len(rows), *h.shape).clone()
-        shifted[:, :, 1:] = shifted[:, :, 1:] + delta[:, None, None, :]
         with torch.enable_grad():
+            delta = torch.zeros(len(rows), d, device=h.device, requires_grad=True)
+            shifted = h.unsqueeze(0).expand(len(rows), *h.shape).clone()
+            shifted[:, :, 1:] = shifted[:, :, 1:] + delta[:, None, None, :]
             final = readout.final_residual(shifted.reshape(-1, *h.shape[1:]))
             final = final.reshape(len(rows), *h.shape)[:, :, 1:] / scale
             picked = final.mean((1, 2))[torch.arange(len(rows)), rows.to(h.device)]
@@ -308,22 +308,26 @@ def subspace_size(basis: Basis) -> int:
 
 
 def readout_subspaces(rank: int) -> tuple[str, ...]:
-    """The cells' subspaces: a rank-1 readout has no internal part of its row space."""
-    return ("output", "internal", "random") if rank >= 2 else ("output", "random")
+    """The cells' subspaces: a rank-1 readout reads one direction, so it has neither an internal
+    part of its row space nor a random one to compare with; only its output is ablated."""
+    return ("output", "internal", "random") if rank >= 2 else ("output",)
 
 
 def readout_subspace(
     basis: Basis, rank: int, grid: AblationGrid, layer: int, subspace: str, k: int, draw: int
 ) -> torch.Tensor:
     """The [d, k] orthonormal basis of one cell: the top ``k`` of the readout's row space
-    (output), its bottom ``k`` (internal), or a seeded random ``k``-dim subspace of the whole
-    residual."""
+    (output), its bottom ``k`` (internal), or a seeded random ``k``-dim subspace of its row space
+    (of the whole residual for a full-rank readout, as H0's control; a random subspace of the
+    whole residual would mostly miss a low-rank readout, and lose to its output by
+    construction)."""
     if subspace == "output":
         return basis.vectors[:, :k]
     if subspace == "internal":
         return basis.vectors[:, rank - k : rank]
     seed = grid.random_seed(layer, k, "random", draw)
-    return random_subspace(basis.vectors.shape[0], k, seed, basis.vectors.device)
+    inside = random_subspace(rank, k, seed, basis.vectors.device)
+    return (basis.vectors[:, :rank] @ inside).contiguous()
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -625,6 +629,27 @@ def cell_results(
     return results
 
 
+VERDICT_COLUMNS = [
+    "readout",
+    "layer",
+    "mode",
+    "comparison",
+    "diff",
+    "lo",
+    "hi",
+    "median",
+    "n_above",
+    "n_below",
+    "p_value",
+    "n_sequences",
+    "output_kl",
+    "draw_min",
+    "draw_max",
+    "p_adjusted",
+    "verdict",
+]  # verdicts.tsv, also where a rank-1 readout has no comparison to make
+
+
 def verdict_rows(results: list[CellResults], name: str, n_resamples: int, seed: int) -> list[dict]:
     """Per layer and mode: output - internal and output - random (the draws' mean) per sequence.
     The exact sign test gives the p-value, Holm-corrected over the readout's comparisons, and the
@@ -909,7 +934,8 @@ def run_readout(
     read = corpora if spec.target == "corpus" else corpora[:1]
     results, ablation = [], []
     for layer in tqdm(layers, desc=f"readout {spec.name}", file=sys.stderr, mininterval=5):
-        z_mean = torch.cat([view(layer, "train", c)[:, 1:] for c in read]).mean((0, 1))
+        # a corpus probe's mean: each corpus's mean weighted alike, as its classes are
+        z_mean = torch.stack([view(layer, "train", c)[:, 1:].mean((0, 1)) for c in read]).mean(0)
         z_eval = torch.cat([view(layer, "eval", c) for c in read])
         res = cell_results(readout, basis, z_eval, z_mean, layer, grid, settings.chunk)
         results.append(res)

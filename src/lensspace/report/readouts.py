@@ -14,14 +14,18 @@ LEGEND = (
     "Per readout: its kind and definition, the size k of its output and internal subspaces "
     "(half its rank: the top and the bottom k of its row space), the mean squared cosine of the "
     "principal angles between its output subspace and W_U's (centred, gain folded in, top d/2) "
-    "beside that of random k-dim subspaces (mean of 8), and a probe's held-out accuracy, "
+    "beside that of random k-dim subspaces (mean of 8), the readout's rank, a back half's "
+    "split-half agreement (mean cos² between the output subspaces from either half of the "
+    "Jacobian's sequences; chance 0.5), and a probe's held-out accuracy, "
     "balanced accuracy and expected calibration error (10 bins). Per readout, layer and mode: "
     "the held-out KL(readout(model's state) ‖ readout(lens)) on the run's corpus with its 95% "
     "bootstrap interval over sequences, the identity view's (the residual read as it is), a "
     "masked readout's set mass (the whole head's probability of its tokens, through the lens), the "
-    "KL of ablating the readout's output, internal and random subspaces (random: mean of the "
-    "draws) and output − internal, output − random: the mean difference with its paired 95% "
-    "bootstrap-t interval over sequences, how many sequences lie above 0, and the verdict: the "
+    "KL of ablating the readout's output, internal and random subspaces (random: k-dim "
+    "subspaces of its row space, mean of the draws; a rank-1 readout, such as a two-class probe, "
+    "has only its output cell) and output − internal, output − random: the mean difference with "
+    "its paired 95% bootstrap-t interval over sequences, how many sequences lie above 0, the "
+    "Holm-adjusted p and, against random, the range of the draws' means, and the verdict: the "
     "exact two-sided sign test of the per-sequence differences, Holm-corrected over the "
     "readout's layers, modes and both comparisons, its direction that of the majority of "
     "sequences (so it can disagree with the mean's sign where a few sequences dominate), and "
@@ -48,7 +52,10 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "cos² with W_U output": s["mean_cos2"],
             "random": s["random_mean_cos2"],
             "smallest angle (°)": s["smallest_angle_deg"],
+            "rank": int(s["rank"]),
         }
+        if pd.notna(s.get("jacobian_split_half_cos2", float("nan"))):
+            row["split-half cos²"] = s["jacobian_split_half_cos2"]
         if pd.notna(s.get("heldout_accuracy", float("nan"))):
             row.update(
                 {
@@ -91,9 +98,15 @@ def cell_table(
             ]
             if len(v):
                 v = v.iloc[0]
+                draws = (
+                    f", draws {words.number(v['draw_min'])}–{words.number(v['draw_max'])}"
+                    if other == "random"
+                    else ""
+                )
                 row[f"output − {other}"] = (
                     f"{_interval(v, 'diff', 'lo', 'hi')}; {int(v['n_above'])} of "
-                    f"{int(v['n_sequences'])} above: {v['verdict']}"
+                    f"{int(v['n_sequences'])} above, p_adj {words.number(v['p_adjusted'])}"
+                    f"{draws}: {v['verdict']}"
                 )
         out.append(row)
     return pd.DataFrame(out)
@@ -112,8 +125,8 @@ def plot(
     path: str | Path,
 ) -> None:
     """Left: fidelity KL by layer per readout (lens solid, identity dotted). Middle: output −
-    internal per readout (zero mode, paired 95% intervals). Right: probes' held-out accuracy
-    through the lens by layer, one line per corpus (dashed: the majority share)."""
+    internal per readout (the first mode, paired 95% intervals). Right: probes' held-out
+    accuracy through the lens by layer, one line style per corpus."""
     import seaborn as sns
 
     from lensspace.plots import plt, save, style
@@ -230,6 +243,28 @@ def section(run: str, files: dict, context: Context) -> Section | None:
     return Section("readouts", "Readouts in place of the unembedding", blocks)
 
 
+def _counts(verdicts: pd.DataFrame, name: str, other: str) -> tuple[int, int, int]:
+    """(holds, reversed, cells) of one readout's output − ``other`` verdicts."""
+    v = verdicts[(verdicts["readout"] == name) & (verdicts["comparison"] == f"output - {other}")]
+    return int((v["verdict"] == "holds").sum()), int((v["verdict"] == "reversed").sum()), len(v)
+
+
+def _separation(verdicts: pd.DataFrame, name: str) -> str:
+    """How the readout's output ablation compares with its internal and random ones."""
+    held, rev, n = _counts(verdicts, name, "internal")
+    if not n:
+        return (
+            "its rank is 1, so it has no internal or random subspace to compare its output "
+            "ablation with"
+        )
+    above, below, m = _counts(verdicts, name, "random")
+    return (
+        f"ablating its output subspace costs more than its internal one on a significant "
+        f"majority of sequences in {held} of {n} layer-mode cells and less in {rev}, and more "
+        f"than every random draw in {above} of {m} (less in {below})"
+    )
+
+
 def describe(
     summary: pd.DataFrame, fidelity: pd.DataFrame, verdicts: pd.DataFrame, corpus: str
 ) -> list[str]:
@@ -237,11 +272,6 @@ def describe(
     lines = []
     for _, s in summary.iterrows():
         name = s["readout"]
-        v = verdicts[
-            (verdicts["readout"] == name) & (verdicts["comparison"] == "output - internal")
-        ]
-        held = v[v["verdict"] == "holds"]
-        rev = v[v["verdict"] == "reversed"]
         fid = fidelity[
             (fidelity["readout"] == name)
             & (fidelity["corpus"] == corpus)
@@ -251,12 +281,16 @@ def describe(
             s["mean_cos2"] / s["random_mean_cos2"] if s["random_mean_cos2"] > 0 else float("nan")
         )
         text = (
-            f"{name} ({s['kind']}: {s['definition']}, k = {int(s['k'])}): ablating its output "
-            f"subspace costs more than its internal one in {len(held)} of {len(v)} layer-mode "
-            f"cells, less in {len(rev)}; its output subspace overlaps W_U's "
+            f"{name} ({s['kind']}: {s['definition']}, k = {int(s['k'])}): "
+            f"{_separation(verdicts, name)}; its output subspace overlaps W_U's "
             f"{words.times(overlap)} as much as a random one (mean cos² {s['mean_cos2']:.2f} "
             f"against {s['random_mean_cos2']:.2f})"
         )
+        if pd.notna(s.get("jacobian_split_half_cos2", float("nan"))):
+            text += (
+                f", and its labels from either half of the Jacobian's sequences agree at mean "
+                f"cos² {s['jacobian_split_half_cos2']:.2f} (chance 0.50)"
+            )
         if len(fid):
             text += (
                 f"; through the lens its KL to the model's own readout is "
@@ -264,16 +298,24 @@ def describe(
                 f"best ({words.layers(fid['layer'])})"
             )
         if pd.notna(s.get("heldout_accuracy", float("nan"))):
-            text += (
-                f"; held out it is {s['heldout_accuracy']:.1%} accurate (majority class "
-                f"{s['heldout_majority_share']:.1%}, ECE {s['heldout_ece']:.3f})"
-            )
+            if s["definition"] == "which corpus":  # fitted to a uniform prior over its classes
+                text += (
+                    f"; held out its balanced accuracy is {s['heldout_balanced_accuracy']:.1%} "
+                    f"(chance {1 / s['classes']:.1%})"
+                )
+            else:
+                text += (
+                    f"; held out it is {s['heldout_accuracy']:.1%} accurate (majority class "
+                    f"{s['heldout_majority_share']:.1%}, balanced accuracy "
+                    f"{s['heldout_balanced_accuracy']:.1%}, ECE {s['heldout_ece']:.3f})"
+                )
         lines.append(text + ".")
     lines.append(
         "Labels are the right singular vectors of each readout's class-centred linear map on the "
         "normalised residual (a back half: W_U times its average Jacobian, the final norm's scale "
-        "frozen). Verdicts: the exact sign test of per-sequence differences, Holm-corrected per "
-        "readout."
+        "frozen); a readout of rank r is ablated along k = r // 2 directions of its row space, "
+        "its random control drawn from the same row space. Verdicts: the exact sign test of "
+        "per-sequence differences, Holm-corrected per readout."
     )
     return lines
 
@@ -285,12 +327,13 @@ def finding(run: str, files: dict, context: Context) -> Finding | None:
         return None
     parts = []
     for _, s in summary.iterrows():
-        v = verdicts[
-            (verdicts["readout"] == s["readout"]) & (verdicts["comparison"] == "output - internal")
-        ]
+        held, rev, n = _counts(verdicts, s["readout"], "internal")
+        said = f"output > internal in {held} of {n} cells, < in {rev}" if n else "rank 1"
         parts.append(
-            f"{s['readout']} output > internal in {int((v['verdict'] == 'holds').sum())} of "
-            f"{len(v)} cells (cos² with W_U's output subspace {s['mean_cos2']:.2f}, random "
-            f"{s['random_mean_cos2']:.2f})"
+            f"{s['readout']}: {said} (cos² of its output subspace with W_U's "
+            f"{s['mean_cos2']:.2f}, random {s['random_mean_cos2']:.2f})"
         )
-    return Finding("Readouts", "; ".join(parts) + ".")
+    return Finding(
+        "Readouts",
+        "With another readout in place of the unembedding, " + "; ".join(parts) + ".",
+    )

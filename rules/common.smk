@@ -151,14 +151,13 @@ def get_readout_layers(run):
 
 
 def get_readout_residual_layers(run):
-    """The residuals a run's readouts read on its eval corpora: their layers, the final one and
-    each back half's first layer."""
+    """The residuals a run's readouts read on its eval corpora: the layers of its masked readouts
+    and probes (a back half is read on the run's own corpus only) and the final one."""
     defined = config["readouts"]["define"]
     wanted = {get_n_layers(run)}
     for name in get_run_readouts(run):
-        wanted |= set(defined[name].get("layers") or get_readout_layers(run))
-        if defined[name]["kind"] == "back_half":
-            wanted.add(defined[name]["layer"])
+        if defined[name]["kind"] != "back_half":
+            wanted |= set(defined[name].get("layers") or get_readout_layers(run))
     return sorted(wanted)
 
 

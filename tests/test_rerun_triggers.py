@@ -377,7 +377,7 @@ EDITS = {
         [(("readouts", "define", "next-python"), {"kind": "probe", "target": "corpus"})],
         {"readout"},
     ),
-    # the residuals the readouts read elsewhere: layers 0..3 whether the back half starts at 1 or 2
+    # a back half is read on the run's own corpus only: its layer changes no eval-corpus residual
     "readouts.define.*.layer": ([(("readouts", "define", "back-half", "layer"), 1)], {"readout"}),
     "readouts.define.*.layers": ([(("readouts", "define", "python", "layers"), [1])], {"readout"}),
     "readouts.layers": ([(("readouts", "layers"), [0, 2])], {"readouts_residuals", "readout"}),

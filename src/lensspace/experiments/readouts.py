@@ -866,7 +866,7 @@ def run_readout(
     """Everything one readout reports. ``corpora[0]`` is the run's own: its train split fits the
     probe, the back-half lenses and the means, its eval split carries the H0 cells (a corpus
     probe's cells: every corpus's eval split, so every class is read); every corpus's eval
-    split is read for fidelity."""
+    split is read for fidelity (a back half's: the run's own only)."""
     from lensspace.lenses import translate
 
     readout, facts, probe_labels = build_readout(adapter, tokenizer, spec, corpora, settings)
@@ -913,7 +913,8 @@ def run_readout(
             return torch.cat([anchor[:, :1], rest], dim=1)
 
     fidelity = []
-    for corpus in corpora:
+    # a back half is read on the run's own corpus only: each view reruns its blocks and head
+    for corpus in corpora[:1] if spec.kind == "back_half" else corpora:
         labels_, positions = probe_labels.get(corpus.name, (None, None))
         views = Views(
             {

@@ -265,6 +265,23 @@ def _separation(verdicts: pd.DataFrame, name: str) -> str:
     )
 
 
+def _readability(fidelity: pd.DataFrame, name: str) -> str:
+    """A probe's balanced accuracy through the lens per corpus, by layer ("" for others)."""
+    if "balanced_accuracy" not in fidelity:
+        return ""
+    part = fidelity[(fidelity["readout"] == name) & (fidelity["view"] == "tuned")]
+    part = part[part["balanced_accuracy"].notna()]
+    if part.empty:
+        return ""
+    said = []
+    for corpus, rows in part.groupby("corpus", sort=False):
+        rows = rows.sort_values("layer")
+        values = ", ".join(f"{v:.2f}" for v in rows["balanced_accuracy"])
+        said.append(f"{corpus} {values}")
+    layers = ", ".join(str(int(v)) for v in sorted(part["layer"].unique()))
+    return f"({layers}): " + "; ".join(said)
+
+
 def describe(
     summary: pd.DataFrame, fidelity: pd.DataFrame, verdicts: pd.DataFrame, corpus: str
 ) -> list[str]:
@@ -291,12 +308,20 @@ def describe(
                 f", and its labels from either half of the Jacobian's sequences agree at mean "
                 f"cos² {s['jacobian_split_half_cos2']:.2f} (chance 0.50)"
             )
-        if len(fid):
+        if len(fid) == 1:
+            text += (
+                f"; through the lens its KL to the model's own readout is "
+                f"{words.number(fid['kl'].iloc[0])} ({words.layers(fid['layer'])})"
+            )
+        elif len(fid):
             text += (
                 f"; through the lens its KL to the model's own readout is "
                 f"{words.number(fid['kl'].max())} at worst and {words.number(fid['kl'].min())} at "
                 f"best ({words.layers(fid['layer'])})"
             )
+        readable = _readability(fidelity, name)
+        if readable:
+            text += f"; its balanced accuracy through the lens, by layer, {readable}"
         if pd.notna(s.get("heldout_accuracy", float("nan"))):
             if s["definition"] == "which corpus":  # fitted to a uniform prior over its classes
                 text += (

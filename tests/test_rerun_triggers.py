@@ -41,6 +41,11 @@ OOD_RULES = {
     "ood",
     "ood_table",
 }  # only runs with eval_corpora (tiny-llama) have them
+READOUT_RULES = {
+    "readouts_residuals",
+    "readout",
+    "readouts_table",
+}  # only runs with readouts (tiny-llama) have them
 CONSUMERS = {
     "prepare_corpus": {"tokenize"},
     "prepare_model": {
@@ -490,6 +495,8 @@ def test_each_config_edit_replans_exactly_the_rules_it_feeds(tiny_run):
         }  # runs without eval corpora
         if key != "runs.*.eval_corpora" and any(path[:2] in no_ood for path, _ in edits):
             want -= OOD_RULES  # their edits plan no OOD job
+        if key != "runs.*.readouts" and any(path[:2] in no_ood for path, _ in edits):
+            want -= READOUT_RULES  # nor a readout (the same runs have none)
         return key, planned_rules(done.stdout), want
 
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -26,8 +26,13 @@ def projector(q: torch.Tensor) -> torch.Tensor:
     return q @ q.T
 
 
-def ids_of(readout) -> torch.Tensor:
-    return readout.ids.cpu()
+def gap_to_unembedding(adapter, basis) -> float:
+    """Spectral norm of the difference between the projectors onto a basis's output subspace
+    (top d/2) and ``unembed_centered``'s: 0 when they are the same subspace."""
+    reference = unembedding_bases(adapter)["unembed_centered"]
+    k = adapter.d_model // 2
+    gap = projector(basis.vectors[:, :k]) - projector(reference.vectors[:, :k])
+    return float(torch.linalg.matrix_norm(gap, 2))
 
 
 # ----------------------------------------------------------------------------- token sets
@@ -383,11 +388,7 @@ def test_real_masked_readout_over_every_token_is_the_unembedding(real_parts, rea
     got = readout.logits(h).double().log_softmax(-1)
     want = adapter.logits(h).double().log_softmax(-1)
     assert float((got - want).abs().max()) < 1e-3
-    basis = ro.labels(readout)
-    reference = unembedding_bases(adapter)["unembed_centered"]
-    k = adapter.d_model // 2
-    gap = projector(basis.vectors[:, :k]) - projector(reference.vectors[:, :k])
-    assert float(torch.linalg.matrix_norm(gap, 2)) < 1e-3
+    assert gap_to_unembedding(adapter, ro.labels(readout)) < 1e-3
 
 
 def test_real_token_sets_name_what_they_say(real):
@@ -405,11 +406,7 @@ def test_real_back_half_at_the_last_layer_has_the_unembeddings_labels(real_parts
     adapter, cache = real_parts
     readout = ro.BackHalfReadout(adapter, "end", adapter.n_layers, None)
     readout.jacobian = ro.back_half_jacobian(readout, cache.final("train")[:1])
-    basis = ro.labels(readout)
-    reference = unembedding_bases(adapter)["unembed_centered"]
-    k = adapter.d_model // 2
-    gap = projector(basis.vectors[:, :k]) - projector(reference.vectors[:, :k])
-    assert float(torch.linalg.matrix_norm(gap, 2)) < 1e-3
+    assert gap_to_unembedding(adapter, ro.labels(readout)) < 1e-3
 
 
 def test_real_back_half_jacobian_against_finite_differences(real_parts):

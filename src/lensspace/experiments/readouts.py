@@ -904,12 +904,9 @@ def run_readout(
         """Position 0 the source residual's, the others the lens's (or ``h_i`` itself)."""
         h, anchor = corpus.residual(layer, split), corpus.residual(source, split)
         with torch.no_grad():
-            if not tuned:
-                rest = h[:, 1:]
-            elif spec.kind == "back_half":
-                rest = h[:, 1:] + translators[layer](h[:, 1:])
-            else:
-                rest = translate(lens, h[:, 1:], layer)
+            if tuned and spec.kind == "back_half":
+                return apply_translator(translators[layer], h, anchor)
+            rest = translate(lens, h[:, 1:], layer) if tuned else h[:, 1:]
             return torch.cat([anchor[:, :1], rest], dim=1)
 
     fidelity = []

@@ -45,6 +45,7 @@ include: "rules/ood.smk"
 include: "rules/lens_quality.smk"
 include: "rules/neurons.smk"
 include: "rules/readouts.smk"
+include: "rules/nodes.smk"
 include: "rules/report.smk"
 
 

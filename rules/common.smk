@@ -178,6 +178,17 @@ def get_readout_settings(wildcards):
     return settings
 
 
+def get_node_jobs(run):
+    """The node experiment's per-layer jobs of a run (nodes.layers; null: those of h0)."""
+    layers = seed_layout_layers(config, "nodes", get_n_layers(run))
+    return layer_jobs(layers, config["layers_per_job"])
+
+
+def get_node_settings():
+    """The nodes block without its layers (they choose the jobs, not what a job computes)."""
+    return {key: value for key, value in config["nodes"].items() if key != "layers"}
+
+
 def get_compute():
     """Batch sizes per device and the TF32 switch, as plain values (seen by the params trigger)."""
     return compute_params(config)

@@ -49,6 +49,7 @@ def check_references(config: dict[str, Any]) -> None:
                 )
         n_layers = config["models"][spec["model"]]["n_layers"]
         check_readouts(config, run, spec, n_layers)
+        check_nodes(config, run, spec, n_layers)
         for section in ABLATION_SECTIONS:
             chosen = config.get(section, {}).get("layers")
             for layer in chosen if isinstance(chosen, list) else []:
@@ -100,6 +101,48 @@ def check_readouts(
             raise LensspaceError(
                 f"runs.{run}.readouts: the corpus probe '{name}' needs the run's eval_corpora "
                 "(its classes are the run's corpus and each eval corpus); add one or drop it"
+            )
+
+
+def check_nodes(config: dict[str, Any], run: str, spec: Mapping[str, Any], n_layers: int) -> None:
+    """The node experiment's layers exist and its sequences fit the run's token split."""
+    section = config.get("nodes")
+    if not section:
+        return
+    chosen = section.get("layers")
+    for layer in chosen if isinstance(chosen, list) else []:
+        if not 0 <= layer < n_layers:
+            raise LensspaceError(
+                f"nodes.layers: block {layer} does not exist in model '{spec['model']}' of run "
+                f"'{run}' (blocks 0..{n_layers - 1})"
+            )
+    split = token_split_params(config, run)
+    needs = (
+        (
+            "fit_sequences + nodes.ridge_sequences",
+            section["fit_sequences"] + section["ridge_sequences"],
+            split["train_sequences"],
+            "data.train_sequences",
+        ),
+        (
+            "jacobian_sequences",
+            section["jacobian_sequences"],
+            split["train_sequences"],
+            "data.train_sequences",
+        ),
+        (
+            "eval_sequences",
+            section["eval_sequences"],
+            split["eval_sequences"],
+            "data.eval_sequences",
+        ),
+        ("jacobian_positions", section["jacobian_positions"], split["seq_len"], "data.seq_len"),
+    )
+    for key, value, available, source in needs:
+        if value > available:
+            raise LensspaceError(
+                f"nodes.{key}: {value} is more than run '{run}' has ({source}: {available}); "
+                f"lower it or raise {source}"
             )
 
 

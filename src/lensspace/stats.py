@@ -160,6 +160,33 @@ def _bca_levels(x: torch.Tensor, m_star: torch.Tensor, alpha: float) -> torch.Te
     return torch.special.ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
 
 
+def ratio_interval(
+    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, level: float = 0.95
+) -> tuple[float, float]:
+    """Bootstrap-t interval of ``sum(a) / sum(b)`` from per-sequence totals ``a``, ``b`` [n] and
+    resample counts [n_boot, n] (:func:`resample_counts`). The ratio's standard error is the
+    delta method's, from the residuals ``a - ratio * b``, in the sample and in every resample.
+    At 16 sequences with lognormal ``b`` and gamma noise, it covers 0.90-0.94 where the percentile
+    interval covers 0.88-0.91 (``tests/test_nodes.py`` keeps a check)."""
+    a, b = a.double(), b.double()
+    n = a.shape[-1]
+
+    def estimate(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total_b = weights @ b
+        ratio = (weights @ a) / total_b
+        resid = a - ratio[:, None] * b
+        mean = (weights * resid).sum(-1) / n
+        var = ((weights * resid.square()).sum(-1) / n - mean.square()).clamp_min(0) * n / (n - 1)
+        return ratio, (var / n).sqrt() / (total_b / n)
+
+    ratio, se = estimate(torch.ones(1, n, dtype=torch.float64))
+    ratios, ses = estimate(counts.double())
+    t = (ratios - ratio) / ses.clamp_min(1e-12 * float(se.clamp_min(1e-300)))
+    alpha = (1 - level) / 2
+    q_lo, q_hi = torch.quantile(t, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return float(ratio - q_hi * se), float(ratio - q_lo * se)
+
+
 def bootstrap_mean(
     values: torch.Tensor,
     n_boot: int = 1000,

@@ -40,7 +40,13 @@ from lensspace.errors import LensspaceError
 from lensspace.experiments.circuits import layer_permutation_test, write_maps
 from lensspace.robustness import CORRECTION
 from lensspace.runner import BlockRunner
-from lensspace.stats import adjust, bootstrap_mean, resample_counts, sign_test_p
+from lensspace.stats import (
+    adjust,
+    bootstrap_mean,
+    ratio_interval,
+    resample_counts,
+    sign_test_p,
+)
 from lensspace.subspaces import select
 
 BASELINES = ("dla", "layer_lens", "jacobian")
@@ -365,8 +371,8 @@ def predictions(
     return {
         "none": torch.zeros_like(dw),
         "dla": dw,
-        "layer_lens": (dw.double() @ m.T).float(),
-        "jacobian": (dw.double() @ jacobian.T).float(),
+        "layer_lens": (dw.double() @ m.double().T).float(),
+        "jacobian": (dw.double() @ jacobian.double().T).float(),
         "node_lens": lens(write),
     }
 
@@ -586,9 +592,10 @@ def _percentile(values: torch.Tensor, level: float = 0.95) -> tuple[float, float
 
 
 def r2_interval(sse: torch.Tensor, sst: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
-    """95% percentile bootstrap interval of ``1 - sum(sse) / sum(sst)`` over sequences (``counts``
-    from :func:`~lensspace.stats.resample_counts`)."""
-    return _percentile(1 - (counts @ sse) / (counts @ sst))
+    """95% bootstrap-t interval over sequences of ``1 - sum(sse) / sum(sst)`` (``counts`` from
+    :func:`~lensspace.stats.resample_counts`; see :func:`~lensspace.stats.ratio_interval`)."""
+    lo, hi = ratio_interval(sse, sst, counts)
+    return 1 - hi, 1 - lo
 
 
 def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
@@ -632,8 +639,8 @@ def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
 
 def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     """The node lens against each baseline, per node: the gain in R² (baseline's squared error
-    minus the lens's, over the effect's total), its interval, the exact sign test over sequences
-    of the per-sequence error differences, Holm-adjusted over every (node, baseline) pair, and a
+    minus the lens's, over the effect's total), its bootstrap-t interval, the exact sign test
+    over sequences of the per-sequence error differences, Holm-adjusted over every (node, baseline) pair, and a
     verdict whose direction is the majority of sequences."""
     n_seq = int(sums["sequence"].nunique())
     counts = resample_counts(n_seq, n_boot, seed)
@@ -644,7 +651,7 @@ def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         lens = _per_sequence(sums, node.node, "node_lens", "sse")
         for baseline in BASELINES:
             gain = _per_sequence(sums, node.node, baseline, "sse") - lens
-            lo, hi = _percentile((counts @ gain) / (counts @ sst))
+            lo, hi = ratio_interval(gain, sst, counts)
             rows.append(
                 {
                     "layer": node.layer,

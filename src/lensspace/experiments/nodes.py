@@ -640,8 +640,8 @@ def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
 def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     """The node lens against each baseline, per node: the gain in R² (baseline's squared error
     minus the lens's, over the effect's total), its bootstrap-t interval, the exact sign test
-    over sequences of the per-sequence error differences, Holm-adjusted over every (node, baseline) pair, and a
-    verdict whose direction is the majority of sequences."""
+    over sequences of the per-sequence error differences, Holm-adjusted over every (node,
+    baseline) pair, and a verdict whose direction is the majority of sequences."""
     n_seq = int(sums["sequence"].nunique())
     counts = resample_counts(n_seq, n_boot, seed)
     rows = []

@@ -185,8 +185,10 @@ def get_node_jobs(run):
 
 
 def get_node_settings():
-    """The nodes block without its layers (they choose the jobs, not what a job computes)."""
-    return {key: value for key, value in config["nodes"].items() if key != "layers"}
+    """The nodes block without its layers (they choose the jobs, not what a job computes) and
+    the verdicts' margin (the scores' rule takes it)."""
+    skip = {"layers", "min_r2_gain"}
+    return {key: value for key, value in config["nodes"].items() if key not in skip}
 
 
 def get_compute():

@@ -25,6 +25,7 @@ rule nodes_layer:
         runtime=60,
     params:
         settings=get_node_settings(),
+        seed=config["seed"],
         device=config["device"],
         compute=get_compute(),
     script:
@@ -51,6 +52,7 @@ rule nodes:
         runtime=10,
     params:
         config=get_config_values("bootstrap", "seed"),
+        margin=config["nodes"]["min_r2_gain"],
         n_permutations=config["h1"]["heads"]["n_permutations"],
     script:
         "../scripts/nodes.py"

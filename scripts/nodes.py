@@ -14,7 +14,7 @@ def body(sm):
     scores = score_rows(sums, n_boot, seed)
     heads = pd.read_csv(sm.input.heads, sep="\t")
     runtime.write_tsv(scores, sm.output.scores)
-    runtime.write_tsv(comparison_rows(sums, n_boot, seed), sm.output.comparisons)
+    runtime.write_tsv(comparison_rows(sums, n_boot, seed, sm.params.margin), sm.output.comparisons)
     runtime.write_tsv(rank_rows(sums, n_boot, seed), sm.output.ranks)
     runtime.write_tsv(
         induction_rows(scores, heads, sm.params.n_permutations, n_boot, seed), sm.output.induction

@@ -16,7 +16,7 @@ def body(sm):
     cache = runtime.open_cache(sm.input.cache, sm.input.tokens, adapter.device)
     lens = load_lens(adapter, Path(sm.input.lens).parent)
     chunk = runtime.compute_settings(sm.params.compute).chunk(adapter.device)
-    settings = NodeSettings.from_params(sm.params.settings, adapter.d_model, chunk)
+    settings = NodeSettings.from_params(sm.params.settings, adapter.d_model, chunk, sm.params.seed)
     basis = load_bases(sm.input.bases, adapter.device)[PULLED_BACK].vectors
     runner, sums, fits = BlockRunner(adapter), [], []
     for layer in job_layers(sm.wildcards.layer):

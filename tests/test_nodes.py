@@ -158,12 +158,11 @@ def last_mlp_rows(adapter, runner, train, ids):
 
 def test_the_last_mlps_total_effect_is_its_direct_effect_and_every_method_agrees(setup):
     adapter, runner, train, ids = setup
-    node, ev, dw, jac, preds, rows = last_mlp_rows(adapter, runner, train, ids)
-    dz = ev.effects[node]
-    if adapter.arch.mlp_write_norm is None and adapter.model_type != "opt":
-        assert torch.allclose(dz, dw, atol=1e-4 * float(dw.abs().max()))
     if adapter.model_type == "opt" and adapter.norm_kind == "none":
         pytest.skip("OPT-350m normalises after the MLP: its write is not the residual's change")
+    node, ev, dw, jac, preds, rows = last_mlp_rows(adapter, runner, train, ids)
+    dz = ev.effects[node]
+    assert torch.allclose(dz, dw, atol=1e-4 * float(dw.abs().max()))
     assert torch.allclose(jac, torch.eye(adapter.d_model, dtype=torch.float64), atol=1e-2)
     totals = rows.groupby("method")[["sse", "sst", "kl", "kl_tokens"]].sum()
     r2 = 1 - totals["sse"] / totals["sst"]
@@ -185,22 +184,34 @@ def test_the_last_mlps_total_effect_is_its_direct_effect_and_every_method_agrees
     assert abs(got - want) < 1e-3 * max(1.0, want) + 1e-5
 
 
-def test_forward_difference_jacobian_matches_reverse_mode(setup):
+def same_position_jacobian(adapter, runner, layer, h, site, dims=None) -> torch.Tensor:
+    """``E_t[dz_t / dw_t]`` by reverse mode, one output coordinate and position at a time."""
+    n, length, d = h.shape
+    dims = range(d) if dims is None else dims
+    out = torch.zeros(d, d, dtype=torch.float64)
+    delta = torch.zeros(n, length, d, requires_grad=True)
+    edit = {f"{site}_edit": lambda _p: delta}
+    with torch.enable_grad(), nd.BlockProbe(adapter, layer).attach(h.shape[:2], **edit):
+        z = runner.run.__wrapped__(runner, h, start=layer)
+    for t in range(1, length):
+        for i in dims:
+            (grad,) = torch.autograd.grad(z[:, t, i].sum(), delta, retain_graph=True)
+            out[i] += grad[:, t].sum(0).double()
+    return out / (n * (length - 1))
+
+
+def test_same_position_jacobian_matches_reverse_mode(setup):
+    """The random-sign forward differences converge to the same-position Jacobian (64 patterns
+    here; the workflow's one pattern is the same estimate with more noise)."""
     adapter, runner, train, _ = setup
     layer = 1
     h = block_inputs(adapter, train, layer)[:2]
+    runner.run(h, start=layer)  # the block arguments of this shape, recorded outside any hook
     for site in ("attention", "mlp"):
-        got = nd.write_jacobian(runner, layer, h, site, step=1e-3)
-        want = torch.zeros_like(got)
-        for i in range(adapter.d_model):
-            delta = torch.zeros(adapter.d_model, requires_grad=True)
-            edit = {f"{site}_edit": lambda _p, delta=delta: delta.expand(*h.shape).clone()}
-            with torch.enable_grad(), nd.BlockProbe(adapter, layer).attach(h.shape[:2], **edit):
-                z = runner.run.__wrapped__(runner, h, start=layer)
-            (grad,) = torch.autograd.grad(z[:, 1:, i].mean(), delta)
-            want[i] = grad.double()
+        got = nd.write_jacobian(runner, layer, h, site, step=1e-3, patterns=64)
+        want = same_position_jacobian(adapter, runner, layer, h, site)
         err = float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want))
-        assert err < 2e-2, (site, err)
+        assert err < 5e-2, (site, err)
 
 
 def test_node_lens_recovers_a_linear_map():
@@ -350,6 +361,7 @@ def sums_frame(gen, n_nodes=4, n_seq=8, shift=0.0):
                         "kl_tokens": 5,
                         "sst": sst,
                         "sse": sse,
+                        "sse_centred": 0.9 * sse,
                         "kl": float(torch.rand(1, generator=gen)),
                         "energy": energy,
                         "out_energy": energy * 0.3,
@@ -383,7 +395,20 @@ def test_comparison_direction_follows_the_sequences():
     mine = table[table["baseline"] == "dla"].set_index("node")["r2_gain"]
     theirs = other[other["baseline"] == "dla"].set_index("node")["r2_gain"]
     assert torch.allclose(torch.tensor(mine.values), -torch.tensor(theirs.values))
-    assert set(table["p_adjusted"]) and (table["p_adjusted"] >= table["p_value"]).all()
+    assert (table["p_adjusted"] >= table["p_value"]).all()
+
+
+def test_a_negligible_gain_is_no_verdict_however_consistent():
+    """Every sequence slightly worse (a ridge's shrinkage of an exact fit) is not "baseline
+    better": the gain must reach the margin, and an interval inside it is "equivalent"."""
+    sums = sums_frame(torch.Generator().manual_seed(0), n_seq=16)
+    lens = sums["method"] == "node_lens"
+    for baseline in nd.BASELINES:
+        rows = sums["method"] == baseline
+        sums.loc[rows, "sse"] = sums.loc[lens, "sse"].to_numpy() - 1e-6
+    table = nd.comparison_rows(sums, n_boot=200, seed=0, margin=0.01)
+    assert (table["n_worse"] == 16).all() and (table["p_adjusted"] < 0.05).all()
+    assert (table["verdict"] == "equivalent").all()
 
 
 def test_spearman_matches_a_direct_rank_correlation():
@@ -410,3 +435,84 @@ def test_r2_interval_covers_at_the_sample_size_used(sigma):
         lo, hi = nd.r2_interval(sse, sst, counts)
         hits += lo <= true <= hi
     assert 0.89 <= hits / trials <= 0.98
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def validated(edit) -> dict:
+    import yaml
+    from conftest import ROOT
+
+    from lensspace.configfile import validate_config
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    edit(config)
+    validate_config(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    return config
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["nodes"].update(layers=[5]), r"nodes.layers: block 5 does not exist"),
+        (
+            lambda c: c["nodes"].update(fit_sequences=30),
+            r"nodes.fit_sequences \+ nodes.ridge_sequences: 34 is more than run",
+        ),
+        (lambda c: c["nodes"].update(eval_sequences=9), r"nodes.eval_sequences: 9 is more"),
+        (lambda c: c["nodes"].update(jacobian_positions=40), r"raise data.seq_len"),
+    ],
+)
+def test_refusals_name_the_key(edit, message):
+    from lensspace.errors import LensspaceError
+    from lensspace.validation import check_references
+
+    with pytest.raises(LensspaceError, match=message):
+        check_references(validated(edit))
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="module")
+def real_block(real):
+    adapter = real.adapter
+    runner = BlockRunner(adapter)
+    layer = adapter.n_layers - 3
+    means = nd.block_means(runner, layer, real.cache.load(layer, "train"), chunk=4)
+    return adapter, runner, layer, means
+
+
+def test_real_total_effect_is_a_full_forward_with_the_head_replaced(real, real_block):
+    """On SmolLM2 (an attention sink at position 0, residuals in the hundreds): resuming from the
+    block's input gives the full forward pass's counterfactual."""
+    adapter, runner, layer, means = real_block
+    ids = real.tokens["eval"][:2].long()
+    head = 3
+    node = nd.Node(layer, head)
+    h = block_inputs(adapter, ids, layer)
+    got = nd.total_effects(runner, layer, h, [node], means, 2)
+    e = adapter.head_out_weights(layer).shape[1]
+
+    def replace(_module, args):
+        x = args[0].clone()
+        x[:, 1:, head * e : (head + 1) * e] = means.heads[head]
+        return (x,)
+
+    ablated = final_with_hook(adapter, ids, adapter.attention_out(layer), replace, pre=True)
+    want = (ablated - residual_at(adapter, ids, 0)[1])[:, 1:]
+    err = float((got.effects[node] - want).norm() / want.norm())
+    assert err < 1e-3, err
+
+
+def test_real_jacobian_matches_reverse_mode_on_a_few_directions(real, real_block):
+    adapter, runner, layer, _ = real_block
+    h = real.cache.load(layer, "train")[:1, :24]
+    runner.run(h, start=layer)
+    got = nd.write_jacobian(runner, layer, h, "mlp", step=1e-3, patterns=8)
+    dims = torch.randint(0, adapter.d_model, (3,), generator=torch.Generator().manual_seed(0))
+    want = same_position_jacobian(adapter, runner, layer, h, "mlp", dims.tolist())
+    for i in dims.tolist():
+        err = float((got[i] - want[i]).norm() / want[i].norm())
+        assert err < 5e-2, (i, err)

@@ -29,6 +29,7 @@ LENS_USERS = {
     "ood",
     "neurons",
     "readout",
+    "nodes_layer",
 }
 BEYOND = {
     "lens_quality",
@@ -69,6 +70,7 @@ CONSUMERS = {
         "html_report",
         "ood_tokenize",
         "readouts_residuals",
+        "nodes_layer",
         *BEYOND,
     },
     "tokenize": {
@@ -83,6 +85,7 @@ CONSUMERS = {
         "shuffle_pairs",
         "shuffle_windows",
         "ood_tokenize",
+        "nodes_layer",
         *BEYOND,
     },
     "check_run": set(),
@@ -95,11 +98,12 @@ CONSUMERS = {
         "ridge_lens",
         "shuffle_pairs",
         "shuffle_windows",
+        "nodes_layer",
         *BEYOND,
     },
     "train_lens": LENS_USERS,
     "fetch_lens": LENS_USERS,
-    "svd": {"h0_layer", "h1_layer", "h1_heads", *BEYOND},
+    "svd": {"h0_layer", "h1_layer", "h1_heads", "nodes_layer", *BEYOND},
     "ridge_lens": {"shuffle_pairs", "shuffle_windows"},
     "eval_lens": {"lens_figure", "html_report", "ood_table"},
     **{f"{h}_layer": {f"{h}_merge"} for h in ("h0", "h1", "h2")},
@@ -115,7 +119,10 @@ CONSUMERS = {
     "readouts_table": {"html_report"},
     "ood": {"ood_table", "html_report"},
     "neurons": {"neurons_table", "neurons_figure", "html_report"},
-    "h1_heads": {"h1_heads_figure", "html_report"},
+    "h1_heads": {"h1_heads_figure", "nodes", "html_report"},
+    "nodes_layer": {"nodes"},
+    "nodes": {"nodes_table", "html_report"},
+    "nodes_table": {"html_report"},
     "shuffle_pairs": {"shuffle_merge"},
     "shuffle_windows": {"shuffle_merge", "html_report"},
     "shuffle_merge": {"shuffle_figure", "html_report"},
@@ -147,6 +154,7 @@ DEVICE = {
     *SHUFFLE,
     *BEYOND,
     "readouts_residuals",
+    "nodes_layer",
 }
 SEED = {
     "train_lens",
@@ -158,13 +166,16 @@ SEED = {
     "robustness_table",
     *BEYOND,
     "ood_tokenize",
+    "nodes_layer",
+    "nodes",
 }
-N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND}
+N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND, "nodes"}
 H0_READERS = {
     "lens_quality",
     "ood",
     "readouts_residuals",
     "readout",
+    "nodes_layer",
 }  # they take H0's layers (theirs are null); lens quality and ood read the h0 section
 MODEL = {"prepare_model"}
 CORPUS = {"prepare_corpus"}
@@ -179,7 +190,7 @@ EDITS = {
     "seed": ([(("seed",), 5)], SEED),
     # the neurons' control is a pool of matched neurons, not random draws
     "random_draws": ([(("random_draws",), 3)], LAYER_RULES | (BEYOND - {"neurons"})),
-    "layers_per_job": ([(("layers_per_job",), 2)], LAYER_RULES),
+    "layers_per_job": ([(("layers_per_job",), 2)], LAYER_RULES | {"nodes_layer"}),
     "runs.*.model": (
         [(("runs", "tiny-gpt2", "model"), "tiny-llama")],
         CONSUMERS["prepare_model"] - {"fetch_lens"},
@@ -334,9 +345,10 @@ EDITS = {
         for key, value in (
             ("induction_sequences", 3),
             ("induction_threshold", 0.5),
-            ("n_permutations", 300),
         )
     },
+    # the node experiment's induction-head test takes the same number of permutations
+    "h1.heads.n_permutations": ([(("h1", "heads", "n_permutations"), 300)], {"h1_heads", "nodes"}),
     "h1.heads.induction_half_len": ([(("h1", "heads", "induction_half_len"), 6)], {"h1_heads"}),
     **{
         f"h2.{key}": ([(("h2", key), value)], {"h2_layer"})
@@ -427,6 +439,21 @@ EDITS = {
             ("mean_sequences", 6),
         )
     },
+    **{
+        f"nodes.{key}": ([(("nodes", key), value)], {"nodes_layer"})
+        for key, value in (
+            ("layers", [0, 2]),
+            ("eval_sequences", 3),
+            ("fit_sequences", 6),
+            ("ridge_sequences", 3),
+            ("ridges", [0.01, 1.0]),
+            ("jacobian_sequences", 1),
+            ("jacobian_positions", 8),
+            ("jacobian_patterns", 2),
+            ("kl_stride", 3),
+        )
+    },
+    "nodes.min_r2_gain": ([(("nodes", "min_r2_gain"), 0.05)], {"nodes"}),
 }
 
 

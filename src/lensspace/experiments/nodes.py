@@ -10,8 +10,8 @@ distribution are recorded. Four maps from the write's change ``dw = mean - w`` p
   (direct logit attribution: the direct path only);
 * ``layer_lens``: ``M dw`` with ``M = I + A_{l+1}`` the layer's tuned-lens translator (the
   circuit-end geometry of :func:`~lensspace.experiments.circuits.write_maps`);
-* ``jacobian``: ``J dw``, ``J`` the final residual's response to one shift of the node's write at
-  every position, averaged over training positions (forward differences);
+* ``jacobian``: ``J dw``, ``J`` the final residual's response at a position to a change of the
+  node's write at that same position, averaged over training positions (forward differences);
 * ``node_lens``: the node's own affine lens, least squares from ``w`` to ``dz`` on training tokens
   with a ridge chosen on held-out training sequences.
 
@@ -85,8 +85,10 @@ class NodeSettings:
     ``fit_sequences`` training sequences fit each node lens, the next ``ridge_sequences`` choose
     its ridge (then all of them refit it); the means are over every training sequence.
     ``ridges`` are relative to the mean eigenvalue of the write's covariance. The Jacobian
-    averages over the first ``jacobian_positions`` positions of ``jacobian_sequences`` training
-    sequences, by forward differences of ``step`` times the residual's RMS. KLs are read at every
+    (same position, :func:`write_jacobian`) averages over the first ``jacobian_positions``
+    positions of ``jacobian_sequences`` training sequences, by forward differences of ``step``
+    times the residual's RMS under ``jacobian_patterns`` random sign patterns (``seed``). KLs are
+    read at every
     ``kl_stride``-th evaluated position (each costs the 49,152-token head once per method); the
     residual-space scores at every position.
     """
@@ -97,21 +99,27 @@ class NodeSettings:
     eval_sequences: int = 16
     jacobian_sequences: int = 1
     jacobian_positions: int = 32
-    ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+    jacobian_patterns: int = 1
+    seed: int = 0
+    ridges: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
     kl_stride: int = 4
     step: float = 1e-3
     chunk: int = 4
 
     @classmethod
-    def from_params(cls, section: dict, d_model: int, chunk: int = 4) -> NodeSettings:
+    def from_params(
+        cls, section: dict, d_model: int, chunk: int = 4, seed: int = 0
+    ) -> NodeSettings:
         """From the config's ``nodes`` block (its ``layers`` aside: they choose the jobs)."""
         return cls(
+            seed=seed,
             k=d_model // 2,
             fit_sequences=section["fit_sequences"],
             ridge_sequences=section["ridge_sequences"],
             eval_sequences=section["eval_sequences"],
             jacobian_sequences=section["jacobian_sequences"],
             jacobian_positions=section["jacobian_positions"],
+            jacobian_patterns=section["jacobian_patterns"],
             ridges=tuple(section["ridges"]),
             kl_stride=section["kl_stride"],
             chunk=chunk,
@@ -123,6 +131,12 @@ def _attention_write_module(adapter: Adapter, layer: int) -> torch.nn.Module:
     family has one)."""
     norm = adapter.attention_write_norm(layer)
     return norm if norm is not None else adapter.attention(layer)
+
+
+def _from_position_one(delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` [B, T, d] with position 0 set to zero (a new tensor: the edit's is left as it
+    is)."""
+    return torch.cat([torch.zeros_like(delta[:, :1]), delta[:, 1:]], dim=1)
 
 
 class BlockProbe:
@@ -157,18 +171,16 @@ class BlockProbe:
 
         def edit_attention(_module, _args, out):
             write = out[0] if isinstance(out, tuple) else out
-            delta = attention_edit(self).to(write.dtype)
-            delta[:, 0] = 0
-            edited = write + delta.reshape(write.shape)
+            edited = write + _from_position_one(attention_edit(self)).to(write.dtype).reshape(
+                write.shape
+            )
             return (edited, *out[1:]) if isinstance(out, tuple) else edited
 
         def mlp_hook(_module, _args, out):
             self.mlp = out.reshape(batch, length, -1).float()  # OPT's MLP runs on [B * T, d]
             if mlp_edit is None:
                 return None
-            delta = mlp_edit(self).to(out.dtype)
-            delta[:, 0] = 0
-            return out + delta.reshape(out.shape)
+            return out + _from_position_one(mlp_edit(self)).to(out.dtype).reshape(out.shape)
 
         handles = [adapter.attention_out(layer).register_forward_hook(record_heads)]
         if attention_edit is not None:
@@ -278,32 +290,50 @@ def total_effects(
 
 @torch.no_grad()
 def write_jacobian(
-    runner: BlockRunner, layer: int, h: torch.Tensor, site: str, step: float, rows: int = 64
+    runner: BlockRunner,
+    layer: int,
+    h: torch.Tensor,
+    site: str,
+    step: float,
+    patterns: int = 1,
+    seed: int = 0,
+    rows: int = 64,
 ) -> torch.Tensor:
-    """``J`` [d, d] (float64): the final residual's response ``E_t[dz_t / d delta]`` to one shift
-    ``delta`` of block ``layer``'s attention (``site`` "attention") or MLP ("mlp") write at every
-    position 1.., averaged over positions 1.. of ``h`` [n, T, d]; column ``i`` by a forward
-    difference of ``step`` times the residual's RMS along ``e_i``, ``rows`` directions a pass."""
+    """``J`` [d, d] (float64) = ``E_t[dz_t / dw_t]``: the final residual's response at each
+    position 1.. of ``h`` [n, T, d] to a change of block ``layer``'s attention (``site``
+    "attention") or MLP ("mlp") write at that same position, averaged over the positions.
+
+    The ablation changes every position's write by a different amount, so the map applied to a
+    token's own change is the same-position block; its cross-position terms average out. Each
+    column comes from one pass in which every position's write is shifted by ``r_t * eps * e_i``
+    with random signs ``r_t`` (``patterns`` seeded draws): ``E_t[r_t (z_t - z_t^clean)] / eps``
+    keeps ``J_tt e_i``, and both the other positions' terms and the second-order term carry a
+    sign of mean zero. ``eps`` is ``step`` times the residual's RMS; ``rows`` directions a pass.
+    """
     adapter = runner.adapter
-    d = h.shape[-1]
+    n, length, d = h.shape
     eps = step * float(h[:, 1:].pow(2).mean().sqrt())
-    clean = runner.run(h, start=layer)[:, 1:].double().mean((0, 1))
+    clean = runner.run(h, start=layer)[:, 1:].double()
     out = torch.zeros(d, d, dtype=torch.float64)
     probe = BlockProbe(adapter, layer)
-    for part in tqdm(
-        list(_chunks(d, rows)), desc=f"jacobian {site}", file=sys.stderr, mininterval=10
-    ):
-        n_dir = part.stop - part.start
-        batch = h.repeat(n_dir, 1, 1)
-        shift = torch.zeros(n_dir, h.shape[0], h.shape[1], d, device=h.device)
-        shift[torch.arange(n_dir), :, :, torch.arange(part.start, part.stop)] = eps
-        shift = shift.reshape(-1, h.shape[1], d)
-        edit = {f"{site}_edit": lambda _probe: shift}
-        with probe.attach(batch.shape[:2], **edit):
-            z = runner.run(batch, start=layer)
-        z = z.reshape(n_dir, *h.shape)[:, :, 1:].double().mean((1, 2))
-        out[:, part] = ((z - clean) / eps).T.cpu()
-    return out
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(patterns):
+        signs = torch.randint(0, 2, (n, length), generator=gen).to(h.device, h.dtype) * 2 - 1
+        for part in tqdm(
+            list(_chunks(d, rows)), desc=f"jacobian {site}", file=sys.stderr, mininterval=10
+        ):
+            n_dir = part.stop - part.start
+            batch = h.repeat(n_dir, 1, 1)
+            shift = torch.zeros(n_dir, n, length, d, device=h.device)
+            shift[torch.arange(n_dir), :, :, torch.arange(part.start, part.stop)] = eps * signs
+            shift = shift.reshape(-1, length, d)
+            edit = {f"{site}_edit": lambda _probe, shift=shift: shift}
+            with probe.attach(batch.shape[:2], **edit):
+                z = runner.run(batch, start=layer)
+            change = z.reshape(n_dir, n, length, d)[:, :, 1:].double() - clean
+            weighted = change * signs[:, 1:, None].double()
+            out[:, part] += (weighted.mean((1, 2)) / eps).T.cpu()
+    return out / patterns
 
 
 @dataclass(frozen=True)
@@ -456,12 +486,15 @@ def node_rows(
                 "kl_tokens": kl_tokens,
                 "sst": float(sst[s]),
                 "sse": 0.0,
+                "sse_centred": 0.0,
                 "kl": 0.0,
                 **{key: float(v[s]) for key, v in measured.items()},
             }
         )
     for method, delta in preds.items():
-        sse = _sums((dz.double() - delta.double()).pow(2).sum(-1))
+        error = dz.double() - delta.double()
+        sse = _sums(error.pow(2).sum(-1))
+        sse_centred = _sums((error - _flat(error).mean(0)).pow(2).sum(-1))
         kl = _sums(torch.cat(kls[method]))
         parts = energies(delta)
         for s in range(n):
@@ -474,6 +507,7 @@ def node_rows(
                     "kl_tokens": kl_tokens,
                     "sst": float(sst[s]),
                     "sse": float(sse[s]),
+                    "sse_centred": float(sse_centred[s]),
                     "kl": float(kl[s]),
                     **{key: float(v[s]) for key, v in parts.items()},
                 }
@@ -504,7 +538,15 @@ def run_layer(
     means = block_means(runner, layer, train, settings.chunk)
     jac_h = train[: settings.jacobian_sequences, : settings.jacobian_positions]
     jacobians = {
-        site: write_jacobian(runner, layer, jac_h, site, settings.step)
+        site: write_jacobian(
+            runner,
+            layer,
+            jac_h,
+            site,
+            settings.step,
+            settings.jacobian_patterns,
+            settings.seed + layer,
+        )
         for site in ("attention", "mlp")
     }
     fit = total_effects(
@@ -573,7 +615,17 @@ def _totals(sums: pd.DataFrame) -> pd.DataFrame:
     keys = ["layer", "node", "kind", "head", "method"]
     return (
         sums.groupby(keys, sort=False)[
-            ["n_tokens", "kl_tokens", "sst", "sse", "kl", "energy", "out_energy", "int_energy"]
+            [
+                "n_tokens",
+                "kl_tokens",
+                "sst",
+                "sse",
+                "sse_centred",
+                "kl",
+                "energy",
+                "out_energy",
+                "int_energy",
+            ]
         ]
         .sum()
         .reset_index()
@@ -599,8 +651,10 @@ def r2_interval(sse: torch.Tensor, sst: torch.Tensor, counts: torch.Tensor) -> t
 
 
 def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
-    """Per node and method (and the measured effect): R² with its interval, KL with its interval,
-    the effect's RMS size and its output / internal shares."""
+    """Per node and method (and the measured effect): R² with its interval, R² once the method's
+    mean error over the held-out tokens is removed (``r2_offset_free``: what an affine lens's
+    intercept adds, and a baseline lacks), KL with its interval, the effect's RMS size and its
+    output / internal shares (of the change the method predicts)."""
     totals = _totals(sums)
     n_seq = int(sums["sequence"].nunique())
     counts = resample_counts(n_seq, n_boot, seed)
@@ -608,8 +662,14 @@ def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     for row in totals.itertuples(index=False):
         sse = _per_sequence(sums, row.node, row.method, "sse")
         sst = _per_sequence(sums, row.node, row.method, "sst")
-        r2 = 1 - row.sse / row.sst if row.sst > 0 else float("nan")
+        centred = _per_sequence(sums, row.node, row.method, "sse_centred")
+        r2, r2c = (
+            (1 - row.sse / row.sst, 1 - row.sse_centred / row.sst)
+            if row.sst > 0
+            else (float("nan"),) * 2
+        )
         lo, hi = r2_interval(sse, sst, counts) if row.sst > 0 else (float("nan"),) * 2
+        clo, chi = r2_interval(centred, sst, counts) if row.sst > 0 else (float("nan"),) * 2
         kl_seq = _per_sequence(sums, row.node, row.method, "kl") / (row.kl_tokens / n_seq)
         kl = bootstrap_mean(kl_seq, n_boot=n_boot, seed=seed)
         energy = row.energy if row.energy > 0 else float("nan")
@@ -623,6 +683,9 @@ def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                 "r2": r2,
                 "r2_lo": lo,
                 "r2_hi": hi,
+                "r2_offset_free": r2c,
+                "r2_offset_free_lo": clo,
+                "r2_offset_free_hi": chi,
                 "kl": kl.mean,
                 "kl_lo": kl.lo,
                 "kl_hi": kl.hi,
@@ -637,11 +700,16 @@ def score_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+def comparison_rows(
+    sums: pd.DataFrame, n_boot: int, seed: int, margin: float = 0.01
+) -> pd.DataFrame:
     """The node lens against each baseline, per node: the gain in R² (baseline's squared error
-    minus the lens's, over the effect's total), its bootstrap-t interval, the exact sign test
-    over sequences of the per-sequence error differences, Holm-adjusted over every (node,
-    baseline) pair, and a verdict whose direction is the majority of sequences."""
+    minus the lens's, over the effect's total) with its bootstrap-t interval, and the exact sign
+    test over sequences of the per-sequence error differences, Holm-adjusted over every (node,
+    baseline) pair. Verdict: ``node lens better`` / ``baseline better`` where the test rejects,
+    the majority of sequences and the gain agree in direction and the gain is at least
+    ``margin``; ``equivalent`` where the gain's interval lies inside ``(-margin, margin)``;
+    otherwise ``not separable``."""
     n_seq = int(sums["sequence"].nunique())
     counts = resample_counts(n_seq, n_boot, seed)
     rows = []
@@ -666,6 +734,7 @@ def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                     "n_worse": int((gain < 0).sum()),
                     "p_value": sign_test_p(gain),
                     "n_sequences": n_seq,
+                    "margin": margin,
                 }
             )
     table = pd.DataFrame(rows)
@@ -673,9 +742,12 @@ def comparison_rows(sums: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         return table
     table["p_adjusted"] = adjust(table["p_value"].tolist(), CORRECTION)
     significant = table["p_adjusted"] < ALPHA
+    better = significant & (table["n_better"] > table["n_worse"]) & (table["r2_gain"] >= margin)
+    worse = significant & (table["n_better"] < table["n_worse"]) & (table["r2_gain"] <= -margin)
     table["verdict"] = "not separable"
-    table.loc[significant & (table["n_better"] > table["n_worse"]), "verdict"] = "node lens better"
-    table.loc[significant & (table["n_better"] < table["n_worse"]), "verdict"] = "baseline better"
+    table.loc[(table["gain_lo"] > -margin) & (table["gain_hi"] < margin), "verdict"] = "equivalent"
+    table.loc[better, "verdict"] = "node lens better"
+    table.loc[worse, "verdict"] = "baseline better"
     return table
 
 

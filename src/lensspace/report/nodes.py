@@ -177,15 +177,16 @@ def describe(
     better, worse, n = _verdict_counts(comparisons, "dla")
     summary = summary_table(scores)
     where = "; ".join(
-        f"block {int(r['layer'])} {r['kind']}s {r['R² node lens']:.2f} against "
-        f"{r['R² direct (DLA)']:.2f}"
+        f"block {int(r['layer'])} {'heads' if r['kind'] == 'head' else 'MLP'} "
+        f"{r['R² node lens']:.2f} against {r['R² direct (DLA)']:.2f}"
         for _, r in summary.iterrows()
     )
-    verdict = (
-        "predict total effects better than direct attribution"
-        if better > worse
-        else "do not predict total effects better than direct attribution"
-    )
+    if better > worse:
+        verdict = "predict total effects better than direct attribution"
+    elif worse > better:
+        verdict = "predict total effects worse than direct attribution"
+    else:
+        verdict = "cannot be told apart from direct attribution"
     lines.append(
         f"Per-node lenses {verdict}: their held-out R² is higher on a significant majority of "
         f"sequences for {better} of {n} nodes and lower for {worse} (mean R², node lens against "

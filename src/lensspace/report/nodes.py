@@ -48,6 +48,9 @@ def summary_table(scores: pd.DataFrame) -> pd.DataFrame:
         for method in PREDICTORS:
             m = part[part["method"] == method]
             row[f"R² {NAMES[method]}"] = m["r2"].mean()
+        for method in PREDICTORS:
+            m = part[part["method"] == method]
+            row[f"R² {NAMES[method]}, offset removed"] = m["r2_offset_free"].mean()
         for method in ("none", *PREDICTORS):
             m = part[part["method"] == method]
             row[f"KL {NAMES[method]}"] = m["kl"].mean()
@@ -95,7 +98,9 @@ def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
 def induction_table(induction: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "output share through": [NAMES[s] for s in induction["share"]],
+            "output share of the ablation's change, through": [
+                NAMES[s] for s in induction["share"]
+            ],
             "induction − other heads of the layer": [
                 _interval(r, "statistic", "effect_lo", "effect_hi") for _, r in induction.iterrows()
             ],
@@ -160,12 +165,18 @@ def _frames(files: dict) -> tuple[pd.DataFrame, ...] | None:
 
 
 def _verdict_counts(comparisons: pd.DataFrame, baseline: str) -> tuple[int, int, int]:
+    """(node lens better, baseline better, compared) against one baseline."""
     part = comparisons[comparisons["baseline"] == baseline]
     return (
         int((part["verdict"] == "node lens better").sum()),
         int((part["verdict"] == "baseline better").sum()),
         len(part),
     )
+
+
+def _equivalent(comparisons: pd.DataFrame, baseline: str) -> int:
+    part = comparisons[comparisons["baseline"] == baseline]
+    return int((part["verdict"] == "equivalent").sum())
 
 
 def describe(
@@ -187,10 +198,15 @@ def describe(
         verdict = "predict total effects worse than direct attribution"
     else:
         verdict = "cannot be told apart from direct attribution"
+    margin = float(comparisons["margin"].iloc[0]) if len(comparisons) else 0.0
+    lens = scores[scores["method"] == "node_lens"]
     lines.append(
-        f"Per-node lenses {verdict}: their held-out R² is higher on a significant majority of "
-        f"sequences for {better} of {n} nodes and lower for {worse} (mean R², node lens against "
-        f"DLA: {where})."
+        f"Per-node lenses {verdict}: their held-out R² is higher by at least {margin:g}, on a "
+        f"significant majority of sequences, for {better} of {n} nodes, lower for {worse}, and "
+        f"equivalent within {margin:g} for {_equivalent(comparisons, 'dla')} (mean R², node lens "
+        f"against DLA: {where}). Without its intercept's share (the mean error removed from every "
+        f"method), the node lens's mean R² is {lens['r2_offset_free'].mean():.2f} against "
+        f"{lens['r2'].mean():.2f}."
     )
     for baseline in ("layer_lens", "jacobian"):
         b, w, m = _verdict_counts(comparisons, baseline)
@@ -211,14 +227,15 @@ def describe(
             if r["n_compared"] == 0:
                 continue
             parts.append(
-                f"through the {NAMES[r['share']]} {words.number(r['statistic'])} "
+                f"through {NAMES[r['share']]}: {words.number(r['statistic'])} "
                 f"[{words.number(r['effect_lo'])}, {words.number(r['effect_hi'])}], "
                 f"p {words.number(r['p_value'])}"
             )
         if parts:
             lines.append(
-                "Induction heads against the other heads of their layer, output-subspace share "
-                f"({int(induction['n_compared'].iloc[0])} induction heads in blocks "
+                "Induction heads against the other heads of their layer, output-subspace share of "
+                "the ablation's change "
+                f"(induction heads: {int(induction['n_compared'].iloc[0])}, in blocks "
                 f"{induction['layers'].iloc[0]}): " + "; ".join(parts) + "."
             )
         else:

@@ -30,7 +30,7 @@ from lensspace.activations import ActivationCache, write_cache
 from lensspace.adapter import Adapter
 from lensspace.devices import ComputeSettings, move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.experiments import circuits, h0, h1, h2, shuffle
+from lensspace.experiments import circuits, h0, h1, h2, nodes, shuffle
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import (
     LensTraining,
@@ -232,6 +232,24 @@ def test_shuffle_runs_on_the_device(world):
     ]
     rows = shuffle.measure(runner, cache, perms, {"lens": blocks}, n_boot=10, seed=0, n_sequences=2)
     assert len(rows) == 2 * len(perms)
+
+
+def test_nodes_run_on_the_device(world):
+    adapter, folder, _, lens_folder, bases_file, _ = world
+    cache, lens = ActivationCache(folder, device=adapter.device), load_lens(adapter, lens_folder)
+    basis = load_bases(bases_file, adapter.device)["unembed"].vectors
+    settings = nodes.NodeSettings(
+        k=adapter.d_model // 2,
+        fit_sequences=4,
+        ridge_sequences=2,
+        eval_sequences=2,
+        jacobian_sequences=1,
+        jacobian_positions=6,
+        kl_stride=2,
+        chunk=2,
+    )
+    rows, fits = nodes.run_layer(BlockRunner(adapter), lens, cache, basis, 1, settings)
+    assert len(fits) == adapter.n_heads + 1 and len(rows) == len(fits) * 6 * 2
 
 
 @pytest.mark.skipif(

@@ -356,7 +356,7 @@ def _ridge_solve(x: torch.Tensor, y: torch.Tensor, relative: float):
     xc, yc = x - x_mean, y - y_mean
     gram = xc.T @ xc
     lam = relative * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     weight = torch.linalg.solve(gram + lam * eye, xc.T @ yc)
     return weight, x_mean, y_mean
 

@@ -97,6 +97,21 @@ def test_total_effect_of_a_head_is_a_full_forward_with_its_input_slice_replaced(
     assert float(want.abs().max()) > 1e-4
 
 
+def test_nodes_ablated_in_one_pass_equal_each_alone(setup):
+    """Several nodes share a pass, each on its own copy of the sequences: the same effects as
+    one pass per node."""
+    adapter, runner, train, ids = setup
+    layer = 1
+    means = nd.block_means(runner, layer, block_inputs(adapter, train, layer), chunk=4)
+    h = block_inputs(adapter, ids, layer)
+    nodes = nd.block_nodes(adapter, layer)
+    together = nd.total_effects(runner, layer, h, nodes, means, chunk=4)
+    for node in nodes:
+        alone = nd.total_effects(runner, layer, h, [node], means, chunk=4)
+        scale = float(alone.effects[node].abs().max()) + 1e-6
+        assert float((together.effects[node] - alone.effects[node]).abs().max()) < 1e-4 * scale
+
+
 def test_head_writes_sum_to_the_attention_write(setup):
     """The probe's per-head writes add up to what the attention adds to the residual (the
     projection's bias aside), so replacing one of them is replacing that head's write."""
@@ -140,12 +155,10 @@ def last_mlp_rows(adapter, runner, train, ids):
     jac = nd.write_jacobian(runner, layer, block_inputs(adapter, train, layer)[:2], "mlp", 1e-3)
     preds = nd.predictions(adapter, node, dw, ev.writes[node], torch.eye(d), jac, lens)
     q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))[0]
-    logits = adapter.logits(ev.clean[:, ::2])
     rows = nd.node_rows(
         adapter,
         node,
         ev.clean,
-        logits,
         ev.effects[node],
         preds,
         q[:, :4].double(),
@@ -317,7 +330,6 @@ def test_a_node_read_only_by_a_later_node_has_no_direct_effect_and_a_high_lens_s
             adapter,
             node,
             ev.clean,
-            adapter.logits(ev.clean),
             ev.effects[node],
             preds,
             q[:, :4],

@@ -52,6 +52,8 @@ from lensspace.subspaces import select
 BASELINES = ("dla", "layer_lens", "jacobian")
 METHODS = ("none", *BASELINES, "node_lens")  # what predicts the total effect
 MEASURED = "measured"  # the total effect itself
+NODE_BATCH_TOKENS = 8192  # tokens of one ablation pass: several nodes, each on its own copy
+KL_BATCH_TOKENS = 512  # positions whose logits are compared at once (the clean ones ~100 MB)
 ALPHA = 0.05
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -216,13 +218,33 @@ def node_write(probe: BlockProbe, node: Node) -> torch.Tensor:
     return probe.heads[:, :, node.head] @ probe.w_o[node.head]
 
 
-def mean_ablation(node: Node, means: Means) -> dict[str, Edit]:
-    """The edits of :meth:`BlockProbe.attach` that replace the node's write by its mean."""
+def mean_ablation(nodes: list[Node], means: Means, copies: int) -> dict[str, Edit]:
+    """The edits of :meth:`BlockProbe.attach` for a batch of ``len(nodes)`` replicas of
+    ``copies`` sequences each: replica ``r`` has the write of ``nodes[r]`` replaced by its
+    mean."""
+    heads = [(r, node) for r, node in enumerate(nodes) if node.head is not None]
+    mlps = [r for r, node in enumerate(nodes) if node.head is None]
 
-    def edit(probe: BlockProbe) -> torch.Tensor:
-        return means.write(probe, node) - node_write(probe, node)
+    def rows(r: int) -> slice:
+        return slice(r * copies, (r + 1) * copies)
 
-    return {"attention_edit" if node.head is not None else "mlp_edit": edit}
+    def attention(probe: BlockProbe) -> torch.Tensor:
+        delta = probe.heads.new_zeros(*probe.heads.shape[:2], probe.w_o.shape[-1])
+        for r, node in heads:
+            change = means.heads[node.head] - probe.heads[rows(r), :, node.head]
+            delta[rows(r)] = change @ probe.w_o[node.head]
+        return delta
+
+    def mlp(probe: BlockProbe) -> torch.Tensor:
+        delta = torch.zeros_like(probe.mlp)
+        for r in mlps:
+            delta[rows(r)] = means.mlp - probe.mlp[rows(r)]
+        return delta
+
+    return {
+        **({"attention_edit": attention} if heads else {}),
+        **({"mlp_edit": mlp} if mlps else {}),
+    }
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -267,7 +289,8 @@ def total_effects(
     desc: str = "",
 ) -> Pass:
     """Run residuals ``h`` [n, T, d] (entering block ``layer``) clean and with each node
-    mean-ablated, through every later block."""
+    mean-ablated, through every later block; several nodes' ablations share a pass (about
+    ``NODE_BATCH_TOKENS`` tokens), each on its own copy of the sequences."""
     probe = BlockProbe(runner.adapter, layer)
     clean, writes = [], {node: [] for node in nodes}
     effects = {node: [] for node in nodes}
@@ -278,9 +301,14 @@ def total_effects(
         clean.append(z[:, 1:])
         for node in nodes:
             writes[node].append(node_write(probe, node)[:, 1:])
-        for node in nodes:
-            with probe.attach(x.shape[:2], **mean_ablation(node, means)):
-                effects[node].append(runner.run(x, start=layer)[:, 1:] - z[:, 1:])
+        per_pass = max(1, NODE_BATCH_TOKENS // x[..., 0].numel())
+        for start in range(0, len(nodes), per_pass):
+            group = nodes[start : start + per_pass]
+            batch = x.repeat(len(group), 1, 1)
+            with probe.attach(batch.shape[:2], **mean_ablation(group, means, len(x))):
+                ablated = runner.run(batch, start=layer).reshape(len(group), *x.shape)
+            for r, node in enumerate(group):
+                effects[node].append(ablated[r, :, 1:] - z[:, 1:])
     return Pass(
         torch.cat(clean),
         {node: torch.cat(parts) for node, parts in writes.items()},
@@ -351,14 +379,21 @@ class AffineLens:
         return ((w.double() - self.x_mean) @ self.weight + self.y_mean).float()
 
 
-def _ridge_solve(x: torch.Tensor, y: torch.Tensor, relative: float):
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
-    lam = relative * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    weight = torch.linalg.solve(gram + lam * eye, xc.T @ yc)
-    return weight, x_mean, y_mean
+class _RidgePath:
+    """Centred least squares from ``x`` to ``y`` ([N, d], float64) at any ridge: the write's
+    covariance is diagonalised once, so each ridge costs a product."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
+        xc = x - self.x_mean
+        values, self.vectors = torch.linalg.eigh(xc.T @ xc)
+        self.values = values.clamp_min(0)
+        self.projected = self.vectors.T @ (xc.T @ (y - self.y_mean))
+        self.scale = float(self.values.mean())
+
+    def weight(self, relative: float) -> torch.Tensor:
+        lam = relative * self.scale + 1e-12
+        return self.vectors @ (self.projected / (self.values + lam)[:, None])
 
 
 def fit_node_lens(
@@ -373,14 +408,14 @@ def fit_node_lens(
     x, y = w_fit.double(), dz_fit.double()
     xc, yc = w_check.double(), dz_check.double()
     total = float((yc - yc.mean(0)).pow(2).sum())
+    path = _RidgePath(x, y)
     scores = {}
     for relative in ridges:
-        weight, x_mean, y_mean = _ridge_solve(x, y, relative)
-        residual = yc - ((xc - x_mean) @ weight + y_mean)
+        residual = yc - ((xc - path.x_mean) @ path.weight(relative) + path.y_mean)
         scores[relative] = 1 - float(residual.pow(2).sum()) / total if total > 0 else float("nan")
     best = max(ridges, key=lambda r: scores[r] if scores[r] == scores[r] else -float("inf"))
-    weight, x_mean, y_mean = _ridge_solve(torch.cat([x, xc]), torch.cat([y, yc]), best)
-    return AffineLens(weight, x_mean, y_mean, best, scores)
+    full = _RidgePath(torch.cat([x, xc]), torch.cat([y, yc]))
+    return AffineLens(full.weight(best), full.x_mean, full.y_mean, best, scores)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -401,8 +436,8 @@ def predictions(
     return {
         "none": torch.zeros_like(dw),
         "dla": dw,
-        "layer_lens": (dw.double() @ m.double().T).float(),
-        "jacobian": (dw.double() @ jacobian.double().T).float(),
+        "layer_lens": dw @ m.to(dw.dtype).T,
+        "jacobian": dw @ jacobian.to(dw.dtype).T,
         "node_lens": lens(write),
     }
 
@@ -429,7 +464,6 @@ def node_rows(
     adapter: Adapter,
     node: Node,
     clean: torch.Tensor,
-    clean_logits: torch.Tensor,
     dz: torch.Tensor,
     preds: dict[str, torch.Tensor],
     q_out: torch.Tensor,
@@ -437,8 +471,7 @@ def node_rows(
     chunk: int,
     kl_stride: int = 1,
 ) -> list[dict]:
-    """Per-sequence sums for one node (``clean_logits``: the clean output at the KL positions,
-    which is also what ``none`` predicts): for the measured effect and each method, the energy
+    """Per-sequence sums for one node: for the measured effect and each method, the energy
     ``||delta||^2`` and its output/internal parts; per method the squared error against ``dz``
     and KL(ablated output || predicted output) summed over every ``kl_stride``-th position
     (``kl_tokens`` of them); ``sst`` the effect's squared deviation from its mean over every
@@ -447,27 +480,28 @@ def node_rows(
     sst = _sums((dz.double() - mean).pow(2).sum(-1))
     n, length = dz.shape[:2]
 
+    q_out, q_int = q_out.to(dz.dtype), q_int.to(dz.dtype)
+
     def energies(delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = delta.double()
         return {
-            "energy": _sums(flat.pow(2).sum(-1)),
-            "out_energy": _sums((flat @ q_out).pow(2).sum(-1)),
-            "int_energy": _sums((flat @ q_int).pow(2).sum(-1)),
+            "energy": _sums(delta.double().pow(2).sum(-1)),
+            "out_energy": _sums((delta @ q_out).double().pow(2).sum(-1)),
+            "int_energy": _sums((delta @ q_int).double().pow(2).sum(-1)),
         }
 
     kls = {method: [] for method in preds}
     read = slice(None, None, kl_stride)
-    for part in _chunks(n, chunk):
+    kl_tokens = len(range(length)[read])
+    for part in _chunks(n, max(chunk, KL_BATCH_TOKENS // kl_tokens)):
         z, effect = clean[part, read], dz[part, read]
         reference = KLReference.from_logits(adapter.logits(z + effect))
         for method, delta in preds.items():
             q_logits = (
-                clean_logits[part].clone()
+                adapter.logits(z)
                 if method == "none"
                 else method_logits(adapter, method, z, delta[part, read])
             )
             kls[method].append(reference.kl(q_logits))
-    kl_tokens = len(range(length)[read])
     base = {
         "layer": node.layer,
         "node": node.name,
@@ -561,10 +595,6 @@ def run_layer(
     q_out = adapter.to_device(select(basis, "output", settings.k).double())
     q_int = adapter.to_device(select(basis, "internal", settings.k).double())
     probe = BlockProbe(adapter, layer)
-    read = slice(None, None, settings.kl_stride)
-    clean_logits = torch.cat(
-        [adapter.logits(evaluated.clean[part, read]) for part in _chunks(len(held), settings.chunk)]
-    )
     rows, fits = [], []
     for node in nodes:
         w_all, dz_all = fit.writes[node], fit.effects[node]
@@ -583,7 +613,6 @@ def run_layer(
             adapter,
             node,
             evaluated.clean,
-            clean_logits,
             evaluated.effects[node],
             preds,
             q_out,

@@ -199,14 +199,16 @@ def describe(
     else:
         verdict = "cannot be told apart from direct attribution"
     margin = float(comparisons["margin"].iloc[0]) if len(comparisons) else 0.0
-    lens = scores[scores["method"] == "node_lens"]
+    free = ", ".join(
+        f"{NAMES[m]} {scores.loc[scores['method'] == m, 'r2_offset_free'].mean():.2f}"
+        for m in PREDICTORS
+    )
     lines.append(
         f"Per-node lenses {verdict}: their held-out R² is higher by at least {margin:g}, on a "
         f"significant majority of sequences, for {better} of {n} nodes, lower for {worse}, and "
         f"equivalent within {margin:g} for {_equivalent(comparisons, 'dla')} (mean R², node lens "
-        f"against DLA: {where}). Without its intercept's share (the mean error removed from every "
-        f"method), the node lens's mean R² is {lens['r2_offset_free'].mean():.2f} against "
-        f"{lens['r2'].mean():.2f}."
+        f"against DLA: {where}). With each method's mean error removed (what the lens's "
+        f"intercept adds), the mean R² is {free}."
     )
     for baseline in ("layer_lens", "jacobian"):
         b, w, m = _verdict_counts(comparisons, baseline)

@@ -528,3 +528,47 @@ def test_real_jacobian_matches_reverse_mode_on_a_few_directions(real, real_block
     for i in dims.tolist():
         err = float((got[i] - want[i]).norm() / want[i].norm())
         assert err < 5e-2, (i, err)
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def test_workflow_nodes_tsvs(tiny_run):
+    workdir, config = tiny_run
+    for run in config["runs"]:
+        folder = workdir / "results" / run / "nodes"
+        scores = pd.read_csv(folder / "scores.tsv", sep="\t")
+        comparisons = pd.read_csv(folder / "comparisons.tsv", sep="\t")
+        ranks = pd.read_csv(folder / "ranks.tsv", sep="\t")
+        induction = pd.read_csv(folder / "induction.tsv", sep="\t")
+        fits = pd.read_csv(folder / "fits.tsv", sep="\t")
+        n_layers = config["models"][config["runs"][run]["model"]]["n_layers"]
+        assert set(scores["layer"]) == set(range(n_layers))  # nodes.layers null: H0's (all)
+        assert set(scores["method"]) == {"measured", *nd.METHODS}
+        assert len(fits) == scores["node"].nunique() == len(comparisons) // len(nd.BASELINES)
+        measured = scores[scores["method"] == "measured"]
+        assert (measured["r2"] == 1).all()
+        assert (scores["r2"] <= 1 + 1e-9).all() and (scores["kl"] >= 0).all()
+        assert ((scores["r2_lo"] <= scores["r2"] + 1e-9) | scores["r2_lo"].isna()).all()
+        assert (scores["output_share"].dropna().between(0, 1 + 1e-9)).all()
+        # the last MLP's total effect is its write: every predictor explains it
+        last = scores[
+            (scores["node"] == f"L{n_layers - 1}.mlp")
+            & scores["method"].isin(nd.BASELINES + ("node_lens",))
+        ]
+        if config["models"][config["runs"][run]["model"]]["arch"] != "opt":
+            assert (last["r2"] > 1 - 1e-3).all(), run
+        assert set(comparisons["verdict"]) <= {
+            "node lens better",
+            "baseline better",
+            "equivalent",
+            "not separable",
+        }
+        assert (comparisons["p_adjusted"] >= comparisons["p_value"] - 1e-12).all()
+        assert ranks["spearman"].between(-1, 1).all() and len(ranks) == 4
+        assert list(induction["share"]) == list(nd.SHARE_SOURCES)
+        assert set(fits["ridge"]) <= set(config["nodes"].get("ridges", nd.NodeSettings.ridges))
+        assert (workdir / "results" / "tables" / f"nodes_{run}.md").exists()
+        assert (workdir / "results" / "figures" / f"nodes_{run}.png").stat().st_size > 0
+    page = (workdir / "results" / "report" / "index.html").read_text()
+    assert "data-section='nodes'" in page

@@ -112,7 +112,8 @@ def induction_table(induction: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(scores: pd.DataFrame, title: str, path: str | Path) -> None:
-    """Left: R² by layer, one marker per node kind and a colour per method (lines: the mean).
+    """Left: R² by measured block, one marker per node kind and a colour per method (bars: the
+    means).
     Right: each node's R², node lens against every baseline, with the diagonal."""
     import seaborn as sns
 
@@ -123,12 +124,15 @@ def plot(scores: pd.DataFrame, title: str, path: str | Path) -> None:
     colors = dict(zip(PREDICTORS, sns.color_palette("colorblind", len(PREDICTORS))))
     markers = {"head": "o", "mlp": "s"}
     offsets = dict(zip(PREDICTORS, (-0.3, -0.1, 0.1, 0.3)))
+    blocks = sorted(scores["layer"].unique())
+    slot = {layer: i for i, layer in enumerate(blocks)}  # measured blocks side by side
+    shapes = dict(zip(PREDICTORS[:-1], ("o", "^", "s")))
     for method in PREDICTORS:
         part = scores[scores["method"] == method]
         for kind, marker in markers.items():
             k = part[part["kind"] == kind]
             left.scatter(
-                k["layer"] + offsets[method],
+                k["layer"].map(slot) + offsets[method],
                 k["r2"],
                 color=colors[method],
                 marker=marker,
@@ -137,17 +141,31 @@ def plot(scores: pd.DataFrame, title: str, path: str | Path) -> None:
                 label=NAMES[method] if kind == "head" else None,
             )
         means = part.groupby("layer")["r2"].mean()
-        left.plot(means.index + offsets[method], means.values, color=colors[method], lw=0.8)
+        centres = [slot[layer] + offsets[method] for layer in means.index]
+        left.hlines(
+            means.values,
+            [c - 0.08 for c in centres],
+            [c + 0.08 for c in centres],
+            color=colors[method],
+            lw=1.5,
+        )
         if method != "node_lens":
             lens = scores[scores["method"] == "node_lens"].set_index("node")["r2"]
             base = part.set_index("node")["r2"]
             right.scatter(
-                base, lens.reindex(base.index), color=colors[method], s=10, label=NAMES[method]
+                base,
+                lens.reindex(base.index),
+                color=colors[method],
+                marker=shapes[method],
+                s=12,
+                alpha=0.7,
+                label=NAMES[method],
             )
     low = min(0.0, float(scores.loc[scores["method"].isin(PREDICTORS), "r2"].min()))
     right.plot([low, 1], [low, 1], color="#7f8c8d", lw=0.8, ls="--")
     left.axhline(0, color="#7f8c8d", lw=0.6)
-    left.set_xlabel("block (circles: heads; squares: MLPs)")
+    left.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+    left.set_xlabel("block (circles: heads; squares: MLPs; bars: means)")
     left.set_ylabel("held-out R² of the total effect")
     left.legend(fontsize=6)
     right.set_xlabel("R², baseline")

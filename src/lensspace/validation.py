@@ -117,29 +117,26 @@ def check_nodes(config: dict[str, Any], run: str, spec: Mapping[str, Any], n_lay
                 f"'{run}' (blocks 0..{n_layers - 1})"
             )
     split = token_split_params(config, run)
+    get = section.get  # a config not yet validated lacks the defaults: those keys are not checked
+    fit = None if get("fit_sequences") is None else get("fit_sequences") + get("ridge_sequences", 0)
     needs = (
         (
             "fit_sequences + nodes.ridge_sequences",
-            section["fit_sequences"] + section["ridge_sequences"],
+            fit,
             split["train_sequences"],
             "data.train_sequences",
         ),
         (
             "jacobian_sequences",
-            section["jacobian_sequences"],
+            get("jacobian_sequences"),
             split["train_sequences"],
             "data.train_sequences",
         ),
-        (
-            "eval_sequences",
-            section["eval_sequences"],
-            split["eval_sequences"],
-            "data.eval_sequences",
-        ),
-        ("jacobian_positions", section["jacobian_positions"], split["seq_len"], "data.seq_len"),
+        ("eval_sequences", get("eval_sequences"), split["eval_sequences"], "data.eval_sequences"),
+        ("jacobian_positions", get("jacobian_positions"), split["seq_len"], "data.seq_len"),
     )
     for key, value, available, source in needs:
-        if value > available:
+        if value is not None and value > available:
             raise LensspaceError(
                 f"nodes.{key}: {value} is more than run '{run}' has ({source}: {available}); "
                 f"lower it or raise {source}"

@@ -51,7 +51,8 @@ rule nodes:
         mem_mb=2000,
         runtime=10,
     params:
-        config=get_config_values("bootstrap", "seed"),
+        n_boot=config["bootstrap"]["n_resamples"],
+        seed=config["seed"],
         margin=config["nodes"]["min_r2_gain"],
         n_permutations=config["h1"]["heads"]["n_permutations"],
     script:

@@ -10,7 +10,7 @@ from lensspace.experiments.nodes import comparison_rows, induction_rows, rank_ro
 def body(sm):
     sums = pd.concat([pd.read_csv(path, sep="\t") for path in sm.input.sums], ignore_index=True)
     fits = pd.concat([pd.read_csv(path, sep="\t") for path in sm.input.fits], ignore_index=True)
-    n_boot, seed = sm.params.config["bootstrap"]["n_resamples"], sm.params.config["seed"]
+    n_boot, seed = sm.params.n_boot, sm.params.seed
     scores = score_rows(sums, n_boot, seed)
     heads = pd.read_csv(sm.input.heads, sep="\t")
     runtime.write_tsv(scores, sm.output.scores)

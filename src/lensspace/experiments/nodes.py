@@ -75,6 +75,16 @@ class Node:
         return f"L{self.layer}.mlp" if self.head is None else f"L{self.layer}.h{self.head}"
 
 
+def node_columns(node: Node) -> dict:
+    """The columns naming a node in every table (``head`` -1 for an MLP)."""
+    return {
+        "layer": node.layer,
+        "node": node.name,
+        "kind": node.kind,
+        "head": -1 if node.head is None else node.head,
+    }
+
+
 def block_nodes(adapter: Adapter, layer: int) -> list[Node]:
     """Every head of block ``layer``, then its MLP."""
     return [Node(layer, h) for h in range(adapter.n_heads)] + [Node(layer)]
@@ -502,51 +512,29 @@ def node_rows(
                 else method_logits(adapter, method, z, delta[part, read])
             )
             kls[method].append(reference.kl(q_logits))
-    base = {
-        "layer": node.layer,
-        "node": node.name,
-        "kind": node.kind,
-        "head": -1 if node.head is None else node.head,
-    }
-    rows = []
-    measured = energies(dz)
-    for s in range(n):
-        rows.append(
-            {
-                **base,
-                "method": MEASURED,
-                "sequence": s,
-                "n_tokens": length,
-                "kl_tokens": kl_tokens,
-                "sst": float(sst[s]),
-                "sse": 0.0,
-                "sse_centred": 0.0,
-                "kl": 0.0,
-                **{key: float(v[s]) for key, v in measured.items()},
-            }
-        )
+    zeros = torch.zeros(n, dtype=torch.float64)
+    sums = {MEASURED: {"sse": zeros, "sse_centred": zeros, "kl": zeros, **energies(dz)}}
     for method, delta in preds.items():
         error = dz.double() - delta.double()
-        sse = _sums(error.pow(2).sum(-1))
-        sse_centred = _sums((error - _flat(error).mean(0)).pow(2).sum(-1))
-        kl = _sums(torch.cat(kls[method]))
-        parts = energies(delta)
-        for s in range(n):
-            rows.append(
-                {
-                    **base,
-                    "method": method,
-                    "sequence": s,
-                    "n_tokens": length,
-                    "kl_tokens": kl_tokens,
-                    "sst": float(sst[s]),
-                    "sse": float(sse[s]),
-                    "sse_centred": float(sse_centred[s]),
-                    "kl": float(kl[s]),
-                    **{key: float(v[s]) for key, v in parts.items()},
-                }
-            )
-    return rows
+        sums[method] = {
+            "sse": _sums(error.pow(2).sum(-1)),
+            "sse_centred": _sums((error - _flat(error).mean(0)).pow(2).sum(-1)),
+            "kl": _sums(torch.cat(kls[method])),
+            **energies(delta),
+        }
+    return [
+        {
+            **node_columns(node),
+            "method": method,
+            "sequence": s,
+            "n_tokens": length,
+            "kl_tokens": kl_tokens,
+            "sst": float(sst[s]),
+            **{key: float(v[s]) for key, v in values.items()},
+        }
+        for method, values in sums.items()
+        for s in range(n)
+    ]
 
 
 @torch.no_grad()
@@ -622,10 +610,7 @@ def run_layer(
         )
         fits.append(
             {
-                "layer": layer,
-                "node": node.name,
-                "kind": node.kind,
-                "head": -1 if node.head is None else node.head,
+                **node_columns(node),
                 "ridge": lens_fit.ridge,
                 "check_r2": lens_fit.check_r2[lens_fit.ridge],
                 "write_rms": float(write.pow(2).sum(-1).mean().sqrt()),

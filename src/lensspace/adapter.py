@@ -47,6 +47,17 @@ class Architecture:
         None  # inside a block: RMSNorm applied to the attention output
     )
     mlp_write_norm: str | None = None  # inside a block: a norm applied to the MLP's output
+    # The circuit graph's node inputs, inside a block: the norms in front of the attention and the
+    # MLP, the projections that make queries, keys and values (three modules, or one fused module
+    # laid out as "gpt2": [q | k | v] or "neox": per head [q, k, v]) and the MLP's input
+    # projections (Conv1D ``*_transposed`` as above).
+    attention_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_layout: Literal["separate", "gpt2", "neox"] = "separate"
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_in_transposed: bool = False
+    parallel_residual: str | None = None  # config attribute: attention and MLP read one residual
 
 
 _LLAMA_LIKE = dict(
@@ -68,6 +79,7 @@ _GEMMA2_LIKE = dict(
     attention_write_norm="post_attention_layernorm",
     mlp="post_feedforward_layernorm",
     mlp_write_norm="post_feedforward_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -82,6 +94,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         mlp="mlp",
         mlp_out="mlp.c_proj",
         mlp_out_transposed=True,
+        attention_norm="ln_1",
+        mlp_norm="ln_2",
+        qkv=("attn.c_attn",),
+        qkv_layout="gpt2",
+        mlp_in=("mlp.c_fc",),
+        mlp_in_transposed=True,
     ),
     "gpt_neox": Architecture(
         blocks="gpt_neox.layers",
@@ -94,6 +112,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         mlp="mlp",
         mlp_out="mlp.dense_4h_to_h",
         mlp_out_transposed=False,
+        qkv=("attention.query_key_value",),
+        qkv_layout="neox",
+        mlp_in=("mlp.dense_h_to_4h",),
+        parallel_residual="use_parallel_residual",
     ),
     "opt": Architecture(
         blocks="model.decoder.layers",
@@ -108,6 +130,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         mlp_out_transposed=False,
         embed_projection="model.decoder.project_in",
         head_projection="model.decoder.project_out",
+        attention_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        mlp_in=("fc1",),
     ),
     "llama": Architecture(**_LLAMA_LIKE),
     "mistral": Architecture(**_LLAMA_LIKE),
@@ -305,6 +330,73 @@ class Adapter:
         if norm is not None:
             weight = weight * (norm.weight + self.arch.norm_gain_offset)
         return weight.reshape(self.n_heads, -1, weight.shape[-1])
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key-value heads: fewer than query heads under grouped-query attention."""
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def parallel_residual(self) -> bool:
+        """Whether a block's attention and MLP both read the residual entering the block."""
+        flag = self.arch.parallel_residual
+        return bool(getattr(self.model.config, flag, False)) if flag else False
+
+    @property
+    def norms_after_parts(self) -> bool:
+        """OPT-350m: the norms follow each attention and MLP, so the residual stream is no sum of
+        their writes."""
+        return not getattr(self.model.config, "do_layer_norm_before", True)
+
+    def attention_norm(self, layer: int) -> nn.Module:
+        """The norm in front of block ``layer``'s queries, keys and values."""
+        return _get_path(self.blocks[layer], self.arch.attention_norm)
+
+    def mlp_norm(self, layer: int) -> nn.Module:
+        """The norm in front of block ``layer``'s MLP."""
+        return _get_path(self.blocks[layer], self.arch.mlp_norm)
+
+    def qkv_modules(self, layer: int) -> list[nn.Module]:
+        """The projections making block ``layer``'s queries, keys and values (one if fused)."""
+        return [_get_path(self.blocks[layer], path) for path in self.arch.qkv]
+
+    def qkv_weights(self, layer: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+        """``(W [n, e, d], b [n, e] or None)`` for queries (n = heads), keys and values (n =
+        key-value heads): head ``h``'s query of a normed residual ``x`` is ``W[h] x + b[h]``."""
+        n_heads, n_kv = self.n_heads, self.n_kv_heads
+        modules, layout = self.qkv_modules(layer), self.arch.qkv_layout
+        if layout == "separate":
+            return tuple(
+                (
+                    module.weight.reshape(n, -1, module.weight.shape[-1]),
+                    None if module.bias is None else module.bias.reshape(n, -1),
+                )
+                for module, n in zip(modules, (n_heads, n_kv, n_kv), strict=True)
+            )
+        (module,) = modules
+        weight = module.weight.T if layout == "gpt2" else module.weight  # [3 * H * e, d]
+        bias = module.bias
+        if layout == "gpt2":  # [q | k | v], each [H, e]
+            w = weight.reshape(3, n_heads, -1, weight.shape[-1])
+            b = None if bias is None else bias.reshape(3, n_heads, -1)
+            return tuple((w[i], None if b is None else b[i]) for i in range(3))
+        w = weight.reshape(n_heads, 3, -1, weight.shape[-1])  # neox: per head [q, k, v]
+        b = None if bias is None else bias.reshape(n_heads, 3, -1)
+        return tuple((w[:, i], None if b is None else b[:, i]) for i in range(3))
+
+    def qkv_outputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """What :meth:`qkv_modules` output for per-head queries, keys and values [..., n, e]."""
+        layout = self.arch.qkv_layout
+        if layout == "separate":
+            return [q.flatten(-2), k.flatten(-2), v.flatten(-2)]
+        if layout == "gpt2":
+            return [torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)]
+        return [torch.stack([q, k, v], dim=-2).flatten(-3)]
+
+    def mlp_in_weights(self, layer: int) -> list[torch.Tensor]:
+        """The MLP's input projections as [out, d] (gate and up where it has both)."""
+        weights = [_get_path(self.blocks[layer], path).weight for path in self.arch.mlp_in]
+        return [w.T for w in weights] if self.arch.mlp_in_transposed else weights
 
     def centre(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's centring (LayerNorm subtracts the mean; RMSNorm does not)."""

@@ -46,6 +46,7 @@ include: "rules/lens_quality.smk"
 include: "rules/neurons.smk"
 include: "rules/readouts.smk"
 include: "rules/nodes.smk"
+include: "rules/circuit_search.smk"
 include: "rules/report.smk"
 
 

@@ -287,3 +287,32 @@ def get_report_experiments():
 def get_final_outputs():
     """The targets of `all`: every registered output of every run, and the report page."""
     return [*get_report_inputs(None), rules.html_report.output.html]
+
+
+def get_circuit_tasks(run):
+    """The run's circuit-search tasks (runs.*.circuit_tasks)."""
+    return list(get_run(run).get("circuit_tasks", []))
+
+
+def get_circuit_fractions(run):
+    """The fractions of nodes the cut-down searches keep, as their jobs' names."""
+    return [str(f) for f in config["circuit_search"]["fractions"]]
+
+
+def get_circuit_fraction_files(pattern):
+    """Input function: ``pattern`` for the job's run and task at every fraction."""
+
+    def paths(wildcards):
+        return expand(
+            pattern,
+            run=wildcards.run,
+            task=wildcards.task,
+            fraction=get_circuit_fractions(wildcards.run),
+        )
+
+    return paths
+
+
+def get_job_circuit_tasks(wildcards):
+    """Params function: the job's run's circuit-search tasks, in the table's order."""
+    return get_circuit_tasks(wildcards.run)

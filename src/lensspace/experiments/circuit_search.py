@@ -19,15 +19,20 @@ counted in FLOPs of the nodes it keeps (:class:`Cost`).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
+from tqdm import tqdm
 
 from lensspace.adapter import Adapter
 from lensspace.errors import LensspaceError
+from lensspace.experiments.circuit_tasks import Task, TaskSettings, make_task
 from lensspace.runner import BlockRunner
+from lensspace.stats import ratio_interval, resample_counts
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [n, vocab] -> [n]
 
@@ -139,8 +144,12 @@ class Trace:
     leaves: list[torch.Tensor] = field(default_factory=list)
 
     def gradients(self) -> torch.Tensor:
-        """[B, T, V, d]: the gradient at every downstream input (after ``backward``)."""
-        return torch.cat([leaf.grad for leaf in self.leaves], dim=2)
+        """[B, T, V, d]: the gradient at every downstream input (after ``backward``; zero where
+        the metric does not depend on it, as for a held node's inputs)."""
+        return torch.cat(
+            [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self.leaves],
+            dim=2,
+        )
 
 
 def _attention_write_module(adapter: Adapter, layer: int) -> torch.nn.Module:
@@ -401,11 +410,14 @@ def _sum_metric(trace: Trace, metric: Metric) -> torch.Tensor:
 
 @dataclass
 class Scores:
-    """Edge scores [U, V] (zero outside ``allowed``), the edges searched and the search's cost."""
+    """Edge scores [U, V] (zero outside ``allowed``), the edges searched and the search's cost;
+    ``plain``: plain EAP's scores (the ``alpha = 1`` step alone) and what they alone would cost."""
 
     edges: torch.Tensor
     allowed: torch.Tensor
     cost: Cost
+    plain: torch.Tensor
+    plain_cost: Cost
 
 
 def eap_ig(
@@ -427,6 +439,8 @@ def eap_ig(
     graph = runner.graph
     start = time.perf_counter()
     cost = Cost()
+    if steps < 1:
+        raise ValueError("EAP-IG needs at least one step")
     full = kept is None
     if kept is not None:
         kept = kept.clone()
@@ -452,8 +466,18 @@ def eap_ig(
         clean = runner.run(prompts.clean, corrupt=corrupt_run.outputs, fixed=fixed)
     count(backward=False)
     change = corrupt_run.outputs - clean.outputs  # [U, B, T, d]; zero for held nodes
-    gradient = None
+    batch = change.shape[1]
+    u = change.reshape(graph.n_upstream, -1)
+
+    def edge_scores(gradient: torch.Tensor) -> torch.Tensor:
+        v = gradient.permute(2, 0, 1, 3).reshape(graph.n_downstream, -1)
+        edges = (u @ v.T / batch).cpu()
+        return torch.where(allowed, edges, torch.zeros_like(edges))
+
+    setup = time.perf_counter() - start
+    gradient, plain, plain_seconds = None, None, 0.0
     for j in range(1, steps + 1):
+        step_start = time.perf_counter()
         alpha = j / steps
         h0 = prompts.corrupt + alpha * (prompts.clean - prompts.corrupt)
         trace = runner.run(h0, corrupt=corrupt_run.outputs, fixed=fixed, leaves=True)
@@ -461,13 +485,21 @@ def eap_ig(
         g = trace.gradients()
         gradient = g if gradient is None else gradient + g
         count(backward=True)
-    gradient = gradient / steps
-    batch = change.shape[1]
-    u = change.reshape(graph.n_upstream, -1)
-    v = gradient.permute(2, 0, 1, 3).reshape(graph.n_downstream, -1)
-    edges = (u.double() @ v.double().T / batch).float().cpu()
+        if j == steps:
+            plain = edge_scores(g)
+            plain_seconds = time.perf_counter() - step_start
+    edges = edge_scores(gradient / steps)
     cost.seconds = time.perf_counter() - start
-    return Scores(torch.where(allowed, edges, torch.zeros_like(edges)), allowed, cost)
+    flops = counter.forward(kept)
+    plain_cost = Cost(
+        full_forward=1 + int(full),
+        full_backward=int(full),
+        restricted_forward=int(not full),
+        restricted_backward=int(not full),
+        flops=counter.forward() + 3 * flops,
+        seconds=setup + plain_seconds,
+    )
+    return Scores(edges, allowed, cost, plain, plain_cost)
 
 
 def node_scores(edges: torch.Tensor, graph: Graph) -> torch.Tensor:
@@ -534,3 +566,456 @@ def anchors(runner: GraphRunner, prompts: Prompts, corrupt_run: Trace) -> Anchor
 def budget_edges(graph: Graph, budget: float) -> int:
     """Edges in a circuit of ``budget`` (a fraction of the whole graph's edges)."""
     return max(1, round(budget * int(graph.valid().sum())))
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The search's integrated-gradient steps, the edge budgets of the faithfulness curve (fractions
+    of the whole graph's edges), the random controls' draws and the seed."""
+
+    ig_steps: int = 5
+    budgets: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5)
+    random_draws: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, section: dict, seed: int = 0) -> SearchSettings:
+        """From the config's ``circuit_search`` block."""
+        return cls(
+            ig_steps=section["ig_steps"],
+            budgets=tuple(section["budgets"]),
+            random_draws=section["random_draws"],
+            seed=seed,
+        )
+
+
+def prompts_of(
+    runner: GraphRunner, clean: torch.Tensor, corrupt: torch.Tensor, metric: Metric
+) -> Prompts:
+    """A task's token ids [B, T] as the input node's writes."""
+    return Prompts(runner.embed(clean), runner.embed(corrupt), metric)
+
+
+def _printable(text: str) -> str:
+    """``text`` with its unprintable characters (tabs, newlines, stray bytes) escaped, so that a
+    TSV cell holds it."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _ids(tokens: torch.Tensor) -> str:
+    return " ".join(str(t) for t in tokens.tolist())
+
+
+def prompt_rows(task: Task, clean: torch.Tensor, corrupt: torch.Tensor) -> list[dict]:
+    """Per prompt: its text and answer, and the metric, whether the model prefers the right
+    answer and whether it is the top token, on the clean and the corrupted prompt (last-position
+    logits ``clean``, ``corrupt`` [n, vocab])."""
+    columns = {
+        "clean_metric": task.metric(clean),
+        "corrupt_metric": task.metric(corrupt),
+        "clean_correct": task.correct(clean),
+        "clean_top1": task.top1(clean),
+        "corrupt_correct": task.correct(corrupt),
+        "corrupt_top1": task.top1(corrupt),
+    }
+    return [
+        {
+            "prompt": i,
+            "text": _printable(text),
+            "answer": _printable(answer),
+            "clean_ids": _ids(task.clean[i]),
+            "corrupt_ids": _ids(task.corrupt[i]),
+            **{key: values[i].item() for key, values in columns.items()},
+        }
+        for i, (text, answer) in enumerate(zip(task.texts, task.answers, strict=True))
+    ]
+
+
+def task_prompts(
+    runner: GraphRunner, tokenizer, name: str, section: dict, seed: int, recorded: pd.DataFrame
+) -> Prompts:
+    """Task ``name`` built again (it is seeded) and checked against its recorded prompts."""
+    settings = TaskSettings.from_params(section, seed)
+    task = make_task(name, tokenizer, runner.adapter.unembedding.shape[0], settings)
+    built = [_ids(row) for row in task.clean] + [_ids(row) for row in task.corrupt]
+    if built != recorded["clean_ids"].tolist() + recorded["corrupt_ids"].tolist():
+        raise LensspaceError(
+            f"circuit task {name!r}: the prompts differ from those recorded in prompts.tsv; "
+            "rerun its circuit_task job (snakemake -R circuit_task)"
+        )
+    return prompts_of(runner, task.clean, task.corrupt, task.metric)
+
+
+def read_shares(adapter: Adapter, k: int) -> torch.Tensor:
+    """[U]: each node's circuit-beginning label, the share of its read weights' energy (queries,
+    keys and values, or the MLP's input projections, times the norm's gain) that lies in the top-k
+    right singular subspace of the embedding matrix: how much of what it reads is token identity
+    as the embedding writes it. The input node gets ``inf``."""
+    graph = graph_of(adapter)
+    embedding = adapter.embedding_matrix.detach().double().cpu()
+    _, vectors = torch.linalg.eigh(embedding.T @ embedding)  # ascending
+    basis = vectors[:, -k:]
+    shares = torch.full((graph.n_upstream,), math.inf, dtype=torch.float64)
+    offset = adapter.arch.norm_gain_offset
+
+    def gain(norm: torch.nn.Module) -> torch.Tensor:
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            return torch.ones(adapter.d_model, dtype=torch.float64)
+        return weight.detach().double().cpu() + offset
+
+    def share(read: torch.Tensor) -> float:
+        return float((read @ basis).square().sum() / read.square().sum())
+
+    group = graph.n_heads // graph.n_kv
+    for layer in range(adapter.n_layers):
+        g = gain(adapter.attention_norm(layer))
+        (w_q, _), (w_k, _), (w_v, _) = adapter.qkv_weights(layer)
+        for head in range(graph.n_heads):
+            kv = head // group
+            read = torch.cat([w_q[head], w_k[kv], w_v[kv]]).detach().double().cpu() * g
+            shares[graph.head(layer, head)] = share(read)
+        read = torch.cat(adapter.mlp_in_weights(layer)).detach().double().cpu()
+        shares[graph.mlp(layer)] = share(read * gain(adapter.mlp_norm(layer)))
+    return shares
+
+
+def _percentile_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``values`` scaled to (0, 1], ties broken by position."""
+    order = torch.argsort(values.double(), stable=True)
+    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    return ranks / len(values)
+
+
+def label_scores(ends: torch.Tensor, beginnings: torch.Tensor) -> torch.Tensor:
+    """[U]: a node's candidacy, the larger of its percentile ranks among the other nodes as a
+    circuit end (``ends``) and as a beginning (``beginnings``); the input node gets ``inf``."""
+    scores = torch.full((len(ends),), math.inf, dtype=torch.float64)
+    scores[1:] = torch.maximum(_percentile_ranks(ends[1:]), _percentile_ranks(beginnings[1:]))
+    return scores
+
+
+def _metric_rows(
+    method: str, fraction: float, draw: int, budget: float, n_edges: int, metric: torch.Tensor
+) -> list[dict]:
+    return [
+        {
+            "method": method,
+            "fraction": fraction,
+            "draw": draw,
+            "budget": budget,
+            "n_edges": n_edges,
+            "prompt": i,
+            "metric": float(m),
+        }
+        for i, m in enumerate(metric.tolist())
+    ]
+
+
+def _cost_row(method: str, fraction: float, draw: int, cost: Cost, kept: int, edges: int) -> dict:
+    return {
+        "method": method,
+        "fraction": fraction,
+        "draw": draw,
+        "kept_nodes": kept,
+        "edges_searched": edges,
+        "full_forward": cost.full_forward,
+        "full_backward": cost.full_backward,
+        "restricted_forward": cost.restricted_forward,
+        "restricted_backward": cost.restricted_backward,
+        "flops": cost.flops,
+        "seconds": cost.seconds,
+    }
+
+
+@dataclass
+class SearchResult:
+    """A search's per-prompt circuit metrics at every budget, its cost, and its recall of the full
+    search's top edges at every budget."""
+
+    metrics: list[dict]
+    costs: list[dict]
+    recall: list[dict]
+
+
+def curve(
+    runner: GraphRunner,
+    prompts: Prompts,
+    corrupt_run: Trace,
+    scores: Scores,
+    settings: SearchSettings,
+    label: tuple[str, float, int],
+    reference: torch.Tensor | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Per-prompt metric rows at every budget of ``scores``' circuits and, against the full
+    search's edge scores ``reference`` [U, V], the recall of its top edges at each budget."""
+    method, fraction, draw = label
+    metrics, recall = [], []
+    for budget in settings.budgets:
+        n_edges = budget_edges(runner.graph, budget)
+        circuit = top_edges(scores, n_edges)
+        metric = circuit_metric(runner, prompts, corrupt_run, circuit)
+        metrics += _metric_rows(method, fraction, draw, budget, n_edges, metric)
+        if reference is not None:
+            full = top_edges(Scores(reference, runner.valid, Cost(), reference, Cost()), n_edges)
+            recall.append(
+                {
+                    "method": method,
+                    "fraction": fraction,
+                    "draw": draw,
+                    "budget": budget,
+                    "n_edges": n_edges,
+                    "recall": float((full & circuit).sum()) / n_edges,
+                }
+            )
+    return metrics, recall
+
+
+def full_search(
+    runner: GraphRunner, prompts: Prompts, settings: SearchSettings
+) -> tuple[Scores, SearchResult]:
+    """EAP-IG over the whole graph and its faithfulness curve; plain EAP's node attributions come
+    with it (the per-task pruning control)."""
+    counter = FlopCounter(runner.adapter, prompts.clean.shape[1], prompts.clean.shape[0])
+    scores = eap_ig(runner, prompts, settings.ig_steps, counter)
+    with torch.no_grad():
+        corrupt_run = runner.run(prompts.corrupt)
+    metrics, _ = curve(runner, prompts, corrupt_run, scores, settings, ("full", 1.0, 0))
+    n_nodes, n_edges = runner.graph.n_upstream, int(runner.valid.sum())
+    costs = [
+        _cost_row("full", 1.0, 0, scores.cost, n_nodes, n_edges),
+        _cost_row("node_attribution", 1.0, 0, scores.plain_cost, n_nodes, n_edges),
+    ]
+    return scores, SearchResult(metrics, costs, [])
+
+
+def restricted_searches(
+    runner: GraphRunner,
+    prompts: Prompts,
+    settings: SearchSettings,
+    fraction: float,
+    labels: torch.Tensor,
+    full: Scores,
+    desc: str = "",
+) -> SearchResult:
+    """At ``fraction`` of the nodes: the search restricted to the candidates by ``labels`` [U],
+    to the top nodes by the full graph's plain-EAP attribution (per-task pruning, whose cost
+    includes that attribution pass), and to ``random_draws`` random node sets of the same size."""
+    graph = runner.graph
+    counter = FlopCounter(runner.adapter, prompts.clean.shape[1], prompts.clean.shape[0])
+    with torch.no_grad():
+        corrupt_run = runner.run(prompts.corrupt)
+    pruning = Cost(
+        full.plain_cost.full_forward,
+        full.plain_cost.full_backward,
+        flops=full.plain_cost.flops,
+        seconds=full.plain_cost.seconds,
+    )
+    candidates = [
+        ("labels", 0, top_nodes(labels, fraction), Cost()),
+        ("attribution", 0, top_nodes(node_scores(full.plain, graph), fraction), pruning),
+    ]
+    for draw in range(settings.random_draws):
+        seed = settings.seed + 1000 * draw + round(fraction * 1000)
+        candidates.append(("random", draw, random_nodes(graph.n_upstream, fraction, seed), Cost()))
+    result = SearchResult([], [], [])
+    for method, draw, kept, before in tqdm(candidates, desc=desc, file=sys.stderr):
+        scores = eap_ig(runner, prompts, settings.ig_steps, counter, kept, corrupt_run)
+        cost = before.add(scores.cost)
+        if method != "attribution":  # the pruning pass already ran the corrupted prompt
+            cost.full_forward += 1  # the corrupted prompt's pass that holds the other nodes
+            cost.flops += counter.forward()
+        metrics, recall = curve(
+            runner, prompts, corrupt_run, scores, settings, (method, fraction, draw), full.edges
+        )
+        result.metrics += metrics
+        result.recall += recall
+        result.costs.append(
+            _cost_row(method, fraction, draw, cost, int(kept.sum()), int(scores.allowed.sum()))
+        )
+    return result
+
+
+GOAL_FAITHFULNESS = 0.95  # of the full search's, by area under the curve
+GOAL_COMPUTE = 0.30  # of the full search's FLOPs
+
+
+def auc_weights(budgets: tuple[float, ...] | list[float]) -> torch.Tensor:
+    """Trapezoid weights over ``log10(budget)``, summing to 1: the area under a faithfulness curve
+    is ``weights @ faithfulness``, the mean faithfulness over the budgets' log range."""
+    x = torch.tensor(sorted(budgets), dtype=torch.float64).log10()
+    if len(x) == 1:
+        return torch.ones(1, dtype=torch.float64)
+    gaps = x[1:] - x[:-1]
+    weights = torch.zeros(len(x), dtype=torch.float64)
+    weights[:-1] += gaps / 2
+    weights[1:] += gaps / 2
+    return weights / weights.sum()
+
+
+def _numerators(metrics: pd.DataFrame, corrupt: torch.Tensor, budgets: list[float]) -> torch.Tensor:
+    """[n_budgets, n_prompts]: ``metric(circuit) - metric(all patched)``, averaged over draws."""
+    table = metrics.pivot_table(index="budget", columns="prompt", values="metric", aggfunc="mean")
+    values = torch.tensor(table.loc[budgets].to_numpy(), dtype=torch.float64)
+    return values - corrupt[None]
+
+
+def _interval(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[float, float, float]:
+    lo, hi = ratio_interval(a, b, counts)
+    return float(a.sum() / b.sum()), lo, hi
+
+
+def summarise(
+    prompts: pd.DataFrame,
+    metrics: pd.DataFrame,
+    costs: pd.DataFrame,
+    recall: pd.DataFrame,
+    n_boot: int,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per search (method and fraction; random draws averaged) and budget: faithfulness, its
+    ratio to the full search's and the recall of its top edges; per search: the area under the
+    curve, its ratio to the full search's, its difference from the random control's, and the
+    compute ratios.
+
+    Faithfulness is a ratio of sums over prompts, ``sum(m_circuit - m_patched) / sum(m_clean -
+    m_patched)``; a ratio between two searches is ``sum(numerator_A) / sum(numerator_B)`` on the
+    same prompts; a difference of areas is ``sum(numerator_A - numerator_B) / sum(m_clean -
+    m_patched)``. Every interval is the bootstrap-t of :func:`~lensspace.stats.ratio_interval`
+    over prompts, with one set of resamples for all (paired).
+    """
+    clean = torch.tensor(prompts["clean_metric"].to_numpy(), dtype=torch.float64)
+    corrupt = torch.tensor(prompts["corrupt_metric"].to_numpy(), dtype=torch.float64)
+    denominator = clean - corrupt
+    counts = resample_counts(len(clean), n_boot, seed)
+    budgets = sorted(metrics["budget"].unique())
+    weights = auc_weights(budgets)
+    keys = metrics[["method", "fraction"]].drop_duplicates().itertuples(index=False)
+    numerators = {
+        (m, f): _numerators(
+            metrics[(metrics.method == m) & (metrics.fraction == f)], corrupt, budgets
+        )
+        for m, f in keys
+    }
+    full = numerators[("full", 1.0)]
+    mean_costs = costs.groupby(["method", "fraction"])[["flops", "seconds"]].mean()
+    full_flops, full_seconds = mean_costs.loc[("full", 1.0)]
+    mean_recall = recall.groupby(["method", "fraction", "budget"])["recall"].mean()
+    per_budget, per_search = [], []
+    for (method, fraction), values in numerators.items():
+        for b, budget in enumerate(budgets):
+            f, f_lo, f_hi = _interval(values[b], denominator, counts)
+            r, r_lo, r_hi = _interval(values[b], full[b], counts)
+            per_budget.append(
+                {
+                    "method": method,
+                    "fraction": fraction,
+                    "budget": budget,
+                    "n_edges": int(metrics[metrics.budget == budget]["n_edges"].iloc[0]),
+                    "faithfulness": f,
+                    "faithfulness_lo": f_lo,
+                    "faithfulness_hi": f_hi,
+                    "relative": r,
+                    "relative_lo": r_lo,
+                    "relative_hi": r_hi,
+                    "recall": float(mean_recall.get((method, fraction, budget), 1.0)),
+                }
+            )
+        area = weights @ values
+        auc, auc_lo, auc_hi = _interval(area, denominator, counts)
+        rel, rel_lo, rel_hi = _interval(area, weights @ full, counts)
+        random = numerators.get(("random", fraction))
+        vs = (math.nan,) * 3
+        if random is not None and method != "random":
+            vs = _interval(area - weights @ random, denominator, counts)
+        flops, seconds = mean_costs.loc[(method, fraction)]
+        compute = flops / full_flops
+        per_search.append(
+            {
+                "method": method,
+                "fraction": fraction,
+                "auc": auc,
+                "auc_lo": auc_lo,
+                "auc_hi": auc_hi,
+                "relative_auc": rel,
+                "relative_auc_lo": rel_lo,
+                "relative_auc_hi": rel_hi,
+                "vs_random": vs[0],
+                "vs_random_lo": vs[1],
+                "vs_random_hi": vs[2],
+                "compute": compute,
+                "wall_time": seconds / full_seconds,
+                "recall": float(
+                    sum(mean_recall.get((method, fraction, b), 1.0) for b in budgets) / len(budgets)
+                ),
+                "goal_met": bool(rel >= GOAL_FAITHFULNESS and compute <= GOAL_COMPUTE),
+            }
+        )
+    return pd.DataFrame(per_budget), pd.DataFrame(per_search)
+
+
+def ends_from_tables(graph: Graph, heads: pd.DataFrame, mlps: pd.DataFrame) -> torch.Tensor:
+    """[U]: each node's circuit-end label, the output-subspace share of its write through its
+    layer's lens (H1's ``heads.tsv`` and ``mlp.tsv``); the input node gets ``inf``."""
+    ends = torch.full((graph.n_upstream,), math.inf, dtype=torch.float64)
+    for row in heads.itertuples(index=False):
+        ends[graph.head(int(row.layer), int(row.head))] = float(row.output_fraction)
+    for row in mlps.itertuples(index=False):
+        ends[graph.mlp(int(row.layer))] = float(row.output_fraction)
+    return ends
+
+
+def label_rows(graph: Graph, ends: torch.Tensor, beginnings: torch.Tensor) -> list[dict]:
+    """One row per node but the input: its labels and its candidacy (:func:`label_scores`)."""
+    scores = label_scores(ends, beginnings)
+    rows = []
+    for index, name in enumerate(graph.upstream_names()):
+        if index == 0:
+            continue
+        rows.append(
+            {
+                "node": name,
+                "kind": "mlp" if name.startswith("m") else "head",
+                "end": float(ends[index]),
+                "beginning": float(beginnings[index]),
+                "score": float(scores[index]),
+            }
+        )
+    return rows
+
+
+def labels_from_table(graph: Graph, labels: pd.DataFrame) -> torch.Tensor:
+    """[U] candidacy scores from :func:`label_rows`' table, the input node's ``inf`` restored."""
+    index = {name: i for i, name in enumerate(graph.upstream_names())}
+    scores = torch.full((graph.n_upstream,), math.inf, dtype=torch.float64)
+    for row in labels.itertuples(index=False):
+        if row.node not in index:
+            raise LensspaceError(f"circuit labels: node {row.node!r} is not in this model's graph")
+        scores[index[row.node]] = float(row.score)
+    return scores
+
+
+def circuit_rows(graph: Graph, scores: Scores, n_edges: int) -> list[dict]:
+    """The search's top ``n_edges`` edges in rank order: every smaller circuit is a prefix."""
+    flat = scores.edges.abs().flatten().double()
+    flat[~scores.allowed.flatten()] = -1.0
+    order = torch.argsort(flat, descending=True, stable=True)[:n_edges]
+    up, down = graph.upstream_names(), graph.downstream_names()
+    n_down = graph.n_downstream
+    return [
+        {
+            "rank": rank + 1,
+            "upstream": up[int(i) // n_down],
+            "downstream": down[int(i) % n_down],
+            "score": float(scores.edges.flatten()[i]),
+        }
+        for rank, i in enumerate(order.tolist())
+    ]
+
+
+def cost_of(row: dict) -> Cost:
+    """A :class:`Cost` from a costs table's row."""
+    return Cost(
+        **{name: type(getattr(Cost(), name))(row[name]) for name in Cost.__dataclass_fields__}
+    )

@@ -17,9 +17,6 @@ rule circuit_labels:
     resources:
         mem_mb=4000,
         runtime=10,
-    params:
-        device=config["device"],
-        compute=get_compute(),
     script:
         "../scripts/circuit_labels.py"
 
@@ -37,10 +34,8 @@ rule circuit_task:
         mem_mb=4000,
         runtime=10,
     params:
-        settings=config["circuit_search"],
+        settings=get_circuit_settings("n_prompts", "induction_half_len"),
         seed=config["seed"],
-        device=config["device"],
-        compute=get_compute(),
     script:
         "../scripts/circuit_task.py"
 
@@ -65,7 +60,7 @@ rule circuit_full:
         mem_mb=8000,
         runtime=60,
     params:
-        settings=config["circuit_search"],
+        settings=get_circuit_settings("n_prompts", "induction_half_len", "ig_steps", "budgets"),
         seed=config["seed"],
         device=config["device"],
         compute=get_compute(),
@@ -95,7 +90,9 @@ rule circuit_fraction:
         mem_mb=8000,
         runtime=60,
     params:
-        settings=config["circuit_search"],
+        settings=get_circuit_settings(
+            "n_prompts", "induction_half_len", "ig_steps", "budgets", "random_draws"
+        ),
         seed=config["seed"],
         device=config["device"],
         compute=get_compute(),

@@ -316,3 +316,9 @@ def get_circuit_fraction_files(pattern):
 def get_job_circuit_tasks(wildcards):
     """Params function: the job's run's circuit-search tasks, in the table's order."""
     return get_circuit_tasks(wildcards.run)
+
+
+def get_circuit_settings(*keys):
+    """The circuit_search keys a rule's jobs use (its params: an edit of another key replans
+    nothing of it)."""
+    return {key: config["circuit_search"][key] for key in keys}

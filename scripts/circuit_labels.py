@@ -8,7 +8,7 @@ from lensspace.experiments.circuit_search import ends_from_tables, graph_of, lab
 
 
 def body(sm):
-    adapter, _ = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
+    adapter, _ = runtime.open_model(sm.input.model, "cpu")
     graph = graph_of(adapter)
     ends = ends_from_tables(
         graph, pd.read_csv(sm.input.heads, sep="\t"), pd.read_csv(sm.input.mlp, sep="\t")

@@ -8,7 +8,7 @@ from lensspace.experiments.circuit_tasks import TaskSettings, make_task
 
 
 def body(sm):
-    adapter, tokenizer = runtime.open_model(sm.input.model, sm.params.device, sm.params.compute)
+    adapter, tokenizer = runtime.open_model(sm.input.model, "cpu")
     settings = TaskSettings.from_params(sm.params.settings, sm.params.seed)
     task = make_task(sm.wildcards.task, tokenizer, adapter.unembedding.shape[0], settings)
     with torch.no_grad():

@@ -42,6 +42,8 @@ OOD_RULES = {
     "ood",
     "ood_table",
 }  # only runs with eval_corpora (tiny-llama) have them
+CIRCUIT_MODEL_USERS = {"circuit_labels", "circuit_task", "circuit_full", "circuit_fraction"}
+CIRCUIT_JOBS = {"circuit_task", "circuit_full", "circuit_fraction"}  # they build the prompts
 READOUT_RULES = {
     "readouts_residuals",
     "readout",
@@ -71,6 +73,7 @@ CONSUMERS = {
         "ood_tokenize",
         "readouts_residuals",
         "nodes_layer",
+        *CIRCUIT_MODEL_USERS,
         *BEYOND,
     },
     "tokenize": {
@@ -119,7 +122,19 @@ CONSUMERS = {
     "readouts_table": {"html_report"},
     "ood": {"ood_table", "html_report"},
     "neurons": {"neurons_table", "neurons_figure", "html_report"},
-    "h1_heads": {"h1_heads_figure", "nodes", "html_report"},
+    "h1_heads": {"h1_heads_figure", "nodes", "circuit_labels", "html_report"},
+    "circuit_labels": {"circuit_fraction"},
+    "circuit_task": {
+        "circuit_full",
+        "circuit_fraction",
+        "circuit_summary",
+        "circuit_search_table",
+        "html_report",
+    },
+    "circuit_full": {"circuit_fraction", "circuit_summary"},
+    "circuit_fraction": {"circuit_summary"},
+    "circuit_summary": {"circuit_search_table", "html_report"},
+    "circuit_search_table": {"html_report"},
     "nodes_layer": {"nodes"},
     "nodes": {"nodes_table", "html_report"},
     "nodes_table": {"html_report"},
@@ -155,6 +170,8 @@ DEVICE = {
     *BEYOND,
     "readouts_residuals",
     "nodes_layer",
+    "circuit_full",
+    "circuit_fraction",
 }
 SEED = {
     "train_lens",
@@ -168,8 +185,10 @@ SEED = {
     "ood_tokenize",
     "nodes_layer",
     "nodes",
+    *CIRCUIT_JOBS,
+    "circuit_summary",
 }
-N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND, "nodes"}
+N_BOOT = {"eval_lens", *LAYER_RULES, "h1_heads", *SHUFFLE, *BEYOND, "nodes", "circuit_summary"}
 H0_READERS = {
     "lens_quality",
     "ood",
@@ -454,6 +473,26 @@ EDITS = {
         )
     },
     "nodes.min_r2_gain": ([(("nodes", "min_r2_gain"), 0.05)], {"nodes"}),
+    "runs.*.circuit_tasks": (
+        [(("runs", "tiny-gpt2", "circuit_tasks"), ["induction"])],
+        {"circuit_labels", *CIRCUIT_JOBS},
+    ),
+    **{
+        f"circuit_search.{key}": ([(("circuit_search", key), value)], CIRCUIT_JOBS)
+        for key, value in (("n_prompts", 6), ("induction_half_len", 5))
+    },
+    **{
+        f"circuit_search.{key}": (
+            [(("circuit_search", key), value)],
+            {"circuit_full", "circuit_fraction"},
+        )
+        for key, value in (("ig_steps", 3), ("budgets", [0.05, 0.5]))
+    },
+    "circuit_search.fractions": ([(("circuit_search", "fractions"), [0.25])], {"circuit_fraction"}),
+    "circuit_search.random_draws": (
+        [(("circuit_search", "random_draws"), 1)],
+        {"circuit_fraction"},
+    ),
 }
 
 

@@ -580,11 +580,12 @@ class SearchSettings:
 
     @classmethod
     def from_params(cls, section: dict, seed: int = 0) -> SearchSettings:
-        """From the config's ``circuit_search`` block."""
+        """From the config's ``circuit_search`` block (the full search's jobs have no random
+        draws)."""
         return cls(
             ig_steps=section["ig_steps"],
             budgets=tuple(section["budgets"]),
-            random_draws=section["random_draws"],
+            random_draws=section.get("random_draws", 0),
             seed=seed,
         )
 

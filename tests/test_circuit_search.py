@@ -356,3 +356,36 @@ def test_real_model_anchors_and_eap_on_ioi(real):
         derivative = float((moved[0] - moved[1]) / (2 * eps))
         assert derivative == pytest.approx(float(scores.edges[u, v]), rel=5e-2), (u, v)
     assert math.isfinite(float(flat.sum()))
+
+
+def test_workflow_writes_every_search_of_each_task(tiny_run):
+    workdir, config = tiny_run
+    settings = config["circuit_search"]
+    tasks = config["runs"]["tiny-llama"]["circuit_tasks"]
+    folder = workdir / "results" / "tiny-llama" / "circuits"
+    labels = pd.read_csv(folder / "labels.tsv", sep="\t")
+    assert labels["score"].between(0, 1).all() and labels["beginning"].between(0, 1).all()
+    for task in tasks:
+        prompts = pd.read_csv(folder / task / "prompts.tsv", sep="\t")
+        assert len(prompts) == settings["n_prompts"]
+        assert {"clean_correct", "clean_top1", "corrupt_correct"} <= set(prompts.columns)
+        costs = pd.concat(
+            [pd.read_csv(p, sep="\t") for p in sorted((folder / task).glob("*/costs.tsv"))]
+        )
+        full = costs[costs.method == "full"].iloc[0]
+        restricted = costs[~costs.method.isin(["full", "node_attribution"])]
+        assert (restricted["edges_searched"] < full["edges_searched"]).all()
+        assert (restricted["restricted_backward"] == settings["ig_steps"]).all()
+        assert full["full_backward"] == settings["ig_steps"]
+        metrics = pd.read_csv(folder / task / "full" / "metrics.tsv", sep="\t")
+        assert len(metrics) == settings["n_prompts"] * len(settings["budgets"])
+        summary = pd.read_csv(folder / task / "summary.tsv", sep="\t").set_index("method")
+        assert summary.loc["full", "relative_auc"] == pytest.approx(1.0)
+        assert summary.loc["full", "compute"] == pytest.approx(1.0)
+        assert set(summary.index) == {"full", "labels", "attribution", "random"}
+        assert summary["recall"].between(0, 1).all()
+        # a search restricted to half the nodes computes less than the full one
+        assert (summary.loc[["labels", "random"], "compute"] < 1).all()
+    table = workdir / "results" / "tables" / "circuit_search_tiny-llama.md"
+    assert "relative AUC" in table.read_text()
+    assert (workdir / "results" / "figures" / "circuit_search_tiny-llama.png").stat().st_size > 0

@@ -884,7 +884,9 @@ def summarise(
     m_patched)``; a ratio between two searches is ``sum(numerator_A) / sum(numerator_B)`` on the
     same prompts; a difference of areas is ``sum(numerator_A - numerator_B) / sum(m_clean -
     m_patched)``. Every interval is the bootstrap-t of :func:`~lensspace.stats.ratio_interval`
-    over prompts, with one set of resamples for all (paired).
+    over prompts, with one set of resamples for all (paired). ``separated``: the percentile
+    interval of the mean ``m_clean - m_patched`` lies above zero; where it does not, every ratio
+    is undefined and no goal is met.
     """
     clean = torch.tensor(prompts["clean_metric"].to_numpy(), dtype=torch.float64)
     corrupt = torch.tensor(prompts["corrupt_metric"].to_numpy(), dtype=torch.float64)
@@ -900,6 +902,8 @@ def summarise(
         for m, f in keys
     }
     full = numerators[("full", 1.0)]
+    means = counts @ denominator / len(denominator)
+    separated = bool(torch.quantile(means, 0.025) > 0)  # clean and corrupted prompts differ
     mean_costs = costs.groupby(["method", "fraction"])[["flops", "seconds"]].mean()
     full_flops, full_seconds = mean_costs.loc[("full", 1.0)]
     mean_recall = recall.groupby(["method", "fraction", "budget"])["recall"].mean()
@@ -950,7 +954,9 @@ def summarise(
                 "recall": float(
                     sum(mean_recall.get((method, fraction, b), 1.0) for b in budgets) / len(budgets)
                 ),
-                "goal_met": bool(rel >= GOAL_FAITHFULNESS and compute <= GOAL_COMPUTE),
+                "goal_met": separated
+                and bool(rel >= GOAL_FAITHFULNESS and compute <= GOAL_COMPUTE),
+                "separated": separated,
             }
         )
     return pd.DataFrame(per_budget), pd.DataFrame(per_search)

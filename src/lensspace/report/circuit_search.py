@@ -102,6 +102,12 @@ def answer(summaries: dict[str, pd.DataFrame]) -> str:
     """The one sentence: whether the labels reach the goal on every task, with the numbers."""
     parts, met = [], 0
     for task, summary in summaries.items():
+        if not summary["separated"].all():
+            parts.append(
+                f"{task}: undefined, the model does not separate its clean from its corrupted "
+                "prompts"
+            )
+            continue
         best = best_within_goal(summary, "labels")
         if best is None:
             parts.append(f"{task}: no label search within {GOAL_COMPUTE:.0%} of the compute")

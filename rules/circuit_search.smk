@@ -49,6 +49,7 @@ rule circuit_full:
         costs=f"{RESULTS}/{{run}}/circuits/{{task}}/full/costs.tsv",
         edges=f"{RESULTS}/{{run}}/circuits/{{task}}/full/edges.safetensors",
         circuit=f"{RESULTS}/{{run}}/circuits/{{task}}/full/circuit.tsv",
+        anchors=f"{RESULTS}/{{run}}/circuits/{{task}}/full/anchors.tsv",
     log:
         f"{RESULTS}/logs/circuit_full/{{run}}/{{task}}.log",
     benchmark:
@@ -102,7 +103,7 @@ rule circuit_fraction:
 
 rule circuit_summary:
     input:
-        prompts=rules.circuit_task.output.prompts,
+        anchors=rules.circuit_full.output.anchors,
         full_metrics=rules.circuit_full.output.metrics,
         full_costs=rules.circuit_full.output.costs,
         metrics=get_circuit_fraction_files(rules.circuit_fraction.output.metrics),

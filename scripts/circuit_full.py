@@ -28,6 +28,7 @@ def body(sm):
     scores, result = full_search(runner, prompts, settings)
     runtime.write_tsv(result.metrics, sm.output.metrics)
     runtime.write_tsv(result.costs, sm.output.costs)
+    runtime.write_tsv(result.anchors, sm.output.anchors)
     n_edges = budget_edges(runner.graph, 0.01)
     runtime.write_tsv(circuit_rows(runner.graph, scores, n_edges), sm.output.circuit)
     tensors = {"edges": scores.edges, "plain": scores.plain, "allowed": scores.allowed}

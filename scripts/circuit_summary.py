@@ -12,7 +12,7 @@ def _concat(paths) -> pd.DataFrame:
 
 def body(sm):
     faithfulness, summary = summarise(
-        pd.read_csv(sm.input.prompts, sep="\t"),
+        pd.read_csv(sm.input.anchors, sep="\t"),
         _concat([sm.input.full_metrics, *sm.input.metrics]),
         _concat([sm.input.full_costs, *sm.input.costs]),
         _concat(sm.input.recall),

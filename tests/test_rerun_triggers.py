@@ -127,7 +127,6 @@ CONSUMERS = {
     "circuit_task": {
         "circuit_full",
         "circuit_fraction",
-        "circuit_summary",
         "circuit_search_table",
         "html_report",
     },

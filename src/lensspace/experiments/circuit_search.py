@@ -136,11 +136,13 @@ def graph_of(adapter: Adapter) -> Graph:
 
 @dataclass
 class Trace:
-    """One pass: the last position's logits, every node's write [U, B, T, d] and, where asked,
-    the leaves whose gradients are ``dm/dx_v`` for every downstream input."""
+    """One pass: the last position's logits, every node's write [U, B, T, d], every layer's input
+    to the attention's output projection and, where asked, the leaves whose gradients are
+    ``dm/dx_v`` for every downstream input."""
 
     logits: torch.Tensor
     outputs: torch.Tensor
+    head_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer, W_O's input
     leaves: list[torch.Tensor] = field(default_factory=list)
 
     def gradients(self) -> torch.Tensor:
@@ -150,11 +152,6 @@ class Trace:
             [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in self.leaves],
             dim=2,
         )
-
-
-def _attention_write_module(adapter: Adapter, layer: int) -> torch.nn.Module:
-    norm = adapter.attention_write_norm(layer)
-    return norm if norm is not None else adapter.attention(layer)
 
 
 class GraphRunner:
@@ -196,22 +193,27 @@ class GraphRunner:
         corrupt: torch.Tensor | None = None,
         circuit: torch.Tensor | None = None,
         fixed: torch.Tensor | None = None,
+        held: Trace | None = None,
         leaves: bool = False,
     ) -> Trace:
         """From the input's write ``h0`` [B, T, d] to the last position's logits.
 
         ``circuit`` [U, V] bool: every edge of the graph outside it has its term replaced by its
         value in ``corrupt`` [U, B, T, d] (the corrupted prompt's writes). ``fixed`` [U] bool holds
-        those nodes' writes at ``corrupt`` for every input (a restricted graph). ``leaves`` adds a
-        zero leaf to every downstream input, so that ``backward`` gives ``dm/dx_v``.
+        those nodes at their values in ``held`` (the corrupted prompt's pass) for every input (a
+        restricted graph): a head's input to the output projection, an MLP's write. ``leaves``
+        adds a zero leaf to every downstream input, so that ``backward`` gives ``dm/dx_v``.
         """
         adapter, graph = self.adapter, self.graph
         batch, length, d = h0.shape
         n_heads, n_kv = graph.n_heads, graph.n_kv
+        self.runner.block_context(batch, length)  # its recording pass, before any hook is on
         outputs = h0.new_empty(graph.n_upstream, batch, length, d)
         outputs[0] = h0.detach()
-        if (circuit is not None or fixed is not None) and corrupt is None:
+        if circuit is not None and corrupt is None:
             raise ValueError("patching needs the corrupted prompt's writes")
+        if fixed is not None and held is None:
+            raise ValueError("holding nodes needs the corrupted prompt's pass")
         fixed = None if fixed is None else fixed.to(h0.device)
         patching = circuit is not None
         if patching:
@@ -284,24 +286,20 @@ class GraphRunner:
                 return hook
 
             def record_heads(_module, args, out, layer: int = layer, heads: slice = heads):
+                trace.head_inputs.append(args[0].detach())
                 scaled = args[0] / adapter.attention_write_scale(layer, out)
                 o = scaled.reshape(batch, length, n_heads, -1).float()
-                writes = torch.einsum("bthe,hed->hbtd", o, self._w_o[layer])
-                state["heads"] = writes
-                if fixed is None:
-                    record(heads, writes)
+                record(heads, torch.einsum("bthe,hed->hbtd", o, self._w_o[layer]))
 
-            def hold_heads(_module, _args, out, heads: slice = heads):
-                held = fixed[heads]
-                writes = torch.where(held[:, None, None, None], corrupt[heads], state["heads"])
-                record(heads, writes)
-                if not bool(held.any()):
+            def hold_heads(_module, args, layer: int = layer, heads: slice = heads):
+                kept = ~fixed[heads]
+                if bool(kept.all()):
                     return None
-                write = out[0] if isinstance(out, tuple) else out
-                edited = write + (writes - state["heads"]).sum(0).to(write.dtype).reshape(
-                    write.shape
-                )
-                return (edited, *out[1:]) if isinstance(out, tuple) else edited
+                x = args[0]
+                o = x.reshape(*x.shape[:-1], n_heads, -1)
+                stored = held.head_inputs[layer].reshape(o.shape).to(x.dtype)
+                o = torch.where(kept[:, None], o, stored)
+                return (o.reshape(x.shape), *args[1:])
 
             def mlp_input(_module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
@@ -322,8 +320,8 @@ class GraphRunner:
             def mlp_output(_module, _args, out, layer: int = layer):
                 node = graph.mlp(layer)
                 if fixed is not None and bool(fixed[node]):
-                    record(slice(node, node + 1), corrupt[node : node + 1])
-                    return corrupt[node].to(out.dtype).reshape(out.shape)
+                    record(slice(node, node + 1), held.outputs[node : node + 1])
+                    return held.outputs[node].to(out.dtype).reshape(out.shape)
                 record(slice(node, node + 1), out.reshape(1, batch, length, d).float())
                 return None
 
@@ -331,10 +329,9 @@ class GraphRunner:
                 module.register_forward_hook(replace_projection(i))
                 for i, module in enumerate(adapter.qkv_modules(layer))
             ]
-            handles.append(adapter.attention_out(layer).register_forward_hook(record_heads))
             if fixed is not None:
-                module = _attention_write_module(adapter, layer)
-                handles.append(module.register_forward_hook(hold_heads))
+                handles.append(adapter.attention_out(layer).register_forward_pre_hook(hold_heads))
+            handles.append(adapter.attention_out(layer).register_forward_hook(record_heads))
             handles.append(
                 adapter.mlp_norm(layer).register_forward_pre_hook(mlp_input, with_kwargs=True)
             )
@@ -368,31 +365,41 @@ class Cost:
 
 
 class FlopCounter:
-    """Forward FLOPs of one pass as a function of the nodes it computes: 2 per weight per token
-    for every head's and MLP's projections, the attention products, and the logits at the last
-    position; a backward pass counts twice its forward."""
+    """FLOPs of one pass as a function of the nodes it computes: 2 per weight per token for every
+    head's and MLP's projections (a head: its query, its share of its group's key and value, its
+    output projection), the attention products, and the logits at the last position. The
+    weights are frozen, so a backward pass computes input gradients only: once the projections'
+    products, twice the attention products (both their operands are activations)."""
 
     def __init__(self, adapter: Adapter, length: int, batch: int):
         graph = graph_of(adapter)
-        per_node = torch.zeros(graph.n_upstream, dtype=torch.float64)
+        weights = torch.zeros(graph.n_upstream, dtype=torch.float64)
+        products = torch.zeros(graph.n_upstream, dtype=torch.float64)
         group = graph.n_heads // graph.n_kv
         for layer in range(adapter.n_layers):
             (w_q, _), (w_k, _), (w_v, _) = adapter.qkv_weights(layer)
             w_o = adapter.head_out_weights(layer)
-            head_dim = w_o.shape[1]
-            head = (
+            heads = slice(graph.head(layer, 0), graph.head(layer, graph.n_heads))
+            weights[heads] = (
                 w_q[0].numel() + (w_k[0].numel() + w_v[0].numel()) / group + w_o[0].numel()
-            ) + 2 * length * head_dim  # scores and the weighted sum, at most ``length`` keys
-            per_node[graph.head(layer, 0) : graph.head(layer, graph.n_heads)] = 2 * head
+            )
+            products[heads] = 2 * length * w_o.shape[1]  # scores and the weighted sum
             mlp = sum(w.numel() for w in adapter.mlp_in_weights(layer))
-            per_node[graph.mlp(layer)] = 2 * (mlp + adapter.neuron_out_weights(layer).numel())
-        self.per_node = per_node * length * batch
+            weights[graph.mlp(layer)] = mlp + adapter.neuron_out_weights(layer).numel()
+        self.weights = 2 * weights * length * batch
+        self.products = 2 * products * length * batch
         self.logits = 2.0 * adapter.unembedding.numel() * batch
+
+    def _kept(self, values: torch.Tensor, kept: torch.Tensor | None) -> float:
+        return float((values if kept is None else values[kept.cpu()]).sum())
 
     def forward(self, kept: torch.Tensor | None = None) -> float:
         """FLOPs of a forward pass computing the ``kept`` nodes [U] bool (all by default)."""
-        nodes = self.per_node if kept is None else self.per_node[kept.cpu()]
-        return float(nodes.sum()) + self.logits
+        return self._kept(self.weights + self.products, kept) + self.logits
+
+    def backward(self, kept: torch.Tensor | None = None) -> float:
+        """FLOPs of the backward pass through the ``kept`` nodes."""
+        return self._kept(self.weights + 2 * self.products, kept) + self.logits
 
 
 @dataclass(frozen=True)
@@ -429,75 +436,68 @@ def eap_ig(
     corrupt_run: Trace | None = None,
 ) -> Scores:
     """EAP-IG scores of every edge, on the whole graph or on the one restricted to ``kept``
-    nodes [U] bool (the others held at their corrupted writes).
+    nodes [U] bool (the others held at their values on the corrupted prompt).
 
     The gradient is averaged at ``alpha = j / steps``, ``j = 1..steps``, of the input between the
     corrupted and the clean prompt; a score is the mean over prompts of the edge's
-    ``(corrupt - clean) . gradient`` summed over positions. ``corrupt_run``: the corrupted
-    prompt's pass where a caller already has it (not counted again).
+    ``(corrupt - clean) . gradient`` summed over positions, the clean writes those of the last
+    step (``alpha = 1``). ``corrupt_run``: the corrupted prompt's pass where a caller already has
+    it (then neither counted nor timed here).
     """
+    if steps < 1:
+        raise ValueError("EAP-IG needs at least one step")
     graph = runner.graph
     start = time.perf_counter()
     cost = Cost()
-    if steps < 1:
-        raise ValueError("EAP-IG needs at least one step")
     full = kept is None
     if kept is not None:
         kept = kept.clone()
         kept[0] = True
     fixed = None if full else ~kept
     allowed = runner.valid if full else graph.restricted(kept)
-
-    def count(backward: bool) -> None:
-        flops = counter.forward(kept) * (3 if backward else 1)
-        cost.flops += flops
-        if full:
-            cost.full_forward += 1
-            cost.full_backward += int(backward)
-        else:
-            cost.restricted_forward += 1
-            cost.restricted_backward += int(backward)
-
-    with torch.no_grad():
-        if corrupt_run is None:
+    if corrupt_run is None:
+        with torch.no_grad():
             corrupt_run = runner.run(prompts.corrupt)
-            cost.full_forward += 1
-            cost.flops += counter.forward()
-        clean = runner.run(prompts.clean, corrupt=corrupt_run.outputs, fixed=fixed)
-    count(backward=False)
-    change = corrupt_run.outputs - clean.outputs  # [U, B, T, d]; zero for held nodes
-    batch = change.shape[1]
-    u = change.reshape(graph.n_upstream, -1)
-
-    def edge_scores(gradient: torch.Tensor) -> torch.Tensor:
-        v = gradient.permute(2, 0, 1, 3).reshape(graph.n_downstream, -1)
-        edges = (u @ v.T / batch).cpu()
-        return torch.where(allowed, edges, torch.zeros_like(edges))
-
+        cost.full_forward += 1
+        cost.flops += counter.forward()
     setup = time.perf_counter() - start
-    gradient, plain, plain_seconds = None, None, 0.0
+    step_flops = counter.forward(kept) + counter.backward(kept)
+    gradient, last = None, None
     for j in range(1, steps + 1):
         step_start = time.perf_counter()
         alpha = j / steps
         h0 = prompts.corrupt + alpha * (prompts.clean - prompts.corrupt)
-        trace = runner.run(h0, corrupt=corrupt_run.outputs, fixed=fixed, leaves=True)
+        trace = runner.run(h0, fixed=fixed, held=corrupt_run, leaves=True)
         _sum_metric(trace, prompts.metric).backward()
-        g = trace.gradients()
-        gradient = g if gradient is None else gradient + g
-        count(backward=True)
-        if j == steps:
-            plain = edge_scores(g)
-            plain_seconds = time.perf_counter() - step_start
+        last = trace.gradients()
+        gradient = last if gradient is None else gradient + last
+        cost.flops += step_flops
+        if full:
+            cost.full_forward += 1
+            cost.full_backward += 1
+        else:
+            cost.restricted_forward += 1
+            cost.restricted_backward += 1
+        last_seconds = time.perf_counter() - step_start
+    # the last step ran the clean prompt: its writes are the clean ones (held nodes: corrupted)
+    change = (corrupt_run.outputs - trace.outputs).reshape(graph.n_upstream, -1)
+    batch = trace.outputs.shape[1]
+
+    def edge_scores(g: torch.Tensor) -> torch.Tensor:
+        v = g.permute(2, 0, 1, 3).reshape(graph.n_downstream, -1)
+        edges = (change @ v.T / batch).cpu()
+        return torch.where(allowed, edges, torch.zeros_like(edges))
+
     edges = edge_scores(gradient / steps)
+    plain = edge_scores(last)
     cost.seconds = time.perf_counter() - start
-    flops = counter.forward(kept)
     plain_cost = Cost(
-        full_forward=1 + int(full),
+        full_forward=(cost.full_forward - (steps if full else 0)) + int(full),
         full_backward=int(full),
         restricted_forward=int(not full),
         restricted_backward=int(not full),
-        flops=counter.forward() + 3 * flops,
-        seconds=setup + plain_seconds,
+        flops=cost.flops - (steps - 1) * step_flops,
+        seconds=setup + last_seconds,
     )
     return Scores(edges, allowed, cost, plain, plain_cost)
 
@@ -738,6 +738,7 @@ class SearchResult:
     metrics: list[dict]
     costs: list[dict]
     recall: list[dict]
+    anchors: list[dict] = field(default_factory=list)
 
 
 def curve(
@@ -757,7 +758,7 @@ def curve(
         n_edges = budget_edges(runner.graph, budget)
         circuit = top_edges(scores, n_edges)
         metric = circuit_metric(runner, prompts, corrupt_run, circuit)
-        metrics += _metric_rows(method, fraction, draw, budget, n_edges, metric)
+        metrics += _metric_rows(method, fraction, draw, budget, int(circuit.sum()), metric)
         if reference is not None:
             full = top_edges(Scores(reference, runner.valid, Cost(), reference, Cost()), n_edges)
             recall.append(
@@ -782,13 +783,19 @@ def full_search(
     scores = eap_ig(runner, prompts, settings.ig_steps, counter)
     with torch.no_grad():
         corrupt_run = runner.run(prompts.corrupt)
+        clean = prompts.metric(runner.run(prompts.clean).logits)
+    patched = prompts.metric(corrupt_run.logits)  # every edge patched: the corrupted run
+    anchors = [
+        {"prompt": i, "clean_metric": float(c), "patched_metric": float(p)}
+        for i, (c, p) in enumerate(zip(clean.tolist(), patched.tolist(), strict=True))
+    ]
     metrics, _ = curve(runner, prompts, corrupt_run, scores, settings, ("full", 1.0, 0))
     n_nodes, n_edges = runner.graph.n_upstream, int(runner.valid.sum())
     costs = [
         _cost_row("full", 1.0, 0, scores.cost, n_nodes, n_edges),
         _cost_row("node_attribution", 1.0, 0, scores.plain_cost, n_nodes, n_edges),
     ]
-    return scores, SearchResult(metrics, costs, [])
+    return scores, SearchResult(metrics, costs, [], anchors)
 
 
 def restricted_searches(
@@ -805,28 +812,30 @@ def restricted_searches(
     includes that attribution pass), and to ``random_draws`` random node sets of the same size."""
     graph = runner.graph
     counter = FlopCounter(runner.adapter, prompts.clean.shape[1], prompts.clean.shape[0])
+    start = time.perf_counter()
     with torch.no_grad():
         corrupt_run = runner.run(prompts.corrupt)
+    corrupt_cost = Cost(
+        full_forward=1, flops=counter.forward(), seconds=time.perf_counter() - start
+    )
     pruning = Cost(
         full.plain_cost.full_forward,
         full.plain_cost.full_backward,
         flops=full.plain_cost.flops,
         seconds=full.plain_cost.seconds,
-    )
+    )  # its corrupted pass is the one that holds the other nodes
     candidates = [
-        ("labels", 0, top_nodes(labels, fraction), Cost()),
+        ("labels", 0, top_nodes(labels, fraction), corrupt_cost),
         ("attribution", 0, top_nodes(node_scores(full.plain, graph), fraction), pruning),
     ]
     for draw in range(settings.random_draws):
         seed = settings.seed + 1000 * draw + round(fraction * 1000)
-        candidates.append(("random", draw, random_nodes(graph.n_upstream, fraction, seed), Cost()))
+        kept = random_nodes(graph.n_upstream, fraction, seed)
+        candidates.append(("random", draw, kept, corrupt_cost))
     result = SearchResult([], [], [])
     for method, draw, kept, before in tqdm(candidates, desc=desc, file=sys.stderr):
         scores = eap_ig(runner, prompts, settings.ig_steps, counter, kept, corrupt_run)
         cost = before.add(scores.cost)
-        if method != "attribution":  # the pruning pass already ran the corrupted prompt
-            cost.full_forward += 1  # the corrupted prompt's pass that holds the other nodes
-            cost.flops += counter.forward()
         metrics, recall = curve(
             runner, prompts, corrupt_run, scores, settings, (method, fraction, draw), full.edges
         )
@@ -868,7 +877,7 @@ def _interval(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> tuple[f
 
 
 def summarise(
-    prompts: pd.DataFrame,
+    anchors: pd.DataFrame,
     metrics: pd.DataFrame,
     costs: pd.DataFrame,
     recall: pd.DataFrame,
@@ -888,8 +897,8 @@ def summarise(
     interval of the mean ``m_clean - m_patched`` lies above zero; where it does not, every ratio
     is undefined and no goal is met.
     """
-    clean = torch.tensor(prompts["clean_metric"].to_numpy(), dtype=torch.float64)
-    corrupt = torch.tensor(prompts["corrupt_metric"].to_numpy(), dtype=torch.float64)
+    clean = torch.tensor(anchors["clean_metric"].to_numpy(), dtype=torch.float64)
+    corrupt = torch.tensor(anchors["patched_metric"].to_numpy(), dtype=torch.float64)
     denominator = clean - corrupt
     counts = resample_counts(len(clean), n_boot, seed)
     budgets = sorted(metrics["budget"].unique())
@@ -917,7 +926,13 @@ def summarise(
                     "method": method,
                     "fraction": fraction,
                     "budget": budget,
-                    "n_edges": int(metrics[metrics.budget == budget]["n_edges"].iloc[0]),
+                    "n_edges": float(
+                        metrics[
+                            (metrics.method == method)
+                            & (metrics.fraction == fraction)
+                            & (metrics.budget == budget)
+                        ]["n_edges"].mean()
+                    ),
                     "faithfulness": f,
                     "faithfulness_lo": f_lo,
                     "faithfulness_hi": f_hi,

@@ -30,7 +30,7 @@ from lensspace.activations import ActivationCache, write_cache
 from lensspace.adapter import Adapter
 from lensspace.devices import ComputeSettings, move, move_module
 from lensspace.errors import LensspaceError
-from lensspace.experiments import circuits, h0, h1, h2, nodes, shuffle
+from lensspace.experiments import circuit_search, circuits, h0, h1, h2, nodes, shuffle
 from lensspace.experiments.grid import AblationGrid
 from lensspace.lenses import (
     LensTraining,
@@ -344,3 +344,29 @@ def test_the_cache_records_where_it_was_computed_and_the_report_says_so(tmp_path
     assert compute_records(tmp_path, ["run-a", "run-b"]) == {
         "compute (run-a)": "cpu; TF32 off, fp32 matmul precision highest, CPU products by oneDNN"
     }
+
+
+def test_circuit_search_runs_on_the_device(world):
+    adapter = world[0]
+    if adapter.norms_after_parts:
+        pytest.skip("OPT-350m is refused by the circuit search")
+    runner = circuit_search.GraphRunner(adapter)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    corrupt = ids.flip(1)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 1] - logits[:, 2]
+
+    prompts = circuit_search.prompts_of(runner, ids, corrupt, metric)
+    assert on_device(prompts.clean)
+    counter = circuit_search.FlopCounter(adapter, 6, 2)
+    full = circuit_search.eap_ig(runner, prompts, 2, counter)
+    kept = circuit_search.random_nodes(runner.graph.n_upstream, 0.5, seed=0)
+    with torch.no_grad():
+        corrupt_run = runner.run(prompts.corrupt)
+    restricted = circuit_search.eap_ig(runner, prompts, 2, counter, kept, corrupt_run)
+    assert full.edges.shape == restricted.edges.shape == runner.valid.shape
+    whole = circuit_search.circuit_metric(
+        runner, prompts, corrupt_run, runner.graph.restricted(kept)
+    )
+    assert on_device(whole)

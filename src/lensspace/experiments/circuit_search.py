@@ -214,10 +214,10 @@ class GraphRunner:
             raise ValueError("patching needs the corrupted prompt's writes")
         if fixed is not None and held is None:
             raise ValueError("holding nodes needs the corrupted prompt's pass")
-        fixed = None if fixed is None else fixed.to(h0.device)
+        fixed = None if fixed is None else fixed.cpu()  # decisions in Python: kept on the CPU
         patching = circuit is not None
         if patching:
-            kept = (circuit & self.valid).to(h0.device)
+            kept = circuit.cpu() & self.valid
             change = torch.empty_like(outputs)  # each node's write minus its corrupted write
             change[0] = outputs[0] - corrupt[0]
             running = change[0].clone()  # the sum of ``change`` over the nodes recorded so far
@@ -240,10 +240,12 @@ class GraphRunner:
             if not patching:
                 return h[:, :, None, :].expand(batch, length, n, d)
             edges = kept[:reach, inputs]
-            rows = edges.any(1).nonzero().flatten()
+            # the upstream nodes with a kept edge (a list: no tensor of data-dependent shape)
+            rows = torch.tensor([i for i, kept_any in enumerate(edges.any(1).tolist()) if kept_any])
             x = (h - total)[None].expand(n, batch, length, d)
             if len(rows):
-                restored = edges[rows].T.to(h.dtype) @ change[rows].flatten(1)
+                weights = edges[rows].T.to(device=h.device, dtype=h.dtype)
+                restored = weights @ change[rows.to(h.device)].flatten(1)
                 x = x + restored.reshape(n, batch, length, d)
             return x.permute(1, 2, 0, 3)
 
@@ -298,7 +300,7 @@ class GraphRunner:
                 x = args[0]
                 o = x.reshape(*x.shape[:-1], n_heads, -1)
                 stored = held.head_inputs[layer].reshape(o.shape).to(x.dtype)
-                o = torch.where(kept[:, None], o, stored)
+                o = torch.where(kept.to(x.device)[:, None], o, stored)
                 return (o.reshape(x.shape), *args[1:])
 
             def mlp_input(_module, args, kwargs):
@@ -391,7 +393,7 @@ class FlopCounter:
         self.logits = 2.0 * adapter.unembedding.numel() * batch
 
     def _kept(self, values: torch.Tensor, kept: torch.Tensor | None) -> float:
-        return float((values if kept is None else values[kept.cpu()]).sum())
+        return float(values.sum() if kept is None else (values * kept.cpu().double()).sum())
 
     def forward(self, kept: torch.Tensor | None = None) -> float:
         """FLOPs of a forward pass computing the ``kept`` nodes [U] bool (all by default)."""

@@ -58,6 +58,7 @@ class Architecture:
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_in_transposed: bool = False
     parallel_residual: str | None = None  # config attribute: attention and MLP read one residual
+    mlp_compute: tuple[str, ...] = ("mlp",)  # inside a block: the modules that compute the MLP
 
 
 _LLAMA_LIKE = dict(
@@ -133,6 +134,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         attention_norm="self_attn_layer_norm",
         mlp_norm="final_layer_norm",
         mlp_in=("fc1",),
+        mlp_compute=("fc1", "fc2"),
     ),
     "llama": Architecture(**_LLAMA_LIKE),
     "mistral": Architecture(**_LLAMA_LIKE),
@@ -392,6 +394,29 @@ class Adapter:
         if layout == "gpt2":
             return [torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)]
         return [torch.stack([q, k, v], dim=-2).flatten(-3)]
+
+    @contextmanager
+    def mlp_skipped(self, layer: int) -> Iterator[None]:
+        """Block ``layer``'s MLP computes nothing (its modules return zeros) while inside: for a
+        caller that replaces the MLP's write anyway."""
+        modules = [_get_path(self.blocks[layer], path) for path in self.arch.mlp_compute]
+
+        def zeros_for(module: nn.Module):
+            width = getattr(module, "out_features", None)
+
+            def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                shape = (*x.shape[:-1], width) if width is not None else x.shape
+                return x.new_zeros(shape)
+
+            return forward
+
+        for module in modules:
+            module.forward = zeros_for(module)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward
 
     def mlp_in_weights(self, layer: int) -> list[torch.Tensor]:
         """The MLP's input projections as [out, d] (gate and up where it has both)."""

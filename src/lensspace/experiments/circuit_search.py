@@ -22,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -201,7 +202,8 @@ class GraphRunner:
         ``circuit`` [U, V] bool: every edge of the graph outside it has its term replaced by its
         value in ``corrupt`` [U, B, T, d] (the corrupted prompt's writes). ``fixed`` [U] bool holds
         those nodes at their values in ``held`` (the corrupted prompt's pass) for every input (a
-        restricted graph): a head's input to the output projection, an MLP's write. ``leaves``
+        restricted graph): a head's input to the output projection, an MLP's write (its MLP then
+        computes nothing). ``leaves``
         adds a zero leaf to every downstream input, so that ``backward`` gives ``dm/dx_v``.
         """
         adapter, graph = self.adapter, self.graph
@@ -338,8 +340,10 @@ class GraphRunner:
                 adapter.mlp_norm(layer).register_forward_pre_hook(mlp_input, with_kwargs=True)
             )
             handles.append(adapter.mlp(layer).register_forward_hook(mlp_output))
+            skip = fixed is not None and bool(fixed[graph.mlp(layer)])
             try:
-                h0 = self.runner.call_block(layer, h0)
+                with adapter.mlp_skipped(layer) if skip else nullcontext():
+                    h0 = self.runner.call_block(layer, h0)
             finally:
                 for handle in handles:
                     handle.remove()

@@ -130,6 +130,8 @@ def controls(summaries: dict[str, pd.DataFrame]) -> str:
     """How the label searches compare with the controls at the same fractions."""
     parts = []
     for task, summary in summaries.items():
+        if not summary["separated"].all():
+            continue
         labels = summary[summary["method"] == "labels"].set_index("fraction")
         pruning = summary[summary["method"] == "attribution"].set_index("fraction")
         for fraction, row in labels.iterrows():
@@ -141,6 +143,8 @@ def controls(summaries: dict[str, pd.DataFrame]) -> str:
                 f"attribution pruning {pruning.loc[fraction, 'relative_auc']:.0%} of the full "
                 "search's AUC"
             )
+    if not parts:
+        return "No task separates its clean from its corrupted prompts: no control is compared."
     return "Against the controls: " + "; ".join(parts) + "."
 
 

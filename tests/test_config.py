@@ -152,3 +152,16 @@ def test_layer_jobs_cover_every_layer_once_in_order():
     assert jobs == ["0_5_10", "15_20_25", "29"]
     assert [layer for job in jobs for layer in job_layers(job)] == layers
     assert layer_jobs(layers, 100) == ["0_5_10_15_20_25_29"]
+
+
+def test_the_circuit_search_overlay_adds_the_tasks_to_the_default_run():
+    from snakemake.utils import update_config
+
+    config = _load("config.yaml")
+    update_config(config, _load("configs/circuit-search.yaml"))
+    validate(config, SCHEMA)
+    check_references(config)
+    run = config["runs"]["smollm2-bible"]
+    assert run["circuit_tasks"] == ["ioi", "induction", "greater_than"]
+    assert run["readouts"] and run["eval_corpora"]  # the rest of the run is the default's
+    assert config["circuit_search"]["n_prompts"] == 32

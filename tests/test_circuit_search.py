@@ -286,7 +286,15 @@ def _frames(n: int, gen: torch.Generator):
             for i in range(n):
                 rows += cs._metric_rows(method, fraction, 0, budget, 10, torch.tensor([0.0]))
                 rows[-1]["prompt"], rows[-1]["metric"] = i, float(scale * clean[i])
-        costs.append({"method": method, "fraction": fraction, "flops": 4.0 * share, "seconds": 1.0})
+        costs.append(
+            {
+                "method": method,
+                "fraction": fraction,
+                "flops": 4.0 * share,
+                "seconds": 1.0,
+                "kept_mlps": 3,
+            }
+        )
     recall = pd.DataFrame(
         [{"method": "labels", "fraction": 0.5, "budget": b, "recall": 0.5} for b in (0.01, 0.1)]
         + [{"method": "random", "fraction": 0.5, "budget": b, "recall": 0.1} for b in (0.01, 0.1)]

@@ -720,12 +720,22 @@ def _metric_rows(
     ]
 
 
-def _cost_row(method: str, fraction: float, draw: int, cost: Cost, kept: int, edges: int) -> dict:
+def _cost_row(
+    method: str,
+    fraction: float,
+    draw: int,
+    cost: Cost,
+    graph: Graph,
+    kept: torch.Tensor,
+    edges: int,
+) -> dict:
+    mlps = [graph.mlp(layer) for layer in range(graph.n_layers)]
     return {
         "method": method,
         "fraction": fraction,
         "draw": draw,
-        "kept_nodes": kept,
+        "kept_nodes": int(kept.sum()),
+        "kept_mlps": int(kept[mlps].sum()),
         "edges_searched": edges,
         "full_forward": cost.full_forward,
         "full_backward": cost.full_backward,
@@ -796,10 +806,11 @@ def full_search(
         for i, (c, p) in enumerate(zip(clean.tolist(), patched.tolist(), strict=True))
     ]
     metrics, _ = curve(runner, prompts, corrupt_run, scores, settings, ("full", 1.0, 0))
-    n_nodes, n_edges = runner.graph.n_upstream, int(runner.valid.sum())
+    graph, n_edges = runner.graph, int(runner.valid.sum())
+    every = torch.ones(graph.n_upstream, dtype=torch.bool)
     costs = [
-        _cost_row("full", 1.0, 0, scores.cost, n_nodes, n_edges),
-        _cost_row("node_attribution", 1.0, 0, scores.plain_cost, n_nodes, n_edges),
+        _cost_row("full", 1.0, 0, scores.cost, graph, every, n_edges),
+        _cost_row("node_attribution", 1.0, 0, scores.plain_cost, graph, every, n_edges),
     ]
     return scores, SearchResult(metrics, costs, [], anchors)
 
@@ -848,7 +859,7 @@ def restricted_searches(
         result.metrics += metrics
         result.recall += recall
         result.costs.append(
-            _cost_row(method, fraction, draw, cost, int(kept.sum()), int(scores.allowed.sum()))
+            _cost_row(method, fraction, draw, cost, graph, kept, int(scores.allowed.sum()))
         )
     return result
 
@@ -919,8 +930,8 @@ def summarise(
     full = numerators[("full", 1.0)]
     means = counts @ denominator / len(denominator)
     separated = bool(torch.quantile(means, 0.025) > 0)  # clean and corrupted prompts differ
-    mean_costs = costs.groupby(["method", "fraction"])[["flops", "seconds"]].mean()
-    full_flops, full_seconds = mean_costs.loc[("full", 1.0)]
+    mean_costs = costs.groupby(["method", "fraction"])[["flops", "seconds", "kept_mlps"]].mean()
+    full_flops, full_seconds, _ = mean_costs.loc[("full", 1.0)]
     mean_recall = recall.groupby(["method", "fraction", "budget"])["recall"].mean()
     per_budget, per_search = [], []
     for (method, fraction), values in numerators.items():
@@ -955,7 +966,7 @@ def summarise(
         vs = (math.nan,) * 3
         if random is not None and method != "random":
             vs = _interval(area - weights @ random, denominator, counts)
-        flops, seconds = mean_costs.loc[(method, fraction)]
+        flops, seconds, kept_mlps = mean_costs.loc[(method, fraction)]
         compute = flops / full_flops
         per_search.append(
             {
@@ -970,6 +981,7 @@ def summarise(
                 "vs_random": vs[0],
                 "vs_random_lo": vs[1],
                 "vs_random_hi": vs[2],
+                "kept_mlps": float(kept_mlps),
                 "compute": compute,
                 "wall_time": seconds / full_seconds,
                 "recall": float(

@@ -76,6 +76,7 @@ def search_table(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
                     "task": task,
                     "search": NAMES.get(row.method, row.method),
                     "nodes kept": f"{row.fraction:.0%}",
+                    "MLPs kept": f"{row.kept_mlps:.0f}",
                     "AUC": _interval(row.auc, row.auc_lo, row.auc_hi),
                     "relative AUC": _interval(
                         row.relative_auc, row.relative_auc_lo, row.relative_auc_hi

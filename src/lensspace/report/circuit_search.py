@@ -91,6 +91,11 @@ def search_table(summaries: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _percent(value: float) -> str:
+    """A share as a whole percentage, without a sign on a rounded zero."""
+    return f"{round(100 * value) + 0:d}%"
+
+
 def best_within_goal(summary: pd.DataFrame, method: str) -> pd.Series | None:
     """The ``method``'s search of largest relative AUC within the compute goal (None: none)."""
     part = summary[(summary["method"] == method) & (summary["compute"] <= GOAL_COMPUTE)]
@@ -115,9 +120,9 @@ def answer(summaries: dict[str, pd.DataFrame]) -> str:
             continue
         met += bool(best["goal_met"])
         parts.append(
-            f"{task} {best['relative_auc']:.0%} [{best['relative_auc_lo']:.0%}, "
-            f"{best['relative_auc_hi']:.0%}] at {best['compute']:.0%} of the compute "
-            f"({best['fraction']:.0%} of the nodes)"
+            f"{task} {_percent(best['relative_auc'])} [{_percent(best['relative_auc_lo'])}, "
+            f"{_percent(best['relative_auc_hi'])}] at {_percent(best['compute'])} of the compute "
+            f"({_percent(best['fraction'])} of the nodes)"
         )
     verdict = "reach" if met == len(summaries) else "do not reach"
     return (

@@ -44,6 +44,11 @@ OOD_RULES = {
 }  # only runs with eval_corpora (tiny-llama) have them
 CIRCUIT_MODEL_USERS = {"circuit_labels", "circuit_task", "circuit_full", "circuit_fraction"}
 CIRCUIT_JOBS = {"circuit_task", "circuit_full", "circuit_fraction"}  # they build the prompts
+CIRCUIT_RULES = {
+    *CIRCUIT_MODEL_USERS,
+    "circuit_summary",
+    "circuit_search_table",
+}  # only runs with circuit_tasks (tiny-llama) have them
 READOUT_RULES = {
     "readouts_residuals",
     "readout",
@@ -562,6 +567,8 @@ def test_each_config_edit_replans_exactly_the_rules_it_feeds(tiny_run):
             want -= OOD_RULES  # their edits plan no OOD job
         if key != "runs.*.readouts" and any(path[:2] in no_ood for path, _ in edits):
             want -= READOUT_RULES  # nor a readout (the same runs have none)
+        if key != "runs.*.circuit_tasks" and any(path[:2] in no_ood for path, _ in edits):
+            want -= CIRCUIT_RULES  # nor a circuit search (the same runs have no tasks)
         return key, planned_rules(done.stdout), want
 
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -864,6 +864,7 @@ def restricted_searches(
     return result
 
 
+TIMED_COLUMNS = ("seconds", "wall_time")  # measured wall times: the columns no rerun reproduces
 GOAL_FAITHFULNESS = 0.95  # of the full search's, by area under the curve
 GOAL_COMPUTE = 0.30  # of the full search's FLOPs
 

@@ -554,21 +554,6 @@ def circuit_metric(
     return prompts.metric(trace.logits)
 
 
-@dataclass(frozen=True)
-class Anchors:
-    """The metric per prompt [B] of the whole model and with every edge patched."""
-
-    clean: torch.Tensor
-    patched: torch.Tensor
-
-
-@torch.no_grad()
-def anchors(runner: GraphRunner, prompts: Prompts, corrupt_run: Trace) -> Anchors:
-    clean = prompts.metric(runner.run(prompts.clean).logits)
-    empty = torch.zeros_like(runner.valid)
-    return Anchors(clean, circuit_metric(runner, prompts, corrupt_run, empty))
-
-
 def budget_edges(graph: Graph, budget: float) -> int:
     """Edges in a circuit of ``budget`` (a fraction of the whole graph's edges)."""
     return max(1, round(budget * int(graph.valid().sum())))

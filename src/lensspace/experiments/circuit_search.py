@@ -12,8 +12,9 @@ Edges are scored by edge attribution patching with integrated gradients (EAP-IG,
 2024): ``(a_u(corrupt) - a_u(clean)) . dm/dx_v``, summed over positions and averaged over prompts,
 the gradient averaged over inputs interpolated between the corrupted and the clean embedding
 (``steps = 1`` is plain EAP at the clean input). A search restricted to a set of nodes holds every
-other node at its corrupted write, which a runner that skips them never computes: its cost is
-counted in FLOPs of the nodes it keeps (:class:`Cost`).
+other node at its value on the corrupted prompt, which a runner that skips them never computes:
+its cost is counted in FLOPs of the nodes it keeps (:class:`FlopCounter`); held MLPs are skipped
+here, held heads still run inside their attention.
 """
 
 from __future__ import annotations

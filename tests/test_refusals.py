@@ -41,9 +41,10 @@ def _default() -> dict:
         ),
         (
             lambda c: c.update(lenz=1),
-            "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, compute, corpora, "
-            "data, device, h0, h1, h2, layers_per_job, lens_quality, lens_training, models, "
-            "neurons, nodes, ood, random_draws, readouts, runs, seed, shuffle",
+            "the config: unknown key 'lenz'; allowed keys: bootstrap, cache, circuit_search, "
+            "compute, corpora, data, device, h0, h1, h2, layers_per_job, lens_quality, "
+            "lens_training, models, neurons, nodes, ood, random_draws, readouts, runs, seed, "
+            "shuffle",
         ),
         (
             lambda c: c["h0"].update(layers="al"),

@@ -127,6 +127,21 @@ def test_patching_the_input_to_logits_edge_swaps_the_embedding_in_the_final_resi
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def patching_derivative(runner, prompts, clean_run, corrupt_run, u: int, v: int) -> float:
+    """d/de of the mean metric with edge ``u -> v``'s term moved a fraction e of the way to its
+    corrupted value, by central differences of exact patching (e = 0.01)."""
+    eps = 1e-2
+    circuit = runner.valid.clone()
+    circuit[u, v] = False
+    moved = []
+    for sign in (1, -1):
+        shifted = clean_run.outputs + sign * eps * (corrupt_run.outputs - clean_run.outputs)
+        with torch.no_grad():
+            trace = runner.run(prompts.clean, corrupt=shifted, circuit=circuit)
+        moved.append(prompts.metric(trace.logits).mean())
+    return float((moved[0] - moved[1]) / (2 * eps))
+
+
 def test_eap_scores_are_the_derivative_of_exact_edge_patching(graph_setup):
     """EAP (one step, at the clean input) is d/de of the metric with one edge's term moved a
     fraction e of the way to its corrupted value: central differences of exact patching."""
@@ -140,18 +155,9 @@ def test_eap_scores_are_the_derivative_of_exact_edge_patching(graph_setup):
     top = torch.argsort(flat, descending=True)[:4].tolist()
     nonzero = (flat > 1e-3 * flat.max()).nonzero().flatten()
     pick = nonzero[torch.randperm(len(nonzero), generator=torch.Generator().manual_seed(0))[:4]]
-    eps = 1e-2
     for index in top + pick.tolist():
         u, v = divmod(index, runner.graph.n_downstream)
-        circuit = runner.valid.clone()
-        circuit[u, v] = False
-        moved = []
-        for sign in (1, -1):
-            shifted = clean_run.outputs + sign * eps * (corrupt_run.outputs - clean_run.outputs)
-            with torch.no_grad():
-                trace = runner.run(prompts.clean, corrupt=shifted, circuit=circuit)
-            moved.append(prompts.metric(trace.logits).mean())
-        derivative = float((moved[0] - moved[1]) / (2 * eps))
+        derivative = patching_derivative(runner, prompts, clean_run, corrupt_run, u, v)
         score = float(scores.edges[u, v])
         assert derivative == pytest.approx(score, rel=3e-2, abs=2e-3 * float(flat.max())), (u, v)
 
@@ -350,18 +356,9 @@ def test_real_model_anchors_and_eap_on_ioi(real):
     with torch.no_grad():
         clean_run = runner.run(prompts.clean)
     flat = scores.edges.abs().flatten()
-    eps = 1e-2
     for index in torch.argsort(flat, descending=True)[:3].tolist():
         u, v = divmod(index, runner.graph.n_downstream)
-        circuit = runner.valid.clone()
-        circuit[u, v] = False
-        moved = []
-        for sign in (1, -1):
-            shifted = clean_run.outputs + sign * eps * (corrupt_run.outputs - clean_run.outputs)
-            with torch.no_grad():
-                trace = runner.run(prompts.clean, corrupt=shifted, circuit=circuit)
-            moved.append(task.metric(trace.logits).mean())
-        derivative = float((moved[0] - moved[1]) / (2 * eps))
+        derivative = patching_derivative(runner, prompts, clean_run, corrupt_run, u, v)
         assert derivative == pytest.approx(float(scores.edges[u, v]), rel=5e-2), (u, v)
     assert math.isfinite(float(flat.sum()))
 
